@@ -1,0 +1,4 @@
+"""Wire types, one module per channel, each saying who sends to whom.
+
+* ``ready`` - service process -> launcher: ``Ready`` / ``Failed`` at start-up.
+"""

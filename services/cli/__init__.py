@@ -1,0 +1,31 @@
+"""`memserve` command line: one sub-command per service or tool."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from services.cli import generate, model_info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    generate.add_parser(sub)
+    model_info.add_parser(sub)
+    bench = sub.add_parser("bench", help="benchmarks that print and save figures")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from bench import engine as bench_engine
+
+    bench_engine.add_parser(bench_sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,71 @@
+"""`memserve generate --model tiny|PATH "prompt"`: stream a completion from an in-process engine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from common.errors import InvalidRequestError
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer, TokenizerError
+from services.cli.errors import fail
+from services.worker.config import EngineConfig
+from services.worker.model.config import ModelError
+from services.worker.model.presets import resolve_model
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="stream a completion from an in-process engine")
+    p.add_argument("prompt")
+    p.add_argument(
+        "--model", default="tiny", help="embedded preset (tiny, small) or a Hugging Face folder"
+    )
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from services.worker.async_engine import AsyncEngine
+    from services.worker.engine import Engine
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+    )
+    try:
+        params.validate()
+        config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device).validate()
+        engine = Engine.from_config(config)
+        tokenizer = Tokenizer.from_folder(resolve_model(args.model))
+    except (InvalidRequestError, ModelError, TokenizerError, ValueError) as exc:
+        return fail(str(exc))
+
+    async def stream() -> int:
+        aengine = AsyncEngine(engine, tokenizer)
+        try:
+            async for out in aengine.generate(args.prompt, params):
+                if out.error:
+                    return fail(out.error)
+                sys.stdout.write(out.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return 0
+        finally:
+            await aengine.close()
+
+    return asyncio.run(stream())

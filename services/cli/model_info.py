@@ -1,0 +1,63 @@
+"""`memserve model info PATH|PRESET`: what a checkpoint is and what it costs in memory."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from services.cli.errors import fail
+from services.worker.kv_cache import KVLayout
+from services.worker.model.config import ModelConfig, ModelError
+from services.worker.model.loader import checkpoint_files
+from services.worker.model.presets import resolve_model
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("model", help="inspect a model")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    info = msub.add_parser("info", help="print a model's shape and memory figures")
+    info.add_argument("model", help="embedded preset (tiny, small) or a Hugging Face folder")
+    info.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    info.add_argument("--block-size", type=int, default=16)
+    info.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        folder = resolve_model(args.model)
+        if not folder.is_dir():
+            raise ModelError(f"{folder}: model folder does not exist")
+        cfg = ModelConfig.from_folder(folder)
+        files = checkpoint_files(folder)
+    except ModelError as exc:
+        return fail(str(exc))
+    dtype = getattr(torch, args.dtype)
+    elem = torch.empty((), dtype=dtype).element_size()
+    layout = KVLayout.for_model(cfg, args.block_size, dtype)
+    total = (
+        cfg.embed_param_count() + cfg.num_layers * cfg.layer_param_count() + cfg.head_param_count()
+    )
+    rows = [
+        ("folder", str(folder)),
+        ("architecture", cfg.architecture),
+        ("layers", cfg.num_layers),
+        ("hidden / intermediate", f"{cfg.hidden_size} / {cfg.intermediate_size}"),
+        ("heads / kv heads / head dim", f"{cfg.num_heads} / {cfg.num_kv_heads} / {cfg.head_dim}"),
+        ("vocab", cfg.vocab_size),
+        ("context", cfg.max_position_embeddings),
+        ("rope", f"{cfg.rope.rope_type}, theta={cfg.rope.theta:g}"),
+        ("tied embeddings", cfg.tie_word_embeddings),
+        ("sliding windows", sorted({w for w in cfg.sliding_windows if w}) or "none"),
+        ("eos ids", list(cfg.eos_token_ids)),
+        ("weight files", len(files)),
+        ("parameters", f"{total:,}"),
+        (f"parameter bytes ({args.dtype})", f"{total * elem:,}"),
+        ("parameter bytes per layer", f"{cfg.layer_param_count() * elem:,}"),
+        (f"KV bytes per block ({args.block_size} tokens)", f"{layout.bytes_per_block:,}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

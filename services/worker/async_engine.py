@@ -1,0 +1,176 @@
+"""In-process async API around the synchronous engine, for tests and the offline CLI.
+
+    generate() --inbox--> driver task --run_in_executor(step)--> Engine
+        ^                     |
+        +-- per-request queue <-- outputs (+ incremental text, stop strings)
+
+The engine is only ever touched from the driver: `step()` runs in one worker thread
+(torch releases the GIL, so the event loop stays responsive), and requests and aborts
+queued by callers are applied between steps. A request refused by the engine yields one
+final output carrying the error; the others keep running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from common.detokenizer import IncrementalDetokenizer
+from common.errors import InvalidRequestError
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from services.worker.engine import Engine, RequestOutput
+from services.worker.request import FinishReason
+
+
+@dataclass
+class StreamOutput:
+    """One chunk of a request's stream: new tokens, the text they complete, and at the end
+    the finish reason (or the error that refused the request)."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    output: RequestOutput | None = field(default=None, repr=False)
+
+
+@dataclass
+class _Pending:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    queue: asyncio.Queue[StreamOutput]
+    detok: IncrementalDetokenizer | None
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, tokenizer: Tokenizer | None = None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self._inbox: list[_Pending] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._driver: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[StreamOutput]:
+        params = params or SamplingParams()
+        rid = request_id or f"req-{next(self._ids)}"
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InvalidRequestError("a text prompt needs a tokenizer")
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = list(prompt)
+        detok = None
+        if self.tokenizer is not None:
+            detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
+        pending = _Pending(rid, prompt_ids, params, asyncio.Queue(), detok)
+        self._inbox.append(pending)
+        self._ensure_driver()
+        self._wake.set()
+        try:
+            while True:
+                out = await pending.queue.get()
+                yield out
+                if out.finished:
+                    return
+        finally:
+            if rid in self._streams:  # the caller stopped listening early: free its blocks
+                self._aborts.append(rid)
+                self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._driver
+            self._driver = None
+        self._executor.shutdown(wait=True)
+
+    def _ensure_driver(self) -> None:
+        if self._driver is None or self._driver.done():
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._apply_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            for out in outputs:
+                self._deliver(out)
+
+    def _apply_inbox(self) -> None:
+        inbox, self._inbox = self._inbox, []
+        for p in inbox:
+            try:
+                self.engine.add_request(p.request_id, p.prompt_ids, p.params)
+            except InvalidRequestError as exc:
+                p.queue.put_nowait(
+                    StreamOutput(
+                        p.request_id,
+                        [],
+                        finished=True,
+                        finish_reason=FinishReason.ERROR.value,
+                        error=str(exc),
+                    )
+                )
+                continue
+            self._streams[p.request_id] = p
+        aborts, self._aborts = self._aborts, []
+        for rid in aborts:
+            out = self.engine.abort(rid)
+            if out is not None:
+                self._deliver(out)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        p = self._streams.get(out.request_id)
+        if p is None:
+            return
+        text = ""
+        finished, reason = out.finished, out.finish_reason
+        if p.detok is not None:
+            text = p.detok.add(out.new_token_ids)
+            if p.detok.stopped_by is not None and not finished:
+                # A stop string matched: end the request in the engine now.
+                self.engine.abort(out.request_id, FinishReason.STOP)
+                finished, reason = True, FinishReason.STOP
+            if finished:
+                text += p.detok.finish()
+        stream = StreamOutput(
+            out.request_id,
+            out.new_token_ids,
+            text,
+            finished,
+            None if reason is None else reason.value,
+            num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens,
+            output=out,
+        )
+        if finished:
+            del self._streams[out.request_id]
+        p.queue.put_nowait(stream)

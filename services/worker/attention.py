@@ -1,0 +1,161 @@
+"""Attention over the paged KV cache.
+
+A step's tokens are laid out flat, decodes first, then one span per prefill chunk:
+
+    tokens: [ d0 d1 ... d(D-1) | p0: q_len tokens | p1: q_len tokens | ... ]
+
+Decodes (one query token each) run as one batched SDPA over keys gathered from their block
+tables and padded to the longest context; each prefill chunk runs on its own with a causal
+mask offset by the tokens already in the cache (chunked prefill, cached prefixes). A chunk
+with nothing cached attends only to its own fresh K/V, so it skips the gather.
+
+On CUDA, xformers' memory_efficient_attention serves fresh prefill chunks when it imports;
+everything else uses torch's scaled_dot_product_attention, which also has CUDA kernels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.kv_cache import KVCache
+
+try:  # optional, CUDA only: xformers has no CPU kernels
+    from xformers.ops import fmha as _xformers_fmha
+except Exception:  # pragma: no cover - depends on the machine
+    _xformers_fmha = None
+
+
+@dataclass
+class PrefillSpan:
+    """One request's chunk: `q_len` new tokens at positions [ctx_len - q_len, ctx_len)."""
+
+    q_start: int
+    q_len: int
+    ctx_len: int
+    block_ids: torch.Tensor  # [ceil(ctx_len / block_size)] int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_blocks: torch.Tensor  # [T] block id that receives each token's K/V
+    slot_offsets: torch.Tensor  # [T] offset inside that block
+    positions: torch.Tensor  # [T]
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # [D, max_blocks]
+    decode_ctx_lens: torch.Tensor | None = None  # [D]
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    _decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)
+
+    def decode_mask(self, block_size: int, window: int | None) -> torch.Tensor:
+        """[D, 1, 1, max_blocks*block_size] bool, True where a key is visible; cached per window."""
+        mask = self._decode_masks.get(window)
+        if mask is None:
+            assert self.decode_block_tables is not None and self.decode_ctx_lens is not None
+            max_len = self.decode_block_tables.shape[1] * block_size
+            keys = torch.arange(max_len, device=self.decode_ctx_lens.device)
+            lens = self.decode_ctx_lens.unsqueeze(1)
+            mask = keys.unsqueeze(0) < lens
+            if window is not None:
+                mask &= keys.unsqueeze(0) > lens - 1 - window
+            mask = mask[:, None, None, :]
+            self._decode_masks[window] = mask
+        return mask
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Writes k/v into the cache, returns [T, Hq, D]."""
+    k_cache, v_cache = cache.layer(layer)
+    k_cache[meta.slot_blocks, meta.slot_offsets] = k
+    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+    block_size = cache.layout.block_size
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        assert meta.decode_block_tables is not None
+        table = meta.decode_block_tables
+        kd = k_cache[table].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
+        vd = v_cache[table].flatten(1, 2).transpose(1, 2)
+        qd = q[:nd].unsqueeze(2)  # [D, Hq, 1, Dh]
+        mask = meta.decode_mask(block_size, window)
+        od = F.scaled_dot_product_attention(
+            qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        out[:nd] = od.squeeze(2)
+    for span in meta.prefills:
+        s, e = span.q_start, span.q_start + span.q_len
+        out[s:e] = _prefill_span(
+            q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, block_size, scale, window
+        )
+    return out
+
+
+def _prefill_span(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    block_size: int,
+    scale: float,
+    window: int | None,
+) -> torch.Tensor:
+    fresh = span.ctx_len == span.q_len
+    if fresh:
+        keys, values = k, v
+    else:
+        keys = k_cache[span.block_ids].flatten(0, 1)[: span.ctx_len]
+        values = v_cache[span.block_ids].flatten(0, 1)[: span.ctx_len]
+    if fresh and window is None:
+        if _xformers_fmha is not None and q.is_cuda:
+            return _xformers_causal(q, keys, values, scale)
+        return F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        ).transpose(0, 1)
+    offset = span.ctx_len - span.q_len
+    qpos = torch.arange(span.q_len, device=q.device).unsqueeze(1) + offset
+    kpos = torch.arange(span.ctx_len, device=q.device).unsqueeze(0)
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    return F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        keys.transpose(0, 1),
+        values.transpose(0, 1),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    ).transpose(0, 1)
+
+
+def _xformers_causal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of one fresh chunk with xformers ([T, H, D] tensors; GQA by expansion)."""
+    assert _xformers_fmha is not None
+    group = q.shape[1] // k.shape[1]
+    t, hkv, d = k.shape
+    # xformers takes [B, M, G, H, D] for grouped-query attention.
+    qx = q.view(1, t, hkv, group, d)
+    kx = k.view(1, t, hkv, 1, d).expand(1, t, hkv, group, d)
+    vx = v.view(1, t, hkv, 1, d).expand(1, t, hkv, group, d)
+    bias = _xformers_fmha.attn_bias.LowerTriangularMask()
+    out = _xformers_fmha.memory_efficient_attention_forward(qx, kx, vx, attn_bias=bias, scale=scale)
+    return out.reshape(t, hkv * group, d)

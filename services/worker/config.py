@@ -1,0 +1,44 @@
+"""Engine configuration (the `[engine]` table of a worker's config file)."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """How one engine runs.
+
+    The KV pool holds `num_kv_blocks` blocks when set, else as many as fit in
+    `kv_cache_memory_bytes`. `max_model_len` defaults to the model's context length.
+    """
+
+    model: str = "tiny"
+    dtype: str = (
+        "auto"  # auto | float32 | float16 | bfloat16; auto = float32 on CPU, bfloat16 on CUDA
+    )
+    device: str = "cpu"
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 256 * 1024 * 1024
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    seed: int = 0
+    num_threads: int | None = None  # torch intra-op threads; None keeps torch's default
+
+    def validate(self) -> EngineConfig:
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "kv_cache_memory_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"engine.{name} must be > 0, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"engine.num_kv_blocks must be > 0, got {self.num_kv_blocks}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"engine.dtype must be auto|float32|float16|bfloat16, got {self.dtype!r}"
+            )
+        return self

@@ -1,0 +1,264 @@
+"""The engine: a pure, synchronous `step()` over continuous batching and paged KV.
+
+    add_request() --> Scheduler.waiting --schedule()--> ModelRunner.execute() --> sample
+                                                               |
+    RequestOutput  <-- stop checks, free blocks <--------------+
+
+No sockets and no event loop here: the worker service and the in-process `AsyncEngine`
+drive `step()`. A bad request is refused in `add_request` with `InvalidRequestError`
+and never reaches the queues, so one bad request cannot disturb the others.
+
+Block accounting: every pool block is free, owned by a live request, or handed to the
+caller with a finished request that asked to keep its blocks (until `release_blocks`).
+`check_integrity()` proves it.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.errors import InvalidRequestError
+from common.sampling import SamplingParams
+from services.worker.block_pool import BlockPool
+from services.worker.config import EngineConfig
+from services.worker.kv_cache import KVCache, KVLayout
+from services.worker.model.config import ModelConfig
+from services.worker.model.llama import LlamaModel
+from services.worker.model.loader import load_model
+from services.worker.model.presets import resolve_model
+from services.worker.model_runner import ModelRunner
+from services.worker.request import FinishReason, Request, RequestStatus
+from services.worker.sampler import sample
+from services.worker.scheduler import Scheduler
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    # Set on the final output of a request with keep_blocks: blocks (borrowed + owned) and
+    # the number of tokens whose K/V they hold. The owned ones now belong to the caller.
+    block_ids: list[int] = field(default_factory=list)
+    num_kv_tokens: int = 0
+    error: str | None = None
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+class Engine:
+    def __init__(self, model: LlamaModel, cache: KVCache, config: EngineConfig):
+        self.config = config.validate()
+        self.model = model
+        self.model_config: ModelConfig = model.cfg
+        self.cache = cache
+        self.block_size = cache.layout.block_size
+        self.pool = BlockPool(cache.num_blocks)
+        self.scheduler = Scheduler(
+            self.pool, self.block_size, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.runner = ModelRunner(model, cache)
+        limit = model.cfg.max_position_embeddings
+        self.max_model_len = min(config.max_model_len or limit, limit)
+        self.eos_token_ids = frozenset(model.cfg.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.handed_out: set[int] = set()  # owned blocks of finished keep_blocks requests
+        self._rng = random.Random(config.seed)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, *, kv_buffer: memoryview | None = None) -> Engine:
+        """Load the model and build the KV cache (on `kv_buffer` when one is handed in)."""
+        config.validate()
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = resolve_dtype(config.dtype, config.device)
+        folder: Path = resolve_model(config.model)
+        model, cfg = load_model(
+            folder, dtype=dtype, device=config.device, max_positions=config.max_model_len
+        )
+        layout = KVLayout.for_model(cfg, config.block_size, dtype)
+        n = config.num_kv_blocks or layout.num_blocks_for(config.kv_cache_memory_bytes)
+        if kv_buffer is not None:
+            cache = KVCache.from_buffer(layout, kv_buffer, n)
+        else:
+            cache = KVCache.allocate(layout, n, config.device)
+        return cls(model, cache, config)
+
+    # ------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        borrowed_block_ids: Sequence[int] = (),
+        num_computed_tokens: int = 0,
+        keep_blocks: bool = False,
+    ) -> Request:
+        """Queue a request. `borrowed_block_ids` hold the K/V of its first
+        `num_computed_tokens` tokens (whole blocks, owned by the caller)."""
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        params.validate()
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise InvalidRequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidRequestError(f"prompt has token ids outside [0, {vocab})")
+        if len(prompt) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt)} tokens does not fit the context of {self.max_model_len} tokens"
+            )
+        if len(prompt) >= self.capacity_tokens:
+            raise InvalidRequestError(
+                f"prompt of {len(prompt)} tokens does not fit the KV pool of {self.capacity_tokens} tokens"
+            )
+        borrowed = list(borrowed_block_ids)
+        bs = self.block_size
+        if num_computed_tokens != len(borrowed) * bs:
+            raise InvalidRequestError(
+                f"{len(borrowed)} borrowed blocks hold {len(borrowed) * bs} tokens, not {num_computed_tokens}"
+            )
+        if num_computed_tokens >= len(prompt):
+            raise InvalidRequestError(
+                "a cached prefix must leave at least one prompt token to compute"
+            )
+        if any(not 0 <= b < self.cache.num_blocks for b in borrowed):
+            raise InvalidRequestError(f"borrowed block ids outside [0, {self.cache.num_blocks})")
+        generator = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
+            generator = torch.Generator().manual_seed(seed)
+        req = Request(
+            request_id,
+            prompt,
+            params,
+            borrowed_block_ids=borrowed,
+            num_computed_tokens=num_computed_tokens,
+            keep_blocks=keep_blocks,
+            generator=generator,
+        )
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(
+        self, request_id: str, reason: FinishReason = FinishReason.ABORT
+    ) -> RequestOutput | None:
+        """End a request now (client gone, stop string matched). Unknown ids are ignored."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.remove(req)
+        return self._finish(req, reason, [])
+
+    def release_blocks(self, block_ids: Sequence[int]) -> None:
+        """Give back blocks that a keep_blocks request handed over."""
+        ids = list(block_ids)
+        unknown = [b for b in ids if b not in self.handed_out]
+        if unknown:
+            raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
+        self.handed_out.difference_update(ids)
+        self.pool.free(ids)
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.cache.num_blocks * self.block_size
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.chunks:
+            return []
+        result = self.runner.execute(sched.chunks)
+        for c in sched.chunks:
+            c.request.num_computed_tokens += c.num_tokens
+        outputs: list[RequestOutput] = []
+        if not result.sampled_requests:
+            return outputs
+        reqs = result.sampled_requests
+        tokens = sample(result.logits, [r.params for r in reqs], [r.generator for r in reqs])
+        for req, token in zip(reqs, tokens, strict=True):
+            req.append_token(token)
+            reason = self._check_stop(req, token)
+            if reason is not None:
+                self.scheduler.remove(req)
+                outputs.append(self._finish(req, reason, [token]))
+            else:
+                outputs.append(
+                    RequestOutput(
+                        req.request_id,
+                        [token],
+                        num_prompt_tokens=req.num_prompt_tokens,
+                        num_cached_tokens=req.num_cached_tokens,
+                    )
+                )
+        return outputs
+
+    def _check_stop(self, req: Request, token: int) -> FinishReason | None:
+        p = req.params
+        if not p.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.STOP
+        if token in p.stop_token_ids:
+            return FinishReason.STOP
+        if req.num_output_tokens >= p.max_tokens:
+            return FinishReason.LENGTH
+        if req.num_tokens >= self.max_model_len or req.num_tokens >= self.capacity_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def _finish(self, req: Request, reason: FinishReason, new_tokens: list[int]) -> RequestOutput:
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.request_id]
+        out = RequestOutput(
+            req.request_id,
+            new_tokens,
+            finished=True,
+            finish_reason=reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+        )
+        if req.keep_blocks:
+            out.block_ids = list(req.block_ids)
+            out.num_kv_tokens = req.num_computed_tokens
+            self.handed_out.update(req.owned_block_ids)
+        else:
+            self.scheduler.release_owned(req)
+        return out
+
+    # ----------------------------------------------------------------- integrity
+    def check_integrity(self) -> None:
+        """Raise AssertionError unless every block is free, owned by exactly one live
+        request, or handed out; borrowed blocks are never in the pool's allocated set."""
+        owned: list[int] = []
+        for req in self.requests.values():
+            owned.extend(req.owned_block_ids)
+            assert req.num_computed_tokens <= len(req.block_ids) * self.block_size, req
+            for b in req.borrowed_block_ids:
+                assert not self.pool.is_allocated(b) or b in self.handed_out, (
+                    f"borrowed block {b} is pool-owned"
+                )
+        assert len(owned) == len(set(owned)), "a block is owned by two requests"
+        assert not (set(owned) & self.handed_out), "a handed-out block is still owned by a request"
+        allocated = self.pool.allocated()
+        assert set(owned) | self.handed_out == allocated, (
+            f"leak: allocated {len(allocated)}, owned {len(owned)}, handed out {len(self.handed_out)}"
+        )
+        assert self.pool.num_free + len(allocated) == self.pool.num_blocks

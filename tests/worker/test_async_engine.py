@@ -1,0 +1,118 @@
+"""The in-process async API: concurrent streams, error results, stop strings, early exit."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
+from services.worker.async_engine import AsyncEngine, StreamOutput
+from services.worker.engine import Engine
+from tests.worker.conftest import run_to_end
+from tests.worker.test_engine import MakeEngine, prompt
+
+
+@pytest.fixture
+def tokenizer(tiny_folder: Path) -> Tokenizer:
+    return Tokenizer.from_folder(tiny_folder)
+
+
+async def collect(
+    aengine: AsyncEngine, p: str | list[int], params: SamplingParams
+) -> list[StreamOutput]:
+    return [out async for out in aengine.generate(p, params)]
+
+
+async def test_concurrent_streams_match_the_engine(
+    make_engine: MakeEngine, tokenizer: Tokenizer
+) -> None:
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    prompts = [prompt(8 + 5 * i, i) for i in range(4)]
+    ref_engine = make_engine(num_kv_blocks=64)
+    expected = []
+    for i, p in enumerate(prompts):
+        ref_engine.add_request(str(i), p, params)
+        expected.append(run_to_end(ref_engine)[str(i)])
+
+    engine: Engine = make_engine(num_kv_blocks=64)
+    aengine = AsyncEngine(engine, tokenizer)
+    try:
+        results = await asyncio.gather(*(collect(aengine, p, params) for p in prompts))
+    finally:
+        await aengine.close()
+    for outs, want in zip(results, expected, strict=True):
+        assert [t for o in outs for t in o.token_ids] == want
+        assert "".join(o.text for o in outs) == tokenizer.decode(want)
+        assert outs[-1].finished and outs[-1].finish_reason == "length"
+    engine.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+async def test_bad_request_gets_an_error_result_and_others_finish(
+    make_engine: MakeEngine, tokenizer: Tokenizer
+) -> None:
+    engine = make_engine(num_kv_blocks=64)
+    aengine = AsyncEngine(engine, tokenizer)
+    try:
+        good, bad, too_long = await asyncio.gather(
+            collect(aengine, "a good prompt", SamplingParams(max_tokens=8, ignore_eos=True)),
+            collect(aengine, "bad", SamplingParams(temperature=-1.0)),
+            collect(aengine, "x" * 5000, SamplingParams()),
+        )
+    finally:
+        await aengine.close()
+    assert (
+        len(bad) == 1 and bad[0].finish_reason == "error" and "temperature" in (bad[0].error or "")
+    )
+    assert len(too_long) == 1 and "context" in (too_long[0].error or "")
+    assert sum(len(o.token_ids) for o in good) == 8 and good[-1].error is None
+    engine.check_integrity()
+
+
+async def test_stop_string_ends_the_request(make_engine: MakeEngine, tokenizer: Tokenizer) -> None:
+    engine = make_engine(num_kv_blocks=64)
+    aengine = AsyncEngine(engine, tokenizer)
+    try:
+        free = await collect(aengine, "stop test", SamplingParams(max_tokens=24, ignore_eos=True))
+        text = "".join(o.text for o in free)
+        # Stop at a string that first appears some way into the output.
+        cut = next(i for i in range(3, len(text) - 2) if text[i : i + 2] not in text[: i + 1])
+        stop = text[cut : cut + 2]
+        stopped = await collect(
+            aengine, "stop test", SamplingParams(max_tokens=24, ignore_eos=True, stop=[stop])
+        )
+    finally:
+        await aengine.close()
+    assert "".join(o.text for o in stopped) == text[:cut]
+    assert stopped[-1].finish_reason == "stop"
+    assert sum(len(o.token_ids) for o in stopped) < 24
+    engine.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_blocks
+
+
+async def test_leaving_a_stream_early_aborts_and_frees(
+    make_engine: MakeEngine, tokenizer: Tokenizer
+) -> None:
+    engine = make_engine(num_kv_blocks=64)
+    aengine = AsyncEngine(engine, tokenizer)
+    try:
+        seen = 0
+        async for _ in aengine.generate(
+            "leave early", SamplingParams(max_tokens=200, ignore_eos=True)
+        ):
+            seen += 1
+            if seen == 3:
+                break
+        # The abort is applied by the driver between steps.
+        for _ in range(100):
+            if not engine.has_unfinished():
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        await aengine.close()
+    assert not engine.has_unfinished()
+    engine.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_blocks
