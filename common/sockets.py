@@ -47,6 +47,7 @@ import zmq
 import zmq.asyncio
 
 from common.codec import DecodeError, Decoder, FrameLike, encode
+from common.errors import MemServeError
 from common.logging import get_logger
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -286,7 +287,13 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         try:
             body = encode(await handler(request))
         except Exception as e:
-            log.warning("rpc handler failed", address=self.address, exc_info=True)
+            # A refused request (MemServeError) is routine: no traceback in the log.
+            log.warning(
+                "rpc handler failed",
+                address=self.address,
+                error=str(e),
+                exc_info=not isinstance(e, MemServeError),
+            )
             await self._reply_error(peer, request_id, f"{type(e).__name__}: {e}")
             return
         await self._reply(peer, request_id, _OK, body)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from services.cli import generate, model_info
+from services.cli import generate, mempool, model_info
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,11 +14,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     model_info.add_parser(sub)
+    mempool.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import engine as bench_engine
+    from bench import mempool as bench_mempool
 
     bench_engine.add_parser(bench_sub)
+    bench_mempool.add_parser(bench_sub)
     return parser
 
 

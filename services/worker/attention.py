@@ -85,8 +85,8 @@ def paged_attention(
     if nd:
         assert meta.decode_block_tables is not None
         table = meta.decode_block_tables
-        kd = k_cache[table].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
-        vd = v_cache[table].flatten(1, 2).transpose(1, 2)
+        kd = _gather(k_cache, table).transpose(1, 2)  # [D, Hkv, L, Dh]
+        vd = _gather(v_cache, table).transpose(1, 2)
         qd = q[:nd].unsqueeze(2)  # [D, Hq, 1, Dh]
         mask = meta.decode_mask(block_size, window)
         od = F.scaled_dot_product_attention(
@@ -116,33 +116,45 @@ def _prefill_span(
     if fresh:
         keys, values = k, v
     else:
-        keys = k_cache[span.block_ids].flatten(0, 1)[: span.ctx_len]
-        values = v_cache[span.block_ids].flatten(0, 1)[: span.ctx_len]
+        keys = _gather(k_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
+        values = _gather(v_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
     if fresh and window is None:
         if _xformers_fmha is not None and q.is_cuda:
             return _xformers_causal(q, keys, values, scale)
-        return F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            keys.transpose(0, 1),
-            values.transpose(0, 1),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=True,
-        ).transpose(0, 1)
+        return _sdpa(q, keys, values, None, scale)
     offset = span.ctx_len - span.q_len
     qpos = torch.arange(span.q_len, device=q.device).unsqueeze(1) + offset
     kpos = torch.arange(span.ctx_len, device=q.device).unsqueeze(0)
     mask = kpos <= qpos
     if window is not None:
         mask &= kpos > qpos - window
-    return F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        keys.transpose(0, 1),
-        values.transpose(0, 1),
+    return _sdpa(q, keys, values, mask, scale)
+
+
+def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, H, D] (a strided per-layer view), table [B, W] ->
+    [B, W * block_size, H, D]. index_select copies whole blocks; advanced indexing on the
+    strided view would copy element by element (several times slower)."""
+    b, w = table.shape
+    rows = cache.index_select(0, table.reshape(-1))
+    return rows.view(b, w * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """One sequence: q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq, D]. Causal when `mask` is None.
+    The leading batch dimension matters: torch's fused CPU kernel takes 4-D inputs only."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
         attn_mask=mask,
+        is_causal=mask is None,
         scale=scale,
         enable_gqa=True,
-    ).transpose(0, 1)
+    )
+    return out[0].transpose(0, 1)
 
 
 def _xformers_causal(

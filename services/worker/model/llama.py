@@ -21,6 +21,9 @@ from services.worker.model.config import ModelConfig
 from services.worker.model.rope import RotaryEmbedding
 
 
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions
+
+
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     # Uninitialised: every parameter is overwritten by the loader.
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
@@ -60,7 +63,7 @@ class Attention(nn.Module):
         self.o_bias = _param(cfg.hidden_size, dtype=dtype, device=device) if cfg.o_bias else None
 
     def forward(
-        self, x: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache
+        self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
         cfg = self.cfg
         t = x.shape[0]
@@ -69,7 +72,7 @@ class Attention(nn.Module):
         q = q.view(t, cfg.num_heads, cfg.head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rope.apply(q, k, meta.positions)
+        q, k = RotaryEmbedding.apply(q, k, *rope)
         out = paged_attention(q, k, v, cache, self.local_index, meta, self.scale, self.window)
         return F.linear(out.reshape(t, cfg.q_size), self.o_weight, self.o_bias)
 
@@ -110,7 +113,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, device)
 
     def forward(
-        self, h: torch.Tensor, rope: RotaryEmbedding, meta: AttentionMetadata, cache: KVCache
+        self, h: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -172,8 +175,9 @@ class LlamaModel(nn.Module):
         self, hidden: torch.Tensor, meta: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
         """Runs the local layers: hidden [T, hidden_size] -> [T, hidden_size]."""
+        rope = self.rope.lookup(meta.positions)
         for layer in self.layers:
-            hidden = layer(hidden, self.rope, meta, cache)
+            hidden = layer(hidden, rope, meta, cache)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

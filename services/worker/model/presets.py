@@ -19,12 +19,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING, Any
 
 from common.tokenizer import BYTE_SPECIALS, build_byte_tokenizer
+
+if TYPE_CHECKING:
+    import torch
 
 _VERSION = 2
 _BYTE_VOCAB = len(BYTE_SPECIALS) + 256
@@ -82,6 +82,8 @@ def preset_config(name: str) -> dict[str, Any]:
 
 
 def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
+    import torch  # only when a preset is first written: readers of a cached folder skip it
+
     g = torch.Generator().manual_seed(seed)
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg["head_dim"]
@@ -131,6 +133,8 @@ def materialize(name: str, root: Path | None = None) -> Path:
             json.dumps({"bos_token_id": 1, "eos_token_id": 2})
         )
         build_byte_tokenizer().save(str(tmp / "tokenizer.json"))
+        from safetensors.torch import save_file
+
         save_file(_random_weights(cfg, PRESETS[name]["seed"]), str(tmp / "model.safetensors"))
         try:
             tmp.rename(folder)

@@ -1,0 +1,101 @@
+"""Async client of a MemPool daemon (the `mempool` channel), for workers, the scheduler,
+peers and admin tools. Token ids may be given as lists or int32 arrays; they travel as
+int32 bytes. Every refused call raises `common.sockets.RpcError` with the daemon's reason."""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import numpy as np
+
+from common.protocol import mempool as mp
+from common.sockets import RpcClient
+
+TokenIds = list[int] | np.ndarray | bytes
+
+
+def token_bytes(tokens: TokenIds) -> bytes:
+    if isinstance(tokens, bytes):
+        return tokens
+    return np.asarray(tokens, dtype="<i4").tobytes()
+
+
+class MempoolClient:
+    def __init__(self, address: str, timeout_s: float = 10.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._rpc: RpcClient[Any, Any] = RpcClient(
+            address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
+        )
+
+    async def call(self, req: Any, timeout_s: float | None = None) -> Any:
+        return await self._rpc.call(req, timeout_s=timeout_s or self.timeout_s)
+
+    async def alloc_mem(self, n: int, tier: int = 0, owner: str = "") -> list[int]:
+        return cast(mp.Blocks, await self.call(mp.AllocMem(n, tier, owner))).block_ids
+
+    async def free_mem(self, block_ids: list[int], tier: int = 0) -> None:
+        await self.call(mp.FreeMem(block_ids, tier))
+
+    async def swap_out(self, block_ids: list[int]) -> list[int]:
+        return cast(mp.Blocks, await self.call(mp.SwapOut(block_ids))).block_ids
+
+    async def swap_in(self, block_ids: list[int]) -> list[int]:
+        return cast(mp.Blocks, await self.call(mp.SwapIn(block_ids))).block_ids
+
+    async def insert(self, tokens: TokenIds, block_ids: list[int], tier: int = 0) -> mp.Inserted:
+        return cast(mp.Inserted, await self.call(mp.Insert(token_bytes(tokens), block_ids, tier)))
+
+    async def match(
+        self, tokens: TokenIds, owner: str = "", promote: bool = True, max_tokens: int = -1
+    ) -> mp.Matched:
+        return cast(
+            mp.Matched, await self.call(mp.Match(token_bytes(tokens), owner, promote, max_tokens))
+        )
+
+    async def release(self, handle: int) -> None:
+        await self.call(mp.Release(handle))
+
+    async def delete(self, tokens: TokenIds) -> int:
+        return cast(mp.Ok, await self.call(mp.Delete(token_bytes(tokens)))).count
+
+    async def transfer(
+        self,
+        dst: str,
+        src_ids: list[int],
+        dst_ids: list[int],
+        *,
+        transport: str = "",
+        checksum: bool = False,
+        timeout_s: float = 30.0,
+    ) -> mp.Transferred:
+        req = mp.Transfer(dst, src_ids, dst_ids, transport, checksum, timeout_s)
+        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+
+    async def transfer_with_insert(
+        self,
+        dst: str,
+        tokens: TokenIds,
+        src_ids: list[int],
+        *,
+        pin_owner: str = "",
+        transport: str = "",
+        checksum: bool = False,
+        timeout_s: float = 30.0,
+    ) -> mp.Transferred:
+        req = mp.TransferWithInsert(
+            dst, token_bytes(tokens), src_ids, pin_owner, transport, checksum, timeout_s
+        )
+        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+
+    async def stats(self) -> mp.StatsReply:
+        return cast(mp.StatsReply, await self.call(mp.Stats()))
+
+    async def check_integrity(self) -> mp.IntegrityReply:
+        return cast(mp.IntegrityReply, await self.call(mp.CheckIntegrity()))
+
+    async def info(self) -> mp.InfoReply:
+        return cast(mp.InfoReply, await self.call(mp.Info()))
+
+    def close(self) -> None:
+        self._rpc.close()

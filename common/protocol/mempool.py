@@ -1,0 +1,258 @@
+"""The "mempool" channel: RPC to a MemPool daemon (ROUTER), from its worker, from peer
+daemons (the transfer legs), from the scheduler and from admin tools.
+
+Names follow the MemServe paper: alloc_mem / free_mem / swap_out / swap_in (memory),
+insert / match / delete (index), transfer / transfer_with_insert (between instances).
+Token ids travel as little-endian int32 bytes (`services.mempool.tokens.as_token_bytes`):
+decoding them is free, and a 4K-token prompt is 16 KiB. Tiers: 0 = device, 1 = host.
+
+Every request is answered by one reply struct, or by an RPC error reply whose message
+says what was refused (unknown ids, double free, out of memory, a failed transfer, ...).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+# --------------------------------------------------------------------- requests
+
+
+class AllocMem(msgspec.Struct, tag=True, frozen=True):
+    n: int
+    tier: int = 0
+    owner: str = ""
+
+
+class FreeMem(msgspec.Struct, tag=True, frozen=True):
+    block_ids: list[int]
+    tier: int = 0
+
+
+class SwapOut(msgspec.Struct, tag=True, frozen=True):
+    """Client device blocks -> host blocks (`block_ids`), or demote `n` LRU index blocks."""
+
+    block_ids: list[int] = msgspec.field(default_factory=list)
+    n: int = 0
+
+
+class SwapIn(msgspec.Struct, tag=True, frozen=True):
+    block_ids: list[int]
+
+
+class Insert(msgspec.Struct, tag=True, frozen=True):
+    tokens: bytes
+    block_ids: list[int]
+    tier: int = 0
+
+
+class Match(msgspec.Struct, tag=True, frozen=True):
+    tokens: bytes
+    owner: str = ""
+    promote: bool = True
+    max_tokens: int = -1  # < 0: no cap
+
+
+class Release(msgspec.Struct, tag=True, frozen=True):
+    handle: int
+
+
+class Delete(msgspec.Struct, tag=True, frozen=True):
+    tokens: bytes
+
+
+class Transfer(msgspec.Struct, tag=True, frozen=True):
+    """Copy local blocks `src_ids` into blocks `dst_ids` of the daemon at `dst`."""
+
+    dst: str
+    src_ids: list[int]
+    dst_ids: list[int]
+    transport: str = ""  # "" = the best one both sides share
+    checksum: bool = False
+    timeout_s: float = 30.0
+
+
+class TransferWithInsert(msgspec.Struct, tag=True, frozen=True):
+    """Send the KV of `tokens` (local blocks `src_ids`, one per block of tokens) to the daemon
+    at `dst`, which allocates, receives, and only once every byte is in, inserts. With
+    `pin_owner`, the receiver also pins the inserted blocks and keeps the partial tail
+    block for that owner (a decode worker continuing the request)."""
+
+    dst: str
+    tokens: bytes
+    src_ids: list[int]
+    pin_owner: str = ""
+    transport: str = ""
+    checksum: bool = False
+    timeout_s: float = 30.0
+
+
+class Grow(msgspec.Struct, tag=True, frozen=True):
+    device_blocks: int
+
+
+class ReleaseOwner(msgspec.Struct, tag=True, frozen=True):
+    owner: str
+
+
+class Evict(msgspec.Struct, tag=True, frozen=True):
+    n: int
+    tier: int = 0
+
+
+class Stats(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class CheckIntegrity(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class Info(msgspec.Struct, tag=True, frozen=True):
+    """Where the daemon's memory is, so its worker can map the device region."""
+
+
+# Peer legs of a transfer (sending daemon -> receiving daemon).
+class PrepareReceive(msgspec.Struct, tag=True, frozen=True):
+    """The receiver allocates (or takes the given `dst_ids`) and names the transfer."""
+
+    num_blocks: int
+    dst_ids: list[int] = msgspec.field(default_factory=list)  # given: plain transfer
+    transports: list[str] = msgspec.field(default_factory=list)  # the sender's, preferred first
+    sender_host: str = ""
+    block_bytes: int = 0
+    timeout_s: float = 30.0
+
+
+class CommitReceive(msgspec.Struct, tag=True, frozen=True):
+    transfer_id: int
+    tokens: bytes = b""  # non-empty: insert once complete
+    pin_owner: str = ""
+    checksum: int = -1  # < 0: not checked
+
+
+class AbortReceive(msgspec.Struct, tag=True, frozen=True):
+    transfer_id: int
+
+
+MempoolRequest = (
+    AllocMem
+    | FreeMem
+    | SwapOut
+    | SwapIn
+    | Insert
+    | Match
+    | Release
+    | Delete
+    | Transfer
+    | TransferWithInsert
+    | Grow
+    | ReleaseOwner
+    | Evict
+    | Stats
+    | CheckIntegrity
+    | Info
+    | PrepareReceive
+    | CommitReceive
+    | AbortReceive
+)
+
+# ----------------------------------------------------------------------- replies
+
+
+class Ok(msgspec.Struct, tag=True, frozen=True):
+    count: int = 0  # blocks affected, where that means something
+
+
+class Blocks(msgspec.Struct, tag=True, frozen=True):
+    block_ids: list[int]
+
+
+class Matched(msgspec.Struct, tag=True, frozen=True):
+    handle: int
+    num_tokens: int
+    block_ids: list[int]
+    tiers: list[int]
+
+
+class Inserted(msgspec.Struct, tag=True, frozen=True):
+    num_indexed_tokens: int
+    index_block_ids: list[int]
+    freed_block_ids: list[int]
+
+
+class Transferred(msgspec.Struct, tag=True, frozen=True):
+    dst_ids: list[int]
+    nbytes: int
+    seconds: float
+    transport: str
+    # transfer_with_insert: the receiver's index result, and its pin and kept tail.
+    num_indexed_tokens: int = 0
+    handle: int = 0
+    tail_ids: list[int] = msgspec.field(default_factory=list)
+
+
+class Prepared(msgspec.Struct, tag=True, frozen=True):
+    transfer_id: int
+    dst_ids: list[int]
+    transport: str
+    endpoint: dict[str, str]
+
+
+class Committed(msgspec.Struct, tag=True, frozen=True):
+    nbytes: int
+    num_indexed_tokens: int = 0
+    index_block_ids: list[int] = msgspec.field(default_factory=list)
+    handle: int = 0
+    tail_ids: list[int] = msgspec.field(default_factory=list)
+
+
+class StatsReply(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+    capacity: dict[str, int]
+    free: dict[str, int]
+    client: dict[str, int]
+    index: dict[str, int]
+    pinned: dict[str, int]
+    match_calls: int
+    match_hits: int
+    matched_tokens: int
+    queried_tokens: int
+    evicted_blocks: int
+    demoted_blocks: int
+    promoted_blocks: int
+    bytes_sent: int
+    bytes_received: int
+    transfers_failed: int
+    pending_transfers: int
+
+
+class IntegrityReply(msgspec.Struct, tag=True, frozen=True):
+    ok: bool
+    message: str = ""
+
+
+class InfoReply(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+    block_size: int
+    block_bytes: int
+    device_kind: str  # "shm" (CPU) or "cuda"
+    device_name: str  # shm segment name, or the CUDA IPC handle in hex
+    device_max_blocks: int
+    device_blocks: int
+    host_blocks: int
+    events: str  # address of the KV-event PUB socket
+    transports: list[str]
+
+
+MempoolReply = (
+    Ok
+    | Blocks
+    | Matched
+    | Inserted
+    | Transferred
+    | Prepared
+    | Committed
+    | StatsReply
+    | IntegrityReply
+    | InfoReply
+)

@@ -1,0 +1,48 @@
+"""MemPool daemon configuration: the `[mempool]` table of a config file (or a file of its own).
+
+Sizes: a block holds `block_size` tokens of K and V for `num_layers` layers of the model
+(all layers unless set), so `block_bytes` follows from the model's config.json. The device
+tier holds `device_blocks` blocks (or as many as fit in `device_memory_bytes`); the region
+reserves `device_max_blocks` so the pool can grow at run time without remapping.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import msgspec
+
+
+class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    instance_id: str = "mempool-0"
+    model: str = "tiny"
+    dtype: str = "float32"
+    block_size: int = 16
+    num_layers: int | None = None
+    device_blocks: int | None = None
+    device_memory_bytes: int = 256 * 1024 * 1024
+    device_max_blocks: int | None = None
+    host_blocks: int = 0
+    host_memory_bytes: int = 0
+    control_address: str = "tcp://127.0.0.1:0"
+    events_address: str = "tcp://127.0.0.1:0"
+    # Where same-host peers are recognised (shm transfers); other hosts use tcp or ucx.
+    host_id: str = msgspec.field(default_factory=socket.gethostname)
+    transports: list[str] = msgspec.field(default_factory=lambda: ["shm", "tcp"])
+    data_host: str = "127.0.0.1"  # address the tcp/ucx receivers listen on
+    transfer_timeout_s: float = 30.0
+    ttl_s: float | None = None
+    log_level: str = "info"
+
+    def validate(self) -> MempoolConfig:
+        if self.block_size <= 0:
+            raise ValueError(f"mempool.block_size must be > 0, got {self.block_size}")
+        if self.device_blocks is not None and self.device_blocks <= 0:
+            raise ValueError(f"mempool.device_blocks must be > 0, got {self.device_blocks}")
+        if self.host_blocks < 0 or self.host_memory_bytes < 0:
+            raise ValueError("mempool host tier sizes must be >= 0")
+        if not self.transports:
+            raise ValueError("mempool.transports must name at least one transport")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"mempool.dtype must be float32|float16|bfloat16, got {self.dtype!r}")
+        return self

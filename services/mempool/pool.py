@@ -1,0 +1,470 @@
+"""MemPool core: one instance's KV blocks, who owns each, and the prompt-tree index.
+
+Pure and synchronous: the daemon's asyncio shell (service.py) calls it between socket
+reads, so no two calls interleave. Copies between tiers go through `copy_blocks`, which the
+shell backs with the real regions.
+
+Every block of a tier is in exactly one state, and `check_integrity` proves it:
+
+    free ──alloc_mem──▶ client (owned by a named client: a worker, a transfer in flight)
+      ▲                    │ insert (whole blocks; duplicates and the partial tail are freed)
+      │                    ▼
+      └──evict / delete── index (in the prompt tree; pinned while a match handle holds it)
+
+A match pins the matched path until `release`; pinned blocks are never evicted or deleted.
+An allocation that cannot be met evicts unpinned index blocks, least recently used leaves
+first: device blocks are demoted to the host tier when it has room, else dropped.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from common.errors import MemServeError
+from services.mempool.allocator import BlockAllocator
+from services.mempool.prompt_tree import Node, PromptTree, Tier, TreeEvent
+from services.mempool.tokens import TokenLike, as_token_bytes
+
+CopyBlocks = Callable[[Tier, Sequence[int], Tier, Sequence[int]], None]
+
+
+class MemPoolError(MemServeError):
+    """A refused call; the message is for the caller. The pool is unchanged."""
+
+
+class OutOfMemory(MemPoolError):
+    pass
+
+
+class InvalidBlocks(MemPoolError):
+    pass
+
+
+class UnknownHandle(MemPoolError):
+    pass
+
+
+@dataclass
+class MatchResult:
+    handle: int  # 0 when nothing matched (nothing pinned)
+    num_tokens: int
+    block_ids: list[int]
+    tiers: list[Tier]
+
+
+@dataclass
+class InsertResult:
+    num_indexed_tokens: int  # whole-block tokens of the prompt now in the index
+    index_block_ids: list[
+        int
+    ]  # the index's block for each whole block (may differ from the caller's)
+    freed_block_ids: list[int]  # caller blocks freed: duplicates and the partial tail
+
+
+@dataclass
+class PoolStats:
+    capacity: dict[str, int] = field(default_factory=dict)
+    free: dict[str, int] = field(default_factory=dict)
+    client: dict[str, int] = field(default_factory=dict)
+    index: dict[str, int] = field(default_factory=dict)
+    pinned: dict[str, int] = field(default_factory=dict)
+    match_calls: int = 0
+    match_hits: int = 0
+    matched_tokens: int = 0
+    queried_tokens: int = 0
+    evicted_blocks: int = 0
+    demoted_blocks: int = 0
+    promoted_blocks: int = 0
+
+
+@dataclass
+class _Handle:
+    node: Node
+    owner: str
+
+
+class MemPool:
+    def __init__(
+        self,
+        block_size: int,
+        device_blocks: int,
+        host_blocks: int = 0,
+        *,
+        device_max_blocks: int | None = None,
+        copy_blocks: CopyBlocks | None = None,
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.block_size = block_size
+        self.alloc = {
+            Tier.DEVICE: BlockAllocator(device_blocks, device_max_blocks),
+            Tier.HOST: BlockAllocator(host_blocks),
+        }
+        self.client: dict[Tier, dict[int, str]] = {Tier.DEVICE: {}, Tier.HOST: {}}
+        self.tree = PromptTree(block_size, clock)
+        self.copy_blocks = copy_blocks or (lambda *_: None)
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.handles: dict[int, _Handle] = {}
+        self._handle_ids = itertools.count(1)
+        self.counters = PoolStats()
+
+    # ------------------------------------------------------------------- memory
+    def alloc_mem(self, n: int, tier: Tier = Tier.DEVICE, owner: str = "") -> list[int]:
+        if n < 0:
+            raise MemPoolError(f"cannot allocate {n} blocks")
+        self._make_room(tier, n)
+        ids = self.alloc[tier].allocate(n)
+        for b in ids:
+            self.client[tier][b] = owner
+        return ids
+
+    def free_mem(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
+        self.check_client(ids, tier)
+        for b in ids:
+            del self.client[tier][b]
+        self.alloc[tier].free(ids)
+
+    def swap_out(self, ids: Sequence[int]) -> list[int]:
+        """Client device blocks -> client host blocks with the same bytes; device ones freed."""
+        return self._swap(ids, Tier.DEVICE, Tier.HOST)
+
+    def swap_in(self, ids: Sequence[int]) -> list[int]:
+        return self._swap(ids, Tier.HOST, Tier.DEVICE)
+
+    def _swap(self, ids: Sequence[int], src: Tier, dst: Tier) -> list[int]:
+        self.check_client(ids, src)
+        owners = [self.client[src][b] for b in ids]
+        self._make_room(dst, len(ids))
+        new = self.alloc[dst].allocate(len(ids))
+        self.copy_blocks(src, ids, dst, new)
+        for old, b, owner in zip(ids, new, owners, strict=True):
+            del self.client[src][old]
+            self.client[dst][b] = owner
+        self.alloc[src].free(ids)
+        return new
+
+    def grow(self, device_blocks: int) -> None:
+        """More device blocks (up to the region's reservation), e.g. memory freed by KunServe."""
+        try:
+            self.alloc[Tier.DEVICE].grow(device_blocks)
+        except ValueError as exc:
+            raise MemPoolError(str(exc)) from None
+
+    def release_owner(self, owner: str) -> int:
+        """Free every client block and drop every handle of `owner` (a client that died)."""
+        freed = 0
+        for tier in Tier:
+            ids = [b for b, o in self.client[tier].items() if o == owner]
+            if ids:
+                self.free_mem(ids, tier)
+                freed += len(ids)
+        for hid in [h for h, v in self.handles.items() if v.owner == owner]:
+            self.release(hid)
+        return freed
+
+    # -------------------------------------------------------------------- index
+    def match(
+        self,
+        tokens: TokenLike,
+        owner: str = "",
+        promote: bool = True,
+        max_tokens: int | None = None,
+    ) -> MatchResult:
+        """Longest cached prefix in whole blocks, pinned until `release(handle)`. With
+        `promote`, host-tier blocks on the path are copied back to the device tier, and the
+        match ends where that is impossible, so every returned block is on the device.
+        `max_tokens` caps the match (a worker leaves the last prompt token to compute)."""
+        data = as_token_bytes(tokens)
+        if max_tokens is not None:
+            data = data[: max(0, max_tokens) * 4]
+        path, _ = self.tree.match(data)
+        st = self.counters
+        st.match_calls += 1
+        st.queried_tokens += len(data) // 4
+        if not path:
+            return MatchResult(0, 0, [], [])
+        self.tree.lock(path[-1])
+        if promote:
+            usable = self._promote(path)
+            if usable < len(path):
+                self.tree.unlock(path[-1])
+                path = path[:usable]
+                if not path:
+                    return MatchResult(0, 0, [], [])
+                self.tree.lock(path[-1])
+        hid = next(self._handle_ids)
+        self.handles[hid] = _Handle(path[-1], owner)
+        blocks = [b for n in path for b in n.blocks]
+        tiers = [n.tier for n in path for _ in n.blocks]
+        st.match_hits += 1
+        st.matched_tokens += len(blocks) * self.block_size
+        return MatchResult(hid, len(blocks) * self.block_size, blocks, tiers)
+
+    def _promote(self, path: list[Node]) -> int:
+        """Bring host nodes of a pinned path to the device; return how many nodes are usable."""
+        for i, node in enumerate(path):
+            if node.tier == Tier.DEVICE:
+                continue
+            n = node.num_blocks
+            if not self._make_room(Tier.DEVICE, n, strict=False):
+                return i
+            dev = self.alloc[Tier.DEVICE].allocate(n)
+            self.copy_blocks(Tier.HOST, node.blocks, Tier.DEVICE, dev)
+            self.alloc[Tier.HOST].free(self.tree.move_tier(node, dev, Tier.DEVICE))
+            self.counters.promoted_blocks += n
+        return len(path)
+
+    def release(self, handle: int) -> None:
+        h = self.handles.pop(handle, None)
+        if h is None:
+            raise UnknownHandle(f"unknown match handle {handle}")
+        self.tree.unlock(h.node)
+
+    def insert(
+        self,
+        tokens: TokenLike,
+        block_ids: Sequence[int],
+        tier: Tier = Tier.DEVICE,
+        tail_owner: str | None = None,
+    ) -> InsertResult:
+        """Index the whole blocks of `tokens`; `block_ids` cover every token (the last block
+        may be partial). The caller gives up all of them: blocks new to the index are now
+        index-owned, duplicates of cached blocks and the partial tail are freed. Idempotent:
+        inserting the same tokens with the index's own blocks changes nothing. With
+        `tail_owner`, the partial tail block stays allocated to that client instead."""
+        data = as_token_bytes(tokens)
+        bs = self.block_size
+        ntok = len(data) // 4
+        ids = list(block_ids)
+        if len(ids) != -(-ntok // bs):
+            raise InvalidBlocks(
+                f"{ntok} tokens need {-(-ntok // bs)} blocks of {bs}, got {len(ids)}"
+            )
+        if len(set(ids)) != len(ids):
+            raise InvalidBlocks(f"repeated block ids in {ids}")
+        whole = ntok // bs
+        path, _ = self.tree.match(data[: whole * bs * 4])
+        shared = [(b, n.tier) for n in path for b in n.blocks]
+        for j, b in enumerate(ids):
+            if j < len(shared) and shared[j] == (b, tier):
+                continue  # the index's own block at this position (from an earlier match)
+            if b not in self.client[tier]:
+                raise InvalidBlocks(f"block {b} ({tier.name.lower()}) is not allocated to a client")
+        outcome = self.tree.insert(data[: whole * bs * 4], ids[:whole], tier)
+        for b in outcome.added:
+            del self.client[tier][b]
+        tail = ids[whole:]
+        if tail_owner is not None:
+            for b in tail:
+                self.client[tier][b] = tail_owner
+            tail = []
+        freed = outcome.duplicates + tail
+        for b in freed:
+            del self.client[tier][b]
+        self.alloc[tier].free(freed)
+        if outcome.replaced_host:
+            self.alloc[Tier.HOST].free(outcome.replaced_host)
+        index_ids = [b for n in outcome.nodes for b in n.blocks]
+        return InsertResult(whole * bs, index_ids, freed)
+
+    def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
+        """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing
+        evicts or frees them while their bytes move)."""
+        for b in ids:
+            if b in self.client[tier]:
+                continue
+            node = self.tree.node_of(b, tier)
+            if node is None:
+                raise InvalidBlocks(
+                    f"block {b} ({tier.name.lower()}) is {self._state(b, tier)}: nothing to send"
+                )
+            if not node.lock_ref:
+                raise InvalidBlocks(f"block {b} is indexed but not pinned: match it before sending")
+
+    def delete(self, tokens: TokenLike) -> int:
+        """Drop the cached blocks of exactly this prompt that nothing else needs: from the
+        deepest matched node up, while the node is an unpinned leaf. Returns blocks dropped."""
+        path, _ = self.tree.match(as_token_bytes(tokens))
+        dropped = 0
+        for node in reversed(path):
+            if node.children or node.lock_ref:
+                break
+            tier = node.tier
+            ids = self.tree.remove_leaf(node)
+            self.alloc[tier].free(ids)
+            dropped += len(ids)
+        return dropped
+
+    # ----------------------------------------------------------------- eviction
+    def evict(self, n: int, tier: Tier = Tier.DEVICE) -> int:
+        """Free up to n unpinned index blocks of `tier`, LRU leaves first; return how many."""
+        done = 0
+        heap = [(node.last_access, node.node_id, node) for node in self._candidates(tier)]
+        heapq.heapify(heap)
+        while done < n and heap:
+            _, _, node = heapq.heappop(heap)
+            if not self._is_candidate(node, tier):
+                continue  # changed since it was queued
+            k = min(node.num_blocks, n - done)
+            if k < node.num_blocks:
+                self.tree.split(node, node.num_blocks - k)
+            parent = node.parent
+            if not self._evict_node(node, tier):
+                continue
+            done += k
+            if parent is not None and self._is_candidate(parent, tier):
+                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+        self.counters.evicted_blocks += done
+        return done
+
+    def _evict_node(self, node: Node, tier: Tier) -> bool:
+        k = node.num_blocks
+        if tier == Tier.DEVICE and self._host_room(k):
+            host = self.alloc[Tier.HOST].allocate(k)
+            self.copy_blocks(Tier.DEVICE, node.blocks, Tier.HOST, host)
+            self.alloc[Tier.DEVICE].free(self.tree.move_tier(node, host, Tier.HOST))
+            self.counters.demoted_blocks += k
+            return True
+        if node.children:
+            return False
+        self.alloc[tier].free(self.tree.remove_leaf(node))
+        return True
+
+    def _host_room(self, k: int) -> bool:
+        host = self.alloc[Tier.HOST]
+        if host.capacity == 0:
+            return False
+        if host.num_free < k:
+            self.evict(k - host.num_free, Tier.HOST)
+        return host.num_free >= k
+
+    def _candidates(self, tier: Tier) -> list[Node]:
+        return [n for n in self.tree.nodes() if self._is_candidate(n, tier)]
+
+    def _is_candidate(self, node: Node, tier: Tier) -> bool:
+        if (
+            node.tier != tier
+            or node.lock_ref
+            or not self.tree.is_attached(node)
+            or node is self.tree.root
+        ):
+            return False
+        # A device node may go (to the host) once no device node hangs below it.
+        return (
+            all(c.tier == Tier.HOST for c in node.children.values())
+            if tier == Tier.DEVICE
+            else not node.children
+        )
+
+    def _make_room(self, tier: Tier, n: int, strict: bool = True) -> bool:
+        short = n - self.alloc[tier].num_free
+        if short > 0:
+            self.evict(short, tier)
+        if self.alloc[tier].num_free >= n:
+            return True
+        if strict:
+            raise OutOfMemory(
+                f"{tier.name.lower()} tier: {n} blocks asked, {self.alloc[tier].num_free} free "
+                f"and nothing more evictable"
+            )
+        return False
+
+    def expire(self) -> int:
+        """Drop unpinned leaves not used for `ttl_s` (a safety net; LRU does the real work)."""
+        if self.ttl_s is None:
+            return 0
+        deadline = self.clock() - self.ttl_s
+        dropped = 0
+        changed = True
+        while changed:
+            changed = False
+            for node in [n for n in self.tree.nodes() if not n.children and not n.lock_ref]:
+                if node.last_access < deadline:
+                    tier = node.tier
+                    self.alloc[tier].free(self.tree.remove_leaf(node))
+                    dropped += node.num_blocks
+                    changed = True
+        return dropped
+
+    def drain_events(self) -> list[TreeEvent]:
+        return self.tree.drain_events()
+
+    # ------------------------------------------------------------ introspection
+    def check_client(self, ids: Sequence[int], tier: Tier) -> None:
+        if len(set(ids)) != len(ids):
+            raise InvalidBlocks(f"repeated block ids in {list(ids)}")
+        owned = self.client[tier]
+        bad = [b for b in ids if b not in owned]
+        if bad:
+            states = ", ".join(f"{b}: {self._state(b, tier)}" for b in bad[:8])
+            raise InvalidBlocks(
+                f"blocks not allocated to a client ({tier.name.lower()} tier): {states}"
+            )
+
+    def _state(self, block: int, tier: Tier) -> str:
+        if not self.alloc[tier].is_valid(block):
+            return "unknown id"
+        if self.alloc[tier].is_free(block):
+            return "free"
+        return "owned by the index"
+
+    def stats(self) -> PoolStats:
+        st = self.counters
+        index = {Tier.DEVICE: 0, Tier.HOST: 0}
+        pinned = {Tier.DEVICE: 0, Tier.HOST: 0}
+        for node in self.tree.nodes():
+            index[node.tier] += node.num_blocks
+            if node.lock_ref:
+                pinned[node.tier] += node.num_blocks
+        for tier in Tier:
+            name = tier.name.lower()
+            st.capacity[name] = self.alloc[tier].capacity
+            st.free[name] = self.alloc[tier].num_free
+            st.client[name] = len(self.client[tier])
+            st.index[name] = index[tier]
+            st.pinned[name] = pinned[tier]
+        return st
+
+    def check_integrity(self, deep: bool = True) -> None:
+        """Assert: per tier, free + client + index blocks partition [0, capacity) exactly;
+        each node's pin count equals the live handles at or below it."""
+        self.tree.check(deep=deep)
+        index: dict[Tier, list[int]] = {Tier.DEVICE: [], Tier.HOST: []}
+        for node in self.tree.nodes():
+            index[node.tier].extend(node.blocks)
+        for tier in Tier:
+            alloc = self.alloc[tier]
+            free = alloc.free_ids()
+            client = set(self.client[tier])
+            idx = index[tier]
+            name = tier.name.lower()
+            assert len(idx) == len(set(idx)), f"{name}: a block is indexed twice"
+            assert not (free & client), (
+                f"{name}: free blocks owned by clients: {sorted(free & client)[:8]}"
+            )
+            assert not (free & set(idx)), (
+                f"{name}: free blocks in the index: {sorted(free & set(idx))[:8]}"
+            )
+            assert not (client & set(idx)), (
+                f"{name}: client blocks in the index: {sorted(client & set(idx))[:8]}"
+            )
+            total = len(free) + len(client) + len(idx)
+            assert total == alloc.capacity, (
+                f"{name}: {total} blocks accounted for, capacity {alloc.capacity} (leak)"
+            )
+        expected: dict[int, int] = {}
+        for h in self.handles.values():
+            assert self.tree.is_attached(h.node), f"handle pins a detached node {h.node}"
+            n: Node | None = h.node
+            while n is not None and n is not self.tree.root:
+                expected[n.node_id] = expected.get(n.node_id, 0) + 1
+                n = n.parent
+        for node in self.tree.nodes():
+            assert node.lock_ref == expected.get(node.node_id, 0), (
+                f"{node} is pinned {node.lock_ref} times, live handles say {expected.get(node.node_id, 0)}"
+            )

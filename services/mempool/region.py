@@ -1,0 +1,127 @@
+"""A block region: the memory that holds one tier's KV blocks.
+
+    region bytes: [ block 0 | block 1 | ... | block capacity-1 ]   each block_bytes long
+
+A block is the aggregated KV of `block_size` tokens for all layers of the instance (see
+services/worker/kv_cache.py), so a run of consecutive block ids is one contiguous byte
+range and moves as one copy or one message.
+
+Kinds:
+- `ShmRegion`: a POSIX shared-memory segment (/dev/shm). The MemPool daemon creates it; the
+  worker and same-host peers attach by name and read/write the same bytes (no copy). The
+  segment is created at its maximal size, but tmpfs commits pages only when they are
+  touched, so `capacity_blocks` (what the allocator may hand out) can grow at run time up
+  to `max_blocks` without remapping: the elastic KV region KunServe lends memory to.
+- `HostRegion`: private anonymous memory of the daemon (the host/DRAM tier for swapped-out
+  blocks); nobody else maps it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+
+class Region:
+    """Byte view of `max_blocks` blocks of `block_bytes` each."""
+
+    kind = "base"
+
+    def __init__(self, buffer: memoryview, block_bytes: int, max_blocks: int, capacity_blocks: int):
+        if block_bytes <= 0 or max_blocks <= 0:
+            raise ValueError("a region needs a positive block size and block count")
+        if not 0 < capacity_blocks <= max_blocks:
+            raise ValueError(f"capacity {capacity_blocks} outside (0, {max_blocks}]")
+        if len(buffer) < block_bytes * max_blocks:
+            raise ValueError(f"buffer of {len(buffer)} bytes is smaller than {max_blocks} blocks")
+        self.buffer = buffer
+        self.block_bytes = block_bytes
+        self.max_blocks = max_blocks
+        self.capacity_blocks = capacity_blocks
+        self.array = np.frombuffer(buffer, dtype=np.uint8, count=block_bytes * max_blocks)
+
+    def grow(self, capacity_blocks: int) -> None:
+        if not self.capacity_blocks <= capacity_blocks <= self.max_blocks:
+            raise ValueError(
+                f"can grow from {self.capacity_blocks} up to {self.max_blocks} blocks, not to {capacity_blocks}"
+            )
+        self.capacity_blocks = capacity_blocks
+
+    def blocks(self, first: int, count: int = 1) -> memoryview:
+        """Bytes of blocks [first, first + count)."""
+        if first < 0 or count < 0 or first + count > self.max_blocks:
+            raise IndexError(
+                f"blocks [{first}, {first + count}) outside the region of {self.max_blocks}"
+            )
+        start = first * self.block_bytes
+        return self.buffer[start : start + count * self.block_bytes]
+
+    def close(self) -> None:
+        self.array = np.empty(0, dtype=np.uint8)
+        self.buffer.release()
+
+
+# Segments this process created: attaching one of them must leave its tracker entry alone.
+_CREATED: set[str] = set()
+
+
+class HostRegion(Region):
+    kind = "host"
+
+    def __init__(self, block_bytes: int, max_blocks: int):
+        self._storage = bytearray(block_bytes * max_blocks)
+        super().__init__(memoryview(self._storage), block_bytes, max_blocks, max_blocks)
+
+
+class ShmRegion(Region):
+    kind = "shm"
+
+    def __init__(
+        self,
+        shm: shared_memory.SharedMemory,
+        block_bytes: int,
+        max_blocks: int,
+        capacity_blocks: int,
+        owner: bool,
+    ):
+        self.shm = shm
+        self.owner = owner
+        assert shm.buf is not None
+        super().__init__(shm.buf, block_bytes, max_blocks, capacity_blocks)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    @classmethod
+    def create(
+        cls,
+        block_bytes: int,
+        max_blocks: int,
+        capacity_blocks: int | None = None,
+        name: str | None = None,
+    ) -> ShmRegion:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=block_bytes * max_blocks)
+        _CREATED.add(shm.name)
+        return cls(shm, block_bytes, max_blocks, capacity_blocks or max_blocks, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, block_bytes: int, max_blocks: int) -> ShmRegion:
+        """Map a segment another process created. The creator alone unlinks it."""
+        shm = shared_memory.SharedMemory(name=name, create=False)
+        # Python < 3.13 registers attached segments with the resource tracker too, which
+        # would unlink the creator's segment when this process exits.
+        if shm.name not in _CREATED:
+            with contextlib.suppress(Exception):
+                resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return cls(shm, block_bytes, max_blocks, max_blocks, owner=False)
+
+    def close(self) -> None:
+        super().close()
+        self.shm.close()
+        if self.owner:
+            _CREATED.discard(self.shm.name)
+            with contextlib.suppress(FileNotFoundError):
+                self.shm.unlink()

@@ -1,0 +1,515 @@
+"""The MemPool daemon: an asyncio shell around `MemPool` that owns the sockets and memory.
+
+    worker / peers / scheduler / admin ──RPC (ROUTER)──▶ handle() ──▶ MemPool (pure core)
+                                                            │
+    scheduler ◀──PUB kv_events── publish() ◀── tree events ─┘
+    peer daemons ◀══ data plane (shm | tcp | ucx): Sender ══▶ peer's Receiver ══▶ our region
+
+A transfer, seen from the sending daemon S and the receiving daemon D:
+
+    S: check src blocks are readable (client-owned or pinned)
+    S ──PrepareReceive──▶ D: allocate (or take the given dst ids), expect the runs, name the transfer
+    S ══ bytes ════════▶ D's region (straight into the destination blocks)
+    S ──CommitReceive───▶ D: wait until every byte is in (+ checksum), then insert / pin
+    failure: S ──AbortReceive──▶ D: forget it and free; D also expires any transfer that is
+             not committed by its deadline, so a sender that dies leaks nothing.
+
+D frees a failed transfer's blocks at once only where the transport fences late writes
+(tcp); otherwise (shm, ucx) it waits until the sender has stopped or the deadline passed.
+Only this event loop touches the pool, so core calls never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from common.logging import get_logger
+from common.protocol import kv_events as ev
+from common.protocol import mempool as mp
+from common.sockets import PubSocket, RpcClient, RpcServer
+from services.mempool.config import MempoolConfig
+from services.mempool.pool import InvalidBlocks, MemPool, MemPoolError
+from services.mempool.prompt_tree import Tier, TreeEvent
+from services.mempool.region import HostRegion, Region, ShmRegion
+from services.mempool.transport import (
+    Receiver,
+    Sender,
+    available_transports,
+    coalesce,
+    make_transport,
+)
+
+log = get_logger(__name__)
+
+# How long a receiver keeps blocks of an unfenced failed transfer after its deadline.
+_GRACE_S = 1.0
+
+
+@dataclass
+class _Pending:
+    ids: list[int]
+    owned: bool  # allocated by the transfer (freed on failure) vs. given by a client
+    transport: str
+    deadline: float
+    handle: asyncio.TimerHandle | None = None
+
+
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def block_bytes_for(cfg: MempoolConfig) -> int:
+    """Bytes of one aggregated KV block (services/worker/kv_cache.py), from config.json alone:
+    the daemon never loads torch or the weights."""
+    from services.worker.model.config import ModelConfig
+    from services.worker.model.presets import resolve_model
+
+    model = ModelConfig.from_folder(Path(resolve_model(cfg.model)))
+    layers = model.num_layers if cfg.num_layers is None else cfg.num_layers
+    return (
+        2 * layers * cfg.block_size * model.num_kv_heads * model.head_dim * _DTYPE_BYTES[cfg.dtype]
+    )
+
+
+class MempoolDaemon:
+    def __init__(self, cfg: MempoolConfig, block_bytes: int | None = None):
+        self.cfg = cfg.validate()
+        self.block_bytes = block_bytes or block_bytes_for(cfg)
+        device = cfg.device_blocks or max(1, cfg.device_memory_bytes // self.block_bytes)
+        max_blocks = max(device, cfg.device_max_blocks or device)
+        host = cfg.host_blocks or cfg.host_memory_bytes // self.block_bytes
+        self.device = ShmRegion.create(self.block_bytes, max_blocks, device)
+        self.host: Region | None = HostRegion(self.block_bytes, host) if host else None
+        self.pool = MemPool(
+            cfg.block_size,
+            device,
+            host,
+            device_max_blocks=max_blocks,
+            copy_blocks=self._copy_blocks,
+            ttl_s=cfg.ttl_s,
+        )
+        names = [t for t in cfg.transports if t in available_transports()]
+        missing = sorted(set(cfg.transports) - set(names))
+        if missing:
+            log.warning("transports not available here", missing=missing)
+        self.transports: dict[str, tuple[Receiver, Sender]] = {
+            name: make_transport(name, self.device) for name in names
+        }
+        self.endpoints: dict[str, dict[str, str]] = {}
+        self.server = RpcServer(
+            cfg.control_address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
+        )
+        self.events = PubSocket(cfg.events_address, ev.KvEventBatch, bind=True)
+        self.peers: dict[str, RpcClient[Any, Any]] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.inflight: Counter[int] = Counter()  # device blocks being read by our transfers
+        self._transfer_ids = itertools.count(1)
+        self._seq = itertools.count()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.transfers_failed = 0
+        self._housekeeping: asyncio.Task[None] | None = None
+
+    @property
+    def address(self) -> str:
+        return self.server.address
+
+    # ----------------------------------------------------------------- lifecycle
+    async def start(self) -> dict[str, str]:
+        for name, (receiver, _) in self.transports.items():
+            self.endpoints[name] = await receiver.start()
+        await self._publish([ev.AllCleared()])
+        self._housekeeping = asyncio.create_task(self._housekeep())
+        log.info(
+            "mempool ready",
+            address=self.address,
+            device_blocks=self.pool.alloc[Tier.DEVICE].capacity,
+            block_bytes=self.block_bytes,
+            transports=list(self.transports),
+        )
+        return {"rpc": self.address, "events": self.events.address, "shm": self.device.name}
+
+    async def serve(self) -> None:
+        await self.server.serve(self.handle)
+
+    async def close(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        self.server.close()
+        self.events.close()
+        for client in self.peers.values():
+            client.close()
+        for receiver, sender in self.transports.values():
+            await receiver.close()
+            await sender.close()
+        self.device.close()
+        if self.host is not None:
+            self.host.close()
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.pool.expire():
+                await self._publish_tree_events()
+
+    # ------------------------------------------------------------------ requests
+    async def handle(self, req: Any) -> Any:
+        try:
+            reply = await self._dispatch(req)
+        finally:
+            await self._publish_tree_events()
+        return reply
+
+    async def _dispatch(self, req: Any) -> Any:
+        pool = self.pool
+        match req:
+            case mp.AllocMem(n=n, tier=tier, owner=owner):
+                return mp.Blocks(pool.alloc_mem(n, _tier(tier), owner))
+            case mp.FreeMem(block_ids=ids, tier=tier):
+                busy = [b for b in ids if self.inflight[b]] if _tier(tier) == Tier.DEVICE else []
+                if busy:
+                    raise InvalidBlocks(f"blocks {busy} are being sent by a transfer")
+                pool.free_mem(ids, _tier(tier))
+                return mp.Ok(len(ids))
+            case mp.SwapOut(block_ids=ids, n=n):
+                if ids:
+                    return mp.Blocks(pool.swap_out(ids))
+                if pool.alloc[Tier.HOST].capacity == 0:
+                    raise MemPoolError("swap_out(n): this daemon has no host tier")
+                return mp.Ok(pool.evict(n, Tier.DEVICE))
+            case mp.SwapIn(block_ids=ids):
+                return mp.Blocks(pool.swap_in(ids))
+            case mp.Insert(tokens=tokens, block_ids=ids, tier=tier):
+                r = pool.insert(_tokens(tokens), ids, _tier(tier))
+                return mp.Inserted(r.num_indexed_tokens, r.index_block_ids, r.freed_block_ids)
+            case mp.Match(tokens=tokens, owner=owner, promote=promote, max_tokens=cap):
+                m = pool.match(_tokens(tokens), owner, promote, None if cap < 0 else cap)
+                return mp.Matched(m.handle, m.num_tokens, m.block_ids, [int(t) for t in m.tiers])
+            case mp.Release(handle=handle):
+                pool.release(handle)
+                return mp.Ok()
+            case mp.Delete(tokens=tokens):
+                return mp.Ok(pool.delete(_tokens(tokens)))
+            case mp.Evict(n=n, tier=tier):
+                return mp.Ok(pool.evict(n, _tier(tier)))
+            case mp.Grow(device_blocks=n):
+                self.device.grow(min(n, self.device.max_blocks))
+                pool.grow(n)
+                return mp.Ok(n)
+            case mp.ReleaseOwner(owner=owner):
+                return mp.Ok(pool.release_owner(owner))
+            case mp.Transfer():
+                return await self._send(
+                    req.dst,
+                    req.src_ids,
+                    req.dst_ids,
+                    b"",
+                    "",
+                    req.transport,
+                    req.checksum,
+                    req.timeout_s,
+                )
+            case mp.TransferWithInsert():
+                tokens = _tokens(req.tokens)
+                need = -(-(len(tokens) // 4) // self.cfg.block_size)
+                if len(req.src_ids) != need:
+                    raise InvalidBlocks(
+                        f"{len(tokens) // 4} tokens need {need} blocks, got {len(req.src_ids)}"
+                    )
+                return await self._send(
+                    req.dst,
+                    req.src_ids,
+                    [],
+                    tokens,
+                    req.pin_owner,
+                    req.transport,
+                    req.checksum,
+                    req.timeout_s,
+                )
+            case mp.PrepareReceive():
+                return self._prepare(req)
+            case mp.CommitReceive():
+                return await self._commit(req)
+            case mp.AbortReceive(transfer_id=tid):
+                self._abort(tid, sender_done=True)
+                return mp.Ok()
+            case mp.Stats():
+                return self._stats()
+            case mp.CheckIntegrity():
+                try:
+                    self.pool.check_integrity()
+                except AssertionError as exc:
+                    return mp.IntegrityReply(False, str(exc))
+                return mp.IntegrityReply(True)
+            case mp.Info():
+                return self._info()
+        raise MemPoolError(f"unsupported request {type(req).__name__}")
+
+    # ----------------------------------------------------------- sending side
+    def _peer(self, address: str) -> RpcClient[Any, Any]:
+        client = self.peers.get(address)
+        if client is None or client.closed:
+            client = RpcClient(address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply))
+            self.peers[address] = client
+        return client
+
+    async def _send(
+        self,
+        dst: str,
+        src_ids: list[int],
+        dst_ids: list[int],
+        tokens: bytes,
+        pin_owner: str,
+        transport: str,
+        checksum: bool,
+        timeout_s: float,
+    ) -> mp.Transferred:
+        if dst_ids and len(dst_ids) != len(src_ids):
+            raise InvalidBlocks(
+                f"{len(src_ids)} source blocks but {len(dst_ids)} destination blocks"
+            )
+        self.pool.check_readable(src_ids)
+        offered = [transport] if transport else list(self.transports)
+        if transport and transport not in self.transports:
+            raise MemPoolError(
+                f"transport {transport!r} is not enabled here; enabled: {list(self.transports)}"
+            )
+        peer = self._peer(dst)
+        start = time.perf_counter()
+        deadline = start + timeout_s
+        self.inflight.update(src_ids)
+        try:
+            prep = await peer.call(
+                mp.PrepareReceive(
+                    len(src_ids), dst_ids, offered, self.cfg.host_id, self.block_bytes, timeout_s
+                ),
+                timeout_s=timeout_s,
+            )
+            try:
+                _, sender = self.transports[prep.transport]
+                crc = await sender.send(
+                    prep.endpoint,
+                    prep.transfer_id,
+                    self.device,
+                    coalesce(src_ids, prep.dst_ids),
+                    timeout_s=max(0.01, deadline - time.perf_counter()),
+                    checksum=checksum,
+                )
+                done = await peer.call(
+                    mp.CommitReceive(
+                        prep.transfer_id, tokens, pin_owner, -1 if crc is None else crc
+                    ),
+                    timeout_s=max(0.01, deadline - time.perf_counter()),
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await peer.call(mp.AbortReceive(prep.transfer_id), timeout_s=1.0)
+                raise
+        except MemPoolError:
+            self.transfers_failed += 1
+            raise
+        except Exception as exc:
+            self.transfers_failed += 1
+            raise MemPoolError(f"transfer to {dst} failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            self.inflight.subtract(src_ids)
+            self.inflight += Counter()  # drop zero counts
+        self.bytes_sent += done.nbytes
+        return mp.Transferred(
+            prep.dst_ids,
+            done.nbytes,
+            time.perf_counter() - start,
+            prep.transport,
+            done.num_indexed_tokens,
+            done.handle,
+            done.tail_ids,
+        )
+
+    # --------------------------------------------------------- receiving side
+    def _choose_transport(self, offered: list[str], sender_host: str) -> str:
+        for name in offered:
+            if name not in self.transports:
+                continue
+            if name == "shm" and sender_host != self.cfg.host_id:
+                continue
+            return name
+        raise MemPoolError(
+            f"no common transport: sender offers {offered}, receiver has {list(self.transports)}"
+        )
+
+    def _prepare(self, req: mp.PrepareReceive) -> mp.Prepared:
+        if req.block_bytes and req.block_bytes != self.block_bytes:
+            raise MemPoolError(
+                f"block size mismatch: sender {req.block_bytes} bytes, receiver {self.block_bytes}"
+            )
+        name = self._choose_transport(req.transports, req.sender_host)
+        tid = next(self._transfer_ids)
+        if req.dst_ids:
+            if len(req.dst_ids) != req.num_blocks:
+                raise InvalidBlocks(
+                    f"{req.num_blocks} blocks announced, {len(req.dst_ids)} destination ids"
+                )
+            self.pool.check_client(req.dst_ids, Tier.DEVICE)
+            ids, owned = list(req.dst_ids), False
+        else:
+            ids, owned = (
+                self.pool.alloc_mem(req.num_blocks, Tier.DEVICE, owner=f"transfer:{tid}"),
+                True,
+            )
+        receiver, _ = self.transports[name]
+        runs = [(r.dst_block, r.num_blocks) for r in coalesce(ids, ids)]
+        receiver.expect(tid, runs)
+        loop = asyncio.get_running_loop()
+        p = _Pending(ids, owned, name, time.monotonic() + req.timeout_s)
+        p.handle = loop.call_later(req.timeout_s + _GRACE_S, self._expire, tid)
+        self.pending[tid] = p
+        return mp.Prepared(tid, ids, name, self.endpoints[name])
+
+    async def _commit(self, req: mp.CommitReceive) -> mp.Committed:
+        p = self.pending.get(req.transfer_id)
+        if p is None:
+            raise MemPoolError(f"unknown or expired transfer {req.transfer_id}")
+        receiver, _ = self.transports[p.transport]
+        try:
+            nbytes = await receiver.wait_complete(
+                req.transfer_id,
+                max(0.01, p.deadline - time.monotonic()),
+                None if req.checksum < 0 else req.checksum,
+            )
+        except Exception:
+            self._abort(req.transfer_id, sender_done=True)
+            raise
+        self._forget(req.transfer_id)
+        self.bytes_received += nbytes
+        if not req.tokens:
+            return mp.Committed(nbytes)
+        tokens = _tokens(req.tokens)
+        r = self.pool.insert(tokens, p.ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
+        handle = 0
+        tail = p.ids[len(r.index_block_ids) :] if req.pin_owner else []
+        if req.pin_owner and r.num_indexed_tokens:
+            handle = self.pool.match(
+                tokens, req.pin_owner, promote=False, max_tokens=r.num_indexed_tokens
+            ).handle
+        return mp.Committed(nbytes, r.num_indexed_tokens, r.index_block_ids, handle, tail)
+
+    def _forget(self, tid: int) -> _Pending | None:
+        p = self.pending.pop(tid, None)
+        if p is not None and p.handle is not None:
+            p.handle.cancel()
+        return p
+
+    def _abort(self, tid: int, sender_done: bool) -> None:
+        p = self.pending.get(tid)
+        if p is None:
+            return
+        receiver, _ = self.transports[p.transport]
+        receiver.cancel(tid)
+        if p.owned and not (sender_done or receiver.cancel_fences_writes):
+            return  # keep the blocks until the expiry timer: the sender may still write
+        self._forget(tid)
+        if p.owned:
+            self.pool.free_mem(p.ids, Tier.DEVICE)
+        log.info("transfer aborted", transfer_id=tid, blocks=len(p.ids))
+
+    def _expire(self, tid: int) -> None:
+        p = self.pending.get(tid)
+        if p is None:
+            return
+        log.warning("transfer expired before its commit", transfer_id=tid)
+        self.transfers_failed += 1
+        # Past deadline + grace the sender has given up: its late bytes are harmless.
+        self._abort(tid, sender_done=True)
+
+    # ----------------------------------------------------------------- events
+    async def _publish_tree_events(self) -> None:
+        tree_events = self.pool.drain_events()
+        if tree_events:
+            await self._publish([_wire_event(e) for e in tree_events])
+
+    async def _publish(self, events: list[ev.KvEvent]) -> None:
+        batch = ev.KvEventBatch(self.cfg.instance_id, next(self._seq), self.cfg.block_size, events)
+        await self.events.publish(self.cfg.instance_id.encode(), batch)
+
+    # ------------------------------------------------------------ introspection
+    def _stats(self) -> mp.StatsReply:
+        s = self.pool.stats()
+        return mp.StatsReply(
+            self.cfg.instance_id,
+            s.capacity,
+            s.free,
+            s.client,
+            s.index,
+            s.pinned,
+            s.match_calls,
+            s.match_hits,
+            s.matched_tokens,
+            s.queried_tokens,
+            s.evicted_blocks,
+            s.demoted_blocks,
+            s.promoted_blocks,
+            self.bytes_sent,
+            self.bytes_received,
+            self.transfers_failed,
+            len(self.pending),
+        )
+
+    def _info(self) -> mp.InfoReply:
+        return mp.InfoReply(
+            self.cfg.instance_id,
+            self.cfg.block_size,
+            self.block_bytes,
+            "shm",
+            self.device.name,
+            self.device.max_blocks,
+            self.pool.alloc[Tier.DEVICE].capacity,
+            self.pool.alloc[Tier.HOST].capacity,
+            self.events.address,
+            list(self.transports),
+        )
+
+    # ------------------------------------------------------------------ memory
+    def _copy_blocks(self, src: Tier, src_ids: Any, dst: Tier, dst_ids: Any) -> None:
+        src_region, dst_region = self._region(src), self._region(dst)
+        bb = self.block_bytes
+        for run in coalesce(list(src_ids), list(dst_ids)):
+            n = run.num_blocks * bb
+            np.copyto(
+                dst_region.array[run.dst_block * bb : run.dst_block * bb + n],
+                src_region.array[run.src_block * bb : run.src_block * bb + n],
+            )
+
+    def _region(self, tier: Tier) -> Region:
+        if tier == Tier.DEVICE:
+            return self.device
+        assert self.host is not None, "no host tier"
+        return self.host
+
+
+def _tier(value: int) -> Tier:
+    try:
+        return Tier(value)
+    except ValueError:
+        raise MemPoolError(f"unknown tier {value} (0 = device, 1 = host)") from None
+
+
+def _tokens(data: bytes) -> bytes:
+    if len(data) % 4:
+        raise MemPoolError(f"token bytes of length {len(data)} are not whole int32 tokens")
+    return bytes(data)
+
+
+def _wire_event(e: TreeEvent) -> ev.KvEvent:
+    if e.stored:
+        return ev.BlockStored(int(e.tier), e.parent_hash, e.hashes, e.token_bytes)
+    return ev.BlockRemoved(int(e.tier), e.hashes)

@@ -1,0 +1,529 @@
+"""TCP transport: blocking sockets in threads, zero-copy on both ends.
+
+Wire: the frames of `frame.py` over one TCP stream. The sender writes each chunk as
+header + payload with `sendmsg`/`sendall` straight from memoryviews of its region; the
+receiver reads the header, asks the `TransferTable` where the payload may go, and
+`recv_into`s it directly into the destination region (or into a scratch buffer that is then
+dropped). A send ends with FIN; the receiver answers ACK once every earlier chunk of the
+connection is processed, so `send` returning means the peer holds every byte (or the peer
+said why not, e.g. the transfer was cancelled).
+
+Threads and who writes what:
+- Receiver: one accept thread, one thread per connection. Only a connection thread holding
+  a `Claim` writes into the region, and only into that claim's chunk.
+- Sender: the blocking send of a transfer runs in the sender's thread pool; it only reads the
+  source region. One connection per peer, used by one transfer at a time (a per-peer lock);
+  a stale or failed connection is replaced. Every blocking call has a socket timeout bounded
+  by the transfer's deadline, so a dead peer costs at most the timeout, never a hang.
+
+Cancellation: `TcpReceiver.cancel` deactivates the transfer, shuts down the connections that
+are in the middle of writing one of its chunks (which wakes their `recv_into`), and waits
+until they have let go of the region. When it returns no byte of the transfer can land in
+the region any more, so D may free and reuse the blocks at once (`cancel_fences_writes`).
+The sender whose connection was cut retries, and its resent data is discarded; its FIN is
+answered with CANCELLED, so its `send` raises TransferError.
+
+Retries: a transfer is resent from its first chunk on a new connection, since bytes written
+to a socket that then failed may or may not have arrived; chunks that did arrive are
+recognised by (dst_block, offset) and dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from common.logging import get_logger
+from services.mempool.region import Region
+from services.mempool.transport.base import (
+    CopyRun,
+    Receiver,
+    Sender,
+    TransferError,
+    TransferTimeout,
+    check_runs,
+)
+from services.mempool.transport.frame import (
+    HEADER_SIZE,
+    AckStatus,
+    FrameError,
+    Header,
+    Kind,
+)
+from services.mempool.transport.tracking import TransferTable
+
+log = get_logger(__name__)
+
+CHUNK_BYTES = 4 << 20
+# Kernel socket buffers. Capped by net.core.{r,w}mem_max; on loopback the default
+# autotuning is as fast, but on real links a large buffer keeps the pipe full.
+SOCKET_BUFFER_BYTES = 4 << 20
+_SCRATCH_BYTES = 1 << 20
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fill `view` from `sock`; False if the peer closed the stream first."""
+    got, size = 0, len(view)
+    while got < size:
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+def _discard(sock: socket.socket, nbytes: int, scratch: memoryview) -> bool:
+    """Read and drop `nbytes`; False if the peer closed the stream first."""
+    while nbytes > 0:
+        n = sock.recv_into(scratch, min(nbytes, len(scratch)))
+        if n == 0:
+            return False
+        nbytes -= n
+    return True
+
+
+def _tune(sock: socket.socket, buffer_bytes: int) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if buffer_bytes > 0:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, buffer_bytes)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
+
+
+class TcpReceiver(Receiver):
+    name = "tcp"
+    cancel_fences_writes = True
+
+    def __init__(
+        self,
+        region: Region,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        idle_timeout_s: float = 300.0,
+        buffer_bytes: int = SOCKET_BUFFER_BYTES,
+        cancel_wait_s: float = 5.0,
+    ) -> None:
+        super().__init__(region)
+        self.host = host
+        self.port = port
+        self.advertise_host = advertise_host or host
+        self.idle_timeout_s = idle_timeout_s
+        self.buffer_bytes = buffer_bytes
+        self.cancel_wait_s = cancel_wait_s
+        self._table: TransferTable | None = None
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._conns: dict[socket.socket, threading.Thread] = {}
+        self._conns_lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._endpoint: dict[str, str] | None = None
+
+    async def start(self) -> dict[str, str]:
+        if self._endpoint is not None:
+            return self._endpoint
+        self._table = TransferTable(self.region, asyncio.get_running_loop())
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _tune(listener, self.buffer_bytes)  # accepted sockets inherit the options
+        listener.bind((self.host, self.port))
+        listener.listen(64)
+        # Closing does shutdown() on the listener, which wakes accept() on Linux; the
+        # timeout is the fallback that notices the stop flag elsewhere.
+        listener.settimeout(1.0)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"tcp-rx-accept-{self.port}", daemon=True
+        )
+        self._accept_thread.start()
+        self._endpoint = {"tcp": f"{self.advertise_host}:{self.port}"}
+        return self._endpoint
+
+    def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
+        self._require_table().expect(transfer_id, runs)
+
+    async def wait_complete(
+        self, transfer_id: int, timeout_s: float, checksum: int | None = None
+    ) -> int:
+        return await self._require_table().wait_complete(transfer_id, timeout_s, checksum)
+
+    def cancel(self, transfer_id: int) -> None:
+        table = self._require_table()
+        transfer, writers = table.cancel(transfer_id)
+        if transfer is None or not writers:
+            return
+        for writer in writers:
+            assert isinstance(writer, socket.socket)
+            # Wakes the connection thread's recv_into; the thread then releases its claim.
+            with contextlib.suppress(OSError):
+                writer.shutdown(socket.SHUT_RDWR)
+        # Blocks the loop for the time a woken thread needs to let go (microseconds); the
+        # bound only matters if a thread cannot be scheduled at all.
+        if not table.wait_writers(transfer, self.cancel_wait_s):
+            raise TransferError(
+                f"transfer {transfer_id}: a connection still writes its blocks "
+                f"{self.cancel_wait_s:g}s after cancel; do not reuse them"
+            )
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._table is not None:
+            # Connection threads are shut down below, which also ends their claims.
+            self._table.cancel_all()
+        if self._listener is not None:
+            with contextlib.suppress(OSError):
+                self._listener.shutdown(socket.SHUT_RDWR)
+        with self._conns_lock:
+            conns = list(self._conns.items())
+        for conn, _ in conns:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        threads = [thread for _, thread in conns]
+        if self._accept_thread is not None:
+            threads.append(self._accept_thread)
+        await asyncio.to_thread(_join_all, threads)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self._endpoint = None
+
+    def _require_table(self) -> TransferTable:
+        if self._table is None:
+            raise RuntimeError("TcpReceiver.start() has not been awaited")
+        return self._table
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, peer = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            conn.settimeout(self.idle_timeout_s)
+            thread = threading.Thread(
+                target=self._serve, args=(conn, peer), name=f"tcp-rx-{peer}", daemon=True
+            )
+            with self._conns_lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    break
+                self._conns[conn] = thread
+            thread.start()
+
+    def _serve(self, conn: socket.socket, peer: object) -> None:
+        table = self._require_table()
+        header_buf = bytearray(HEADER_SIZE)
+        header_view = memoryview(header_buf)
+        scratch = memoryview(bytearray(_SCRATCH_BYTES))
+        try:
+            while not self._stopping.is_set():
+                if not _recv_exact(conn, header_view):
+                    break
+                header = Header.unpack(header_buf)
+                if header.kind is Kind.DATA:
+                    if not self._receive_chunk(conn, table, header, scratch):
+                        break
+                elif header.kind is Kind.FIN:
+                    status, received = table.fin_status(header.transfer_id)
+                    ack = Header(Kind.ACK, header.transfer_id, nbytes=received, status=status)
+                    conn.sendall(ack.pack())
+                else:
+                    raise FrameError(f"unexpected {header.kind.name} frame from a sender")
+        except (OSError, FrameError) as e:
+            if not self._stopping.is_set():
+                log.debug("tcp receiver connection ended", peer=str(peer), error=str(e))
+        finally:
+            with self._conns_lock:
+                self._conns.pop(conn, None)
+            conn.close()
+
+    def _receive_chunk(
+        self, conn: socket.socket, table: TransferTable, header: Header, scratch: memoryview
+    ) -> bool:
+        claim = table.claim(header, conn)
+        if claim is None:
+            return _discard(conn, header.nbytes, scratch)
+        received = False
+        try:
+            received = _recv_exact(conn, claim.view)
+        finally:
+            table.release(claim, received)
+        return received
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join()
+
+
+@dataclass(eq=False)
+class _Peer:
+    """The cached connection to one receiver; `lock` serialises transfers on it."""
+
+    address: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    sock: socket.socket | None = None
+
+
+class _Rejected(TransferError):
+    """The receiver answered the FIN with something other than COMPLETE: not retried."""
+
+
+class TcpSender(Sender):
+    name = "tcp"
+
+    def __init__(
+        self,
+        retries: int = 2,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        connect_timeout_s: float = 5.0,
+        stall_timeout_s: float = 30.0,
+        buffer_bytes: int = SOCKET_BUFFER_BYTES,
+        max_concurrent: int = 8,
+    ) -> None:
+        super().__init__(retries)
+        if chunk_bytes <= 0:
+            raise ValueError("chunk_bytes must be positive")
+        self.chunk_bytes = chunk_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.buffer_bytes = buffer_bytes
+        self._peers: dict[str, _Peer] = {}
+        self._peers_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="tcp-tx")
+        self._closed = threading.Event()
+
+    async def send(
+        self,
+        endpoint: Mapping[str, str],
+        transfer_id: int,
+        src: Region,
+        runs: Sequence[CopyRun],
+        *,
+        timeout_s: float,
+        checksum: bool = False,
+    ) -> int | None:
+        if self._closed.is_set():
+            raise TransferError("the tcp sender is closed")
+        address = endpoint.get("tcp")
+        if address is None:
+            raise ValueError(f"endpoint {dict(endpoint)} has no tcp address")
+        check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
+        deadline = time.monotonic() + timeout_s
+        abandon = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self._executor,
+            self._send_blocking,
+            address,
+            transfer_id,
+            src,
+            list(runs),
+            deadline,
+            checksum,
+            abandon,
+        )
+        try:
+            # The thread honours the deadline itself; the margin only matters if the pool
+            # is saturated or a thread is stuck, and then the caller is not left waiting.
+            return await asyncio.wait_for(work, timeout_s + 5.0)
+        except TransferError:
+            raise  # TransferTimeout is a TimeoutError too: keep the worker's own message
+        except asyncio.TimeoutError:
+            abandon.set()
+            raise TransferTimeout(
+                f"tcp transfer {transfer_id} to {address}: no result after {timeout_s:g}s"
+            ) from None
+        except asyncio.CancelledError:
+            abandon.set()
+            raise
+
+    async def close(self) -> None:
+        self._closed.set()
+        with self._peers_lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            sock = peer.sock
+            if sock is not None:
+                # Wakes a sending thread; the thread closes the socket under the peer lock.
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        await asyncio.to_thread(self._executor.shutdown, True)
+        for peer in peers:
+            if peer.sock is not None:
+                peer.sock.close()
+                peer.sock = None
+
+    # -- blocking side ---------------------------------------------------------------------
+
+    def _peer(self, address: str) -> _Peer:
+        with self._peers_lock:
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = self._peers[address] = _Peer(address)
+            return peer
+
+    def _send_blocking(
+        self,
+        address: str,
+        transfer_id: int,
+        src: Region,
+        runs: list[CopyRun],
+        deadline: float,
+        checksum: bool,
+        abandon: threading.Event,
+    ) -> int | None:
+        peer = self._peer(address)
+        attempts = self.retries + 1
+        last_error: BaseException | None = None
+        for attempt in range(attempts):
+            if attempt:
+                # Short backoff: enough for a restarting peer, well inside any deadline.
+                time.sleep(min(0.05 * 2**attempt, max(0.0, deadline - time.monotonic())))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            if not peer.lock.acquire(timeout=left):
+                break
+            try:
+                sock = self._connection(peer, deadline)
+                crc = self._stream(sock, peer, transfer_id, src, runs, deadline, checksum, abandon)
+                return crc if checksum else None
+            except (OSError, FrameError) as e:
+                last_error = e
+                self._drop(peer)
+                if self._closed.is_set() or abandon.is_set():
+                    raise TransferError(
+                        f"tcp transfer {transfer_id} to {address} abandoned: {e}"
+                    ) from e
+            finally:
+                peer.lock.release()
+        if time.monotonic() >= deadline:
+            raise TransferTimeout(
+                f"tcp transfer {transfer_id} to {address} timed out (last error: {last_error})"
+            )
+        raise TransferError(
+            f"tcp transfer {transfer_id} to {address} failed after {attempts} attempts: "
+            f"{last_error}"
+        ) from last_error
+
+    def _connection(self, peer: _Peer, deadline: float) -> socket.socket:
+        if peer.sock is not None and _alive(peer.sock):
+            return peer.sock
+        self._drop(peer)
+        host, port = parse_address(peer.address)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            _tune(sock, self.buffer_bytes)  # before connect, so the window scale fits
+            sock.settimeout(max(0.001, min(self.connect_timeout_s, deadline - time.monotonic())))
+            sock.connect((host, port))
+        except OSError:
+            sock.close()
+            raise
+        peer.sock = sock
+        return sock
+
+    def _drop(self, peer: _Peer) -> None:
+        if peer.sock is not None:
+            peer.sock.close()
+            peer.sock = None
+
+    def _op_timeout(self, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("transfer deadline passed")
+        return min(left, self.stall_timeout_s)
+
+    def _stream(
+        self,
+        sock: socket.socket,
+        peer: _Peer,
+        transfer_id: int,
+        src: Region,
+        runs: list[CopyRun],
+        deadline: float,
+        checksum: bool,
+        abandon: threading.Event,
+    ) -> int:
+        crc = 0
+        total = 0
+        for run in runs:
+            view = src.blocks(run.src_block, run.num_blocks)
+            try:
+                for offset in range(0, len(view), self.chunk_bytes):
+                    if abandon.is_set() or self._closed.is_set():
+                        raise OSError("transfer abandoned")
+                    with view[offset : offset + self.chunk_bytes] as piece:
+                        header = Header(
+                            Kind.DATA,
+                            transfer_id,
+                            run.dst_block,
+                            run.num_blocks,
+                            offset,
+                            len(piece),
+                        ).pack()
+                        sock.settimeout(self._op_timeout(deadline))
+                        _send_frame(sock, header, piece)
+                        if checksum:
+                            crc = zlib.crc32(piece, crc)
+                        total += len(piece)
+            finally:
+                # A traceback may outlive this frame; released views keep no export of the
+                # source region's memory, so the region can still be closed.
+                view.release()
+        sock.settimeout(self._op_timeout(deadline))
+        sock.sendall(Header(Kind.FIN, transfer_id, nbytes=total).pack())
+        ack_buf = bytearray(HEADER_SIZE)
+        if not _recv_exact(sock, memoryview(ack_buf)):
+            raise ConnectionResetError("receiver closed the connection before acknowledging")
+        ack = Header.unpack(ack_buf)
+        if ack.kind is not Kind.ACK or ack.transfer_id != transfer_id:
+            raise FrameError(f"expected ACK of transfer {transfer_id}, got {ack}")
+        if ack.status != AckStatus.COMPLETE:
+            raise _Rejected(
+                f"tcp transfer {transfer_id} to {peer.address}: receiver reports "
+                f"{AckStatus(ack.status).name} ({ack.nbytes} of {total} bytes)"
+            )
+        return crc
+
+
+def _send_frame(sock: socket.socket, header: bytes, payload: memoryview) -> None:
+    """Header and payload in one syscall where the kernel takes it all (it usually does)."""
+    sent = sock.sendmsg([header, payload])
+    if sent < len(header):
+        sock.sendall(memoryview(header)[sent:])
+        sent = len(header)
+    if sent - len(header) < len(payload):
+        sock.sendall(payload[sent - len(header) :])
+
+
+def _alive(sock: socket.socket) -> bool:
+    """False if the peer closed or reset a cached connection (checked without blocking)."""
+    try:
+        sock.settimeout(0.0)
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    # Returned without blocking: EOF (b""), or bytes nobody asked for. Either way the
+    # stream is not usable.
+    return False

@@ -1,0 +1,279 @@
+"""MemPool daemons in separate processes: KV moves byte-exactly over every transport,
+transfer_with_insert makes the receiver's index serve the prompt, bad requests get clear
+errors while the daemon keeps serving, and a peer killed mid-transfer leaves both sides
+consistent (no leaked block)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import zmq
+import zmq.asyncio
+
+from common.sockets import RpcError
+from services.mempool.region import ShmRegion
+from services.mempool.transport import available_transports
+from tests.mempool.conftest import Daemon, SpawnDaemon
+
+pytestmark = pytest.mark.integration
+
+
+async def region_of(d: Daemon) -> ShmRegion:
+    info = await d.client.info()
+    return ShmRegion.attach(info.device_name, info.block_bytes, info.device_max_blocks)
+
+
+async def assert_clean(*daemons: Daemon) -> None:
+    for d in daemons:
+        check = await d.client.check_integrity()
+        assert check.ok, f"{d.instance_id}: {check.message}"
+        st = await d.client.stats()
+        assert st.client["device"] == 0 and st.pending_transfers == 0, (
+            f"{d.instance_id} holds blocks: {st}"
+        )
+
+
+@pytest.mark.parametrize("transport", available_transports())
+async def test_transfer_with_insert_is_byte_exact(
+    spawn_daemon: SpawnDaemon, transport: str
+) -> None:
+    a = await spawn_daemon("a", transports=[transport])
+    b = await spawn_daemon("b", transports=[transport])
+    ra, rb = await region_of(a), await region_of(b)
+    try:
+        rng = np.random.default_rng(0)
+        tokens = rng.integers(3, 259, size=16 * 4 + 5).tolist()  # 4 whole blocks + a tail of 5
+        src = await a.client.alloc_mem(5, owner="worker")
+        for blk in src:  # the 'worker' writes KV straight into the daemon's region
+            ra.blocks(blk)[:] = rng.integers(0, 256, size=ra.block_bytes, dtype=np.uint8).tobytes()
+        t = await a.client.transfer_with_insert(
+            b.address, tokens, src, pin_owner="decoder", transport=transport, checksum=True
+        )
+        assert t.transport == transport and t.num_indexed_tokens == 64 and len(t.tail_ids) == 1
+        assert t.nbytes == 5 * ra.block_bytes
+        m = await b.client.match(tokens, owner="decoder")
+        assert m.num_tokens == 64 and m.block_ids == t.dst_ids[:4]
+        for s, d in zip(src, t.dst_ids, strict=True):
+            assert bytes(rb.blocks(d)) == bytes(ra.blocks(s))
+        # Plain transfer into blocks the receiver's client allocated.
+        dst = await b.client.alloc_mem(2, owner="decoder")
+        await a.client.transfer(b.address, src[3:5], dst, transport=transport, checksum=True)
+        assert bytes(rb.blocks(dst[0], 2)) == bytes(ra.blocks(src[3])) + bytes(ra.blocks(src[4]))
+        for h in (m.handle, t.handle):
+            await b.client.release(h)
+        await b.client.free_mem(dst + t.tail_ids)
+        await a.client.free_mem(src)
+        await assert_clean(a, b)
+        assert (await b.client.stats()).index["device"] == 4
+    finally:
+        ra.close()
+        rb.close()
+
+
+async def test_large_transfer_over_tcp(spawn_daemon: SpawnDaemon) -> None:
+    a = await spawn_daemon("a", device_blocks=2048, transports=["tcp"])  # 64 MiB of tiny-model KV
+    b = await spawn_daemon("b", device_blocks=2048, transports=["tcp"])
+    ra, rb = await region_of(a), await region_of(b)
+    try:
+        src = await a.client.alloc_mem(2048)
+        ra.array[:] = np.random.default_rng(1).integers(0, 256, size=ra.array.size, dtype=np.uint8)
+        dst = await b.client.alloc_mem(2048)
+        order = list(reversed(dst))  # non-contiguous mapping: every block its own run
+        t = await a.client.transfer(b.address, src, order, checksum=True)
+        assert t.nbytes == 2048 * ra.block_bytes
+        for i in (0, 777, 2047):
+            assert bytes(rb.blocks(order[i])) == bytes(ra.blocks(src[i]))
+        await a.client.free_mem(src)
+        await b.client.free_mem(dst)
+        await assert_clean(a, b)
+    finally:
+        ra.close()
+        rb.close()
+
+
+async def test_bad_requests_get_clear_errors_and_the_daemon_stays_up(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    d = await spawn_daemon("a", device_blocks=8)
+    c = d.client
+    ids = await c.alloc_mem(2)
+    await c.free_mem(ids)
+    cases = [
+        (c.free_mem(ids), "free"),  # double free
+        (c.free_mem([12345]), "unknown id"),
+        (c.insert(list(range(40)), [0, 1]), "need 3 blocks"),
+        (c.alloc_mem(9), "9 blocks asked"),
+        (c.release(77), "unknown match handle"),
+        (c.swap_in([0]), "host"),
+        (c.transfer("tcp://127.0.0.1:1", [0], [0], timeout_s=1), "nothing to send"),
+        (
+            c.call(__import__("common.protocol.mempool", fromlist=["Insert"]).Insert(b"abc", [0])),
+            "whole int32",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(RpcError, match=message):
+            await call
+    # A malformed message (not msgpack) on the raw socket gets an error reply.
+    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock.connect(d.address)
+    try:
+        await sock.send_multipart([b"\x00" * 8, b"\xc1garbage"])
+        reply = await asyncio.wait_for(sock.recv_multipart(), 5)
+        assert reply[1] == b"\x01" and b"malformed" in reply[2]
+        await sock.send_multipart([b"\x00" * 8])  # truncated: no body at all
+    finally:
+        sock.close(0)
+    assert (await c.alloc_mem(8)) and (await c.stats()).free["device"] == 0
+    await c.call(__import__("common.protocol.mempool", fromlist=["ReleaseOwner"]).ReleaseOwner(""))
+    await assert_clean(d)
+
+
+async def test_transfer_to_a_dead_peer_fails_fast(spawn_daemon: SpawnDaemon) -> None:
+    a = await spawn_daemon("a")
+    src = await a.client.alloc_mem(2)
+    start = time.monotonic()
+    with pytest.raises(RpcError, match="transfer to .* failed"):
+        await a.client.transfer("tcp://127.0.0.1:9", src, [0, 1], timeout_s=2.0)
+    assert time.monotonic() - start < 2.0 + 3.0
+    await a.client.free_mem(src)
+    await assert_clean(a)
+
+
+async def _kill_when_pending(
+    victim: Daemon, watched: Daemon, transfer: asyncio.Task[object]
+) -> bool:
+    """SIGKILL `victim` once `watched` has a transfer in flight; False if it finished first."""
+    while not transfer.done():
+        if (await watched.client.stats()).pending_transfers:
+            victim.proc.kill()
+            return True
+        await asyncio.sleep(0.002)
+    return False
+
+
+async def test_receiver_killed_mid_transfer(spawn_daemon: SpawnDaemon) -> None:
+    a = await spawn_daemon("a", device_blocks=8192, transports=["tcp"])
+    for attempt in range(3):
+        b = await spawn_daemon(f"b{attempt}", device_blocks=8192, transports=["tcp"])
+        src = await a.client.alloc_mem(8192)  # 256 MiB
+        task = asyncio.create_task(
+            a.client.transfer_with_insert(b.address, list(range(8192 * 16)), src, timeout_s=5)
+        )
+        killed = await _kill_when_pending(b, b, task)
+        start = time.monotonic()
+        outcome = await asyncio.gather(task, return_exceptions=True)
+        await a.client.free_mem(src)
+        if killed:
+            assert isinstance(outcome[0], RpcError) and "failed" in str(outcome[0])
+            assert time.monotonic() - start < 5 + 3
+            break
+    else:
+        pytest.skip("the transfer always finished before the receiver could be killed")
+    assert (await a.client.stats()).transfers_failed == 1
+    await assert_clean(a)
+    # The sender is unharmed: the next transfer to a live peer works.
+    c = await spawn_daemon("c", transports=["tcp"])
+    ids = await a.client.alloc_mem(2)
+    t = await a.client.transfer_with_insert(c.address, list(range(32)), ids)
+    assert t.num_indexed_tokens == 32
+    await a.client.free_mem(ids)
+    await assert_clean(a, c)
+
+
+async def test_sender_killed_mid_transfer(spawn_daemon: SpawnDaemon) -> None:
+    b = await spawn_daemon("b", device_blocks=8192, transports=["tcp"])
+    for attempt in range(3):
+        a = await spawn_daemon(f"a{attempt}", device_blocks=8192, transports=["tcp"])
+        src = await a.client.alloc_mem(8192)
+        task = asyncio.create_task(
+            a.client.transfer_with_insert(b.address, list(range(8192 * 16)), src, timeout_s=2)
+        )
+        killed = await _kill_when_pending(a, b, task)
+        await asyncio.gather(task, return_exceptions=True)
+        if killed:
+            break
+        await b.client.delete(list(range(8192 * 16)))
+    else:
+        pytest.skip("the transfer always finished before the sender could be killed")
+    # The receiver expires the orphaned transfer after its deadline and frees its blocks.
+    deadline = time.monotonic() + 10
+    while (await b.client.stats()).pending_transfers and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    st = await b.client.stats()
+    assert st.pending_transfers == 0 and st.transfers_failed >= 1
+    assert st.free["device"] == 8192 and st.index["device"] == 0  # nothing was indexed
+    await assert_clean(b)
+
+
+WORKER = """
+import sys, torch
+from services.mempool.region import ShmRegion
+from services.worker.kv_cache import KVCache, KVLayout
+name, block_bytes, max_blocks, mode, *blocks = sys.argv[1:]
+region = ShmRegion.attach(name, int(block_bytes), int(max_blocks))
+layout = KVLayout(num_layers=4, block_size=16, num_kv_heads=2, head_dim=32, dtype=torch.float32)
+cache = KVCache.from_buffer(layout, region.buffer, int(max_blocks))
+for i, b in enumerate(map(int, blocks)):
+    want = torch.arange(cache.tensor[b].numel(), dtype=torch.float32).view(layout.block_shape) + 1000 * i
+    if mode == "write":
+        cache.tensor[b] = want
+    else:
+        assert torch.equal(cache.tensor[b], want), f"block {b} holds other KV"
+del cache
+region.close()
+print("ok")
+"""
+
+
+def run_worker(
+    region_name: str, block_bytes: int, max_blocks: int, mode: str, blocks: list[int]
+) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            WORKER,
+            region_name,
+            str(block_bytes),
+            str(max_blocks),
+            mode,
+            *map(str, blocks),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+    )
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+async def test_worker_processes_map_the_daemon_regions(spawn_daemon: SpawnDaemon) -> None:
+    """A worker process writes KV in place in daemon A's region; A reads it to send it to B;
+    a worker process on B reads the same KV from B's region: no copy between worker and daemon."""
+    a = await spawn_daemon("a")
+    b = await spawn_daemon("b")
+    info_a, info_b = await a.client.info(), await b.client.info()
+    assert info_a.device_kind == "shm" and info_a.block_bytes == 4 * 2 * 16 * 2 * 32 * 4
+    ids = await a.client.alloc_mem(3, owner="worker")
+    await asyncio.to_thread(
+        run_worker, info_a.device_name, info_a.block_bytes, info_a.device_max_blocks, "write", ids
+    )
+    dst = await b.client.alloc_mem(4, owner="worker")
+    dst = dst[1:]  # other ids than the source's
+    await a.client.transfer(b.address, ids, dst)
+    await asyncio.to_thread(
+        run_worker, info_b.device_name, info_b.block_bytes, info_b.device_max_blocks, "read", dst
+    )
+    await a.client.free_mem(ids)
+    await b.client.free_mem(dst)
+    await b.client.call(
+        __import__("common.protocol.mempool", fromlist=["ReleaseOwner"]).ReleaseOwner("worker")
+    )
+    await assert_clean(a, b)
