@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # The CPU build of torch is pinned only where no NVIDIA driver is present; GPU machines get
 # the package index's default (CUDA) build. Override with `make TORCH_SPEC=... install`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
-EXTRAS ?= test,bench,dev
+EXTRAS ?= test,bench,dev,ucx
 
 .PHONY: install demo test unit lint typecheck bench clean
 

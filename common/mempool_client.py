@@ -14,6 +14,12 @@ from common.sockets import RpcClient
 TokenIds = list[int] | np.ndarray | bytes
 
 
+def torch_uint8() -> Any:
+    import torch  # only callers that move tensors pay for importing torch
+
+    return torch.uint8
+
+
 def token_bytes(tokens: TokenIds) -> bytes:
     if isinstance(tokens, bytes):
         return tokens
@@ -96,6 +102,40 @@ class MempoolClient:
 
     async def info(self) -> mp.InfoReply:
         return cast(mp.InfoReply, await self.call(mp.Info()))
+
+    # Named tensors: torch tensors of any dtype (bfloat16 too) travel as raw bytes.
+    async def put_tensor(self, name: str, tensor: Any) -> None:
+        t = tensor.detach().contiguous().cpu()
+        data = t.view(-1).view(torch_uint8()).numpy()
+        await self.call(
+            mp.PutTensor(name, str(t.dtype).removeprefix("torch."), list(t.shape), data)
+        )
+
+    async def get_tensor(self, name: str) -> Any:
+        import torch
+
+        r = cast(mp.TensorData, await self.call(mp.GetTensor(name)))
+        raw = torch.from_numpy(np.array(r.data, dtype=np.uint8, copy=True))
+        return raw.view(getattr(torch, r.dtype)).reshape(r.shape)
+
+    async def delete_tensor(self, name: str) -> None:
+        await self.call(mp.DeleteTensor(name))
+
+    async def list_tensors(self) -> mp.TensorList:
+        return cast(mp.TensorList, await self.call(mp.ListTensors()))
+
+    async def send_tensor(
+        self,
+        dst: str,
+        name: str,
+        dst_name: str = "",
+        *,
+        transport: str = "",
+        checksum: bool = False,
+        timeout_s: float = 30.0,
+    ) -> mp.Transferred:
+        req = mp.SendTensor(dst, name, dst_name, transport, checksum, timeout_s)
+        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
 
     def close(self) -> None:
         self._rpc.close()

@@ -13,6 +13,7 @@ says what was refused (unknown ids, double free, out of memory, a failed transfe
 from __future__ import annotations
 
 import msgspec
+import numpy as np
 
 # --------------------------------------------------------------------- requests
 
@@ -111,6 +112,39 @@ class Info(msgspec.Struct, tag=True, frozen=True):
     """Where the daemon's memory is, so its worker can map the device region."""
 
 
+# Named tensors (parameters, activations): kept in the daemon's tensor region and moved
+# between daemons through the same transports as KV. `data` is the raw bytes (uint8 view;
+# bfloat16 travels this way too), sent as a zero-copy frame.
+class PutTensor(msgspec.Struct, tag=True, frozen=True):
+    name: str
+    dtype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+class GetTensor(msgspec.Struct, tag=True, frozen=True):
+    name: str
+
+
+class DeleteTensor(msgspec.Struct, tag=True, frozen=True):
+    name: str
+
+
+class ListTensors(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class SendTensor(msgspec.Struct, tag=True, frozen=True):
+    """Copy the local tensor `name` to the daemon at `dst` (as `dst_name`, default the same)."""
+
+    dst: str
+    name: str
+    dst_name: str = ""
+    transport: str = ""
+    checksum: bool = False
+    timeout_s: float = 30.0
+
+
 # Peer legs of a transfer (sending daemon -> receiving daemon).
 class PrepareReceive(msgspec.Struct, tag=True, frozen=True):
     """The receiver allocates (or takes the given `dst_ids`) and names the transfer."""
@@ -120,6 +154,18 @@ class PrepareReceive(msgspec.Struct, tag=True, frozen=True):
     transports: list[str] = msgspec.field(default_factory=list)  # the sender's, preferred first
     sender_host: str = ""
     block_bytes: int = 0
+    timeout_s: float = 30.0
+
+
+class PrepareTensor(msgspec.Struct, tag=True, frozen=True):
+    """The receiver reserves pages of its tensor region for a tensor about to arrive."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    transports: list[str] = msgspec.field(default_factory=list)
+    sender_host: str = ""
     timeout_s: float = 30.0
 
 
@@ -151,7 +197,13 @@ MempoolRequest = (
     | Stats
     | CheckIntegrity
     | Info
+    | PutTensor
+    | GetTensor
+    | DeleteTensor
+    | ListTensors
+    | SendTensor
     | PrepareReceive
+    | PrepareTensor
     | CommitReceive
     | AbortReceive
 )
@@ -244,6 +296,25 @@ class InfoReply(msgspec.Struct, tag=True, frozen=True):
     transports: list[str]
 
 
+class TensorInfo(msgspec.Struct, frozen=True):
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+
+
+class TensorData(msgspec.Struct, tag=True, frozen=True):
+    name: str
+    dtype: str
+    shape: list[int]
+    data: np.ndarray
+
+
+class TensorList(msgspec.Struct, tag=True, frozen=True):
+    tensors: list[TensorInfo]
+    free_bytes: int
+
+
 MempoolReply = (
     Ok
     | Blocks
@@ -255,4 +326,6 @@ MempoolReply = (
     | StatsReply
     | IntegrityReply
     | InfoReply
+    | TensorData
+    | TensorList
 )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+from common.logging import setup_logging
 from services.cli import generate, mempool, model_info
 
 
@@ -27,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    # Readable logs for people at a terminal; services switch to JSON when they start.
+    setup_logging("cli", json=False, level=os.environ.get("MEMSERVE_LOG_LEVEL", "warning"))
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     device_max_blocks: int | None = None
     host_blocks: int = 0
     host_memory_bytes: int = 0
+    # Named tensors (parameters, activations): a lazily committed shared-memory arena.
+    tensor_memory_bytes: int = 256 * 1024 * 1024
     control_address: str = "tcp://127.0.0.1:0"
     events_address: str = "tcp://127.0.0.1:0"
     # Where same-host peers are recognised (shm transfers); other hosts use tcp or ucx.
@@ -39,8 +41,8 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError(f"mempool.block_size must be > 0, got {self.block_size}")
         if self.device_blocks is not None and self.device_blocks <= 0:
             raise ValueError(f"mempool.device_blocks must be > 0, got {self.device_blocks}")
-        if self.host_blocks < 0 or self.host_memory_bytes < 0:
-            raise ValueError("mempool host tier sizes must be >= 0")
+        if self.host_blocks < 0 or self.host_memory_bytes < 0 or self.tensor_memory_bytes < 0:
+            raise ValueError("mempool host tier and tensor sizes must be >= 0")
         if not self.transports:
             raise ValueError("mempool.transports must name at least one transport")
         if self.dtype not in ("float32", "float16", "bfloat16"):

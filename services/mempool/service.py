@@ -15,7 +15,8 @@ A transfer, seen from the sending daemon S and the receiving daemon D:
              not committed by its deadline, so a sender that dies leaks nothing.
 
 D frees a failed transfer's blocks at once only where the transport fences late writes
-(tcp); otherwise (shm, ucx) it waits until the sender has stopped or the deadline passed.
+(tcp, ucx: `Receiver.cancel_fences_writes`); otherwise (shm) it waits until the sender has
+stopped or the deadline passed.
 Only this event loop touches the pool, so core calls never interleave.
 """
 
@@ -40,7 +41,9 @@ from services.mempool.config import MempoolConfig
 from services.mempool.pool import InvalidBlocks, MemPool, MemPoolError
 from services.mempool.prompt_tree import Tier, TreeEvent
 from services.mempool.region import HostRegion, Region, ShmRegion
+from services.mempool.tensor_store import PAGE_BYTES, TensorEntry, TensorStore, TensorStoreError
 from services.mempool.transport import (
+    CopyRun,
     Receiver,
     Sender,
     available_transports,
@@ -56,11 +59,12 @@ _GRACE_S = 1.0
 
 @dataclass
 class _Pending:
-    ids: list[int]
+    ids: list[int]  # KV blocks, or for a tensor [first_page]
     owned: bool  # allocated by the transfer (freed on failure) vs. given by a client
     transport: str
     deadline: float
     handle: asyncio.TimerHandle | None = None
+    tensor: TensorEntry | None = None  # set for a tensor transfer (pages reserved, not named yet)
 
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -104,6 +108,13 @@ class MempoolDaemon:
             name: make_transport(name, self.device) for name in names
         }
         self.endpoints: dict[str, dict[str, str]] = {}
+        pages = cfg.tensor_memory_bytes // PAGE_BYTES
+        self.tensors = TensorStore(pages)
+        self.tensor_region = ShmRegion.create(PAGE_BYTES, max(1, pages))
+        self.tensor_transports: dict[str, tuple[Receiver, Sender]] = {
+            name: make_transport(name, self.tensor_region) for name in names
+        }
+        self.tensor_endpoints: dict[str, dict[str, str]] = {}
         self.server = RpcServer(
             cfg.control_address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
         )
@@ -126,6 +137,8 @@ class MempoolDaemon:
     async def start(self) -> dict[str, str]:
         for name, (receiver, _) in self.transports.items():
             self.endpoints[name] = await receiver.start()
+        for name, (receiver, _) in self.tensor_transports.items():
+            self.tensor_endpoints[name] = await receiver.start()
         await self._publish([ev.AllCleared()])
         self._housekeeping = asyncio.create_task(self._housekeep())
         log.info(
@@ -149,10 +162,11 @@ class MempoolDaemon:
         self.events.close()
         for client in self.peers.values():
             client.close()
-        for receiver, sender in self.transports.values():
+        for receiver, sender in [*self.transports.values(), *self.tensor_transports.values()]:
             await receiver.close()
             await sender.close()
         self.device.close()
+        self.tensor_region.close()
         if self.host is not None:
             self.host.close()
 
@@ -236,6 +250,26 @@ class MempoolDaemon:
                     req.checksum,
                     req.timeout_s,
                 )
+            case mp.PutTensor():
+                return self._put_tensor(req)
+            case mp.GetTensor(name=name):
+                e = self._tensor(name)
+                data = self.tensor_region.array[e.first_page * PAGE_BYTES :][: e.nbytes].copy()
+                return mp.TensorData(e.name, e.dtype, list(e.shape), data)
+            case mp.DeleteTensor(name=name):
+                self._tensor(name)
+                self.tensors.delete(name)
+                return mp.Ok()
+            case mp.ListTensors():
+                infos = [
+                    mp.TensorInfo(e.name, e.dtype, list(e.shape), e.nbytes)
+                    for e in self.tensors.tensors.values()
+                ]
+                return mp.TensorList(infos, self.tensors.arena.free_pages * PAGE_BYTES)
+            case mp.SendTensor():
+                return await self._send_tensor(req)
+            case mp.PrepareTensor():
+                return self._prepare_tensor(req)
             case mp.PrepareReceive():
                 return self._prepare(req)
             case mp.CommitReceive():
@@ -248,6 +282,12 @@ class MempoolDaemon:
             case mp.CheckIntegrity():
                 try:
                     self.pool.check_integrity()
+                    reserved = [
+                        (p.tensor.first_page, p.tensor.num_pages)
+                        for p in self.pending.values()
+                        if p.tensor
+                    ]
+                    self.tensors.check(reserved)
                 except AssertionError as exc:
                     return mp.IntegrityReply(False, str(exc))
                 return mp.IntegrityReply(True)
@@ -379,7 +419,7 @@ class MempoolDaemon:
         p = self.pending.get(req.transfer_id)
         if p is None:
             raise MemPoolError(f"unknown or expired transfer {req.transfer_id}")
-        receiver, _ = self.transports[p.transport]
+        receiver, _ = (self.tensor_transports if p.tensor else self.transports)[p.transport]
         try:
             nbytes = await receiver.wait_complete(
                 req.transfer_id,
@@ -391,6 +431,10 @@ class MempoolDaemon:
             raise
         self._forget(req.transfer_id)
         self.bytes_received += nbytes
+        if p.tensor is not None:
+            t = p.tensor
+            self.tensors.commit(t.name, t.dtype, t.shape, t.nbytes, t.first_page)
+            return mp.Committed(nbytes)
         if not req.tokens:
             return mp.Committed(nbytes)
         tokens = _tokens(req.tokens)
@@ -413,12 +457,14 @@ class MempoolDaemon:
         p = self.pending.get(tid)
         if p is None:
             return
-        receiver, _ = self.transports[p.transport]
+        receiver, _ = (self.tensor_transports if p.tensor else self.transports)[p.transport]
         receiver.cancel(tid)
         if p.owned and not (sender_done or receiver.cancel_fences_writes):
             return  # keep the blocks until the expiry timer: the sender may still write
         self._forget(tid)
-        if p.owned:
+        if p.tensor is not None:
+            self.tensors.release(p.tensor.first_page, p.tensor.nbytes)
+        elif p.owned:
             self.pool.free_mem(p.ids, Tier.DEVICE)
         log.info("transfer aborted", transfer_id=tid, blocks=len(p.ids))
 
@@ -430,6 +476,102 @@ class MempoolDaemon:
         self.transfers_failed += 1
         # Past deadline + grace the sender has given up: its late bytes are harmless.
         self._abort(tid, sender_done=True)
+
+    # ---------------------------------------------------------------- tensors
+    def _tensor(self, name: str) -> TensorEntry:
+        try:
+            return self.tensors.get(name)
+        except TensorStoreError as exc:
+            raise MemPoolError(str(exc)) from None
+
+    def _put_tensor(self, req: mp.PutTensor) -> mp.Ok:
+        nbytes = _tensor_nbytes(req.dtype, req.shape)
+        data = np.asarray(req.data).reshape(-1).view(np.uint8)
+        if data.size != nbytes:
+            raise MemPoolError(
+                f"tensor {req.name!r}: {data.size} bytes sent, {req.dtype}{req.shape} needs {nbytes}"
+            )
+        try:
+            first = self.tensors.reserve(nbytes)
+        except TensorStoreError as exc:
+            raise MemPoolError(str(exc)) from None
+        self.tensor_region.array[first * PAGE_BYTES : first * PAGE_BYTES + nbytes] = data
+        self.tensors.commit(req.name, req.dtype, tuple(req.shape), nbytes, first)
+        return mp.Ok(nbytes)
+
+    async def _send_tensor(self, req: mp.SendTensor) -> mp.Transferred:
+        e = self._tensor(req.name)
+        if req.transport and req.transport not in self.tensor_transports:
+            raise MemPoolError(f"transport {req.transport!r} is not enabled here")
+        offered = [req.transport] if req.transport else list(self.tensor_transports)
+        peer = self._peer(req.dst)
+        start = time.perf_counter()
+        deadline = start + req.timeout_s
+        try:
+            prep = await peer.call(
+                mp.PrepareTensor(
+                    req.dst_name or e.name,
+                    e.dtype,
+                    list(e.shape),
+                    e.nbytes,
+                    offered,
+                    self.cfg.host_id,
+                    req.timeout_s,
+                ),
+                timeout_s=req.timeout_s,
+            )
+            try:
+                _, sender = self.tensor_transports[prep.transport]
+                runs = [CopyRun(e.first_page, prep.dst_ids[0], e.num_pages)]
+                crc = await sender.send(
+                    prep.endpoint,
+                    prep.transfer_id,
+                    self.tensor_region,
+                    runs,
+                    timeout_s=max(0.01, deadline - time.perf_counter()),
+                    checksum=req.checksum,
+                )
+                done = await peer.call(
+                    mp.CommitReceive(prep.transfer_id, checksum=-1 if crc is None else crc),
+                    timeout_s=max(0.01, deadline - time.perf_counter()),
+                )
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await peer.call(mp.AbortReceive(prep.transfer_id), timeout_s=1.0)
+                raise
+        except Exception as exc:
+            self.transfers_failed += 1
+            raise MemPoolError(
+                f"sending tensor {req.name!r} to {req.dst} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        self.bytes_sent += done.nbytes
+        return mp.Transferred(
+            prep.dst_ids, done.nbytes, time.perf_counter() - start, prep.transport
+        )
+
+    def _prepare_tensor(self, req: mp.PrepareTensor) -> mp.Prepared:
+        nbytes = _tensor_nbytes(req.dtype, req.shape)
+        if nbytes != req.nbytes:
+            raise MemPoolError(
+                f"tensor {req.name!r}: {req.nbytes} bytes announced, {req.dtype}{req.shape} is {nbytes}"
+            )
+        name = self._choose_transport(req.transports, req.sender_host)
+        try:
+            first = self.tensors.reserve(nbytes)
+        except TensorStoreError as exc:
+            raise MemPoolError(str(exc)) from None
+        tid = next(self._transfer_ids)
+        entry = TensorEntry(
+            req.name, req.dtype, tuple(req.shape), nbytes, first, TensorStore.pages_for(nbytes)
+        )
+        receiver, _ = self.tensor_transports[name]
+        receiver.expect(tid, [(first, entry.num_pages)])
+        p = _Pending([first], True, name, time.monotonic() + req.timeout_s, tensor=entry)
+        p.handle = asyncio.get_running_loop().call_later(
+            req.timeout_s + _GRACE_S, self._expire, tid
+        )
+        self.pending[tid] = p
+        return mp.Prepared(tid, [first], name, self.tensor_endpoints[name])
 
     # ----------------------------------------------------------------- events
     async def _publish_tree_events(self) -> None:
@@ -501,6 +643,30 @@ def _tier(value: int) -> Tier:
         return Tier(value)
     except ValueError:
         raise MemPoolError(f"unknown tier {value} (0 = device, 1 = host)") from None
+
+
+_ITEM_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+
+
+def _tensor_nbytes(dtype: str, shape: list[int]) -> int:
+    if dtype not in _ITEM_BYTES:
+        raise MemPoolError(
+            f"unsupported tensor dtype {dtype!r}; supported: {', '.join(_ITEM_BYTES)}"
+        )
+    if any(d < 0 for d in shape):
+        raise MemPoolError(f"negative dimension in shape {shape}")
+    return int(np.prod(shape, dtype=np.int64)) * _ITEM_BYTES[dtype]
 
 
 def _tokens(data: bytes) -> bytes:

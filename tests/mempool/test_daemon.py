@@ -277,3 +277,68 @@ async def test_worker_processes_map_the_daemon_regions(spawn_daemon: SpawnDaemon
         __import__("common.protocol.mempool", fromlist=["ReleaseOwner"]).ReleaseOwner("worker")
     )
     await assert_clean(a, b)
+
+
+@pytest.mark.parametrize("transport", available_transports())
+async def test_named_tensors_move_between_daemons(
+    spawn_daemon: SpawnDaemon, transport: str
+) -> None:
+    import torch
+
+    a = await spawn_daemon("a", transports=[transport])
+    b = await spawn_daemon("b", transports=[transport])
+    weights = {
+        "layers.0.mlp": torch.randn(512, 1031).to(torch.bfloat16),  # bf16 travels as raw bytes
+        "layers.1.norm": torch.arange(7, dtype=torch.float32),
+    }
+    for name, w in weights.items():
+        await a.client.put_tensor(name, w)
+    for name in weights:
+        t = await a.client.send_tensor(b.address, name, transport=transport, checksum=True)
+        assert t.transport == transport
+    for name, w in weights.items():
+        got = await b.client.get_tensor(name)
+        assert got.dtype == w.dtype and torch.equal(got, w)
+    listed = await b.client.list_tensors()
+    assert sorted(t.name for t in listed.tensors) == sorted(weights)
+    with pytest.raises(RpcError, match="no tensor named 'missing'"):
+        await a.client.send_tensor(b.address, "missing")
+    with pytest.raises(RpcError, match="bytes sent"):
+        from common.protocol.mempool import PutTensor
+
+        await a.client.call(PutTensor("bad", "float32", [4], np.zeros(3, dtype=np.uint8)))
+    await b.client.delete_tensor("layers.0.mlp")
+    with pytest.raises(RpcError, match="no tensor named"):
+        await b.client.get_tensor("layers.0.mlp")
+    await assert_clean(a, b)
+
+
+async def test_kv_events_are_published(spawn_daemon: SpawnDaemon) -> None:
+    """A subscriber sees exactly what was cached and what left, with chained block hashes."""
+    from common.protocol.kv_events import BlockRemoved, BlockStored, KvEventBatch
+    from common.sockets import SubSocket
+    from services.mempool.tokens import ROOT_HASH, as_token_bytes, block_hashes
+
+    d = await spawn_daemon("ev", device_blocks=4)
+    sub = SubSocket(d.endpoints["events"], KvEventBatch, bind=False, topics=[b"ev"])
+    try:
+        await asyncio.sleep(0.3)  # PUB/SUB: let the subscription reach the daemon
+        tokens = list(range(40))
+        await d.client.insert(tokens, await d.client.alloc_mem(3))
+        topic, batch = await asyncio.wait_for(sub.recv(), 5)
+        assert topic == b"ev" and batch.instance_id == "ev" and batch.block_size == 16
+        stored = [e for e in batch.events if isinstance(e, BlockStored)]
+        expected = block_hashes(ROOT_HASH, as_token_bytes(tokens[:32]), 16 * 4)
+        assert [h for e in stored for h in e.block_hashes] == expected
+        assert stored[0].tokens == as_token_bytes(tokens[:32])
+        await d.client.alloc_mem(4)  # no host tier: both cached blocks are dropped
+        _, later = await asyncio.wait_for(sub.recv(), 5)
+        assert later.seq > batch.seq
+        removed = [h for e in later.events if isinstance(e, BlockRemoved) for h in e.block_hashes]
+        assert sorted(removed) == sorted(expected)
+    finally:
+        sub.close()
+    await d.client.call(
+        __import__("common.protocol.mempool", fromlist=["ReleaseOwner"]).ReleaseOwner("")
+    )
+    await assert_clean(d)

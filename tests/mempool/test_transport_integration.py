@@ -90,6 +90,24 @@ async def test_non_contiguous_blocks(peer: PeerProcess, src: ShmRegion) -> None:
         assert await peer.acall("crc", [(block, 1)]) == untouched
 
 
+async def test_receiver_runs_coarser_than_sender_runs(peer: PeerProcess, src: ShmRegion) -> None:
+    """As the daemon does it: the receiver expects coalesce(dst, dst), the sender sends
+    coalesce(src, dst); scattered sources into contiguous destinations."""
+    src_ids, dst_ids = [7, 30, 31, 2, 100], [60, 61, 62, 63, 64]
+    expected = [(r.dst_block, r.num_blocks) for r in coalesce(dst_ids, dst_ids)]
+    assert expected == [(60, 5)]
+    runs = coalesce(src_ids, dst_ids)
+    assert len(runs) == 4
+    _, sender = make_transport(transport_of(peer), src)
+    try:
+        await peer.acall("expect", 4, expected)
+        crc = await sender.send(peer.endpoint, 4, src, runs, timeout_s=30, checksum=True)
+    finally:
+        await sender.close()
+    assert await peer.acall("wait", 4, 30.0, crc) == 5 * BLOCK
+    assert crc == crc_of(src, [(7, 1), (30, 2), (2, 1), (100, 1)])
+
+
 async def test_large_transfer(peer: PeerProcess, src: ShmRegion) -> None:
     count = (64 << 20) // BLOCK
     runs = coalesce(range(count), range(BLOCKS - count, BLOCKS))

@@ -12,17 +12,21 @@ daemon D's region. The control protocol around it (ZeroMQ RPC, owned by the daem
 
 Invariants every transport keeps:
 
-- Only bytes of a transfer that is currently expected (between `expect` and its
-  `wait_complete` success, `cancel`, or failure) are written into the destination region,
-  and only inside that transfer's expected runs. Data for unknown, finished or cancelled
-  transfers is read and discarded, so D may free and reuse blocks once the transfer is over.
+- Where the receiver places the bytes (tcp, ucx), only bytes of a transfer that is currently
+  expected (between `expect` and its `wait_complete` success, `cancel`, or failure) are
+  written into the destination region, and only inside that transfer's expected blocks.
+  Data for unknown, finished or cancelled transfers is read and discarded, so D may free
+  and reuse blocks once the transfer is over. The sender's runs need not match the
+  receiver's: S coalesces (src, dst) pairs, D may coalesce only its destination blocks.
 - `cancel` fences writes where the transport can (`Receiver.cancel_fences_writes`): when it
   returns, no write for that transfer is in progress and none will start. The shared-memory
   transport cannot (the sender copies directly into D's segment); see `shm.py` for the rule
   D must follow there.
 - Source bytes are only read. A transfer's checksum is zlib.crc32 over the bytes of its
   runs concatenated in run order: the sender computes it over the source bytes while
-  sending, the receiver over the destination bytes after completion.
+  sending, the receiver over the destination bytes of its expected runs after completion.
+  The two agree when both list the destination blocks in the same order (as coalescing
+  the same pair list on both sides does).
 """
 
 from __future__ import annotations
@@ -141,7 +145,12 @@ class Receiver(ABC):
 
     @abstractmethod
     def cancel(self, transfer_id: int) -> None:
-        """Forget a transfer: its late data is discarded. Unknown ids are ignored."""
+        """Forget a transfer: its late data is discarded. Unknown ids are ignored.
+
+        Where `cancel_fences_writes`, no write for the transfer is in progress once this
+        returns; if that cannot be established (tcp: a connection thread did not let go
+        in time) it raises TransferError, and the blocks must not be reused yet.
+        """
 
     @abstractmethod
     async def close(self) -> None:

@@ -2,13 +2,18 @@
 
 - `measure_throughput(transport, nbytes)`: a parent process sends one transfer of all blocks
   of an `nbytes` region to a peer process (`peer.py`) holding an `nbytes` region; timed from
-  the start of `send` until the peer's `wait_complete` returned. The first transfer (which
-  also connects or attaches) is a warm-up; the median of `repeats` more is reported. Both
-  regions have their pages faulted in beforehand, as a running daemon's would.
+  the start of `send` until the later of `send` returning and the peer's `wait_complete`
+  returning (the peer waits concurrently and stamps that moment with the host-wide monotonic
+  clock, so the test plumbing's command latency is left out). The first transfer (which
+  also connects or attaches) is a warm-up. Both regions have their pages faulted in
+  beforehand, as a running daemon's would.
 - `measure_memcpy(nbytes)`: single-thread numpy copy between two faulted-in buffers.
 - `measure_raw_socket(nbytes)`: one loopback TCP stream between two processes, `sendall` of
   the whole buffer against `recv_into` a preallocated buffer, default socket options, timed
   until the receiver's one-byte acknowledgement.
+
+Each figure is the median of `repeats` timed runs after a warm-up (`default_repeats`: more
+for small sizes, whose runs take milliseconds and vary more).
 
 All return GiB/s. `python -m services.mempool.transport.bench --sizes 16M 512M` prints a table.
 """
@@ -17,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import multiprocessing
+import os
 import socket
 import statistics
+import subprocess
+import sys
 import time
 import zlib
-from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -31,8 +38,15 @@ from services.mempool.transport.base import CopyRun
 from services.mempool.transport.peer import PeerProcess
 from services.mempool.transport.registry import available_transports, make_transport
 
-GIB = float(1 << 30)
+_REPO_ROOT = Path(__file__).resolve().parents[3]
+GIB_BYTES = 1 << 30
+GIB = float(GIB_BYTES)
 DEFAULT_BLOCK_BYTES = 2 << 20
+
+
+def default_repeats(nbytes: int) -> int:
+    """Timed repetitions after the warm-up: about 1 GiB moved in all, 3 to 20 times."""
+    return max(3, min(20, -(-GIB_BYTES // nbytes)))
 
 
 def _geometry(nbytes: int, block_bytes: int) -> tuple[int, int]:
@@ -47,10 +61,11 @@ def measure_throughput(
     nbytes: int,
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-    repeats: int = 3,
+    repeats: int | None = None,
     timeout_s: float = 120.0,
 ) -> float:
     """GiB/s of one `transport` transfer of `nbytes` between two processes (median)."""
+    repeats = repeats or default_repeats(nbytes)
     return asyncio.run(_measure_throughput(transport, nbytes, block_bytes, repeats, timeout_s))
 
 
@@ -70,10 +85,16 @@ async def _measure_throughput(
         times = []
         for transfer_id in range(repeats + 1):
             await peer.acall("expect", transfer_id, [(0, blocks)])
+            # The peer waits while the bytes move and stamps the moment wait_complete
+            # returned, so the control channel's latency is not part of the figure.
+            peer.submit("wait_stamped", transfer_id, timeout_s, None)
             start = time.perf_counter()
             await sender.send(peer.endpoint, transfer_id, src, runs, timeout_s=timeout_s)
-            await peer.acall("wait", transfer_id, timeout_s, None)
-            elapsed = time.perf_counter() - start
+            sent = time.perf_counter()
+            _, completed = await asyncio.to_thread(peer.result, timeout_s)
+            # shm: wait_complete returns at once (the commit is the completion), so the
+            # copy ends when send returns; streams: the receiver's completion comes last.
+            elapsed = max(sent, completed) - start
             if transfer_id:  # the first one connects/attaches: a warm-up
                 times.append(elapsed)
         expected = zlib.crc32(src.blocks(0, blocks))
@@ -86,8 +107,9 @@ async def _measure_throughput(
         src.close()
 
 
-def measure_memcpy(nbytes: int, *, repeats: int = 5) -> float:
+def measure_memcpy(nbytes: int, *, repeats: int | None = None) -> float:
     """GiB/s of a single-thread numpy copy between two faulted-in buffers (median)."""
+    repeats = repeats or default_repeats(nbytes)
     a = np.full(nbytes, 1, dtype=np.uint8)
     b = np.zeros(nbytes, dtype=np.uint8)
     np.copyto(b, a)  # warm-up
@@ -99,9 +121,10 @@ def measure_memcpy(nbytes: int, *, repeats: int = 5) -> float:
     return nbytes / statistics.median(times) / GIB
 
 
-def _raw_receiver(conn: Connection, nbytes: int, rounds: int) -> None:
+def _raw_receive(nbytes: int, rounds: int) -> None:
+    """Child side of `measure_raw_socket`: prints its port, then receives `rounds` times."""
     listener = socket.create_server(("127.0.0.1", 0))
-    conn.send(listener.getsockname()[1])
+    print(listener.getsockname()[1], flush=True)
     buffer = bytearray(nbytes)  # zero-filled: its pages are faulted in
     view = memoryview(buffer)
     with listener, listener.accept()[0] as sock:
@@ -115,19 +138,21 @@ def _raw_receiver(conn: Connection, nbytes: int, rounds: int) -> None:
             sock.sendall(b"k")
 
 
-def measure_raw_socket(nbytes: int, *, repeats: int = 3) -> float:
+def measure_raw_socket(nbytes: int, *, repeats: int | None = None) -> float:
     """GiB/s of a raw loopback TCP stream between two processes (median)."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    process = ctx.Process(target=_raw_receiver, args=(child, nbytes, repeats + 1), daemon=True)
-    process.start()
+    repeats = repeats or default_repeats(nbytes)
+    # A plain subprocess rather than multiprocessing: callers need no __main__ guard.
+    command = [sys.executable, "-m", "services.mempool.transport.bench"]
+    command += ["--raw-receive", str(nbytes), str(repeats + 1)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=_REPO_ROOT, env=_child_env())
     try:
-        if not parent.poll(60):
-            raise TimeoutError("raw socket receiver did not start")
-        port = parent.recv()
+        assert process.stdout is not None
+        line = process.stdout.readline()  # EOF (b"") if the child dies first
+        if not line.strip().isdigit():
+            raise RuntimeError(f"raw socket receiver failed to start: {line!r}")
         payload = np.full(nbytes, 3, dtype=np.uint8)
         times = []
-        with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
+        with socket.create_connection(("127.0.0.1", int(line)), timeout=120) as sock:
             for round_ in range(repeats + 1):
                 start = time.perf_counter()
                 sock.sendall(payload.data)
@@ -137,9 +162,19 @@ def measure_raw_socket(nbytes: int, *, repeats: int = 3) -> float:
                     times.append(time.perf_counter() - start)
         return nbytes / statistics.median(times) / GIB
     finally:
-        process.join(30)
-        if process.is_alive():
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
             process.kill()
+            process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def _size(text: str) -> int:
@@ -152,8 +187,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="transport throughput vs machine limits")
     parser.add_argument("--sizes", nargs="+", default=["16M", "512M"])
     parser.add_argument("--transports", nargs="+", default=available_transports())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, help="default: by size, see default_repeats")
+    parser.add_argument("--raw-receive", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.raw_receive:
+        _raw_receive(*args.raw_receive)
+        return
     for text in args.sizes:
         nbytes = _size(text)
         memcpy = measure_memcpy(nbytes)

@@ -6,9 +6,9 @@ Every message starts with a fixed 48-byte little-endian header:
     | offset u64 | nbytes u64
 
 - DATA: `nbytes` payload bytes follow. They belong at byte `offset` of the destination run
-  (dst_block, num_blocks). A run is split into chunks; a chunk is identified by
-  (dst_block, offset), so a chunk sent twice (after a reconnect) is recognised and counted
-  once. A sender must chunk a run the same way on every attempt.
+  (dst_block, num_blocks), i.e. at region byte dst_block * block_bytes + offset. A run is
+  split into chunks; the receiver counts the union of the byte ranges it received, so a
+  chunk sent twice (after a reconnect) is counted once.
 - FIN: the sender has sent every chunk of the transfer; `nbytes` is the transfer's total.
   No payload. The receiver answers with ACK once it has processed every earlier frame of
   that connection.

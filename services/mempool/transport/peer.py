@@ -8,6 +8,10 @@ it is test and benchmark plumbing only, the transports themselves never do.
 
     ("expect", transfer_id, runs)             -> ("ok", None)
     ("wait", transfer_id, timeout_s, crc)     -> ("ok", nbytes) | ("error", class name, text)
+    ("wait_stamped", transfer_id, timeout_s, crc)
+                                              -> ("ok", (nbytes, time.perf_counter() when
+                                                  wait_complete returned)); perf_counter is
+                                                  CLOCK_MONOTONIC, comparable across processes
     ("cancel", transfer_id)                   -> ("ok", None)
     ("crc", runs)                             -> ("ok", crc32 of those destination runs)
     ("close",)                                -> ("ok", None), then the process exits
@@ -54,15 +58,27 @@ def _receiver(transport: str, receiver_class: str | None, region: ShmRegion) -> 
 
 async def _serve(conn: Connection, args: argparse.Namespace) -> None:
     region = ShmRegion.create(args.block_bytes, args.max_blocks)
-    region.array.fill(args.fill)
-    receiver = _receiver(args.transport, args.receiver_class, region)
-    endpoint = await receiver.start()
+    try:
+        region.array.fill(args.fill)
+        receiver = _receiver(args.transport, args.receiver_class, region)
+        endpoint = await receiver.start()
+    except BaseException:
+        region.close()
+        raise
     conn.send(("ready", endpoint, region.name))
     loop = asyncio.get_running_loop()
+    readable = asyncio.Event()
+    # Woken by the loop itself rather than by a thread blocked in recv(): a shorter command
+    # round trip, and no thread that could outlive the loop.
+    loop.add_reader(conn.fileno(), readable.set)
     try:
         while True:
+            if not conn.poll():
+                readable.clear()
+                await readable.wait()
+                continue
             try:
-                message = await loop.run_in_executor(None, conn.recv)
+                message = conn.recv()
             except (EOFError, OSError):
                 break  # the parent went away
             op = message[0]
@@ -72,6 +88,9 @@ async def _serve(conn: Connection, args: argparse.Namespace) -> None:
                     receiver.expect(message[1], [(int(a), int(b)) for a, b in message[2]])
                 elif op == "wait":
                     reply = ("ok", await receiver.wait_complete(*message[1:4]))
+                elif op == "wait_stamped":
+                    nbytes = await receiver.wait_complete(*message[1:4])
+                    reply = ("ok", (nbytes, time.perf_counter()))
                 elif op == "cancel":
                     receiver.cancel(message[1])
                 elif op == "crc":
@@ -85,6 +104,7 @@ async def _serve(conn: Connection, args: argparse.Namespace) -> None:
                 reply = ("error", type(e).__name__, str(e))
             conn.send(reply)
     finally:
+        loop.remove_reader(conn.fileno())
         await receiver.close()
         region.close()
 
@@ -159,16 +179,28 @@ class PeerProcess:
             process = subprocess.Popen(command, env=env, cwd=_REPO_ROOT)
             # accept() has no timeout: a watchdog connection unblocks it if the child dies.
             conn = _accept(listener, process, timeout_s)
-        if not conn.poll(timeout_s):
+        try:
+            if not conn.poll(timeout_s):
+                raise TimeoutError(f"{transport} peer did not start within {timeout_s:g}s")
+            _, endpoint, region_name = conn.recv()
+        except (EOFError, OSError, TimeoutError) as e:
             process.kill()
-            raise TimeoutError(f"{transport} peer did not start within {timeout_s:g}s")
-        _, endpoint, region_name = conn.recv()
+            code = process.wait(10)
+            conn.close()
+            raise RuntimeError(f"{transport} peer failed to start (exit code {code}): {e}") from e
         return cls(process, conn, endpoint, region_name)
 
     def call(self, *message: Any, timeout_s: float = 60.0) -> Any:
+        self.submit(*message)
+        return self.result(timeout_s)
+
+    def submit(self, *message: Any) -> None:
+        """Send a command without waiting; `result` collects the answer (in order)."""
         self.conn.send(message)
+
+    def result(self, timeout_s: float = 60.0) -> Any:
         if not self.conn.poll(timeout_s):
-            raise TimeoutError(f"peer did not answer {message[0]!r} within {timeout_s:g}s")
+            raise TimeoutError(f"peer did not answer within {timeout_s:g}s")
         reply = self.conn.recv()
         if reply[0] == "error":
             raise PeerError(reply[1], reply[2])

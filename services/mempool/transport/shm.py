@@ -2,8 +2,9 @@
 
 The receiver's endpoint names its `ShmRegion` segment (plus its geometry). The sender maps
 that segment once (attachments are cached per name and dropped in `close`) and copies each
-run from its source region into the destination region with numpy, in a worker thread,
-in chunks of `chunk_bytes` (memcpy speed; the GIL is released during each copy).
+run from its source region into the destination region with numpy, in a worker thread
+(on the event loop itself for transfers of at most `inline_bytes`), in chunks of
+`chunk_bytes` (memcpy speed; the GIL is released during each copy).
 
 Who writes what, when: the destination daemon D never writes these bytes; S's sender thread
 writes exactly the expected runs' blocks, during `send`. D cannot observe the copy, so:
@@ -17,11 +18,13 @@ writes exactly the expected runs' blocks, during `send`. D cannot observe the co
   checks its deadline (`send`'s `timeout_s`, counted from the call) before every chunk and
   starts no chunk after it, so at most one chunk (`chunk_bytes`, a few milliseconds of copy)
   is still being written after the deadline. The rule for D: after cancelling an shm
-  transfer, keep its blocks allocated until the transfer's deadline (no sooner than S's
-  send timeout after S started) plus `SHM_REUSE_GRACE_S` has passed; then reuse is safe.
-  Both daemons share the host's monotonic clock, so "deadline" means the same on both
-  sides. D frees blocks of transfers it gives up on only after their prepare deadline,
-  which is exactly this rule.
+  transfer whose sender may still be running, keep its blocks allocated until the
+  transfer's deadline plus `SHM_REUSE_GRACE_S` has passed; then reuse is safe. This holds
+  when S's send deadline is no later than D's transfer deadline, which is the case when S
+  derives its send timeout from the same overall deadline it gave D in the prepare request
+  (its send starts after D's prepare, with what is left of that budget). Both daemons run
+  on one host and share its monotonic clock, so the deadlines compare. Once S's `send` has
+  returned or raised, nothing more is written and D may free at once.
 - A stale attachment (D restarted and re-created a segment under the same name) is detected
   by comparing the segment's inode before every send, and re-attached.
 """
@@ -29,6 +32,7 @@ writes exactly the expected runs' blocks, during `send`. D cannot observe the co
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 import time
@@ -52,6 +56,9 @@ from services.mempool.transport.base import (
 )
 
 CHUNK_BYTES = 64 << 20
+# Transfers up to this size are copied on the event loop (tens of microseconds) rather than
+# in the thread pool, whose hand-off costs about as much as the copy.
+INLINE_BYTES = 1 << 20
 # Extra wait, beyond a cancelled transfer's deadline, before D reuses its blocks: covers
 # the one chunk a sender may still be copying when its deadline passes.
 SHM_REUSE_GRACE_S = 1.0
@@ -105,6 +112,8 @@ class ShmReceiver(Receiver):
                 raise TransferTimeout(
                     f"transfer {transfer_id}: checksum not computed within {timeout_s:g}s"
                 ) from None
+            if self._expected.get(transfer_id) is not expected:
+                raise TransferError(f"transfer {transfer_id} was cancelled")
             if crc != checksum:
                 self._expected.pop(transfer_id, None)
                 raise ChecksumMismatch(
@@ -116,7 +125,7 @@ class ShmReceiver(Receiver):
 
     def cancel(self, transfer_id: int) -> None:
         if self._expected.pop(transfer_id, None) is not None:
-            # Bounded memory: only the ids cancelled since the last expect of each.
+            # Only to word wait_complete's error; cleared wholesale to bound its size.
             self._cancelled.add(transfer_id)
             if len(self._cancelled) > 4096:
                 self._cancelled.clear()
@@ -135,12 +144,18 @@ class ShmSender(Sender):
     name = "shm"
 
     def __init__(
-        self, retries: int = 2, *, chunk_bytes: int = CHUNK_BYTES, max_concurrent: int = 4
+        self,
+        retries: int = 2,
+        *,
+        chunk_bytes: int = CHUNK_BYTES,
+        inline_bytes: int = INLINE_BYTES,
+        max_concurrent: int = 4,
     ) -> None:
         super().__init__(retries)
         if chunk_bytes <= 0:
             raise ValueError("chunk_bytes must be positive")
         self.chunk_bytes = chunk_bytes
+        self.inline_bytes = inline_bytes
         self._attached: dict[str, _Attachment] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="shm-tx")
@@ -161,8 +176,11 @@ class ShmSender(Sender):
         name = endpoint.get("shm")
         if name is None:
             raise ValueError(f"endpoint {dict(endpoint)} has no shm segment")
-        block_bytes = int(endpoint["shm.block_bytes"])
-        max_blocks = int(endpoint["shm.max_blocks"])
+        try:
+            block_bytes = int(endpoint["shm.block_bytes"])
+            max_blocks = int(endpoint["shm.max_blocks"])
+        except (KeyError, ValueError):
+            raise ValueError(f"endpoint {dict(endpoint)} lacks the segment's geometry") from None
         if block_bytes != src.block_bytes:
             raise ValueError(
                 f"segment {name} has {block_bytes}-byte blocks, the source {src.block_bytes}"
@@ -173,6 +191,19 @@ class ShmSender(Sender):
                 raise ValueError(f"destination run {run} outside segment {name}")
         deadline = time.monotonic() + timeout_s
         abandon = threading.Event()
+        if sum(run.num_blocks for run in runs) * block_bytes <= self.inline_bytes:
+            # A copy this small takes less time than handing it to a worker thread.
+            return self._copy(
+                name,
+                block_bytes,
+                max_blocks,
+                transfer_id,
+                src,
+                list(runs),
+                deadline,
+                checksum,
+                abandon,
+            )
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(
             self._executor,
@@ -221,9 +252,11 @@ class ShmSender(Sender):
                     raise ValueError(f"segment {name} changed geometry")
                 return cached.region
             if cached is not None:
-                # D re-created the segment: the old mapping no longer reaches D.
+                # D re-created the segment: the old mapping no longer reaches D. A copy
+                # still running into it keeps it mapped; it goes when that copy ends.
                 del self._attached[name]
-                cached.region.close()
+                with contextlib.suppress(BufferError):
+                    cached.region.close()
             region = ShmRegion.attach(name, block_bytes, max_blocks)
             self._attached[name] = _Attachment(region, inode)
             return region

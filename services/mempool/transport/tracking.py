@@ -1,19 +1,22 @@
 """Receiver-side bookkeeping shared by the chunked transports (tcp, ucx).
 
 `TransferTable` decides, for every arriving DATA chunk, whether its bytes may go into the
-region, and counts what arrived. The rules that keep the region safe:
+region, and counts what arrived. Chunks are judged by the absolute byte range they name
+(dst_block * block_bytes + offset, nbytes), not by the sender's run boundaries: the sender
+coalesces (src, dst) pairs, the receiver only its destination blocks, so one expected run
+may arrive as several sender runs. The rules that keep the region safe:
 
 - `claim` hands out a region view only for a chunk of a transfer that is still active
-  (expected, neither complete nor cancelled), that names one of its expected runs exactly,
-  lies inside that run, and has not arrived yet. Anything else gets `None`: the caller reads
+  (expected, neither complete nor cancelled) whose byte range lies inside the transfer's
+  expected blocks and has not fully arrived yet. Anything else gets `None`: the caller reads
   the payload into scratch memory and drops it.
 - A claimed chunk registers its writer (a socket, an endpoint) until `release`. `cancel`
   removes the transfer at once (later claims fail) and returns the writers still filling
   its blocks, so the transport can abort those connections and wait for them: once they
   are released no byte of the transfer can land in the region any more.
-- Bytes are counted per chunk (dst_block, offset) once, when the chunk is fully received,
-  so a chunk resent after a reconnect is idempotent. The transfer completes when the count
-  reaches the expected total.
+- Received bytes are counted as a union of byte ranges, when a chunk has fully arrived, so a
+  chunk resent after a reconnect (or overlapping one) is counted once. The transfer
+  completes when the union covers every expected byte.
 
 The table is used from connection threads (tcp) and from the event loop (ucx); one lock
 guards it, and completion reaches the asyncio side through `call_soon_threadsafe`.
@@ -22,6 +25,7 @@ guards it, and completion reaches the asyncio side through `call_soon_threadsafe
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import enum
 import threading
@@ -50,27 +54,60 @@ class _State(enum.Enum):
     CANCELLED = "cancelled"
 
 
+class Coverage:
+    """A union of half-open byte ranges, kept as sorted disjoint intervals."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    def covers(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.starts, start) - 1
+        return i >= 0 and self.ends[i] >= end
+
+    def add(self, start: int, end: int) -> int:
+        """Add [start, end); returns how many of its bytes were not covered before."""
+        # Intervals i..j-1 overlap or touch [start, end): they merge with it.
+        i = bisect.bisect_left(self.ends, start)
+        j = bisect.bisect_right(self.starts, end)
+        overlap = sum(
+            max(0, min(self.ends[k], end) - max(self.starts[k], start)) for k in range(i, j)
+        )
+        merged_start, merged_end = start, end
+        if i < j:
+            merged_start, merged_end = min(start, self.starts[i]), max(end, self.ends[j - 1])
+        self.starts[i:j] = [merged_start]
+        self.ends[i:j] = [merged_end]
+        return end - start - overlap
+
+
 @dataclass(eq=False)
 class _Transfer:
     """One expected transfer. Mutable fields change only under the table's lock."""
 
     transfer_id: int
     runs: list[tuple[int, int]]
-    run_blocks: dict[int, int]  # dst_block -> num_blocks of each expected run
+    span_starts: list[int]  # expected blocks as merged byte ranges [start, end)
+    span_ends: list[int]
     expected: int
     done: asyncio.Future[_State]
     received: int = 0
     state: _State = _State.ACTIVE
-    chunks: set[tuple[int, int]] = field(default_factory=set)
+    coverage: Coverage = field(default_factory=Coverage)
     writers: set[object] = field(default_factory=set)
+
+    def contains(self, start: int, end: int) -> bool:
+        i = bisect.bisect_right(self.span_starts, start) - 1
+        return i >= 0 and end <= self.span_ends[i]
 
 
 @dataclass(eq=False)
 class Claim:
-    """The right to write one chunk's payload into `view` (part of the region)."""
+    """The right to write one chunk's payload into `view` (region bytes [start, end))."""
 
     transfer: _Transfer
-    header: Header
+    start: int
+    end: int
     writer: object
     view: memoryview
 
@@ -88,16 +125,13 @@ class TransferTable:
 
     def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
         expected = check_runs(self.region, runs, "destination")
-        run_blocks: dict[int, int] = {}
-        covered: set[int] = set()
+        block_bytes = self.region.block_bytes
+        spans = Coverage()
         for first, count in runs:
-            blocks = range(first, first + count)
-            if not covered.isdisjoint(blocks):
+            if spans.add(first * block_bytes, (first + count) * block_bytes) != count * block_bytes:
                 raise ValueError(f"transfer {transfer_id}: runs overlap at block {first}")
-            covered.update(blocks)
-            run_blocks[first] = count
         done: asyncio.Future[_State] = self.loop.create_future()
-        transfer = _Transfer(transfer_id, list(runs), run_blocks, expected, done)
+        transfer = _Transfer(transfer_id, list(runs), spans.starts, spans.ends, expected, done)
         with self._lock:
             if transfer_id in self._active:
                 raise ValueError(f"transfer {transfer_id} is already expected")
@@ -117,13 +151,16 @@ class TransferTable:
                 why = "already completed"
             raise TransferError(f"transfer {transfer_id} {why}")
         try:
-            state = await asyncio.wait_for(asyncio.shield(transfer.done), timeout_s)
+            await asyncio.wait_for(asyncio.shield(transfer.done), timeout_s)
         except asyncio.TimeoutError:
             raise TransferTimeout(
                 f"transfer {transfer_id}: {transfer.received} of {transfer.expected} bytes "
                 f"after {timeout_s:g}s"
             ) from None
-        if state is _State.CANCELLED:
+        # The state, not the future's value: a cancel racing the completion wins.
+        with self._lock:
+            cancelled = transfer.state is _State.CANCELLED
+        if cancelled:
             raise TransferError(f"transfer {transfer_id} was cancelled")
         if checksum is not None:
             crc = await asyncio.to_thread(region_crc32, self.region, transfer.runs)
@@ -133,7 +170,8 @@ class TransferTable:
                     f"transfer {transfer_id}: crc32 {crc:#010x} of the received bytes, "
                     f"sender's {checksum:#010x}"
                 )
-        self._forget(transfer, AckStatus.COMPLETE)
+        if not self._forget(transfer, AckStatus.COMPLETE):
+            raise TransferError(f"transfer {transfer_id} was cancelled")
         return transfer.expected
 
     def cancel(self, transfer_id: int) -> tuple[_Transfer | None, list[object]]:
@@ -173,32 +211,30 @@ class TransferTable:
 
     def claim(self, header: Header, writer: object) -> Claim | None:
         """Where a DATA chunk's payload may be written, or None to discard it."""
+        block_bytes = self.region.block_bytes
+        if header.nbytes <= 0 or header.offset + header.nbytes > header.num_blocks * block_bytes:
+            return None  # inconsistent header
+        start = header.dst_block * block_bytes + header.offset
+        end = start + header.nbytes
         with self._lock:
             transfer = self._active.get(header.transfer_id)
             if transfer is None or transfer.state is not _State.ACTIVE:
                 return None
-            if transfer.run_blocks.get(header.dst_block) != header.num_blocks:
-                return None
-            run_bytes = header.num_blocks * self.region.block_bytes
-            if header.nbytes <= 0 or header.offset < 0 or header.offset + header.nbytes > run_bytes:
-                return None
-            if (header.dst_block, header.offset) in transfer.chunks:
+            if not transfer.contains(start, end) or transfer.coverage.covers(start, end):
                 return None
             transfer.writers.add(writer)
-        run = self.region.blocks(header.dst_block, header.num_blocks)
-        return Claim(transfer, header, writer, run[header.offset : header.offset + header.nbytes])
+        # Inside the expected (validated) blocks, so inside the region.
+        return Claim(transfer, start, end, writer, self.region.buffer[start:end])
 
     def release(self, claim: Claim, received: bool) -> None:
         """End a claim; `received` says whether the whole chunk arrived."""
-        transfer, header = claim.transfer, claim.header
+        transfer = claim.transfer
         complete = False
         with self._lock:
             transfer.writers.discard(claim.writer)
-            key = (header.dst_block, header.offset)
             # A transfer cancelled meanwhile has state CANCELLED: its bytes are not counted.
-            if received and transfer.state is _State.ACTIVE and key not in transfer.chunks:
-                transfer.chunks.add(key)
-                transfer.received += header.nbytes
+            if received and transfer.state is _State.ACTIVE:
+                transfer.received += transfer.coverage.add(claim.start, claim.end)
                 if transfer.received == transfer.expected:
                     transfer.state = _State.COMPLETE
                     complete = True
@@ -221,13 +257,17 @@ class TransferTable:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _forget(self, transfer: _Transfer, status: AckStatus) -> None:
+    def _forget(self, transfer: _Transfer, status: AckStatus) -> bool:
+        """End a transfer with `status`; False if `cancel` ended it first."""
         with self._lock:
+            if transfer.state is _State.CANCELLED:
+                return False
             if self._active.get(transfer.transfer_id) is transfer:
                 del self._active[transfer.transfer_id]
             if status is not AckStatus.COMPLETE:
                 transfer.state = _State.CANCELLED
             self._remember(transfer.transfer_id, status)
+            return True
 
     def _remember(self, transfer_id: int, status: AckStatus) -> None:
         self._finished[transfer_id] = status

@@ -9,15 +9,18 @@ with FIN and waits for the receiver's ACK, as over tcp.
 
 ucxx requires every call to be made on one event loop: the receiver's listener handlers,
 `cancel`, and the sender all run on the daemon's loop (the loop that called `start` or the
-first `send`). No threads are involved on the Python side.
+first `send`). UCX itself is progressed from that loop too ("blocking" progress mode, see
+`UCX_OPTIONS`), so no thread touches the region behind the loop's back.
 
 Who writes what: UCX writes a payload into the region only into a buffer the receiver posted
-for a `Claim` (an active transfer's expected, not-yet-received chunk). `cancel` deactivates
-the transfer (no further claims) and aborts the endpoints that have a claimed receive in
-flight; `Endpoint.abort` returns once UCX closed the endpoint and cancelled its requests, so
-nothing more lands in the transfer's blocks (`cancel_fences_writes`). The sender whose
-endpoint was aborted reconnects, its resent data is discarded, and its FIN is answered with
-CANCELLED.
+for a `Claim` (an active transfer's expected, not-yet-received chunk), and only while the
+loop progresses the worker. `cancel` runs on the loop: it deactivates the transfer (no
+further claims) and aborts the endpoints that have a claimed receive in flight, which
+cancels those receives before the loop progresses UCX again, so nothing more lands in the
+transfer's blocks once it returns (`cancel_fences_writes`). The sender whose endpoint was
+aborted reconnects, its resent data is discarded, and its FIN is answered with CANCELLED.
+If the process initialised ucxx itself in "thread" progress mode, `abort` still waits (up to
+`_ABORT_PERIOD_NS`) for the progress thread to close the endpoint.
 
 Timeouts are `asyncio.wait_for` around connecting and around each attempt; an attempt that
 times out aborts its endpoint, which cancels its outstanding sends.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import zlib
 from collections.abc import Mapping, Sequence
@@ -62,6 +66,28 @@ _ABORT_PERIOD_NS = 2 * 10**9
 _FAILURES: tuple[type[BaseException], ...] = (UCXError, OSError, FrameError)
 
 
+# UCX settings this transport is tuned for; the environment (UCX_*, UCXPY_PROGRESS_MODE)
+# overrides them. "blocking" progress runs UCX from the event loop (woken by the worker's
+# file descriptor) instead of ucxx's default progress thread, which contends with the
+# interpreter for the GIL; with progress on the loop thread no UCX write can race `cancel`
+# either. Larger TCP segments (default 8 KiB) cut per-message overhead on the tcp lanes.
+# Measured between two processes on the 2-core test machine, 64 MiB transfers: 0.7 GiB/s
+# with ucxx's defaults, 1.2 with either change alone, 4-4.5 with both.
+UCX_OPTIONS = {"TCP_TX_SEG_SIZE": "1m", "TCP_RX_SEG_SIZE": "1m"}
+PROGRESS_MODE = "blocking"
+
+
+def _init_ucx() -> None:
+    """Create ucxx's process-wide context with our settings, unless it already exists."""
+    # RuntimeError: initialised before (by us or by the process); its settings stand.
+    with contextlib.suppress(RuntimeError):
+        ucxx.init(
+            options=UCX_OPTIONS,
+            env_takes_precedence=True,
+            progress_mode=os.environ.get("UCXPY_PROGRESS_MODE", PROGRESS_MODE),
+        )
+
+
 def _header_array(header: Header) -> np.ndarray:
     return np.frombuffer(bytearray(header.pack()), dtype=np.uint8)
 
@@ -85,6 +111,7 @@ class UcxReceiver(Receiver):
         if self._endpoint is not None:
             return self._endpoint
         self._table = TransferTable(self.region, asyncio.get_running_loop())
+        _init_ucx()
         self._listener = ucxx.create_listener(self._on_connect, port=self.port)
         self.port = self._listener.port
         self._endpoint = {"ucx": f"{self.advertise_host}:{self.port}"}
@@ -114,6 +141,7 @@ class UcxReceiver(Receiver):
         if self._handlers:
             # Aborted endpoints end their handlers; the listener goes after them.
             await asyncio.wait(set(self._handlers), timeout=5.0)
+            await asyncio.sleep(0)  # ucxx's done-callbacks on those tasks run one turn later
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -286,6 +314,7 @@ class UcxSender(Sender):
         if ep is not None and not ep.closed:
             return ep
         self._drop(address)
+        _init_ucx()
         ep = await ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s)
         self._endpoints[address] = ep
         return ep

@@ -20,7 +20,6 @@ from services.worker.kv_cache import KVCache
 from services.worker.model.config import ModelConfig
 from services.worker.model.rope import RotaryEmbedding
 
-
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions
 
 

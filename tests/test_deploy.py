@@ -1,0 +1,46 @@
+"""Deployment files stay in step with the code: configs load, the Procfile names real commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.cli import build_parser
+from services.mempool.__main__ import load
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_mempool_config_loads() -> None:
+    cfg = load(str(ROOT / "deploy" / "mempool.toml"))
+    assert cfg.instance_id == "mempool-0" and cfg.transports == ["shm", "tcp"]
+
+
+def test_procfile_commands_parse() -> None:
+    parser = build_parser()
+    lines = [
+        ln for ln in (ROOT / "Procfile").read_text().splitlines() if ln and not ln.startswith("#")
+    ]
+    assert lines
+    for line in lines:
+        _, command = line.split(":", 1)
+        argv = command.split()
+        assert argv[0] == "memserve"
+        args = parser.parse_args(argv[1:])
+        assert callable(args.func)
+        for i, word in enumerate(argv):
+            if word == "--config":
+                assert (ROOT / argv[i + 1]).is_file()
+
+
+def test_bad_config_names_the_key(tmp_path: Path) -> None:
+    import pytest
+
+    from common.config import ConfigError
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[mempool]\nblok_size = 16\n")
+    with pytest.raises(ConfigError, match="blok_size"):
+        load(str(bad))
+    bad.write_text('[mempool]\nblock_size = "sixteen"\n')
+    with pytest.raises(ConfigError, match="block_size"):
+        load(str(bad))
