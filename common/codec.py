@@ -56,7 +56,7 @@ _EXT_NUMPY = 2
 # equals numpy's ``dtype.name`` for every entry. bfloat16 has no numpy dtype:
 # numpy arrays never carry it, and a torch bfloat16 tensor decoded into an ndarray field
 # is an error.
-_ITEMSIZE = {
+DTYPE_BYTES = {
     "float64": 8,
     "float32": 4,
     "float16": 2,
@@ -136,7 +136,7 @@ class _Encoder:
                 "only; move device memory through the data plane"
             )
         name = str(t.dtype).removeprefix("torch.")
-        if name not in _ITEMSIZE:
+        if name not in DTYPE_BYTES:
             raise EncodeError(f"cannot encode a tensor of dtype {t.dtype}")
         if t.layout != _torch().strided:
             raise EncodeError(f"cannot encode a tensor with layout {t.layout}")
@@ -150,7 +150,7 @@ class _Encoder:
 
     def _ndarray_ext(self, a: np.ndarray) -> msgspec.msgpack.Ext:
         name = a.dtype.name
-        if name not in _ITEMSIZE:
+        if name not in DTYPE_BYTES:
             raise EncodeError(f"cannot encode a numpy array of dtype {a.dtype}")
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
@@ -208,7 +208,7 @@ def _parse_ref(payload: memoryview) -> tuple[int, str, tuple[int, ...]]:
         index, dtype, shape = _ref_decoder.decode(payload)
     except msgspec.DecodeError as e:
         raise DecodeError(f"malformed tensor reference: {e}") from None
-    if dtype not in _ITEMSIZE:
+    if dtype not in DTYPE_BYTES:
         raise DecodeError(f"unsupported tensor dtype {dtype!r}")
     if any(d < 0 for d in shape):
         raise DecodeError(f"negative dimension in tensor shape {shape}")
@@ -279,10 +279,10 @@ class Decoder(Generic[T]):
         numel = 1
         for d in shape:
             numel *= d
-        if buf.nbytes != numel * _ITEMSIZE[dtype]:
+        if buf.nbytes != numel * DTYPE_BYTES[dtype]:
             raise DecodeError(
                 f"frame {index} holds {buf.nbytes} bytes but a {dtype} tensor of shape "
-                f"{list(shape)} needs {numel * _ITEMSIZE[dtype]}"
+                f"{list(shape)} needs {numel * DTYPE_BYTES[dtype]}"
             )
         if code == _EXT_TORCH:
             return _tensor_over(buf, dtype, shape)

@@ -33,6 +33,7 @@ from typing import Any, cast
 
 import numpy as np
 
+from common.codec import DTYPE_BYTES
 from common.logging import get_logger
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
@@ -67,9 +68,6 @@ class _Pending:
     tensor: TensorEntry | None = None  # set for a tensor transfer (pages reserved, not named yet)
 
 
-_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
 def block_bytes_for(cfg: MempoolConfig) -> int:
     """Bytes of one aggregated KV block (services/worker/kv_cache.py), from config.json alone:
     the daemon never loads torch or the weights."""
@@ -79,7 +77,7 @@ def block_bytes_for(cfg: MempoolConfig) -> int:
     model = ModelConfig.from_folder(Path(resolve_model(cfg.model)))
     layers = model.num_layers if cfg.num_layers is None else cfg.num_layers
     return (
-        2 * layers * cfg.block_size * model.num_kv_heads * model.head_dim * _DTYPE_BYTES[cfg.dtype]
+        2 * layers * cfg.block_size * model.num_kv_heads * model.head_dim * DTYPE_BYTES[cfg.dtype]
     )
 
 
@@ -645,28 +643,14 @@ def _tier(value: int) -> Tier:
         raise MemPoolError(f"unknown tier {value} (0 = device, 1 = host)") from None
 
 
-_ITEM_BYTES = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "bool": 1,
-}
-
-
 def _tensor_nbytes(dtype: str, shape: list[int]) -> int:
-    if dtype not in _ITEM_BYTES:
+    if dtype not in DTYPE_BYTES:
         raise MemPoolError(
-            f"unsupported tensor dtype {dtype!r}; supported: {', '.join(_ITEM_BYTES)}"
+            f"unsupported tensor dtype {dtype!r}; supported: {', '.join(DTYPE_BYTES)}"
         )
     if any(d < 0 for d in shape):
         raise MemPoolError(f"negative dimension in shape {shape}")
-    return int(np.prod(shape, dtype=np.int64)) * _ITEM_BYTES[dtype]
+    return int(np.prod(shape, dtype=np.int64)) * DTYPE_BYTES[dtype]
 
 
 def _tokens(data: bytes) -> bytes:

@@ -31,11 +31,14 @@ Invariants every transport keeps:
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from services.mempool.region import Region
 
@@ -188,3 +191,30 @@ class Sender(ABC):
     @abstractmethod
     async def close(self) -> None:
         """Drop cached connections/attachments; the sender is unusable afterwards."""
+
+
+async def run_blocking(
+    executor: Executor,
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout_s: float,
+    abandon: threading.Event,
+    what: str,
+) -> Any:
+    """Run a sender's blocking copy/send loop in `executor` and wait for it.
+
+    The thread honours the deadline itself; the margin here only matters when the pool is
+    saturated or a thread is stuck, and then the caller is not left waiting. On timeout or
+    cancellation `abandon` tells the thread to stop at its next chunk.
+    """
+    work = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.wait_for(work, timeout_s + 5.0)
+    except TransferError:
+        raise  # TransferTimeout is a TimeoutError too: keep the thread's own message
+    except asyncio.TimeoutError:
+        abandon.set()
+        raise TransferTimeout(f"{what}: no result after {timeout_s:g}s") from None
+    except asyncio.CancelledError:
+        abandon.set()
+        raise

@@ -53,6 +53,7 @@ from services.mempool.transport.base import (
     TransferTimeout,
     check_runs,
     region_crc32,
+    run_blocking,
 )
 
 CHUNK_BYTES = 64 << 20
@@ -204,8 +205,7 @@ class ShmSender(Sender):
                 checksum,
                 abandon,
             )
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(
+        return await run_blocking(
             self._executor,
             self._copy,
             name,
@@ -217,19 +217,10 @@ class ShmSender(Sender):
             deadline,
             checksum,
             abandon,
+            timeout_s=timeout_s,
+            abandon=abandon,
+            what=f"shm transfer {transfer_id} to {name}",
         )
-        try:
-            return await asyncio.wait_for(work, timeout_s + 5.0)
-        except TransferError:
-            raise  # TransferTimeout is a TimeoutError too: keep the worker's own message
-        except asyncio.TimeoutError:
-            abandon.set()
-            raise TransferTimeout(
-                f"shm transfer {transfer_id} to {name}: no result after {timeout_s:g}s"
-            ) from None
-        except asyncio.CancelledError:
-            abandon.set()
-            raise
 
     async def close(self) -> None:
         self._closed = True

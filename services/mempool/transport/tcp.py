@@ -55,6 +55,7 @@ from services.mempool.transport.base import (
     TransferError,
     TransferTimeout,
     check_runs,
+    run_blocking,
 )
 from services.mempool.transport.frame import (
     HEADER_SIZE,
@@ -347,8 +348,7 @@ class TcpSender(Sender):
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
         deadline = time.monotonic() + timeout_s
         abandon = threading.Event()
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(
+        return await run_blocking(
             self._executor,
             self._send_blocking,
             address,
@@ -358,21 +358,10 @@ class TcpSender(Sender):
             deadline,
             checksum,
             abandon,
+            timeout_s=timeout_s,
+            abandon=abandon,
+            what=f"tcp transfer {transfer_id} to {address}",
         )
-        try:
-            # The thread honours the deadline itself; the margin only matters if the pool
-            # is saturated or a thread is stuck, and then the caller is not left waiting.
-            return await asyncio.wait_for(work, timeout_s + 5.0)
-        except TransferError:
-            raise  # TransferTimeout is a TimeoutError too: keep the worker's own message
-        except asyncio.TimeoutError:
-            abandon.set()
-            raise TransferTimeout(
-                f"tcp transfer {transfer_id} to {address}: no result after {timeout_s:g}s"
-            ) from None
-        except asyncio.CancelledError:
-            abandon.set()
-            raise
 
     async def close(self) -> None:
         self._closed.set()
