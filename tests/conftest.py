@@ -13,3 +13,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Real MemPool daemon processes, for any test that needs one.
+from tests.daemons import spawn_daemon  # noqa: E402, F401

@@ -18,6 +18,7 @@ import itertools
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
 from common.errors import InvalidRequestError
@@ -50,6 +51,10 @@ class _Pending:
     params: SamplingParams
     queue: asyncio.Queue[StreamOutput]
     detok: IncrementalDetokenizer | None
+    output_ids: list[int] = field(default_factory=list)
+    admission: dict[str, Any] = field(
+        default_factory=dict
+    )  # what `_admit` added (e.g. a cache hit)
 
 
 class AsyncEngine:
@@ -115,21 +120,42 @@ class AsyncEngine:
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            self._apply_inbox()
+            await self._apply_inbox()
             if not self.engine.has_unfinished():
                 self._wake.clear()
+                await self._on_idle()
                 await self._wake.wait()
                 continue
+            await self._before_step()
             outputs = await loop.run_in_executor(self._executor, self.engine.step)
             for out in outputs:
-                self._deliver(out)
+                await self._deliver(out)
 
-    def _apply_inbox(self) -> None:
+    # Hooks for engines whose memory lives elsewhere (services/worker/mempool_engine.py).
+    async def _admit(self, p: _Pending) -> dict[str, Any]:
+        """Extra `Engine.add_request` arguments for a new request (a cached prefix)."""
+        return {}
+
+    async def _refused(self, p: _Pending) -> None:
+        """The engine refused a request that `_admit` prepared: undo the admission."""
+
+    async def _before_step(self) -> None:
+        """Runs before every step, with no step in flight."""
+
+    async def _on_finished(self, p: _Pending, out: RequestOutput) -> None:
+        """A request ended (its final output, blocks included when it kept them)."""
+
+    async def _on_idle(self) -> None:
+        """Nothing to run: a chance to give resources back."""
+
+    async def _apply_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
         for p in inbox:
             try:
-                self.engine.add_request(p.request_id, p.prompt_ids, p.params)
+                p.admission = await self._admit(p)
+                self.engine.add_request(p.request_id, p.prompt_ids, p.params, **p.admission)
             except InvalidRequestError as exc:
+                await self._refused(p)
                 p.queue.put_nowait(
                     StreamOutput(
                         p.request_id,
@@ -145,22 +171,28 @@ class AsyncEngine:
         for rid in aborts:
             out = self.engine.abort(rid)
             if out is not None:
-                self._deliver(out)
+                await self._deliver(out)
 
-    def _deliver(self, out: RequestOutput) -> None:
+    async def _deliver(self, out: RequestOutput) -> None:
         p = self._streams.get(out.request_id)
         if p is None:
             return
+        p.output_ids.extend(out.new_token_ids)
         text = ""
-        finished, reason = out.finished, out.finish_reason
+        finished, reason, final = out.finished, out.finish_reason, out
         if p.detok is not None:
             text = p.detok.add(out.new_token_ids)
             if p.detok.stopped_by is not None and not finished:
                 # A stop string matched: end the request in the engine now.
-                self.engine.abort(out.request_id, FinishReason.STOP)
+                aborted = self.engine.abort(out.request_id, FinishReason.STOP)
+                assert aborted is not None
+                final = aborted
                 finished, reason = True, FinishReason.STOP
             if finished:
                 text += p.detok.finish()
+        if finished:
+            del self._streams[out.request_id]
+            await self._on_finished(p, final)
         stream = StreamOutput(
             out.request_id,
             out.new_token_ids,
@@ -171,6 +203,4 @@ class AsyncEngine:
             num_cached_tokens=out.num_cached_tokens,
             output=out,
         )
-        if finished:
-            del self._streams[out.request_id]
         p.queue.put_nowait(stream)

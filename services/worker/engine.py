@@ -59,13 +59,17 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, model: LlamaModel, cache: KVCache, config: EngineConfig):
+    def __init__(
+        self, model: LlamaModel, cache: KVCache, config: EngineConfig, pool: BlockPool | None = None
+    ):
+        """`pool` defaults to every block of `cache`; a worker passes an empty pool and
+        leases blocks into it from its MemPool daemon."""
         self.config = config.validate()
         self.model = model
         self.model_config: ModelConfig = model.cfg
         self.cache = cache
         self.block_size = cache.layout.block_size
-        self.pool = BlockPool(cache.num_blocks)
+        self.pool = BlockPool(cache.num_blocks) if pool is None else pool
         self.scheduler = Scheduler(
             self.pool, self.block_size, config.max_num_seqs, config.max_num_batched_tokens
         )
@@ -78,7 +82,13 @@ class Engine:
         self._rng = random.Random(config.seed)
 
     @classmethod
-    def from_config(cls, config: EngineConfig, *, kv_buffer: memoryview | None = None) -> Engine:
+    def from_config(
+        cls,
+        config: EngineConfig,
+        *,
+        kv_buffer: memoryview | None = None,
+        pool: BlockPool | None = None,
+    ) -> Engine:
         """Load the model and build the KV cache (on `kv_buffer` when one is handed in)."""
         config.validate()
         if config.num_threads:
@@ -94,7 +104,7 @@ class Engine:
             cache = KVCache.from_buffer(layout, kv_buffer, n)
         else:
             cache = KVCache.allocate(layout, n, config.device)
-        return cls(model, cache, config)
+        return cls(model, cache, config, pool)
 
     # ------------------------------------------------------------------ requests
     def add_request(
@@ -173,6 +183,15 @@ class Engine:
             raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
         self.handed_out.difference_update(ids)
         self.pool.free(ids)
+
+    def disown_blocks(self, block_ids: Sequence[int]) -> None:
+        """Handed-out blocks now belong to someone else (the MemPool index took them)."""
+        ids = list(block_ids)
+        unknown = [b for b in ids if b not in self.handed_out]
+        if unknown:
+            raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
+        self.handed_out.difference_update(ids)
+        self.pool.disown(ids)
 
     @property
     def capacity_tokens(self) -> int:

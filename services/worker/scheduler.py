@@ -103,6 +103,27 @@ class Scheduler:
             budget -= n
         return out
 
+    def demand(self) -> int:
+        """Blocks the next `schedule()` would allocate if memory were unlimited: what a
+        worker leases from its MemPool daemon before the step."""
+        budget = self.max_num_batched_tokens
+        need = 0
+        for req in self.running:
+            if budget <= 0:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need += max(0, self.blocks_needed(req, n))
+            budget -= n
+        seats = self.max_num_seqs - len(self.running)
+        for req in self.waiting:
+            if budget <= 0 or seats <= 0:
+                break
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            need += max(0, self.blocks_needed(req, n))
+            budget -= n
+            seats -= 1
+        return need
+
     def preempt(self, req: Request) -> None:
         self.release_owned(req)
         req.num_computed_tokens = min(

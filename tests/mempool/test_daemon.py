@@ -19,7 +19,7 @@ import zmq.asyncio
 from common.sockets import RpcError
 from services.mempool.region import ShmRegion
 from services.mempool.transport import available_transports
-from tests.mempool.conftest import Daemon, SpawnDaemon
+from tests.daemons import Daemon, SpawnDaemon
 
 pytestmark = pytest.mark.integration
 

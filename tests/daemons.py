@@ -1,4 +1,4 @@
-"""Start real MemPool daemons in their own processes, configured through the environment
+"""Fixture: start real MemPool daemons in their own processes, configured through the environment
 (MEMSERVE_MEMPOOL__*), and wait for their readiness handshake."""
 
 from __future__ import annotations
