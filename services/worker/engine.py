@@ -177,21 +177,19 @@ class Engine:
 
     def release_blocks(self, block_ids: Sequence[int]) -> None:
         """Give back blocks that a keep_blocks request handed over."""
-        ids = list(block_ids)
-        unknown = [b for b in ids if b not in self.handed_out]
-        if unknown:
-            raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
-        self.handed_out.difference_update(ids)
-        self.pool.free(ids)
+        self.pool.free(self._take_handed_out(block_ids))
 
     def disown_blocks(self, block_ids: Sequence[int]) -> None:
         """Handed-out blocks now belong to someone else (the MemPool index took them)."""
+        self.pool.disown(self._take_handed_out(block_ids))
+
+    def _take_handed_out(self, block_ids: Sequence[int]) -> list[int]:
         ids = list(block_ids)
         unknown = [b for b in ids if b not in self.handed_out]
         if unknown:
             raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
         self.handed_out.difference_update(ids)
-        self.pool.disown(ids)
+        return ids
 
     @property
     def capacity_tokens(self) -> int:
