@@ -16,4 +16,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # Real MemPool daemon processes, for any test that needs one.
-from tests.daemons import spawn_daemon  # noqa: E402, F401
+from tests.daemons import launcher, spawn_daemon, spawn_worker  # noqa: E402, F401

@@ -1,5 +1,6 @@
-"""Fixture: start real MemPool daemons in their own processes, configured through the environment
-(MEMSERVE_MEMPOOL__*), and wait for their readiness handshake."""
+"""Fixtures: start real service processes (MemPool daemons, workers), configured through
+the environment (MEMSERVE_<TABLE>__<KEY>), and wait for their readiness handshake. Each
+process's stderr (its JSON log) goes to a file in the test's temp folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,10 +20,15 @@ from common.ready import ReadyWaiter
 
 
 @dataclass
-class Daemon:
+class Proc:
     instance_id: str
     proc: subprocess.Popen[bytes]
     endpoints: dict[str, str]
+    log: Path
+
+
+@dataclass
+class Daemon(Proc):
     client: MempoolClient
 
     @property
@@ -30,6 +37,7 @@ class Daemon:
 
 
 SpawnDaemon = Callable[..., Coroutine[Any, Any, Daemon]]
+SpawnWorker = Callable[..., Coroutine[Any, Any, Proc]]
 
 
 def _env_value(value: object) -> str:
@@ -38,47 +46,75 @@ def _env_value(value: object) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@pytest.fixture
-async def spawn_daemon() -> AsyncIterator[SpawnDaemon]:
-    daemons: list[Daemon] = []
-    waiter = ReadyWaiter()
+class Launcher:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.waiter = ReadyWaiter()
+        self.procs: list[Proc] = []
 
-    async def spawn(instance_id: str, **settings: object) -> Daemon:
+    async def start(self, service: str, instance_id: str, settings: dict[str, object]) -> Proc:
         env = dict(os.environ)
-        env["MEMSERVE_MEMPOOL__INSTANCE_ID"] = instance_id
         env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        for key, value in {"device_blocks": 64, **settings}.items():
-            env[f"MEMSERVE_MEMPOOL__{key.upper()}"] = _env_value(value)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "mempool", "--ready", waiter.address],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        table = service.upper()
+        env[f"MEMSERVE_{table}__INSTANCE_ID"] = instance_id
+        for key, value in settings.items():
+            env[f"MEMSERVE_{table}__{key.upper()}"] = _env_value(value)
+        log = self.folder / f"{instance_id}.log"
+        with log.open("wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", service, "--ready", self.waiter.address],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
         try:
-            ready = await waiter.wait(
-                [instance_id], timeout_s=60, alive=lambda: {instance_id: proc.poll() is None}
+            ready = await self.waiter.wait(
+                [instance_id], timeout_s=90, alive=lambda: {instance_id: proc.poll() is None}
             )
         except Exception:
             proc.kill()
-            raise
-        d = Daemon(
-            instance_id,
-            proc,
-            ready[instance_id].endpoints,
-            MempoolClient(ready[instance_id].endpoints["rpc"]),
-        )
-        daemons.append(d)
-        return d
+            raise RuntimeError(f"{instance_id} did not start:\n{log.read_text()[-3000:]}") from None
+        p = Proc(instance_id, proc, ready[instance_id].endpoints, log)
+        self.procs.append(p)
+        return p
+
+    async def stop_all(self) -> None:
+        for p in self.procs:
+            if p.proc.poll() is None:
+                p.proc.terminate()
+        for p in self.procs:
+            try:
+                await asyncio.to_thread(p.proc.wait, 10)
+            except subprocess.TimeoutExpired:
+                p.proc.kill()
+        self.waiter.close()
+
+
+@pytest.fixture
+async def launcher(tmp_path: Path) -> AsyncIterator[Launcher]:
+    lau = Launcher(tmp_path)
+    yield lau
+    await lau.stop_all()
+
+
+@pytest.fixture
+async def spawn_daemon(launcher: Launcher) -> AsyncIterator[SpawnDaemon]:
+    clients: list[MempoolClient] = []
+
+    async def spawn(instance_id: str, **settings: object) -> Daemon:
+        p = await launcher.start("mempool", instance_id, {"device_blocks": 64, **settings})
+        client = MempoolClient(p.endpoints["rpc"])
+        clients.append(client)
+        return Daemon(p.instance_id, p.proc, p.endpoints, p.log, client)
 
     yield spawn
-    for d in daemons:
-        d.client.close()
-        if d.proc.poll() is None:
-            d.proc.terminate()
-    for d in daemons:
-        try:
-            await asyncio.to_thread(d.proc.wait, 10)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-    waiter.close()
+    for c in clients:
+        c.close()
+
+
+@pytest.fixture
+async def spawn_worker(launcher: Launcher) -> SpawnWorker:
+    async def spawn(instance_id: str, mempool: str, **settings: object) -> Proc:
+        return await launcher.start("worker", instance_id, {"mempool": mempool, **settings})
+
+    return spawn

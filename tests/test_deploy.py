@@ -15,6 +15,19 @@ def test_mempool_config_loads() -> None:
     assert cfg.instance_id == "mempool-0" and cfg.transports == ["shm", "tcp"]
 
 
+def test_worker_config_loads_and_matches_the_daemon() -> None:
+    from services.worker.__main__ import load as load_worker
+
+    worker = load_worker(str(ROOT / "deploy" / "worker.toml"))
+    daemon = load(str(ROOT / "deploy" / "mempool.toml"))
+    assert worker.mempool == daemon.control_address
+    assert (worker.engine.model, worker.engine.dtype, worker.engine.block_size) == (
+        daemon.model,
+        daemon.dtype,
+        daemon.block_size,
+    )
+
+
 def test_procfile_commands_parse() -> None:
     parser = build_parser()
     lines = [

@@ -97,7 +97,7 @@ class AsyncEngine:
                 if out.finished:
                     return
         finally:
-            if rid in self._streams:  # the caller stopped listening early: free its blocks
+            if self._streams.get(rid) is pending:  # the caller left early: free its blocks
                 self._aborts.append(rid)
                 self._wake.set()
 
@@ -120,11 +120,14 @@ class AsyncEngine:
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            # Clear before draining: a request queued while the hooks await (a match RPC)
+            # sets the event again, so the wait below cannot miss it.
+            self._wake.clear()
             await self._apply_inbox()
             if not self.engine.has_unfinished():
-                self._wake.clear()
                 await self._on_idle()
-                await self._wake.wait()
+                if not (self._inbox or self._aborts):
+                    await self._wake.wait()
                 continue
             await self._before_step()
             outputs = await loop.run_in_executor(self._executor, self.engine.step)

@@ -116,3 +116,30 @@ async def test_leaving_a_stream_early_aborts_and_frees(
     assert not engine.has_unfinished()
     engine.check_integrity()
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+async def test_requests_queued_while_admission_awaits_are_not_lost(make_engine: MakeEngine) -> None:
+    """A refused request leaves the engine idle; one queued during its (slow) admission
+    must still run."""
+
+    class SlowAdmission(AsyncEngine):
+        async def _admit(self, p: object) -> dict[str, object]:
+            await asyncio.sleep(0.05)  # like a match RPC to the MemPool daemon
+            return {}
+
+    engine = make_engine(num_kv_blocks=64)
+    aengine = SlowAdmission(engine)
+    try:
+
+        async def later() -> list[StreamOutput]:
+            await asyncio.sleep(0.01)  # arrives while the first request is being admitted
+            return await collect(
+                aengine, prompt(8, 1), SamplingParams(max_tokens=3, ignore_eos=True)
+            )
+
+        bad, good = await asyncio.wait_for(
+            asyncio.gather(collect(aengine, [5], SamplingParams(top_p=0.0)), later()), 10
+        )
+    finally:
+        await aengine.close()
+    assert bad[-1].error and good[-1].finished and sum(len(o.token_ids) for o in good) == 3
