@@ -40,6 +40,8 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
             raise InvalidRequestError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise InvalidRequestError(f"seed must fit in 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
             raise InvalidRequestError("stop strings must not be empty")
         if any(t < 0 for t in self.stop_token_ids):

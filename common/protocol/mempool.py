@@ -233,12 +233,17 @@ class Inserted(msgspec.Struct, tag=True, frozen=True):
 
 
 class Transferred(msgspec.Struct, tag=True, frozen=True):
+    """`dst_ids`: the blocks the bytes went to. After transfer_with_insert the receiver
+    may already have cached some of them under other blocks (then it freed the received
+    copies): `index_block_ids` are the blocks that hold the prompt there, pinned by
+    `handle` when `pin_owner` was given, and `tail_ids` the partial tail kept for it."""
+
     dst_ids: list[int]
     nbytes: int
     seconds: float
     transport: str
-    # transfer_with_insert: the receiver's index result, and its pin and kept tail.
     num_indexed_tokens: int = 0
+    index_block_ids: list[int] = msgspec.field(default_factory=list)
     handle: int = 0
     tail_ids: list[int] = msgspec.field(default_factory=list)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -30,6 +31,9 @@ from services.mempool.prompt_tree import Node, PromptTree, Tier, TreeEvent
 from services.mempool.tokens import TokenLike, as_token_bytes
 
 CopyBlocks = Callable[[Tier, Sequence[int], Tier, Sequence[int]], None]
+
+
+ORPHAN = "<orphan>"  # owner of blocks whose client went away while a transfer used them
 
 
 class MemPoolError(MemServeError):
@@ -62,6 +66,7 @@ class InsertResult:
     index_block_ids: list[
         int
     ]  # the index's block for each whole block (may differ from the caller's)
+    index_tiers: list[Tier]  # where each of those lives (a pinned host copy stays on the host)
     freed_block_ids: list[int]  # caller blocks freed: duplicates and the partial tail
 
 
@@ -83,7 +88,7 @@ class PoolStats:
 
 @dataclass
 class _Handle:
-    node: Node
+    nodes: list[Node]  # each pinned once (a match pins its deepest node)
     owner: str
 
 
@@ -110,6 +115,9 @@ class MemPool:
         self.ttl_s = ttl_s
         self.clock = clock
         self.handles: dict[int, _Handle] = {}
+        # Device client blocks a transfer is reading or writing: nobody may free, swap or
+        # insert them until the transfer ends (`unmark_busy`).
+        self.busy: Counter[int] = Counter()
         self._handle_ids = itertools.count(1)
         self.counters = PoolStats()
 
@@ -137,7 +145,7 @@ class MemPool:
         return self._swap(ids, Tier.HOST, Tier.DEVICE)
 
     def _swap(self, ids: Sequence[int], src: Tier, dst: Tier) -> list[int]:
-        self.check_client(ids, src)
+        self.check_client(ids, src)  # refuses blocks a transfer is using
         owners = [self.client[src][b] for b in ids]
         self._make_room(dst, len(ids))
         new = self.alloc[dst].allocate(len(ids))
@@ -156,10 +164,15 @@ class MemPool:
             raise MemPoolError(str(exc)) from None
 
     def release_owner(self, owner: str) -> int:
-        """Free every client block and drop every handle of `owner` (a client that died)."""
+        """Free every client block and drop every handle of `owner` (a client that died).
+        Blocks a transfer is still using pass to `ORPHAN` and are freed when it ends."""
         freed = 0
         for tier in Tier:
             ids = [b for b, o in self.client[tier].items() if o == owner]
+            busy = [b for b in ids if tier == Tier.DEVICE and self.busy[b]]
+            for b in busy:
+                self.client[tier][b] = ORPHAN
+            ids = [b for b in ids if b not in busy]
             if ids:
                 self.free_mem(ids, tier)
                 freed += len(ids)
@@ -198,7 +211,7 @@ class MemPool:
                     return MatchResult(0, 0, [], [])
                 self.tree.lock(path[-1])
         hid = next(self._handle_ids)
-        self.handles[hid] = _Handle(path[-1], owner)
+        self.handles[hid] = _Handle([path[-1]], owner)
         blocks = [b for n in path for b in n.blocks]
         tiers = [n.tier for n in path for _ in n.blocks]
         st.match_hits += 1
@@ -223,7 +236,8 @@ class MemPool:
         h = self.handles.pop(handle, None)
         if h is None:
             raise UnknownHandle(f"unknown match handle {handle}")
-        self.tree.unlock(h.node)
+        for node in h.nodes:
+            self.tree.unlock(node)
 
     def insert(
         self,
@@ -255,6 +269,8 @@ class MemPool:
                 continue  # the index's own block at this position (from an earlier match)
             if b not in self.client[tier]:
                 raise InvalidBlocks(f"block {b} ({tier.name.lower()}) is not allocated to a client")
+            if tier == Tier.DEVICE and self.busy[b]:
+                raise InvalidBlocks(f"block {b} is being transferred")
         outcome = self.tree.insert(data[: whole * bs * 4], ids[:whole], tier)
         for b in outcome.added:
             del self.client[tier][b]
@@ -270,7 +286,8 @@ class MemPool:
         if outcome.replaced_host:
             self.alloc[Tier.HOST].free(outcome.replaced_host)
         index_ids = [b for n in outcome.nodes for b in n.blocks]
-        return InsertResult(whole * bs, index_ids, freed)
+        index_tiers = [n.tier for n in outcome.nodes for _ in n.blocks]
+        return InsertResult(whole * bs, index_ids, index_tiers, freed)
 
     def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing
@@ -395,9 +412,47 @@ class MemPool:
         return self.tree.drain_events()
 
     # ------------------------------------------------------------ introspection
-    def check_client(self, ids: Sequence[int], tier: Tier) -> None:
+    def mark_busy(self, ids: Sequence[int]) -> None:
+        """A transfer starts reading or writing these device blocks (client-owned ones are
+        guarded here; indexed ones are pinned with `pin_blocks`)."""
+        self.busy.update(b for b in ids if b in self.client[Tier.DEVICE])
+
+    def unmark_busy(self, ids: Sequence[int]) -> None:
+        for b in ids:
+            if not self.busy[b]:
+                continue
+            self.busy[b] -= 1
+            if not self.busy[b]:
+                del self.busy[b]
+                if self.client[Tier.DEVICE].get(b) == ORPHAN:
+                    del self.client[Tier.DEVICE][b]
+                    self.alloc[Tier.DEVICE].free([b])
+
+    def pin_blocks(self, ids: Sequence[int], owner: str = "") -> int:
+        """Pin the index nodes holding these device blocks (for a transfer that reads them);
+        returns a handle for `release`, 0 when none of them is indexed."""
+        nodes: dict[int, Node] = {}
+        for b in ids:
+            node = self.tree.node_of(b, Tier.DEVICE)
+            if node is not None:
+                nodes[node.node_id] = node
+        if not nodes:
+            return 0
+        for node in nodes.values():
+            self.tree.lock(node)
+        hid = next(self._handle_ids)
+        self.handles[hid] = _Handle(list(nodes.values()), owner)
+        return hid
+
+    def check_client(self, ids: Sequence[int], tier: Tier, *, in_use_ok: bool = False) -> None:
+        """Raise unless every id is a client block of `tier`; one a transfer is using is
+        refused too unless `in_use_ok`."""
         if len(set(ids)) != len(ids):
             raise InvalidBlocks(f"repeated block ids in {list(ids)}")
+        if not in_use_ok and tier == Tier.DEVICE:
+            busy = [b for b in ids if self.busy[b]]
+            if busy:
+                raise InvalidBlocks(f"blocks {busy[:8]} are being transferred")
         owned = self.client[tier]
         bad = [b for b in ids if b not in owned]
         if bad:
@@ -453,17 +508,21 @@ class MemPool:
             assert not (client & set(idx)), (
                 f"{name}: client blocks in the index: {sorted(client & set(idx))[:8]}"
             )
+            if tier == Tier.DEVICE:
+                stray = [b for b in self.busy if b not in client]
+                assert not stray, f"blocks in transfer but not client-owned: {stray[:8]}"
             total = len(free) + len(client) + len(idx)
             assert total == alloc.capacity, (
                 f"{name}: {total} blocks accounted for, capacity {alloc.capacity} (leak)"
             )
         expected: dict[int, int] = {}
         for h in self.handles.values():
-            assert self.tree.is_attached(h.node), f"handle pins a detached node {h.node}"
-            n: Node | None = h.node
-            while n is not None and n is not self.tree.root:
-                expected[n.node_id] = expected.get(n.node_id, 0) + 1
-                n = n.parent
+            for pinned in h.nodes:
+                assert self.tree.is_attached(pinned), f"handle pins a detached node {pinned}"
+                n: Node | None = pinned
+                while n is not None and n is not self.tree.root:
+                    expected[n.node_id] = expected.get(n.node_id, 0) + 1
+                    n = n.parent
         for node in self.tree.nodes():
             assert node.lock_ref == expected.get(node.node_id, 0), (
                 f"{node} is pinned {node.lock_ref} times, live handles say {expected.get(node.node_id, 0)}"

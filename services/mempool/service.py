@@ -66,6 +66,8 @@ class _Pending:
     deadline: float
     handle: asyncio.TimerHandle | None = None
     tensor: TensorEntry | None = None  # set for a tensor transfer (pages reserved, not named yet)
+    committing: bool = False  # a commit is waiting for the last bytes
+    aborted: bool = False  # ... and was told to give up
 
 
 def block_bytes_for(cfg: MempoolConfig) -> int:
@@ -119,7 +121,7 @@ class MempoolDaemon:
         self.events = PubSocket(cfg.events_address, ev.KvEventBatch, bind=True)
         self.peers: dict[str, RpcClient[Any, Any]] = {}
         self.pending: dict[int, _Pending] = {}
-        self.inflight: Counter[int] = Counter()  # device blocks being read by our transfers
+        self.tensors_sending: Counter[str] = Counter()  # names a SendTensor is reading
         self._transfer_ids = itertools.count(1)
         self._seq = itertools.count()
         self.bytes_sent = 0
@@ -188,10 +190,7 @@ class MempoolDaemon:
             case mp.AllocMem(n=n, tier=tier, owner=owner):
                 return mp.Blocks(pool.alloc_mem(n, _tier(tier), owner))
             case mp.FreeMem(block_ids=ids, tier=tier):
-                busy = [b for b in ids if self.inflight[b]] if _tier(tier) == Tier.DEVICE else []
-                if busy:
-                    raise InvalidBlocks(f"blocks {busy} are being sent by a transfer")
-                pool.free_mem(ids, _tier(tier))
+                pool.free_mem(ids, _tier(tier))  # refuses blocks a transfer is using
                 return mp.Ok(len(ids))
             case mp.SwapOut(block_ids=ids, n=n):
                 if ids:
@@ -256,6 +255,7 @@ class MempoolDaemon:
                 return mp.TensorData(e.name, e.dtype, list(e.shape), data)
             case mp.DeleteTensor(name=name):
                 self._tensor(name)
+                self._check_not_sending(name)
                 self.tensors.delete(name)
                 return mp.Ok()
             case mp.ListTensors():
@@ -325,7 +325,9 @@ class MempoolDaemon:
         peer = self._peer(dst)
         start = time.perf_counter()
         deadline = start + timeout_s
-        self.inflight.update(src_ids)
+        # Until the bytes are out, nobody may free, swap, insert or evict the source blocks.
+        self.pool.mark_busy(src_ids)
+        pin = self.pool.pin_blocks(src_ids, owner="transfer")
         try:
             prep = await peer.call(
                 mp.PrepareReceive(
@@ -360,8 +362,9 @@ class MempoolDaemon:
             self.transfers_failed += 1
             raise MemPoolError(f"transfer to {dst} failed: {type(exc).__name__}: {exc}") from None
         finally:
-            self.inflight.subtract(src_ids)
-            self.inflight += Counter()  # drop zero counts
+            self.pool.unmark_busy(src_ids)
+            if pin:
+                self.pool.release(pin)
         self.bytes_sent += done.nbytes
         return mp.Transferred(
             prep.dst_ids,
@@ -369,6 +372,7 @@ class MempoolDaemon:
             time.perf_counter() - start,
             prep.transport,
             done.num_indexed_tokens,
+            done.index_block_ids,
             done.handle,
             done.tail_ids,
         )
@@ -407,6 +411,8 @@ class MempoolDaemon:
         receiver, _ = self.transports[name]
         runs = [(r.dst_block, r.num_blocks) for r in coalesce(ids, ids)]
         receiver.expect(tid, runs)
+        # Bytes will land here: the blocks' owner may not free or reuse them meanwhile.
+        self.pool.mark_busy(ids)
         loop = asyncio.get_running_loop()
         p = _Pending(ids, owned, name, time.monotonic() + req.timeout_s)
         p.handle = loop.call_later(req.timeout_s + _GRACE_S, self._expire, tid)
@@ -415,35 +421,54 @@ class MempoolDaemon:
 
     async def _commit(self, req: mp.CommitReceive) -> mp.Committed:
         p = self.pending.get(req.transfer_id)
-        if p is None:
-            raise MemPoolError(f"unknown or expired transfer {req.transfer_id}")
+        if p is None or p.committing:
+            raise MemPoolError(f"unknown, expired or already committing transfer {req.transfer_id}")
+        tokens = _tokens(req.tokens) if req.tokens else b""
+        if tokens and -(-(len(tokens) // 4) // self.cfg.block_size) != len(p.ids):
+            self._abort(req.transfer_id, sender_done=True)
+            raise InvalidBlocks(
+                f"{len(tokens) // 4} tokens do not fit the {len(p.ids)} blocks received"
+            )
         receiver, _ = (self.tensor_transports if p.tensor else self.transports)[p.transport]
+        # While we wait for the last bytes, an abort or the expiry timer only cancels the
+        # receiver: freeing is left to this commit, so no block is freed under it.
+        p.committing = True
         try:
             nbytes = await receiver.wait_complete(
                 req.transfer_id,
                 max(0.01, p.deadline - time.monotonic()),
                 None if req.checksum < 0 else req.checksum,
             )
+            if p.aborted:
+                raise MemPoolError(f"transfer {req.transfer_id} was aborted")
         except Exception:
+            p.committing = False
             self._abort(req.transfer_id, sender_done=True)
             raise
         self._forget(req.transfer_id)
+        if p.tensor is None:
+            self.pool.unmark_busy(p.ids)
         self.bytes_received += nbytes
         if p.tensor is not None:
             t = p.tensor
             self.tensors.commit(t.name, t.dtype, t.shape, t.nbytes, t.first_page)
             return mp.Committed(nbytes)
-        if not req.tokens:
+        if not tokens:
             return mp.Committed(nbytes)
-        tokens = _tokens(req.tokens)
-        r = self.pool.insert(tokens, p.ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
-        handle = 0
+        try:
+            r = self.pool.insert(tokens, p.ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
+        except MemPoolError:
+            self.pool.free_mem(p.ids, Tier.DEVICE)
+            raise
+        handle, index_ids = 0, r.index_block_ids
         tail = p.ids[len(r.index_block_ids) :] if req.pin_owner else []
         if req.pin_owner and r.num_indexed_tokens:
-            handle = self.pool.match(
-                tokens, req.pin_owner, promote=False, max_tokens=r.num_indexed_tokens
-            ).handle
-        return mp.Committed(nbytes, r.num_indexed_tokens, r.index_block_ids, handle, tail)
+            # promote: every block handed to the new owner must be on the device.
+            m = self.pool.match(
+                tokens, req.pin_owner, promote=True, max_tokens=r.num_indexed_tokens
+            )
+            handle, index_ids = m.handle, m.block_ids
+        return mp.Committed(nbytes, r.num_indexed_tokens, index_ids, handle, tail)
 
     def _forget(self, tid: int) -> _Pending | None:
         p = self.pending.pop(tid, None)
@@ -457,12 +482,17 @@ class MempoolDaemon:
             return
         receiver, _ = (self.tensor_transports if p.tensor else self.transports)[p.transport]
         receiver.cancel(tid)
+        if p.committing:
+            p.aborted = True  # the commit in progress fails and frees
+            return
         if p.owned and not (sender_done or receiver.cancel_fences_writes):
             return  # keep the blocks until the expiry timer: the sender may still write
         self._forget(tid)
         if p.tensor is not None:
             self.tensors.release(p.tensor.first_page, p.tensor.nbytes)
-        elif p.owned:
+            return
+        self.pool.unmark_busy(p.ids)
+        if p.owned:
             self.pool.free_mem(p.ids, Tier.DEVICE)
         log.info("transfer aborted", transfer_id=tid, blocks=len(p.ids))
 
@@ -482,7 +512,12 @@ class MempoolDaemon:
         except TensorStoreError as exc:
             raise MemPoolError(str(exc)) from None
 
+    def _check_not_sending(self, name: str) -> None:
+        if self.tensors_sending[name]:
+            raise MemPoolError(f"tensor {name!r} is being sent; try again when the send ends")
+
     def _put_tensor(self, req: mp.PutTensor) -> mp.Ok:
+        self._check_not_sending(req.name)
         nbytes = _tensor_nbytes(req.dtype, req.shape)
         data = np.asarray(req.data).reshape(-1).view(np.uint8)
         if data.size != nbytes:
@@ -505,6 +540,7 @@ class MempoolDaemon:
         peer = self._peer(req.dst)
         start = time.perf_counter()
         deadline = start + req.timeout_s
+        self.tensors_sending[e.name] += 1  # its pages must not be freed or reused meanwhile
         try:
             prep = await peer.call(
                 mp.PrepareTensor(
@@ -542,6 +578,10 @@ class MempoolDaemon:
             raise MemPoolError(
                 f"sending tensor {req.name!r} to {req.dst} failed: {type(exc).__name__}: {exc}"
             ) from None
+        finally:
+            self.tensors_sending[e.name] -= 1
+            if not self.tensors_sending[e.name]:
+                del self.tensors_sending[e.name]
         self.bytes_sent += done.nbytes
         return mp.Transferred(
             prep.dst_ids, done.nbytes, time.perf_counter() - start, prep.transport

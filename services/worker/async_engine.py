@@ -22,10 +22,13 @@ from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
 from common.errors import InvalidRequestError
+from common.logging import get_logger
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from services.worker.engine import Engine, RequestOutput
 from services.worker.request import FinishReason
+
+log = get_logger(__name__)
 
 
 @dataclass
@@ -52,9 +55,10 @@ class _Pending:
     queue: asyncio.Queue[StreamOutput]
     detok: IncrementalDetokenizer | None
     output_ids: list[int] = field(default_factory=list)
-    admission: dict[str, Any] = field(
-        default_factory=dict
-    )  # what `_admit` added (e.g. a cache hit)
+    # What `_admit` added to `Engine.add_request` (a cache hit), and the MemPool match
+    # handle that pins it, if any.
+    admission: dict[str, Any] = field(default_factory=dict)
+    pin: int = 0
 
 
 class AsyncEngine:
@@ -100,6 +104,8 @@ class AsyncEngine:
             if self._streams.get(rid) is pending:  # the caller left early: free its blocks
                 self._aborts.append(rid)
                 self._wake.set()
+            elif pending in self._inbox:  # left before admission: never start it
+                self._inbox.remove(pending)
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
@@ -129,10 +135,19 @@ class AsyncEngine:
                 if not (self._inbox or self._aborts):
                     await self._wake.wait()
                 continue
-            await self._before_step()
-            outputs = await loop.run_in_executor(self._executor, self.engine.step)
-            for out in outputs:
-                await self._deliver(out)
+            try:
+                await self._before_step()
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                for out in outputs:
+                    await self._deliver(out)
+            except Exception as exc:  # a failed step must end every stream, never hang one
+                log.error("engine step failed; ending every request", error=str(exc), exc_info=True)
+                await self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
+                continue
+            if not outputs and not self.engine.scheduler.running:
+                # Nothing fits (memory held elsewhere): wait for a change instead of spinning.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), 0.05)
 
     # Hooks for engines whose memory lives elsewhere (services/worker/mempool_engine.py).
     async def _admit(self, p: _Pending) -> dict[str, Any]:
@@ -151,14 +166,32 @@ class AsyncEngine:
     async def _on_idle(self) -> None:
         """Nothing to run: a chance to give resources back."""
 
+    async def _fail_all(self, message: str) -> None:
+        for rid, p in list(self._streams.items()):
+            out = self.engine.abort(rid, FinishReason.ERROR)
+            del self._streams[rid]
+            if out is not None:
+                with contextlib.suppress(Exception):
+                    await self._on_finished(p, out)
+            p.queue.put_nowait(
+                StreamOutput(
+                    rid, [], finished=True, finish_reason=FinishReason.ERROR.value, error=message
+                )
+            )
+
     async def _apply_inbox(self) -> None:
         inbox, self._inbox = self._inbox, []
         for p in inbox:
             try:
+                if p.request_id in self._streams:
+                    raise InvalidRequestError(f"request id {p.request_id!r} is already in use")
                 p.admission = await self._admit(p)
                 self.engine.add_request(p.request_id, p.prompt_ids, p.params, **p.admission)
-            except InvalidRequestError as exc:
-                await self._refused(p)
+            except Exception as exc:  # refused, or the admission hook failed (daemon down)
+                with contextlib.suppress(Exception):
+                    await self._refused(p)
+                if not isinstance(exc, InvalidRequestError):
+                    log.warning("request admission failed", request_id=p.request_id, error=str(exc))
                 p.queue.put_nowait(
                     StreamOutput(
                         p.request_id,

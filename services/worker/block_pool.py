@@ -87,6 +87,9 @@ class BlockPool:
             raise BlockPoolError(f"disown of blocks that are not allocated: {bad}")
         self._allocated.difference_update(ids)
 
+    def is_free(self, block_id: int) -> bool:
+        return block_id in self._free_set
+
     def is_allocated(self, block_id: int) -> bool:
         return block_id in self._allocated
 

@@ -148,6 +148,14 @@ class Engine:
             )
         if any(not 0 <= b < self.cache.num_blocks for b in borrowed):
             raise InvalidRequestError(f"borrowed block ids outside [0, {self.cache.num_blocks})")
+        # A borrowed block is someone else's: never one this engine could hand to a request.
+        mine = [
+            b
+            for b in borrowed
+            if self.pool.is_free(b) or (self.pool.is_allocated(b) and b not in self.handed_out)
+        ]
+        if mine:
+            raise InvalidRequestError(f"borrowed blocks {mine} belong to this engine's pool")
         generator = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
@@ -188,6 +196,11 @@ class Engine:
         unknown = [b for b in ids if b not in self.handed_out]
         if unknown:
             raise InvalidRequestError(f"blocks {unknown} were not handed out by this engine")
+        lent = {b for r in self.requests.values() for b in r.borrowed_block_ids} & set(ids)
+        if lent:
+            raise InvalidRequestError(
+                f"blocks {sorted(lent)} are still borrowed by a running request"
+            )
         self.handed_out.difference_update(ids)
         return ids
 

@@ -66,7 +66,6 @@ class MempoolEngine(AsyncEngine):
         self.owner = owner
         self.caching = caching
         self.keep_free_blocks = keep_free_blocks
-        self._handles: dict[str, int] = {}
 
     @classmethod
     async def connect(
@@ -108,7 +107,7 @@ class MempoolEngine(AsyncEngine):
         )
         if not m.handle:
             return {"keep_blocks": True}
-        self._handles[p.request_id] = m.handle
+        p.pin = m.handle
         return {
             "borrowed_block_ids": m.block_ids,
             "num_computed_tokens": m.num_tokens,
@@ -116,9 +115,9 @@ class MempoolEngine(AsyncEngine):
         }
 
     async def _refused(self, p: _Pending) -> None:
-        handle = self._handles.pop(p.request_id, 0)
-        if handle:
-            await self.client.release(handle)
+        if p.pin:
+            await self.client.release(p.pin)
+            p.pin = 0
 
     async def _before_step(self) -> None:
         want = self.engine.scheduler.demand() - self.engine.pool.num_free
@@ -138,7 +137,7 @@ class MempoolEngine(AsyncEngine):
                 n //= 2
 
     async def _on_finished(self, p: _Pending, out: RequestOutput) -> None:
-        handle = self._handles.pop(p.request_id, 0)
+        handle, p.pin = p.pin, 0
         try:
             if out.block_ids:  # caching: the request kept its blocks for the index
                 tokens = (p.prompt_ids + p.output_ids)[: out.num_kv_tokens]
@@ -160,8 +159,6 @@ class MempoolEngine(AsyncEngine):
         try:
             if spare:
                 await self.client.free_mem(spare)
-            for handle in self._handles.values():
-                await self.client.release(handle)
         except (RpcError, TimeoutError) as exc:
             log.warning("could not return blocks to the mempool", error=str(exc))
         self.client.close()

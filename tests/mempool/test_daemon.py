@@ -342,3 +342,39 @@ async def test_kv_events_are_published(spawn_daemon: SpawnDaemon) -> None:
         __import__("common.protocol.mempool", fromlist=["ReleaseOwner"]).ReleaseOwner("")
     )
     await assert_clean(d)
+
+
+async def test_transfer_with_insert_into_a_warm_cache_returns_the_cached_blocks(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    a = await spawn_daemon("a", transports=["tcp"])
+    b = await spawn_daemon("b", transports=["tcp"])
+    tokens = list(range(3, 3 + 40))
+    src = await a.client.alloc_mem(3)
+    first = await a.client.transfer_with_insert(b.address, tokens, src, pin_owner="dec")
+    second = await a.client.transfer_with_insert(b.address, tokens, src, pin_owner="dec2")
+    # The receiver already held the prefix: the received copies were freed as duplicates,
+    # and the reply names the blocks that really hold (and pin) the prompt.
+    assert second.index_block_ids == first.index_block_ids
+    assert set(second.dst_ids[:2]).isdisjoint(second.index_block_ids)
+    st = await b.client.stats()
+    assert st.pinned["device"] == 2 and st.client["device"] == 2  # two kept tails
+    for t in (first, second):
+        await b.client.release(t.handle)
+        await b.client.free_mem(t.tail_ids)
+    await a.client.free_mem(src)
+    await assert_clean(a, b)
+
+
+async def test_a_refused_commit_frees_what_the_transfer_allocated(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    from common.protocol import mempool as mp
+
+    d = await spawn_daemon("d")
+    prep = await d.client.call(mp.PrepareReceive(2, transports=["tcp"], timeout_s=5))
+    with pytest.raises(RpcError, match="do not fit"):
+        await d.client.call(mp.CommitReceive(prep.transfer_id, tokens=b"\x01\x00\x00\x00" * 40))
+    with pytest.raises(RpcError, match="unknown"):
+        await d.client.call(mp.CommitReceive(prep.transfer_id))
+    await assert_clean(d)

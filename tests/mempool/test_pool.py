@@ -273,3 +273,48 @@ def test_events_describe_every_change() -> None:
     ]
     pool.evict(2, Tier.HOST)
     assert [(e.stored, e.tier) for e in pool.drain_events()] == [(False, Tier.HOST)]
+
+
+def test_blocks_in_transfer_cannot_be_freed_swapped_or_inserted() -> None:
+    pool, _mem = make_pool(device=6, host=2)
+    ids = pool.alloc_mem(2, owner="w")
+    pool.mark_busy(ids)
+    for call in (
+        lambda: pool.free_mem(ids),
+        lambda: pool.swap_out(ids),
+        lambda: pool.insert(list(range(8)), ids),
+    ):
+        with pytest.raises(InvalidBlocks, match="being transferred"):
+            call()
+    # The client dies mid-transfer: its other blocks go now, the busy ones when it ends.
+    other = pool.alloc_mem(1, owner="w")
+    assert pool.release_owner("w") == 1 and other[0] in pool.alloc[Tier.DEVICE].free_ids()
+    pool.check_integrity()
+    pool.unmark_busy(ids)
+    assert pool.stats().client["device"] == 0 and pool.stats().free["device"] == 6
+    pool.check_integrity()
+
+
+def test_pinned_transfer_sources_survive_eviction_and_delete() -> None:
+    pool, mem = make_pool(device=4)
+    cached = cache(pool, mem, [1] * 8)
+    pin = pool.pin_blocks(cached)
+    assert pin and pool.delete([1] * 8) == 0 and pool.evict(4) == 0
+    with pytest.raises(OutOfMemory):
+        pool.alloc_mem(3)
+    pool.check_integrity()
+    pool.release(pin)
+    assert pool.evict(4) == 2
+    pool.check_integrity()
+
+
+def test_insert_reports_where_each_indexed_block_lives() -> None:
+    pool, mem = make_pool(device=4, host=4)
+    cache(pool, mem, [1] * 8)
+    held = pool.alloc_mem(4)  # demotes [1] * 8 to the host
+    m = pool.match([1] * 8, promote=False)  # pinned on the host
+    pool.free_mem(held)
+    r = pool.insert([1] * 8, pool.alloc_mem(2))
+    assert r.index_tiers == [Tier.HOST, Tier.HOST] and r.index_block_ids == m.block_ids
+    pool.release(m.handle)
+    pool.check_integrity()

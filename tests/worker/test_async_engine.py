@@ -143,3 +143,52 @@ async def test_requests_queued_while_admission_awaits_are_not_lost(make_engine: 
     finally:
         await aengine.close()
     assert bad[-1].error and good[-1].finished and sum(len(o.token_ids) for o in good) == 3
+
+
+async def test_a_failing_step_ends_every_stream_with_an_error(make_engine: MakeEngine) -> None:
+    engine = make_engine(num_kv_blocks=64)
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def flaky_step() -> list:  # type: ignore[type-arg]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated device failure")
+        return real_step()
+
+    engine.step = flaky_step  # type: ignore[method-assign]
+    aengine = AsyncEngine(engine)
+    try:
+        params = SamplingParams(max_tokens=20, ignore_eos=True)
+        outs = await asyncio.wait_for(
+            asyncio.gather(*(collect(aengine, prompt(10, i), params) for i in range(3))), 10
+        )
+        assert all(
+            o[-1].finished and "simulated device failure" in (o[-1].error or "") for o in outs
+        )
+        # The engine keeps serving after the failure.
+        after = await asyncio.wait_for(collect(aengine, prompt(10, 9), params), 10)
+        assert after[-1].error is None and sum(len(o.token_ids) for o in after) == 20
+    finally:
+        await aengine.close()
+    engine.check_integrity()
+
+
+async def test_oversized_seed_and_duplicate_ids_are_refused(make_engine: MakeEngine) -> None:
+    engine = make_engine(num_kv_blocks=64)
+    aengine = AsyncEngine(engine)
+    try:
+        bad = await collect(aengine, prompt(5, 1), SamplingParams(temperature=1.0, seed=2**70))
+        assert "seed" in (bad[-1].error or "")
+        long = aengine.generate(
+            prompt(5, 2), SamplingParams(max_tokens=50, ignore_eos=True), "same"
+        )
+        first = await long.__anext__()
+        dup = [o async for o in aengine.generate(prompt(5, 3), SamplingParams(), "same")]
+        assert "already in use" in (dup[-1].error or "")
+        rest = [o async for o in long]  # the first request with that id is unharmed
+        assert rest[-1].finished and rest[-1].error is None
+        assert len(first.token_ids) + sum(len(o.token_ids) for o in rest) == 50
+    finally:
+        await aengine.close()
+    engine.check_integrity()

@@ -261,6 +261,7 @@ def test_abort_frees_blocks(make_engine: MakeEngine) -> None:
         (dict(tokens=[5, 900]), "token ids"),
         (dict(borrowed=[0], computed=10), "borrowed"),
         (dict(borrowed=[0, 1], computed=32, tokens=[5] * 32), "at least one"),
+        (dict(borrowed=[60], computed=16, tokens=[5] * 20), "belong to this engine"),
     ],
 )
 def test_bad_requests_are_refused_and_engine_keeps_serving(
