@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import setup_logging
-from services.cli import generate, mempool, model_info, worker
+from services.cli import generate, model_info, service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,8 +16,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     model_info.add_parser(sub)
-    mempool.add_parser(sub)
-    worker.add_parser(sub)
+    service.add_parsers(sub)
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import engine as bench_engine

@@ -1,0 +1,71 @@
+"""How every service process runs: start, announce readiness, serve until SIGINT/SIGTERM,
+close. The services only say how to start and what they serve.
+
+    start() ──ok──▶ Ready(endpoints) to the launcher ──▶ serve() ... signal ──▶ close()
+       └──fails──▶ Failed(error) to the launcher, and the error propagates (exit code 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Protocol
+
+from common.logging import get_logger, setup_logging
+from common.protocol.ready import Failed, Ready
+from common.ready import signal_ready
+
+log = get_logger(__name__)
+
+
+class Service(Protocol):
+    async def serve(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+async def run_service(
+    kind: str,
+    instance_id: str,
+    start: Callable[[], Awaitable[tuple[Service, dict[str, str]]]],
+    ready_address: str | None = None,
+) -> None:
+    try:
+        service, endpoints = await start()
+    except Exception as exc:
+        if ready_address:
+            await signal_ready(
+                ready_address, Failed(kind, instance_id, f"{type(exc).__name__}: {exc}")
+            )
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(service.serve())
+    if ready_address:
+        await signal_ready(ready_address, Ready(kind, instance_id, os.getpid(), endpoints))
+    log.info(f"{kind} serving", instance=instance_id, **endpoints)
+    try:
+        await asyncio.wait(
+            [serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await service.close()
+        log.info(f"{kind} stopped", instance=instance_id)
+
+
+def run_main(kind: str, log_level: str, main: Coroutine[Any, Any, None]) -> None:
+    """JSON logs, uvloop where available, then the service's coroutine."""
+    setup_logging(kind, json=True, level=log_level)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
+        pass
+    asyncio.run(main)
