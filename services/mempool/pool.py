@@ -318,8 +318,9 @@ class MemPool:
         return dropped
 
     # ----------------------------------------------------------------- eviction
-    def evict(self, n: int, tier: Tier = Tier.DEVICE) -> int:
-        """Free up to n unpinned index blocks of `tier`, LRU leaves first; return how many."""
+    def evict(self, n: int, tier: Tier = Tier.DEVICE, *, demote_only: bool = False) -> int:
+        """Free up to n unpinned index blocks of `tier`, LRU leaves first; return how many.
+        With `demote_only` (swap_out(n)), device blocks only move to the host, never drop."""
         done = 0
         heap = [(node.last_access, node.node_id, node) for node in self._candidates(tier)]
         heapq.heapify(heap)
@@ -331,7 +332,7 @@ class MemPool:
             if k < node.num_blocks:
                 self.tree.split(node, node.num_blocks - k)
             parent = node.parent
-            if not self._evict_node(node, tier):
+            if not self._evict_node(node, tier, demote_only):
                 continue
             done += k
             if parent is not None and self._is_candidate(parent, tier):
@@ -339,7 +340,7 @@ class MemPool:
         self.counters.evicted_blocks += done
         return done
 
-    def _evict_node(self, node: Node, tier: Tier) -> bool:
+    def _evict_node(self, node: Node, tier: Tier, demote_only: bool = False) -> bool:
         k = node.num_blocks
         if tier == Tier.DEVICE and self._host_room(k):
             host = self.alloc[Tier.HOST].allocate(k)
@@ -347,7 +348,7 @@ class MemPool:
             self.alloc[Tier.DEVICE].free(self.tree.move_tier(node, host, Tier.HOST))
             self.counters.demoted_blocks += k
             return True
-        if node.children:
+        if node.children or demote_only:
             return False
         self.alloc[tier].free(self.tree.remove_leaf(node))
         return True

@@ -185,6 +185,9 @@ class MempoolDaemon:
         return reply
 
     async def _dispatch(self, req: Any) -> Any:
+        timeout = getattr(req, "timeout_s", None)
+        if timeout is not None and not 0 < timeout <= 3600:
+            raise MemPoolError(f"timeout_s must be in (0, 3600] seconds, got {timeout}")
         pool = self.pool
         match req:
             case mp.AllocMem(n=n, tier=tier, owner=owner):
@@ -197,7 +200,7 @@ class MempoolDaemon:
                     return mp.Blocks(pool.swap_out(ids))
                 if pool.alloc[Tier.HOST].capacity == 0:
                     raise MemPoolError("swap_out(n): this daemon has no host tier")
-                return mp.Ok(pool.evict(n, Tier.DEVICE))
+                return mp.Ok(pool.evict(n, Tier.DEVICE, demote_only=True))
             case mp.SwapIn(block_ids=ids):
                 return mp.Blocks(pool.swap_in(ids))
             case mp.Insert(tokens=tokens, block_ids=ids, tier=tier):

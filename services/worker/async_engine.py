@@ -218,11 +218,11 @@ class AsyncEngine:
         finished, reason, final = out.finished, out.finish_reason, out
         if p.detok is not None:
             text = p.detok.add(out.new_token_ids)
-            if p.detok.stopped_by is not None and not finished:
-                # A stop string matched: end the request in the engine now.
-                aborted = self.engine.abort(out.request_id, FinishReason.STOP)
-                assert aborted is not None
-                final = aborted
+            if p.detok.stopped_by is not None:
+                if not finished:  # a stop string matched: end the request in the engine now
+                    aborted = self.engine.abort(out.request_id, FinishReason.STOP)
+                    assert aborted is not None
+                    final = aborted
                 finished, reason = True, FinishReason.STOP
             if finished:
                 text += p.detok.finish()

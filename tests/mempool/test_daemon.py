@@ -100,6 +100,8 @@ async def test_large_transfer_over_tcp(spawn_daemon: SpawnDaemon) -> None:
 async def test_bad_requests_get_clear_errors_and_the_daemon_stays_up(
     spawn_daemon: SpawnDaemon,
 ) -> None:
+    from common.protocol import mempool as mp
+
     d = await spawn_daemon("a", device_blocks=8)
     c = d.client
     ids = await c.alloc_mem(2)
@@ -112,6 +114,11 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_stays_up(
         (c.release(77), "unknown match handle"),
         (c.swap_in([0]), "host"),
         (c.transfer("tcp://127.0.0.1:1", [0], [0], timeout_s=1), "nothing to send"),
+        (
+            c.call(mp.Transfer("tcp://127.0.0.1:1", [0], [0], timeout_s=float("nan")), 5),
+            "timeout_s",
+        ),
+        (c.call(mp.Transfer("tcp://127.0.0.1:1", [0], [0], timeout_s=-1), 5), "timeout_s"),
         (
             c.call(__import__("common.protocol.mempool", fromlist=["Insert"]).Insert(b"abc", [0])),
             "whole int32",

@@ -318,3 +318,19 @@ def test_insert_reports_where_each_indexed_block_lives() -> None:
     assert r.index_tiers == [Tier.HOST, Tier.HOST] and r.index_block_ids == m.block_ids
     pool.release(m.handle)
     pool.check_integrity()
+
+
+def test_swap_out_n_only_demotes() -> None:
+    pool, mem = make_pool(device=4, host=1)
+    cache(pool, mem, [1] * 8)
+    assert pool.evict(1, demote_only=True) == 1
+    assert pool.stats().index == {"device": 1, "host": 1}
+    # The host makes room by dropping its own LRU leaf; the device block still only moves.
+    assert pool.evict(1, demote_only=True) == 1
+    assert pool.stats().index == {"device": 0, "host": 1}
+    no_host, mem2 = make_pool(device=4)
+    cache(no_host, mem2, [1] * 8)
+    assert no_host.evict(2, demote_only=True) == 0  # nowhere to demote: nothing is dropped
+    assert no_host.stats().index["device"] == 2
+    pool.check_integrity()
+    no_host.check_integrity()
