@@ -62,9 +62,15 @@ class _Pending:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, tokenizer: Tokenizer | None = None):
+    def __init__(
+        self, engine: Engine, tokenizer: Tokenizer | None = None, stall_timeout_s: float = 30.0
+    ):
+        """`stall_timeout_s`: how long the head of the queue may wait for KV memory while
+        nothing runs (memory held by cached or handed-out blocks) before it is failed."""
         self.engine = engine
         self.tokenizer = tokenizer
+        self.stall_timeout_s = stall_timeout_s
+        self._stalled_since: float | None = None
         self._inbox: list[_Pending] = []
         self._aborts: list[str] = []
         self._streams: dict[str, _Pending] = {}
@@ -144,10 +150,26 @@ class AsyncEngine:
                 log.error("engine step failed; ending every request", error=str(exc), exc_info=True)
                 await self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
                 continue
-            if not outputs and not self.engine.scheduler.running:
-                # Nothing fits (memory held elsewhere): wait for a change instead of spinning.
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), 0.05)
+            if outputs or self.engine.scheduler.running:
+                self._stalled_since = None
+                continue
+            # Nothing fits (memory held elsewhere): wait for a change instead of spinning,
+            # and fail the head of the queue if that never comes, rather than hang its client.
+            now = loop.time()
+            self._stalled_since = self._stalled_since or now
+            if now - self._stalled_since > self.stall_timeout_s:
+                self._stalled_since = None
+                head = self.engine.scheduler.waiting[0]
+                failed = self.engine.abort(head.request_id, FinishReason.ERROR)
+                if failed is not None:
+                    await self._deliver(
+                        failed,
+                        error=f"not enough free KV memory to start this request "
+                        f"within {self.stall_timeout_s:g} s",
+                    )
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), 0.05)
 
     # Hooks for engines whose memory lives elsewhere (services/worker/mempool_engine.py).
     async def _admit(self, p: _Pending) -> dict[str, Any]:
@@ -209,7 +231,7 @@ class AsyncEngine:
             if out is not None:
                 await self._deliver(out)
 
-    async def _deliver(self, out: RequestOutput) -> None:
+    async def _deliver(self, out: RequestOutput, error: str | None = None) -> None:
         p = self._streams.get(out.request_id)
         if p is None:
             return
@@ -235,6 +257,7 @@ class AsyncEngine:
             text,
             finished,
             None if reason is None else reason.value,
+            error=error,
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             output=out,

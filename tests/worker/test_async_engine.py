@@ -12,7 +12,7 @@ from common.tokenizer import Tokenizer
 from services.worker.async_engine import AsyncEngine, StreamOutput
 from services.worker.engine import Engine
 from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import MakeEngine, prompt
+from tests.worker.test_engine import MakeEngine, prompt, run_to_end_outputs
 
 
 @pytest.fixture
@@ -189,6 +189,30 @@ async def test_oversized_seed_and_duplicate_ids_are_refused(make_engine: MakeEng
         rest = [o async for o in long]  # the first request with that id is unharmed
         assert rest[-1].finished and rest[-1].error is None
         assert len(first.token_ids) + sum(len(o.token_ids) for o in rest) == 50
+    finally:
+        await aengine.close()
+    engine.check_integrity()
+
+
+async def test_a_request_that_cannot_get_memory_fails_instead_of_hanging(
+    make_engine: MakeEngine,
+) -> None:
+    engine = make_engine(num_kv_blocks=4)
+    engine.add_request("hog", prompt(40, 1), SamplingParams(max_tokens=1), keep_blocks=True)
+    held = next(o for o in run_to_end_outputs(engine) if o.finished).block_ids  # 3 of 4 blocks
+    aengine = AsyncEngine(engine, stall_timeout_s=0.3)
+    try:
+        outs = await asyncio.wait_for(
+            collect(aengine, prompt(40, 2), SamplingParams(max_tokens=4)), 10
+        )
+        assert outs[-1].finish_reason == "error" and "not enough free KV memory" in (
+            outs[-1].error or ""
+        )
+        engine.release_blocks(held)
+        ok = await asyncio.wait_for(
+            collect(aengine, prompt(40, 2), SamplingParams(max_tokens=4, ignore_eos=True)), 10
+        )
+        assert ok[-1].error is None and sum(len(o.token_ids) for o in ok) == 4
     finally:
         await aengine.close()
     engine.check_integrity()
