@@ -9,6 +9,7 @@ from services.mempool.transport.base import (
     Receiver,
     Sender,
     TransferError,
+    TransferRejected,
     TransferTimeout,
     coalesce,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "Receiver",
     "Sender",
     "TransferError",
+    "TransferRejected",
     "TransferTimeout",
     "available_transports",
     "coalesce",

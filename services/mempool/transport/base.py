@@ -84,6 +84,11 @@ class TransferTimeout(TransferError, TimeoutError):
     """A transfer did not finish within its timeout."""
 
 
+class TransferRejected(TransferError):
+    """The receiver answered the sender's FIN with something other than COMPLETE (the
+    transfer was cancelled or is unknown there): retrying cannot help."""
+
+
 class ChecksumMismatch(TransferError):
     """The bytes that arrived do not match the checksum the sender computed."""
 

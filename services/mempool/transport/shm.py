@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -192,21 +193,7 @@ class ShmSender(Sender):
                 raise ValueError(f"destination run {run} outside segment {name}")
         deadline = time.monotonic() + timeout_s
         abandon = threading.Event()
-        if sum(run.num_blocks for run in runs) * block_bytes <= self.inline_bytes:
-            # A copy this small takes less time than handing it to a worker thread.
-            return self._copy(
-                name,
-                block_bytes,
-                max_blocks,
-                transfer_id,
-                src,
-                list(runs),
-                deadline,
-                checksum,
-                abandon,
-            )
-        return await run_blocking(
-            self._executor,
+        copy = functools.partial(
             self._copy,
             name,
             block_bytes,
@@ -217,6 +204,12 @@ class ShmSender(Sender):
             deadline,
             checksum,
             abandon,
+        )
+        if sum(run.num_blocks for run in runs) * block_bytes <= self.inline_bytes:
+            return copy()  # a copy this small takes less time than handing it to a thread
+        return await run_blocking(
+            self._executor,
+            copy,
             timeout_s=timeout_s,
             abandon=abandon,
             what=f"shm transfer {transfer_id} to {name}",

@@ -53,6 +53,7 @@ from services.mempool.transport.base import (
     Receiver,
     Sender,
     TransferError,
+    TransferRejected,
     TransferTimeout,
     check_runs,
     run_blocking,
@@ -301,10 +302,6 @@ class _Peer:
     sock: socket.socket | None = None
 
 
-class _Rejected(TransferError):
-    """The receiver answered the FIN with something other than COMPLETE: not retried."""
-
-
 class TcpSender(Sender):
     name = "tcp"
 
@@ -509,7 +506,7 @@ class TcpSender(Sender):
         if ack.kind is not Kind.ACK or ack.transfer_id != transfer_id:
             raise FrameError(f"expected ACK of transfer {transfer_id}, got {ack}")
         if ack.status != AckStatus.COMPLETE:
-            raise _Rejected(
+            raise TransferRejected(
                 f"tcp transfer {transfer_id} to {peer.address}: receiver reports "
                 f"{AckStatus(ack.status).name} ({ack.nbytes} of {total} bytes)"
             )

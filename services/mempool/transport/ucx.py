@@ -47,6 +47,7 @@ from services.mempool.transport.base import (
     Receiver,
     Sender,
     TransferError,
+    TransferRejected,
     TransferTimeout,
     check_runs,
 )
@@ -206,10 +207,6 @@ class UcxReceiver(Receiver):
             table.release(claim, received)
 
 
-class _Rejected(TransferError):
-    """The receiver answered the FIN with something other than COMPLETE: not retried."""
-
-
 class UcxSender(Sender):
     name = "ucx"
 
@@ -362,7 +359,7 @@ class UcxSender(Sender):
         if ack.kind is not Kind.ACK or ack.transfer_id != transfer_id:
             raise FrameError(f"expected ACK of transfer {transfer_id}, got {ack}")
         if ack.status != AckStatus.COMPLETE:
-            raise _Rejected(
+            raise TransferRejected(
                 f"ucx transfer {transfer_id} to {address}: receiver reports "
                 f"{AckStatus(ack.status).name} ({ack.nbytes} of {total} bytes)"
             )
