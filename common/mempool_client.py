@@ -62,6 +62,13 @@ class MempoolClient:
     async def release(self, handle: int) -> None:
         await self.call(mp.Release(handle))
 
+    async def release_owner(self, owner: str) -> int:
+        """Free every block and pin `owner` holds (a client that died); returns blocks freed."""
+        return cast(mp.Ok, await self.call(mp.ReleaseOwner(owner))).count
+
+    async def evict(self, n: int, tier: int = 0) -> int:
+        return cast(mp.Ok, await self.call(mp.Evict(n, tier))).count
+
     async def delete(self, tokens: TokenIds) -> int:
         return cast(mp.Ok, await self.call(mp.Delete(token_bytes(tokens)))).count
 
@@ -74,8 +81,9 @@ class MempoolClient:
         transport: str = "",
         checksum: bool = False,
         timeout_s: float = 30.0,
+        owner: str = "",
     ) -> mp.Transferred:
-        req = mp.Transfer(dst, src_ids, dst_ids, transport, checksum, timeout_s)
+        req = mp.Transfer(dst, src_ids, dst_ids, transport, checksum, timeout_s, owner)
         return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
 
     async def transfer_with_insert(
@@ -88,14 +96,22 @@ class MempoolClient:
         transport: str = "",
         checksum: bool = False,
         timeout_s: float = 30.0,
+        skip_cached: bool = False,
     ) -> mp.Transferred:
         req = mp.TransferWithInsert(
-            dst, token_bytes(tokens), src_ids, pin_owner, transport, checksum, timeout_s
+            dst,
+            token_bytes(tokens),
+            src_ids,
+            pin_owner,
+            transport,
+            checksum,
+            timeout_s,
+            skip_cached,
         )
         return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
 
-    async def stats(self) -> mp.StatsReply:
-        return cast(mp.StatsReply, await self.call(mp.Stats()))
+    async def stats(self, timeout_s: float | None = None) -> mp.StatsReply:
+        return cast(mp.StatsReply, await self.call(mp.Stats(), timeout_s))
 
     async def check_integrity(self) -> mp.IntegrityReply:
         return cast(mp.IntegrityReply, await self.call(mp.CheckIntegrity()))

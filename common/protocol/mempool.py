@@ -15,6 +15,8 @@ from __future__ import annotations
 import msgspec
 import numpy as np
 
+from common.protocol.admin import AdminReply, AdminRequest
+
 # --------------------------------------------------------------------- requests
 
 
@@ -62,7 +64,9 @@ class Delete(msgspec.Struct, tag=True, frozen=True):
 
 
 class Transfer(msgspec.Struct, tag=True, frozen=True):
-    """Copy local blocks `src_ids` into blocks `dst_ids` of the daemon at `dst`."""
+    """Copy local blocks `src_ids` into blocks `dst_ids` of the daemon at `dst`. With no
+    `dst_ids` the receiver allocates them, for client `owner` there (a decode worker that
+    continues the request and frees them)."""
 
     dst: str
     src_ids: list[int]
@@ -70,13 +74,16 @@ class Transfer(msgspec.Struct, tag=True, frozen=True):
     transport: str = ""  # "" = the best one both sides share
     checksum: bool = False
     timeout_s: float = 30.0
+    owner: str = ""
 
 
 class TransferWithInsert(msgspec.Struct, tag=True, frozen=True):
     """Send the KV of `tokens` (local blocks `src_ids`, one per block of tokens) to the daemon
     at `dst`, which allocates, receives, and only once every byte is in, inserts. With
     `pin_owner`, the receiver also pins the inserted blocks and keeps the partial tail
-    block for that owner (a decode worker continuing the request)."""
+    block for that owner (a decode worker continuing the request). With `skip_cached`,
+    blocks of a prefix the receiver already has cached are not sent at all (its next turn
+    only moves the new KV)."""
 
     dst: str
     tokens: bytes
@@ -85,6 +92,7 @@ class TransferWithInsert(msgspec.Struct, tag=True, frozen=True):
     transport: str = ""
     checksum: bool = False
     timeout_s: float = 30.0
+    skip_cached: bool = False
 
 
 class Grow(msgspec.Struct, tag=True, frozen=True):
@@ -147,7 +155,9 @@ class SendTensor(msgspec.Struct, tag=True, frozen=True):
 
 # Peer legs of a transfer (sending daemon -> receiving daemon).
 class PrepareReceive(msgspec.Struct, tag=True, frozen=True):
-    """The receiver allocates (or takes the given `dst_ids`) and names the transfer."""
+    """The receiver allocates (or takes the given `dst_ids`) and names the transfer. With
+    `skip_tokens`, it first matches them in its index (pinning the hit until the commit)
+    and allocates only for the blocks after the hit (`Prepared.skip` says how many)."""
 
     num_blocks: int
     dst_ids: list[int] = msgspec.field(default_factory=list)  # given: plain transfer
@@ -155,6 +165,8 @@ class PrepareReceive(msgspec.Struct, tag=True, frozen=True):
     sender_host: str = ""
     block_bytes: int = 0
     timeout_s: float = 30.0
+    owner: str = ""  # client owner of allocated blocks after a plain transfer
+    skip_tokens: bytes = b""
 
 
 class PrepareTensor(msgspec.Struct, tag=True, frozen=True):
@@ -181,7 +193,8 @@ class AbortReceive(msgspec.Struct, tag=True, frozen=True):
 
 
 MempoolRequest = (
-    AllocMem
+    AdminRequest
+    | AllocMem
     | FreeMem
     | SwapOut
     | SwapIn
@@ -246,6 +259,7 @@ class Transferred(msgspec.Struct, tag=True, frozen=True):
     index_block_ids: list[int] = msgspec.field(default_factory=list)
     handle: int = 0
     tail_ids: list[int] = msgspec.field(default_factory=list)
+    skipped_blocks: int = 0  # skip_cached: blocks the receiver had and were not sent
 
 
 class Prepared(msgspec.Struct, tag=True, frozen=True):
@@ -253,6 +267,7 @@ class Prepared(msgspec.Struct, tag=True, frozen=True):
     dst_ids: list[int]
     transport: str
     endpoint: dict[str, str]
+    skip: int = 0  # leading source blocks the receiver already has: not sent
 
 
 class Committed(msgspec.Struct, tag=True, frozen=True):
@@ -321,7 +336,8 @@ class TensorList(msgspec.Struct, tag=True, frozen=True):
 
 
 MempoolReply = (
-    Ok
+    AdminReply
+    | Ok
     | Blocks
     | Matched
     | Inserted

@@ -1,9 +1,24 @@
-"""The "worker" channel: gateway -> worker requests (PUSH -> the worker's PULL), and the
-worker's token stream back (PUSH -> the `reply_to` PULL address named in the request).
+"""The "worker" channel: gateway -> worker requests (PUSH -> the worker's PULL), prefill ->
+decode hand-offs on the same PULL, and the token stream back (PUSH -> the `reply_to` PULL
+address named in the request).
 
-The worker streams token ids only; the gateway owns the tokenizer, detokenizes, applies
-stop strings (sending `Abort` on a match) and talks to the client. Each request ends with
-exactly one chunk whose `finished` is true (with `error` set if the request was refused).
+Workers stream token ids only; the gateway owns the tokenizer, detokenizes, applies stop
+strings (sending `Abort` on a match) and talks to the client. Each request ends with exactly
+one chunk whose `finished` is true (with `error` set if the request failed). In P/D modes
+the prefill worker streams the first token and the decode worker the rest: `offset` (the
+index in the output of a chunk's first token) lets the gateway order chunks that arrive
+from two sockets.
+
+What a request does with the MemPool is decided per request by the scheduler (the cluster's
+caching mode), not by the worker's configuration, so one worker binary serves every mode:
+
+| mode         | Generate.cache | HandOff.insert | HandOff.cache | HandOff.return_kv |
+| ------------ | -------------- | -------------- | ------------- | ----------------- |
+| colocated    | on/off         | (no hand-off)  |               |                   |
+| pd-basic     | False          | False          | False         | False             |
+| pd-caching-1 | True           | False          | False         | False             |
+| pd-caching-2 | True           | True           | True          | False             |
+| pd-caching-3 | True           | True           | True          | True              |
 """
 
 from __future__ import annotations
@@ -13,18 +28,66 @@ import msgspec
 from common.sampling import SamplingParams
 
 
-class Generate(msgspec.Struct, tag=True, frozen=True):
+class HandOff(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Where a prefill worker sends a request once its prompt is computed (P/D modes)."""
+
+    instance_id: str  # the decode instance (worker and daemon share the id)
+    address: str  # the decode worker's request PULL
+    mempool: str  # the decode instance's MemPool daemon (RPC)
+    # transfer_with_insert into the decode daemon's index (only blocks it lacks move);
+    # otherwise a plain transfer into blocks allocated to the decode worker.
+    insert: bool = False
+    cache: bool = False  # the decode worker inserts the request's history when it ends
+    return_kv: bool = False  # ... and sends the decode-phase KV back to the prefill daemon
+
+
+class Fetch(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Before prefill, pull the first `num_tokens` tokens' KV from another instance's daemon
+    into this instance's index (the scheduler judged the transfer cheaper than recompute).
+    Best effort: if it fails, the worker computes those tokens."""
+
+    instance_id: str
+    mempool: str
+    num_tokens: int
+
+
+class Generate(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     request_id: str
     token_ids: list[int]
     params: SamplingParams
     reply_to: str  # the gateway's PULL address for this request's chunks
+    cache: bool = True  # match before prefill, insert at the end
+    handoff: HandOff | None = None  # P/D: compute the prompt and the first token, then hand off
+    fetch: Fetch | None = None
+
+
+class Continue(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Prefill -> decode: go on with a request whose prompt KV is (mostly) already here.
+
+    `token_ids` is the prompt plus the first output token; `kv_block_ids` hold the K/V of
+    the first `len(kv_block_ids) * block_size` tokens in the decode daemon: pinned in its
+    index by `kv_handle` (transfer_with_insert), or, with `kv_handle == 0`, allocated to the
+    decode worker (plain transfer). Empty when the transfer failed: decode recomputes.
+    `params.max_tokens` counts the tokens still to generate."""
+
+    request_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    reply_to: str
+    kv_block_ids: list[int] = msgspec.field(default_factory=list)
+    kv_handle: int = 0
+    cache: bool = False
+    return_kv_to: str = ""  # pd-caching-3: the prefill daemon that gets the decode-phase KV
+    num_prompt_tokens: int = 0  # the client's prompt (without the first token)
+    num_cached_tokens: int = 0  # what the prefill side found cached, for the final report
+    output_offset: int = 1  # output tokens already streamed by the prefill worker
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
-WorkerRequest = Generate | Abort
+WorkerRequest = Generate | Continue | Abort
 
 
 class TokenChunk(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -35,3 +98,5 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    offset: int = 0  # index in the output of token_ids[0]
+    instance_id: str = ""  # the worker that sent the chunk

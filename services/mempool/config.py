@@ -34,6 +34,7 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     data_host: str = "127.0.0.1"  # address the tcp/ucx receivers listen on
     transfer_timeout_s: float = 30.0
     ttl_s: float | None = None
+    admin_token: str = ""  # `status` / `shutdown` over the RPC socket need it
     log_level: str = "info"
 
     def validate(self) -> MempoolConfig:

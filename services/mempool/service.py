@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,6 +37,7 @@ from common.codec import DTYPE_BYTES
 from common.logging import get_logger
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
+from common.protocol.admin import AdminReply, AdminRequest
 from common.sockets import PubSocket, RpcClient, RpcServer
 from services.mempool.config import MempoolConfig
 from services.mempool.pool import InvalidBlocks, MemPool, MemPoolError
@@ -68,6 +69,10 @@ class _Pending:
     tensor: TensorEntry | None = None  # set for a tensor transfer (pages reserved, not named yet)
     committing: bool = False  # a commit is waiting for the last bytes
     aborted: bool = False  # ... and was told to give up
+    # skip_cached: the receiver's own cached blocks for the leading part of the tokens,
+    # pinned by `skip_handle` until the commit inserts them with the received ones.
+    skip_ids: list[int] = field(default_factory=list)
+    skip_handle: int = 0
 
 
 def block_bytes_for(cfg: MempoolConfig) -> int:
@@ -128,6 +133,8 @@ class MempoolDaemon:
         self.bytes_received = 0
         self.transfers_failed = 0
         self._housekeeping: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self.started_at = time.time()
 
     @property
     def address(self) -> str:
@@ -151,7 +158,15 @@ class MempoolDaemon:
         return {"rpc": self.address, "events": self.events.address, "shm": self.device.name}
 
     async def serve(self) -> None:
-        await self.server.serve(self.handle)
+        """Serve until closed or told to `shutdown` (then return)."""
+        serving = asyncio.create_task(self.server.serve(self.handle))
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([serving, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (serving, stop):
+                t.cancel()
+            await asyncio.gather(serving, stop, return_exceptions=True)
 
     async def close(self) -> None:
         if self._housekeeping is not None:
@@ -190,6 +205,8 @@ class MempoolDaemon:
             raise MemPoolError(f"timeout_s must be in (0, 3600] seconds, got {timeout}")
         pool = self.pool
         match req:
+            case AdminRequest():
+                return self._admin(req)
             case mp.AllocMem(n=n, tier=tier, owner=owner):
                 return mp.Blocks(pool.alloc_mem(n, _tier(tier), owner))
             case mp.FreeMem(block_ids=ids, tier=tier):
@@ -232,6 +249,7 @@ class MempoolDaemon:
                     req.transport,
                     req.checksum,
                     req.timeout_s,
+                    owner=req.owner,
                 )
             case mp.TransferWithInsert():
                 tokens = _tokens(req.tokens)
@@ -249,6 +267,7 @@ class MempoolDaemon:
                     req.transport,
                     req.checksum,
                     req.timeout_s,
+                    skip_cached=req.skip_cached,
                 )
             case mp.PutTensor():
                 return self._put_tensor(req)
@@ -296,6 +315,31 @@ class MempoolDaemon:
                 return self._info()
         raise MemPoolError(f"unsupported request {type(req).__name__}")
 
+    def _admin(self, req: AdminRequest) -> AdminReply:
+        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+            return AdminReply(False, error="bad admin token")
+        if req.command == "status":
+            st = self.pool.stats()
+            return AdminReply(
+                True,
+                {
+                    "service": "mempool",
+                    "instance_id": self.cfg.instance_id,
+                    "uptime_s": round(time.time() - self.started_at, 3),
+                    "capacity": dict(st.capacity),
+                    "free": dict(st.free),
+                    "pending_transfers": len(self.pending),
+                },
+            )
+        if req.command == "shutdown":
+            log.info("shutdown requested over the RPC socket")
+            # After this reply is out: stopping now would cancel the reply itself.
+            asyncio.get_running_loop().call_later(0.05, self._stop.set)
+            return AdminReply(True, {"stopping": self.cfg.instance_id})
+        return AdminReply(
+            False, error=f"the daemon answers status and shutdown, not {req.command!r}"
+        )
+
     # ----------------------------------------------------------- sending side
     def _peer(self, address: str) -> RpcClient[Any, Any]:
         client = self.peers.get(address)
@@ -314,6 +358,9 @@ class MempoolDaemon:
         transport: str,
         checksum: bool,
         timeout_s: float,
+        *,
+        owner: str = "",
+        skip_cached: bool = False,
     ) -> mp.Transferred:
         if dst_ids and len(dst_ids) != len(src_ids):
             raise InvalidBlocks(
@@ -332,22 +379,32 @@ class MempoolDaemon:
         self.pool.mark_busy(src_ids)
         pin = self.pool.pin_blocks(src_ids, owner="transfer")
         try:
+            whole = len(tokens) // (4 * self.cfg.block_size) * 4 * self.cfg.block_size
             prep = await peer.call(
                 mp.PrepareReceive(
-                    len(src_ids), dst_ids, offered, self.cfg.host_id, self.block_bytes, timeout_s
+                    len(src_ids),
+                    dst_ids,
+                    offered,
+                    self.cfg.host_id,
+                    self.block_bytes,
+                    timeout_s,
+                    owner,
+                    tokens[:whole] if skip_cached else b"",
                 ),
                 timeout_s=timeout_s,
             )
             try:
-                _, sender = self.transports[prep.transport]
-                crc = await sender.send(
-                    prep.endpoint,
-                    prep.transfer_id,
-                    self.device,
-                    coalesce(src_ids, prep.dst_ids),
-                    timeout_s=max(0.01, deadline - time.perf_counter()),
-                    checksum=checksum,
-                )
+                crc = None
+                if prep.dst_ids:  # nothing to move when the receiver had every block
+                    _, sender = self.transports[prep.transport]
+                    crc = await sender.send(
+                        prep.endpoint,
+                        prep.transfer_id,
+                        self.device,
+                        coalesce(src_ids[prep.skip :], prep.dst_ids),
+                        timeout_s=max(0.01, deadline - time.perf_counter()),
+                        checksum=checksum,
+                    )
                 done = await peer.call(
                     mp.CommitReceive(
                         prep.transfer_id, tokens, pin_owner, -1 if crc is None else crc
@@ -378,6 +435,7 @@ class MempoolDaemon:
             done.index_block_ids,
             done.handle,
             done.tail_ids,
+            prep.skip,
         )
 
     # --------------------------------------------------------- receiving side
@@ -399,6 +457,10 @@ class MempoolDaemon:
             )
         name = self._choose_transport(req.transports, req.sender_host)
         tid = next(self._transfer_ids)
+        skip_ids, skip_handle = [], 0
+        if req.skip_tokens and not req.dst_ids:
+            hit = self.pool.match(_tokens(req.skip_tokens), f"transfer:{tid}", promote=True)
+            skip_ids, skip_handle = hit.block_ids[: req.num_blocks], hit.handle
         if req.dst_ids:
             if len(req.dst_ids) != req.num_blocks:
                 raise InvalidBlocks(
@@ -407,41 +469,52 @@ class MempoolDaemon:
             self.pool.check_client(req.dst_ids, Tier.DEVICE)
             ids, owned = list(req.dst_ids), False
         else:
-            ids, owned = (
-                self.pool.alloc_mem(req.num_blocks, Tier.DEVICE, owner=f"transfer:{tid}"),
-                True,
-            )
+            try:
+                ids = self.pool.alloc_mem(
+                    req.num_blocks - len(skip_ids),
+                    Tier.DEVICE,
+                    owner=req.owner or f"transfer:{tid}",
+                )
+            except Exception:
+                if skip_handle:
+                    self.pool.release(skip_handle)
+                raise
+            owned = True
         receiver, _ = self.transports[name]
-        runs = [(r.dst_block, r.num_blocks) for r in coalesce(ids, ids)]
-        receiver.expect(tid, runs)
+        if ids:
+            receiver.expect(tid, [(r.dst_block, r.num_blocks) for r in coalesce(ids, ids)])
         # Bytes will land here: the blocks' owner may not free or reuse them meanwhile.
         self.pool.mark_busy(ids)
         loop = asyncio.get_running_loop()
         p = _Pending(ids, owned, name, time.monotonic() + req.timeout_s)
+        p.skip_ids, p.skip_handle = skip_ids, skip_handle
         p.handle = loop.call_later(req.timeout_s + _GRACE_S, self._expire, tid)
         self.pending[tid] = p
-        return mp.Prepared(tid, ids, name, self.endpoints[name])
+        return mp.Prepared(tid, ids, name, self.endpoints[name], len(skip_ids))
 
     async def _commit(self, req: mp.CommitReceive) -> mp.Committed:
         p = self.pending.get(req.transfer_id)
         if p is None or p.committing:
             raise MemPoolError(f"unknown, expired or already committing transfer {req.transfer_id}")
         tokens = _tokens(req.tokens) if req.tokens else b""
-        if tokens and -(-(len(tokens) // 4) // self.cfg.block_size) != len(p.ids):
+        all_ids = p.skip_ids + p.ids
+        if tokens and -(-(len(tokens) // 4) // self.cfg.block_size) != len(all_ids):
             self._abort(req.transfer_id, sender_done=True)
             raise InvalidBlocks(
-                f"{len(tokens) // 4} tokens do not fit the {len(p.ids)} blocks received"
+                f"{len(tokens) // 4} tokens do not fit the {len(all_ids)} blocks received"
             )
         receiver, _ = (self.tensor_transports if p.tensor else self.transports)[p.transport]
         # While we wait for the last bytes, an abort or the expiry timer only cancels the
         # receiver: freeing is left to this commit, so no block is freed under it.
         p.committing = True
         try:
-            nbytes = await receiver.wait_complete(
-                req.transfer_id,
-                max(0.01, p.deadline - time.monotonic()),
-                None if req.checksum < 0 else req.checksum,
-            )
+            nbytes = 0
+            if p.ids or p.tensor is not None:
+                nbytes = await receiver.wait_complete(
+                    req.transfer_id,
+                    max(0.01, p.deadline - time.monotonic()),
+                    None if req.checksum < 0 else req.checksum,
+                )
             if p.aborted:
                 raise MemPoolError(f"transfer {req.transfer_id} was aborted")
         except Exception:
@@ -457,21 +530,29 @@ class MempoolDaemon:
             self.tensors.commit(t.name, t.dtype, t.shape, t.nbytes, t.first_page)
             return mp.Committed(nbytes)
         if not tokens:
+            self._unpin_skipped(p)
             return mp.Committed(nbytes)
         try:
-            r = self.pool.insert(tokens, p.ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
+            r = self.pool.insert(tokens, all_ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
+            handle, index_ids = 0, r.index_block_ids
+            tail = all_ids[len(r.index_block_ids) :] if req.pin_owner else []
+            if req.pin_owner and r.num_indexed_tokens:
+                # promote: every block handed to the new owner must be on the device.
+                m = self.pool.match(
+                    tokens, req.pin_owner, promote=True, max_tokens=r.num_indexed_tokens
+                )
+                handle, index_ids = m.handle, m.block_ids
         except MemPoolError:
             self.pool.free_mem(p.ids, Tier.DEVICE)
             raise
-        handle, index_ids = 0, r.index_block_ids
-        tail = p.ids[len(r.index_block_ids) :] if req.pin_owner else []
-        if req.pin_owner and r.num_indexed_tokens:
-            # promote: every block handed to the new owner must be on the device.
-            m = self.pool.match(
-                tokens, req.pin_owner, promote=True, max_tokens=r.num_indexed_tokens
-            )
-            handle, index_ids = m.handle, m.block_ids
+        finally:
+            self._unpin_skipped(p)
         return mp.Committed(nbytes, r.num_indexed_tokens, index_ids, handle, tail)
+
+    def _unpin_skipped(self, p: _Pending) -> None:
+        if p.skip_handle:
+            handle, p.skip_handle = p.skip_handle, 0
+            self.pool.release(handle)
 
     def _forget(self, tid: int) -> _Pending | None:
         p = self.pending.pop(tid, None)
@@ -491,6 +572,7 @@ class MempoolDaemon:
         if p.owned and not (sender_done or receiver.cancel_fences_writes):
             return  # keep the blocks until the expiry timer: the sender may still write
         self._forget(tid)
+        self._unpin_skipped(p)
         if p.tensor is not None:
             self.tensors.release(p.tensor.first_page, p.tensor.nbytes)
             return

@@ -59,6 +59,8 @@ class _Pending:
     # handle that pins it, if any.
     admission: dict[str, Any] = field(default_factory=dict)
     pin: int = 0
+    # What the caller's hooks need to know about this request (a worker's KV plan).
+    context: Any = None
 
 
 class AsyncEngine:
@@ -73,6 +75,7 @@ class AsyncEngine:
         self._stalled_since: float | None = None
         self._inbox: list[_Pending] = []
         self._aborts: list[str] = []
+        self._fail_message: str | None = None
         self._streams: dict[str, _Pending] = {}
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
@@ -84,7 +87,9 @@ class AsyncEngine:
         prompt: str | Sequence[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        context: Any = None,
     ) -> AsyncIterator[StreamOutput]:
+        """Stream a request's outputs; `context` is handed to the hooks (`_Pending.context`)."""
         params = params or SamplingParams()
         rid = request_id or f"req-{next(self._ids)}"
         if isinstance(prompt, str):
@@ -96,7 +101,7 @@ class AsyncEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        pending = _Pending(rid, prompt_ids, params, asyncio.Queue(), detok)
+        pending = _Pending(rid, prompt_ids, params, asyncio.Queue(), detok, context=context)
         self._inbox.append(pending)
         self._ensure_driver()
         self._wake.set()
@@ -115,6 +120,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
+        self._wake.set()
+
+    def fail_all(self, message: str) -> None:
+        """End every request with `message` (between steps: the driver owns the engine)."""
+        self._fail_message = message
         self._wake.set()
 
     async def close(self) -> None:
@@ -138,7 +148,7 @@ class AsyncEngine:
             await self._apply_inbox()
             if not self.engine.has_unfinished():
                 await self._on_idle()
-                if not (self._inbox or self._aborts):
+                if not (self._inbox or self._aborts or self._fail_message):
                     await self._wake.wait()
                 continue
             try:
@@ -225,6 +235,9 @@ class AsyncEngine:
                 )
                 continue
             self._streams[p.request_id] = p
+        if self._fail_message is not None:
+            message, self._fail_message = self._fail_message, None
+            await self._fail_all(message)
         aborts, self._aborts = self._aborts, []
         for rid in aborts:
             out = self.engine.abort(rid)

@@ -1,68 +1,138 @@
-"""The worker service: an asyncio shell that serves `Generate` / `Abort` (common/protocol/
-worker.py) with a `MempoolEngine` on its MemPool daemon's memory.
+"""The worker service: an asyncio shell around a `MempoolEngine` on its MemPool daemon's
+memory.
 
     gateway ──Generate/Abort (PUSH)──▶ PULL ──▶ MempoolEngine ──TokenChunk (PUSH)──▶ reply_to
+    prefill worker ──Continue (PUSH)──▶ PULL            (P/D: the decode side of a request)
+    heartbeats (load, health) ──PUSH──▶ scheduler;  control RPC ◀── memserve admin
 
-Roles: `colocated` serves a request from prompt to last token on one instance; the
-prefill / decode roles of disaggregated serving build on the same shell.
+A request's KV plan comes with it (common/protocol/worker.py): colocated, prefill (compute
+the prompt and the first token, hand the KV to the decode instance, send it `Continue`)
+or decode (go on from the KV that arrived). The role in the config is what the worker
+advertises to the scheduler; any worker serves any plan it is sent.
+
+Hand-off invariants: the prompt's KV stays pinned (or owned) on the prefill side until the
+transfer has ended, either way; a `Continue` is always sent, with no KV when the transfer
+failed (the decode side recomputes); a decode worker that has already seen an `Abort` for a
+request frees the KV of its late `Continue` instead of running it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import time
 from typing import Any, cast
 
 import msgspec
 
 from common.codec import DecodeError
 from common.logging import get_logger
+from common.net import advertise
+from common.protocol import scheduler as sp
 from common.protocol import worker as wp
-from common.sockets import PullSocket, PushSocket
+from common.protocol.admin import AdminReply, AdminRequest
+from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.config import EngineConfig
-from services.worker.mempool_engine import MempoolEngine
+from services.worker.mempool_engine import KvPlan, MempoolEngine
 
 log = get_logger(__name__)
+
+ROLES = ("colocated", "prefill", "decode")
+# How long an Abort is remembered for a Continue that may still be on its way.
+_ABORT_MEMORY_S = 120.0
+# Missed daemon health checks in a row before the worker reports itself unhealthy.
+_DAEMON_STRIKES = 3
 
 
 class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     instance_id: str = "worker-0"
-    role: str = "colocated"
+    role: str = "colocated"  # what the scheduler places here: colocated | prefill | decode
     address: str = "tcp://127.0.0.1:0"  # where requests arrive (PULL, bound)
+    advertise_host: str = ""  # the host others connect to when `address` binds 0.0.0.0
     mempool: str = "tcp://127.0.0.1:5601"  # the instance's MemPool daemon (RPC)
-    caching: bool = True
+    caching: bool = True  # False: never match or insert, whatever the request asks
+    scheduler: str = ""  # the scheduler's heartbeat PULL; "" = standalone (no heartbeats)
+    heartbeat_interval_s: float = 0.5
+    control_address: str = "tcp://127.0.0.1:0"
+    admin_token: str = ""
+    transfer_timeout_s: float = 10.0
     log_level: str = "info"
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
     def validate(self) -> WorkerConfig:
-        if self.role != "colocated":
-            raise ValueError(f"worker.role {self.role!r} is not served yet (colocated only)")
+        if self.role not in ROLES:
+            raise ValueError(f"worker.role must be one of {'|'.join(ROLES)}, got {self.role!r}")
+        if not 0 < self.heartbeat_interval_s <= 60:
+            raise ValueError(
+                f"worker.heartbeat_interval_s must be in (0, 60], got {self.heartbeat_interval_s}"
+            )
+        if not 0 < self.transfer_timeout_s <= 3600:
+            raise ValueError(
+                f"worker.transfer_timeout_s must be in (0, 3600], got {self.transfer_timeout_s}"
+            )
         self.engine.validate()
         return self
 
 
 class WorkerService:
-    def __init__(self, cfg: WorkerConfig, engine: MempoolEngine):
+    def __init__(self, cfg: WorkerConfig, engine: MempoolEngine, events: str = ""):
         self.cfg = cfg
         self.engine = engine
+        self.events = events  # the daemon's KV-event PUB, for the scheduler
         self.requests: PullSocket[Any] = PullSocket(
             cfg.address, cast(Any, wp.WorkerRequest), bind=True
         )
-        self.replies: dict[str, PushSocket[wp.TokenChunk]] = {}
+        self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
+            cfg.control_address, AdminRequest, AdminReply
+        )
+        self.heartbeats: PushSocket[sp.Heartbeat] | None = None
+        if cfg.scheduler:
+            self.heartbeats = PushSocket(cfg.scheduler, sp.Heartbeat, bind=False)
+        self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
         self.tasks: set[asyncio.Task[None]] = set()
+        self.aborted: dict[str, float] = {}
+        self.started_at = time.time()
+        self.healthy = True
+        self.served = 0
+        self.failed = 0
+        self._stop = asyncio.Event()
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
         engine = await MempoolEngine.connect(
-            cfg.engine, cfg.mempool, owner=cfg.instance_id, caching=cfg.caching
+            cfg.engine,
+            cfg.mempool,
+            owner=cfg.instance_id,
+            caching=cfg.caching,
+            transfer_timeout_s=cfg.transfer_timeout_s,
         )
-        return cls(cfg, engine)
+        info = await engine.client.info()
+        return cls(cfg, engine, info.events)
 
     @property
     def address(self) -> str:
-        return self.requests.address
+        return advertise(self.requests.address, self.cfg.advertise_host)
+
+    @property
+    def control_address(self) -> str:
+        return self.control.address
 
     async def serve(self) -> None:
+        """Serve until closed, or until an admin `shutdown` (then return)."""
+        loops = [self._serve_requests(), self.control.serve(self._admin)]
+        if self.heartbeats is not None:
+            loops.append(self._beat())
+        running = [asyncio.create_task(c) for c in loops]
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in [*running, stop]:
+                t.cancel()
+            await asyncio.gather(*running, stop, return_exceptions=True)
+
+    async def _serve_requests(self) -> None:
         while True:
             try:
                 msg = await self.requests.recv()
@@ -71,40 +141,279 @@ class WorkerService:
                 continue
             match msg:
                 case wp.Generate():
-                    task = asyncio.create_task(self._generate(msg))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    self._spawn(self._generate(msg))
+                case wp.Continue():
+                    self._spawn(self._continue(msg))
                 case wp.Abort(request_id=rid):
+                    self._remember_abort(rid)
                     self.engine.abort(rid)
 
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _remember_abort(self, rid: str) -> None:
+        now = time.monotonic()
+        self.aborted[rid] = now
+        if len(self.aborted) > 1024:
+            self.aborted = {r: t for r, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
+
+    # ------------------------------------------------------------------ requests
     async def _generate(self, req: wp.Generate) -> None:
-        out = self._reply_socket(req.reply_to)
+        handoff = req.handoff
+        if handoff is not None and (
+            req.params.max_tokens <= 1 or len(req.token_ids) + 1 >= self.engine.engine.max_model_len
+        ):
+            handoff = None  # nothing left for a decode side to do
+        plan = KvPlan(cache=req.cache and self.cfg.caching, fetch=req.fetch, handoff=handoff)
+        params = req.params
+        if handoff is not None:
+            params = msgspec.structs.replace(params, max_tokens=1)
+        out = self._peer(req.reply_to)
+        offset = 0
         try:
-            async for chunk in self.engine.generate(req.token_ids, req.params, req.request_id):
+            async for chunk in self.engine.generate(req.token_ids, params, req.request_id, plan):
+                outbox = plan.outbox
+                if chunk.finished and handoff is not None and outbox is not None:
+                    await out.send(
+                        wp.TokenChunk(
+                            req.request_id,
+                            chunk.token_ids,
+                            False,
+                            None,
+                            chunk.num_prompt_tokens,
+                            chunk.num_cached_tokens,
+                            offset=0,
+                            instance_id=self.cfg.instance_id,
+                        )
+                    )
+                    plan.outbox = None
+                    await self._hand_off(
+                        req, handoff, chunk.token_ids, chunk.num_cached_tokens, outbox
+                    )
+                    return
+                await out.send(self._chunk(req.request_id, chunk, offset))
+                offset += len(chunk.token_ids)
+            self.served += 1
+        except Exception as exc:  # the stream must end with a final chunk, whatever broke
+            await self._fail(out, req.request_id, exc, offset)
+
+    async def _hand_off(
+        self,
+        req: wp.Generate,
+        handoff: wp.HandOff,
+        first: list[int],
+        cached: int,
+        outbox: Any,
+    ) -> None:
+        """Move the prompt's KV to the decode instance, then send it `Continue`."""
+        kv_ids: list[int] = []
+        handle = 0
+        try:
+            if outbox.block_ids and req.request_id not in self.aborted:
+                client = self.engine.client
+                if handoff.insert:
+                    t = await client.transfer_with_insert(
+                        handoff.mempool,
+                        outbox.tokens,
+                        outbox.block_ids,
+                        pin_owner=handoff.instance_id,
+                        timeout_s=self.cfg.transfer_timeout_s,
+                        skip_cached=True,
+                    )
+                    kv_ids, handle = t.index_block_ids, t.handle
+                else:
+                    t = await client.transfer(
+                        handoff.mempool,
+                        outbox.block_ids,
+                        [],
+                        owner=handoff.instance_id,
+                        timeout_s=self.cfg.transfer_timeout_s,
+                    )
+                    kv_ids = t.dst_ids
+        except Exception as exc:  # the decode side recomputes the prompt
+            log.warning(
+                "KV hand-off failed; decode recomputes",
+                request_id=req.request_id,
+                decode=handoff.instance_id,
+                error=str(exc),
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await self.engine.handed_off(outbox)
+        decode = self._peer(handoff.address)
+        if req.request_id in self.aborted:  # ordered before the Continue on this socket
+            await decode.send(wp.Abort(req.request_id))
+        await decode.send(
+            wp.Continue(
+                req.request_id,
+                req.token_ids + first,
+                msgspec.structs.replace(req.params, max_tokens=req.params.max_tokens - len(first)),
+                req.reply_to,
+                kv_ids,
+                handle,
+                handoff.cache,
+                self.cfg.mempool if handoff.return_kv else "",
+                len(req.token_ids),
+                cached,
+                len(first),
+            )
+        )
+        self.served += 1
+
+    async def _continue(self, req: wp.Continue) -> None:
+        if req.request_id in self.aborted:  # the client left while the KV was moving
+            plan = KvPlan(kv_block_ids=req.kv_block_ids, kv_handle=req.kv_handle)
+            with contextlib.suppress(Exception):
+                if req.kv_handle:
+                    await self.engine.client.release(req.kv_handle)
+                elif req.kv_block_ids:
+                    await self.engine.client.free_mem(req.kv_block_ids)
+            del plan
+            return
+        plan = KvPlan(
+            cache=req.cache and self.cfg.caching,
+            kv_block_ids=req.kv_block_ids,
+            kv_handle=req.kv_handle,
+            return_kv_to=req.return_kv_to,
+        )
+        out = self._peer(req.reply_to)
+        offset = req.output_offset
+        try:
+            async for chunk in self.engine.generate(
+                req.token_ids, req.params, req.request_id, plan
+            ):
                 await out.send(
-                    wp.TokenChunk(
+                    self._chunk(
                         req.request_id,
-                        chunk.token_ids,
-                        chunk.finished,
-                        chunk.finish_reason,
-                        chunk.num_prompt_tokens,
-                        chunk.num_cached_tokens,
-                        chunk.error,
+                        chunk,
+                        offset,
+                        num_prompt=req.num_prompt_tokens,
+                        num_cached=req.num_cached_tokens,
                     )
                 )
-        except Exception as exc:  # the stream must end with a final chunk, whatever broke
-            log.warning("request failed", request_id=req.request_id, error=str(exc), exc_info=True)
-            with contextlib.suppress(Exception):
-                await out.send(
-                    wp.TokenChunk(req.request_id, [], True, "error", error=f"worker error: {exc}")
-                )
+                offset += len(chunk.token_ids)
+            self.served += 1
+        except Exception as exc:
+            await self._fail(out, req.request_id, exc, offset)
 
-    def _reply_socket(self, address: str) -> PushSocket[wp.TokenChunk]:
-        sock = self.replies.get(address)
+    def _chunk(
+        self,
+        rid: str,
+        chunk: Any,
+        offset: int,
+        num_prompt: int | None = None,
+        num_cached: int | None = None,
+    ) -> wp.TokenChunk:
+        if chunk.error:
+            self.failed += 1
+        return wp.TokenChunk(
+            rid,
+            chunk.token_ids,
+            chunk.finished,
+            chunk.finish_reason,
+            chunk.num_prompt_tokens if num_prompt is None else num_prompt,
+            chunk.num_cached_tokens if num_cached is None else num_cached,
+            chunk.error,
+            offset,
+            self.cfg.instance_id,
+        )
+
+    async def _fail(self, out: PushSocket[Any], rid: str, exc: Exception, offset: int) -> None:
+        self.failed += 1
+        log.warning("request failed", request_id=rid, error=str(exc), exc_info=True)
+        with contextlib.suppress(Exception):
+            await out.send(
+                wp.TokenChunk(
+                    rid,
+                    [],
+                    True,
+                    "error",
+                    error=f"worker {self.cfg.instance_id}: {exc}",
+                    offset=offset,
+                    instance_id=self.cfg.instance_id,
+                )
+            )
+
+    def _peer(self, address: str) -> PushSocket[Any]:
+        sock = self.peers.get(address)
         if sock is None:
-            sock = PushSocket(address, wp.TokenChunk, bind=False)
-            self.replies[address] = sock
+            sock = PushSocket(address, cast(Any, wp.TokenChunk | wp.WorkerRequest), bind=False)
+            self.peers[address] = sock
         return sock
+
+    # ------------------------------------------------------------- heartbeats
+    async def _beat(self) -> None:
+        assert self.heartbeats is not None
+        strikes = 0
+        cfg = self.cfg
+        while True:
+            used = total = 0
+            try:
+                st = await self.engine.client.stats(
+                    timeout_s=max(1.0, 2 * cfg.heartbeat_interval_s)
+                )
+                total = st.capacity.get("device", 0)
+                used = total - st.free.get("device", 0)
+                strikes = 0
+            except Exception as exc:
+                strikes += 1
+                log.warning("MemPool daemon did not answer", strikes=strikes, error=str(exc))
+            if strikes >= _DAEMON_STRIKES and self.healthy:
+                self.healthy = False
+                log.error("lost the MemPool daemon; failing every request", mempool=cfg.mempool)
+                self.engine.fail_all(f"worker {cfg.instance_id} lost its MemPool daemon")
+            waiting, running, wait_tokens, run_tokens = self.engine.load()
+            await self.heartbeats.send(
+                sp.Heartbeat(
+                    cfg.instance_id,
+                    cfg.role,
+                    self.address,
+                    cfg.mempool,
+                    self.events,
+                    self.control_address,
+                    self.engine.block_size,
+                    self.engine.engine.cache.layout.bytes_per_block,
+                    self.started_at,
+                    sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
+                    self.healthy,
+                )
+            )
+            await asyncio.sleep(cfg.heartbeat_interval_s)
+
+    # ----------------------------------------------------------------- control
+    async def _admin(self, req: AdminRequest) -> AdminReply:
+        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+            return AdminReply(False, error="bad admin token")
+        if req.command == "status":
+            waiting, running, wait_tokens, run_tokens = self.engine.load()
+            return AdminReply(
+                True,
+                {
+                    "service": "worker",
+                    "instance_id": self.cfg.instance_id,
+                    "role": self.cfg.role,
+                    "pid": os.getpid(),
+                    "uptime_s": round(time.time() - self.started_at, 3),
+                    "healthy": self.healthy,
+                    "waiting": waiting,
+                    "running": running,
+                    "waiting_tokens": wait_tokens,
+                    "running_tokens": run_tokens,
+                    "served": self.served,
+                    "failed": self.failed,
+                },
+            )
+        if req.command == "shutdown":
+            log.info("shutdown requested over the control socket")
+            with contextlib.suppress(Exception):  # the daemon goes with its worker
+                await self.engine.client.call(AdminRequest(req.token, "shutdown"), timeout_s=2.0)
+            self._stop.set()
+            return AdminReply(True, {"stopping": self.cfg.instance_id})
+        return AdminReply(
+            False, error=f"the worker answers status and shutdown, not {req.command!r}"
+        )
 
     async def close(self) -> None:
         for task in list(self.tasks):
@@ -112,5 +421,8 @@ class WorkerService:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.engine.close()
         self.requests.close()
-        for sock in self.replies.values():
+        self.control.close()
+        if self.heartbeats is not None:
+            self.heartbeats.close()
+        for sock in self.peers.values():
             sock.close()

@@ -385,3 +385,61 @@ async def test_a_refused_commit_frees_what_the_transfer_allocated(
     with pytest.raises(RpcError, match="unknown"):
         await d.client.call(mp.CommitReceive(prep.transfer_id))
     await assert_clean(d)
+
+
+async def test_skip_cached_sends_only_the_blocks_the_receiver_lacks(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    a = await spawn_daemon("a", transports=["shm", "tcp"])
+    b = await spawn_daemon("b", transports=["shm", "tcp"])
+    bb = (await a.client.info()).block_bytes
+    region = await region_of(a)
+    try:
+        tokens = list(range(3, 3 + 64))  # 4 whole blocks
+        src = await a.client.alloc_mem(4)
+        for i, blk in enumerate(src):
+            region.blocks(blk)[:] = bytes([i + 1]) * bb
+        first = await a.client.transfer_with_insert(b.address, tokens[:32], src[:2])
+        assert first.skipped_blocks == 0 and first.nbytes == 2 * bb
+        # The receiver has the first two blocks: only the last two move.
+        more = await a.client.transfer_with_insert(
+            b.address, tokens, src, pin_owner="dec", skip_cached=True
+        )
+        assert more.skipped_blocks == 2 and more.nbytes == 2 * bb
+        assert more.index_block_ids[:2] == first.index_block_ids
+        rb = await region_of(b)
+        try:
+            assert [rb.blocks(x)[0] for x in more.index_block_ids] == [1, 2, 3, 4]
+        finally:
+            rb.close()
+        # Everything cached already: nothing moves at all.
+        again = await a.client.transfer_with_insert(b.address, tokens, src, skip_cached=True)
+        assert again.skipped_blocks == 4 and again.nbytes == 0 and again.dst_ids == []
+        await b.client.release(more.handle)
+        await a.client.free_mem(src)
+    finally:
+        region.close()
+    await assert_clean(a, b)
+
+
+async def test_a_plain_transfer_allocates_for_the_named_owner(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    a = await spawn_daemon("a", transports=["tcp"], admin_token="secret")
+    b = await spawn_daemon("b", transports=["tcp"], admin_token="secret")
+    src = await a.client.alloc_mem(3)
+    t = await a.client.transfer(b.address, src, [], owner="decode-7")
+    assert len(t.dst_ids) == 3
+    # The blocks belong to that owner: releasing the owner (it died) frees them.
+    assert await b.client.release_owner("decode-7") == 3
+    await a.client.free_mem(src)
+    await assert_clean(a, b)
+    # The daemon answers admin status and shutdown with its token only.
+    from common.protocol.admin import AdminRequest
+
+    refused = await b.client.call(AdminRequest("wrong", "status"))
+    assert not refused.ok and "token" in refused.error
+    status = await b.client.call(AdminRequest("secret", "status"))
+    assert status.ok and status.result["instance_id"] == "b"
+    assert (await b.client.call(AdminRequest("secret", "shutdown"))).ok
+    assert await asyncio.to_thread(b.proc.wait, 20) == 0

@@ -1,0 +1,81 @@
+"""The "client" channel: client (DEALER) <-> gateway (ROUTER), streaming.
+
+    client                                  gateway
+      OpenSession ───────────────────────▶
+                  ◀─────────────────────── SessionOpened(session_id)
+      Complete(request_id, prompt, ...) ─▶
+                  ◀─────────────────────── Chunk(text) ... Chunk(text)
+                  ◀─────────────────────── Final(finish_reason | error, timings)
+      Cancel(request_id) ────────────────▶   (the request ends with a Final "abort")
+
+Every `Complete` gets exactly one `Final`, whatever happens (bad input, overload, a dead
+worker): an error is reported there, never by silence. A request inside a session is the
+next turn of that conversation: the gateway prepends the session's history (earlier prompts
+and answers), which is what lets the cluster's caches serve it. Request ids are chosen by
+the client and must be unique among its requests in flight.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from common.sampling import SamplingParams
+
+
+class OpenSession(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+class CloseSession(msgspec.Struct, tag=True, frozen=True):
+    session_id: str
+
+
+class Complete(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Exactly one of `prompt` (text, tokenized by the gateway) and `token_ids`."""
+
+    request_id: str
+    prompt: str | None = None
+    token_ids: list[int] | None = None
+    params: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    session_id: str = ""
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    request_id: str
+
+
+ClientRequest = OpenSession | CloseSession | Complete | Cancel
+
+
+class SessionOpened(msgspec.Struct, tag=True, frozen=True):
+    session_id: str
+
+
+class SessionClosed(msgspec.Struct, tag=True, frozen=True):
+    session_id: str
+    error: str = ""
+
+
+class Chunk(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    request_id: str
+    text: str
+    token_ids: list[int] = msgspec.field(default_factory=list)
+
+
+class Final(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """The last message of a request. `finish_reason`: stop | length | abort | error."""
+
+    request_id: str
+    finish_reason: str
+    error: str = ""
+    text: str = ""  # text held back until the end (an undecided stop-string prefix)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    ttft_s: float = 0.0  # gateway receipt -> first token out
+    tpot_s: float = 0.0  # mean time per output token after the first
+    total_s: float = 0.0
+    instances: list[str] = msgspec.field(default_factory=list)
+
+
+ClientReply = SessionOpened | SessionClosed | Chunk | Final

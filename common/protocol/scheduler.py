@@ -1,0 +1,110 @@
+"""The "scheduler" channel: workers -> scheduler heartbeats (PUSH -> PULL), gateway ->
+scheduler placement (RPC), and scheduler -> gateway instance events (PUB, topic
+`INSTANCE_TOPIC`).
+
+Load is counted in tokens and KV blocks. The scheduler charges a request's cost to the
+instances it picks at the moment of placement and takes the charge back on `Release`, so
+two placements in a row never see the same idle instance (the heartbeat's own load figures
+describe what the worker has already admitted, which lags placement).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from common.protocol.worker import Fetch, HandOff
+
+INSTANCE_TOPIC = b"instances"
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+class InstanceLoad(msgspec.Struct, frozen=True, omit_defaults=True):
+    waiting_requests: int = 0
+    running_requests: int = 0
+    waiting_tokens: int = 0  # prompt tokens not yet computed
+    running_tokens: int = 0  # tokens whose KV the running requests hold
+    kv_used_blocks: int = 0
+    kv_total_blocks: int = 0
+
+
+class Heartbeat(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Sent every `heartbeat_interval_s` by each worker. The first one registers the
+    instance; `started_at` changes when the worker restarted (its old state is dropped)."""
+
+    instance_id: str
+    role: str  # prefill | decode | colocated
+    address: str  # the worker's request PULL
+    mempool: str  # its MemPool daemon's RPC address
+    events: str  # its MemPool daemon's KV-event PUB address
+    control: str  # the worker's control RPC (admin status)
+    block_size: int
+    block_bytes: int  # bytes of one KV block (what a transfer of it costs)
+    started_at: float
+    load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
+    healthy: bool = True  # False: the worker lost its daemon; do not place here
+
+
+class Place(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Gateway -> scheduler: where should this request run?"""
+
+    request_id: str
+    token_ids: list[int]
+    max_tokens: int
+    session_id: str = ""
+
+
+class Release(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Gateway -> scheduler: take back a placement's load charge. `phase="prefill"`: only
+    the prefill side's (the first token arrived); `"all"`: the request ended."""
+
+    request_id: str
+    phase: str = "all"
+
+
+SchedulerRequest = Place | Release
+
+
+class Placement(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Where a request goes: `Generate` to `address` with these `cache` / `handoff` /
+    `fetch` values. `cached_tokens` is what the global trees expect the first instance to
+    find cached (the worker's own `match` is the truth)."""
+
+    request_id: str
+    instance_id: str
+    address: str
+    mode: str
+    policy: str
+    cache: bool = True
+    handoff: HandOff | None = None
+    fetch: Fetch | None = None
+    cached_tokens: int = 0
+
+
+class Released(msgspec.Struct, tag=True, frozen=True):
+    charged: bool  # False: nothing was charged under that id (already released, unknown)
+
+
+SchedulerReply = Placement | Released
+
+
+class InstanceUp(msgspec.Struct, tag=True, frozen=True):
+    instance_id: str
+    role: str
+
+
+class InstanceDown(msgspec.Struct, tag=True, frozen=True):
+    """The instance missed its heartbeats (or reported itself unhealthy): fail every request
+    that has a leg on it, now, rather than wait for a timeout."""
+
+    instance_id: str
+    reason: str
+
+
+class ClusterShutdown(msgspec.Struct, tag=True, frozen=True):
+    """The admin asked the cluster to stop: gateways finish with an error and exit."""
+
+    reason: str = "admin shutdown"
+
+
+InstanceEvent = InstanceUp | InstanceDown | ClusterShutdown

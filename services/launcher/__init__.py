@@ -1,0 +1,1 @@
+"""`memserve up`: one machine's cluster (scheduler, MemPool daemons, workers, gateway)."""

@@ -1,0 +1,73 @@
+"""The cluster file of `memserve up` (deploy/local.toml): a `[cluster]` table for the shape,
+plus `[scheduler]`, `[gateway]`, `[worker]` (and `[worker.engine]`) and `[mempool]` tables
+passed as they are to every process of that kind (each process validates its own).
+
+Environment: MEMSERVE_CLUSTER__MODE=pd-basic, MEMSERVE_WORKER__ENGINE__NUM_THREADS=2, ...
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from common.config import load_config
+
+MODES = ("colocated", "pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    mode: str = "pd-caching-3"
+    caching: bool = True  # colocated mode: context caching on or off
+    policy: str = "locality"
+    model: str = "tiny"
+    # Instances per role. None: 1 of each role the mode uses, 0 of the others. Other roles
+    # may run too (an admin can switch the scheduler's mode at run time).
+    prefill: int | None = None
+    decode: int | None = None
+    colocated: int | None = None
+    admin_token: str = ""  # "" = a fresh random token per run, printed at start
+    host: str = "127.0.0.1"  # where every socket binds
+    run_dir: str = ".memserve/run"  # one log file per process
+    ready_timeout_s: float = 180.0
+    stop_timeout_s: float = 15.0
+
+    def validate(self) -> ClusterConfig:
+        if self.mode not in MODES:
+            raise ValueError(f"cluster.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
+        counts = self.counts()
+        for role, n in counts.items():
+            if not 0 <= n <= 64:
+                raise ValueError(f"cluster.{role} must be in [0, 64], got {n}")
+        needed = ["colocated"] if self.mode == "colocated" else ["prefill", "decode"]
+        for role in needed:
+            if counts[role] == 0:
+                raise ValueError(f"cluster.mode {self.mode} needs cluster.{role} >= 1")
+        if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
+            raise ValueError("cluster.ready_timeout_s and stop_timeout_s must be > 0")
+        return self
+
+    def counts(self) -> dict[str, int]:
+        pd = self.mode != "colocated"
+        return {
+            "prefill": int(pd) if self.prefill is None else self.prefill,
+            "decode": int(pd) if self.decode is None else self.decode,
+            "colocated": int(not pd) if self.colocated is None else self.colocated,
+        }
+
+    def roles(self) -> list[str]:
+        return [role for role, n in self.counts().items() for _ in range(n)]
+
+
+class ClusterSettings(msgspec.Struct, forbid_unknown_fields=True):
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
+    scheduler: dict[str, Any] = msgspec.field(default_factory=dict)
+    gateway: dict[str, Any] = msgspec.field(default_factory=dict)
+    worker: dict[str, Any] = msgspec.field(default_factory=dict)
+    mempool: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def load(path: str | None, overrides: dict[str, Any] | None = None) -> ClusterSettings:
+    settings = load_config(ClusterSettings, path, overrides=overrides)
+    settings.cluster.validate()
+    return settings
