@@ -13,6 +13,8 @@ otherwise.
 | drain       | INSTANCE_ID  | no new placements there; running requests finish         |
 | undrain     | INSTANCE_ID  | placements there again                                  |
 | policy      | [NAME]       | the routing policy (set it when NAME is given)          |
+| mode        | [NAME]       | the caching mode (set it: colocated, colocated-nocache,  |
+|             |              | pd-basic, pd-caching-1/2/3); running requests keep theirs|
 | cache-stats |              | each daemon's stats and the cluster's hit rate           |
 | flush-cache |              | every daemon evicts every unpinned cached block         |
 | shutdown    |              | stop the cluster (workers, daemons, gateway, scheduler) |
@@ -30,6 +32,7 @@ COMMANDS = (
     "drain",
     "undrain",
     "policy",
+    "mode",
     "cache-stats",
     "flush-cache",
     "shutdown",

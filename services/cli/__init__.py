@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import setup_logging
-from services.cli import generate, model_info, service
+from services.cli import admin, generate, model_info, service
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_parser(sub)
     model_info.add_parser(sub)
     service.add_parsers(sub)
+    admin.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import engine as bench_engine

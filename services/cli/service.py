@@ -21,6 +21,7 @@ SERVICES = {
         "run a worker (engine on its MemPool daemon's memory)",
         "[worker]",
     ),
+    "scheduler": ("services.scheduler.__main__", "run the global scheduler", "[scheduler]"),
 }
 
 

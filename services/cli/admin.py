@@ -1,0 +1,154 @@
+"""`memserve admin [--address ADDR] [--token TOKEN] [--config FILE] COMMAND [ARGS...]`:
+send one admin command (common/protocol/admin.py) and print its result.
+
+The scheduler's admin socket serves every command; `status` (and `shutdown`) also work
+against a worker's, the gateway's or a MemPool daemon's control socket. The address and
+token come from the flags, else MEMSERVE_ADMIN_ADDRESS / MEMSERVE_ADMIN_TOKEN, else the
+`[scheduler]` table of --config (admin_address, admin_token). Exits 1 with one line on
+stderr when the call is refused, fails or times out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+from typing import Any
+
+from common.net import advertise
+from common.protocol.admin import COMMANDS, AdminReply, AdminRequest
+from common.sockets import RpcClient, RpcError, RpcTimeout
+from services.cli.errors import fail
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+class AdminCliError(Exception):
+    pass
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "admin",
+        help="send an admin command to the scheduler (status to any service's control socket)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--address", default=None, help="admin / control socket (RPC) to call")
+    p.add_argument("--token", default=None, help="the cluster's admin token")
+    p.add_argument("--config", default=None, help="TOML file with a [scheduler] table")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    p.add_argument("command", choices=COMMANDS)
+    p.add_argument("args", nargs="*", help="drain/undrain: INSTANCE_ID; policy: [NAME]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        address, token = resolve(args.address, args.token, args.config)
+        reply = asyncio.run(
+            call(address, AdminRequest(token, args.command, args.args), args.timeout)
+        )
+    except AdminCliError as exc:
+        return fail(str(exc))
+    if not reply.ok:
+        return fail(f"{args.command} refused by {address}: {reply.error}")
+    print(render(args.command, reply.result))
+    return 0
+
+
+def resolve(address: str | None, token: str | None, config: str | None) -> tuple[str, str]:
+    """The admin address and token: flags, then the environment, then the config file."""
+    address = address or os.environ.get("MEMSERVE_ADMIN_ADDRESS") or None
+    token = token or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None
+    if (address is None or token is None) and config:
+        table = _scheduler_table(config)
+        address = address or table.get("admin_address") or None
+        token = token or table.get("admin_token") or None
+    if address is None:
+        raise AdminCliError(
+            "no admin address: pass --address, set MEMSERVE_ADMIN_ADDRESS, or give --config "
+            "with [scheduler] admin_address"
+        )
+    if token is None:
+        raise AdminCliError(
+            "no admin token: pass --token, set MEMSERVE_ADMIN_TOKEN, or give --config "
+            "with [scheduler] admin_token"
+        )
+    if address.startswith("tcp://") and address.rpartition(":")[2] in ("0", "*"):
+        raise AdminCliError(
+            f"{address} binds a free port; pass --address with the port the service bound"
+        )
+    return advertise(address), token
+
+
+def _scheduler_table(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise AdminCliError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise AdminCliError(f"invalid TOML in {path}: {exc}") from None
+    table = data.get("scheduler", {})
+    if not isinstance(table, dict):
+        raise AdminCliError(f"{path}: [scheduler] is not a table")
+    return table
+
+
+async def call(address: str, req: AdminRequest, timeout_s: float) -> AdminReply:
+    client: RpcClient[AdminRequest, AdminReply] = RpcClient(address, AdminRequest, AdminReply)
+    try:
+        return await client.call(req, timeout_s)
+    except RpcTimeout:
+        raise AdminCliError(
+            f"no reply from {address} within {timeout_s:g} s (is the service running there?)"
+        ) from None
+    except RpcError as exc:
+        raise AdminCliError(f"{address}: {exc}") from None
+    except OSError as exc:
+        raise AdminCliError(str(exc)) from None
+    finally:
+        client.close()
+
+
+_COLUMNS = (
+    ("INSTANCE", "instance_id"),
+    ("ROLE", "role"),
+    ("STATE", "state"),
+    ("CHARGED", "charged_tokens"),
+    ("WAITING", "waiting"),
+    ("RUNNING", "running"),
+    ("KV", "kv"),
+    ("CACHED", "cached_blocks"),
+    ("SEEN_S", "last_seen_s"),
+    ("ADDRESS", "address"),
+)
+
+
+def render(command: str, result: Any) -> str:
+    """`instances` as a table; anything else as indented JSON."""
+    if command == "instances" and isinstance(result, list):
+        if not result:
+            return "no instances registered"
+        rows = [
+            [
+                f"{r.get('kv_used_blocks', 0)}/{r.get('kv_total_blocks', 0)}"
+                if key == "kv"
+                else str(r.get(key, ""))
+                for _, key in _COLUMNS
+            ]
+            for r in result
+        ]
+        header = [name for name, _ in _COLUMNS]
+        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+        lines = [
+            "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
+        return "\n".join(lines)
+    return json.dumps(result, indent=2, sort_keys=True, default=str)

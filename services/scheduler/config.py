@@ -1,0 +1,104 @@
+"""Global scheduler configuration: the `[scheduler]` table (env: MEMSERVE_SCHEDULER__KEY).
+
+Routing knobs follow the SGLang router's rule (see `policy.py`): the cluster counts as
+imbalanced when max_load - min_load > `balance_abs_threshold_tokens` AND max_load >
+`balance_rel_threshold` * min_load; then the least loaded instance wins, else the longest
+cached prefix when it covers more than `cache_threshold` of the prompt.
+
+Transfer vs recompute (MemServe): fetch a longer prefix from another instance only when
+moving its extra blocks (bytes / `transfer_bytes_per_s`) costs less than computing them,
+exec(x, y) = x * (1 - y) / `prefill_tokens_per_s` + `attention_coeff` * x^2 * (1 - y).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+MODES = ("colocated", "pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")
+POLICIES = ("locality", "least-load", "round-robin", "session")
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+
+
+class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    instance_id: str = "scheduler"
+    address: str = "tcp://127.0.0.1:0"  # Place / Release from gateways (RPC, bound)
+    heartbeat_address: str = "tcp://127.0.0.1:0"  # worker heartbeats (PULL, bound)
+    events_address: str = "tcp://127.0.0.1:0"  # InstanceUp / Down / ClusterShutdown (PUB)
+    admin_address: str = "tcp://127.0.0.1:0"  # `memserve admin` (RPC); "" turns it off
+    admin_allow_remote: bool = False  # the admin socket may bind beyond loopback
+    admin_token: str = ""  # from the config file or MEMSERVE_SCHEDULER__ADMIN_TOKEN
+    mode: str = "colocated"  # colocated | pd-basic | pd-caching-1 | pd-caching-2 | pd-caching-3
+    caching: bool = True  # colocated mode: workers match and insert (P/D modes: per mode)
+    policy: str = "locality"  # locality | least-load | round-robin | session
+    heartbeat_timeout_s: float = 2.0  # silence after which an instance is dropped
+    tree_ttl_s: float = 600.0  # cached blocks not re-stored for this long are forgotten
+    charge_ttl_s: float = 3600.0  # a placement never released (its gateway died) expires
+    balance_abs_threshold_tokens: int = 2048
+    balance_rel_threshold: float = 1.5
+    cache_threshold: float = 0.3  # min matched ratio for locality to prefer the prefix holder
+    fetch: bool = True  # consider pulling a longer prefix from another instance
+    prefill_tokens_per_s: float = 20000.0
+    attention_coeff: float = 1e-9  # seconds per token^2 (the a * x^2 * y attention term)
+    transfer_bytes_per_s: float = 2e9
+    min_fetch_tokens: int = 64
+    log_level: str = "info"
+
+    def validate(self) -> SchedulerConfig:
+        if not self.instance_id:
+            raise ValueError("scheduler.instance_id must not be empty")
+        for key in ("address", "heartbeat_address", "events_address"):
+            if not getattr(self, key):
+                raise ValueError(f"scheduler.{key} must not be empty")
+        if self.mode not in MODES:
+            raise ValueError(f"scheduler.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(
+                f"scheduler.policy must be one of {'|'.join(POLICIES)}, got {self.policy!r}"
+            )
+        if self.admin_address:
+            if not self.admin_token:
+                raise ValueError(
+                    "scheduler.admin_token is required while the admin socket is on: set it in "
+                    "the config file or MEMSERVE_SCHEDULER__ADMIN_TOKEN "
+                    '(or admin_address = "" to turn the admin socket off)'
+                )
+            if not self.admin_allow_remote and not is_loopback(self.admin_address):
+                raise ValueError(
+                    f"scheduler.admin_address {self.admin_address!r} is not a loopback address; "
+                    "set scheduler.admin_allow_remote = true to serve admin beyond this host"
+                )
+        positive = (
+            "heartbeat_timeout_s",
+            "tree_ttl_s",
+            "charge_ttl_s",
+            "balance_rel_threshold",
+            "prefill_tokens_per_s",
+            "transfer_bytes_per_s",
+        )
+        for key in positive:
+            if not getattr(self, key) > 0:
+                raise ValueError(f"scheduler.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("balance_abs_threshold_tokens", "attention_coeff", "min_fetch_tokens"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"scheduler.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.cache_threshold <= 1:
+            raise ValueError(
+                f"scheduler.cache_threshold must be in [0, 1], got {self.cache_threshold}"
+            )
+        return self
+
+
+class SchedulerSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """Root of a scheduler config file: a `[scheduler]` table (env: MEMSERVE_SCHEDULER__KEY)."""
+
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a ZeroMQ endpoint is reachable from this host only (ipc / inproc / loopback)."""
+    if address.startswith(("ipc://", "inproc://")):
+        return True
+    if not address.startswith("tcp://"):
+        return False
+    host = address[len("tcp://") :].rpartition(":")[0]
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")

@@ -1,0 +1,415 @@
+"""The global scheduler's core: where each request runs, and what it owes there.
+
+    Heartbeat ──▶ Registry (who is up)          KvEventBatch ──▶ GlobalPromptTree per role
+                        │                                            │ match (hash once)
+    Place ──▶ eligible instances of the role ──▶ Candidates(load, matched, kv usage)
+                  ──▶ Policy.choose ──▶ CostModel.fetch ──▶ charge ──▶ Placement
+    Release ──▶ take the charge back          tick ──▶ expire instances, tree TTL, charges
+
+Modes (common/protocol/worker.py has the flag table): colocated places on one colocated
+instance (Placement.cache = cfg.caching); the P/D modes place the prompt on a prefill
+instance and hand off to a decode instance, both chosen by the policy on their own role's
+tree (the decode side's prefix matters in pd-caching-2/3: only missing blocks move).
+
+Charges, in tokens, made at placement so the next placement already sees them:
+- prefill (or colocated) instance: prompt - expected cached tokens ("prefill" leg);
+- colocated also max_tokens, P/D decode instance prompt + max_tokens ("decode" leg).
+Release(phase="prefill") takes back the prefill leg, "all" every leg; a second release
+takes nothing (Released(charged=False)). A leg is recorded with its instance's epoch:
+charges of an instance that restarted or was dropped vanish with that incarnation.
+
+Pure and synchronous: every time is the caller's monotonic `now`.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import InvalidRequestError, MemServeError
+from common.protocol.admin import COMMANDS, AdminReply
+from common.protocol.kv_events import KvEventBatch
+from common.protocol.scheduler import (
+    ROLES,
+    Heartbeat,
+    InstanceDown,
+    InstanceEvent,
+    InstanceUp,
+    Place,
+    Placement,
+    Release,
+    Released,
+)
+from common.protocol.worker import HandOff
+from services.scheduler.config import MODES, POLICIES, SchedulerConfig
+from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
+from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
+from services.scheduler.registry import Instance, Registry
+
+PHASES = ("prefill", "all")
+# Admin commands the asyncio shell runs itself (they talk to other processes).
+SERVICE_COMMANDS = ("cache-stats", "flush-cache", "shutdown")
+
+
+class NoInstanceError(MemServeError):
+    """No instance of a role the mode needs can take a placement now."""
+
+
+@dataclass
+class _Leg:
+    instance_id: str
+    epoch: int
+    tokens: int
+    phase: str  # "prefill" | "decode"
+
+
+@dataclass
+class _Charge:
+    legs: list[_Leg]
+    placed_at: float
+
+
+class Scheduler:
+    def __init__(self, cfg: SchedulerConfig):
+        self.cfg = cfg
+        self.registry = Registry(cfg.heartbeat_timeout_s)
+        self.trees = {role: GlobalPromptTree(role, cfg.tree_ttl_s) for role in ROLES}
+        self.cost = CostModel(
+            cfg.prefill_tokens_per_s,
+            cfg.attention_coeff,
+            cfg.transfer_bytes_per_s,
+            cfg.min_fetch_tokens,
+        )
+        self.policy = cfg.policy
+        self.policies = self._make_policies(cfg.policy)
+        # Insertion order is placement order (a re-placement moves to the end), so expiry
+        # of forgotten charges only looks at the front.
+        self.charges: dict[str, _Charge] = {}
+        self.counters: Counter[str] = Counter()
+
+    # ----------------------------------------------------------- instances
+    def on_heartbeat(self, hb: Heartbeat, now: float) -> list[InstanceEvent]:
+        """Register / refresh an instance; returns the events to publish. Raises ValueError
+        for a heartbeat that describes no usable instance."""
+        seen = self.registry.heartbeat(hb, now)
+        inst = seen.instance
+        events: list[InstanceEvent] = []
+        if seen.replaced is not None:
+            self._forget(seen.replaced)
+            self.counters["restarts"] += 1
+            events.append(InstanceDown(inst.instance_id, "restarted"))
+        if seen.new:
+            self.counters["registrations"] += 1
+            if inst.healthy:
+                events.append(InstanceUp(inst.instance_id, inst.role))
+        elif seen.health_changed:
+            if inst.healthy:
+                events.append(InstanceUp(inst.instance_id, inst.role))
+            else:
+                events.append(InstanceDown(inst.instance_id, "unhealthy (lost its MemPool daemon)"))
+        return events
+
+    def on_kv_events(self, instance_id: str, batch: KvEventBatch, now: float) -> bool:
+        """Apply a batch from `instance_id`'s daemon; False when the instance is unknown."""
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return False
+        self.trees[inst.role].apply(batch, now, instance_id)
+        return True
+
+    def tick(self, now: float) -> list[InstanceEvent]:
+        """Drop silent instances, forget cached blocks past the TTL and placements never
+        released; returns the events to publish."""
+        events: list[InstanceEvent] = []
+        for inst in self.registry.expire(now):
+            self._forget(inst)
+            self.counters["expired_instances"] += 1
+            silent = now - inst.last_seen
+            events.append(InstanceDown(inst.instance_id, f"no heartbeat for {silent:.1f} s"))
+        for tree in self.trees.values():
+            tree.expire(now)
+        deadline = now - self.cfg.charge_ttl_s
+        stale = []
+        for rid, charge in self.charges.items():
+            if charge.placed_at >= deadline:
+                break
+            stale.append(rid)
+        for rid in stale:
+            self._take_back(rid, "all")
+            self.counters["expired_charges"] += 1
+        return events
+
+    def _forget(self, inst: Instance) -> None:
+        # Its charges need no work: legs carry the epoch, which no instance has any more.
+        self.trees[inst.role].remove_instance(inst.instance_id)
+
+    # ----------------------------------------------------------- placement
+    def place(self, req: Place, now: float) -> Placement:
+        if not req.token_ids:
+            raise InvalidRequestError(f"request {req.request_id!r} has an empty prompt")
+        if req.max_tokens < 0:
+            raise InvalidRequestError(f"request {req.request_id!r}: max_tokens < 0")
+        colocated = self.cfg.mode == "colocated"
+        first_role = "colocated" if colocated else "prefill"
+        cache = self.cfg.caching if colocated else self.cfg.mode != "pd-basic"
+        decode_cache = self.cfg.mode in ("pd-caching-2", "pd-caching-3")
+        # Check every role before choosing, so a refusal leaves no turn or charge behind.
+        firsts = self._need(first_role)
+        decodes = [] if colocated else self._need("decode")
+        if req.request_id in self.charges:  # placed again (a retry): the new charge replaces it
+            self._take_back(req.request_id, "all")
+
+        n = len(req.token_ids)
+        info = RequestInfo(n, req.session_id)
+        # A worker matches at most all but the last prompt token: hash no further.
+        prompt = PromptHashes(req.token_ids, max_tokens=n - 1)
+        choice = self.policies[first_role].choose(
+            self._candidates(firsts, prompt if cache else None), info
+        )
+        first = choice.candidate
+        self.counters[f"chose_{choice.reason}"] += 1
+        fetch = None
+        if cache and self.cfg.fetch:
+            # Drained instances still hold their cache and their daemons still serve it.
+            sources = [
+                i
+                for i in self.registry.instances()
+                if i.role == first_role and i.healthy and i.instance_id != first.instance_id
+            ]
+            fetch = self.cost.fetch(first, self._candidates(sources, prompt), n)
+        cached = first.matched_tokens
+        expected = max(cached, fetch.num_tokens) if fetch is not None else cached
+        first_inst = self._instance(first.instance_id)
+        legs = [_Leg(first.instance_id, first_inst.epoch, n - expected, "prefill")]
+        handoff = None
+        if colocated:
+            legs.append(_Leg(first.instance_id, first_inst.epoch, req.max_tokens, "decode"))
+        else:
+            dchoice = self.policies["decode"].choose(
+                self._candidates(decodes, prompt if decode_cache else None), info
+            )
+            dec = self._instance(dchoice.candidate.instance_id)
+            legs.append(_Leg(dec.instance_id, dec.epoch, n + req.max_tokens, "decode"))
+            handoff = HandOff(
+                dec.instance_id,
+                dec.address,
+                dec.mempool,
+                insert=decode_cache,
+                cache=decode_cache,
+                return_kv=self.cfg.mode == "pd-caching-3",
+            )
+        for leg in legs:
+            self._instance(leg.instance_id).charged_tokens += leg.tokens
+        self.charges[req.request_id] = _Charge(legs, now)
+        self.counters["placements"] += 1
+        if fetch is not None:
+            self.counters["fetches"] += 1
+        return Placement(
+            req.request_id,
+            first.instance_id,
+            first_inst.address,
+            self.cfg.mode,
+            self.policy,
+            cache,
+            handoff,
+            fetch,
+            cached,
+        )
+
+    def release(self, req: Release) -> Released:
+        if req.phase not in PHASES:
+            raise InvalidRequestError(f"release phase must be prefill or all, got {req.phase!r}")
+        charged = self._take_back(req.request_id, req.phase)
+        if charged:
+            self.counters["releases"] += 1
+        return Released(charged)
+
+    def _take_back(self, request_id: str, phase: str) -> bool:
+        charge = self.charges.get(request_id)
+        if charge is None:
+            return False
+        phases = ("prefill",) if phase == "prefill" else ("prefill", "decode")
+        taken = [leg for leg in charge.legs if leg.phase in phases]
+        if not taken:
+            return False
+        for leg in taken:
+            inst = self.registry.get(leg.instance_id)
+            if inst is not None and inst.epoch == leg.epoch:
+                inst.charged_tokens -= leg.tokens
+        charge.legs = [leg for leg in charge.legs if leg.phase not in phases]
+        if not charge.legs:
+            del self.charges[request_id]
+        return True
+
+    def _need(self, role: str) -> list[Instance]:
+        eligible = self.registry.eligible(role)
+        if not eligible:
+            others = [
+                f"{i.instance_id} ({self.registry.state(i)})"
+                for i in self.registry.instances()
+                if i.role == role
+            ]
+            raise NoInstanceError(
+                f"no eligible {role} instance for mode {self.cfg.mode} "
+                f"(registered {role} instances: {', '.join(others) or 'none'})"
+            )
+        return eligible
+
+    def _candidates(
+        self, instances: Sequence[Instance], prompt: PromptHashes | None
+    ) -> list[Candidate]:
+        return [
+            Candidate(
+                i.instance_id,
+                i.charged_tokens,
+                self.trees[i.role].match(prompt, i.instance_id) if prompt is not None else 0,
+                i.kv_usage,
+                i.mempool,
+                i.block_size,
+                i.block_bytes,
+            )
+            for i in instances
+        ]
+
+    def _instance(self, instance_id: str) -> Instance:
+        inst = self.registry.get(instance_id)
+        assert inst is not None, "candidates come from the registry"
+        return inst
+
+    # --------------------------------------------------------------- policy
+    def _make_policies(self, name: str) -> dict[str, Policy]:
+        cfg = self.cfg
+        return {
+            role: make_policy(
+                name,
+                abs_threshold_tokens=cfg.balance_abs_threshold_tokens,
+                rel_threshold=cfg.balance_rel_threshold,
+                cache_threshold=cfg.cache_threshold,
+            )
+            for role in ROLES
+        }
+
+    def set_policy(self, name: str) -> None:
+        """Switch the routing policy now (turns and session affinities start afresh)."""
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+        self.policies = self._make_policies(name)
+        self.policy = name
+
+    @property
+    def mode_name(self) -> str:
+        """The caching mode, with colocated serving without caching as `colocated-nocache`."""
+        if self.cfg.mode == "colocated" and not self.cfg.caching:
+            return "colocated-nocache"
+        return self.cfg.mode
+
+    def set_mode(self, name: str) -> None:
+        """Switch the caching mode for new placements (requests in flight keep theirs)."""
+        mode, caching = ("colocated", False) if name == "colocated-nocache" else (name, True)
+        if mode not in MODES:
+            raise ValueError(
+                f"unknown mode {name!r}; choose one of colocated-nocache, {', '.join(MODES)}"
+            )
+        self.cfg.mode, self.cfg.caching = mode, caching
+
+    # ---------------------------------------------------------------- admin
+    def authorize(self, token: str) -> bool:
+        """Whether `token` is the cluster's admin token (constant-time compare)."""
+        expected = self.cfg.admin_token
+        return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+
+    def admin(self, command: str, args: Sequence[str], now: float) -> AdminReply:
+        """The admin commands that need no other process. The token is checked by the
+        caller (`authorize`) before this runs."""
+        try:
+            match command, list(args):
+                case "status", []:
+                    return AdminReply(True, self.status(now))
+                case "instances", []:
+                    return AdminReply(True, self.describe_instances(now))
+                case "drain", [iid]:
+                    inst = self.registry.drain(iid)
+                    return AdminReply(True, {"drained": iid, "role": inst.role})
+                case "undrain", [iid]:
+                    self.registry.undrain(iid)
+                    return AdminReply(True, {"undrained": iid})
+                case "policy", []:
+                    return AdminReply(True, {"policy": self.policy})
+                case "policy", [name]:
+                    was = self.policy
+                    self.set_policy(name)
+                    return AdminReply(True, {"policy": name, "was": was})
+                case "mode", []:
+                    return AdminReply(True, {"mode": self.mode_name})
+                case "mode", [name]:
+                    was = self.mode_name
+                    self.set_mode(name)
+                    return AdminReply(True, {"mode": name, "was": was})
+                case (("status" | "instances" | "drain" | "undrain" | "policy" | "mode"), _):
+                    return AdminReply(
+                        False, error=f"wrong arguments for {command}: {_USAGE[command]}"
+                    )
+        except (MemServeError, ValueError) as exc:
+            return AdminReply(False, error=str(exc))
+        if command in SERVICE_COMMANDS:
+            return AdminReply(False, error=f"{command} is run by the scheduler service")
+        return AdminReply(
+            False, error=f"unknown command {command!r}; the scheduler answers {', '.join(COMMANDS)}"
+        )
+
+    def status(self, now: float) -> dict[str, Any]:
+        roles: dict[str, dict[str, int]] = {}
+        for inst in self.registry.instances():
+            states = roles.setdefault(inst.role, {"up": 0, "drained": 0, "unhealthy": 0})
+            states[self.registry.state(inst)] += 1
+        return {
+            "service": "scheduler",
+            "instance_id": self.cfg.instance_id,
+            "mode": self.cfg.mode,
+            "caching": self.cfg.caching
+            if self.cfg.mode == "colocated"
+            else self.cfg.mode != "pd-basic",
+            "policy": self.policy,
+            "instances": roles,
+            "in_flight": len(self.charges),
+            "charged_tokens": sum(i.charged_tokens for i in self.registry.instances()),
+            "cached_blocks": {
+                role: sum(tree.num_blocks(i) for i in tree.instances())
+                for role, tree in self.trees.items()
+                if tree.instances()
+            },
+            "resyncs": sum(tree.resyncs for tree in self.trees.values()),
+            "counters": dict(sorted(self.counters.items())),
+        }
+
+    def describe_instances(self, now: float) -> list[dict[str, Any]]:
+        return [
+            {
+                "instance_id": i.instance_id,
+                "role": i.role,
+                "state": self.registry.state(i),
+                "charged_tokens": i.charged_tokens,
+                "waiting": i.load.waiting_requests,
+                "running": i.load.running_requests,
+                "kv_used_blocks": i.load.kv_used_blocks,
+                "kv_total_blocks": i.load.kv_total_blocks,
+                "cached_blocks": self.trees[i.role].num_blocks(i.instance_id),
+                "last_seen_s": round(now - i.last_seen, 3),
+                "address": i.address,
+                "mempool": i.mempool,
+            }
+            for i in self.registry.instances()
+        ]
+
+
+_USAGE = {
+    "status": "status",
+    "instances": "instances",
+    "drain": "drain INSTANCE_ID",
+    "undrain": "undrain INSTANCE_ID",
+    "policy": "policy [NAME]",
+    "mode": "mode [colocated|colocated-nocache|pd-basic|pd-caching-1|pd-caching-2|pd-caching-3]",
+}

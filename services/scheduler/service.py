@@ -1,0 +1,297 @@
+"""The scheduler service: an asyncio shell around the pure `Scheduler` core.
+
+    workers ──Heartbeat (PUSH)──▶ PULL ──▶ core.on_heartbeat ──▶ PUB InstanceUp / Down ──▶ gateways
+    gateways ──Place / Release (RPC)──▶ core.place / core.release
+    each instance's daemon ──KvEventBatch (PUB)──▶ one SUB per instance ──▶ core.on_kv_events
+    ticker ──▶ core.tick (silent instances dropped ──▶ InstanceDown, ReleaseOwner at its daemon)
+    memserve admin ──AdminRequest (RPC)──▶ token check ──▶ core.admin, or cache-stats /
+                                           flush-cache / shutdown, which talk to other processes
+
+The shell's members follow the registry: after every heartbeat and tick, each registered
+incarnation has exactly one member, with one SUB socket connected to its events address;
+a member whose instance left the registry (silence) is closed and its daemon told to
+`ReleaseOwner`. A restart only replaces the member (the new worker frees its own
+leftovers). Each SUB socket is connected to one daemon only, so it takes every topic and
+attributes what arrives to its instance (a worker and its daemon may be named apart).
+Calls to other processes are best effort with short timeouts (remote.py): a dead daemon
+or worker costs a log line or an error entry, never the scheduler's loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, cast
+
+import zmq
+
+from common.codec import DecodeError
+from common.logging import get_logger
+from common.net import advertise
+from common.protocol import kv_events as ev
+from common.protocol import scheduler as sp
+from common.protocol.admin import AdminReply, AdminRequest
+from common.sockets import PubSocket, PullSocket, RpcServer, SubSocket
+from services.scheduler import remote
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.core import Scheduler
+
+log = get_logger(__name__)
+
+# How long a call to another process may take before it is given up (best effort).
+CALL_TIMEOUT_S = 2.0
+
+
+@dataclass
+class _Member:
+    """What the shell keeps of one registered incarnation: its SUB socket and reader (none
+    when it names no events address, or the connect failed) and its daemon."""
+
+    epoch: int
+    mempool: str
+    sock: SubSocket[ev.KvEventBatch] | None = None
+    task: asyncio.Task[None] | None = None
+
+    def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.sock is not None:
+            self.sock.close()
+
+
+class SchedulerService:
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        call_timeout_s: float = CALL_TIMEOUT_S,
+    ) -> None:
+        self.cfg = cfg
+        self.clock = clock  # monotonic seconds; tests drive expiry with a fake one
+        self.call_timeout_s = call_timeout_s
+        self.core = Scheduler(cfg)
+        self.started_at = time.time()
+        self.members: dict[str, _Member] = {}
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self._stop = asyncio.Event()
+        opened: list[Any] = []
+        try:
+            self.rpc: RpcServer[Any, Any] = RpcServer(
+                cfg.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
+            )
+            opened.append(self.rpc)
+            self.heartbeats: PullSocket[sp.Heartbeat] = PullSocket(
+                cfg.heartbeat_address, sp.Heartbeat, bind=True
+            )
+            opened.append(self.heartbeats)
+            self.events: PubSocket[Any] = PubSocket(
+                cfg.events_address, cast(Any, sp.InstanceEvent), bind=True
+            )
+            opened.append(self.events)
+            self.admin: RpcServer[AdminRequest, AdminReply] | None = None
+            if cfg.admin_address:
+                self.admin = RpcServer(cfg.admin_address, AdminRequest, AdminReply)
+        except BaseException:
+            for sock in opened:
+                sock.close()
+            raise
+
+    # ------------------------------------------------------------ endpoints
+    @property
+    def address(self) -> str:
+        return advertise(self.rpc.address)
+
+    @property
+    def heartbeat_address(self) -> str:
+        return advertise(self.heartbeats.address)
+
+    @property
+    def events_address(self) -> str:
+        return advertise(self.events.address)
+
+    @property
+    def admin_address(self) -> str:
+        return self.admin.address if self.admin is not None else ""
+
+    def endpoints(self) -> dict[str, str]:
+        out = {
+            "rpc": self.address,
+            "heartbeats": self.heartbeat_address,
+            "events": self.events_address,
+        }
+        if self.admin is not None:
+            out["admin"] = self.admin_address
+        return out
+
+    # ------------------------------------------------------------- serving
+    async def serve(self) -> None:
+        """Serve until closed or told to `shutdown` over the admin socket (then return)."""
+        loops: list[Coroutine[Any, Any, None]] = [
+            self.rpc.serve(self._handle),
+            self._recv_heartbeats(),
+            self._tick(),
+        ]
+        if self.admin is not None:
+            loops.append(self.admin.serve(self._admin))
+        running = [asyncio.create_task(c) for c in loops]
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+            for task in running:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise cast(BaseException, task.exception())
+        finally:
+            for t in [*running, stop]:
+                t.cancel()
+            await asyncio.gather(*running, stop, return_exceptions=True)
+
+    async def close(self) -> None:
+        for member in self.members.values():
+            member.close()
+        await asyncio.gather(
+            *(m.task for m in self.members.values() if m.task is not None),
+            return_exceptions=True,
+        )
+        self.members.clear()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.rpc.close()
+        self.heartbeats.close()
+        self.events.close()
+        if self.admin is not None:
+            self.admin.close()
+
+    async def _handle(self, req: Any) -> Any:
+        match req:
+            case sp.Place():
+                return self.core.place(req, self.clock())
+            case sp.Release():
+                return self.core.release(req)
+        raise TypeError(f"unsupported request {type(req).__name__}")
+
+    async def _recv_heartbeats(self) -> None:
+        while True:
+            try:
+                hb = await self.heartbeats.recv()
+            except DecodeError as exc:
+                log.warning("malformed heartbeat dropped", error=str(exc))
+                continue
+            try:
+                events = self.core.on_heartbeat(hb, self.clock())
+            except ValueError as exc:
+                log.warning("heartbeat refused", error=str(exc))
+                continue
+            await self._publish(events)
+            self._sync_members()
+
+    async def _tick(self) -> None:
+        interval = self.cfg.heartbeat_timeout_s / 4
+        while True:
+            await asyncio.sleep(interval)
+            await self._publish(self.core.tick(self.clock()))
+            self._sync_members()
+
+    async def _publish(self, events: list[sp.InstanceEvent]) -> None:
+        for event in events:
+            log.info("instance event", kind=type(event).__name__, **_fields(event))
+            await self.events.publish(sp.INSTANCE_TOPIC, event)
+
+    # -------------------------------------------------------- KV events
+    def _sync_members(self) -> None:
+        """Follow the registry: one `_Member` (and SUB socket) per registered incarnation."""
+        registered = {i.instance_id: i for i in self.core.registry.instances()}
+        for iid in [i for i in self.members if i not in registered]:
+            gone = self.members.pop(iid)
+            gone.close()
+            # Dropped for silence: whatever the dead worker held at its daemon is freed.
+            if gone.mempool:
+                self._spawn(remote.release_owner(gone.mempool, iid, self.call_timeout_s))
+        for iid, inst in registered.items():
+            member = self.members.get(iid)
+            if member is not None and member.epoch == inst.epoch:
+                continue
+            if member is not None:  # restarted: its events address may have moved
+                member.close()
+            member = self.members[iid] = _Member(inst.epoch, inst.mempool)
+            if not inst.events:
+                continue
+            try:
+                member.sock = SubSocket(inst.events, ev.KvEventBatch, bind=False)
+            except OSError as exc:
+                log.warning("cannot subscribe to KV events", instance=iid, error=str(exc))
+                continue
+            member.task = asyncio.create_task(self._recv_kv_events(iid, member.sock))
+
+    async def _recv_kv_events(self, instance_id: str, sock: SubSocket[ev.KvEventBatch]) -> None:
+        warned = False
+        while True:
+            try:
+                _, batch = await sock.recv()
+            except DecodeError as exc:
+                log.warning(
+                    "malformed KV event batch dropped", instance=instance_id, error=str(exc)
+                )
+                continue
+            except zmq.ZMQError:
+                return  # closed
+            if batch.instance_id != instance_id and not warned:
+                warned = True
+                log.info(
+                    "daemon named apart from its worker",
+                    instance=instance_id,
+                    daemon=batch.instance_id,
+                )
+            self.core.on_kv_events(instance_id, batch, self.clock())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------- admin
+    async def _admin(self, req: AdminRequest) -> AdminReply:
+        if not self.core.authorize(req.token):
+            return AdminReply(False, error="bad admin token")
+        now = self.clock()
+        match req.command:
+            case "status":
+                reply = self.core.admin("status", req.args, now)
+                if reply.ok:
+                    reply.result.update(
+                        pid=os.getpid(),
+                        uptime_s=round(time.time() - self.started_at, 3),
+                        endpoints=self.endpoints(),
+                        subscriptions=sorted(i for i, m in self.members.items() if m.sock),
+                    )
+                return reply
+            case "cache-stats":
+                return AdminReply(
+                    True, await remote.cache_stats(self._daemons(), self.call_timeout_s)
+                )
+            case "flush-cache":
+                return AdminReply(
+                    True, await remote.flush_cache(self._daemons(), self.call_timeout_s)
+                )
+            case "shutdown":
+                return await self._shutdown(req.token)
+        return self.core.admin(req.command, req.args, now)
+
+    def _daemons(self) -> dict[str, str]:
+        return {i.instance_id: i.mempool for i in self.core.registry.instances() if i.mempool}
+
+    async def _shutdown(self, token: str) -> AdminReply:
+        log.info("cluster shutdown requested over the admin socket")
+        await self.events.publish(sp.INSTANCE_TOPIC, sp.ClusterShutdown())
+        controls = {i.instance_id: i.control for i in self.core.registry.instances() if i.control}
+        workers = await remote.stop_workers(controls, token, self.call_timeout_s)
+        # Stop once this reply is out: stopping now would cancel the reply itself.
+        asyncio.get_running_loop().call_later(0.05, self._stop.set)
+        return AdminReply(True, {"stopping": self.cfg.instance_id, "workers": workers})
+
+
+def _fields(event: sp.InstanceEvent) -> dict[str, Any]:
+    return {f: getattr(event, f) for f in event.__struct_fields__}

@@ -1,0 +1,292 @@
+"""The scheduler service over real sockets: heartbeats on a PUSH socket register workers,
+Place / Release over RPC, silence drops an instance and publishes InstanceDown, malformed
+heartbeats are dropped while it keeps serving, the admin socket refuses a wrong token and
+answers its commands, a real MemPool daemon's KV events keep the tree exact, and a real
+`memserve scheduler` process serves `memserve admin` until told to shut down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import pytest
+import zmq
+
+from common.protocol import scheduler as sp
+from common.protocol.admin import AdminReply, AdminRequest
+from common.sockets import PushSocket, RpcClient, RpcError, RpcServer, SubSocket, get_context
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.global_tree import PromptHashes
+from services.scheduler.service import SchedulerService
+from tests.daemons import Launcher, SpawnDaemon
+from tests.scheduler.helpers import cli, heartbeat, prompt
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token"
+# How long a subscriber may take to be connected before anything is published (ZeroMQ's
+# slow joiner): published messages before that are dropped by design.
+SUBSCRIBE_SETTLE_S = 0.2
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(pred: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not pred():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class Harness:
+    svc: SchedulerService
+    clock: FakeClock
+    beats: PushSocket[sp.Heartbeat]
+    rpc: RpcClient[Any, Any]
+    admin: RpcClient[AdminRequest, AdminReply]
+    events: SubSocket[Any]
+    serving: asyncio.Task[None]
+
+    async def beat(self, hb: sp.Heartbeat) -> None:
+        await self.beats.send(hb)
+
+    async def register(self, hb: sp.Heartbeat) -> None:
+        await self.beat(hb)
+        await until(lambda: self.svc.core.registry.get(hb.instance_id) is not None, hb.instance_id)
+
+    async def next_event(self) -> Any:
+        _, event = await asyncio.wait_for(self.events.recv(), 10)
+        return event
+
+    async def call_admin(self, command: str, *args: str, token: str = TOKEN) -> AdminReply:
+        return await self.admin.call(AdminRequest(token, command, list(args)), timeout_s=10)
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    # Expiry follows the fake clock; the real ticker runs every 50 ms.
+    cfg = SchedulerConfig(admin_token=TOKEN, heartbeat_timeout_s=0.2).validate()
+    svc = SchedulerService(cfg, clock=clock, call_timeout_s=0.3)
+    serving = asyncio.create_task(svc.serve())
+    h = Harness(
+        svc,
+        clock,
+        PushSocket(svc.heartbeat_address, sp.Heartbeat, bind=False),
+        RpcClient(svc.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)),
+        RpcClient(svc.admin_address, AdminRequest, AdminReply),
+        SubSocket(
+            svc.events_address, cast(Any, sp.InstanceEvent), bind=False, topics=[sp.INSTANCE_TOPIC]
+        ),
+        serving,
+    )
+    await asyncio.sleep(SUBSCRIBE_SETTLE_S)
+    yield h
+    for sock in (h.beats, h.rpc, h.admin, h.events):
+        sock.close()
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    await svc.close()
+
+
+async def test_heartbeat_registers_and_place_returns_it(harness: Harness) -> None:
+    await harness.register(heartbeat("w0"))
+    assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+    placed = await harness.rpc.call(sp.Place("r1", prompt(40), 8))
+    assert isinstance(placed, sp.Placement)
+    assert (placed.instance_id, placed.address, placed.cache) == (
+        "w0",
+        "tcp://127.0.0.1:9/w0",
+        True,
+    )
+    assert await harness.rpc.call(sp.Release("r1", "prefill")) == sp.Released(True)
+    assert await harness.rpc.call(sp.Release("r1")) == sp.Released(True)
+    assert await harness.rpc.call(sp.Release("r1")) == sp.Released(False)
+
+
+async def test_silence_drops_the_instance_and_publishes_instance_down(harness: Harness) -> None:
+    await harness.register(heartbeat("w0"))
+    assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+    harness.clock.now += 1.0  # five heartbeat timeouts of silence
+    down = await harness.next_event()
+    assert isinstance(down, sp.InstanceDown) and down.instance_id == "w0"
+    assert "no heartbeat" in down.reason
+    with pytest.raises(RpcError, match="no eligible colocated instance"):
+        await harness.rpc.call(sp.Place("r1", prompt(10), 1))
+    await harness.register(heartbeat("w0"))  # it comes back
+    assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+    assert (await harness.rpc.call(sp.Place("r2", prompt(10), 1))).instance_id == "w0"
+
+
+async def test_malformed_heartbeats_are_dropped_and_serving_goes_on(harness: Harness) -> None:
+    raw = get_context().socket(zmq.PUSH)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(harness.svc.heartbeat_address)
+    try:
+        await raw.send_multipart([b"\xc1not msgpack"])
+        await harness.beat(heartbeat("w9", role="chef"))  # decodes, but no such role
+        await harness.register(heartbeat("w0"))
+    finally:
+        raw.close()
+    assert [i.instance_id for i in harness.svc.core.registry.instances()] == ["w0"]
+    assert (await harness.rpc.call(sp.Place("r1", prompt(10), 1))).instance_id == "w0"
+
+
+async def test_admin_refuses_a_wrong_token_and_answers_commands(harness: Harness) -> None:
+    await harness.register(heartbeat("w0"))
+    await harness.register(heartbeat("w1"))
+    refused = await harness.call_admin("drain", "w0", token="guess")
+    assert refused == AdminReply(False, error="bad admin token")
+    assert harness.svc.core.registry.eligible("colocated")[0].instance_id == "w0"
+
+    status = await harness.call_admin("status")
+    assert status.ok and status.result["service"] == "scheduler"
+    assert status.result["instances"] == {"colocated": {"up": 2, "drained": 0, "unhealthy": 0}}
+    assert status.result["endpoints"]["rpc"] == harness.svc.address
+
+    assert (await harness.call_admin("drain", "w0")).ok
+    for i in range(3):
+        placed = await harness.rpc.call(sp.Place(f"r{i}", prompt(10), 1))
+        assert placed.instance_id == "w1"
+    rows = (await harness.call_admin("instances")).result
+    assert [(r["instance_id"], r["state"]) for r in rows] == [("w0", "drained"), ("w1", "up")]
+    assert (await harness.call_admin("undrain", "w0")).ok
+
+    assert (await harness.call_admin("policy", "least-load")).result["policy"] == "least-load"
+    assert (await harness.call_admin("policy")).result == {"policy": "least-load"}
+    unknown = await harness.call_admin("dance")
+    assert not unknown.ok and "unknown command 'dance'" in unknown.error
+
+
+async def test_shutdown_tells_workers_and_gateways_then_stops(harness: Harness) -> None:
+    received: list[AdminRequest] = []
+
+    async def worker_control(req: AdminRequest) -> AdminReply:
+        received.append(req)
+        return AdminReply(True, {"stopping": "w0"})
+
+    control: RpcServer[AdminRequest, AdminReply] = RpcServer(
+        "tcp://127.0.0.1:0", AdminRequest, AdminReply
+    )
+    serving = asyncio.create_task(control.serve(worker_control))
+    try:
+        await harness.register(heartbeat("w0", control=control.address))
+        await harness.register(heartbeat("w1", control="tcp://127.0.0.1:1"))  # nobody there
+        assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+        assert await harness.next_event() == sp.InstanceUp("w1", "colocated")
+        reply = await harness.call_admin("shutdown")
+        assert reply.ok and reply.result["workers"]["w0"] == "stopping"
+        assert "Timeout" in reply.result["workers"]["w1"]
+        assert received == [AdminRequest(TOKEN, "shutdown")]
+        assert await harness.next_event() == sp.ClusterShutdown()
+        await asyncio.wait_for(harness.serving, 10)  # serve() returned: the process exits
+    finally:
+        serving.cancel()
+        control.close()
+
+
+async def test_kv_events_of_a_real_daemon_keep_the_tree_exact(
+    harness: Harness, spawn_daemon: SpawnDaemon
+) -> None:
+    daemon = await spawn_daemon("m0", admin_token=TOKEN)
+    client = daemon.client
+    await harness.register(
+        heartbeat("w0", events=daemon.endpoints["events"], mempool=daemon.address)
+    )
+    tree = harness.svc.core.trees["colocated"]
+
+    def held(tokens: list[int]) -> int:
+        return tree.match(PromptHashes(tokens), "w0")
+
+    # Until the SUB socket is connected the daemon's events go nowhere: insert until one
+    # arrives, then every later one does.
+    for attempt in range(50):
+        probe = prompt(16, seed=1000 + attempt)
+        await client.insert(probe, await client.alloc_mem(1))
+        try:
+            await until(lambda p=probe: held(p) == 16, "probe", timeout_s=0.2)  # type: ignore[misc]
+            break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError("no KV event ever arrived")
+
+    doc = prompt(64, seed=1)
+    await client.insert(doc, await client.alloc_mem(4))
+    await until(lambda: held(doc) == 64, "doc stored")
+    branch = doc[:32] + prompt(40, seed=2)  # shares 2 blocks, adds 2 more and a tail
+    await client.insert(branch, await client.alloc_mem(5))
+    await until(lambda: held(branch) == 64, "branch stored")
+    assert held([*doc, 7, 7]) == 64 and held(doc[:40]) == 32
+    assert held(prompt(64, seed=3)) == 0
+    dropped = await client.delete(branch)
+    assert dropped == 2
+    await until(lambda: held(branch) == 32, "branch removed")
+    assert held(doc) == 64
+
+    # A hit at the daemon shows in cache-stats; flush-cache empties the daemon and the tree.
+    m = await client.match(doc)
+    await client.release(m.handle)
+    stats = await harness.call_admin("cache-stats")
+    assert stats.ok
+    mine = stats.result["instances"]["w0"]
+    assert mine["daemon"] == "m0" and mine["matched_tokens"] >= 64
+    assert stats.result["cluster"]["hit_rate"] > 0
+    flushed = await harness.call_admin("flush-cache")
+    assert flushed.ok and flushed.result["instances"]["w0"]["device_blocks"] > 0
+    await until(lambda: tree.num_blocks("w0") == 0, "tree emptied by the flush")
+    assert (await client.stats()).index["device"] == 0
+
+    # `memserve admin status` works against the daemon's own control socket.
+    code, out, _ = await cli(["admin", "--address", daemon.address, "--token", TOKEN, "status"])
+    assert code == 0 and json.loads(out)["service"] == "mempool"
+
+    # Dropped for silence: the blocks the dead worker held at its daemon are freed.
+    await client.alloc_mem(3, owner="w0")
+    assert (await client.stats()).client["device"] == 3
+    harness.clock.now += 1.0
+    await until(lambda: harness.svc.core.registry.get("w0") is None, "w0 dropped")
+    for _ in range(500):
+        if (await client.stats()).client["device"] == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert (await client.stats()).client["device"] == 0
+    assert "w0" not in harness.svc.members
+
+
+async def test_scheduler_process_serves_admin_until_shutdown(launcher: Launcher) -> None:
+    proc = await launcher.start("scheduler", "scheduler", {"admin_token": TOKEN})
+    ep = proc.endpoints
+    assert set(ep) == {"rpc", "heartbeats", "events", "admin"}
+    beats = PushSocket(ep["heartbeats"], sp.Heartbeat, bind=False)
+    try:
+        await beats.send(heartbeat("w0"))
+        admin = ["admin", "--address", ep["admin"], "--token", TOKEN]
+        for _ in range(500):
+            code, out, _ = await cli([*admin, "instances"])
+            if "w0" in out:
+                break
+            await asyncio.sleep(0.01)
+        assert code == 0 and out.splitlines()[0].split()[:3] == ["INSTANCE", "ROLE", "STATE"]
+        assert out.splitlines()[1].split()[:3] == ["w0", "colocated", "up"]
+        code, out, _ = await cli([*admin, "status"])
+        assert code == 0 and json.loads(out)["pid"] == proc.proc.pid
+        code, _, err = await cli(["admin", "--address", ep["admin"], "--token", "nope", "status"])
+        assert code == 1 and "bad admin token" in err
+        code, out, _ = await cli([*admin, "shutdown"])
+        assert code == 0 and json.loads(out)["stopping"] == "scheduler"
+        assert await asyncio.to_thread(proc.proc.wait, 30) == 0
+    finally:
+        beats.close()
