@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/memserve generate --model tiny --max-tokens 48 "MemServe keeps the KV cache"
+	$(BIN)/memserve demo
 
 lint: install
 	$(BIN)/ruff check .

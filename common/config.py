@@ -209,3 +209,15 @@ def _source_of(tokens: list[str], sources: Mapping[KeyPath, str]) -> str | None:
         return max(above, key=lambda c: c[0])[1]
     below = [source for keys, source in sources.items() if covers(tokens, keys)]
     return below[0] if below else None
+
+
+class SharedFile(msgspec.Struct, forbid_unknown_fields=True):
+    """Root of a config file that several services share (deploy/procfile.toml): each
+    service's Settings subclasses it and types its own table; the other services' tables
+    are accepted and left alone, a misspelled table name is still an error."""
+
+    cluster: dict[str, Any] = msgspec.field(default_factory=dict)
+    scheduler: dict[str, Any] = msgspec.field(default_factory=dict)
+    gateway: dict[str, Any] = msgspec.field(default_factory=dict)
+    worker: dict[str, Any] = msgspec.field(default_factory=dict)
+    mempool: dict[str, Any] = msgspec.field(default_factory=dict)

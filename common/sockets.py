@@ -419,3 +419,64 @@ def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is not None and bool(cancelling())
+
+
+class RouterSocket(_Socket, Generic[T]):
+    """The server end of a streaming channel: receives ``(peer, T)`` from DEALER clients and
+    sends any number of messages back to one peer.
+
+    With ``ROUTER_MANDATORY``, sending to a peer that has gone away raises ``PeerGone``
+    instead of dropping the message silently: that is how a server learns a client left.
+    """
+
+    def __init__(self, address: str, type_: Any, *, bind: bool = True) -> None:
+        super().__init__(zmq.ROUTER, address, bind=bind)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._decoder: Decoder[T] = Decoder(type_)
+
+    async def recv(self) -> tuple[bytes, T]:
+        """The next ``(peer, message)``; a malformed message raises ``MalformedFrom``."""
+        frames = await self._recv()
+        peer = frames[0].bytes
+        try:
+            return peer, self._decoder.decode(frames[1:])
+        except DecodeError as e:
+            raise MalformedFrom(peer, str(e)) from None
+
+    async def send_to(self, peer: bytes, msg: msgspec.Struct) -> None:
+        try:
+            await self._send([peer, *encode(msg)])
+        except zmq.ZMQError as e:
+            if e.errno == zmq.EHOSTUNREACH:
+                raise PeerGone(peer) from None
+            raise
+
+
+class DealerSocket(_Socket, Generic[T]):
+    """The client end of a ``RouterSocket``: sends messages, receives ``T`` replies."""
+
+    def __init__(self, address: str, type_: Any, *, bind: bool = False) -> None:
+        super().__init__(zmq.DEALER, address, bind=bind)
+        self._decoder: Decoder[T] = Decoder(type_)
+
+    async def send(self, msg: msgspec.Struct) -> None:
+        await self._send(encode(msg))
+
+    async def recv(self) -> T:
+        return self._decoder.decode(await self._recv())
+
+
+class PeerGone(Exception):
+    """A ROUTER send found no connection to that peer (the client went away)."""
+
+    def __init__(self, peer: bytes) -> None:
+        super().__init__(f"peer {peer.hex()} is gone")
+        self.peer = peer
+
+
+class MalformedFrom(DecodeError):
+    """A malformed message, with the peer that sent it (so it can be told)."""
+
+    def __init__(self, peer: bytes, message: str) -> None:
+        super().__init__(message)
+        self.peer = peer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from services.cli import build_parser
 from services.mempool.__main__ import load
 
@@ -36,7 +38,9 @@ def test_procfile_commands_parse() -> None:
     assert lines
     for line in lines:
         _, command = line.split(":", 1)
-        argv = command.split()
+        words = command.split()
+        env = [w for w in words if "=" in w and w.startswith("MEMSERVE_")]
+        argv = words[len(env) :]
         assert argv[0] == "memserve"
         args = parser.parse_args(argv[1:])
         assert callable(args.func)
@@ -57,3 +61,22 @@ def test_bad_config_names_the_key(tmp_path: Path) -> None:
     bad.write_text('[mempool]\nblock_size = "sixteen"\n')
     with pytest.raises(ConfigError, match="block_size"):
         load(str(bad))
+
+
+def test_procfile_and_cluster_files_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.gateway.__main__ import load as load_gateway
+    from services.launcher.config import load as load_cluster
+    from services.scheduler.__main__ import load as load_scheduler
+    from services.worker.__main__ import load as load_worker
+
+    shared = str(ROOT / "deploy" / "procfile.toml")
+    monkeypatch.setenv("MEMSERVE_SCHEDULER__ADMIN_TOKEN", "from-the-environment")
+    sched, gw = load_scheduler(shared), load_gateway(shared)
+    assert gw.scheduler == sched.address and gw.scheduler_events == sched.events_address
+    assert load_worker(shared).scheduler == sched.heartbeat_address
+    assert load(shared).model == load_worker(shared).engine.model
+    cluster = load_cluster(str(ROOT / "deploy" / "local.toml"))
+    assert cluster.cluster.mode == "pd-caching-3" and cluster.cluster.roles() == [
+        "prefill",
+        "decode",
+    ]

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import setup_logging
-from services.cli import admin, generate, model_info, service
+from services.cli import admin, chat, demo, generate, model_info, service, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,13 +18,18 @@ def build_parser() -> argparse.ArgumentParser:
     model_info.add_parser(sub)
     service.add_parsers(sub)
     admin.add_parser(sub)
+    up.add_parser(sub)
+    chat.add_parser(sub)
+    demo.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import engine as bench_engine
     from bench import mempool as bench_mempool
+    from bench import serve as bench_serve
 
     bench_engine.add_parser(bench_sub)
     bench_mempool.add_parser(bench_sub)
+    bench_serve.add_parser(bench_sub)
     return parser
 
 

@@ -1,9 +1,11 @@
-"""`memserve generate --model tiny|PATH "prompt"`: stream a completion from an in-process engine."""
+"""`memserve generate "prompt"`: stream a completion, from a running cluster
+(`--gateway ADDR`, or env MEMSERVE_GATEWAY) or from an in-process engine (`--model`)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -17,8 +19,14 @@ from services.worker.model.presets import resolve_model
 
 
 def add_parser(sub: Any) -> None:
-    p = sub.add_parser("generate", help="stream a completion from an in-process engine")
+    p = sub.add_parser("generate", help="stream a completion (from a gateway, or in-process)")
     p.add_argument("prompt")
+    p.add_argument(
+        "--gateway",
+        default=os.environ.get("MEMSERVE_GATEWAY", ""),
+        help="a running cluster's gateway (tcp://host:port); without it, an in-process engine",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
     p.add_argument(
         "--model", default="tiny", help="embedded preset (tiny, small) or a Hugging Face folder"
     )
@@ -34,11 +42,8 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from services.worker.async_engine import AsyncEngine
-    from services.worker.engine import Engine
-
-    params = SamplingParams(
+def sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -47,6 +52,19 @@ def run(args: argparse.Namespace) -> int:
         stop=args.stop,
         ignore_eos=args.ignore_eos,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    params = sampling(args)
+    if args.gateway:
+        try:
+            params.validate()
+        except InvalidRequestError as exc:
+            return fail(str(exc))
+        return asyncio.run(_from_gateway(args, params))
+    from services.worker.async_engine import AsyncEngine
+    from services.worker.engine import Engine
+
     try:
         params.validate()
         config = EngineConfig(model=args.model, dtype=args.dtype, device=args.device).validate()
@@ -69,3 +87,20 @@ def run(args: argparse.Namespace) -> int:
             await aengine.close()
 
     return asyncio.run(stream())
+
+
+async def _from_gateway(args: argparse.Namespace, params: SamplingParams) -> int:
+    from common.client import GatewayClient, GatewayError
+
+    client = GatewayClient(args.gateway, timeout_s=args.timeout)
+    try:
+        async for text in client.generate(args.prompt, params):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    except (GatewayError, TimeoutError) as exc:
+        sys.stdout.write("\n")
+        return fail(str(exc))
+    finally:
+        client.close()

@@ -22,6 +22,7 @@ SERVICES = {
         "[worker]",
     ),
     "scheduler": ("services.scheduler.__main__", "run the global scheduler", "[scheduler]"),
+    "gateway": ("services.gateway.__main__", "run the gateway (client protocol)", "[gateway]"),
 }
 
 

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import msgspec
 
-from common.config import load_config
+from common.config import SharedFile, load_config
 from common.service_main import Service, run_main, run_service
 from services.mempool.config import MempoolConfig
 from services.mempool.service import MempoolDaemon
 
 
-class MempoolSettings(msgspec.Struct, forbid_unknown_fields=True):
+class MempoolSettings(SharedFile, forbid_unknown_fields=True):
     """Root of a daemon config file: a `[mempool]` table (env: MEMSERVE_MEMPOOL__KEY)."""
 
-    mempool: MempoolConfig = msgspec.field(default_factory=MempoolConfig)
+    mempool: MempoolConfig = msgspec.field(default_factory=MempoolConfig)  # type: ignore[assignment]  # typed: this service's table
 
 
 def load(path: str | None) -> MempoolConfig:

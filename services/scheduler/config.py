@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import msgspec
 
+from common.config import SharedFile
+
 MODES = ("colocated", "pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")
 POLICIES = ("locality", "least-load", "round-robin", "session")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -88,10 +90,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
         return self
 
 
-class SchedulerSettings(msgspec.Struct, forbid_unknown_fields=True):
+class SchedulerSettings(SharedFile, forbid_unknown_fields=True):
     """Root of a scheduler config file: a `[scheduler]` table (env: MEMSERVE_SCHEDULER__KEY)."""
 
-    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)
+    scheduler: SchedulerConfig = msgspec.field(default_factory=SchedulerConfig)  # type: ignore[assignment]  # typed: this service's table
 
 
 def is_loopback(address: str) -> bool:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import msgspec
 
-from common.config import load_config
+from common.config import SharedFile, load_config
 from common.service_main import Service, run_main, run_service
 from services.worker.service import WorkerConfig, WorkerService
 
 
-class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
+class WorkerSettings(SharedFile, forbid_unknown_fields=True):
     """Root of a worker config file: `[worker]` and `[worker.engine]` (env: MEMSERVE_WORKER__KEY)."""
 
-    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)  # type: ignore[assignment]  # typed: this service's table
 
 
 def load(path: str | None) -> WorkerConfig:

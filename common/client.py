@@ -1,0 +1,193 @@
+"""The async Python client of a MemServe gateway (common/protocol/client.py).
+
+    async with GatewayClient("tcp://127.0.0.1:5800") as client:
+        async for text in client.generate("Hello", SamplingParams(max_tokens=32)):
+            print(text, end="")
+        print(client.last_final)            # timings, cached tokens
+
+One DEALER socket; a background task routes the gateway's messages to per-request queues,
+so many requests may stream at once. Leaving `generate` early cancels the request at the
+gateway (which aborts it on the workers). A gateway silent for `timeout_s` raises
+`GatewayTimeout`: the client never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from common.codec import DecodeError
+from common.errors import MemServeError
+from common.protocol import client as cp
+from common.sampling import SamplingParams
+from common.sockets import DealerSocket
+
+
+class GatewayError(MemServeError):
+    """The request failed; `final` says how (its `error`)."""
+
+    def __init__(self, final: cp.Final):
+        super().__init__(final.error or final.finish_reason)
+        self.final = final
+
+
+class GatewayTimeout(TimeoutError):
+    pass
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    final: cp.Final = field(default_factory=lambda: cp.Final("", "stop"))
+
+
+class GatewayClient:
+    def __init__(self, address: str, timeout_s: float = 60.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._sock: DealerSocket[Any] = DealerSocket(address, cast(Any, cp.ClientReply))
+        self._queues: dict[str, asyncio.Queue[Any]] = {}
+        self._session_waiters: list[asyncio.Future[Any]] = []
+        self._router: asyncio.Task[None] | None = None
+        self._ids = itertools.count()
+        self._prefix = f"c{os.getpid()}-{id(self) & 0xFFFF:x}"
+        self.last_final: cp.Final | None = None
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- sessions
+    async def open_session(self) -> str:
+        reply = await self._session_call(cp.OpenSession())
+        if isinstance(reply, cp.SessionClosed):
+            raise MemServeError(reply.error)
+        return cast(str, reply.session_id)
+
+    async def close_session(self, session_id: str) -> None:
+        reply = await self._session_call(cp.CloseSession(session_id))
+        if reply.error:
+            raise MemServeError(reply.error)
+
+    async def _session_call(self, msg: Any) -> Any:
+        self._ensure_router()
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._session_waiters.append(fut)
+        await self._sock.send(msg)
+        try:
+            return await asyncio.wait_for(fut, self.timeout_s)
+        except TimeoutError:
+            raise GatewayTimeout(f"no answer from the gateway at {self.address}") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._session_waiters.remove(fut)
+
+    # ---------------------------------------------------------------- requests
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        session_id: str = "",
+        request_id: str | None = None,
+    ) -> AsyncIterator[str]:
+        """Stream text chunks; raises `GatewayError` if the request fails. The request's
+        `Final` (timings, cached tokens) is in `last_final` afterwards."""
+        async for item in self._stream(prompt, params, session_id, request_id):
+            if isinstance(item, cp.Chunk) and item.text:
+                yield item.text
+
+    async def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        session_id: str = "",
+        request_id: str | None = None,
+    ) -> Completion:
+        """The whole answer at once (raises `GatewayError` on failure)."""
+        texts: list[str] = []
+        ids: list[int] = []
+        async for item in self._stream(prompt, params, session_id, request_id):
+            if isinstance(item, cp.Chunk):
+                texts.append(item.text)
+                ids.extend(item.token_ids)
+        assert self.last_final is not None
+        return Completion("".join(texts), ids, self.last_final)
+
+    async def _stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None,
+        session_id: str,
+        request_id: str | None,
+    ) -> AsyncIterator[cp.Chunk]:
+        self._ensure_router()
+        rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[rid] = queue
+        done = False
+        try:
+            await self._sock.send(
+                cp.Complete(rid, text, ids, params or SamplingParams(), session_id)
+            )
+            while True:
+                try:
+                    msg = await asyncio.wait_for(queue.get(), self.timeout_s)
+                except TimeoutError:
+                    raise GatewayTimeout(
+                        f"no message from the gateway for {self.timeout_s:g} s (request {rid})"
+                    ) from None
+                if isinstance(msg, cp.Final):
+                    done = True
+                    self.last_final = msg
+                    if msg.text:
+                        yield cp.Chunk(rid, msg.text)
+                    if msg.finish_reason == "error":
+                        raise GatewayError(msg)
+                    return
+                yield msg
+        finally:
+            self._queues.pop(rid, None)
+            if not done and not self._sock.closed:
+                with contextlib.suppress(Exception):
+                    await self._sock.send(cp.Cancel(rid))
+
+    async def cancel(self, request_id: str) -> None:
+        await self._sock.send(cp.Cancel(request_id))
+
+    # ---------------------------------------------------------------- routing
+    def _ensure_router(self) -> None:
+        if self._router is None or self._router.done():
+            self._router = asyncio.get_running_loop().create_task(self._route())
+
+    async def _route(self) -> None:
+        while True:
+            try:
+                msg = await self._sock.recv()
+            except DecodeError:
+                continue
+            if isinstance(msg, cp.SessionOpened | cp.SessionClosed):
+                if self._session_waiters:
+                    fut = self._session_waiters.pop(0)
+                    if not fut.done():
+                        fut.set_result(msg)
+                continue
+            queue = self._queues.get(msg.request_id)
+            if queue is not None:
+                queue.put_nowait(msg)
+            elif isinstance(msg, cp.Final) and not msg.request_id:
+                for q in self._queues.values():  # an unattributable error (malformed send)
+                    q.put_nowait(msg)
+
+    def close(self) -> None:
+        if self._router is not None:
+            self._router.cancel()
+        self._sock.close()
