@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from common.client import GatewayClient
-
     from bench.serve import chat_workload, cluster_overrides, messages
+    from common.client import GatewayClient
     from common.sampling import SamplingParams
     from services.launcher.config import load
     from services.launcher.supervisor import Cluster
