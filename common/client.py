@@ -6,9 +6,10 @@
         print(client.last_final)            # timings, cached tokens
 
 One DEALER socket; a background task routes the gateway's messages to per-request queues,
-so many requests may stream at once. Leaving `generate` early cancels the request at the
-gateway (which aborts it on the workers). A gateway silent for `timeout_s` raises
-`GatewayTimeout`: the client never hangs.
+so many requests may stream at once. Leaving `generate` early (break, or `aclose()`)
+cancels the request at the gateway, which aborts it on the workers. A gateway silent for
+`timeout_s` raises `GatewayTimeout`: a call never hangs. After `close()`, waiting calls
+raise `GatewayClosed`.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import asyncio
 import contextlib
 import itertools
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, cast
+
+import zmq
 
 from common.codec import DecodeError
 from common.errors import MemServeError
@@ -37,7 +40,11 @@ class GatewayError(MemServeError):
 
 
 class GatewayTimeout(TimeoutError):
-    pass
+    """The gateway sent nothing for `timeout_s`."""
+
+
+class GatewayClosed(MemServeError):
+    """The client was closed while a call was waiting."""
 
 
 @dataclass
@@ -47,17 +54,21 @@ class Completion:
     final: cp.Final = field(default_factory=lambda: cp.Final("", "stop"))
 
 
+_CLOSED = object()  # put in every queue by close(): wakes the waiting calls
+
+
 class GatewayClient:
     def __init__(self, address: str, timeout_s: float = 60.0):
         self.address = address
         self.timeout_s = timeout_s
         self._sock: DealerSocket[Any] = DealerSocket(address, cast(Any, cp.ClientReply))
         self._queues: dict[str, asyncio.Queue[Any]] = {}
+        # Session replies carry no request id: the gateway answers them in order.
         self._session_waiters: list[asyncio.Future[Any]] = []
         self._router: asyncio.Task[None] | None = None
         self._ids = itertools.count()
-        self._prefix = f"c{os.getpid()}-{id(self) & 0xFFFF:x}"
-        self.last_final: cp.Final | None = None
+        self._prefix = f"c{os.getpid()}-{id(self) & 0xFFFFFF:x}"
+        self.last_final: cp.Final | None = None  # of the request that ended last
 
     async def __aenter__(self) -> GatewayClient:
         return self
@@ -67,9 +78,10 @@ class GatewayClient:
 
     # ---------------------------------------------------------------- sessions
     async def open_session(self) -> str:
+        """A new conversation at the gateway: pass its id to each turn."""
         reply = await self._session_call(cp.OpenSession())
         if isinstance(reply, cp.SessionClosed):
-            raise MemServeError(reply.error)
+            raise MemServeError(reply.error or "the gateway opened no session")
         return cast(str, reply.session_id)
 
     async def close_session(self, session_id: str) -> None:
@@ -77,12 +89,12 @@ class GatewayClient:
         if reply.error:
             raise MemServeError(reply.error)
 
-    async def _session_call(self, msg: Any) -> Any:
+    async def _session_call(self, msg: cp.OpenSession | cp.CloseSession) -> Any:
         self._ensure_router()
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._session_waiters.append(fut)
-        await self._sock.send(msg)
         try:
+            await self._sock.send(msg)
             return await asyncio.wait_for(fut, self.timeout_s)
         except TimeoutError:
             raise GatewayTimeout(f"no answer from the gateway at {self.address}") from None
@@ -98,11 +110,21 @@ class GatewayClient:
         session_id: str = "",
         request_id: str | None = None,
     ) -> AsyncIterator[str]:
-        """Stream text chunks; raises `GatewayError` if the request fails. The request's
+        """Stream text chunks; raises `GatewayError` if the request fails (an abort the
+        caller did not ask for ends the stream quietly: see `last_final`). The request's
         `Final` (timings, cached tokens) is in `last_final` afterwards."""
-        async for item in self._stream(prompt, params, session_id, request_id):
-            if isinstance(item, cp.Chunk) and item.text:
-                yield item.text
+        stream = self._stream(prompt, params, session_id, request_id)
+        async with contextlib.aclosing(stream):  # an early exit cancels at once
+            async for item in stream:
+                if isinstance(item, cp.Chunk):
+                    if item.text:
+                        yield item.text
+                    continue
+                self.last_final = item
+                if item.text:
+                    yield item.text
+                if item.finish_reason == "error":
+                    raise GatewayError(item)
 
     async def complete(
         self,
@@ -114,12 +136,20 @@ class GatewayClient:
         """The whole answer at once (raises `GatewayError` on failure)."""
         texts: list[str] = []
         ids: list[int] = []
-        async for item in self._stream(prompt, params, session_id, request_id):
-            if isinstance(item, cp.Chunk):
-                texts.append(item.text)
-                ids.extend(item.token_ids)
-        assert self.last_final is not None
-        return Completion("".join(texts), ids, self.last_final)
+        final: cp.Final | None = None
+        stream = self._stream(prompt, params, session_id, request_id)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, cp.Chunk):
+                    texts.append(item.text)
+                    ids.extend(item.token_ids)
+                else:
+                    final = self.last_final = item
+        assert final is not None  # _stream ends with the Final or raises
+        if final.finish_reason == "error":
+            raise GatewayError(final)
+        texts.append(final.text)
+        return Completion("".join(texts), ids, final)
 
     async def _stream(
         self,
@@ -127,9 +157,12 @@ class GatewayClient:
         params: SamplingParams | None,
         session_id: str,
         request_id: str | None,
-    ) -> AsyncIterator[cp.Chunk]:
+    ) -> AsyncGenerator[cp.Chunk | cp.Final, None]:
+        """The request's chunks, then its Final. Left before the Final: sends Cancel."""
         self._ensure_router()
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        if rid in self._queues:
+            raise ValueError(f"request id {rid!r} is already in flight on this client")
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[rid] = queue
@@ -139,19 +172,22 @@ class GatewayClient:
                 cp.Complete(rid, text, ids, params or SamplingParams(), session_id)
             )
             while True:
-                try:
-                    msg = await asyncio.wait_for(queue.get(), self.timeout_s)
-                except TimeoutError:
-                    raise GatewayTimeout(
-                        f"no message from the gateway for {self.timeout_s:g} s (request {rid})"
-                    ) from None
+                if queue.empty():
+                    try:
+                        msg = await asyncio.wait_for(queue.get(), self.timeout_s)
+                    except TimeoutError:
+                        raise GatewayTimeout(
+                            f"no message from the gateway at {self.address} for "
+                            f"{self.timeout_s:g} s (request {rid})"
+                        ) from None
+                else:  # the usual case while streaming: no timer to set up
+                    msg = queue.get_nowait()
+                if msg is _CLOSED:
+                    done = True
+                    raise GatewayClosed(f"client closed while request {rid} was running")
                 if isinstance(msg, cp.Final):
                     done = True
-                    self.last_final = msg
-                    if msg.text:
-                        yield cp.Chunk(rid, msg.text)
-                    if msg.finish_reason == "error":
-                        raise GatewayError(msg)
+                    yield msg
                     return
                 yield msg
         finally:
@@ -161,10 +197,13 @@ class GatewayClient:
                     await self._sock.send(cp.Cancel(rid))
 
     async def cancel(self, request_id: str) -> None:
+        """Ask the gateway to abort a request; its stream ends with a Final "abort"."""
         await self._sock.send(cp.Cancel(request_id))
 
     # ---------------------------------------------------------------- routing
     def _ensure_router(self) -> None:
+        if self._sock.closed:
+            raise GatewayClosed(f"the client of {self.address} is closed")
         if self._router is None or self._router.done():
             self._router = asyncio.get_running_loop().create_task(self._route())
 
@@ -173,7 +212,9 @@ class GatewayClient:
             try:
                 msg = await self._sock.recv()
             except DecodeError:
-                continue
+                continue  # not a reply of ours to route; the request's timeout still runs
+            except zmq.ZMQError:
+                return  # closed
             if isinstance(msg, cp.SessionOpened | cp.SessionClosed):
                 if self._session_waiters:
                     fut = self._session_waiters.pop(0)
@@ -184,10 +225,18 @@ class GatewayClient:
             if queue is not None:
                 queue.put_nowait(msg)
             elif isinstance(msg, cp.Final) and not msg.request_id:
-                for q in self._queues.values():  # an unattributable error (malformed send)
+                # The gateway could not read something we sent: it cannot say which
+                # request, so every waiting one learns of it.
+                for q in self._queues.values():
                     q.put_nowait(msg)
 
     def close(self) -> None:
+        """Close the socket; calls still waiting raise `GatewayClosed`."""
         if self._router is not None:
             self._router.cancel()
+        for q in self._queues.values():
+            q.put_nowait(_CLOSED)
+        for fut in self._session_waiters:
+            if not fut.done():
+                fut.set_exception(GatewayClosed(f"the client of {self.address} is closed"))
         self._sock.close()

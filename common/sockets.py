@@ -427,11 +427,16 @@ class RouterSocket(_Socket, Generic[T]):
 
     With ``ROUTER_MANDATORY``, sending to a peer that has gone away raises ``PeerGone``
     instead of dropping the message silently: that is how a server learns a client left.
+    Sends never wait: a peer that has left ``sndhwm`` messages unread is treated as gone
+    too (``PeerGone``), rather than stalling the server and every other peer behind it.
     """
 
-    def __init__(self, address: str, type_: Any, *, bind: bool = True) -> None:
+    def __init__(
+        self, address: str, type_: Any, *, bind: bool = True, sndhwm: int = 10_000
+    ) -> None:
         super().__init__(zmq.ROUTER, address, bind=bind)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.SNDHWM, sndhwm)  # per peer; applies to every connection
         self._decoder: Decoder[T] = Decoder(type_)
 
     async def recv(self) -> tuple[bytes, T]:
@@ -444,8 +449,13 @@ class RouterSocket(_Socket, Generic[T]):
             raise MalformedFrom(peer, str(e)) from None
 
     async def send_to(self, peer: bytes, msg: msgspec.Struct) -> None:
+        """Queue ``msg`` for ``peer``; raises ``PeerGone`` if it left or is not reading."""
+        frames = [peer, *encode(msg)]
         try:
-            await self._send([peer, *encode(msg)])
+            async with self._send_lock:
+                await self._sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise PeerGone(peer, "is not reading (its queue is full)") from None
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
                 raise PeerGone(peer) from None
@@ -467,10 +477,11 @@ class DealerSocket(_Socket, Generic[T]):
 
 
 class PeerGone(Exception):
-    """A ROUTER send found no connection to that peer (the client went away)."""
+    """A ROUTER send found no connection to that peer (the client went away), or a peer
+    that stopped reading."""
 
-    def __init__(self, peer: bytes) -> None:
-        super().__init__(f"peer {peer.hex()} is gone")
+    def __init__(self, peer: bytes, why: str = "is gone") -> None:
+        super().__init__(f"peer {peer.hex()} {why}")
         self.peer = peer
 
 

@@ -1,7 +1,9 @@
 """`memserve chat --gateway ADDR`: a multi-turn conversation on stdin, one line per turn.
 
 The gateway keeps the conversation (a session): every turn's prompt starts with the whole
-history, which the cluster's caches serve. `/quit` or end of input ends the chat."""
+history, which the cluster's caches serve (`--show-stats` shows how much). `/quit` or the
+end of input ends the chat. A turn the gateway refuses (too long, say) is reported and the
+chat goes on; a gateway that stops answering ends it."""
 
 from __future__ import annotations
 
@@ -11,28 +13,36 @@ import os
 import sys
 from typing import Any
 
+from common.errors import InvalidRequestError, MemServeError
 from services.cli.errors import fail
+from services.cli.generate import add_sampling_args, sampling
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("chat", help="multi-turn chat with a running cluster")
-    p.add_argument("--gateway", default=os.environ.get("MEMSERVE_GATEWAY", "tcp://127.0.0.1:5800"))
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument(
+        "--gateway",
+        default=os.environ.get("MEMSERVE_GATEWAY_ADDRESS", "tcp://127.0.0.1:5800"),
+        help="the gateway's client address (default: env MEMSERVE_GATEWAY_ADDRESS)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
     p.add_argument("--show-stats", action="store_true", help="cached tokens and TTFT per turn")
+    add_sampling_args(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        sampling(args).validate()
+    except InvalidRequestError as exc:
+        return fail(str(exc))
     return asyncio.run(_chat(args))
 
 
 async def _chat(args: argparse.Namespace) -> int:
     from common.client import GatewayClient, GatewayError
-    from common.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    params = sampling(args)
     client = GatewayClient(args.gateway, timeout_s=args.timeout)
     try:
         session = await client.open_session()
@@ -46,9 +56,14 @@ async def _chat(args: argparse.Namespace) -> int:
                 break
             if not line.strip():
                 continue
-            async for text in client.generate(line.rstrip("\n"), params, session_id=session):
-                sys.stdout.write(text)
-                sys.stdout.flush()
+            try:
+                async for text in client.generate(line.rstrip("\n"), params, session):
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+            except GatewayError as exc:  # this turn failed; the history is as it was
+                sys.stdout.write("\n")
+                sys.stderr.write(f"error: {exc}\n")
+                continue
             sys.stdout.write("\n")
             f = client.last_final
             if args.show_stats and f is not None:
@@ -59,7 +74,7 @@ async def _chat(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         await client.close_session(session)
         return 0
-    except (GatewayError, TimeoutError) as exc:
+    except (MemServeError, TimeoutError) as exc:  # no session, or a silent gateway
         return fail(str(exc))
     finally:
         client.close()

@@ -1,5 +1,5 @@
 """`memserve generate "prompt"`: stream a completion, from a running cluster
-(`--gateway ADDR`, or env MEMSERVE_GATEWAY) or from an in-process engine (`--model`)."""
+(`--gateway ADDR`, or env MEMSERVE_GATEWAY_ADDRESS) or from an in-process engine (`--model`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from typing import Any
 
-from common.errors import InvalidRequestError
+from common.errors import InvalidRequestError, MemServeError
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer, TokenizerError
 from services.cli.errors import fail
@@ -23,13 +23,21 @@ def add_parser(sub: Any) -> None:
     p.add_argument("prompt")
     p.add_argument(
         "--gateway",
-        default=os.environ.get("MEMSERVE_GATEWAY", ""),
+        default=os.environ.get("MEMSERVE_GATEWAY_ADDRESS", ""),
         help="a running cluster's gateway (tcp://host:port); without it, an in-process engine",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
     p.add_argument(
         "--model", default="tiny", help="embedded preset (tiny, small) or a Hugging Face folder"
     )
+    add_sampling_args(p)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=run)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, shared by `generate` and `chat`."""
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -37,9 +45,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=run)
 
 
 def sampling(args: argparse.Namespace) -> SamplingParams:
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _from_gateway(args: argparse.Namespace, params: SamplingParams) -> int:
-    from common.client import GatewayClient, GatewayError
+    from common.client import GatewayClient
 
     client = GatewayClient(args.gateway, timeout_s=args.timeout)
     try:
@@ -99,7 +104,7 @@ async def _from_gateway(args: argparse.Namespace, params: SamplingParams) -> int
             sys.stdout.flush()
         sys.stdout.write("\n")
         return 0
-    except (GatewayError, TimeoutError) as exc:
+    except (MemServeError, TimeoutError) as exc:
         sys.stdout.write("\n")
         return fail(str(exc))
     finally:

@@ -15,7 +15,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     scheduler: str = "tcp://127.0.0.1:5800"  # the scheduler's placement RPC
     scheduler_events: str = ""  # the scheduler's instance-event PUB ("" = not followed)
     control_address: str = "tcp://127.0.0.1:0"
-    admin_token: str = ""
+    admin_token: str = ""  # the control socket refuses every command while this is empty
     model: str = "tiny"  # tokenizer and context length come from the model folder
     max_model_len: int | None = None  # None: the model's context length
     max_inflight: int = 256  # requests beyond this are refused as overloaded
@@ -26,6 +26,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     log_level: str = "info"
 
     def validate(self) -> GatewayConfig:
+        """Raise ValueError naming the first bad key; return self when every key is valid."""
+        for name in ("instance_id", "address", "reply_address", "scheduler", "model"):
+            if not getattr(self, name):
+                raise ValueError(f"gateway.{name} must not be empty")
         for name in ("max_inflight", "max_sessions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"gateway.{name} must be > 0, got {getattr(self, name)}")

@@ -1,27 +1,29 @@
 """The gateway: an asyncio shell that owns the client-facing ROUTER, the workers' reply PULL,
-the scheduler's RPC and event SUB, and the control socket.
+the scheduler's RPC and event SUB, and the control socket. Decisions are `GatewayCore`'s
+(core.py) and each stream's (stream.py); this module only moves messages.
 
-    client ──Complete──▶ ROUTER ─validate─▶ Place (scheduler) ─▶ Generate (PUSH) ─▶ worker
-    client ◀──Chunk/Final── ROUTER ◀── RequestStream ◀── TokenChunk (PULL) ◀── workers
+    client ──Complete──▶ ROUTER ─admit─▶ Place (scheduler) ─▶ Generate (PUSH) ─▶ worker
+    client ◀─Chunk/Final─ ROUTER ◀─ RequestStream ◀─ TokenChunk (PULL) ◀─ workers
+                                    Release ──▶ scheduler (first token in P/D; the end)
 
-Invariants: every `Complete` gets exactly one `Final` (unless its client is gone); every
-request that ends early (cancel, client gone, stop string, error, timeout, a dead instance)
-sends `Abort` to each of its legs, so workers free its blocks; every placement's charge is
-released at the scheduler. Nothing on the per-token path waits on the scheduler.
+Invariants: every `Complete` gets exactly one `Final` unless its client is gone; every
+request that ends early (cancel, client gone, stop string, error, timeout, a dead
+instance, shutdown) sends `Abort` to each live leg, so workers free its blocks; every
+placement's charge is released at the scheduler. Nothing on the per-token path waits on
+the scheduler or on a worker: releases and aborts run in their own tasks, with timeouts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import os
+import secrets
 import time
+from collections.abc import Coroutine
 from typing import Any, cast
 
 from common.codec import DecodeError
-from common.detokenizer import IncrementalDetokenizer
-from common.errors import InvalidRequestError
 from common.logging import get_logger
 from common.net import advertise
 from common.protocol import client as cp
@@ -41,33 +43,23 @@ from common.sockets import (
 )
 from common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
+from services.gateway.core import GatewayCore, Request
 from services.gateway.sessions import Sessions
-from services.gateway.stream import Leg, RequestStream
 
 log = get_logger(__name__)
 
-
-class _Request:
-    def __init__(self, peer: bytes, rid: str, stream: RequestStream, session_id: str):
-        self.peer = peer
-        self.rid = rid  # the gateway's id, unique across clients
-        self.stream = stream
-        self.session_id = session_id
-        self.pd = False
-        self.prefill_released = False
+# A worker whose socket cannot take a message for this long is unreachable: a send never
+# holds a request (or the gateway) longer than that.
+WORKER_SEND_TIMEOUT_S = 2.0
 
 
 class GatewayService:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
         self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.max_model_len = min(cfg.max_model_len or max_model_len, max_model_len)
-        self.vocab = vocab
         self.clients: RouterSocket[Any] = RouterSocket(cfg.address, cast(Any, cp.ClientRequest))
         self.replies: PullSocket[wp.TokenChunk] = PullSocket(
             cfg.reply_address, wp.TokenChunk, bind=True
         )
-        self.reply_to = advertise(self.replies.address, cfg.advertise_host)
         self.scheduler: RpcClient[Any, Any] = RpcClient(
             cfg.scheduler, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
         )
@@ -82,22 +74,27 @@ class GatewayService:
         self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
             cfg.control_address, AdminRequest, AdminReply
         )
-        self.workers: dict[str, PushSocket[Any]] = {}
-        self.requests: dict[str, _Request] = {}
-        self.by_client: dict[tuple[bytes, str], str] = {}
-        self.sessions = Sessions(cfg.session_ttl_s, cfg.max_sessions)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count()
+        self.core = GatewayCore(
+            tokenizer,
+            vocab_size=vocab,
+            max_model_len=min(cfg.max_model_len or max_model_len, max_model_len),
+            max_inflight=cfg.max_inflight,
+            sessions=Sessions(cfg.session_ttl_s, cfg.max_sessions),
+            # A fresh prefix per run: a restarted gateway never reuses an id that a worker
+            # or the scheduler may still hold.
+            id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
+            reply_to=advertise(self.replies.address, cfg.advertise_host),
+        )
+        self.workers: dict[str, PushSocket[Any]] = {}  # by the worker's request address
+        self.tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
-        self.served = 0
-        self.failed = 0
         self._stop = asyncio.Event()
 
     @property
     def endpoints(self) -> dict[str, str]:
         return {
             "clients": advertise(self.clients.address, self.cfg.advertise_host),
-            "replies": self.reply_to,
+            "replies": self.core.reply_to,
             "control": self.control.address,
         }
 
@@ -111,10 +108,13 @@ class GatewayService:
         ]
         if self.events is not None:
             loops.append(self._serve_events())
-        running = [asyncio.create_task(c) for c in loops]
+        running: list[asyncio.Task[Any]] = [asyncio.create_task(c) for c in loops]
         stop = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
+            for t in running:  # a loop that died is a bug: say so, do not vanish quietly
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    log.error("gateway loop failed", error=repr(t.exception()))
         finally:
             for t in [*running, stop]:
                 t.cancel()
@@ -129,175 +129,135 @@ class GatewayService:
                 log.warning("malformed client message", error=str(exc))
                 await self._to_client(exc.peer, cp.Final("", "error", f"malformed request: {exc}"))
                 continue
-            now = time.monotonic()
             match msg:
                 case cp.Complete():
-                    self._admit(peer, msg, now)
+                    admitted = self.core.admit(peer, msg, time.monotonic())
+                    if isinstance(admitted, cp.Final):
+                        await self._to_client(peer, admitted)
+                    else:
+                        self._spawn(self._dispatch(admitted))
                 case cp.Cancel(request_id=crid):
-                    rid = self.by_client.get((peer, crid))
-                    if rid is not None:
-                        await self._finish(rid, self.requests[rid].stream.end("abort", now), True)
+                    r = self.core.lookup(peer, crid)
+                    if r is not None:  # else it already ended: its Final is on its way
+                        await self._end(r, r.stream.end("abort", time.monotonic()), abort=True)
                 case cp.OpenSession():
                     try:
-                        await self._to_client(peer, cp.SessionOpened(self.sessions.open(now)))
-                    except InvalidRequestError as exc:
+                        sid = self.core.sessions.open(time.monotonic())
+                    except ValueError as exc:
                         await self._to_client(peer, cp.SessionClosed("", str(exc)))
+                    else:
+                        await self._to_client(peer, cp.SessionOpened(sid))
                 case cp.CloseSession(session_id=sid):
                     try:
-                        self.sessions.close(sid)
-                        await self._to_client(peer, cp.SessionClosed(sid))
-                    except InvalidRequestError as exc:
+                        self.core.sessions.close(sid)
+                    except ValueError as exc:
                         await self._to_client(peer, cp.SessionClosed(sid, str(exc)))
+                    else:
+                        await self._to_client(peer, cp.SessionClosed(sid))
 
-    def _admit(self, peer: bytes, req: cp.Complete, now: float) -> None:
-        """Validate and register a request synchronously (so overload and duplicates are
-        judged in arrival order), then place and dispatch it in a task."""
-        error = ""
-        if (peer, req.request_id) in self.by_client:
-            error = f"request id {req.request_id!r} is already in flight"
-        elif len(self.requests) >= self.cfg.max_inflight:
-            error = (
-                f"overloaded: {len(self.requests)} requests in flight (max_inflight); retry later"
-            )
-        if error:
-            self.failed += 1
-            self._spawn(self._to_client(peer, cp.Final(req.request_id, "error", error)))
-            return
-        try:
-            prompt_ids, detok = self._prepare(req, now)
-        except (InvalidRequestError, ValueError) as exc:
-            self.failed += 1
-            self._spawn(self._to_client(peer, cp.Final(req.request_id, "error", str(exc))))
-            return
-        rid = f"{self.cfg.instance_id}-{next(self._ids)}"
-        stream = RequestStream(req.request_id, prompt_ids, req.params, detok, now)
-        self.requests[rid] = _Request(peer, rid, stream, req.session_id)
-        self.by_client[(peer, req.request_id)] = rid
-        self._spawn(self._dispatch(rid))
-
-    def _prepare(self, req: cp.Complete, now: float) -> tuple[list[int], IncrementalDetokenizer]:
-        if (req.prompt is None) == (req.token_ids is None):
-            raise InvalidRequestError("give exactly one of prompt (text) and token_ids")
-        req.params.validate()
-        history: list[int] = []
-        if req.session_id:
-            history = self.sessions.begin_turn(req.session_id, now)
-        try:
-            if req.prompt is not None:
-                new = self.tokenizer.encode(req.prompt, add_special_tokens=not history)
-            else:
-                new = list(cast(list[int], req.token_ids))
-                bad = [t for t in new if not 0 <= t < self.vocab]
-                if bad:
-                    raise InvalidRequestError(
-                        f"token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}"
-                    )
-            ids = history + new
-            if not new:
-                raise InvalidRequestError("the prompt is empty")
-            if len(ids) >= self.max_model_len:
-                raise InvalidRequestError(
-                    f"prompt too long: {len(ids)} tokens, the limit is {self.max_model_len - 1}"
-                )
-        except Exception:
-            if req.session_id:
-                self.sessions.end_turn(req.session_id, None, now)
-            raise
-        return ids, IncrementalDetokenizer(self.tokenizer, ids, req.params.stop)
-
-    async def _dispatch(self, rid: str) -> None:
-        r = self.requests[rid]
-        s = r.stream
+    async def _dispatch(self, r: Request) -> None:
+        """Place the request, then send its `Generate` to the first worker."""
         try:
             placement = await self.scheduler.call(
-                sp.Place(rid, s.prompt_ids, s.params.max_tokens, r.session_id),
-                timeout_s=self.cfg.place_timeout_s,
+                self.core.place_request(r), timeout_s=self.cfg.place_timeout_s
             )
         except (RpcError, TimeoutError) as exc:
-            if rid in self.requests:
-                await self._finish(rid, s.end("error", time.monotonic(), f"no placement: {exc}"))
+            if r.rid in self.core.requests:
+                now = time.monotonic()
+                await self._end(r, r.stream.end("error", now, f"no placement: {exc}"))
             return
-        if rid not in self.requests:  # cancelled while being placed
-            await self._release(rid, "all")
+        if r.rid not in self.core.requests:  # cancelled (or its client left) while placed
+            await self._release(r.rid, "all")
             return
-        s.legs.append(Leg(placement.instance_id, placement.address))
-        if placement.handoff is not None:
-            s.legs.append(Leg(placement.handoff.instance_id, placement.handoff.address))
-            r.pd = True
-        gen = wp.Generate(
-            rid,
-            s.prompt_ids,
-            s.params,
-            self.reply_to,
-            placement.cache,
-            placement.handoff,
-            placement.fetch,
-        )
-        await self._worker(placement.address).send(gen)
+        gen = self.core.placed(r, placement)
+        sent = await self._send_worker(placement.address, gen)
+        if not sent and r.rid in self.core.requests:
+            msg = f"instance {placement.instance_id} at {placement.address} is unreachable"
+            await self._end(r, r.stream.end("error", time.monotonic(), msg))
 
     # ----------------------------------------------------------------- workers
     async def _serve_replies(self) -> None:
+        # The per-token path: one decode, one dict lookup, one stream step, one send.
+        requests = self.core.requests
         while True:
             try:
                 chunk = await self.replies.recv()
             except DecodeError as exc:
                 log.warning("malformed token chunk dropped", error=str(exc))
                 continue
-            r = self.requests.get(chunk.request_id)
+            r = requests.get(chunk.request_id)
             if r is None:
                 continue  # a late chunk of a request that already ended
             up = r.stream.accept(chunk, time.monotonic())
             if up.text or up.token_ids:
                 await self._to_client(
-                    r.peer, cp.Chunk(r.stream.client_request_id, up.text, up.token_ids), r.rid
+                    r.peer, cp.Chunk(r.stream.client_request_id, up.text, up.token_ids)
                 )
             if up.first_token and r.pd and not r.prefill_released:
                 r.prefill_released = True
                 self._spawn(self._release(r.rid, "prefill"))
             if up.final is not None:
-                await self._finish(r.rid, up.final, abort_legs=up.abort_legs)
+                await self._end(r, up.final, abort=up.abort_legs)
 
     def _worker(self, address: str) -> PushSocket[Any]:
         sock = self.workers.get(address)
         if sock is None:
-            sock = self.workers[address] = PushSocket(address, wp.Abort, bind=False)
+            sock = self.workers[address] = PushSocket(address, wp.WorkerRequest, bind=False)
         return sock
 
-    async def _finish(self, rid: str, final: cp.Final, abort_legs: bool = False) -> None:
-        """End a request: tell the client (if still there), stop the workers when the
-        gateway ended it early, release the placement, update the session."""
-        r = self.requests.pop(rid, None)
-        if r is None:
+    async def _send_worker(self, address: str, msg: wp.Generate | wp.Abort) -> bool:
+        try:
+            await asyncio.wait_for(self._worker(address).send(msg), WORKER_SEND_TIMEOUT_S)
+            return True
+        except Exception as exc:  # timeout, or the socket was dropped (instance down)
+            log.warning("cannot reach worker", address=address, error=repr(exc))
+            return False
+
+    def _drop_worker(self, address: str) -> None:
+        """Forget a dead worker's socket: what is queued for it is dropped (linger 0), and
+        a worker that comes back at that address starts from a fresh connection."""
+        sock = self.workers.pop(address, None)
+        if sock is not None:
+            sock.close()
+
+    async def _end(
+        self,
+        r: Request,
+        final: cp.Final,
+        *,
+        abort: bool = False,
+        notify: bool = True,
+        dead: str = "",
+    ) -> None:
+        """End a request: forget it, stop its workers when it ended early (`abort`, or not
+        by the workers' own stop / length; not instance `dead`), release its placement,
+        tell the client (unless it is gone)."""
+        if self.core.finish(r.rid, final, time.monotonic()) is None:
             return
-        self.by_client.pop((r.peer, r.stream.client_request_id), None)
-        ok = final.finish_reason in ("stop", "length")
-        if ok:
-            self.served += 1
-        else:
-            self.failed += final.finish_reason == "error"
-        if r.session_id:
-            tokens = r.stream.prompt_ids + r.stream.output_ids if ok else None
-            self.sessions.end_turn(r.session_id, tokens, time.monotonic())
-        if abort_legs or not ok:
+        if abort or final.finish_reason not in ("stop", "length"):
             for leg in r.stream.legs:
-                with contextlib.suppress(Exception):
-                    await self._worker(leg.address).send(wp.Abort(rid))
-        if r.stream.legs:
-            self._spawn(self._release(rid, "all"))
-        await self._to_client(r.peer, final, None)
+                if leg.instance_id != dead:
+                    self._spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
+        if r.placed:
+            self._spawn(self._release(r.rid, "all"))
+        if notify:
+            await self._to_client(r.peer, final)
 
     async def _release(self, rid: str, phase: str) -> None:
         with contextlib.suppress(RpcError, TimeoutError):
             await self.scheduler.call(sp.Release(rid, phase), timeout_s=self.cfg.place_timeout_s)
 
-    async def _to_client(self, peer: bytes, msg: Any, rid: str | None = None) -> None:
+    async def _to_client(self, peer: bytes, msg: cp.ClientReply) -> None:
         try:
             await self.clients.send_to(peer, msg)
         except PeerGone:
-            # The client went away: end every request it had (their workers stop).
-            now = time.monotonic()
-            for other in [x for x in self.requests.values() if x.peer == peer]:
-                await self._finish(other.rid, other.stream.end("abort", now), True)
+            await self._client_gone(peer)
+
+    async def _client_gone(self, peer: bytes) -> None:
+        """The client went away: end each of its requests (their workers stop)."""
+        now = time.monotonic()
+        for r in self.core.of_peer(peer):
+            await self._end(r, r.stream.end("abort", now), abort=True, notify=False)
 
     # ------------------------------------------------------------- cluster events
     async def _serve_events(self) -> None:
@@ -311,32 +271,30 @@ class GatewayService:
             now = time.monotonic()
             match event:
                 case sp.InstanceDown(instance_id=iid, reason=why):
-                    hit = [
-                        r
-                        for r in self.requests.values()
-                        if any(leg.instance_id == iid for leg in r.stream.legs)
-                    ]
+                    hit = self.core.on_instance(iid)
+                    gone = {
+                        leg.address for r in hit for leg in r.stream.legs if leg.instance_id == iid
+                    }
                     for r in hit:
-                        msg = f"instance {iid} is down ({why})"
-                        await self._finish(r.rid, r.stream.end("error", now, msg))
+                        final = r.stream.end("error", now, f"instance {iid} is down ({why})")
+                        await self._end(r, final, dead=iid)
+                    for address in gone:
+                        self._drop_worker(address)  # what was queued for it goes too
                 case sp.ClusterShutdown(reason=why):
-                    for r in list(self.requests.values()):
-                        await self._finish(
-                            r.rid, r.stream.end("error", now, f"cluster stopping: {why}")
-                        )
+                    for r in list(self.core.requests.values()):
+                        await self._end(r, r.stream.end("error", now, f"cluster stopping: {why}"))
                     self._stop.set()
 
     async def _watchdog(self) -> None:
-        period = min(1.0, self.cfg.request_timeout_s / 4)
+        timeout_s = self.cfg.request_timeout_s
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(min(1.0, timeout_s / 4))
             now = time.monotonic()
-            for r in list(self.requests.values()):
-                if now - r.stream.last_activity > self.cfg.request_timeout_s:
-                    legs = ", ".join(leg.instance_id for leg in r.stream.legs) or "no worker"
-                    msg = f"no answer from {legs} for {self.cfg.request_timeout_s:g} s"
-                    await self._finish(r.rid, r.stream.end("error", now, msg))
-            self.sessions.expire(now)
+            for r in self.core.silent(now, timeout_s):
+                legs = ", ".join(leg.instance_id for leg in r.stream.legs) or "no worker"
+                msg = f"no answer from {legs} for {timeout_s:g} s"
+                await self._end(r, r.stream.end("error", now, msg))
+            self.core.sessions.expire(now)
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
@@ -350,28 +308,30 @@ class GatewayService:
                     "instance_id": self.cfg.instance_id,
                     "pid": os.getpid(),
                     "uptime_s": round(time.time() - self.started_at, 3),
-                    "inflight": len(self.requests),
-                    "sessions": len(self.sessions.sessions),
-                    "served": self.served,
-                    "failed": self.failed,
+                    **self.core.status(),
                 },
             )
         if req.command == "shutdown":
+            # After the reply is on its way.
             asyncio.get_running_loop().call_later(0.05, self._stop.set)
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
             False, error=f"the gateway answers status and shutdown, not {req.command!r}"
         )
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
     async def close(self) -> None:
+        """Fail what is in flight (aborting its legs), then close every socket."""
         now = time.monotonic()
-        for r in list(self.requests.values()):
-            await self._finish(r.rid, r.stream.end("error", now, "the gateway is stopping"))
+        for r in list(self.core.requests.values()):
+            await self._end(r, r.stream.end("error", now, "the gateway is stopping"))
+        # Let the aborts and releases go out (each is bounded by its own timeout).
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=WORKER_SEND_TIMEOUT_S)
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -384,6 +344,7 @@ class GatewayService:
 
 
 def build(cfg: GatewayConfig) -> GatewayService:
+    """A gateway for `cfg`: the tokenizer, context length and vocabulary of `cfg.model`."""
     from services.worker.model.config import ModelConfig
     from services.worker.model.presets import resolve_model
 

@@ -62,8 +62,12 @@ class RequestStream:
             return Update(final=self.end("error", now, chunk.error))
         if chunk.num_cached_tokens:
             self.num_cached_tokens = chunk.num_cached_tokens
-        self.held[chunk.offset] = chunk
         out = Update()
+        if not self.held and chunk.offset == len(self.output_ids):
+            # The usual case, one worker streaming in order: nothing to sort or hold.
+            self._apply(chunk, now, out)
+            return out
+        self.held[chunk.offset] = chunk
         while not self.finished:
             nxt = self._take_next()
             if nxt is None:
@@ -83,7 +87,8 @@ class RequestStream:
         return None
 
     def _apply(self, c: wp.TokenChunk, now: float, out: Update) -> None:
-        new = c.token_ids[len(self.output_ids) - c.offset :]
+        skip = len(self.output_ids) - c.offset  # tokens of `c` already consumed
+        new = c.token_ids[skip:] if skip else c.token_ids
         if new:
             if self.first_at is None:
                 self.first_at = now

@@ -1,0 +1,207 @@
+"""The gateway's bookkeeping (pure: no sockets, no event loop): admission, the prompt of
+each request, the table of requests in flight, and what ending one means for its session
+and the counters. `service.py` does the talking; this decides.
+
+    Complete ──admit──▶ Request (or a refusal: Final "error")
+                          │ placed(Placement) ─▶ Generate for the first worker; legs known
+                          │ stream.accept(TokenChunk) ... (stream.py)
+                          ▼
+                        finish(Final) ─▶ session history, served / failed
+
+Invariants:
+
+* A request is in `requests` from `admit` until `finish`, exactly once; `by_client` maps
+  (client peer, client request id) to the gateway id of each of them and of nothing else,
+  so a client's request ids are unique among its requests in flight.
+* At most `max_inflight` requests are in flight; `admit` refuses the next one with
+  "overloaded" at once (bounded admission: nothing queues at the gateway).
+* A prompt is never empty, holds only ids of the vocabulary, and is shorter than
+  `max_model_len` (at least one output token fits).
+* A session has at most one turn in flight; a turn that ends with stop or length makes
+  its prompt and output the session's history, so the next turn's prompt starts with
+  exactly the tokens whose KV the workers cached. A failed or cancelled turn changes
+  nothing.
+* `served` counts requests ended by stop or length; `failed` those refused or ended by an
+  error; a cancelled request (abort) is neither.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from common.detokenizer import IncrementalDetokenizer
+from common.errors import InvalidRequestError
+from common.protocol import client as cp
+from common.protocol import scheduler as sp
+from common.protocol import worker as wp
+from common.tokenizer import Tokenizer
+from services.gateway.sessions import Sessions
+from services.gateway.stream import Leg, RequestStream
+
+
+@dataclass(eq=False)
+class Request:
+    """One request in flight. `rid` is the gateway's id (what workers and the scheduler
+    see), unique across clients; the client's own id is `stream.client_request_id`."""
+
+    rid: str
+    peer: bytes  # the client's ROUTER identity
+    stream: RequestStream
+    session_id: str = ""
+    pd: bool = False  # prefill and decode on different instances (Placement.handoff)
+    prefill_released: bool = False  # Release(phase="prefill") sent
+
+    @property
+    def placed(self) -> bool:
+        return bool(self.stream.legs)
+
+    def has_leg_on(self, instance_id: str) -> bool:
+        return any(leg.instance_id == instance_id for leg in self.stream.legs)
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        *,
+        vocab_size: int,
+        max_model_len: int,
+        max_inflight: int,
+        sessions: Sessions,
+        id_prefix: str,
+        reply_to: str,
+    ):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.max_model_len = max_model_len
+        self.max_inflight = max_inflight
+        self.sessions = sessions
+        self.id_prefix = id_prefix  # unique per gateway run: ids never repeat after a restart
+        self.reply_to = reply_to  # where workers push this gateway's token chunks
+        self.requests: dict[str, Request] = {}
+        self.by_client: dict[tuple[bytes, str], str] = {}
+        self.served = 0
+        self.failed = 0
+        self._next_id = 0
+
+    # ---------------------------------------------------------------- admission
+    def admit(self, peer: bytes, req: cp.Complete, now: float) -> Request | cp.Final:
+        """Register `req` (received at `now`) or refuse it with the Final to send back.
+
+        Judged in arrival order: a duplicate id and overload are checked before the
+        prompt is built, so a refusal never touches the request's session."""
+        if (peer, req.request_id) in self.by_client:
+            return self._refuse(req, f"request id {req.request_id!r} is already in flight")
+        if len(self.requests) >= self.max_inflight:
+            return self._refuse(
+                req,
+                f"overloaded: {len(self.requests)} requests in flight "
+                f"(max_inflight {self.max_inflight}); retry later",
+            )
+        history: list[int] = []
+        try:
+            if (req.prompt is None) == (req.token_ids is None):
+                raise InvalidRequestError("give exactly one of prompt (text) and token_ids")
+            req.params.validate()
+            if req.session_id:
+                history = self.sessions.begin_turn(req.session_id, now)
+        except InvalidRequestError as exc:
+            return self._refuse(req, str(exc))
+        try:
+            ids = self.prompt_ids(req, history)
+        except InvalidRequestError as exc:
+            if req.session_id:  # give the turn back: the session stays as it was
+                self.sessions.end_turn(req.session_id, None, now)
+            return self._refuse(req, str(exc))
+        rid = f"{self.id_prefix}-{self._next_id}"
+        self._next_id += 1
+        detok = IncrementalDetokenizer(self.tokenizer, ids, req.params.stop)
+        r = Request(rid, peer, RequestStream(req.request_id, ids, req.params, detok, now))
+        r.session_id = req.session_id
+        self.requests[rid] = r
+        self.by_client[(peer, req.request_id)] = rid
+        return r
+
+    def prompt_ids(self, req: cp.Complete, history: list[int]) -> list[int]:
+        """The request's prompt: the session's history, then the new text or token ids.
+
+        The tokenizer adds its BOS only to a conversation's first turn: a later turn
+        continues the history, and a BOS in the middle would change the model's input."""
+        if req.prompt is not None:
+            new = self.tokenizer.encode(req.prompt, add_special_tokens=not history)
+        else:
+            new = list(req.token_ids or ())
+            bad = [t for t in new if not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"token ids outside the vocabulary [0, {self.vocab_size}): {bad[:5]}"
+                )
+        if not new:
+            raise InvalidRequestError("the prompt is empty")
+        ids = history + new if history else new
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt too long: {len(ids)} tokens, limit {self.max_model_len - 1} "
+                f"(max_model_len {self.max_model_len} leaves room for one output token)"
+            )
+        return ids
+
+    def _refuse(self, req: cp.Complete, error: str) -> cp.Final:
+        self.failed += 1
+        return cp.Final(req.request_id, "error", error)
+
+    # ---------------------------------------------------------------- placement
+    def placed(self, r: Request, p: sp.Placement) -> wp.Generate:
+        """Record the placement's legs; return the `Generate` for its first worker."""
+        r.stream.legs.append(Leg(p.instance_id, p.address))
+        if p.handoff is not None:
+            r.stream.legs.append(Leg(p.handoff.instance_id, p.handoff.address))
+            r.pd = True
+        s = r.stream
+        return wp.Generate(
+            r.rid, s.prompt_ids, s.params, self.reply_to, p.cache, p.handoff, p.fetch
+        )
+
+    def place_request(self, r: Request) -> sp.Place:
+        return sp.Place(r.rid, r.stream.prompt_ids, r.stream.params.max_tokens, r.session_id)
+
+    # ---------------------------------------------------------------- lookups
+    def lookup(self, peer: bytes, client_request_id: str) -> Request | None:
+        rid = self.by_client.get((peer, client_request_id))
+        return None if rid is None else self.requests[rid]
+
+    def on_instance(self, instance_id: str) -> list[Request]:
+        return [r for r in self.requests.values() if r.has_leg_on(instance_id)]
+
+    def of_peer(self, peer: bytes) -> list[Request]:
+        return [r for r in self.requests.values() if r.peer == peer]
+
+    def silent(self, now: float, timeout_s: float) -> list[Request]:
+        """Requests that heard nothing from their workers for longer than `timeout_s`."""
+        return [r for r in self.requests.values() if now - r.stream.last_activity > timeout_s]
+
+    # ---------------------------------------------------------------- the end
+    def finish(self, rid: str, final: cp.Final, now: float) -> Request | None:
+        """Forget the request (None if it had already ended) and account for `final`."""
+        r = self.requests.pop(rid, None)
+        if r is None:
+            return None
+        del self.by_client[(r.peer, r.stream.client_request_id)]
+        ok = final.finish_reason in ("stop", "length")
+        if ok:
+            self.served += 1
+        elif final.finish_reason == "error":
+            self.failed += 1
+        if r.session_id:
+            s = r.stream
+            self.sessions.end_turn(r.session_id, s.prompt_ids + s.output_ids if ok else None, now)
+        return r
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "inflight": len(self.requests),
+            "sessions": len(self.sessions.sessions),
+            "served": self.served,
+            "failed": self.failed,
+        }

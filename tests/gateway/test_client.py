@@ -1,0 +1,96 @@
+"""The Python client against a gateway played by the test (a bare ROUTER): a silent gateway
+raises a timeout, never hangs; closing wakes waiting calls; leaving a stream early sends
+Cancel; an error Final raises. And the ROUTER side: a client that stops reading is dropped
+instead of stalling the server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, cast
+
+import pytest
+import zmq
+import zmq.asyncio
+
+from common.client import GatewayClient, GatewayClosed, GatewayError, GatewayTimeout
+from common.codec import encode
+from common.protocol import client as cp
+from common.sampling import SamplingParams
+from common.sockets import PeerGone, RouterSocket
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def router() -> AsyncIterator[RouterSocket[Any]]:
+    sock: RouterSocket[Any] = RouterSocket("tcp://127.0.0.1:0", cast(Any, cp.ClientRequest))
+    yield sock
+    sock.close()
+
+
+async def test_a_silent_gateway_times_out(router: RouterSocket[Any]) -> None:
+    client = GatewayClient(router.address, timeout_s=0.3)
+    try:
+        with pytest.raises(GatewayTimeout, match="no message from the gateway"):
+            await client.complete("hi")
+        with pytest.raises(GatewayTimeout):
+            await client.open_session()
+        _, first = await router.recv()
+        assert isinstance(first, cp.Complete) and first.prompt == "hi"
+        _, cancel = await router.recv()  # the timed-out request is cancelled at the gateway
+        assert cancel == cp.Cancel(first.request_id)
+    finally:
+        client.close()
+
+
+async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSocket[Any]) -> None:
+    client = GatewayClient(router.address, timeout_s=10)
+    try:
+        stream = client.generate([5, 6], SamplingParams(max_tokens=4))
+        first = asyncio.create_task(stream.__anext__())
+        peer, req = await router.recv()
+        assert isinstance(req, cp.Complete) and req.token_ids == [5, 6]
+        await router.send_to(peer, cp.Chunk(req.request_id, "he", [1, 2]))
+        assert await first == "he"
+        await stream.aclose()  # leaving early
+        assert await router.recv() == (peer, cp.Cancel(req.request_id))
+
+        failing = asyncio.create_task(client.complete("x", request_id="mine"))
+        _, req = await router.recv()
+        assert req.request_id == "mine"
+        with pytest.raises(ValueError, match="already in flight"):  # ids are per request
+            await client.complete("y", request_id="mine")
+        await router.send_to(peer, cp.Final("mine", "error", "prompt too long: 9 tokens"))
+        with pytest.raises(GatewayError, match="prompt too long") as err:
+            await failing
+        assert err.value.final.request_id == "mine"
+
+        waiting = asyncio.create_task(client.complete("z"))
+        await router.recv()
+        client.close()
+        with pytest.raises(GatewayClosed):
+            await waiting
+    finally:
+        client.close()
+
+
+async def test_a_client_that_stops_reading_is_dropped() -> None:
+    server: RouterSocket[Any] = RouterSocket(
+        "tcp://127.0.0.1:0", cast(Any, cp.ClientRequest), sndhwm=4
+    )
+    reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    reader.setsockopt(zmq.RCVHWM, 4)
+    reader.setsockopt(zmq.RCVBUF, 4096)
+    reader.connect(server.address)
+    try:
+        await reader.send_multipart(encode(cp.OpenSession()))  # the server learns the peer
+        peer, _ = await server.recv()
+        big = cp.Chunk("r", "x" * 65536)
+        with pytest.raises(PeerGone, match="not reading"):
+            for _ in range(10_000):  # never: the queues and the TCP buffers fill long before
+                await server.send_to(peer, big)
+                await asyncio.sleep(0)
+    finally:
+        reader.close(0)
+        server.close()

@@ -1,0 +1,167 @@
+"""The gateway's bookkeeping, driven directly: validation with clear errors, bounded
+admission, duplicate ids, the layout of a session's prompts as turns go by, what a
+placement makes of a request, and the accounting at the end."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.protocol import client as cp
+from common.protocol import scheduler as sp
+from common.protocol import worker as wp
+from common.protocol.worker import TokenChunk
+from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer, build_byte_tokenizer
+from services.gateway.core import GatewayCore, Request
+from services.gateway.sessions import Sessions
+
+TOK = Tokenizer(build_byte_tokenizer())
+VOCAB = 259
+BOS = 1
+A, B = b"a", b"b"  # two clients' ROUTER identities
+
+
+def core(max_inflight: int = 8, max_model_len: int = 64) -> GatewayCore:
+    return GatewayCore(
+        TOK,
+        vocab_size=VOCAB,
+        max_model_len=max_model_len,
+        max_inflight=max_inflight,
+        sessions=Sessions(ttl_s=100, max_sessions=4),
+        id_prefix="gw-x",
+        reply_to="tcp://10.0.0.1:7000",
+    )
+
+
+def admitted(c: GatewayCore, peer: bytes, req: cp.Complete, now: float = 0.0) -> Request:
+    r = c.admit(peer, req, now)
+    assert isinstance(r, Request), r
+    return r
+
+
+def refused(c: GatewayCore, req: cp.Complete, peer: bytes = A) -> str:
+    f = c.admit(peer, req, 0.0)
+    assert isinstance(f, cp.Final), f
+    assert f.finish_reason == "error" and f.request_id == req.request_id
+    return f.error
+
+
+def run_to_length(c: GatewayCore, r: Request, tokens: list[int], now: float) -> cp.Final:
+    up = r.stream.accept(TokenChunk(r.rid, tokens, True, "length"), now)
+    assert up.final is not None
+    assert c.finish(r.rid, up.final, now) is r
+    return up.final
+
+
+def test_a_text_prompt_gets_the_bos_and_a_unique_gateway_id() -> None:
+    c = core()
+    r1 = admitted(c, A, cp.Complete("1", prompt="hi"))
+    r2 = admitted(c, B, cp.Complete("1", prompt="hi"))  # same client id, other client
+    assert r1.stream.prompt_ids == [BOS, *TOK.encode("hi", add_special_tokens=False)]
+    assert r1.rid != r2.rid and r1.rid.startswith("gw-x-")
+    assert c.lookup(A, "1") is r1 and c.lookup(B, "1") is r2 and c.lookup(A, "2") is None
+
+
+@pytest.mark.parametrize(
+    ("req", "error"),
+    [
+        (cp.Complete("r", prompt="x", token_ids=[5]), "exactly one of prompt"),
+        (cp.Complete("r"), "exactly one of prompt"),
+        (cp.Complete("r", prompt="x", params=SamplingParams(top_p=0.0)), "top_p"),
+        (cp.Complete("r", prompt="x", params=SamplingParams(max_tokens=0)), "max_tokens"),
+        (cp.Complete("r", prompt="x", params=SamplingParams(temperature=-1)), "temperature"),
+        (cp.Complete("r", token_ids=[5, VOCAB]), f"outside the vocabulary [0, {VOCAB})"),
+        (cp.Complete("r", token_ids=[-1]), "outside the vocabulary"),
+        (cp.Complete("r", token_ids=[]), "empty"),
+        (cp.Complete("r", prompt="x", session_id="nope"), "unknown session 'nope'"),
+    ],
+)
+def test_invalid_requests_are_refused_with_a_clear_error(req: cp.Complete, error: str) -> None:
+    c = core()
+    assert error in refused(c, req)
+    assert not c.requests and not c.by_client and c.failed == 1
+
+
+def test_a_prompt_too_long_says_how_long_and_the_limit() -> None:
+    c = core(max_model_len=64)
+    assert "prompt too long: 64 tokens, limit 63" in refused(
+        c, cp.Complete("r", token_ids=[5] * 64)
+    )
+    assert isinstance(c.admit(A, cp.Complete("ok", token_ids=[5] * 63), 0.0), Request)
+
+
+def test_admission_is_bounded_and_request_ids_are_unique_per_client() -> None:
+    c = core(max_inflight=2)
+    r = admitted(c, A, cp.Complete("1", prompt="a"))
+    assert "already in flight" in refused(c, cp.Complete("1", prompt="b"))
+    admitted(c, B, cp.Complete("1", prompt="a"))
+    assert refused(c, cp.Complete("3", prompt="c")).startswith("overloaded: 2 requests in flight")
+    # One ends: room again, and its id may be used again.
+    c.finish(r.rid, r.stream.end("abort", 1.0), 1.0)
+    admitted(c, A, cp.Complete("1", prompt="again"))
+    assert (c.served, c.failed) == (0, 2)  # an abort is neither served nor failed
+
+
+def test_a_session_prompt_is_the_history_then_the_new_text_without_bos() -> None:
+    c = core(max_model_len=4096)
+    sid = c.sessions.open(0.0)
+    r1 = admitted(c, A, cp.Complete("t1", prompt="Hello", session_id=sid))
+    assert r1.stream.prompt_ids == TOK.encode("Hello")  # first turn: BOS + text
+    assert "in progress" in refused(c, cp.Complete("t1b", prompt="x", session_id=sid))
+    out1 = TOK.encode(" there", add_special_tokens=False)
+    run_to_length(c, r1, out1, 1.0)
+    assert c.sessions.sessions[sid].history == TOK.encode("Hello") + out1
+
+    r2 = admitted(c, A, cp.Complete("t2", prompt=" again", session_id=sid), 2.0)
+    turn2 = TOK.encode("Hello") + out1 + TOK.encode(" again", add_special_tokens=False)
+    assert r2.stream.prompt_ids == turn2 and turn2.count(BOS) == 1
+    # A failed turn leaves the history as it was; the next turn builds on the same one.
+    c.finish(r2.rid, r2.stream.end("error", 3.0, "worker died"), 3.0)
+    assert c.sessions.sessions[sid].history == TOK.encode("Hello") + out1
+    r3 = admitted(c, A, cp.Complete("t3", token_ids=[7, 8], session_id=sid), 4.0)
+    assert r3.stream.prompt_ids == TOK.encode("Hello") + out1 + [7, 8]
+    run_to_length(c, r3, [9], 5.0)
+    assert c.sessions.sessions[sid].history == TOK.encode("Hello") + out1 + [7, 8, 9]
+    assert (c.served, c.failed) == (2, 2)
+
+
+def test_a_refused_turn_gives_the_session_back() -> None:
+    c = core(max_model_len=8)
+    sid = c.sessions.open(0.0)
+    assert "prompt too long" in refused(c, cp.Complete("r", token_ids=[5] * 9, session_id=sid))
+    assert "top_p" in refused(
+        c, cp.Complete("r", prompt="x", session_id=sid, params=SamplingParams(top_p=2.0))
+    )
+    r = admitted(c, A, cp.Complete("r", token_ids=[5, 6], session_id=sid))
+    assert r.stream.prompt_ids == [5, 6] and c.sessions.sessions[sid].busy
+
+
+def test_a_pd_placement_gives_two_legs_and_the_generate_for_the_prefill_worker() -> None:
+    c = core()
+    r = admitted(c, A, cp.Complete("r", token_ids=[5, 6, 7], params=SamplingParams(max_tokens=3)))
+    place = c.place_request(r)
+    assert (place.request_id, place.token_ids, place.max_tokens) == (r.rid, [5, 6, 7], 3)
+    handoff = wp.HandOff("decode-0", "tcp://d:1", "tcp://dm:1", insert=True, cache=True)
+    gen = c.placed(
+        r, sp.Placement(r.rid, "prefill-0", "tcp://p:1", "pd-caching-2", "x", handoff=handoff)
+    )
+    assert gen == wp.Generate(
+        r.rid, [5, 6, 7], r.stream.params, "tcp://10.0.0.1:7000", True, handoff
+    )
+    assert r.pd and [leg.instance_id for leg in r.stream.legs] == ["prefill-0", "decode-0"]
+    assert c.on_instance("decode-0") == [r] and c.on_instance("prefill-1") == []
+
+
+def test_lookups_for_a_gone_client_and_silent_requests() -> None:
+    c = core()
+    ra = admitted(c, A, cp.Complete("1", prompt="a"), now=0.0)
+    rb = admitted(c, B, cp.Complete("1", prompt="b"), now=5.0)
+    assert c.of_peer(A) == [ra]
+    assert c.silent(now=10.0, timeout_s=7.0) == [ra]
+    rb.stream.accept(TokenChunk(rb.rid, [70]), 9.0)
+    ra.stream.accept(TokenChunk(ra.rid, [70]), 9.5)
+    assert c.silent(now=10.0, timeout_s=7.0) == []
+    assert c.status() == {"inflight": 2, "sessions": 0, "served": 0, "failed": 0}
+    assert c.finish(ra.rid, ra.stream.end("error", 11.0, "x"), 11.0) is ra
+    assert c.finish(ra.rid, ra.stream.end("error", 11.0, "x"), 11.0) is None  # only once
+    assert c.status()["failed"] == 1 and c.status()["inflight"] == 1
