@@ -45,14 +45,18 @@ async def run_service(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.create_task(service.serve())
+    orphaned = None
     if ready_address:
         await signal_ready(ready_address, Ready(kind, instance_id, os.getpid(), endpoints))
+        orphaned = asyncio.create_task(_stop_when_orphaned(stop))
     log.info(f"{kind} serving", instance=instance_id, **endpoints)
     try:
         await asyncio.wait(
             [serving, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED
         )
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         await service.close()
@@ -69,3 +73,13 @@ def run_main(kind: str, log_level: str, main: Coroutine[Any, Any, None]) -> None
     except ImportError:  # pragma: no cover - uvloop is a dependency; Windows lacks it
         pass
     asyncio.run(main)
+
+
+async def _stop_when_orphaned(stop: asyncio.Event, interval_s: float = 0.5) -> None:
+    """A launched service outlives no launcher: if the launcher dies without stopping us
+    (SIGKILL, a crash), we are re-parented, and we stop as if told to."""
+    parent = os.getppid()
+    while os.getppid() == parent:
+        await asyncio.sleep(interval_s)
+    log.warning("launcher gone; stopping", launcher_pid=parent)
+    stop.set()

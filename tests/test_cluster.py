@@ -7,7 +7,10 @@ scheduler, MemPool daemons, workers and the gateway, driven through the Python c
   the client an error within the timeout, the scheduler drops it, the next request is
   served; every daemon passes check_integrity when idle.
 - Colocated with the locality policy: a request with a cached prefix goes to the instance
-  that holds it, and under imbalance it does not.
+  that holds it, and under imbalance it does not. A client that disconnects mid-stream
+  frees every block; a MemPool daemon killed with SIGKILL under a running request gives
+  the client an error within the timeout, its worker turns unhealthy, the scheduler stops
+  placing there and forgets its prefixes, and the next request is served elsewhere.
 """
 
 from __future__ import annotations
@@ -213,6 +216,36 @@ async def check_locality(c: Cluster) -> None:
         assert r.final.instances == [other]
         await stream.aclose()  # cancels the long request
         await asyncio.sleep(0.5)
+        await all_idle_and_intact(c)
+
+        # A client that goes away mid-stream sends no Cancel (its socket just closes): the
+        # gateway's next send to it fails, it aborts the request, every block comes back.
+        gone = GatewayClient(c.gateway, timeout_s=30)
+        async for _ in gone.generate(doc, SamplingParams(max_tokens=3000, ignore_eos=True)):
+            gone.close()
+            break
+        await asyncio.sleep(0.5)
+        await all_idle_and_intact(c)
+
+        # SIGKILL the holder's MemPool daemon under a running request: its worker fails the
+        # request (an error within the timeout, not a hang) and reports itself unhealthy,
+        # the scheduler stops placing there and forgets its cached prefixes, and the next
+        # request is served by the other instance with the reference tokens.
+        daemon = c.children[f"{holder}-mempool"]
+        t0 = time.monotonic()
+        with pytest.raises(GatewayError, match=holder):
+            async for _ in client.generate(
+                [*doc, 5], SamplingParams(max_tokens=5000, ignore_eos=True)
+            ):
+                if daemon.alive:
+                    os.kill(daemon.proc.pid, signal.SIGKILL)
+                    t0 = time.monotonic()
+        assert time.monotonic() - t0 < 15
+        rows = {i["instance_id"]: i for i in (await admin(c, "instances")).result}
+        assert rows[holder]["state"] == "unhealthy" and rows[holder]["cached_blocks"] == 0
+        tail = [*doc, 3, 4]
+        r = await client.complete(tail, short)
+        assert r.final.instances == [other] and r.token_ids == reference(tail, 4)
         await all_idle_and_intact(c)
     finally:
         client.close()

@@ -109,6 +109,8 @@ class Scheduler:
             if inst.healthy:
                 events.append(InstanceUp(inst.instance_id, inst.role))
             else:
+                # Its daemon is gone and its KV with it: nothing there can be matched.
+                self.trees[inst.role].remove_instance(inst.instance_id)
                 events.append(InstanceDown(inst.instance_id, "unhealthy (lost its MemPool daemon)"))
         return events
 

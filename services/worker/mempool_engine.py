@@ -294,6 +294,7 @@ class MempoolEngine(AsyncEngine):
         if plan.cache:
             await self.client.insert(p.prompt_ids[: out.num_kv_tokens], out.block_ids)
             self.engine.disown_blocks(handed)
+            plan.outbox = Outbox([], [])  # under a block: nothing to send, decode recomputes
             if whole:
                 m = await self.client.match(tokens, owner=self.owner, max_tokens=whole * bs)
                 plan.outbox = Outbox(tokens[: m.num_tokens], m.block_ids, m.handle)

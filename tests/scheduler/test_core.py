@@ -203,8 +203,11 @@ def test_unhealthy_publishes_down_and_recovery_up() -> None:
     s = scheduler()
     assert s.on_heartbeat(heartbeat("w0"), 0.0) == [InstanceUp("w0", "colocated")]
     assert s.on_heartbeat(heartbeat("w0"), 0.1) == []
+    s.on_kv_events("w0", batch("w0", 0, stored(prompt(64))), now=0.1)
+    assert s.trees["colocated"].num_blocks("w0") > 0
     down = s.on_heartbeat(heartbeat("w0", healthy=False), 0.2)
     assert [type(e) for e in down] == [InstanceDown]
+    assert s.trees["colocated"].num_blocks("w0") == 0  # its KV died with its daemon
     with pytest.raises(NoInstanceError, match=r"w0 \(unhealthy\)"):
         s.place(Place("r1", prompt(10), 1), now=0.3)
     assert s.on_heartbeat(heartbeat("w0"), 0.4) == [InstanceUp("w0", "colocated")]

@@ -148,6 +148,14 @@ async def check_mode(c: Cluster, reference: Engine, mode: str, seed: int) -> Non
         assert hit.num_tokens == (len(turn1) + len(out1) - 1) // BS * BS
         await c.pd.client.release(hit.handle)
 
+    # A prompt under one block has no KV to send: decode still continues it (recomputes).
+    short = prompt(6, seed + 2)
+    chunks = await c.run(f"{mode}-short", short, params, mode)
+    reference.add_request("short", short, params)
+    assert tokens_of(chunks) == run_to_end(reference)["short"], mode
+    assert chunks[-1].instance_id == "d0"
+    await idle_and_intact(c.pd, c.dd)
+
 
 async def test_a_failed_transfer_makes_decode_recompute(
     spawn_daemon: SpawnDaemon, spawn_worker: SpawnWorker, make_engine: MakeEngine
