@@ -111,8 +111,8 @@ def _busy_seconds() -> float | None:
 class CpuMonitor:
     """How much CPU *other* processes used while the benchmark ran.
 
-    Busy CPU time of the whole machine minus this process's own CPU time, over the wall
-    time: ~0 on a quiet machine. Figures taken while others compete for the cores
+    Busy CPU time of the whole machine minus this process's own CPU time (and its reaped
+    children's), over the wall time: ~0 on a quiet machine. Figures taken while others compete for the cores
     (multi-threaded torch stalls badly then) should not be trusted.
     """
 
@@ -123,8 +123,10 @@ class CpuMonitor:
 
     @staticmethod
     def _own() -> float:
+        # Children count as ours once reaped: a cluster the benchmark started and stopped
+        # within the window is not "another process".
         t = os.times()
-        return t.user + t.system
+        return t.user + t.system + t.children_user + t.children_system
 
     def start(self) -> CpuMonitor:
         self.t0 = time.perf_counter()

@@ -19,32 +19,11 @@ import pytest
 
 from common.client import GatewayClient
 from common.sampling import SamplingParams
+from tests.procs import children_of, gone
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def children_of(pid: int) -> list[int]:
-    """Direct children, read from /proc (no psutil)."""
-    out = []
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue  # exited meanwhile
-        m = re.search(r"^PPid:\s+(\d+)$", text, re.M)
-        if m and int(m.group(1)) == pid:
-            out.append(int(status.parent.name))
-    return out
-
-
-def gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True
-    return "State:\tZ" in state
 
 
 async def memserve_up(config: Path, **kw: Any) -> Process:

@@ -1,7 +1,7 @@
 """`memserve demo`: the main job on the embedded model, end to end.
 
 Starts a local prefill/decode cluster (PD-Caching-3) with the launcher of `memserve up`,
-streams one completion through the gateway, runs a short multi-turn conversation workload,
+streams one completion through the gateway, runs a short multi-turn chat workload (bench/workloads, ShareGPT-like),
 then does the same workload on a cluster without caching (PD-Basic) and prints cache hit
 rate and TTFT side by side. Every cluster is stopped before the command returns.
 """
@@ -22,9 +22,8 @@ PROMPT = "MemServe keeps the KV cache of every turn, so the next turn"
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="start a P/D cluster, stream, compare caching on and off")
     p.add_argument("--model", default="tiny")
-    p.add_argument("--sessions", type=int, default=4)
-    p.add_argument("--turns", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--sessions", type=int, default=6)
+    p.add_argument("--scale", type=float, default=0.2, help="ShareGPT-like lengths x this")
     p.set_defaults(func=run)
 
 
@@ -36,19 +35,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from bench.serve import chat_workload, cluster_overrides, messages
+    from bench.experiment import Shape, warm_up
+    from bench.loadgen import LoadClient
+    from bench.results import summarize
+    from bench.workloads import build
     from common.client import GatewayClient
     from common.sampling import SamplingParams
     from services.launcher.config import load
     from services.launcher.supervisor import Cluster
 
-    workload = argparse.Namespace(
-        seed=0, sessions=args.sessions, turns=args.turns, first_tokens=120, turn_tokens=32
-    )
-    convs = messages(workload)
+    # Short ShareGPT-like conversations, all starting at once; the same ones in both modes.
+    workload = build("chat", sessions=args.sessions, rate=0, scale=args.scale, seed=0)
+    n = workload.num_requests()
     figures: dict[str, dict[str, Any]] = {}
     for mode in ("pd-caching-3", "pd-basic"):
-        settings = load(None, cluster_overrides(mode, args.model))
+        settings = load(None, Shape(mode).overrides(args.model, 64, f".memserve/demo/{mode}"))
         print(f"== starting a local {mode} cluster (1 prefill + 1 decode worker) ...", flush=True)
         async with Cluster(settings) as cluster:
             print(f"   gateway {cluster.gateway}, logs in {cluster.run_dir}/", flush=True)
@@ -63,12 +64,11 @@ async def _demo(args: argparse.Namespace) -> int:
                     sys.stdout.write("\n")
                 finally:
                     client.close()
-            n = args.sessions * args.turns
-            print(
-                f"== {args.sessions} conversations x {args.turns} turns ({n} requests)", flush=True
-            )
-            r = await chat_workload(cluster.gateway, convs, args.max_tokens)
-            if r["errors"]:
+            await warm_up(cluster, 2)
+            print(f"== {len(workload.sessions)} conversations, {n} requests", flush=True)
+            result = await LoadClient(cluster.gateway, timeout_s=120).run(workload)
+            r = summarize(result.records, result.wall_s)
+            if r["errors"] or result.unsent:
                 return fail(f"{r['errors']} requests failed in {mode}")
             figures[mode] = r
     on, off = figures["pd-caching-3"], figures["pd-basic"]

@@ -1,0 +1,163 @@
+"""Session arrival processes: when each session's first turn is sent.
+
+Every process starts at 0 (the first session arrives when the run starts) and returns
+non-decreasing times; later sessions follow after n-1 gaps:
+- poisson(rate): exponential gaps, mean 1/rate;
+- gamma(rate, cv): Gamma gaps with mean 1/rate and coefficient of variation cv (shape 1/cv²,
+  scale cv²/rate). cv=1 is Poisson; cv>1 is bursty — BurstGPT (Wang et al., 2024) fits its
+  ChatGPT/GPT-4 request gaps with Gamma distributions of this kind;
+- onoff(rate, on_s, off_s): Poisson at `rate` during on periods of on_s seconds, nothing
+  during the off periods of off_s seconds that follow each (a burst trace);
+- trace(times): recorded times (e.g. a BurstGPT CSV's timestamps), sorted, shifted to 0.
+A rate of 0 or inf means "all at once": every session arrives at 0.
+
+`parse_arrival` reads the command-line form: "poisson", "gamma:CV", "onoff:ON:OFF".
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.workloads.model import WorkloadError
+
+KINDS = ("poisson", "gamma", "onoff", "trace")
+SPEC_HELP = "expected 'poisson', 'gamma:CV' or 'onoff:ON_S:OFF_S'"
+
+
+@dataclass(frozen=True)
+class Arrival:
+    kind: str  # one of KINDS
+    rate: float  # sessions per second (during on periods for onoff); 0 or inf: all at once
+    cv: float = 1.0  # gamma only: coefficient of variation of the gaps
+    on_s: float = 0.0  # onoff only
+    off_s: float = 0.0  # onoff only
+    trace_times: tuple[float, ...] = field(default=(), repr=False)  # trace only, sorted
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise WorkloadError(f"unknown arrival kind {self.kind!r}; known: {', '.join(KINDS)}")
+        if not self.rate >= 0:  # also rejects nan
+            raise WorkloadError(
+                f"arrival rate must be >= 0 (0 or inf: all at once), got {self.rate}"
+            )
+        if self.kind == "gamma" and not (self.cv > 0 and math.isfinite(self.cv)):
+            raise WorkloadError(f"gamma arrivals: cv must be a positive number, got {self.cv}")
+        if self.kind == "onoff" and not (self.on_s > 0 and self.off_s >= 0):
+            raise WorkloadError(
+                f"onoff arrivals: need on_s > 0 and off_s >= 0, got on_s={self.on_s} off_s={self.off_s}"
+            )
+
+    @property
+    def all_at_once(self) -> bool:
+        return self.kind != "trace" and (self.rate == 0 or math.isinf(self.rate))
+
+    def times(self, n: int, rng: random.Random) -> list[float]:
+        """Arrival times of n sessions, starting at 0, non-decreasing."""
+        if n <= 0:
+            return []
+        if self.kind == "trace":
+            return self._trace_times(n)
+        if self.all_at_once:
+            return [0.0] * n
+        times = [0.0]
+        for _ in range(n - 1):
+            times.append(times[-1] + self._gap(rng))
+        if self.kind == "onoff":
+            return [self._wall_time(t) for t in times]
+        return times
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-safe description for results files (inf as "inf"; a trace by its length)."""
+        rate: float | str = self.rate if math.isfinite(self.rate) else "inf"
+        out: dict[str, Any] = {"kind": self.kind, "rate": rate}
+        if self.kind == "gamma":
+            out["cv"] = self.cv
+        elif self.kind == "onoff":
+            out.update(on_s=self.on_s, off_s=self.off_s)
+        elif self.kind == "trace":
+            out["trace_len"] = len(self.trace_times)
+        return out
+
+    def _gap(self, rng: random.Random) -> float:
+        if self.kind == "gamma":
+            shape = 1.0 / (self.cv * self.cv)
+            return rng.gammavariate(shape, 1.0 / (self.rate * shape))
+        # poisson, and onoff in "active" (on-period) time
+        return rng.expovariate(self.rate)
+
+    def _wall_time(self, active_s: float) -> float:
+        # Arrivals are drawn on a clock that only runs during on periods; each completed on
+        # period adds an off period to the wall clock, so nothing lands in an off window.
+        cycles = math.floor(active_s / self.on_s)
+        return cycles * (self.on_s + self.off_s) + (active_s - cycles * self.on_s)
+
+    def _trace_times(self, n: int) -> list[float]:
+        if n > len(self.trace_times):
+            raise WorkloadError(
+                f"trace arrivals: {n} sessions requested, the trace has {len(self.trace_times)}"
+            )
+        start = self.trace_times[0]
+        return [t - start for t in self.trace_times[:n]]
+
+
+def poisson(rate: float) -> Arrival:
+    return Arrival("poisson", rate)
+
+
+def gamma(rate: float, cv: float) -> Arrival:
+    return Arrival("gamma", rate, cv=cv)
+
+
+def onoff(rate: float, on_s: float, off_s: float) -> Arrival:
+    return Arrival("onoff", rate, on_s=on_s, off_s=off_s)
+
+
+def trace(times: Iterable[float]) -> Arrival:
+    """Recorded arrival times; `rate` is set to the trace's mean rate, for information only."""
+    ts = tuple(sorted(float(t) for t in times))
+    if not ts:
+        raise WorkloadError("trace arrivals: no times given")
+    if not all(math.isfinite(t) for t in ts):
+        raise WorkloadError("trace arrivals: times must be finite numbers")
+    span = ts[-1] - ts[0]
+    return Arrival("trace", (len(ts) - 1) / span if span > 0 else math.inf, trace_times=ts)
+
+
+def parse_arrival(spec: str, rate: float) -> Arrival:
+    """'poisson' | 'gamma:CV' | 'onoff:ON_S:OFF_S' at `rate` sessions per second."""
+    kind, *args = spec.strip().lower().split(":")
+    if kind == "poisson":
+        _expect_args(spec, args, 0)
+        return poisson(rate)
+    if kind == "gamma":
+        _expect_args(spec, args, 1)
+        return gamma(rate, _number(spec, "CV", args[0]))
+    if kind == "onoff":
+        _expect_args(spec, args, 2)
+        return onoff(rate, _number(spec, "ON_S", args[0]), _number(spec, "OFF_S", args[1]))
+    if kind == "trace":
+        raise WorkloadError(
+            "arrival 'trace' replays recorded timestamps: use workload burstgpt with trace=PATH"
+        )
+    raise WorkloadError(f"arrival {spec!r}: unknown process {kind!r}; {SPEC_HELP}")
+
+
+def _expect_args(spec: str, args: list[str], count: int) -> None:
+    if len(args) != count:
+        raise WorkloadError(
+            f"arrival {spec!r}: takes {count} parameter(s) after the kind, got {len(args)}; {SPEC_HELP}"
+        )
+
+
+def _number(spec: str, what: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise WorkloadError(f"arrival {spec!r}: {what} {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise WorkloadError(f"arrival {spec!r}: {what} {text!r} must be finite")
+    return value
