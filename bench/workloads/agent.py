@@ -26,19 +26,7 @@ from dataclasses import dataclass
 
 from bench.workloads.arrivals import Arrival
 from bench.workloads.model import Turn, Workload, WorkloadError
-from bench.workloads.sampling import (
-    BOS,
-    GenConfig,
-    LengthDist,
-    assemble,
-    check_count,
-    check_length,
-    config_dict,
-    content_rng,
-    non_negative,
-    token_ids,
-    turn_count,
-)
+from bench.workloads.sampling import BOS, GenConfig, content_rng, non_negative
 
 NAME = "agent"
 
@@ -63,48 +51,24 @@ class AgentConfig(GenConfig):
         super().__post_init__()
         if self.system_tokens < 0:
             raise WorkloadError(f"AgentConfig.system_tokens must be >= 0, got {self.system_tokens}")
-        check_length(
-            self, "task_tokens", self.task_tokens_mean, self.task_tokens_sigma, self.task_tokens_max
-        )
-        check_count(self, "steps", self.steps_mean, self.max_steps)
-        check_length(
-            self,
-            "observation_tokens",
-            self.observation_tokens_mean,
-            self.observation_tokens_sigma,
-            self.observation_tokens_max,
-        )
-        check_length(
-            self,
-            "action_tokens",
-            self.action_tokens_mean,
-            self.action_tokens_sigma,
-            self.action_tokens_max,
-        )
+        self.check_lengths("task_tokens")
+        self.check_counts("steps")
+        self.check_lengths("observation_tokens", "action_tokens")
         non_negative(self, "tool_latency_s", self.tool_latency_s)
 
 
 def generate(cfg: AgentConfig, arrival: Arrival, n_sessions: int, seed: int) -> Workload:
     streams = content_rng(NAME, seed)
     rng, ids = streams.shape, streams.ids
-    task = LengthDist.of(
-        cfg.task_tokens_mean, cfg.task_tokens_sigma, cfg.task_tokens_max, cfg.scale
-    )
-    observation = LengthDist.of(
-        cfg.observation_tokens_mean,
-        cfg.observation_tokens_sigma,
-        cfg.observation_tokens_max,
-        cfg.scale,
-    )
-    action = LengthDist.of(
-        cfg.action_tokens_mean, cfg.action_tokens_sigma, cfg.action_tokens_max, cfg.scale
-    )
-    system = (BOS, *token_ids(ids, cfg.vocab, round(cfg.system_tokens * cfg.scale)))
+    task = cfg.lengths("task_tokens")
+    observation = cfg.lengths("observation_tokens")
+    action = cfg.lengths("action_tokens")
+    system = (BOS, *cfg.token_ids(ids, round(cfg.system_tokens * cfg.scale)))
     drafts = []
     for _ in range(n_sessions):
-        turns = [Turn(system + token_ids(ids, cfg.vocab, task.sample(rng)), action.sample(rng))]
-        for _ in range(turn_count(rng, cfg.steps_mean, cfg.max_steps) - 1):
-            seen = token_ids(ids, cfg.vocab, observation.sample(rng))
+        turns = [Turn(system + cfg.token_ids(ids, task.sample(rng)), action.sample(rng))]
+        for _ in range(cfg.turn_count(rng, "steps") - 1):
+            seen = cfg.token_ids(ids, observation.sample(rng))
             turns.append(Turn(seen, action.sample(rng), think_s=cfg.tool_latency_s))
         drafts.append((turns, ""))
-    return assemble(NAME, drafts, arrival, seed, cfg.max_context, config_dict(cfg))
+    return cfg.workload(NAME, drafts, arrival, seed)

@@ -22,20 +22,7 @@ from dataclasses import dataclass
 
 from bench.workloads.arrivals import Arrival
 from bench.workloads.model import Turn, Workload
-from bench.workloads.sampling import (
-    BOS,
-    GenConfig,
-    LengthDist,
-    assemble,
-    check_count,
-    check_length,
-    config_dict,
-    content_rng,
-    non_negative,
-    think_time,
-    token_ids,
-    turn_count,
-)
+from bench.workloads.sampling import BOS, GenConfig, content_rng, non_negative, think_time
 
 NAME = "chat"
 
@@ -54,34 +41,21 @@ class ChatConfig(GenConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_count(self, "turns", self.turns_mean, self.max_turns)
-        check_length(
-            self, "user_tokens", self.user_tokens_mean, self.user_tokens_sigma, self.user_tokens_max
-        )
-        check_length(
-            self,
-            "answer_tokens",
-            self.answer_tokens_mean,
-            self.answer_tokens_sigma,
-            self.answer_tokens_max,
-        )
+        self.check_counts("turns")
+        self.check_lengths("user_tokens", "answer_tokens")
         non_negative(self, "think_s", self.think_s)
 
 
 def generate(cfg: ChatConfig, arrival: Arrival, n_sessions: int, seed: int) -> Workload:
     streams = content_rng(NAME, seed)
     rng, ids = streams.shape, streams.ids
-    user = LengthDist.of(
-        cfg.user_tokens_mean, cfg.user_tokens_sigma, cfg.user_tokens_max, cfg.scale
-    )
-    answer = LengthDist.of(
-        cfg.answer_tokens_mean, cfg.answer_tokens_sigma, cfg.answer_tokens_max, cfg.scale
-    )
+    user = cfg.lengths("user_tokens")
+    answer = cfg.lengths("answer_tokens")
     drafts = []
     for _ in range(n_sessions):
         turns = []
-        for i in range(turn_count(rng, cfg.turns_mean, cfg.max_turns)):
-            message = token_ids(ids, cfg.vocab, user.sample(rng))
+        for i in range(cfg.turn_count(rng, "turns")):
+            message = cfg.token_ids(ids, user.sample(rng))
             turns.append(
                 Turn(
                     tokens=(BOS, *message) if i == 0 else message,
@@ -90,4 +64,4 @@ def generate(cfg: ChatConfig, arrival: Arrival, n_sessions: int, seed: int) -> W
                 )
             )
         drafts.append((turns, ""))
-    return assemble(NAME, drafts, arrival, seed, cfg.max_context, config_dict(cfg))
+    return cfg.workload(NAME, drafts, arrival, seed)

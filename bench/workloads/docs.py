@@ -27,20 +27,7 @@ from dataclasses import dataclass
 
 from bench.workloads.arrivals import Arrival
 from bench.workloads.model import Turn, Workload, WorkloadError
-from bench.workloads.sampling import (
-    BOS,
-    GenConfig,
-    LengthDist,
-    assemble,
-    check_count,
-    check_length,
-    config_dict,
-    content_rng,
-    non_negative,
-    think_time,
-    token_ids,
-)
-from bench.workloads.sampling import turn_count as question_count
+from bench.workloads.sampling import BOS, GenConfig, content_rng, non_negative, think_time
 
 NAME = "docs"
 
@@ -67,41 +54,20 @@ class DocsConfig(GenConfig):
         if self.num_docs < 1:
             raise WorkloadError(f"DocsConfig.num_docs must be >= 1, got {self.num_docs}")
         non_negative(self, "doc_zipf", self.doc_zipf)
-        check_length(
-            self, "doc_tokens", self.doc_tokens_mean, self.doc_tokens_sigma, self.doc_tokens_max
-        )
-        check_count(self, "questions", self.questions_mean, self.max_questions)
-        check_length(
-            self,
-            "question_tokens",
-            self.question_tokens_mean,
-            self.question_tokens_sigma,
-            self.question_tokens_max,
-        )
-        check_length(
-            self,
-            "answer_tokens",
-            self.answer_tokens_mean,
-            self.answer_tokens_sigma,
-            self.answer_tokens_max,
-        )
+        self.check_lengths("doc_tokens")
+        self.check_counts("questions")
+        self.check_lengths("question_tokens", "answer_tokens")
         non_negative(self, "think_s", self.think_s)
 
 
 def generate(cfg: DocsConfig, arrival: Arrival, n_sessions: int, seed: int) -> Workload:
     streams = content_rng(NAME, seed)
     rng, ids = streams.shape, streams.ids
-    doc_len = LengthDist.of(
-        cfg.doc_tokens_mean, cfg.doc_tokens_sigma, cfg.doc_tokens_max, cfg.scale
-    )
-    question = LengthDist.of(
-        cfg.question_tokens_mean, cfg.question_tokens_sigma, cfg.question_tokens_max, cfg.scale
-    )
-    answer = LengthDist.of(
-        cfg.answer_tokens_mean, cfg.answer_tokens_sigma, cfg.answer_tokens_max, cfg.scale
-    )
+    doc_len = cfg.lengths("doc_tokens")
+    question = cfg.lengths("question_tokens")
+    answer = cfg.lengths("answer_tokens")
     # Documents first, so session k of a larger run equals session k of a smaller one.
-    prefixes = [(BOS, *token_ids(ids, cfg.vocab, doc_len.sample(rng))) for _ in range(cfg.num_docs)]
+    prefixes = [(BOS, *cfg.token_ids(ids, doc_len.sample(rng))) for _ in range(cfg.num_docs)]
     cum_weights = list(
         itertools.accumulate(1.0 / (k + 1) ** cfg.doc_zipf for k in range(cfg.num_docs))
     )
@@ -109,8 +75,8 @@ def generate(cfg: DocsConfig, arrival: Arrival, n_sessions: int, seed: int) -> W
     for _ in range(n_sessions):
         doc = rng.choices(range(cfg.num_docs), cum_weights=cum_weights)[0]
         turns = []
-        for i in range(question_count(rng, cfg.questions_mean, cfg.max_questions)):
-            asked = token_ids(ids, cfg.vocab, question.sample(rng))
+        for i in range(cfg.turn_count(rng, "questions")):
+            asked = cfg.token_ids(ids, question.sample(rng))
             turns.append(
                 Turn(
                     tokens=prefixes[doc] + asked if i == 0 else asked,
@@ -119,4 +85,4 @@ def generate(cfg: DocsConfig, arrival: Arrival, n_sessions: int, seed: int) -> W
                 )
             )
         drafts.append((turns, f"doc-{doc}"))
-    return assemble(NAME, drafts, arrival, seed, cfg.max_context, config_dict(cfg))
+    return cfg.workload(NAME, drafts, arrival, seed)

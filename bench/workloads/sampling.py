@@ -55,6 +55,47 @@ class GenConfig:
         if self.max_context < 2:
             raise WorkloadError(f"max_context must be >= 2, got {self.max_context}")
 
+    # A generator's config names its distributions by prefix: `<p>_mean`, `<p>_sigma` and
+    # `<p>_max` for a length, `<p>_mean` and `max_<p>` for a turn count.
+
+    def check_lengths(self, *prefixes: str) -> None:
+        """Check each named length distribution's fields, in the order given."""
+        for prefix in prefixes:
+            check_length(self, prefix, *self._length_fields(prefix))
+
+    def check_counts(self, *prefixes: str) -> None:
+        """Check each named turn count's fields, in the order given."""
+        for prefix in prefixes:
+            check_count(self, prefix, *self._count_fields(prefix))
+
+    def lengths(self, prefix: str) -> LengthDist:
+        """The `prefix` length distribution, scaled by `scale`."""
+        return LengthDist.of(*self._length_fields(prefix), self.scale)
+
+    def turn_count(self, rng: random.Random, prefix: str) -> int:
+        """One draw of the `prefix` turn count (see `turn_count`)."""
+        return turn_count(rng, *self._count_fields(prefix))
+
+    def token_ids(self, rng: random.Random, n: int) -> tuple[int, ...]:
+        """`n` token ids from this config's vocab."""
+        return token_ids(rng, self.vocab, n)
+
+    def workload(
+        self, name: str, drafts: Sequence[tuple[Sequence[Turn], str]], arrival: Arrival, seed: int
+    ) -> Workload:
+        """The drafted sessions assembled (see `assemble`), params holding this config."""
+        return assemble(name, drafts, arrival, seed, self.max_context, config_dict(self))
+
+    def _length_fields(self, prefix: str) -> tuple[Any, Any, Any]:
+        return (
+            getattr(self, f"{prefix}_mean"),
+            getattr(self, f"{prefix}_sigma"),
+            getattr(self, f"{prefix}_max"),
+        )
+
+    def _count_fields(self, prefix: str) -> tuple[Any, Any]:
+        return getattr(self, f"{prefix}_mean"), getattr(self, f"max_{prefix}")
+
 
 def positive(cfg: object, name: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
