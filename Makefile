@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 EXTRAS ?= test,bench,dev,ucx
 
-.PHONY: install demo test unit lint typecheck bench clean
+.PHONY: install demo test unit lint typecheck bench eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,21 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/memserve bench engine
+
+# The evaluation of docs/benchmarks.md: MemServe's three comparisons on this machine
+# (~35 minutes on 2 cores). Results land in results/serve/ (JSON, CSV, markdown, PNG).
+# Rates keep the caching runs below saturation; a failed request does not stop the rest.
+SERVE := $(BIN)/memserve bench serve --out-dir results/serve --no-progress
+eval: install
+	-$(SERVE) --name chat --workload chat --sessions 16 --rate 1 --scale 0.25 --gateway-figures \
+		--modes colocated-nocache,colocated,pd-basic,pd-caching-1,pd-caching-2,pd-caching-3
+	-$(SERVE) --name docs --workload docs --sessions 24 --rate 0.25 --scale 0.5 \
+		--modes colocated-nocache,colocated,pd-basic,pd-caching-3
+	-$(SERVE) --name agent --workload agent --sessions 16 --rate 0.5 --scale 0.5 \
+		--modes colocated-nocache,colocated,pd-basic,pd-caching-3
+	-$(SERVE) --name routing --workload docs --sessions 32 --rate 0.5 --scale 0.25 \
+		--modes pd-caching-3 --prefill 3 --decode 1 \
+		--policies locality,session,least-load,round-robin
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -57,8 +57,19 @@ class Shape:
             return {"prefill": 0, "decode": 0, "colocated": self.colocated}
         return {"prefill": self.prefill, "decode": self.decode, "colocated": 0}
 
-    def overrides(self, model: str, kv_mib: int, run_dir: str) -> dict[str, Any]:
-        """Launcher settings: the cluster table, and workers sharing the cores fairly."""
+    def overrides(
+        self,
+        model: str,
+        kv_mib: int,
+        run_dir: str,
+        timeout_s: float = 300.0,
+        fetch: bool = True,
+    ) -> dict[str, Any]:
+        """Launcher settings: the cluster table, workers sharing the cores fairly, and the
+        gateway's silence limit raised to the run's: a request queued behind an overload
+        is slow, not lost (dead instances are still failed at once, by InstanceDown).
+        `fetch=False` turns off the scheduler's cross-instance KV moves (transfer vs
+        recompute), so a request only hits what its own instance holds."""
         cluster: dict[str, Any] = {"model": model, "policy": self.policy, "run_dir": run_dir}
         if self.colocated_mode:
             caching = self.mode == "colocated"
@@ -67,6 +78,8 @@ class Shape:
             cluster |= {"mode": self.mode, "prefill": self.prefill, "decode": self.decode}
         return {
             "cluster": cluster,
+            "gateway": {"request_timeout_s": timeout_s},
+            "scheduler": {"fetch": fetch},
             "worker": {"engine": {"num_threads": 1}},
             "mempool": {"device_memory_bytes": kv_mib << 20, "tensor_memory_bytes": 1 << 20},
         }
@@ -95,6 +108,7 @@ def shapes(
 class Options:
     model: str = "small"
     kv_mib: int = 512
+    fetch: bool = True  # the scheduler may move KV between instances
     warmup: int = 4
     timeout_s: float = 300.0
     max_requests: int | None = None
@@ -142,7 +156,10 @@ class Experiment:
 
         opts = self.options
         run_dir = f"{opts.run_root}/{shape.label.replace('/', '-')}"
-        settings = load(None, shape.overrides(opts.model, opts.kv_mib, run_dir))
+        settings = load(
+            None,
+            shape.overrides(opts.model, opts.kv_mib, run_dir, opts.timeout_s, opts.fetch),
+        )
         log(f"[{shape.label}] starting a cluster ({_instances(shape)}, model {opts.model})")
         async with Cluster(settings) as cluster:
             await warm_up(cluster, opts.warmup)

@@ -237,7 +237,7 @@ def workload_line(experiment: Experiment) -> str:
     workload = experiment.get("workload") or {}
     figures = workload.get("summary") or workload.get("params") or {}
     parts = [
-        f"{k} {fmt(v, 1)}"
+        f"{k.replace('_', ' ')} {fmt(int(v) if isinstance(v, float) and v.is_integer() else v, 1)}"
         for k, v in figures.items()
         if isinstance(v, str | int | float) and not isinstance(v, bool)
     ]

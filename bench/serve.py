@@ -24,6 +24,7 @@ import asyncio
 import shlex
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--decode", type=int, default=1)
     c.add_argument("--colocated", type=int, default=2, help="equal to prefill + decode")
     c.add_argument("--kv-mib", type=int, default=512, help="KV memory per MemPool daemon")
+    c.add_argument(
+        "--no-fetch", action="store_true", help="no KV moves between instances (routing only)"
+    )
     c.add_argument("--gateway", default="", help="run once against this running cluster")
     r = p.add_argument_group("run")
     r.add_argument("--warmup", type=int, default=4, help="warm-up requests per cluster")
@@ -121,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
     options = Options(
         model=args.model,
         kv_mib=args.kv_mib,
+        fetch=not args.no_fetch,
         warmup=args.warmup,
         timeout_s=args.timeout,
         max_requests=args.max_requests,
@@ -148,14 +153,18 @@ def run(args: argparse.Namespace) -> int:
 
 async def _run(exp: Experiment, configs: list[Shape], gateway: str) -> None:
     loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGINT, _interrupt, exp, loop)
+    # Only the main thread may take signals (a caller running us in a thread keeps its own).
+    catch = threading.current_thread() is threading.main_thread()
+    if catch:
+        loop.add_signal_handler(signal.SIGINT, _interrupt, exp, loop)
     try:
         if gateway:
             await _run_against(exp, gateway)
         else:
             await exp.run(configs)
     finally:
-        loop.remove_signal_handler(signal.SIGINT)
+        if catch:
+            loop.remove_signal_handler(signal.SIGINT)
 
 
 def _interrupt(exp: Experiment, loop: asyncio.AbstractEventLoop) -> None:

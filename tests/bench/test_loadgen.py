@@ -6,8 +6,10 @@ the count and time bounds hold, a failed turn ends its session, stop() keeps the
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.integration
 
 
 class ScriptedGateway:
-    """Answers Complete with a Final after `delay_s`; prompt token 99 makes it an error."""
+    """Answers Complete with a Final after `delay_s`; prompt token 2 (never in a generated prompt) makes it an error."""
 
     def __init__(self, delay_s: float = 0.05):
         self.sock: RouterSocket[Any] = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest)
@@ -45,7 +47,7 @@ class ScriptedGateway:
     async def answer(self, peer: bytes, msg: cp.Complete) -> None:
         await asyncio.sleep(self.delay_s)
         ids = msg.token_ids or []
-        if 99 in ids:
+        if 2 in ids:
             final = cp.Final(msg.request_id, "error", error="scripted failure")
         else:
             final = cp.Final(
@@ -75,8 +77,8 @@ def workload(arrivals: list[float], turns: int, fail_at: tuple[int, int] | None 
     for i, at in enumerate(arrivals):
         ts = []
         for t in range(turns):
-            token = 99 if fail_at == (i, t) else 10 + t
-            ts.append(Turn((1, i, token) if t == 0 else (i, token), max_tokens=3))
+            token = 2 if fail_at == (i, t) else 10 + t
+            ts.append(Turn((1, 50 + i, token) if t == 0 else (50 + i, token), max_tokens=3))
         sessions.append(Session(f"s-{i}", at, tuple(ts)))
     return Workload("test", tuple(sessions), {})
 
@@ -144,3 +146,30 @@ async def test_stop_keeps_what_was_measured(gateway: ScriptedGateway) -> None:
     result = await asyncio.wait_for(run, 5)
     assert result.interrupted and 1 <= len(result.records) <= 3
     assert result.unsent == 10 - len(result.records)
+
+
+async def test_bench_serve_against_a_running_gateway(
+    gateway: ScriptedGateway, tmp_path: Path
+) -> None:
+    """`memserve bench serve --gateway ADDR`: one run, against what is already there."""
+    from services.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            *("bench", "serve", "--gateway", gateway.sock.address, "--workload", "agent"),
+            *("--sessions", "3", "--rate", "0", "--scale", "0.1", "--no-plots"),
+            *("--no-progress", "--out-dir", str(tmp_path)),
+        ]
+    )
+    code = await asyncio.to_thread(args.func, args)
+    assert code == 0
+    doc = json.loads((tmp_path / "agent.json").read_text())
+    (run,) = doc["runs"]
+    assert run["label"] == "running-cluster" and run["summary"]["errors"] == 0
+    assert run["summary"]["requests"] == doc["workload"]["summary"]["requests"] == len(gateway.log)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "agent-summary.csv",
+        "agent.csv",
+        "agent.json",
+        "agent.md",
+    ]
