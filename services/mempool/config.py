@@ -22,6 +22,8 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     device_blocks: int | None = None
     device_memory_bytes: int = 256 * 1024 * 1024
     device_max_blocks: int | None = None
+    # Commit and map the device blocks at start rather than at first touch (region.py).
+    prefault: bool = True
     host_blocks: int = 0
     host_memory_bytes: int = 0
     # Named tensors (parameters, activations): a lazily committed shared-memory arena.

@@ -14,11 +14,21 @@ Kinds:
   to `max_blocks` without remapping: the elastic KV region KunServe lends memory to.
 - `HostRegion`: private anonymous memory of the daemon (the host/DRAM tier for swapped-out
   blocks); nobody else maps it.
+
+Pre-faulting: a page first touched through a mapping costs a page fault (and, the first
+time anywhere, tmpfs zeroing it): ~2,000 faults per 8 MiB of KV. A transfer or a forward
+pass that writes fresh blocks would pay them inline (a 7 MiB hand-off took 8-30 ms instead
+of ~3 ms). `populate` maps a range in one madvise(MADV_POPULATE_WRITE) call (Linux 5.14+;
+elsewhere it does nothing and pages fault in as before). The daemon populates the capacity
+it hands out (committing that memory up front, as a GPU pool would); attachers populate
+what they know is in use; the shm sender populates each transfer's destination runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import mmap
+import sys
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -66,6 +76,11 @@ class Region:
 # Segments this process created: attaching one of them must leave its tracker entry alone.
 _CREATED: set[str] = set()
 
+# MADV_POPULATE_WRITE is 23 on Linux; Python names it only from 3.13 on.
+_POPULATE_WRITE: int | None = getattr(
+    mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None
+)
+
 
 class HostRegion(Region):
     kind = "host"
@@ -102,21 +117,49 @@ class ShmRegion(Region):
         max_blocks: int,
         capacity_blocks: int | None = None,
         name: str | None = None,
+        *,
+        prefault: bool = False,
     ) -> ShmRegion:
+        """A new segment of `max_blocks`; `prefault` populates the first `capacity_blocks`."""
         shm = shared_memory.SharedMemory(name=name, create=True, size=block_bytes * max_blocks)
         _CREATED.add(shm.name)
-        return cls(shm, block_bytes, max_blocks, capacity_blocks or max_blocks, owner=True)
+        region = cls(shm, block_bytes, max_blocks, capacity_blocks or max_blocks, owner=True)
+        if prefault:
+            region.populate(0, region.capacity_blocks)
+        return region
 
     @classmethod
-    def attach(cls, name: str, block_bytes: int, max_blocks: int) -> ShmRegion:
-        """Map a segment another process created. The creator alone unlinks it."""
+    def attach(
+        cls, name: str, block_bytes: int, max_blocks: int, *, prefault_blocks: int = 0
+    ) -> ShmRegion:
+        """Map a segment another process created (populating its first `prefault_blocks`).
+        The creator alone unlinks it."""
         shm = shared_memory.SharedMemory(name=name, create=False)
         # Python < 3.13 registers attached segments with the resource tracker too, which
         # would unlink the creator's segment when this process exits.
         if shm.name not in _CREATED:
             with contextlib.suppress(Exception):
                 resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        return cls(shm, block_bytes, max_blocks, max_blocks, owner=False)
+        region = cls(shm, block_bytes, max_blocks, max_blocks, owner=False)
+        region.populate(0, prefault_blocks)
+        return region
+
+    def populate(self, first: int, count: int) -> bool:
+        """Map blocks [first, first + count) into this process now (tmpfs allocates any
+        page nobody touched yet), so that writes to them take no page faults. Best effort:
+        False where the kernel cannot (the pages then fault in on first touch)."""
+        global _POPULATE_WRITE
+        count = min(count, self.max_blocks - first)
+        if _POPULATE_WRITE is None or count <= 0 or first < 0:
+            return False
+        start = first * self.block_bytes // mmap.PAGESIZE * mmap.PAGESIZE
+        end = (first + count) * self.block_bytes
+        try:
+            self.shm._mmap.madvise(_POPULATE_WRITE, start, end - start)  # type: ignore[attr-defined]
+        except (OSError, ValueError, AttributeError):
+            _POPULATE_WRITE = None  # an older kernel: do not ask again
+            return False
+        return True
 
     def close(self) -> None:
         super().close()

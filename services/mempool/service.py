@@ -95,7 +95,7 @@ class MempoolDaemon:
         device = cfg.device_blocks or max(1, cfg.device_memory_bytes // self.block_bytes)
         max_blocks = max(device, cfg.device_max_blocks or device)
         host = cfg.host_blocks or cfg.host_memory_bytes // self.block_bytes
-        self.device = ShmRegion.create(self.block_bytes, max_blocks, device)
+        self.device = ShmRegion.create(self.block_bytes, max_blocks, device, prefault=cfg.prefault)
         self.host: Region | None = HostRegion(self.block_bytes, host) if host else None
         self.pool = MemPool(
             cfg.block_size,

@@ -148,7 +148,12 @@ class MempoolEngine(AsyncEngine):
         released = await client.release_owner(owner)
         if released:
             log.warning("released blocks of an earlier run", owner=owner, blocks=released)
-        region = ShmRegion.attach(info.device_name, info.block_bytes, info.device_max_blocks)
+        region = ShmRegion.attach(
+            info.device_name,
+            info.block_bytes,
+            info.device_max_blocks,
+            prefault_blocks=info.device_blocks,  # the KV written by every forward pass
+        )
         sized = EngineConfig(**{**_fields(config), "num_kv_blocks": info.device_max_blocks})
         engine = Engine.from_config(sized, kv_buffer=region.buffer, pool=BlockPool())
         return cls(

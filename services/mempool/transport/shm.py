@@ -275,6 +275,7 @@ class ShmSender(Sender):
         crc = 0
         bb = block_bytes
         for run in runs:
+            dst.populate(run.dst_block, run.num_blocks)  # one call, not a fault per page
             src_start, dst_start = run.src_block * bb, run.dst_block * bb
             size = run.num_blocks * bb
             for offset in range(0, size, self.chunk_bytes):
