@@ -195,7 +195,9 @@ class Experiment:
                 f"{s['jct']['mean_ms']:.0f} ms, hit rate {100 * s['hit_rate']:.1f}%"
             )
             if opts.after is not None and not self.interrupted:
-                self.extra[shape.label] = await opts.after(shape, cluster)
+                extra = await opts.after(shape, cluster)
+                if extra:
+                    self.extra[shape.label] = extra
 
     def document(self, machine: dict[str, Any]) -> dict[str, Any]:
         """The results document bench/results.py writes out."""
