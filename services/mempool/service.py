@@ -234,8 +234,11 @@ class MempoolDaemon:
             case mp.Evict(n=n, tier=tier):
                 return mp.Ok(pool.evict(n, _tier(tier)))
             case mp.Grow(device_blocks=n):
-                self.device.grow(min(n, self.device.max_blocks))
-                pool.grow(n)
+                pool.grow(n)  # first: it refuses a bad size before anything changes
+                old = self.device.capacity_blocks
+                self.device.grow(n)
+                if self.cfg.prefault:
+                    self.device.populate(old, n - old)
                 return mp.Ok(n)
             case mp.ReleaseOwner(owner=owner):
                 return mp.Ok(pool.release_owner(owner))

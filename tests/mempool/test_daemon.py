@@ -443,3 +443,20 @@ async def test_a_plain_transfer_allocates_for_the_named_owner(
     assert status.ok and status.result["instance_id"] == "b"
     assert (await b.client.call(AdminRequest("secret", "shutdown"))).ok
     assert await asyncio.to_thread(b.proc.wait, 20) == 0
+
+
+async def test_grow_adds_blocks_and_refuses_past_the_reservation(
+    spawn_daemon: SpawnDaemon,
+) -> None:
+    from common.protocol import mempool as mp
+
+    d = await spawn_daemon("g", device_blocks=8, device_max_blocks=32)
+    with pytest.raises(RpcError, match="32"):
+        await d.client.call(mp.Grow(64))  # past the reservation: nothing changes
+    assert (await d.client.stats()).capacity["device"] == 8
+    await d.client.call(mp.Grow(24))
+    assert (await d.client.stats()).capacity["device"] == 24
+    ids = await d.client.alloc_mem(20, owner="w")  # the new blocks are usable
+    assert len(ids) == 20 and max(ids) < 24
+    await d.client.free_mem(ids)
+    await assert_clean(d)
