@@ -53,6 +53,9 @@ class RequestStream:
         self.last_at: float | None = None
         self.num_cached_tokens = 0
         self.held: dict[int, wp.TokenChunk] = {}  # chunks that arrived early, by offset
+        # Instances whose tokens the client got, in order: a P/D request that ends at its
+        # first token (max_tokens 1, eos) never reaches its decode leg.
+        self.served_by: list[str] = []
         self.finished = False
 
     def accept(self, chunk: wp.TokenChunk, now: float) -> Update:
@@ -90,6 +93,8 @@ class RequestStream:
         skip = len(self.output_ids) - c.offset  # tokens of `c` already consumed
         new = c.token_ids[skip:] if skip else c.token_ids
         if new:
+            if c.instance_id and c.instance_id not in self.served_by:
+                self.served_by.append(c.instance_id)
             if self.first_at is None:
                 self.first_at = now
                 out.first_token = True
@@ -128,5 +133,11 @@ class RequestStream:
             ttft,
             tpot,
             now - self.received_at,
-            [leg.instance_id for leg in self.legs],
+            self._instances(reason),
         )
+
+    def _instances(self, reason: str) -> list[str]:
+        """Who served the request; for a failure, every instance it was placed on."""
+        if reason == "error" or not self.served_by:
+            return [leg.instance_id for leg in self.legs]
+        return list(self.served_by)

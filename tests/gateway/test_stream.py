@@ -82,3 +82,28 @@ def test_sessions_keep_history_one_turn_at_a_time_and_expire() -> None:
     with pytest.raises(InvalidRequestError, match="too many"):
         ss.open(5.0)
     assert ss.expire(100.0) == 2 and not ss.sessions
+
+
+def test_final_names_the_instances_that_served_it() -> None:
+    from services.gateway.stream import Leg
+
+    def pd_stream() -> RequestStream:
+        s = stream()
+        s.legs = [Leg("prefill-0", "tcp://p"), Leg("decode-0", "tcp://d")]
+        return s
+
+    both = pd_stream()
+    both.accept(TokenChunk("x", ids("a"), offset=0, instance_id="prefill-0"), 1.0)
+    end = both.accept(
+        TokenChunk("x", ids("b"), True, "length", offset=1, instance_id="decode-0"), 2.0
+    )
+    assert end.final is not None and end.final.instances == ["prefill-0", "decode-0"]
+    # One token (max_tokens 1, or eos): the prefill worker ends it; decode never ran.
+    one = pd_stream()
+    end = one.accept(TokenChunk("x", ids("a"), True, "length", instance_id="prefill-0"), 1.0)
+    assert end.final is not None and end.final.instances == ["prefill-0"]
+    # A failure names every instance the request was placed on.
+    failed = pd_stream()
+    failed.accept(TokenChunk("x", ids("a"), offset=0, instance_id="prefill-0"), 1.0)
+    gone = failed.end("error", 2.0, "decode-0 is down")
+    assert gone.instances == ["prefill-0", "decode-0"]
