@@ -165,39 +165,52 @@ class Experiment:
             await warm_up(cluster, opts.warmup)
             if self.interrupted:
                 return
-            self._load = LoadClient(
-                cluster.gateway,
-                timeout_s=opts.timeout_s,
-                max_requests=opts.max_requests,
-                duration_s=opts.duration_s,
-                progress=opts.progress,
-            )
-            try:
-                result = await self._load.run(self.workload)
-            finally:
-                self._load = None
-            run: dict[str, Any] = {
-                "label": shape.label,
-                "mode": shape.mode,
-                "policy": shape.policy,
-                "instances": shape.instances(),
-                "summary": summarize(result.records, result.wall_s),
-                "unsent": result.unsent,
-                "interrupted": result.interrupted,
-                "records": result.records,
-            }
-            self.runs.append(run)
-            s = run["summary"]
-            log(
-                f"[{shape.label}] {s['requests']} requests ({s['errors']} errors, "
-                f"{result.unsent} unsent) in {result.wall_s:.1f} s: TTFT mean "
-                f"{s['ttft']['mean_ms']:.0f} ms p99 {s['ttft']['p99_ms']:.0f} ms, JCT mean "
-                f"{s['jct']['mean_ms']:.0f} ms, hit rate {100 * s['hit_rate']:.1f}%"
-            )
+            await self._replay(cluster.gateway, shape.label, shape, log)
             if opts.after is not None and not self.interrupted:
                 extra = await opts.after(shape, cluster)
                 if extra:
                     self.extra[shape.label] = extra
+
+    async def run_against(self, gateway: str, log: Callable[[str], None] = print) -> None:
+        """One replay against a cluster that is already running."""
+        await self._replay(gateway, "running-cluster", None, log)
+
+    async def _replay(
+        self, gateway: str, label: str, shape: Shape | None, log: Callable[[str], None]
+    ) -> None:
+        """Replay the workload at `gateway` (stop() ends it) and record the run."""
+        opts = self.options
+        self._load = LoadClient(
+            gateway,
+            timeout_s=opts.timeout_s,
+            max_requests=opts.max_requests,
+            duration_s=opts.duration_s,
+            progress=opts.progress,
+        )
+        try:
+            result = await self._load.run(self.workload)
+        finally:
+            self._load = None
+        summary = summarize(result.records, result.wall_s)
+        self.runs.append(
+            {
+                "label": label,
+                "mode": shape.mode if shape else "",
+                "policy": shape.policy if shape else "",
+                "instances": shape.instances() if shape else {},
+                "summary": summary,
+                "unsent": result.unsent,
+                "interrupted": result.interrupted,
+                "records": result.records,
+            }
+        )
+        log(
+            f"[{label}] {summary['requests']} requests ({summary['errors']} errors, "
+            f"{result.unsent} unsent) in {result.wall_s:.1f} s: TTFT mean "
+            f"{summary['ttft']['mean_ms']:.0f} ms p99 {summary['ttft']['p99_ms']:.0f} ms, "
+            f"JCT mean {summary['jct']['mean_ms']:.0f} ms, "
+            f"hit rate {100 * summary['hit_rate']:.1f}%"
+        )
 
     def document(self, machine: dict[str, Any]) -> dict[str, Any]:
         """The results document bench/results.py writes out."""
@@ -231,9 +244,7 @@ async def warm_up(cluster: Any, requests: int) -> None:
     """A few short requests through every path (model pages, sockets, first batches), then
     every cache flushed, so that the measured run starts from cold caches."""
     from common.client import GatewayClient
-    from common.protocol.admin import AdminReply, AdminRequest
     from common.sampling import SamplingParams
-    from common.sockets import RpcClient
 
     if requests <= 0:
         return
@@ -245,16 +256,10 @@ async def warm_up(cluster: Any, requests: int) -> None:
         await asyncio.gather(*(client.complete(p, params) for p in prompts))
     finally:
         client.close()
-    rpc: RpcClient[AdminRequest, AdminReply] = RpcClient(
-        cluster.admin_address, AdminRequest, AdminReply
-    )
-    try:
-        reply = await rpc.call(AdminRequest(cluster.admin_token, "flush-cache", []), timeout_s=30)
-        if not reply.ok:
-            raise RuntimeError(f"flush-cache failed: {reply.error}")
-        await asyncio.sleep(0.3)  # the flush's KV events reach the scheduler's trees
-    finally:
-        rpc.close()
+    reply = await cluster.admin("flush-cache", timeout_s=30)
+    if not reply.ok:
+        raise RuntimeError(f"flush-cache failed: {reply.error}")
+    await asyncio.sleep(0.3)  # the flush's KV events reach the scheduler's trees
 
 
 def _instances(shape: Shape) -> str:

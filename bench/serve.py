@@ -159,7 +159,7 @@ async def _run(exp: Experiment, configs: list[Shape], gateway: str) -> None:
         loop.add_signal_handler(signal.SIGINT, _interrupt, exp, loop)
     try:
         if gateway:
-            await _run_against(exp, gateway)
+            await exp.run_against(gateway)
         else:
             await exp.run(configs)
     finally:
@@ -172,33 +172,6 @@ def _interrupt(exp: Experiment, loop: asyncio.AbstractEventLoop) -> None:
     exp.stop()
     # A second Ctrl-C is the default one: it cancels whatever is still waiting.
     loop.remove_signal_handler(signal.SIGINT)
-
-
-async def _run_against(exp: Experiment, gateway: str) -> None:
-    from bench.loadgen import LoadClient
-    from bench.results import summarize
-
-    load = LoadClient(
-        gateway,
-        timeout_s=exp.options.timeout_s,
-        max_requests=exp.options.max_requests,
-        duration_s=exp.options.duration_s,
-        progress=exp.options.progress,
-    )
-    exp._load = load
-    result = await load.run(exp.workload)
-    exp.runs.append(
-        {
-            "label": "running-cluster",
-            "mode": "",
-            "policy": "",
-            "instances": {},
-            "summary": summarize(result.records, result.wall_s),
-            "unsent": result.unsent,
-            "interrupted": result.interrupted,
-            "records": result.records,
-        }
-    )
 
 
 def _gateway_figures_once(exp: Experiment) -> Any:

@@ -118,3 +118,18 @@ async def spawn_worker(launcher: Launcher) -> SpawnWorker:
         return await launcher.start("worker", instance_id, {"mempool": mempool, **settings})
 
     return spawn
+
+
+async def assert_idle_and_intact(client: MempoolClient, name: str, timeout_s: float = 20.0) -> None:
+    """Within `timeout_s`, background transfers (pd-caching-3's KV sent back) end and
+    nothing stays pinned at this daemon; then its `check_integrity` passes: no block leaked."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        st = await client.stats()
+        idle = st.pinned["device"] == 0 and st.pending_transfers == 0
+        if idle or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert idle, (name, st)
+    check = await client.check_integrity()
+    assert check.ok, f"{name}: {check.message}"

@@ -24,15 +24,15 @@ from typing import Any
 
 import pytest
 
+from common.admin_client import admin_call
 from common.client import GatewayClient, GatewayError
 from common.mempool_client import MempoolClient
-from common.protocol.admin import AdminReply, AdminRequest
+from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
-from common.sockets import RpcClient
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from tests.daemons import assert_idle_and_intact
+from tests.gateway.harness import reference
 
 pytestmark = pytest.mark.integration
 
@@ -55,24 +55,8 @@ def settings(
     )
 
 
-def reference(prompt: list[int], max_tokens: int) -> list[int]:
-    engine = Engine.from_config(EngineConfig(model="tiny", num_kv_blocks=64))
-    engine.add_request("r", prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
-    out: list[int] = []
-    while engine.has_unfinished():
-        for o in engine.step():
-            out.extend(o.new_token_ids)
-    return out
-
-
 async def admin(cluster: Cluster, command: str, *args: str, token: str = TOKEN) -> AdminReply:
-    rpc: RpcClient[AdminRequest, AdminReply] = RpcClient(
-        cluster.admin_address, AdminRequest, AdminReply
-    )
-    try:
-        return await rpc.call(AdminRequest(token, command, list(args)), timeout_s=10)
-    finally:
-        rpc.close()
+    return await admin_call(cluster.admin_address, token, command, args)
 
 
 async def all_idle_and_intact(cluster: Cluster) -> None:
@@ -81,14 +65,7 @@ async def all_idle_and_intact(cluster: Cluster) -> None:
             continue
         client = MempoolClient(child.endpoints["rpc"])
         try:
-            for _ in range(100):  # background transfers (pd-caching-3) end shortly
-                st = await client.stats()
-                if st.pinned["device"] == 0 and st.pending_transfers == 0:
-                    break
-                await asyncio.sleep(0.05)
-            assert st.pinned["device"] == 0, (iid, st)
-            check = await client.check_integrity()
-            assert check.ok, f"{iid}: {check.message}"
+            await assert_idle_and_intact(client, iid)
         finally:
             client.close()
 

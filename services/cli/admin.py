@@ -16,9 +16,10 @@ import json
 import os
 from typing import Any
 
+from common.admin_client import admin_call
 from common.net import advertise
 from common.protocol.admin import COMMANDS, AdminReply, AdminRequest
-from common.sockets import RpcClient, RpcError, RpcTimeout
+from common.sockets import RpcError, RpcTimeout
 from services.cli.errors import fail
 
 try:
@@ -101,9 +102,8 @@ def _scheduler_table(path: str) -> dict[str, Any]:
 
 
 async def call(address: str, req: AdminRequest, timeout_s: float) -> AdminReply:
-    client: RpcClient[AdminRequest, AdminReply] = RpcClient(address, AdminRequest, AdminReply)
     try:
-        return await client.call(req, timeout_s)
+        return await admin_call(address, req.token, req.command, req.args, timeout_s)
     except RpcTimeout:
         raise AdminCliError(
             f"no reply from {address} within {timeout_s:g} s (is the service running there?)"
@@ -112,8 +112,6 @@ async def call(address: str, req: AdminRequest, timeout_s: float) -> AdminReply:
         raise AdminCliError(f"{address}: {exc}") from None
     except OSError as exc:
         raise AdminCliError(str(exc)) from None
-    finally:
-        client.close()
 
 
 _COLUMNS = (

@@ -18,7 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.admin_client import admin_call
 from common.logging import get_logger
+from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
 from services.launcher.config import ClusterSettings
 from services.launcher.plan import ProcSpec, env_for, plan
@@ -58,6 +60,12 @@ class Cluster:
     @property
     def admin_address(self) -> str:
         return self.children["scheduler"].endpoints["admin"]
+
+    async def admin(self, command: str, *args: str, timeout_s: float = 10.0) -> AdminReply:
+        """An admin command on the scheduler, with this cluster's token."""
+        return await admin_call(
+            self.admin_address, self.admin_token, command, args, timeout_s=timeout_s
+        )
 
     def endpoints(self, instance_id: str) -> dict[str, str]:
         return self.children[instance_id].endpoints

@@ -10,18 +10,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
+from common.admin_client import admin_call
 from common.errors import InvalidRequestError
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
-from common.protocol.admin import AdminReply, AdminRequest
+from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
-from common.sockets import PubSocket, PullSocket, PushSocket, RpcClient, RpcServer
+from common.sockets import PubSocket, PullSocket, PushSocket, RpcServer
 from common.tokenizer import Tokenizer, build_byte_tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.service import GatewayService, build
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from tests.daemons import Daemon
+from tests.daemons import Daemon, assert_idle_and_intact
 
 TOKEN = "test-token"
 TOK = Tokenizer(build_byte_tokenizer())
@@ -139,11 +140,7 @@ async def running_gateway(
 
 
 async def admin(address: str, command: str, token: str = TOKEN) -> AdminReply:
-    rpc: RpcClient[AdminRequest, AdminReply] = RpcClient(address, AdminRequest, AdminReply)
-    try:
-        return await rpc.call(AdminRequest(token, command), timeout_s=10)
-    finally:
-        rpc.close()
+    return await admin_call(address, token, command)
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 20) -> bool:
@@ -170,11 +167,4 @@ def reference(prompt: list[int], max_tokens: int) -> list[int]:
 
 async def idle_and_intact(daemon: Daemon) -> None:
     """The worker gave back every pin it took for requests, and no block leaked."""
-
-    async def idle() -> bool:
-        st = await daemon.client.stats()
-        return st.pinned["device"] == 0 and st.pending_transfers == 0
-
-    assert await until(idle)
-    check = await daemon.client.check_integrity()
-    assert check.ok, check.message
+    await assert_idle_and_intact(daemon.client, daemon.instance_id)

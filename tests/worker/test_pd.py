@@ -15,7 +15,7 @@ from common.protocol import worker as wp
 from common.sampling import SamplingParams
 from common.sockets import PullSocket, PushSocket
 from services.worker.engine import Engine
-from tests.daemons import Daemon, Proc, SpawnDaemon, SpawnWorker
+from tests.daemons import Daemon, Proc, SpawnDaemon, SpawnWorker, assert_idle_and_intact
 from tests.worker.conftest import run_to_end
 from tests.worker.test_engine import MakeEngine, prompt
 
@@ -88,14 +88,7 @@ async def idle_and_intact(*daemons: Daemon) -> None:
     """Wait for background transfers to end, then every daemon passes check_integrity
     with nothing pinned and nothing held beyond the workers' spare lease."""
     for d in daemons:
-        for _ in range(100):
-            st = await d.client.stats()
-            if st.pinned["device"] == 0 and st.pending_transfers == 0:
-                break
-            await asyncio.sleep(0.05)
-        check = await d.client.check_integrity()
-        assert check.ok, check.message
-        assert st.pinned["device"] == 0, (d.instance_id, st)
+        await assert_idle_and_intact(d.client, d.instance_id)
 
 
 async def test_each_mode_gives_the_reference_tokens_and_caches_the_next_turn(
