@@ -151,6 +151,17 @@ class GatewayClient:
         texts.append(final.text)
         return Completion("".join(texts), ids, final)
 
+    def stream(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        session_id: str = "",
+        request_id: str | None = None,
+    ) -> AsyncGenerator[cp.Chunk | cp.Final, None]:
+        """The raw messages: every `Chunk` (text and token ids) as it arrives, then the
+        `Final`, which is not raised on error. Closing it early cancels the request."""
+        return self._stream(prompt, params, session_id, request_id)
+
     async def _stream(
         self,
         prompt: str | list[int],
