@@ -18,6 +18,9 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     model: str = "tiny"
     dtype: str = "float32"
     block_size: int = 16
+    # Where the device tier lives: "cpu" (a shared-memory segment) or "cuda[:N]" (device
+    # memory the worker maps by CUDA IPC; needs the `cuda` extra and a GPU).
+    device: str = "cpu"
     num_layers: int | None = None
     device_blocks: int | None = None
     device_memory_bytes: int = 256 * 1024 * 1024
@@ -33,7 +36,7 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     # Where same-host peers are recognised (shm transfers); other hosts use tcp or ucx.
     host_id: str = msgspec.field(default_factory=socket.gethostname)
     transports: list[str] = msgspec.field(default_factory=lambda: ["shm", "tcp"])
-    data_host: str = "127.0.0.1"  # address the tcp/ucx receivers listen on
+    data_host: str = "127.0.0.1"  # address the tcp/ucx/gloo/nccl receivers listen on
     transfer_timeout_s: float = 30.0
     ttl_s: float | None = None
     admin_token: str = ""  # `status` / `shutdown` over the RPC socket need it
@@ -50,4 +53,9 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError("mempool.transports must name at least one transport")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"mempool.dtype must be float32|float16|bfloat16, got {self.dtype!r}")
+        kind, _, index = self.device.partition(":")
+        if self.device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
+            raise ValueError(
+                f"mempool.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
         return self

@@ -7,6 +7,8 @@ services/worker/kv_cache.py), so a run of consecutive block ids is one contiguou
 range and moves as one copy or one message.
 
 Kinds:
+- `CudaRegion` (cuda_region.py, optional): device memory the daemon allocates and the worker
+  maps through a CUDA IPC handle.
 - `ShmRegion`: a POSIX shared-memory segment (/dev/shm). The MemPool daemon creates it; the
   worker and same-host peers attach by name and read/write the same bytes (no copy). The
   segment is created at its maximal size, but tmpfs commits pages only when they are
@@ -30,14 +32,23 @@ import contextlib
 import mmap
 import sys
 from multiprocessing import resource_tracker, shared_memory
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+if TYPE_CHECKING:
+    import torch
+
 
 class Region:
-    """Byte view of `max_blocks` blocks of `block_bytes` each."""
+    """Byte view of `max_blocks` blocks of `block_bytes` each.
+
+    `buffer`/`array` are host views of the bytes; a region in device memory (`CudaRegion`)
+    has none (`on_host` is False) and is reached through `tensor()` and `host_view()`.
+    """
 
     kind = "base"
+    on_host: ClassVar[bool] = True
 
     def __init__(self, buffer: memoryview, block_bytes: int, max_blocks: int, capacity_blocks: int):
         if block_bytes <= 0 or max_blocks <= 0:
@@ -51,6 +62,23 @@ class Region:
         self.max_blocks = max_blocks
         self.capacity_blocks = capacity_blocks
         self.array = np.frombuffer(buffer, dtype=np.uint8, count=block_bytes * max_blocks)
+        self._tensor: torch.Tensor | None = None
+
+    def tensor(self) -> torch.Tensor:
+        """The region as a 1-D torch uint8 tensor over the same memory (torch is imported on
+        first use: the daemon loads it only for the collective transports)."""
+        if self._tensor is None:
+            import torch
+
+            self._tensor = torch.frombuffer(
+                self.buffer, dtype=torch.uint8, count=self.block_bytes * self.max_blocks
+            )
+        return self._tensor
+
+    def host_view(self, first: int, count: int = 1) -> memoryview:
+        """Blocks [first, first + count) readable on the host: the region's own bytes here,
+        a copy for device memory."""
+        return self.blocks(first, count)
 
     def grow(self, capacity_blocks: int) -> None:
         if not self.capacity_blocks <= capacity_blocks <= self.max_blocks:
@@ -69,6 +97,7 @@ class Region:
         return self.buffer[start : start + count * self.block_bytes]
 
     def close(self) -> None:
+        self._tensor = None
         self.array = np.empty(0, dtype=np.uint8)
         self.buffer.release()
 
@@ -168,3 +197,20 @@ class ShmRegion(Region):
             _CREATED.discard(self.shm.name)
             with contextlib.suppress(FileNotFoundError):
                 self.shm.unlink()
+
+
+def copy_blocks(src: Region, src_first: int, dst: Region, dst_first: int, count: int) -> None:
+    """Copy `count` consecutive blocks between two regions of the same block size (swap
+    between tiers): numpy between host regions, torch when either side is device memory."""
+    if src.block_bytes != dst.block_bytes:
+        raise ValueError(f"block sizes differ: {src.block_bytes} and {dst.block_bytes} bytes")
+    bb = src.block_bytes
+    if src.on_host and dst.on_host:
+        np.copyto(
+            dst.array[dst_first * bb : (dst_first + count) * bb],
+            src.array[src_first * bb : (src_first + count) * bb],
+        )
+        return
+    dst.tensor()[dst_first * bb : (dst_first + count) * bb].copy_(
+        src.tensor()[src_first * bb : (src_first + count) * bb]
+    )

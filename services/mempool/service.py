@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -42,7 +42,7 @@ from common.sockets import PubSocket, RpcClient, RpcServer
 from services.mempool.config import MempoolConfig
 from services.mempool.pool import InvalidBlocks, MemPool, MemPoolError
 from services.mempool.prompt_tree import Tier, TreeEvent
-from services.mempool.region import HostRegion, Region, ShmRegion
+from services.mempool.region import HostRegion, Region, ShmRegion, copy_blocks
 from services.mempool.tensor_store import PAGE_BYTES, TensorEntry, TensorStore, TensorStoreError
 from services.mempool.transport import (
     CopyRun,
@@ -52,6 +52,9 @@ from services.mempool.transport import (
     coalesce,
     make_transport,
 )
+
+if TYPE_CHECKING:
+    from services.mempool.cuda_region import CudaRegion
 
 log = get_logger(__name__)
 
@@ -95,7 +98,7 @@ class MempoolDaemon:
         device = cfg.device_blocks or max(1, cfg.device_memory_bytes // self.block_bytes)
         max_blocks = max(device, cfg.device_max_blocks or device)
         host = cfg.host_blocks or cfg.host_memory_bytes // self.block_bytes
-        self.device = ShmRegion.create(self.block_bytes, max_blocks, device, prefault=cfg.prefault)
+        self.device = _create_device_region(cfg, self.block_bytes, max_blocks, device)
         self.host: Region | None = HostRegion(self.block_bytes, host) if host else None
         self.pool = MemPool(
             cfg.block_size,
@@ -105,20 +108,18 @@ class MempoolDaemon:
             copy_blocks=self._copy_blocks,
             ttl_s=cfg.ttl_s,
         )
-        names = [t for t in cfg.transports if t in available_transports()]
-        missing = sorted(set(cfg.transports) - set(names))
-        if missing:
-            log.warning("transports not available here", missing=missing)
-        self.transports: dict[str, tuple[Receiver, Sender]] = {
-            name: make_transport(name, self.device) for name in names
-        }
-        self.endpoints: dict[str, dict[str, str]] = {}
         pages = cfg.tensor_memory_bytes // PAGE_BYTES
         self.tensors = TensorStore(pages)
         self.tensor_region = ShmRegion.create(PAGE_BYTES, max(1, pages))
-        self.tensor_transports: dict[str, tuple[Receiver, Sender]] = {
-            name: make_transport(name, self.tensor_region) for name in names
-        }
+        try:  # a config that names no usable transport: give the memory back, then fail
+            self.transports = self._make_transports(self.device)
+            self.tensor_transports = self._make_transports(self.tensor_region)
+        except BaseException:
+            for region in (self.device, self.host, self.tensor_region):
+                if region is not None:
+                    region.close()
+            raise
+        self.endpoints: dict[str, dict[str, str]] = {}
         self.tensor_endpoints: dict[str, dict[str, str]] = {}
         self.server = RpcServer(
             cfg.control_address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
@@ -155,7 +156,36 @@ class MempoolDaemon:
             block_bytes=self.block_bytes,
             transports=list(self.transports),
         )
-        return {"rpc": self.address, "events": self.events.address, "shm": self.device.name}
+        return {
+            "rpc": self.address,
+            "events": self.events.address,
+            self.device.kind: self.device.name,
+        }
+
+    def _make_transports(self, region: Region) -> dict[str, tuple[Receiver, Sender]]:
+        """The configured transports that can move `region`'s memory here (host memory:
+        shm, tcp, ucx, gloo; a CUDA device tier: nccl), receiving on `data_host`."""
+        memory = "host" if region.on_host else "cuda"
+        usable = available_transports(memory)
+        names = [t for t in self.cfg.transports if t in usable]
+        missing = sorted(set(self.cfg.transports) - set(names))
+        if missing:
+            log.warning("transports not available here", memory=memory, missing=missing)
+        if not names:
+            raise ValueError(
+                f"none of mempool.transports {self.cfg.transports} can move {memory} memory "
+                f"here (usable: {usable or 'none'})"
+            )
+        host = self.cfg.data_host
+        options: dict[str, dict[str, Any]] = {
+            "tcp": {"host": host},
+            "ucx": {"advertise_host": host},
+            "gloo": {"advertise_host": host},
+            "nccl": {"advertise_host": host},
+        }
+        return {
+            name: make_transport(name, region, receiver_options=options.get(name)) for name in names
+        }
 
     async def serve(self) -> None:
         """Serve until closed or told to `shutdown` (then return)."""
@@ -442,15 +472,17 @@ class MempoolDaemon:
         )
 
     # --------------------------------------------------------- receiving side
-    def _choose_transport(self, offered: list[str], sender_host: str) -> str:
+    def _choose_transport(
+        self, offered: list[str], sender_host: str, enabled: dict[str, tuple[Receiver, Sender]]
+    ) -> str:
         for name in offered:
-            if name not in self.transports:
+            if name not in enabled:
                 continue
-            if name == "shm" and sender_host != self.cfg.host_id:
+            if name in ("shm", "cuda-ipc") and sender_host != self.cfg.host_id:
                 continue
             return name
         raise MemPoolError(
-            f"no common transport: sender offers {offered}, receiver has {list(self.transports)}"
+            f"no common transport: sender offers {offered}, receiver has {list(enabled)}"
         )
 
     def _prepare(self, req: mp.PrepareReceive) -> mp.Prepared:
@@ -458,7 +490,7 @@ class MempoolDaemon:
             raise MemPoolError(
                 f"block size mismatch: sender {req.block_bytes} bytes, receiver {self.block_bytes}"
             )
-        name = self._choose_transport(req.transports, req.sender_host)
+        name = self._choose_transport(req.transports, req.sender_host, self.transports)
         tid = next(self._transfer_ids)
         skip_ids, skip_handle = [], 0
         if req.skip_tokens and not req.dst_ids:
@@ -681,7 +713,7 @@ class MempoolDaemon:
             raise MemPoolError(
                 f"tensor {req.name!r}: {req.nbytes} bytes announced, {req.dtype}{req.shape} is {nbytes}"
             )
-        name = self._choose_transport(req.transports, req.sender_host)
+        name = self._choose_transport(req.transports, req.sender_host, self.tensor_transports)
         try:
             first = self.tensors.reserve(nbytes)
         except TensorStoreError as exc:
@@ -737,7 +769,7 @@ class MempoolDaemon:
             self.cfg.instance_id,
             self.cfg.block_size,
             self.block_bytes,
-            "shm",
+            self.device.kind,
             self.device.name,
             self.device.max_blocks,
             self.pool.alloc[Tier.DEVICE].capacity,
@@ -749,19 +781,31 @@ class MempoolDaemon:
     # ------------------------------------------------------------------ memory
     def _copy_blocks(self, src: Tier, src_ids: Any, dst: Tier, dst_ids: Any) -> None:
         src_region, dst_region = self._region(src), self._region(dst)
-        bb = self.block_bytes
         for run in coalesce(list(src_ids), list(dst_ids)):
-            n = run.num_blocks * bb
-            np.copyto(
-                dst_region.array[run.dst_block * bb : run.dst_block * bb + n],
-                src_region.array[run.src_block * bb : run.src_block * bb + n],
-            )
+            copy_blocks(src_region, run.src_block, dst_region, run.dst_block, run.num_blocks)
 
     def _region(self, tier: Tier) -> Region:
         if tier == Tier.DEVICE:
             return self.device
         assert self.host is not None, "no host tier"
         return self.host
+
+
+def _create_device_region(
+    cfg: MempoolConfig, block_bytes: int, max_blocks: int, capacity: int
+) -> ShmRegion | CudaRegion:
+    """The device tier: a shared-memory segment on CPU, device memory shared by CUDA IPC
+    on a GPU (`mempool.device = "cuda:N"`)."""
+    if cfg.device == "cpu":
+        return ShmRegion.create(block_bytes, max_blocks, capacity, prefault=cfg.prefault)
+    from services.mempool.cuda_region import CudaRegion, cuda_available
+
+    if not cuda_available():
+        raise ValueError(
+            f"mempool.device = {cfg.device!r}, but cupy sees no CUDA device here "
+            "(install the `cuda` extra on a GPU machine, or use device = 'cpu')"
+        )
+    return CudaRegion.create(block_bytes, max_blocks, capacity, cfg.device)
 
 
 def _tier(value: int) -> Tier:

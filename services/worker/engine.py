@@ -86,10 +86,11 @@ class Engine:
         cls,
         config: EngineConfig,
         *,
-        kv_buffer: memoryview | None = None,
+        kv_buffer: memoryview | torch.Tensor | None = None,
         pool: BlockPool | None = None,
     ) -> Engine:
-        """Load the model and build the KV cache (on `kv_buffer` when one is handed in)."""
+        """Load the model and build the KV cache (on `kv_buffer` when one is handed in: host
+        bytes, or a uint8 tensor such as a CUDA IPC mapping on `config.device`)."""
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
@@ -101,7 +102,14 @@ class Engine:
         layout = KVLayout.for_model(cfg, config.block_size, dtype)
         n = config.num_kv_blocks or layout.num_blocks_for(config.kv_cache_memory_bytes)
         if kv_buffer is not None:
-            cache = KVCache.from_buffer(layout, kv_buffer, n)
+            if isinstance(kv_buffer, torch.Tensor):
+                if kv_buffer.device != torch.device(config.device):
+                    raise ValueError(
+                        f"KV memory is on {kv_buffer.device}, the engine on {config.device}"
+                    )
+                cache = KVCache.from_bytes(layout, kv_buffer, n)
+            else:
+                cache = KVCache.from_buffer(layout, kv_buffer, n)
         else:
             cache = KVCache.allocate(layout, n, config.device)
         return cls(model, cache, config, pool)

@@ -83,15 +83,23 @@ class KVCache:
         cls, layout: KVLayout, buffer: memoryview | bytearray, num_blocks: int | None = None
     ) -> KVCache:
         """Wrap host memory owned by someone else (e.g. `SharedMemory.buf`) without copying."""
-        capacity = len(buffer) // layout.bytes_per_block
+        return cls.from_bytes(layout, torch.frombuffer(buffer, dtype=torch.uint8), num_blocks)
+
+    @classmethod
+    def from_bytes(
+        cls, layout: KVLayout, data: torch.Tensor, num_blocks: int | None = None
+    ) -> KVCache:
+        """Wrap a 1-D uint8 tensor owned by someone else without copying: host memory, or
+        device memory mapped through a CUDA IPC handle (the cache lives on its device)."""
+        if data.dtype != torch.uint8 or data.dim() != 1 or not data.is_contiguous():
+            raise ValueError("KV bytes must be a contiguous 1-D uint8 tensor")
+        capacity = data.numel() // layout.bytes_per_block
         n = capacity if num_blocks is None else num_blocks
         if n > capacity or n <= 0:
             raise ValueError(
-                f"buffer of {len(buffer)} bytes holds {capacity} blocks, asked for {n}"
+                f"buffer of {data.numel()} bytes holds {capacity} blocks, asked for {n}"
             )
-        flat = torch.frombuffer(
-            buffer, dtype=layout.dtype, count=n * layout.bytes_per_block // _itemsize(layout.dtype)
-        )
+        flat = data[: n * layout.bytes_per_block].view(layout.dtype)
         return cls(layout, flat.view(n, *layout.block_shape))
 
     @property

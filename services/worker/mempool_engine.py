@@ -42,13 +42,16 @@ import gc
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from common.errors import MemServeError
 from common.logging import get_logger
 from common.mempool_client import MempoolClient
+from common.protocol import mempool as mp
 from common.protocol import worker as wp
 from common.sockets import RpcError
 from common.tokenizer import Tokenizer
-from services.mempool.region import ShmRegion
+from services.mempool.region import Region, ShmRegion
 from services.worker.async_engine import AsyncEngine, _Pending
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
@@ -95,7 +98,7 @@ class MempoolEngine(AsyncEngine):
         self,
         engine: Engine,
         client: MempoolClient,
-        region: ShmRegion,
+        region: Region,
         *,
         owner: str,
         tokenizer: Tokenizer | None = None,
@@ -132,9 +135,11 @@ class MempoolEngine(AsyncEngine):
         died) is released first."""
         client = MempoolClient(mempool_address)
         info = await client.info()
-        if info.device_kind != "shm":
+        on_gpu = config.device.startswith("cuda")
+        if info.device_kind != ("cuda" if on_gpu else "shm"):
             raise MemServeError(
-                f"mempool {mempool_address} serves a {info.device_kind} region; this worker maps shm"
+                f"mempool {mempool_address} serves a {info.device_kind} region; this worker "
+                f"runs on {config.device} (set mempool.device to match worker.device)"
             )
         model_cfg = ModelConfig.from_folder(resolve_model(config.model))
         layout = KVLayout.for_model(
@@ -148,14 +153,10 @@ class MempoolEngine(AsyncEngine):
         released = await client.release_owner(owner)
         if released:
             log.warning("released blocks of an earlier run", owner=owner, blocks=released)
-        region = ShmRegion.attach(
-            info.device_name,
-            info.block_bytes,
-            info.device_max_blocks,
-            prefault_blocks=info.device_blocks,  # the KV written by every forward pass
-        )
+        region = _attach_region(info)
         sized = EngineConfig(**{**_fields(config), "num_kv_blocks": info.device_max_blocks})
-        engine = Engine.from_config(sized, kv_buffer=region.buffer, pool=BlockPool())
+        kv: memoryview | torch.Tensor = region.buffer if region.on_host else region.tensor()
+        engine = Engine.from_config(sized, kv_buffer=kv, pool=BlockPool())
         return cls(
             engine,
             client,
@@ -381,6 +382,21 @@ class MempoolEngine(AsyncEngine):
             self.region.close()
         except BufferError:
             log.warning("the KV region is still referenced; it is unmapped at exit")
+
+
+def _attach_region(info: mp.InfoReply) -> Region:
+    """Map the daemon's device tier: its shm segment (populating the blocks in use, the KV
+    every forward pass writes), or its GPU memory through the CUDA IPC handle."""
+    if info.device_kind == "cuda":
+        from services.mempool.cuda_region import CudaRegion
+
+        return CudaRegion.attach(info.device_name, info.block_bytes, info.device_max_blocks)
+    return ShmRegion.attach(
+        info.device_name,
+        info.block_bytes,
+        info.device_max_blocks,
+        prefault_blocks=info.device_blocks,
+    )
 
 
 def _fields(config: EngineConfig) -> dict[str, Any]:

@@ -460,3 +460,38 @@ async def test_grow_adds_blocks_and_refuses_past_the_reservation(
     assert len(ids) == 20 and max(ids) < 24
     await d.client.free_mem(ids)
     await assert_clean(d)
+
+
+async def test_receivers_listen_and_advertise_on_data_host() -> None:
+    """Peers on other hosts reach the data plane at `data_host` (it was ignored once)."""
+    from services.mempool.config import MempoolConfig
+    from services.mempool.service import MempoolDaemon
+
+    cfg = MempoolConfig(
+        device_blocks=4,
+        tensor_memory_bytes=1 << 20,
+        data_host="127.0.0.2",
+        transports=["shm", "tcp", "gloo"],
+    )
+    daemon = MempoolDaemon(cfg)
+    await daemon.start()
+    try:
+        for name in ("tcp", "gloo"):
+            for endpoints in (daemon.endpoints, daemon.tensor_endpoints):
+                assert endpoints[name][name].startswith("127.0.0.2:"), endpoints
+    finally:
+        await daemon.close()
+
+
+def test_device_config_errors_are_clear() -> None:
+    from services.mempool.config import MempoolConfig
+    from services.mempool.cuda_region import cuda_available
+    from services.mempool.service import MempoolDaemon
+
+    with pytest.raises(ValueError, match="'cpu', 'cuda' or 'cuda:N'"):
+        MempoolConfig(device="gpu0").validate()
+    if not cuda_available():
+        with pytest.raises(ValueError, match="cupy sees no CUDA device"):
+            MempoolDaemon(MempoolConfig(device="cuda:0", device_blocks=4))
+    with pytest.raises(ValueError, match="can move host memory"):
+        MempoolDaemon(MempoolConfig(device_blocks=4, transports=["nccl"]))

@@ -1,4 +1,5 @@
-"""Shared-memory regions: pre-faulting maps pages without touching their bytes, and a
+"""Regions: a torch view and tier-to-tier copies over the same bytes; shared-memory
+pre-faulting maps pages without touching their bytes, and a
 populated range is resident in this process (RssShmem grows by it) before anything writes
 it, so copies into fresh blocks take no page faults."""
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.mempool.region import ShmRegion
+from services.mempool.region import HostRegion, ShmRegion, copy_blocks
 
 BLOCK = 64 * 1024
 
@@ -56,3 +57,27 @@ def test_create_and_attach_prefault() -> None:
         peer.close()
     finally:
         region.close()
+
+
+def test_tensor_view_shares_the_region_bytes() -> None:
+    region = ShmRegion.create(64, 4)
+    try:
+        region.tensor()[64:128] = 7  # block 1, written through torch
+        assert bytes(region.blocks(1)) == b"\x07" * 64
+        assert bytes(region.host_view(0)) == b"\x00" * 64
+    finally:
+        region.close()  # the tensor view is dropped first: the segment unmaps cleanly
+
+
+def test_copy_blocks_between_tiers() -> None:
+    device, host = ShmRegion.create(32, 8), HostRegion(32, 4)
+    try:
+        device.array[:] = np.arange(device.array.size, dtype=np.uint8)
+        copy_blocks(device, 2, host, 1, 3)
+        assert bytes(host.blocks(1, 3)) == bytes(device.blocks(2, 3))
+        assert bytes(host.blocks(0)) == b"\x00" * 32
+        with pytest.raises(ValueError, match="block sizes differ"):
+            copy_blocks(device, 0, HostRegion(16, 2), 0, 1)
+    finally:
+        device.close()
+        host.close()

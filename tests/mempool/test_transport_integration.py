@@ -58,7 +58,7 @@ def peer(request: pytest.FixtureRequest) -> Iterator[PeerProcess]:
 
 
 def transport_of(peer: PeerProcess) -> str:
-    return next(name for name in ("shm", "tcp", "ucx") if name in peer.endpoint)
+    return next(name for name in available_transports() if name in peer.endpoint)
 
 
 def crc_of(region: ShmRegion, runs: list[tuple[int, int]]) -> int:

@@ -112,7 +112,7 @@ def region_crc32(region: Region, runs: Sequence[tuple[int, int]]) -> int:
     """
     crc = 0
     for first, count in runs:
-        crc = zlib.crc32(region.blocks(first, count), crc)
+        crc = zlib.crc32(region.host_view(first, count), crc)
     return crc
 
 

@@ -1,26 +1,50 @@
-"""Transport names -> implementations; `ucx` only where the ucxx bindings import."""
+"""Transport names -> implementations, and which of them can move which memory here.
+
+Host regions (shm segments, host tier, tensor arena): shm, tcp, ucx (where ucxx imports),
+gloo (torch.distributed). Device regions (`CudaRegion`), where cupy sees a GPU: cuda-ipc
+(same host) and nccl (where torch has NCCL). Modules import lazily, so importing the package pulls in neither ucxx (slow,
+prints UCX warnings) nor torch.
+"""
 
 from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 from typing import Any
 
 from services.mempool.region import Region
 from services.mempool.transport.base import Receiver, Sender
 
-# name -> (module, receiver class, sender class); modules import lazily so that importing
-# the package never pulls in ucxx (slow, and prints UCX warnings).
+# name -> (module, receiver class, sender class)
 _TRANSPORTS: dict[str, tuple[str, str, str]] = {
     "shm": ("services.mempool.transport.shm", "ShmReceiver", "ShmSender"),
     "tcp": ("services.mempool.transport.tcp", "TcpReceiver", "TcpSender"),
     "ucx": ("services.mempool.transport.ucx", "UcxReceiver", "UcxSender"),
+    "gloo": ("services.mempool.transport.collective", "GlooReceiver", "GlooSender"),
+    "nccl": ("services.mempool.transport.collective", "NcclReceiver", "NcclSender"),
+    "cuda-ipc": ("services.mempool.transport.cuda_ipc", "CudaIpcReceiver", "CudaIpcSender"),
 }
+_DEVICE_TRANSPORTS = ("cuda-ipc", "nccl")
 
 
-def available_transports() -> list[str]:
-    """Transports usable in this process, in preference order for same-host peers."""
-    return ["shm", "tcp", "ucx"] if _ucx_imports() else ["shm", "tcp"]
+def available_transports(memory: str = "host") -> list[str]:
+    """Transports usable in this process for `memory` ("host" or "cuda"), in preference
+    order for same-host peers."""
+    if memory == "cuda":
+        from services.mempool.cuda_region import cuda_available
+
+        if not cuda_available():
+            return []
+        return ["cuda-ipc", "nccl"] if _nccl_usable() else ["cuda-ipc"]
+    if memory != "host":
+        raise ValueError(f"memory is 'host' or 'cuda', not {memory!r}")
+    names = ["shm", "tcp"]
+    if _ucx_imports():
+        names.append("ucx")
+    if importlib.util.find_spec("torch") is not None:
+        names.append("gloo")  # torch's Linux and macOS builds always carry gloo
+    return names
 
 
 @functools.cache
@@ -32,11 +56,35 @@ def _ucx_imports() -> bool:
     return True
 
 
-def transport_classes(name: str) -> tuple[type[Receiver], type[Sender]]:
+@functools.cache
+def _nccl_usable() -> bool:
+    from services.mempool.cuda_region import cuda_available
+
+    if not cuda_available():
+        return False
+    try:
+        import torch.distributed as dist
+
+        return bool(dist.is_available() and dist.is_nccl_available())
+    except Exception:
+        return False
+
+
+def transport_classes(name: str, memory: str = "host") -> tuple[type[Receiver], type[Sender]]:
     if name not in _TRANSPORTS:
         raise ValueError(f"unknown transport {name!r}; known: {', '.join(_TRANSPORTS)}")
-    if name not in available_transports():
-        raise ValueError(f"transport {name!r} is not available here (ucxx does not import)")
+    if name not in available_transports(memory):
+        if memory == "host" and name in _DEVICE_TRANSPORTS:
+            why = "it moves device memory only"
+        elif memory == "cuda":
+            why = (
+                "a CUDA region moves over cuda-ipc or nccl"
+                if name not in _DEVICE_TRANSPORTS
+                else "no CUDA/NCCL"
+            )
+        else:
+            why = "its library does not import"
+        raise ValueError(f"transport {name!r} is not available for {memory} memory here ({why})")
     module_name, receiver_name, sender_name = _TRANSPORTS[name]
     module = importlib.import_module(module_name)
     receiver: type[Receiver] = getattr(module, receiver_name)
@@ -52,5 +100,5 @@ def make_transport(
     sender_options: dict[str, Any] | None = None,
 ) -> tuple[Receiver, Sender]:
     """A receiver over the daemon's `region` and a sender for `name` (not yet started)."""
-    receiver_cls, sender_cls = transport_classes(name)
+    receiver_cls, sender_cls = transport_classes(name, "host" if region.on_host else "cuda")
     return receiver_cls(region, **(receiver_options or {})), sender_cls(**(sender_options or {}))

@@ -50,7 +50,6 @@ from common.logging import get_logger
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     CopyRun,
-    Receiver,
     Sender,
     TransferError,
     TransferRejected,
@@ -65,7 +64,7 @@ from services.mempool.transport.frame import (
     Header,
     Kind,
 )
-from services.mempool.transport.tracking import TransferTable
+from services.mempool.transport.tracking import TrackedReceiver, TransferTable
 
 log = get_logger(__name__)
 
@@ -119,7 +118,7 @@ def _tune(sock: socket.socket, buffer_bytes: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer_bytes)
 
 
-class TcpReceiver(Receiver):
+class TcpReceiver(TrackedReceiver):
     name = "tcp"
     cancel_fences_writes = True
 
@@ -141,7 +140,6 @@ class TcpReceiver(Receiver):
         self.idle_timeout_s = idle_timeout_s
         self.buffer_bytes = buffer_bytes
         self.cancel_wait_s = cancel_wait_s
-        self._table: TransferTable | None = None
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._conns: dict[socket.socket, threading.Thread] = {}
@@ -152,7 +150,7 @@ class TcpReceiver(Receiver):
     async def start(self) -> dict[str, str]:
         if self._endpoint is not None:
             return self._endpoint
-        self._table = TransferTable(self.region, asyncio.get_running_loop())
+        self._start_table()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _tune(listener, self.buffer_bytes)  # accepted sockets inherit the options
@@ -169,14 +167,6 @@ class TcpReceiver(Receiver):
         self._accept_thread.start()
         self._endpoint = {"tcp": f"{self.advertise_host}:{self.port}"}
         return self._endpoint
-
-    def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
-        self._require_table().expect(transfer_id, runs)
-
-    async def wait_complete(
-        self, transfer_id: int, timeout_s: float, checksum: int | None = None
-    ) -> int:
-        return await self._require_table().wait_complete(transfer_id, timeout_s, checksum)
 
     def cancel(self, transfer_id: int) -> None:
         table = self._require_table()
@@ -217,11 +207,6 @@ class TcpReceiver(Receiver):
             self._listener.close()
             self._listener = None
         self._endpoint = None
-
-    def _require_table(self) -> TransferTable:
-        if self._table is None:
-            raise RuntimeError("TcpReceiver.start() has not been awaited")
-        return self._table
 
     def _accept_loop(self) -> None:
         assert self._listener is not None

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     ChecksumMismatch,
+    Receiver,
     TransferError,
     TransferTimeout,
     check_runs,
@@ -209,8 +210,11 @@ class TransferTable:
 
     # -- data side (connection threads or handler tasks) -------------------------------------
 
-    def claim(self, header: Header, writer: object) -> Claim | None:
-        """Where a DATA chunk's payload may be written, or None to discard it."""
+    def claim(self, header: Header, writer: object, *, view: bool = True) -> Claim | None:
+        """Where a DATA chunk's payload may be written, or None to discard it.
+
+        `view=False` leaves `Claim.view` empty: the caller writes region bytes
+        [start, end) its own way (the collective transports, through a tensor)."""
         block_bytes = self.region.block_bytes
         if header.nbytes <= 0 or header.offset + header.nbytes > header.num_blocks * block_bytes:
             return None  # inconsistent header
@@ -224,7 +228,9 @@ class TransferTable:
                 return None
             transfer.writers.add(writer)
         # Inside the expected (validated) blocks, so inside the region.
-        return Claim(transfer, start, end, writer, self.region.buffer[start:end])
+        return Claim(
+            transfer, start, end, writer, self.region.buffer[start:end] if view else memoryview(b"")
+        )
 
     def release(self, claim: Claim, received: bool) -> None:
         """End a claim; `received` says whether the whole chunk arrived."""
@@ -283,3 +289,29 @@ class TransferTable:
         if self.loop.is_closed():
             return
         self.loop.call_soon_threadsafe(resolve)
+
+
+class TrackedReceiver(Receiver):
+    """A receiver whose arrivals a `TransferTable` judges (tcp, ucx, gloo/nccl): `start`
+    creates the table on the running loop; expecting and waiting go through it."""
+
+    def __init__(self, region: Region) -> None:
+        super().__init__(region)
+        self._table: TransferTable | None = None
+
+    def _start_table(self) -> TransferTable:
+        self._table = TransferTable(self.region, asyncio.get_running_loop())
+        return self._table
+
+    def _require_table(self) -> TransferTable:
+        if self._table is None:
+            raise RuntimeError(f"{type(self).__name__}.start() has not been awaited")
+        return self._table
+
+    def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
+        self._require_table().expect(transfer_id, runs)
+
+    async def wait_complete(
+        self, transfer_id: int, timeout_s: float, checksum: int | None = None
+    ) -> int:
+        return await self._require_table().wait_complete(transfer_id, timeout_s, checksum)

@@ -44,7 +44,6 @@ from common.logging import get_logger
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     CopyRun,
-    Receiver,
     Sender,
     TransferError,
     TransferRejected,
@@ -53,7 +52,7 @@ from services.mempool.transport.base import (
 )
 from services.mempool.transport.frame import HEADER_SIZE, AckStatus, FrameError, Header, Kind
 from services.mempool.transport.tcp import parse_address
-from services.mempool.transport.tracking import TransferTable
+from services.mempool.transport.tracking import TrackedReceiver, TransferTable
 
 log = get_logger(__name__)
 
@@ -93,7 +92,7 @@ def _header_array(header: Header) -> np.ndarray:
     return np.frombuffer(bytearray(header.pack()), dtype=np.uint8)
 
 
-class UcxReceiver(Receiver):
+class UcxReceiver(TrackedReceiver):
     name = "ucx"
     cancel_fences_writes = True
 
@@ -101,7 +100,6 @@ class UcxReceiver(Receiver):
         super().__init__(region)
         self.port = port
         self.advertise_host = advertise_host
-        self._table: TransferTable | None = None
         self._listener: Any = None
         self._endpoints: set[Any] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -111,20 +109,12 @@ class UcxReceiver(Receiver):
     async def start(self) -> dict[str, str]:
         if self._endpoint is not None:
             return self._endpoint
-        self._table = TransferTable(self.region, asyncio.get_running_loop())
+        self._start_table()
         _init_ucx()
         self._listener = ucxx.create_listener(self._on_connect, port=self.port)
         self.port = self._listener.port
         self._endpoint = {"ucx": f"{self.advertise_host}:{self.port}"}
         return self._endpoint
-
-    def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
-        self._require_table().expect(transfer_id, runs)
-
-    async def wait_complete(
-        self, transfer_id: int, timeout_s: float, checksum: int | None = None
-    ) -> int:
-        return await self._require_table().wait_complete(transfer_id, timeout_s, checksum)
 
     def cancel(self, transfer_id: int) -> None:
         _, writers = self._require_table().cancel(transfer_id)
@@ -147,11 +137,6 @@ class UcxReceiver(Receiver):
             self._listener.close()
             self._listener = None
         self._endpoint = None
-
-    def _require_table(self) -> TransferTable:
-        if self._table is None:
-            raise RuntimeError("UcxReceiver.start() has not been awaited")
-        return self._table
 
     async def _on_connect(self, ep: Any) -> None:
         task = asyncio.current_task()
