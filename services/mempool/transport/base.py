@@ -32,10 +32,11 @@ Invariants every transport keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -174,6 +175,25 @@ class Sender(ABC):
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.retries = retries
+        self._peer_locks: dict[str, asyncio.Lock] = {}
+
+    @contextlib.asynccontextmanager
+    async def _peer_turn(
+        self, address: str, transfer_id: int, timeout_s: float
+    ) -> AsyncIterator[None]:
+        """Hold `address`'s connection alone (one transfer at a time on a stream transport);
+        TransferTimeout if the transfers before it keep it busy for `timeout_s`."""
+        lock = self._peer_locks.setdefault(address, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), timeout_s)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(
+                f"{self.name} transfer {transfer_id} to {address}: peer busy for {timeout_s:g}s"
+            ) from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     @abstractmethod
     async def send(

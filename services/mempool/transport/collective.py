@@ -38,6 +38,7 @@ import socket
 import threading
 import time
 import zlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
@@ -70,20 +71,22 @@ _IDLE_WAIT_S = 300.0
 _RECV_MARGIN_S = 1.0
 
 
-class _Backend:
+class _Backend(ABC):
     """How one torch.distributed backend builds a pair group and waits for its work."""
 
     name: ClassVar[str]
 
+    @abstractmethod
     def check(self, region: Region) -> None:
-        raise NotImplementedError
+        """ValueError unless this backend moves `region`'s kind of memory."""
 
+    @abstractmethod
     def group(self, store: Any, rank: int, timeout_s: float) -> Any:
-        raise NotImplementedError
+        """This side's rank of a two-rank group, rendezvoused through `store`."""
 
+    @abstractmethod
     def wait(self, work: Any, timeout_s: float) -> None:
         """Block until `work` is done; raises on timeout or a broken pair."""
-        raise NotImplementedError
 
     def scratch(self, region: Region, nbytes: int) -> Any:
         import torch
@@ -92,6 +95,7 @@ class _Backend:
 
     def enter_thread(self, region: Region) -> None:
         """Per-thread setup before the first operation on `region`."""
+        return None  # host memory needs none (nccl selects the region's GPU)
 
 
 class _Gloo(_Backend):
@@ -360,7 +364,6 @@ class CollectiveSender(Sender):
         self.connect_timeout_s = connect_timeout_s
         self._executor = ThreadPoolExecutor(max_workers, thread_name_prefix=f"{self.name}-send")
         self._pairs: dict[str, _Pair] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
         self._closed = False
 
     async def send(
@@ -381,19 +384,10 @@ class CollectiveSender(Sender):
         self.backend.check(src)
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
         deadline = time.monotonic() + timeout_s
-        lock = self._locks.setdefault(address, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout_s)
-        except asyncio.TimeoutError:
-            raise TransferTimeout(
-                f"{self.name} transfer {transfer_id} to {address}: peer busy for {timeout_s:g}s"
-            ) from None
-        try:
+        async with self._peer_turn(address, transfer_id, timeout_s):
             return await self._send_locked(
                 address, transfer_id, src, list(runs), deadline, checksum
             )
-        finally:
-            lock.release()
 
     async def close(self) -> None:
         self._closed = True

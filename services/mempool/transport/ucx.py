@@ -208,7 +208,6 @@ class UcxSender(Sender):
         self.chunk_bytes = chunk_bytes
         self.connect_timeout_s = connect_timeout_s
         self._endpoints: dict[str, Any] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
         self._closed = False
 
     async def send(
@@ -229,19 +228,10 @@ class UcxSender(Sender):
         host, port = parse_address(address)
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
         deadline = time.monotonic() + timeout_s
-        lock = self._locks.setdefault(address, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), timeout_s)
-        except asyncio.TimeoutError:
-            raise TransferTimeout(
-                f"ucx transfer {transfer_id} to {address}: peer busy for {timeout_s:g}s"
-            ) from None
-        try:
+        async with self._peer_turn(address, transfer_id, timeout_s):
             return await self._send_locked(
                 address, host, port, transfer_id, src, list(runs), deadline, checksum
             )
-        finally:
-            lock.release()
 
     async def close(self) -> None:
         self._closed = True
