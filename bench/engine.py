@@ -402,7 +402,7 @@ class HFBench:
         from transformers import LlamaForCausalLM
         from transformers.utils import logging as hf_logging
 
-        from services.worker.model.presets import resolve_model
+        from common.model.presets import resolve_model
 
         hf_logging.disable_progress_bar()
         self.model = LlamaForCausalLM.from_pretrained(

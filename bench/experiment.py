@@ -25,15 +25,9 @@ from bench.loadgen import LoadClient
 from bench.paper import comparison_specs
 from bench.results import compare, summarize
 from bench.workloads.model import Workload
+from common.modes import MODES as SERVING_MODES
 
-MODES = [
-    "colocated-nocache",
-    "colocated",
-    "pd-basic",
-    "pd-caching-1",
-    "pd-caching-2",
-    "pd-caching-3",
-]
+MODES = list(SERVING_MODES)
 POLICIES = ["locality", "least-load", "round-robin", "session"]
 
 
@@ -50,7 +44,7 @@ class Shape:
 
     @property
     def colocated_mode(self) -> bool:
-        return self.mode.startswith("colocated")
+        return not SERVING_MODES[self.mode].disaggregated
 
     def instances(self) -> dict[str, int]:
         if self.colocated_mode:
@@ -72,8 +66,8 @@ class Shape:
         recompute), so a request only hits what its own instance holds."""
         cluster: dict[str, Any] = {"model": model, "policy": self.policy, "run_dir": run_dir}
         if self.colocated_mode:
-            caching = self.mode == "colocated"
-            cluster |= {"mode": "colocated", "caching": caching, "colocated": self.colocated}
+            mode = SERVING_MODES[self.mode]
+            cluster |= {"mode": mode.base, "caching": mode.cache, "colocated": self.colocated}
         else:
             cluster |= {"mode": self.mode, "prefill": self.prefill, "decode": self.decode}
         return {

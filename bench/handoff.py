@@ -18,8 +18,9 @@ import time
 from typing import Any
 
 from bench.report import format_table, machine_info, write_json
+from common.modes import PD_MODES
 
-MODES = ["pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3"]
+MODES = list(PD_MODES)
 WARMUP = 2
 
 
@@ -74,7 +75,7 @@ async def measure(mode: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from services.cli.errors import fail
+    from common.cli_errors import fail
 
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]

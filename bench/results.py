@@ -1,5 +1,5 @@
 """An experiment's results written out: per-request CSV, per-run summary CSV, a markdown
-section and (through bench/plots.py) PNG plots. Pure functions; no matplotlib here.
+section (the PNG plots are bench/plots.py; bench/output.py writes both). No matplotlib here.
 
 Shapes read (an "experiment" document, built by the experiment runner):
 
@@ -27,12 +27,11 @@ from __future__ import annotations
 import csv
 import math
 import re
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import fmt, latency_summary_ms, ratio, write_json
+from bench.report import fmt, latency_summary_ms, ratio
 
 Experiment = Mapping[str, Any]
 
@@ -312,31 +311,3 @@ def markdown(experiment: Experiment) -> str:
 def file_stem(name: str) -> str:
     """The experiment name made safe as a file name (no separators or spaces)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "experiment"
-
-
-def write_all(experiment: Experiment, out_dir: Path, *, plots: bool = True) -> list[Path]:
-    """Write {name}.json, .csv, -summary.csv, .md and (if plots) the PNGs; their paths.
-
-    Without matplotlib the PNGs are skipped with a warning: the figures matter more than
-    the pictures, so a missing plotting library must not lose them.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = file_stem(str(experiment.get("name", "")))
-    md = out / f"{stem}.md"
-    md.write_text(markdown(experiment))
-    paths = [
-        write_json(out / f"{stem}.json", dict(experiment)),
-        write_csv(experiment, out / f"{stem}.csv"),
-        write_summary_csv(experiment, out / f"{stem}-summary.csv"),
-        md,
-    ]
-    if plots:
-        try:
-            from bench import plots as plotting
-        except ImportError as e:
-            print(f"warning: no plots for {stem} ({e})", file=sys.stderr)
-        else:
-            paths.append(plotting.plot_ttft_cdf(experiment, out / f"{stem}-ttft-cdf.png"))
-            paths.append(plotting.plot_bars(experiment, out / f"{stem}-bars.png"))
-    return paths

@@ -101,7 +101,7 @@ def build_workload(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from bench.workloads import WorkloadError
-    from services.cli.errors import fail
+    from common.cli_errors import fail
 
     try:
         workload = build_workload(args)
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     doc = exp.document(machine_info())
     doc["cpu"] = monitor.stop()
     report(doc)
-    from bench.results import write_all
+    from bench.output import write_all
 
     paths = write_all(doc, Path(args.out_dir), plots=not args.no_plots)
     print("saved " + ", ".join(str(p) for p in paths))

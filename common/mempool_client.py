@@ -49,8 +49,14 @@ class MempoolClient:
     async def swap_in(self, block_ids: list[int]) -> list[int]:
         return cast(mp.Blocks, await self.call(mp.SwapIn(block_ids))).block_ids
 
-    async def insert(self, tokens: TokenIds, block_ids: list[int], tier: int = 0) -> mp.Inserted:
-        return cast(mp.Inserted, await self.call(mp.Insert(token_bytes(tokens), block_ids, tier)))
+    async def insert(
+        self, tokens: TokenIds, block_ids: list[int], tier: int = 0, pin_owner: str = ""
+    ) -> mp.Inserted:
+        """Index the tokens' whole blocks; with `pin_owner`, also pin them (`.handle`)."""
+        return cast(
+            mp.Inserted,
+            await self.call(mp.Insert(token_bytes(tokens), block_ids, tier, pin_owner)),
+        )
 
     async def match(
         self, tokens: TokenIds, owner: str = "", promote: bool = True, max_tokens: int = -1

@@ -47,7 +47,7 @@ import zmq
 import zmq.asyncio
 
 from common.codec import DecodeError, Decoder, FrameLike, encode
-from common.errors import MemServeError
+from common.errors import ErrorKind, MemServeError, error_kind
 from common.logging import get_logger
 
 T = TypeVar("T", bound=msgspec.Struct)
@@ -70,14 +70,17 @@ class ErrorReply(msgspec.Struct, frozen=True):
     """Body of an RPC reply of kind ``b"\\x01"``."""
 
     message: str
+    kind: ErrorKind = ErrorKind.INTERNAL
 
 
 class RpcError(Exception):
-    """The server answered with an error, or the client could not use the reply."""
+    """The server answered with an error (its `kind` says why), or the client could not
+    use the reply (`INTERNAL`)."""
 
-    def __init__(self, message: str, *, address: str) -> None:
+    def __init__(self, message: str, *, address: str, kind: ErrorKind = ErrorKind.INTERNAL) -> None:
         super().__init__(message)
         self.address = address
+        self.kind = kind
 
 
 class RpcClosed(RpcError):
@@ -282,7 +285,9 @@ class RpcServer(_Socket, Generic[Req, Rep]):
             request = self._decoder.decode(frames[2:])
         except DecodeError as e:
             log.warning("malformed rpc request", address=self.address, error=str(e))
-            await self._reply_error(peer, request_id, f"malformed request: {e}")
+            await self._reply_error(
+                peer, request_id, f"malformed request: {e}", ErrorKind.BAD_REQUEST
+            )
             return
         try:
             body = encode(await handler(request))
@@ -294,12 +299,14 @@ class RpcServer(_Socket, Generic[Req, Rep]):
                 error=str(e),
                 exc_info=not isinstance(e, MemServeError),
             )
-            await self._reply_error(peer, request_id, f"{type(e).__name__}: {e}")
+            await self._reply_error(peer, request_id, f"{type(e).__name__}: {e}", error_kind(e))
             return
         await self._reply(peer, request_id, _OK, body)
 
-    async def _reply_error(self, peer: bytes, request_id: bytes, message: str) -> None:
-        await self._reply(peer, request_id, _ERROR, encode(ErrorReply(message)))
+    async def _reply_error(
+        self, peer: bytes, request_id: bytes, message: str, kind: ErrorKind
+    ) -> None:
+        await self._reply(peer, request_id, _ERROR, encode(ErrorReply(message, kind)))
 
     async def _reply(
         self, peer: bytes, request_id: bytes, kind: bytes, body: Sequence[FrameLike]
@@ -390,10 +397,10 @@ class RpcClient(_Socket, Generic[Req, Rep]):
                 )
         elif kind == _ERROR:
             try:
-                message = self._errors.decode(frames[2:]).message
+                err = self._errors.decode(frames[2:])
             except DecodeError as e:
-                message = f"malformed error reply from {self.address}: {e}"
-            reply.set_exception(RpcError(message, address=self.address))
+                err = ErrorReply(f"malformed error reply from {self.address}: {e}")
+            reply.set_exception(RpcError(err.message, address=self.address, kind=err.kind))
         else:
             reply.set_exception(
                 RpcError(f"rpc reply of unknown kind {kind!r}", address=self.address)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from common.model.presets import materialize
 from services.cli import main
-from services.worker.model.presets import materialize
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -3,7 +3,7 @@ daemon's instance id.
 
 Every change of what an instance has cached is published, so the scheduler keeps exact
 global prompt trees instead of guessing (a TTL is only its safety net). Blocks are named
-by chained hashes (`services.mempool.tokens.chain_hash`): a stored block carries its
+by chained hashes (`common.tokens.chain_hash`): a stored block carries its
 parent's hash and the token ids of every block, so the tree can be rebuilt from events.
 Batches are numbered per daemon; a gap in `seq` means events were lost (PUB/SUB drops
 under pressure or while a subscriber connects) and the subscriber must resync.

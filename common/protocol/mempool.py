@@ -3,7 +3,7 @@ daemons (the transfer legs), from the scheduler and from admin tools.
 
 Names follow the MemServe paper: alloc_mem / free_mem / swap_out / swap_in (memory),
 insert / match / delete (index), transfer / transfer_with_insert (between instances).
-Token ids travel as little-endian int32 bytes (`services.mempool.tokens.as_token_bytes`):
+Token ids travel as little-endian int32 bytes (`common.tokens.as_token_bytes`):
 decoding them is free, and a 4K-token prompt is 16 KiB. Tiers: 0 = device, 1 = host.
 
 Every request is answered by one reply struct, or by an RPC error reply whose message
@@ -43,9 +43,14 @@ class SwapIn(msgspec.Struct, tag=True, frozen=True):
 
 
 class Insert(msgspec.Struct, tag=True, frozen=True):
+    """Index the whole blocks of `tokens`. With `pin_owner`, the indexed path is also pinned
+    for that owner (as `Match` would pin it) and `Inserted.handle` names the pin: no
+    caller inserts and then matches the same tokens to get one."""
+
     tokens: bytes
     block_ids: list[int]
     tier: int = 0
+    pin_owner: str = ""
 
 
 class Match(msgspec.Struct, tag=True, frozen=True):
@@ -83,7 +88,9 @@ class TransferWithInsert(msgspec.Struct, tag=True, frozen=True):
     `pin_owner`, the receiver also pins the inserted blocks and keeps the partial tail
     block for that owner (a decode worker continuing the request). With `skip_cached`,
     blocks of a prefix the receiver already has cached are not sent at all (its next turn
-    only moves the new KV)."""
+    only moves the new KV). With `from_index` (and no `src_ids`), the sender itself
+    matches `tokens` in its own index, sends the cached prefix and releases that pin at
+    the end: one call returns cached KV to another daemon (pd-caching-3's way back)."""
 
     dst: str
     tokens: bytes
@@ -93,6 +100,7 @@ class TransferWithInsert(msgspec.Struct, tag=True, frozen=True):
     checksum: bool = False
     timeout_s: float = 30.0
     skip_cached: bool = False
+    from_index: bool = False
 
 
 class Grow(msgspec.Struct, tag=True, frozen=True):
@@ -241,8 +249,9 @@ class Matched(msgspec.Struct, tag=True, frozen=True):
 
 class Inserted(msgspec.Struct, tag=True, frozen=True):
     num_indexed_tokens: int
-    index_block_ids: list[int]
+    index_block_ids: list[int]  # with pin_owner: the pinned (device) prefix of them
     freed_block_ids: list[int]
+    handle: int = 0  # with pin_owner: release it when done
 
 
 class Transferred(msgspec.Struct, tag=True, frozen=True):

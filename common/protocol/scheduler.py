@@ -16,8 +16,6 @@ from common.protocol.worker import Fetch, HandOff
 
 INSTANCE_TOPIC = b"instances"
 
-ROLES = ("prefill", "decode", "colocated")
-
 
 class InstanceLoad(msgspec.Struct, frozen=True, omit_defaults=True):
     waiting_requests: int = 0

@@ -10,15 +10,9 @@ index in the output of a chunk's first token) lets the gateway order chunks that
 from two sockets.
 
 What a request does with the MemPool is decided per request by the scheduler (the cluster's
-caching mode), not by the worker's configuration, so one worker binary serves every mode:
-
-| mode         | Generate.cache | HandOff.insert | HandOff.cache | HandOff.return_kv |
-| ------------ | -------------- | -------------- | ------------- | ----------------- |
-| colocated    | on/off         | (no hand-off)  |               |                   |
-| pd-basic     | False          | False          | False         | False             |
-| pd-caching-1 | True           | False          | False         | False             |
-| pd-caching-2 | True           | True           | True          | False             |
-| pd-caching-3 | True           | True           | True          | True              |
+caching mode, `common/modes.py`: `Generate.cache` is the mode's `cache`, `HandOff.insert` /
+`cache` / `return_kv` its `handoff_insert` / `decode_cache` / `return_kv`), not by the
+worker's configuration, so one worker binary serves every mode.
 """
 
 from __future__ import annotations

@@ -17,10 +17,10 @@ import os
 from typing import Any
 
 from common.admin_client import admin_call
+from common.cli_errors import fail
 from common.net import advertise
 from common.protocol.admin import COMMANDS, AdminReply, AdminRequest
 from common.sockets import RpcError, RpcTimeout
-from services.cli.errors import fail
 
 try:
     import tomllib

@@ -13,8 +13,8 @@ import os
 import sys
 from typing import Any
 
+from common.cli_errors import fail
 from common.errors import InvalidRequestError, MemServeError
-from services.cli.errors import fail
 from services.cli.generate import add_sampling_args, sampling
 
 

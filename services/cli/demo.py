@@ -13,8 +13,8 @@ import asyncio
 import sys
 from typing import Any
 
+from common.cli_errors import fail
 from common.ready import StartupError
-from services.cli.errors import fail
 
 PROMPT = "MemServe keeps the KV cache of every turn, so the next turn"
 

@@ -9,13 +9,13 @@ import os
 import sys
 from typing import Any
 
+from common.cli_errors import fail
 from common.errors import InvalidRequestError, MemServeError
+from common.model.config import ModelError
+from common.model.presets import resolve_model
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer, TokenizerError
-from services.cli.errors import fail
 from services.worker.config import EngineConfig
-from services.worker.model.config import ModelError
-from services.worker.model.presets import resolve_model
 
 
 def add_parser(sub: Any) -> None:

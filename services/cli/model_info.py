@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from services.cli.errors import fail
+from common.cli_errors import fail
+from common.model.config import ModelConfig, ModelError
+from common.model.presets import resolve_model
 from services.worker.kv_cache import KVLayout
-from services.worker.model.config import ModelConfig, ModelError
 from services.worker.model.loader import checkpoint_files
-from services.worker.model.presets import resolve_model
 
 
 def add_parser(sub: Any) -> None:

@@ -6,9 +6,9 @@ import argparse
 import importlib
 from typing import Any
 
+from common.cli_errors import fail
 from common.config import ConfigError
 from common.errors import MemServeError
-from services.cli.errors import fail
 
 SERVICES = {
     "mempool": (

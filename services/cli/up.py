@@ -8,9 +8,9 @@ import asyncio
 import signal
 from typing import Any
 
+from common.cli_errors import fail
 from common.config import ConfigError
 from common.ready import StartupError
-from services.cli.errors import fail
 
 
 def add_parser(sub: Any) -> None:

@@ -345,8 +345,8 @@ class GatewayService:
 
 def build(cfg: GatewayConfig) -> GatewayService:
     """A gateway for `cfg`: the tokenizer, context length and vocabulary of `cfg.model`."""
-    from services.worker.model.config import ModelConfig
-    from services.worker.model.presets import resolve_model
+    from common.model.config import ModelConfig
+    from common.model.presets import resolve_model
 
     folder = resolve_model(cfg.model)
     model = ModelConfig.from_folder(folder)

@@ -12,8 +12,7 @@ from typing import Any
 import msgspec
 
 from common.config import load_config
-
-MODES = ("colocated", "pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")
+from common.modes import BASE_MODES, MODES
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -33,14 +32,15 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     stop_timeout_s: float = 15.0
 
     def validate(self) -> ClusterConfig:
-        if self.mode not in MODES:
-            raise ValueError(f"cluster.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
+        if self.mode not in BASE_MODES:
+            raise ValueError(
+                f"cluster.mode must be one of {'|'.join(BASE_MODES)}, got {self.mode!r}"
+            )
         counts = self.counts()
         for role, n in counts.items():
             if not 0 <= n <= 64:
                 raise ValueError(f"cluster.{role} must be in [0, 64], got {n}")
-        needed = ["colocated"] if self.mode == "colocated" else ["prefill", "decode"]
-        for role in needed:
+        for role in MODES[self.mode].roles:
             if counts[role] == 0:
                 raise ValueError(f"cluster.mode {self.mode} needs cluster.{role} >= 1")
         if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
@@ -48,7 +48,7 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
         return self
 
     def counts(self) -> dict[str, int]:
-        pd = self.mode != "colocated"
+        pd = MODES[self.mode].disaggregated
         return {
             "prefill": int(pd) if self.prefill is None else self.prefill,
             "decode": int(pd) if self.decode is None else self.decode,

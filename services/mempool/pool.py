@@ -25,10 +25,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from common.errors import MemServeError
+from common.errors import ErrorKind, MemServeError
+from common.tokens import TokenLike, as_token_bytes
 from services.mempool.allocator import BlockAllocator
 from services.mempool.prompt_tree import Node, PromptTree, Tier, TreeEvent
-from services.mempool.tokens import TokenLike, as_token_bytes
 
 CopyBlocks = Callable[[Tier, Sequence[int], Tier, Sequence[int]], None]
 
@@ -41,15 +41,15 @@ class MemPoolError(MemServeError):
 
 
 class OutOfMemory(MemPoolError):
-    pass
+    kind = ErrorKind.OUT_OF_MEMORY
 
 
 class InvalidBlocks(MemPoolError):
-    pass
+    kind = ErrorKind.BAD_REQUEST
 
 
 class UnknownHandle(MemPoolError):
-    pass
+    kind = ErrorKind.UNKNOWN_ID
 
 
 @dataclass
@@ -63,11 +63,12 @@ class MatchResult:
 @dataclass
 class InsertResult:
     num_indexed_tokens: int  # whole-block tokens of the prompt now in the index
-    index_block_ids: list[
-        int
-    ]  # the index's block for each whole block (may differ from the caller's)
+    # The index's block for each whole block (may differ from the caller's). With
+    # `pin_owner`: only the pinned, device-resident prefix of them.
+    index_block_ids: list[int]
     index_tiers: list[Tier]  # where each of those lives (a pinned host copy stays on the host)
     freed_block_ids: list[int]  # caller blocks freed: duplicates and the partial tail
+    handle: int = 0  # with `pin_owner`: pins `index_block_ids` until `release(handle)`
 
 
 @dataclass
@@ -201,6 +202,19 @@ class MemPool:
         st.queried_tokens += len(data) // 4
         if not path:
             return MatchResult(0, 0, [], [])
+        hid, path = self._pin_path(path, owner, promote)
+        if not path:
+            return MatchResult(0, 0, [], [])
+        blocks = [b for n in path for b in n.blocks]
+        tiers = [n.tier for n in path for _ in n.blocks]
+        st.match_hits += 1
+        st.matched_tokens += len(blocks) * self.block_size
+        return MatchResult(hid, len(blocks) * self.block_size, blocks, tiers)
+
+    def _pin_path(self, path: list[Node], owner: str, promote: bool) -> tuple[int, list[Node]]:
+        """Pin a root-down path for `owner`: (handle, the pinned path). With `promote`, host
+        nodes are brought to the device and the path ends where that is impossible; an
+        empty path pins nothing (handle 0)."""
         self.tree.lock(path[-1])
         if promote:
             usable = self._promote(path)
@@ -208,15 +222,11 @@ class MemPool:
                 self.tree.unlock(path[-1])
                 path = path[:usable]
                 if not path:
-                    return MatchResult(0, 0, [], [])
+                    return 0, []
                 self.tree.lock(path[-1])
         hid = next(self._handle_ids)
         self.handles[hid] = _Handle([path[-1]], owner)
-        blocks = [b for n in path for b in n.blocks]
-        tiers = [n.tier for n in path for _ in n.blocks]
-        st.match_hits += 1
-        st.matched_tokens += len(blocks) * self.block_size
-        return MatchResult(hid, len(blocks) * self.block_size, blocks, tiers)
+        return hid, path
 
     def _promote(self, path: list[Node]) -> int:
         """Bring host nodes of a pinned path to the device; return how many nodes are usable."""
@@ -245,12 +255,17 @@ class MemPool:
         block_ids: Sequence[int],
         tier: Tier = Tier.DEVICE,
         tail_owner: str | None = None,
+        pin_owner: str | None = None,
     ) -> InsertResult:
         """Index the whole blocks of `tokens`; `block_ids` cover every token (the last block
         may be partial). The caller gives up all of them: blocks new to the index are now
         index-owned, duplicates of cached blocks and the partial tail are freed. Idempotent:
         inserting the same tokens with the index's own blocks changes nothing. With
-        `tail_owner`, the partial tail block stays allocated to that client instead."""
+        `tail_owner`, the partial tail block stays allocated to that client instead.
+
+        With `pin_owner`, the indexed path is also pinned for that owner, as a `match` with
+        `promote` would pin it (host-tier nodes are brought to the device; the pin ends
+        where that is impossible): `handle` and `index_block_ids` are that pin's."""
         data = as_token_bytes(tokens)
         bs = self.block_size
         ntok = len(data) // 4
@@ -285,9 +300,13 @@ class MemPool:
         self.alloc[tier].free(freed)
         if outcome.replaced_host:
             self.alloc[Tier.HOST].free(outcome.replaced_host)
-        index_ids = [b for n in outcome.nodes for b in n.blocks]
-        index_tiers = [n.tier for n in outcome.nodes for _ in n.blocks]
-        return InsertResult(whole * bs, index_ids, index_tiers, freed)
+        path = outcome.nodes
+        handle = 0
+        if pin_owner is not None and path:
+            handle, path = self._pin_path(path, pin_owner, promote=True)
+        index_ids = [b for n in path for b in n.blocks]
+        index_tiers = [n.tier for n in path for _ in n.blocks]
+        return InsertResult(whole * bs, index_ids, index_tiers, freed, handle)
 
     def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing

@@ -28,7 +28,7 @@ import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from services.mempool.tokens import ROOT_HASH, block_hashes
+from common.tokens import ROOT_HASH, block_hashes
 
 
 class Tier(enum.IntEnum):

@@ -28,12 +28,12 @@ import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from common.codec import DTYPE_BYTES
+from common.kv_geometry import KVGeometry
 from common.logging import get_logger
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
@@ -78,23 +78,15 @@ class _Pending:
     skip_handle: int = 0
 
 
-def block_bytes_for(cfg: MempoolConfig) -> int:
-    """Bytes of one aggregated KV block (services/worker/kv_cache.py), from config.json alone:
-    the daemon never loads torch or the weights."""
-    from services.worker.model.config import ModelConfig
-    from services.worker.model.presets import resolve_model
-
-    model = ModelConfig.from_folder(Path(resolve_model(cfg.model)))
-    layers = model.num_layers if cfg.num_layers is None else cfg.num_layers
-    return (
-        2 * layers * cfg.block_size * model.num_kv_heads * model.head_dim * DTYPE_BYTES[cfg.dtype]
-    )
-
-
 class MempoolDaemon:
     def __init__(self, cfg: MempoolConfig, block_bytes: int | None = None):
         self.cfg = cfg.validate()
-        self.block_bytes = block_bytes or block_bytes_for(cfg)
+        self.block_bytes = (
+            block_bytes
+            or KVGeometry.for_model_name(
+                cfg.model, cfg.block_size, cfg.dtype, cfg.num_layers
+            ).block_bytes
+        )
         device = cfg.device_blocks or max(1, cfg.device_memory_bytes // self.block_bytes)
         max_blocks = max(device, cfg.device_max_blocks or device)
         host = cfg.host_blocks or cfg.host_memory_bytes // self.block_bytes
@@ -250,9 +242,11 @@ class MempoolDaemon:
                 return mp.Ok(pool.evict(n, Tier.DEVICE, demote_only=True))
             case mp.SwapIn(block_ids=ids):
                 return mp.Blocks(pool.swap_in(ids))
-            case mp.Insert(tokens=tokens, block_ids=ids, tier=tier):
-                r = pool.insert(_tokens(tokens), ids, _tier(tier))
-                return mp.Inserted(r.num_indexed_tokens, r.index_block_ids, r.freed_block_ids)
+            case mp.Insert(tokens=tokens, block_ids=ids, tier=tier, pin_owner=pin_owner):
+                r = pool.insert(_tokens(tokens), ids, _tier(tier), pin_owner=pin_owner or None)
+                return mp.Inserted(
+                    r.num_indexed_tokens, r.index_block_ids, r.freed_block_ids, r.handle
+                )
             case mp.Match(tokens=tokens, owner=owner, promote=promote, max_tokens=cap):
                 m = pool.match(_tokens(tokens), owner, promote, None if cap < 0 else cap)
                 return mp.Matched(m.handle, m.num_tokens, m.block_ids, [int(t) for t in m.tiers])
@@ -568,15 +562,11 @@ class MempoolDaemon:
             self._unpin_skipped(p)
             return mp.Committed(nbytes)
         try:
-            r = self.pool.insert(tokens, all_ids, Tier.DEVICE, tail_owner=req.pin_owner or None)
-            handle, index_ids = 0, r.index_block_ids
-            tail = all_ids[len(r.index_block_ids) :] if req.pin_owner else []
-            if req.pin_owner and r.num_indexed_tokens:
-                # promote: every block handed to the new owner must be on the device.
-                m = self.pool.match(
-                    tokens, req.pin_owner, promote=True, max_tokens=r.num_indexed_tokens
-                )
-                handle, index_ids = m.handle, m.block_ids
+            # The pin promotes: every block handed to the new owner must be on the device.
+            owner = req.pin_owner or None
+            r = self.pool.insert(tokens, all_ids, Tier.DEVICE, tail_owner=owner, pin_owner=owner)
+            handle, index_ids = r.handle, r.index_block_ids
+            tail = all_ids[r.num_indexed_tokens // self.cfg.block_size :] if owner else []
         except MemPoolError:
             self.pool.free_mem(p.ids, Tier.DEVICE)
             raise

@@ -15,8 +15,8 @@ from __future__ import annotations
 import msgspec
 
 from common.config import SharedFile
+from common.modes import BASE_MODES
 
-MODES = ("colocated", "pd-basic", "pd-caching-1", "pd-caching-2", "pd-caching-3")
 POLICIES = ("locality", "least-load", "round-robin", "session")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
@@ -51,8 +51,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
         for key in ("address", "heartbeat_address", "events_address"):
             if not getattr(self, key):
                 raise ValueError(f"scheduler.{key} must not be empty")
-        if self.mode not in MODES:
-            raise ValueError(f"scheduler.mode must be one of {'|'.join(MODES)}, got {self.mode!r}")
+        if self.mode not in BASE_MODES:
+            raise ValueError(
+                f"scheduler.mode must be one of {'|'.join(BASE_MODES)}, got {self.mode!r}"
+            )
         if self.policy not in POLICIES:
             raise ValueError(
                 f"scheduler.policy must be one of {'|'.join(POLICIES)}, got {self.policy!r}"

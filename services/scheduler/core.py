@@ -30,10 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.errors import InvalidRequestError, MemServeError
+from common.modes import MODES, ROLES, Mode, parse_mode
 from common.protocol.admin import COMMANDS, AdminReply
 from common.protocol.kv_events import KvEventBatch
 from common.protocol.scheduler import (
-    ROLES,
     Heartbeat,
     InstanceDown,
     InstanceEvent,
@@ -44,7 +44,7 @@ from common.protocol.scheduler import (
     Released,
 )
 from common.protocol.worker import HandOff
-from services.scheduler.config import MODES, POLICIES, SchedulerConfig
+from services.scheduler.config import POLICIES, SchedulerConfig
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
 from services.scheduler.registry import Instance, Registry
@@ -154,10 +154,9 @@ class Scheduler:
             raise InvalidRequestError(f"request {req.request_id!r} has an empty prompt")
         if req.max_tokens < 0:
             raise InvalidRequestError(f"request {req.request_id!r}: max_tokens < 0")
-        colocated = self.cfg.mode == "colocated"
-        first_role = "colocated" if colocated else "prefill"
-        cache = self.cfg.caching if colocated else self.cfg.mode != "pd-basic"
-        decode_cache = self.cfg.mode in ("pd-caching-2", "pd-caching-3")
+        mode = Mode.of(self.cfg.mode, self.cfg.caching)
+        colocated = not mode.disaggregated
+        first_role, cache, decode_cache = mode.first_role, mode.cache, mode.decode_cache
         # Check every role before choosing, so a refusal leaves no turn or charge behind.
         firsts = self._need(first_role)
         decodes = [] if colocated else self._need("decode")
@@ -199,9 +198,9 @@ class Scheduler:
                 dec.instance_id,
                 dec.address,
                 dec.mempool,
-                insert=decode_cache,
-                cache=decode_cache,
-                return_kv=self.cfg.mode == "pd-caching-3",
+                insert=mode.handoff_insert,
+                cache=mode.decode_cache,
+                return_kv=mode.return_kv,
             )
         for leg in legs:
             self._instance(leg.instance_id).charged_tokens += leg.tokens
@@ -304,18 +303,12 @@ class Scheduler:
     @property
     def mode_name(self) -> str:
         """The caching mode, with colocated serving without caching as `colocated-nocache`."""
-        if self.cfg.mode == "colocated" and not self.cfg.caching:
-            return "colocated-nocache"
-        return self.cfg.mode
+        return Mode.of(self.cfg.mode, self.cfg.caching).name
 
     def set_mode(self, name: str) -> None:
         """Switch the caching mode for new placements (requests in flight keep theirs)."""
-        mode, caching = ("colocated", False) if name == "colocated-nocache" else (name, True)
-        if mode not in MODES:
-            raise ValueError(
-                f"unknown mode {name!r}; choose one of colocated-nocache, {', '.join(MODES)}"
-            )
-        self.cfg.mode, self.cfg.caching = mode, caching
+        mode = parse_mode(name)
+        self.cfg.mode, self.cfg.caching = mode.base, mode.cache or mode.disaggregated
 
     # ---------------------------------------------------------------- admin
     def authorize(self, token: str) -> bool:
@@ -413,5 +406,5 @@ _USAGE = {
     "drain": "drain INSTANCE_ID",
     "undrain": "undrain INSTANCE_ID",
     "policy": "policy [NAME]",
-    "mode": "mode [colocated|colocated-nocache|pd-basic|pd-caching-1|pd-caching-2|pd-caching-3]",
+    "mode": f"mode [{'|'.join(MODES)}]",
 }

@@ -1,7 +1,7 @@
 """A global prompt tree: which instance of one role holds which prefix, kept exact by the
 MemPool daemons' KV events (common/protocol/kv_events.py).
 
-Blocks are named by chained hashes (services/mempool/tokens.py), so one hash names a whole
+Blocks are named by chained hashes (common/tokens.py), so one hash names a whole
 prefix and the tree needs no tokens:
 
     request  [ b0 ][ b1 ][ b2 ][ b3 ]      hashes h0 -> h1 -> h2 -> h3 (each covers all before)
@@ -27,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from common.protocol import kv_events as ev
-from services.mempool.tokens import ROOT_HASH, TOKEN_BYTES, as_token_bytes, block_hashes
+from common.tokens import ROOT_HASH, TOKEN_BYTES, as_token_bytes, block_hashes
 
 _TIER_BITS = {0: 1, 1: 2}
 

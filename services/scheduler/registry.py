@@ -19,7 +19,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from common.errors import MemServeError
-from common.protocol.scheduler import ROLES, Heartbeat, InstanceLoad
+from common.modes import ROLES
+from common.protocol.scheduler import Heartbeat, InstanceLoad
 
 
 class UnknownInstanceError(MemServeError, LookupError):

@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from common.errors import InvalidRequestError
+from common.model.config import ModelConfig
+from common.model.presets import resolve_model
 from common.sampling import SamplingParams
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.kv_cache import KVCache, KVLayout
-from services.worker.model.config import ModelConfig
 from services.worker.model.llama import LlamaModel
 from services.worker.model.loader import load_model
-from services.worker.model.presets import resolve_model
 from services.worker.model_runner import ModelRunner
 from services.worker.request import FinishReason, Request, RequestStatus
 from services.worker.sampler import sample

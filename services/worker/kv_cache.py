@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from services.worker.model.config import ModelConfig
+from common.kv_geometry import KVGeometry
+from common.model.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,17 @@ class KVLayout:
         )
 
     @property
+    def geometry(self) -> KVGeometry:
+        name = str(self.dtype).removeprefix("torch.")
+        return KVGeometry(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, name)
+
+    @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
-        return (self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim)
+        return self.geometry.block_shape
 
     @property
     def bytes_per_block(self) -> int:
-        elems = 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim
-        return elems * torch.empty((), dtype=self.dtype).element_size()
+        return self.geometry.block_bytes
 
     def num_blocks_for(self, memory_bytes: int) -> int:
         return memory_bytes // self.bytes_per_block

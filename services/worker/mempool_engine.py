@@ -44,9 +44,11 @@ from typing import Any
 
 import torch
 
-from common.errors import MemServeError
+from common.errors import ErrorKind, MemServeError
 from common.logging import get_logger
 from common.mempool_client import MempoolClient
+from common.model.config import ModelConfig
+from common.model.presets import resolve_model
 from common.protocol import mempool as mp
 from common.protocol import worker as wp
 from common.sockets import RpcError
@@ -57,8 +59,6 @@ from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput, resolve_dtype
 from services.worker.kv_cache import KVLayout
-from services.worker.model.config import ModelConfig
-from services.worker.model.presets import resolve_model
 from services.worker.request import FinishReason
 
 log = get_logger(__name__)
@@ -264,7 +264,7 @@ class MempoolEngine(AsyncEngine):
                 self.engine.pool.add(await self.client.alloc_mem(n, owner=self.owner))
                 return
             except RpcError as exc:
-                if "blocks asked" not in str(exc):
+                if exc.kind != ErrorKind.OUT_OF_MEMORY:
                     raise
                 n //= 2
 
@@ -298,12 +298,13 @@ class MempoolEngine(AsyncEngine):
         tokens = p.prompt_ids[: whole * bs]
         handed = [b for b in out.block_ids if b in self.engine.handed_out]
         if plan.cache:
-            await self.client.insert(p.prompt_ids[: out.num_kv_tokens], out.block_ids)
+            # Under a block nothing is indexed or pinned: decode recomputes the prompt.
+            r = await self.client.insert(
+                p.prompt_ids[: out.num_kv_tokens], out.block_ids, pin_owner=self.owner
+            )
             self.engine.disown_blocks(handed)
-            plan.outbox = Outbox([], [])  # under a block: nothing to send, decode recomputes
-            if whole:
-                m = await self.client.match(tokens, owner=self.owner, max_tokens=whole * bs)
-                plan.outbox = Outbox(tokens[: m.num_tokens], m.block_ids, m.handle)
+            pinned = len(r.index_block_ids) * bs
+            plan.outbox = Outbox(tokens[:pinned], r.index_block_ids, r.handle)
             return
         # No cache: the whole blocks leave the engine (still ours in the daemon) until
         # they are sent; the partial tail goes back to the lease.

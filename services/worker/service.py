@@ -28,6 +28,7 @@ import msgspec
 
 from common.codec import DecodeError
 from common.logging import get_logger
+from common.modes import ROLES
 from common.net import advertise
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
@@ -38,7 +39,6 @@ from services.worker.mempool_engine import KvPlan, MempoolEngine
 
 log = get_logger(__name__)
 
-ROLES = ("colocated", "prefill", "decode")
 # How long an Abort is remembered for a Continue that may still be on its way.
 _ABORT_MEMORY_S = 120.0
 # Missed daemon health checks in a row before the worker reports itself unhealthy.

@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
+from bench.output import write_all
 from bench.results import (
     compare,
     markdown,
     percent_change,
     summarize,
-    write_all,
     write_csv,
     write_summary_csv,
 )

@@ -324,7 +324,7 @@ async def test_kv_events_are_published(spawn_daemon: SpawnDaemon) -> None:
     """A subscriber sees exactly what was cached and what left, with chained block hashes."""
     from common.protocol.kv_events import BlockRemoved, BlockStored, KvEventBatch
     from common.sockets import SubSocket
-    from services.mempool.tokens import ROOT_HASH, as_token_bytes, block_hashes
+    from common.tokens import ROOT_HASH, as_token_bytes, block_hashes
 
     d = await spawn_daemon("ev", device_blocks=4)
     sub = SubSocket(d.endpoints["events"], KvEventBatch, bind=False, topics=[b"ev"])

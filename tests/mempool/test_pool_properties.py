@@ -15,9 +15,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from common.tokens import ROOT_HASH, as_token_bytes, chain_hash
 from services.mempool.pool import MemPool, OutOfMemory
 from services.mempool.prompt_tree import Tier
-from services.mempool.tokens import ROOT_HASH, as_token_bytes, chain_hash
 from tests.mempool.test_pool import BS, Memory
 
 # A few recurring prompts with shared prefixes (so the same prompt is matched, pinned and

@@ -10,7 +10,7 @@ import random
 
 from common.protocol import kv_events as ev
 from common.protocol.scheduler import Heartbeat, InstanceLoad
-from services.mempool.tokens import ROOT_HASH, as_token_bytes, block_hashes
+from common.tokens import ROOT_HASH, as_token_bytes, block_hashes
 
 BLOCK_SIZE = 16
 

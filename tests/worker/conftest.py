@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.model.presets import materialize
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.model.presets import materialize
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from services.worker.model.config import ModelError
+from common.model.config import ModelError
 from services.worker.model.loader import load_model
 
 

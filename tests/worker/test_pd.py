@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from common.modes import MODES as ALL_MODES
+from common.modes import PD_MODES
 from common.protocol import worker as wp
 from common.sampling import SamplingParams
 from common.sockets import PullSocket, PushSocket
@@ -22,12 +24,11 @@ from tests.worker.test_engine import MakeEngine, prompt
 pytestmark = pytest.mark.integration
 
 BS = 16
-# (Generate.cache, HandOff.insert, HandOff.cache, HandOff.return_kv) per mode.
+# (Generate.cache, HandOff.insert, HandOff.cache, HandOff.return_kv) per P/D mode.
 MODES = {
-    "pd-basic": (False, False, False, False),
-    "pd-caching-1": (True, False, False, False),
-    "pd-caching-2": (True, True, True, False),
-    "pd-caching-3": (True, True, True, True),
+    name: (m.cache, m.handoff_insert, m.decode_cache, m.return_kv)
+    for name in PD_MODES
+    for m in [ALL_MODES[name]]
 }
 
 

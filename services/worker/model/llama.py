@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.model.config import ModelConfig
 from services.worker.attention import AttentionMetadata, paged_attention
 from services.worker.kv_cache import KVCache
-from services.worker.model.config import ModelConfig
 from services.worker.model.rope import RotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions

@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from safetensors import SafetensorError, safe_open
 
-from services.worker.model.config import ModelConfig, ModelError
+from common.model.config import ModelConfig, ModelError
 from services.worker.model.llama import DecoderLayer, LlamaModel
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from services.worker.model.config import ModelConfig
+from common.model.config import ModelConfig
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
