@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from common.client import GatewayClient
+from common.kv_geometry import KVGeometry
 from common.sampling import SamplingParams
 from tests.procs import children_of, gone
 
@@ -69,6 +70,8 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc, text, spawned = await start_up(tmp_path, "pd-caching-3")
     try:
         assert "memserve cluster up: mode pd-caching-3" in text and "token up-token" in text
+        block_bytes = KVGeometry.for_model_name("tiny", 16, "float32").block_bytes
+        assert f"kv        {(8 << 20) // block_bytes} blocks of 16 tokens per instance" in text
         m = re.search(r"gateway\s+(tcp://\S+)", text)
         assert m is not None, text
         # scheduler, gateway, one prefill and one decode worker, a daemon for each worker

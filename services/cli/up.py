@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _up(settings: Any) -> int:
+    from services.launcher.config import kv_capacity
     from services.launcher.supervisor import Cluster
 
     stop = asyncio.Event()
@@ -68,6 +69,11 @@ async def _up(settings: Any) -> int:
     print(f"  gateway   {cluster.gateway}   (memserve chat --gateway {cluster.gateway})")
     print(f"  admin     {cluster.admin_address}   token {cluster.admin_token}")
     print(f"  instances {roles}")
+    geometry, blocks = kv_capacity(settings)
+    print(
+        f"  kv        {blocks} blocks of {geometry.block_size} tokens per instance "
+        f"({geometry.block_bytes:,} bytes each, {geometry.dtype})"
+    )
     print(f"  logs      {cluster.run_dir}/", flush=True)
     try:
         why = await cluster.wait(stop)

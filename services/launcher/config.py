@@ -12,7 +12,9 @@ from typing import Any
 import msgspec
 
 from common.config import load_config
+from common.kv_geometry import KVGeometry
 from common.modes import BASE_MODES, MODES
+from services.mempool.config import MempoolConfig
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -65,6 +67,14 @@ class ClusterSettings(msgspec.Struct, forbid_unknown_fields=True):
     gateway: dict[str, Any] = msgspec.field(default_factory=dict)
     worker: dict[str, Any] = msgspec.field(default_factory=dict)
     mempool: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+def kv_capacity(settings: ClusterSettings) -> tuple[KVGeometry, int]:
+    """Each instance's KV block geometry and device blocks, as its daemon will size them
+    (the same `MempoolConfig` methods the daemon calls)."""
+    cfg = msgspec.convert({**settings.mempool, "model": settings.cluster.model}, MempoolConfig)
+    geometry = cfg.geometry()
+    return geometry, cfg.device_block_count(geometry.block_bytes)
 
 
 def load(path: str | None, overrides: dict[str, Any] | None = None) -> ClusterSettings:

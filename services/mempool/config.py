@@ -12,6 +12,8 @@ import socket
 
 import msgspec
 
+from common.kv_geometry import KVGeometry
+
 
 class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     instance_id: str = "mempool-0"
@@ -59,3 +61,11 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
                 f"mempool.device must be 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
             )
         return self
+
+    def geometry(self) -> KVGeometry:
+        """This daemon's KV block geometry, from the model's config.json alone."""
+        return KVGeometry.for_model_name(self.model, self.block_size, self.dtype, self.num_layers)
+
+    def device_block_count(self, block_bytes: int) -> int:
+        """Blocks of the device tier at start: `device_blocks`, else as many as fit."""
+        return self.device_blocks or max(1, self.device_memory_bytes // block_bytes)
