@@ -203,7 +203,7 @@ def bench_index_socket(
 
 # ----------------------------------------------------------------------- transfer
 def bench_transfer(sizes_mib: list[int], transports: list[str]) -> dict[str, Any]:
-    import services.mempool.transport.bench as tb
+    import bench.transport as tb
 
     out: dict[str, Any] = {}
     for mib in sizes_mib:

@@ -1,9 +1,19 @@
-"""Suite-wide settings: tests marked `gpu` run only where CUDA is available."""
+"""Suite-wide fixtures and settings: tests marked `gpu` run only where CUDA is available;
+`tiny_folder` and `make_engine` give any test an engine on the embedded tiny model (the
+worker tests and the GPU prefill/decode test in tests/mempool both use them)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 import torch
+
+from common.model.presets import materialize
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from tests.worker.helpers import MakeEngine
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -13,6 +23,29 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_folder() -> Path:
+    return materialize("tiny")
+
+
+@pytest.fixture
+def make_engine(tiny_folder: Path) -> Iterator[MakeEngine]:
+    """Builds engines on the tiny model; each one still idle at teardown must pass
+    `check_integrity`."""
+    engines: list[Engine] = []
+
+    def make(**overrides: object) -> Engine:
+        cfg = EngineConfig(model=str(tiny_folder), **overrides)  # type: ignore[arg-type]
+        engine = Engine.from_config(cfg)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for e in engines:
+        if not e.has_unfinished():
+            e.check_integrity()
 
 
 # Real MemPool daemon processes, for any test that needs one.

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.peer import PeerProcess
 from services.mempool.region import ShmRegion
 from services.mempool.transport import CopyRun, TransferError, make_transport
 from services.mempool.transport.base import TransferRejected, region_crc32
@@ -23,7 +24,6 @@ from services.mempool.transport.collective import (
     _unpack_manifest,
 )
 from services.mempool.transport.frame import FrameError, Header, Kind
-from services.mempool.transport.peer import PeerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -12,8 +12,8 @@ import pytest
 
 from services.mempool.cuda_region import CudaRegion, cuda_available
 from tests.daemons import Daemon, SpawnDaemon, SpawnWorker
-from tests.worker.test_engine import MakeEngine
-from tests.worker.test_pd import Cluster, check_mode
+from tests.worker.helpers import MakeEngine
+from tests.worker.pd_helpers import Cluster, check_mode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.integration]
 

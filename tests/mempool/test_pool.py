@@ -4,25 +4,12 @@ LRU eviction and tiers. Time is a counter so LRU order is exact."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import pytest
 
 from services.mempool.pool import InvalidBlocks, MemPool, OutOfMemory, UnknownHandle
 from services.mempool.prompt_tree import Tier
-
-BS = 4
-
-
-class Memory:
-    """Fake tier memory: what each block holds, moved by copy_blocks like the real regions."""
-
-    def __init__(self) -> None:
-        self.data: dict[tuple[Tier, int], object] = {}
-
-    def copy(self, src: Tier, src_ids: Sequence[int], dst: Tier, dst_ids: Sequence[int]) -> None:
-        for s, d in zip(src_ids, dst_ids, strict=True):
-            self.data[(dst, d)] = self.data.get((src, s))
+from tests.mempool.helpers import BS, Memory
 
 
 def make_pool(device: int = 8, host: int = 0, **kw: object) -> tuple[MemPool, Memory]:

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from common.tokens import ROOT_HASH, as_token_bytes, chain_hash
 from services.mempool.pool import MemPool, OutOfMemory
 from services.mempool.prompt_tree import Tier
-from tests.mempool.test_pool import BS, Memory
+from tests.mempool.helpers import BS, Memory
 
 # A few recurring prompts with shared prefixes (so the same prompt is matched, pinned and
 # deleted again), plus arbitrary ones.

@@ -1,5 +1,5 @@
 """Transports between two daemons in separate processes: the parent sends from its region,
-a peer process (`services.mempool.transport.peer`) receives into its own and checks."""
+a peer process (`bench.peer`) receives into its own and checks."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.peer import PeerError, PeerProcess
 from services.mempool.region import ShmRegion
 from services.mempool.transport import (
     CopyRun,
@@ -21,7 +22,6 @@ from services.mempool.transport import (
     coalesce,
     make_transport,
 )
-from services.mempool.transport.peer import PeerError, PeerProcess
 from services.mempool.transport.tcp import TcpReceiver, TcpSender
 from services.mempool.transport.tracking import TransferTable
 

@@ -11,8 +11,7 @@ from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from services.worker.async_engine import AsyncEngine, StreamOutput
 from services.worker.engine import Engine
-from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import MakeEngine, prompt, run_to_end_outputs
+from tests.worker.helpers import MakeEngine, prompt, run_to_end, run_to_end_outputs
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ chunking, caching, preemption or memory it runs on, and never leaks a block."""
 from __future__ import annotations
 
 import gc
-import random
 from collections.abc import Callable
 from multiprocessing import shared_memory
 
@@ -13,17 +12,11 @@ import torch
 
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
-from services.worker.engine import Engine, RequestOutput
+from services.worker.engine import Engine
 from services.worker.request import FinishReason
-from tests.worker.conftest import run_to_end
+from tests.worker.helpers import MakeEngine, prompt, run_to_end, run_to_end_outputs
 
-MakeEngine = Callable[..., Engine]
 GREEDY = SamplingParams(max_tokens=20, ignore_eos=True)
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(3, 259) for _ in range(n)]
 
 
 def full_recompute(engine: Engine, tokens: list[int], n: int) -> list[int]:
@@ -300,10 +293,3 @@ def test_prompt_larger_than_pool_and_duplicate_ids_are_refused(make_engine: Make
     with pytest.raises(InvalidRequestError, match="not handed out"):
         engine.release_blocks([0])
     engine.check_integrity()
-
-
-def run_to_end_outputs(engine: Engine) -> list[RequestOutput]:
-    outs: list[RequestOutput] = []
-    while engine.has_unfinished():
-        outs.extend(engine.step())
-    return outs

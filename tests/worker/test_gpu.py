@@ -11,8 +11,7 @@ import pytest
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import prompt
+from tests.worker.helpers import prompt, run_to_end
 
 pytestmark = pytest.mark.gpu
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)

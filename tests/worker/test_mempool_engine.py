@@ -12,8 +12,7 @@ from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.mempool_engine import MempoolEngine
 from tests.daemons import SpawnDaemon
-from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import MakeEngine, prompt
+from tests.worker.helpers import MakeEngine, prompt, run_to_end
 
 pytestmark = pytest.mark.integration
 GREEDY = SamplingParams(max_tokens=12, ignore_eos=True)

@@ -12,7 +12,7 @@ from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from services.worker.model.loader import checkpoint_files
-from tests.worker.conftest import run_to_end, save_reference
+from tests.worker.helpers import run_to_end, save_reference
 
 CASES = {
     "llama": dict(kind="llama"),

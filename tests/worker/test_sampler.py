@@ -8,8 +8,7 @@ from hypothesis import strategies as st
 
 from common.sampling import SamplingParams
 from services.worker.sampler import filter_logits, sample
-from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import MakeEngine, prompt
+from tests.worker.helpers import MakeEngine, prompt, run_to_end
 
 
 def allowed_top_p(logits: torch.Tensor, p: float) -> set[int]:

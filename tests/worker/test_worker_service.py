@@ -17,8 +17,7 @@ from common.protocol import worker as wp
 from common.sampling import SamplingParams
 from common.sockets import PullSocket, PushSocket
 from tests.daemons import SpawnDaemon, SpawnWorker
-from tests.worker.conftest import run_to_end
-from tests.worker.test_engine import MakeEngine, prompt
+from tests.worker.helpers import MakeEngine, prompt, run_to_end
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Throughput of the transports between two processes, next to the machine's own limits.
 
 - `measure_throughput(transport, nbytes)`: a parent process sends one transfer of all blocks
-  of an `nbytes` region to a peer process (`peer.py`) holding an `nbytes` region; timed from
+  of an `nbytes` region to a peer process (`bench/peer.py`) holding an `nbytes` region; timed from
   the start of `send` until the later of `send` returning and the peer's `wait_complete`
   returning (the peer waits concurrently and stamps that moment with the host-wide monotonic
   clock, so the test plumbing's command latency is left out). The first transfer (which
@@ -15,7 +15,8 @@
 Each figure is the median of `repeats` timed runs after a warm-up (`default_repeats`: more
 for small sizes, whose runs take milliseconds and vary more).
 
-All return GiB/s. `python -m services.mempool.transport.bench --sizes 16M 512M` prints a table.
+All return GiB/s. `python -m bench.transport --sizes 16M 512M` prints a table;
+`memserve bench mempool` reports the same figures.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.peer import PeerProcess
 from services.mempool.region import ShmRegion
 from services.mempool.transport.base import CopyRun
-from services.mempool.transport.peer import PeerProcess
 from services.mempool.transport.registry import available_transports, make_transport
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 GIB_BYTES = 1 << 30
 GIB = float(GIB_BYTES)
 DEFAULT_BLOCK_BYTES = 2 << 20
@@ -142,7 +143,7 @@ def measure_raw_socket(nbytes: int, *, repeats: int | None = None) -> float:
     """GiB/s of a raw loopback TCP stream between two processes (median)."""
     repeats = repeats or default_repeats(nbytes)
     # A plain subprocess rather than multiprocessing: callers need no __main__ guard.
-    command = [sys.executable, "-m", "services.mempool.transport.bench"]
+    command = [sys.executable, "-m", "bench.transport"]
     command += ["--raw-receive", str(nbytes), str(repeats + 1)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=_REPO_ROOT, env=_child_env())
     try:

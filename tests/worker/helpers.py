@@ -1,38 +1,41 @@
-"""Fixtures for the engine tests: the embedded tiny model, and small random checkpoints
-written by transformers' own `save_pretrained` for reference comparisons."""
+"""Engine test helpers: seeded prompts, stepping an engine until idle, and small random
+transformers checkpoints for reference comparisons. The `make_engine` and `tiny_folder`
+fixtures are suite-wide (tests/conftest.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import random
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 
-from common.model.presets import materialize
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from services.worker.engine import Engine, RequestOutput
+
+MakeEngine = Callable[..., Engine]
 
 
-@pytest.fixture(scope="session")
-def tiny_folder() -> Path:
-    return materialize("tiny")
+def prompt(n: int, seed: int) -> list[int]:
+    """`n` byte-token ids (3..258) that depend only on `seed`."""
+    rng = random.Random(seed)
+    return [rng.randrange(3, 259) for _ in range(n)]
 
 
-@pytest.fixture
-def make_engine(tiny_folder: Path) -> Iterator[object]:
-    engines: list[Engine] = []
+def run_to_end(engine: Engine) -> dict[str, list[int]]:
+    """Step until idle; return each request's generated tokens."""
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return tokens
 
-    def make(**overrides: object) -> Engine:
-        cfg = EngineConfig(model=str(tiny_folder), **overrides)  # type: ignore[arg-type]
-        engine = Engine.from_config(cfg)
-        engines.append(engine)
-        return engine
 
-    yield make
-    for e in engines:
-        if not e.has_unfinished():
-            e.check_integrity()
+def run_to_end_outputs(engine: Engine) -> list[RequestOutput]:
+    """Step until idle; return every output in the order the engine produced them."""
+    outs: list[RequestOutput] = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+    return outs
 
 
 def save_reference(
@@ -75,12 +78,3 @@ def save_reference(
                 p.normal_(0.0, 0.1)
     model.save_pretrained(folder, max_shard_size=shard_size)
     return model
-
-
-def run_to_end(engine: Engine) -> dict[str, list[int]]:
-    """Step until idle; return each request's generated tokens."""
-    tokens: dict[str, list[int]] = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
-    return tokens

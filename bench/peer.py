@@ -1,20 +1,22 @@
 """A stand-in destination daemon in its own process, for transport tests and benchmarks.
 
-`PeerProcess.start(...)` runs `python -m services.mempool.transport.peer` in a child process
-that creates a `ShmRegion` (filled with `fill`, which also faults its pages in, as in a
-long-running daemon), starts a transport Receiver over it, and obeys commands that arrive
-over a `multiprocessing.connection` (AF_UNIX, authenticated). That control channel pickles;
-it is test and benchmark plumbing only, the transports themselves never do.
+`PeerProcess.start(...)` runs `python -m bench.peer` in a child process that creates a
+`ShmRegion` (filled with `fill`, which also faults its pages in, as in a long-running
+daemon), starts a transport Receiver over it, and obeys commands that arrive over a
+`multiprocessing.connection` (AF_UNIX, authenticated). Only `send_bytes`/`recv_bytes` are
+used on it, with msgspec msgpack bodies: like the transports themselves, the control
+channel never pickles (see common/codec.py). One reply per command, in order:
 
-    ("expect", transfer_id, runs)             -> ("ok", None)
-    ("wait", transfer_id, timeout_s, crc)     -> ("ok", nbytes) | ("error", class name, text)
-    ("wait_stamped", transfer_id, timeout_s, crc)
-                                              -> ("ok", (nbytes, time.perf_counter() when
-                                                  wait_complete returned)); perf_counter is
-                                                  CLOCK_MONOTONIC, comparable across processes
-    ("cancel", transfer_id)                   -> ("ok", None)
-    ("crc", runs)                             -> ("ok", crc32 of those destination runs)
-    ("close",)                                -> ("ok", None), then the process exits
+    Expect(transfer_id, runs)                -> Ok(None)
+    Wait(transfer_id, timeout_s, crc)        -> Ok(nbytes) | Failed(class name, text)
+    WaitStamped(transfer_id, timeout_s, crc) -> Ok((nbytes, time.perf_counter() when
+                                                wait_complete returned)); perf_counter is
+                                                CLOCK_MONOTONIC, comparable across processes
+    Cancel(transfer_id)                      -> Ok(None)
+    Crc(runs)                                -> Ok(crc32 of those destination runs)
+    Close()                                  -> Ok(None), then the process exits
+
+The parent names a command by its tag: `peer.call("wait", 1, 30.0, crc)`.
 
 The child is a separate process tree rather than a multiprocessing child, so it has its own
 resource tracker: a multiprocessing child would share the parent's, and a same-host sender
@@ -37,13 +39,83 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from services.mempool.region import ShmRegion
 from services.mempool.transport.base import Receiver, region_crc32
 from services.mempool.transport.registry import make_transport
 
-_REPO_ROOT = Path(__file__).resolve().parents[3]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+Runs = list[tuple[int, int]]  # (first destination block, block count)
 
 
+# ------------------------------------------------------------------- the control channel
+class Expect(msgspec.Struct, tag="expect", array_like=True, frozen=True):
+    transfer_id: int
+    runs: Runs
+
+
+class Wait(msgspec.Struct, tag="wait", array_like=True, frozen=True):
+    transfer_id: int
+    timeout_s: float
+    crc: int | None
+
+
+class WaitStamped(msgspec.Struct, tag="wait_stamped", array_like=True, frozen=True):
+    transfer_id: int
+    timeout_s: float
+    crc: int | None
+
+
+class Cancel(msgspec.Struct, tag="cancel", array_like=True, frozen=True):
+    transfer_id: int
+
+
+class Crc(msgspec.Struct, tag="crc", array_like=True, frozen=True):
+    runs: Runs
+
+
+class Close(msgspec.Struct, tag="close", array_like=True, frozen=True):
+    pass
+
+
+Command = Expect | Wait | WaitStamped | Cancel | Crc | Close
+COMMANDS: dict[str, type[Command]] = {
+    "expect": Expect,
+    "wait": Wait,
+    "wait_stamped": WaitStamped,
+    "cancel": Cancel,
+    "crc": Crc,
+    "close": Close,
+}
+
+
+class Ready(msgspec.Struct, array_like=True, frozen=True):
+    """The child's first message: where its receiver listens and its region's name."""
+
+    endpoint: dict[str, str]
+    region_name: str
+
+
+class Ok(msgspec.Struct, tag="ok", array_like=True, frozen=True):
+    value: int | tuple[int, float] | None = None
+
+
+class Failed(msgspec.Struct, tag="error", array_like=True, frozen=True):
+    kind: str  # the exception's class name
+    text: str
+
+
+Reply = Ok | Failed
+
+_encoder = msgspec.msgpack.Encoder()
+_command_decoder = msgspec.msgpack.Decoder(Command)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_ready_decoder = msgspec.msgpack.Decoder(Ready)
+
+
+# -------------------------------------------------------------------------- the child
 def _receiver(transport: str, receiver_class: str | None, region: ShmRegion) -> Receiver:
     if receiver_class is None:
         receiver, _ = make_transport(transport, region)
@@ -56,6 +128,26 @@ def _receiver(transport: str, receiver_class: str | None, region: ShmRegion) -> 
     return receiver
 
 
+async def _obey(command: Command, receiver: Receiver, region: ShmRegion) -> Reply:
+    """Run one command; an exception becomes a `Failed` reply carrying its class name."""
+    try:
+        match command:
+            case Expect(transfer_id, runs):
+                receiver.expect(transfer_id, runs)
+            case Wait(transfer_id, timeout_s, crc):
+                return Ok(await receiver.wait_complete(transfer_id, timeout_s, crc))
+            case WaitStamped(transfer_id, timeout_s, crc):
+                nbytes = await receiver.wait_complete(transfer_id, timeout_s, crc)
+                return Ok((nbytes, time.perf_counter()))
+            case Cancel(transfer_id):
+                receiver.cancel(transfer_id)
+            case Crc(runs):
+                return Ok(await asyncio.to_thread(region_crc32, region, runs))
+    except Exception as e:
+        return Failed(type(e).__name__, str(e))
+    return Ok()
+
+
 async def _serve(conn: Connection, args: argparse.Namespace) -> None:
     region = ShmRegion.create(args.block_bytes, args.max_blocks)
     try:
@@ -65,7 +157,7 @@ async def _serve(conn: Connection, args: argparse.Namespace) -> None:
     except BaseException:
         region.close()
         raise
-    conn.send(("ready", endpoint, region.name))
+    conn.send_bytes(_encoder.encode(Ready(endpoint, region.name)))
     loop = asyncio.get_running_loop()
     readable = asyncio.Event()
     # Woken by the loop itself rather than by a thread blocked in recv(): a shorter command
@@ -78,31 +170,18 @@ async def _serve(conn: Connection, args: argparse.Namespace) -> None:
                 await readable.wait()
                 continue
             try:
-                message = conn.recv()
+                body = conn.recv_bytes()
             except (EOFError, OSError):
                 break  # the parent went away
-            op = message[0]
-            reply: tuple[Any, ...] = ("ok", None)
             try:
-                if op == "expect":
-                    receiver.expect(message[1], [(int(a), int(b)) for a, b in message[2]])
-                elif op == "wait":
-                    reply = ("ok", await receiver.wait_complete(*message[1:4]))
-                elif op == "wait_stamped":
-                    nbytes = await receiver.wait_complete(*message[1:4])
-                    reply = ("ok", (nbytes, time.perf_counter()))
-                elif op == "cancel":
-                    receiver.cancel(message[1])
-                elif op == "crc":
-                    reply = ("ok", await asyncio.to_thread(region_crc32, region, message[1]))
-                elif op == "close":
-                    conn.send(reply)
-                    break
-                else:
-                    reply = ("error", "ValueError", f"unknown command {op!r}")
-            except Exception as e:
-                reply = ("error", type(e).__name__, str(e))
-            conn.send(reply)
+                command = _command_decoder.decode(body)
+            except msgspec.DecodeError as e:
+                conn.send_bytes(_encoder.encode(Failed("DecodeError", str(e))))
+                continue
+            if isinstance(command, Close):
+                conn.send_bytes(_encoder.encode(Ok()))
+                break
+            conn.send_bytes(_encoder.encode(await _obey(command, receiver, region)))
     finally:
         loop.remove_reader(conn.fileno())
         await receiver.close()
@@ -123,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_serve(conn, args))
 
 
+# ------------------------------------------------------------------------- the parent
 class PeerError(Exception):
     """The peer answered a command with an error; `kind` is the exception's class name."""
 
@@ -162,7 +242,7 @@ class PeerProcess:
             command = [
                 sys.executable,
                 "-m",
-                "services.mempool.transport.peer",
+                "bench.peer",
                 f"--control={listener.address}",
                 f"--transport={transport}",
                 f"--block-bytes={block_bytes}",
@@ -182,33 +262,34 @@ class PeerProcess:
         try:
             if not conn.poll(timeout_s):
                 raise TimeoutError(f"{transport} peer did not start within {timeout_s:g}s")
-            _, endpoint, region_name = conn.recv()
-        except (EOFError, OSError, TimeoutError) as e:
+            ready = _ready_decoder.decode(conn.recv_bytes())
+        except (EOFError, OSError, TimeoutError, msgspec.DecodeError) as e:
             process.kill()
             code = process.wait(10)
             conn.close()
             raise RuntimeError(f"{transport} peer failed to start (exit code {code}): {e}") from e
-        return cls(process, conn, endpoint, region_name)
+        return cls(process, conn, ready.endpoint, ready.region_name)
 
-    def call(self, *message: Any, timeout_s: float = 60.0) -> Any:
-        self.submit(*message)
+    def call(self, op: str, *args: Any, timeout_s: float = 60.0) -> Any:
+        """Send the command tagged `op` with `args` as its fields; return the reply's value."""
+        self.submit(op, *args)
         return self.result(timeout_s)
 
-    def submit(self, *message: Any) -> None:
+    def submit(self, op: str, *args: Any) -> None:
         """Send a command without waiting; `result` collects the answer (in order)."""
-        self.conn.send(message)
+        self.conn.send_bytes(_encoder.encode(COMMANDS[op](*args)))
 
     def result(self, timeout_s: float = 60.0) -> Any:
         if not self.conn.poll(timeout_s):
             raise TimeoutError(f"peer did not answer within {timeout_s:g}s")
-        reply = self.conn.recv()
-        if reply[0] == "error":
-            raise PeerError(reply[1], reply[2])
-        return reply[1]
+        reply = _reply_decoder.decode(self.conn.recv_bytes())
+        if isinstance(reply, Failed):
+            raise PeerError(reply.kind, reply.text)
+        return reply.value
 
-    async def acall(self, *message: Any, timeout_s: float = 60.0) -> Any:
+    async def acall(self, op: str, *args: Any, timeout_s: float = 60.0) -> Any:
         """`call` without blocking the caller's event loop (its sender may need it)."""
-        return await asyncio.to_thread(self.call, *message, timeout_s=timeout_s)
+        return await asyncio.to_thread(self.call, op, *args, timeout_s=timeout_s)
 
     def kill(self) -> None:
         """SIGKILL; the child's resource tracker unlinks the orphaned segment."""
