@@ -61,7 +61,7 @@ class GatewayClient:
     def __init__(self, address: str, timeout_s: float = 60.0):
         self.address = address
         self.timeout_s = timeout_s
-        self._sock: DealerSocket[Any] = DealerSocket(address, cast(Any, cp.ClientReply))
+        self._sock = DealerSocket(address, cp.ClientReply)
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         # Session replies carry no request id: the gateway answers them in order.
         self._session_waiters: list[asyncio.Future[Any]] = []

@@ -21,8 +21,9 @@ import os
 import secrets
 import time
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any
 
+from common.auth import check_admin_token
 from common.codec import DecodeError
 from common.logging import get_logger
 from common.net import advertise
@@ -56,24 +57,15 @@ WORKER_SEND_TIMEOUT_S = 2.0
 class GatewayService:
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
         self.cfg = cfg
-        self.clients: RouterSocket[Any] = RouterSocket(cfg.address, cast(Any, cp.ClientRequest))
-        self.replies: PullSocket[wp.TokenChunk] = PullSocket(
-            cfg.reply_address, wp.TokenChunk, bind=True
-        )
-        self.scheduler: RpcClient[Any, Any] = RpcClient(
-            cfg.scheduler, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-        )
-        self.events: SubSocket[Any] | None = None
+        self.clients = RouterSocket(cfg.address, cp.ClientRequest)
+        self.replies = PullSocket(cfg.reply_address, wp.TokenChunk, bind=True)
+        self.scheduler = RpcClient(cfg.scheduler, sp.SchedulerRequest, sp.SchedulerReply)
+        self.events: SubSocket[sp.InstanceEvent] | None = None
         if cfg.scheduler_events:
             self.events = SubSocket(
-                cfg.scheduler_events,
-                cast(Any, sp.InstanceEvent),
-                bind=False,
-                topics=[sp.INSTANCE_TOPIC],
+                cfg.scheduler_events, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]
             )
-        self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
-            cfg.control_address, AdminRequest, AdminReply
-        )
+        self.control = RpcServer(cfg.control_address, AdminRequest, AdminReply)
         self.core = GatewayCore(
             tokenizer,
             vocab_size=vocab,
@@ -85,7 +77,9 @@ class GatewayService:
             id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
             reply_to=advertise(self.replies.address, cfg.advertise_host),
         )
-        self.workers: dict[str, PushSocket[Any]] = {}  # by the worker's request address
+        self.workers: dict[
+            str, PushSocket[wp.WorkerRequest]
+        ] = {}  # by the worker's request address
         self.tasks: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -158,8 +152,8 @@ class GatewayService:
     async def _dispatch(self, r: Request) -> None:
         """Place the request, then send its `Generate` to the first worker."""
         try:
-            placement = await self.scheduler.call(
-                self.core.place_request(r), timeout_s=self.cfg.place_timeout_s
+            placement = await self.scheduler.call_for(
+                self.core.place_request(r), sp.Placement, timeout_s=self.cfg.place_timeout_s
             )
         except (RpcError, TimeoutError) as exc:
             if r.rid in self.core.requests:
@@ -199,7 +193,7 @@ class GatewayService:
             if up.final is not None:
                 await self._end(r, up.final, abort=up.abort_legs)
 
-    def _worker(self, address: str) -> PushSocket[Any]:
+    def _worker(self, address: str) -> PushSocket[wp.WorkerRequest]:
         sock = self.workers.get(address)
         if sock is None:
             sock = self.workers[address] = PushSocket(address, wp.WorkerRequest, bind=False)
@@ -298,7 +292,7 @@ class GatewayService:
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
-        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+        if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
             return AdminReply(

@@ -23,12 +23,12 @@ Pure and synchronous: every time is the caller's monotonic `now`.
 
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.auth import check_admin_token
 from common.errors import InvalidRequestError, MemServeError
 from common.modes import MODES, ROLES, Mode, parse_mode
 from common.protocol.admin import COMMANDS, AdminReply
@@ -313,8 +313,7 @@ class Scheduler:
     # ---------------------------------------------------------------- admin
     def authorize(self, token: str) -> bool:
         """Whether `token` is the cluster's admin token (constant-time compare)."""
-        expected = self.cfg.admin_token
-        return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+        return check_admin_token(token, self.cfg.admin_token)
 
     def admin(self, command: str, args: Sequence[str], now: float) -> AdminReply:
         """The admin commands that need no other process. The token is checked by the

@@ -79,17 +79,11 @@ class SchedulerService:
         self._stop = asyncio.Event()
         opened: list[Any] = []
         try:
-            self.rpc: RpcServer[Any, Any] = RpcServer(
-                cfg.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-            )
+            self.rpc = RpcServer(cfg.address, sp.SchedulerRequest, sp.SchedulerReply)
             opened.append(self.rpc)
-            self.heartbeats: PullSocket[sp.Heartbeat] = PullSocket(
-                cfg.heartbeat_address, sp.Heartbeat, bind=True
-            )
+            self.heartbeats = PullSocket(cfg.heartbeat_address, sp.Heartbeat, bind=True)
             opened.append(self.heartbeats)
-            self.events: PubSocket[Any] = PubSocket(
-                cfg.events_address, cast(Any, sp.InstanceEvent), bind=True
-            )
+            self.events = PubSocket(cfg.events_address, sp.InstanceEvent, bind=True)
             opened.append(self.events)
             self.admin: RpcServer[AdminRequest, AdminReply] | None = None
             if cfg.admin_address:
@@ -165,7 +159,7 @@ class SchedulerService:
         if self.admin is not None:
             self.admin.close()
 
-    async def _handle(self, req: Any) -> Any:
+    async def _handle(self, req: sp.SchedulerRequest) -> sp.SchedulerReply:
         match req:
             case sp.Place():
                 return self.core.place(req, self.clock())

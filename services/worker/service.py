@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
+from common.auth import check_admin_token
 from common.codec import DecodeError
 from common.logging import get_logger
 from common.modes import ROLES
@@ -80,9 +81,7 @@ class WorkerService:
         self.cfg = cfg
         self.engine = engine
         self.events = events  # the daemon's KV-event PUB, for the scheduler
-        self.requests: PullSocket[Any] = PullSocket(
-            cfg.address, cast(Any, wp.WorkerRequest), bind=True
-        )
+        self.requests = PullSocket(cfg.address, wp.WorkerRequest, bind=True)
         self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
             cfg.control_address, AdminRequest, AdminReply
         )
@@ -339,7 +338,7 @@ class WorkerService:
     def _peer(self, address: str) -> PushSocket[Any]:
         sock = self.peers.get(address)
         if sock is None:
-            sock = PushSocket(address, cast(Any, wp.TokenChunk | wp.WorkerRequest), bind=False)
+            sock = PushSocket(address, wp.TokenChunk | wp.WorkerRequest, bind=False)
             self.peers[address] = sock
         return sock
 
@@ -384,7 +383,7 @@ class WorkerService:
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
-        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+        if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
             waiting, running, wait_tokens, run_tokens = self.engine.load()

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from common.admin_client import admin_call
 from common.errors import InvalidRequestError
@@ -37,10 +37,8 @@ class FakeScheduler:
     and publishes instance events."""
 
     def __init__(self) -> None:
-        self.rpc: RpcServer[Any, Any] = RpcServer(
-            "tcp://127.0.0.1:0", cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-        )
-        self.pub: PubSocket[Any] = PubSocket("tcp://127.0.0.1:0", sp.InstanceEvent, bind=True)
+        self.rpc = RpcServer("tcp://127.0.0.1:0", sp.SchedulerRequest, sp.SchedulerReply)
+        self.pub = PubSocket("tcp://127.0.0.1:0", sp.InstanceEvent, bind=True)
         self.route: Callable[[sp.Place], sp.Placement] | None = None
         self.error = ""  # non-empty: Place is refused with this message
         self.hang = False  # True: Place is never answered
@@ -95,9 +93,7 @@ class FakeWorker:
 
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
-        self.requests: PullSocket[Any] = PullSocket(
-            "tcp://127.0.0.1:0", cast(Any, wp.WorkerRequest), bind=True
-        )
+        self.requests = PullSocket("tcp://127.0.0.1:0", wp.WorkerRequest, bind=True)
         self.address = self.requests.address
         self._out: PushSocket[wp.TokenChunk] | None = None
 

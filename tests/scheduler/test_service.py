@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import zmq
@@ -85,11 +85,9 @@ async def harness() -> AsyncIterator[Harness]:
         svc,
         clock,
         PushSocket(svc.heartbeat_address, sp.Heartbeat, bind=False),
-        RpcClient(svc.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)),
+        RpcClient(svc.address, sp.SchedulerRequest, sp.SchedulerReply),
         RpcClient(svc.admin_address, AdminRequest, AdminReply),
-        SubSocket(
-            svc.events_address, cast(Any, sp.InstanceEvent), bind=False, topics=[sp.INSTANCE_TOPIC]
-        ),
+        SubSocket(svc.events_address, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]),
         serving,
     )
     await asyncio.sleep(SUBSCRIBE_SETTLE_S)
