@@ -55,6 +55,7 @@ import zmq.asyncio
 from common.codec import DecodeError, Decoder, FrameLike, encode
 from common.errors import ErrorKind, MemServeError, error_kind
 from common.logging import get_logger
+from common.service import TaskSet
 
 if TYPE_CHECKING:  # annotations only: no runtime dependency on typing_extensions
     from typing_extensions import TypeForm
@@ -243,7 +244,7 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         A malformed request or a handler exception becomes an error reply to that caller;
         the server keeps serving. Returns normally when the server is closed.
         """
-        tasks: set[asyncio.Task[None]] = set()
+        handling = TaskSet(f"rpc server {self.address}")
         try:
             while True:
                 try:
@@ -252,13 +253,9 @@ class RpcServer(_Socket, Generic[Req, Rep]):
                     if self.closed and not _cancelling():
                         return
                     raise
-                task = asyncio.create_task(self._handle(frames, handler))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                handling.spawn(self._handle(frames, handler))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await handling.close()
 
     async def _handle(
         self, frames: list[zmq.Frame], handler: Callable[[Req], Awaitable[Rep]]

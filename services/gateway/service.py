@@ -31,6 +31,7 @@ from common.protocol import client as cp
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import ServiceShell
 from common.sockets import (
     MalformedFrom,
     PeerGone,
@@ -54,8 +55,14 @@ log = get_logger(__name__)
 WORKER_SEND_TIMEOUT_S = 2.0
 
 
-class GatewayService:
+class GatewayService(ServiceShell):
+    kind = "gateway"
+    # At close, the aborts and releases of what was in flight go out (each is bounded by
+    # its own timeout).
+    drain_s = WORKER_SEND_TIMEOUT_S
+
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
+        super().__init__()
         self.cfg = cfg
         self.clients = RouterSocket(cfg.address, cp.ClientRequest)
         self.replies = PullSocket(cfg.reply_address, wp.TokenChunk, bind=True)
@@ -77,12 +84,9 @@ class GatewayService:
             id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
             reply_to=advertise(self.replies.address, cfg.advertise_host),
         )
-        self.workers: dict[
-            str, PushSocket[wp.WorkerRequest]
-        ] = {}  # by the worker's request address
-        self.tasks: set[asyncio.Task[Any]] = set()
+        # By the worker's request address.
+        self.workers: dict[str, PushSocket[wp.WorkerRequest]] = {}
         self.started_at = time.time()
-        self._stop = asyncio.Event()
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -92,8 +96,8 @@ class GatewayService:
             "control": self.control.address,
         }
 
-    async def serve(self) -> None:
-        """Serve until closed, or until shutdown (admin or cluster-wide; then return)."""
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Served until closed, or until shutdown (admin or cluster-wide)."""
         loops = [
             self._serve_clients(),
             self._serve_replies(),
@@ -102,17 +106,7 @@ class GatewayService:
         ]
         if self.events is not None:
             loops.append(self._serve_events())
-        running: list[asyncio.Task[Any]] = [asyncio.create_task(c) for c in loops]
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
-            for t in running:  # a loop that died is a bug: say so, do not vanish quietly
-                if t.done() and not t.cancelled() and t.exception() is not None:
-                    log.error("gateway loop failed", error=repr(t.exception()))
-        finally:
-            for t in [*running, stop]:
-                t.cancel()
-            await asyncio.gather(*running, stop, return_exceptions=True)
+        return loops
 
     # ----------------------------------------------------------------- clients
     async def _serve_clients(self) -> None:
@@ -129,7 +123,7 @@ class GatewayService:
                     if isinstance(admitted, cp.Final):
                         await self._to_client(peer, admitted)
                     else:
-                        self._spawn(self._dispatch(admitted))
+                        self.tasks.spawn(self._dispatch(admitted))
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way
@@ -189,7 +183,7 @@ class GatewayService:
                 )
             if up.first_token and r.pd and not r.prefill_released:
                 r.prefill_released = True
-                self._spawn(self._release(r.rid, "prefill"))
+                self.tasks.spawn(self._release(r.rid, "prefill"))
             if up.final is not None:
                 await self._end(r, up.final, abort=up.abort_legs)
 
@@ -231,9 +225,9 @@ class GatewayService:
         if abort or final.finish_reason not in ("stop", "length"):
             for leg in r.stream.legs:
                 if leg.instance_id != dead:
-                    self._spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
+                    self.tasks.spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
         if r.placed:
-            self._spawn(self._release(r.rid, "all"))
+            self.tasks.spawn(self._release(r.rid, "all"))
         if notify:
             await self._to_client(r.peer, final)
 
@@ -277,7 +271,7 @@ class GatewayService:
                 case sp.ClusterShutdown(reason=why):
                     for r in list(self.core.requests.values()):
                         await self._end(r, r.stream.end("error", now, f"cluster stopping: {why}"))
-                    self._stop.set()
+                    self.stop()
 
     async def _watchdog(self) -> None:
         timeout_s = self.cfg.request_timeout_s
@@ -306,29 +300,20 @@ class GatewayService:
                 },
             )
         if req.command == "shutdown":
-            # After the reply is on its way.
-            asyncio.get_running_loop().call_later(0.05, self._stop.set)
+            self.stop(after_s=0.05)
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
             False, error=f"the gateway answers status and shutdown, not {req.command!r}"
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def close(self) -> None:
-        """Fail what is in flight (aborting its legs), then close every socket."""
+    # ----------------------------------------------------------------- closing
+    async def closing(self) -> None:
+        """Fail what is in flight, aborting its legs (the aborts go out in `drain_s`)."""
         now = time.monotonic()
         for r in list(self.core.requests.values()):
             await self._end(r, r.stream.end("error", now, "the gateway is stopping"))
-        # Let the aborts and releases go out (each is bounded by its own timeout).
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=WORKER_SEND_TIMEOUT_S)
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def close_sockets(self) -> None:
         for sock in (self.clients, self.replies, self.scheduler, self.control):
             sock.close()
         if self.events is not None:

@@ -72,7 +72,7 @@ class _Charge:
     placed_at: float
 
 
-class Scheduler:
+class GlobalScheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.registry = Registry(cfg.heartbeat_timeout_s)

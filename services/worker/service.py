@@ -34,6 +34,7 @@ from common.net import advertise
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import TaskSet
 from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.config import EngineConfig
 from services.worker.mempool_engine import KvPlan, MempoolEngine
@@ -89,7 +90,7 @@ class WorkerService:
         if cfg.scheduler:
             self.heartbeats = PushSocket(cfg.scheduler, sp.Heartbeat, bind=False)
         self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskSet("worker")
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
         self.healthy = True
@@ -148,9 +149,7 @@ class WorkerService:
                     self.engine.abort(rid)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro)
 
     def _remember_abort(self, rid: str) -> None:
         now = time.monotonic()
@@ -415,9 +414,7 @@ class WorkerService:
         )
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.close()
         await self.engine.close()
         self.requests.close()
         self.control.close()
