@@ -180,7 +180,13 @@ class GatewayClient:
         done = False
         try:
             await self._sock.send(
-                cp.Complete(rid, text, ids, params or SamplingParams(), session_id)
+                cp.Complete(
+                    rid,
+                    prompt=text,
+                    token_ids=ids,
+                    params=params or SamplingParams(),
+                    session_id=session_id,
+                )
             )
             while True:
                 if queue.empty():

@@ -115,7 +115,9 @@ class GatewayService(ServiceShell):
                 peer, msg = await self.clients.recv()
             except MalformedFrom as exc:
                 log.warning("malformed client message", error=str(exc))
-                await self._to_client(exc.peer, cp.Final("", "error", f"malformed request: {exc}"))
+                await self._to_client(
+                    exc.peer, cp.Final("", "error", error=f"malformed request: {exc}")
+                )
                 continue
             match msg:
                 case cp.Complete():

@@ -196,8 +196,8 @@ class GlobalScheduler:
             legs.append(_Leg(dec.instance_id, dec.epoch, n + req.max_tokens, "decode"))
             handoff = HandOff(
                 dec.instance_id,
-                dec.address,
-                dec.mempool,
+                address=dec.address,
+                mempool=dec.mempool,
                 insert=mode.handoff_insert,
                 cache=mode.decode_cache,
                 return_kv=mode.return_kv,
@@ -211,13 +211,13 @@ class GlobalScheduler:
         return Placement(
             req.request_id,
             first.instance_id,
-            first_inst.address,
-            self.cfg.mode,
-            self.policy,
-            cache,
-            handoff,
-            fetch,
-            cached,
+            address=first_inst.address,
+            mode=self.cfg.mode,
+            policy=self.policy,
+            cache=cache,
+            handoff=handoff,
+            fetch=fetch,
+            cached_tokens=cached,
         )
 
     def release(self, req: Release) -> Released:

@@ -48,12 +48,26 @@ class FakeScheduler:
 
     def colocated(self, worker: FakeWorker | str, instance_id: str = "w0") -> None:
         address = worker if isinstance(worker, str) else worker.address
-        self.route = lambda p: sp.Placement(p.request_id, instance_id, address, "colocated", "test")
+        self.route = lambda p: sp.Placement(
+            p.request_id, instance_id, address=address, mode="colocated", policy="test"
+        )
 
     def pd(self, prefill: FakeWorker, decode: FakeWorker) -> None:
-        handoff = wp.HandOff("decode-0", decode.address, "tcp://127.0.0.1:9", True, True, True)
+        handoff = wp.HandOff(
+            "decode-0",
+            address=decode.address,
+            mempool="tcp://127.0.0.1:9",
+            insert=True,
+            cache=True,
+            return_kv=True,
+        )
         self.route = lambda p: sp.Placement(
-            p.request_id, "prefill-0", prefill.address, "pd-caching-3", "test", handoff=handoff
+            p.request_id,
+            "prefill-0",
+            address=prefill.address,
+            mode="pd-caching-3",
+            policy="test",
+            handoff=handoff,
         )
 
     async def _handle(self, req: Any) -> Any:
