@@ -282,6 +282,7 @@ async def test_control_socket_status_refusal_and_shutdown(
         control = gw.endpoints["control"]
         refused = await admin(control, "status", token="wrong")
         assert not refused.ok and "token" in refused.error and refused.result is None
+        assert await admin(control, "status", token="") == refused
         client = connect(client_factory, gw.endpoints["clients"])
         sid = await client.open_session()
         st = await admin(control, "status")

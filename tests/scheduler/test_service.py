@@ -147,6 +147,7 @@ async def test_admin_refuses_a_wrong_token_and_answers_commands(harness: Harness
     await harness.register(heartbeat("w1"))
     refused = await harness.call_admin("drain", "w0", token="guess")
     assert refused == AdminReply(False, error="bad admin token")
+    assert await harness.call_admin("drain", "w0", token="") == refused
     assert harness.svc.core.registry.eligible("colocated")[0].instance_id == "w0"
 
     status = await harness.call_admin("status")
