@@ -61,7 +61,7 @@ class GatewayClient:
     def __init__(self, address: str, timeout_s: float = 60.0):
         self.address = address
         self.timeout_s = timeout_s
-        self._sock: DealerSocket[Any] = DealerSocket(address, cast(Any, cp.ClientReply))
+        self._sock = DealerSocket(address, cp.ClientReply)
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         # Session replies carry no request id: the gateway answers them in order.
         self._session_waiters: list[asyncio.Future[Any]] = []
@@ -180,7 +180,13 @@ class GatewayClient:
         done = False
         try:
             await self._sock.send(
-                cp.Complete(rid, text, ids, params or SamplingParams(), session_id)
+                cp.Complete(
+                    rid,
+                    prompt=text,
+                    token_ids=ids,
+                    params=params or SamplingParams(),
+                    session_id=session_id,
+                )
             )
             while True:
                 if queue.empty():

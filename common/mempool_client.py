@@ -30,9 +30,7 @@ class MempoolClient:
     def __init__(self, address: str, timeout_s: float = 10.0):
         self.address = address
         self.timeout_s = timeout_s
-        self._rpc: RpcClient[Any, Any] = RpcClient(
-            address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
-        )
+        self._rpc = RpcClient(address, mp.MempoolRequest, mp.MempoolReply)
 
     async def call(self, req: Any, timeout_s: float | None = None) -> Any:
         return await self._rpc.call(req, timeout_s=timeout_s or self.timeout_s)

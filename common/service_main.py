@@ -1,5 +1,6 @@
 """How every service process runs: start, announce readiness, serve until SIGINT/SIGTERM,
-close. The services only say how to start and what they serve.
+close. The services only say how to start and what they serve (a `ServiceShell`,
+common/service.py, or anything with `serve` and `close`).
 
     start() ──ok──▶ Ready(endpoints) to the launcher ──▶ serve() ... signal ──▶ close()
        └──fails──▶ Failed(error) to the launcher, and the error propagates (exit code 1)

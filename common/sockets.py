@@ -4,6 +4,12 @@ Patterns: ``PushSocket``/``PullSocket`` (pipeline), ``PubSocket``/``SubSocket`` 
 topic prefix), ``RpcServer``/``RpcClient`` (request/reply over ROUTER/DEALER). Message
 bodies are ``common.codec`` frames; tensors travel as zero-copy frames.
 
+Each socket is generic over the message type it carries, given once at construction: a
+Struct class or a protocol's union alias (``PullSocket(addr, wp.WorkerRequest, ...)``
+is a ``PullSocket[Generate | Continue | Abort]``). The parameter is a ``TypeForm``
+(PEP 747), so mypy reads a union alias as a type too: no socket needs a cast or an
+annotation, and a socket used with another protocol's messages fails type checking.
+
 Frame layouts::
 
     push -> pull       [ *codec ]
@@ -40,7 +46,7 @@ import asyncio
 import itertools
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import msgspec
 import zmq
@@ -49,10 +55,15 @@ import zmq.asyncio
 from common.codec import DecodeError, Decoder, FrameLike, encode
 from common.errors import ErrorKind, MemServeError, error_kind
 from common.logging import get_logger
+from common.service import TaskSet
+
+if TYPE_CHECKING:  # annotations only: no runtime dependency on typing_extensions
+    from typing_extensions import TypeForm
 
 T = TypeVar("T", bound=msgspec.Struct)
 Req = TypeVar("Req", bound=msgspec.Struct)
 Rep = TypeVar("Rep", bound=msgspec.Struct)
+R = TypeVar("R", bound=msgspec.Struct)
 
 log = get_logger(__name__)
 
@@ -154,11 +165,7 @@ class _Socket:
 class PushSocket(_Socket, Generic[T]):
     """Sends ``T`` messages to the PULL sockets at the other end, round-robin."""
 
-    @overload
-    def __init__(self, address: str, type_: type[T], *, bind: bool) -> None: ...
-    @overload
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None: ...
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None:
+    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
         super().__init__(zmq.PUSH, address, bind=bind)
         self.type = type_
 
@@ -170,11 +177,7 @@ class PushSocket(_Socket, Generic[T]):
 class PullSocket(_Socket, Generic[T]):
     """Receives ``T`` messages from PUSH sockets, fair-queued."""
 
-    @overload
-    def __init__(self, address: str, type_: type[T], *, bind: bool) -> None: ...
-    @overload
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None: ...
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None:
+    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
         super().__init__(zmq.PULL, address, bind=bind)
         self._decoder: Decoder[T] = Decoder(type_)
 
@@ -186,11 +189,7 @@ class PullSocket(_Socket, Generic[T]):
 class PubSocket(_Socket, Generic[T]):
     """Publishes ``T`` messages under a topic; never blocks (slow subscribers drop)."""
 
-    @overload
-    def __init__(self, address: str, type_: type[T], *, bind: bool) -> None: ...
-    @overload
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None: ...
-    def __init__(self, address: str, type_: Any, *, bind: bool) -> None:
+    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
         super().__init__(zmq.PUB, address, bind=bind)
         self.type = type_
 
@@ -201,16 +200,8 @@ class PubSocket(_Socket, Generic[T]):
 class SubSocket(_Socket, Generic[T]):
     """Receives ``(topic, T)`` for every subscribed topic prefix (``b""``: all)."""
 
-    @overload
     def __init__(
-        self, address: str, type_: type[T], *, bind: bool, topics: Iterable[bytes] = (b"",)
-    ) -> None: ...
-    @overload
-    def __init__(
-        self, address: str, type_: Any, *, bind: bool, topics: Iterable[bytes] = (b"",)
-    ) -> None: ...
-    def __init__(
-        self, address: str, type_: Any, *, bind: bool, topics: Iterable[bytes] = (b"",)
+        self, address: str, type_: TypeForm[T], *, bind: bool, topics: Iterable[bytes] = (b"",)
     ) -> None:
         super().__init__(zmq.SUB, address, bind=bind)
         self._decoder: Decoder[T] = Decoder(type_)
@@ -235,16 +226,13 @@ class SubSocket(_Socket, Generic[T]):
 class RpcServer(_Socket, Generic[Req, Rep]):
     """Answers ``Req`` with ``Rep`` on a ROUTER socket; see the module docstring."""
 
-    @overload
     def __init__(
-        self, address: str, request_type: type[Req], reply_type: type[Rep], *, bind: bool = True
-    ) -> None: ...
-    @overload
-    def __init__(
-        self, address: str, request_type: Any, reply_type: Any, *, bind: bool = True
-    ) -> None: ...
-    def __init__(
-        self, address: str, request_type: Any, reply_type: Any, *, bind: bool = True
+        self,
+        address: str,
+        request_type: TypeForm[Req],
+        reply_type: TypeForm[Rep],
+        *,
+        bind: bool = True,
     ) -> None:
         super().__init__(zmq.ROUTER, address, bind=bind)
         self._decoder: Decoder[Req] = Decoder(request_type)
@@ -256,7 +244,7 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         A malformed request or a handler exception becomes an error reply to that caller;
         the server keeps serving. Returns normally when the server is closed.
         """
-        tasks: set[asyncio.Task[None]] = set()
+        handling = TaskSet(f"rpc server {self.address}")
         try:
             while True:
                 try:
@@ -265,13 +253,9 @@ class RpcServer(_Socket, Generic[Req, Rep]):
                     if self.closed and not _cancelling():
                         return
                     raise
-                task = asyncio.create_task(self._handle(frames, handler))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                handling.spawn(self._handle(frames, handler))
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await handling.close()
 
     async def _handle(
         self, frames: list[zmq.Frame], handler: Callable[[Req], Awaitable[Rep]]
@@ -322,16 +306,13 @@ class RpcServer(_Socket, Generic[Req, Rep]):
 class RpcClient(_Socket, Generic[Req, Rep]):
     """Calls an ``RpcServer``; many calls may be in flight, replies matched by id."""
 
-    @overload
     def __init__(
-        self, address: str, request_type: type[Req], reply_type: type[Rep], *, bind: bool = False
-    ) -> None: ...
-    @overload
-    def __init__(
-        self, address: str, request_type: Any, reply_type: Any, *, bind: bool = False
-    ) -> None: ...
-    def __init__(
-        self, address: str, request_type: Any, reply_type: Any, *, bind: bool = False
+        self,
+        address: str,
+        request_type: TypeForm[Req],
+        reply_type: TypeForm[Rep],
+        *,
+        bind: bool = False,
     ) -> None:
         super().__init__(zmq.DEALER, address, bind=bind)
         self.request_type = request_type
@@ -364,6 +345,19 @@ class RpcClient(_Socket, Generic[Req, Rep]):
             ) from None
         finally:
             self._pending.pop(request_id, None)
+
+    async def call_for(self, request: Req, reply_type: type[R], timeout_s: float = 10.0) -> R:
+        """``call`` for a request with one kind of answer among the channel's replies: the
+        reply is a ``reply_type``, or the call raises ``RpcError`` (``INTERNAL``: the peer
+        speaks another version of the protocol)."""
+        reply = await self.call(request, timeout_s)
+        if not isinstance(reply, reply_type):
+            raise RpcError(
+                f"{type(request).__name__} to {self.address} answered with "
+                f"{type(reply).__name__}, not {reply_type.__name__}",
+                address=self.address,
+            )
+        return reply
 
     async def _round_trip(
         self, request_id: bytes, frames: list[bytes | memoryview], reply: asyncio.Future[Rep]
@@ -439,7 +433,7 @@ class RouterSocket(_Socket, Generic[T]):
     """
 
     def __init__(
-        self, address: str, type_: Any, *, bind: bool = True, sndhwm: int = 10_000
+        self, address: str, type_: TypeForm[T], *, bind: bool = True, sndhwm: int = 10_000
     ) -> None:
         super().__init__(zmq.ROUTER, address, bind=bind)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -472,7 +466,7 @@ class RouterSocket(_Socket, Generic[T]):
 class DealerSocket(_Socket, Generic[T]):
     """The client end of a ``RouterSocket``: sends messages, receives ``T`` replies."""
 
-    def __init__(self, address: str, type_: Any, *, bind: bool = False) -> None:
+    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool = False) -> None:
         super().__init__(zmq.DEALER, address, bind=bind)
         self._decoder: Decoder[T] = Decoder(type_)
 

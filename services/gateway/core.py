@@ -149,7 +149,7 @@ class GatewayCore:
 
     def _refuse(self, req: cp.Complete, error: str) -> cp.Final:
         self.failed += 1
-        return cp.Final(req.request_id, "error", error)
+        return cp.Final(req.request_id, "error", error=error)
 
     # ---------------------------------------------------------------- placement
     def placed(self, r: Request, p: sp.Placement) -> wp.Generate:
@@ -160,11 +160,22 @@ class GatewayCore:
             r.pd = True
         s = r.stream
         return wp.Generate(
-            r.rid, s.prompt_ids, s.params, self.reply_to, p.cache, p.handoff, p.fetch
+            r.rid,
+            s.prompt_ids,
+            params=s.params,
+            reply_to=self.reply_to,
+            cache=p.cache,
+            handoff=p.handoff,
+            fetch=p.fetch,
         )
 
     def place_request(self, r: Request) -> sp.Place:
-        return sp.Place(r.rid, r.stream.prompt_ids, r.stream.params.max_tokens, r.session_id)
+        return sp.Place(
+            r.rid,
+            r.stream.prompt_ids,
+            max_tokens=r.stream.params.max_tokens,
+            session_id=r.session_id,
+        )
 
     # ---------------------------------------------------------------- lookups
     def lookup(self, peer: bytes, client_request_id: str) -> Request | None:

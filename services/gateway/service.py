@@ -21,8 +21,9 @@ import os
 import secrets
 import time
 from collections.abc import Coroutine
-from typing import Any, cast
+from typing import Any
 
+from common.auth import check_admin_token
 from common.codec import DecodeError
 from common.logging import get_logger
 from common.net import advertise
@@ -30,6 +31,7 @@ from common.protocol import client as cp
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import ServiceShell
 from common.sockets import (
     MalformedFrom,
     PeerGone,
@@ -53,27 +55,24 @@ log = get_logger(__name__)
 WORKER_SEND_TIMEOUT_S = 2.0
 
 
-class GatewayService:
+class GatewayService(ServiceShell):
+    kind = "gateway"
+    # At close, the aborts and releases of what was in flight go out (each is bounded by
+    # its own timeout).
+    drain_s = WORKER_SEND_TIMEOUT_S
+
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
+        super().__init__()
         self.cfg = cfg
-        self.clients: RouterSocket[Any] = RouterSocket(cfg.address, cast(Any, cp.ClientRequest))
-        self.replies: PullSocket[wp.TokenChunk] = PullSocket(
-            cfg.reply_address, wp.TokenChunk, bind=True
-        )
-        self.scheduler: RpcClient[Any, Any] = RpcClient(
-            cfg.scheduler, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-        )
-        self.events: SubSocket[Any] | None = None
+        self.clients = RouterSocket(cfg.address, cp.ClientRequest)
+        self.replies = PullSocket(cfg.reply_address, wp.TokenChunk, bind=True)
+        self.scheduler = RpcClient(cfg.scheduler, sp.SchedulerRequest, sp.SchedulerReply)
+        self.events: SubSocket[sp.InstanceEvent] | None = None
         if cfg.scheduler_events:
             self.events = SubSocket(
-                cfg.scheduler_events,
-                cast(Any, sp.InstanceEvent),
-                bind=False,
-                topics=[sp.INSTANCE_TOPIC],
+                cfg.scheduler_events, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]
             )
-        self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
-            cfg.control_address, AdminRequest, AdminReply
-        )
+        self.control = RpcServer(cfg.control_address, AdminRequest, AdminReply)
         self.core = GatewayCore(
             tokenizer,
             vocab_size=vocab,
@@ -85,10 +84,9 @@ class GatewayService:
             id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
             reply_to=advertise(self.replies.address, cfg.advertise_host),
         )
-        self.workers: dict[str, PushSocket[Any]] = {}  # by the worker's request address
-        self.tasks: set[asyncio.Task[Any]] = set()
+        # By the worker's request address.
+        self.workers: dict[str, PushSocket[wp.WorkerRequest]] = {}
         self.started_at = time.time()
-        self._stop = asyncio.Event()
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -98,8 +96,8 @@ class GatewayService:
             "control": self.control.address,
         }
 
-    async def serve(self) -> None:
-        """Serve until closed, or until shutdown (admin or cluster-wide; then return)."""
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Served until closed, or until shutdown (admin or cluster-wide)."""
         loops = [
             self._serve_clients(),
             self._serve_replies(),
@@ -108,17 +106,7 @@ class GatewayService:
         ]
         if self.events is not None:
             loops.append(self._serve_events())
-        running: list[asyncio.Task[Any]] = [asyncio.create_task(c) for c in loops]
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
-            for t in running:  # a loop that died is a bug: say so, do not vanish quietly
-                if t.done() and not t.cancelled() and t.exception() is not None:
-                    log.error("gateway loop failed", error=repr(t.exception()))
-        finally:
-            for t in [*running, stop]:
-                t.cancel()
-            await asyncio.gather(*running, stop, return_exceptions=True)
+        return loops
 
     # ----------------------------------------------------------------- clients
     async def _serve_clients(self) -> None:
@@ -127,7 +115,9 @@ class GatewayService:
                 peer, msg = await self.clients.recv()
             except MalformedFrom as exc:
                 log.warning("malformed client message", error=str(exc))
-                await self._to_client(exc.peer, cp.Final("", "error", f"malformed request: {exc}"))
+                await self._to_client(
+                    exc.peer, cp.Final("", "error", error=f"malformed request: {exc}")
+                )
                 continue
             match msg:
                 case cp.Complete():
@@ -135,7 +125,7 @@ class GatewayService:
                     if isinstance(admitted, cp.Final):
                         await self._to_client(peer, admitted)
                     else:
-                        self._spawn(self._dispatch(admitted))
+                        self.tasks.spawn(self._dispatch(admitted))
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way
@@ -158,8 +148,8 @@ class GatewayService:
     async def _dispatch(self, r: Request) -> None:
         """Place the request, then send its `Generate` to the first worker."""
         try:
-            placement = await self.scheduler.call(
-                self.core.place_request(r), timeout_s=self.cfg.place_timeout_s
+            placement = await self.scheduler.call_for(
+                self.core.place_request(r), sp.Placement, timeout_s=self.cfg.place_timeout_s
             )
         except (RpcError, TimeoutError) as exc:
             if r.rid in self.core.requests:
@@ -195,11 +185,11 @@ class GatewayService:
                 )
             if up.first_token and r.pd and not r.prefill_released:
                 r.prefill_released = True
-                self._spawn(self._release(r.rid, "prefill"))
+                self.tasks.spawn(self._release(r.rid, "prefill"))
             if up.final is not None:
                 await self._end(r, up.final, abort=up.abort_legs)
 
-    def _worker(self, address: str) -> PushSocket[Any]:
+    def _worker(self, address: str) -> PushSocket[wp.WorkerRequest]:
         sock = self.workers.get(address)
         if sock is None:
             sock = self.workers[address] = PushSocket(address, wp.WorkerRequest, bind=False)
@@ -237,9 +227,9 @@ class GatewayService:
         if abort or final.finish_reason not in ("stop", "length"):
             for leg in r.stream.legs:
                 if leg.instance_id != dead:
-                    self._spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
+                    self.tasks.spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
         if r.placed:
-            self._spawn(self._release(r.rid, "all"))
+            self.tasks.spawn(self._release(r.rid, "all"))
         if notify:
             await self._to_client(r.peer, final)
 
@@ -283,7 +273,7 @@ class GatewayService:
                 case sp.ClusterShutdown(reason=why):
                     for r in list(self.core.requests.values()):
                         await self._end(r, r.stream.end("error", now, f"cluster stopping: {why}"))
-                    self._stop.set()
+                    self.stop()
 
     async def _watchdog(self) -> None:
         timeout_s = self.cfg.request_timeout_s
@@ -298,7 +288,7 @@ class GatewayService:
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
-        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+        if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
             return AdminReply(
@@ -312,29 +302,20 @@ class GatewayService:
                 },
             )
         if req.command == "shutdown":
-            # After the reply is on its way.
-            asyncio.get_running_loop().call_later(0.05, self._stop.set)
+            self.stop(after_s=0.05)
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
             False, error=f"the gateway answers status and shutdown, not {req.command!r}"
         )
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
-
-    async def close(self) -> None:
-        """Fail what is in flight (aborting its legs), then close every socket."""
+    # ----------------------------------------------------------------- closing
+    async def closing(self) -> None:
+        """Fail what is in flight, aborting its legs (the aborts go out in `drain_s`)."""
         now = time.monotonic()
         for r in list(self.core.requests.values()):
             await self._end(r, r.stream.end("error", now, "the gateway is stopping"))
-        # Let the aborts and releases go out (each is bounded by its own timeout).
-        if self.tasks:
-            await asyncio.wait(list(self.tasks), timeout=WORKER_SEND_TIMEOUT_S)
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def close_sockets(self) -> None:
         for sock in (self.clients, self.replies, self.scheduler, self.control):
             sock.close()
         if self.events is not None:

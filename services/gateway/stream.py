@@ -125,15 +125,14 @@ class RequestStream:
         return cp.Final(
             self.client_request_id,
             reason,
-            error,
-            "",
-            len(self.prompt_ids),
-            self.num_cached_tokens,
-            n,
-            ttft,
-            tpot,
-            now - self.received_at,
-            self._instances(reason),
+            error=error,
+            num_prompt_tokens=len(self.prompt_ids),
+            num_cached_tokens=self.num_cached_tokens,
+            num_output_tokens=n,
+            ttft_s=ttft,
+            tpot_s=tpot,
+            total_s=now - self.received_at,
+            instances=self._instances(reason),
         )
 
     def _instances(self, reason: str) -> list[str]:

@@ -28,10 +28,11 @@ import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from common.auth import check_admin_token
 from common.codec import DTYPE_BYTES
 from common.kv_geometry import KVGeometry
 from common.logging import get_logger
@@ -113,9 +114,7 @@ class MempoolDaemon:
             raise
         self.endpoints: dict[str, dict[str, str]] = {}
         self.tensor_endpoints: dict[str, dict[str, str]] = {}
-        self.server = RpcServer(
-            cfg.control_address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply)
-        )
+        self.server = RpcServer(cfg.control_address, mp.MempoolRequest, mp.MempoolReply)
         self.events = PubSocket(cfg.events_address, ev.KvEventBatch, bind=True)
         self.peers: dict[str, RpcClient[Any, Any]] = {}
         self.pending: dict[int, _Pending] = {}
@@ -343,7 +342,7 @@ class MempoolDaemon:
         raise MemPoolError(f"unsupported request {type(req).__name__}")
 
     def _admin(self, req: AdminRequest) -> AdminReply:
-        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+        if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
             st = self.pool.stats()
@@ -371,7 +370,7 @@ class MempoolDaemon:
     def _peer(self, address: str) -> RpcClient[Any, Any]:
         client = self.peers.get(address)
         if client is None or client.closed:
-            client = RpcClient(address, cast(Any, mp.MempoolRequest), cast(Any, mp.MempoolReply))
+            client = RpcClient(address, mp.MempoolRequest, mp.MempoolReply)
             self.peers[address] = client
         return client
 

@@ -23,12 +23,12 @@ Pure and synchronous: every time is the caller's monotonic `now`.
 
 from __future__ import annotations
 
-import hmac
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from common.auth import check_admin_token
 from common.errors import InvalidRequestError, MemServeError
 from common.modes import MODES, ROLES, Mode, parse_mode
 from common.protocol.admin import COMMANDS, AdminReply
@@ -72,7 +72,7 @@ class _Charge:
     placed_at: float
 
 
-class Scheduler:
+class GlobalScheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
         self.registry = Registry(cfg.heartbeat_timeout_s)
@@ -196,8 +196,8 @@ class Scheduler:
             legs.append(_Leg(dec.instance_id, dec.epoch, n + req.max_tokens, "decode"))
             handoff = HandOff(
                 dec.instance_id,
-                dec.address,
-                dec.mempool,
+                address=dec.address,
+                mempool=dec.mempool,
                 insert=mode.handoff_insert,
                 cache=mode.decode_cache,
                 return_kv=mode.return_kv,
@@ -211,13 +211,13 @@ class Scheduler:
         return Placement(
             req.request_id,
             first.instance_id,
-            first_inst.address,
-            self.cfg.mode,
-            self.policy,
-            cache,
-            handoff,
-            fetch,
-            cached,
+            address=first_inst.address,
+            mode=self.cfg.mode,
+            policy=self.policy,
+            cache=cache,
+            handoff=handoff,
+            fetch=fetch,
+            cached_tokens=cached,
         )
 
     def release(self, req: Release) -> Released:
@@ -313,8 +313,7 @@ class Scheduler:
     # ---------------------------------------------------------------- admin
     def authorize(self, token: str) -> bool:
         """Whether `token` is the cluster's admin token (constant-time compare)."""
-        expected = self.cfg.admin_token
-        return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+        return check_admin_token(token, self.cfg.admin_token)
 
     def admin(self, command: str, args: Sequence[str], now: float) -> AdminReply:
         """The admin commands that need no other process. The token is checked by the

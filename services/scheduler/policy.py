@@ -191,7 +191,7 @@ class CostModel:
         )
         if transfer >= saved:
             return None
-        return Fetch(src.instance_id, src.mempool, src.matched_tokens)
+        return Fetch(src.instance_id, mempool=src.mempool, num_tokens=src.matched_tokens)
 
 
 def make_policy(

@@ -1,4 +1,4 @@
-"""The scheduler service: an asyncio shell around the pure `Scheduler` core.
+"""The scheduler service: an asyncio shell around the pure `GlobalScheduler` core.
 
     workers ──Heartbeat (PUSH)──▶ PULL ──▶ core.on_heartbeat ──▶ PUB InstanceUp / Down ──▶ gateways
     gateways ──Place / Release (RPC)──▶ core.place / core.release
@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import zmq
 
@@ -34,10 +34,11 @@ from common.net import advertise
 from common.protocol import kv_events as ev
 from common.protocol import scheduler as sp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import ServiceShell
 from common.sockets import PubSocket, PullSocket, RpcServer, SubSocket
 from services.scheduler import remote
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.core import Scheduler
+from services.scheduler.core import GlobalScheduler
 
 log = get_logger(__name__)
 
@@ -62,34 +63,29 @@ class _Member:
             self.sock.close()
 
 
-class SchedulerService:
+class SchedulerService(ServiceShell):
+    kind = "scheduler"
+
     def __init__(
         self,
         cfg: SchedulerConfig,
         clock: Callable[[], float] = time.monotonic,
         call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
+        super().__init__()
         self.cfg = cfg
         self.clock = clock  # monotonic seconds; tests drive expiry with a fake one
         self.call_timeout_s = call_timeout_s
-        self.core = Scheduler(cfg)
+        self.core = GlobalScheduler(cfg)
         self.started_at = time.time()
         self.members: dict[str, _Member] = {}
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self._stop = asyncio.Event()
         opened: list[Any] = []
         try:
-            self.rpc: RpcServer[Any, Any] = RpcServer(
-                cfg.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-            )
+            self.rpc = RpcServer(cfg.address, sp.SchedulerRequest, sp.SchedulerReply)
             opened.append(self.rpc)
-            self.heartbeats: PullSocket[sp.Heartbeat] = PullSocket(
-                cfg.heartbeat_address, sp.Heartbeat, bind=True
-            )
+            self.heartbeats = PullSocket(cfg.heartbeat_address, sp.Heartbeat, bind=True)
             opened.append(self.heartbeats)
-            self.events: PubSocket[Any] = PubSocket(
-                cfg.events_address, cast(Any, sp.InstanceEvent), bind=True
-            )
+            self.events = PubSocket(cfg.events_address, sp.InstanceEvent, bind=True)
             opened.append(self.events)
             self.admin: RpcServer[AdminRequest, AdminReply] | None = None
             if cfg.admin_address:
@@ -127,28 +123,15 @@ class SchedulerService:
         return out
 
     # ------------------------------------------------------------- serving
-    async def serve(self) -> None:
-        """Serve until closed or told to `shutdown` over the admin socket (then return)."""
-        loops: list[Coroutine[Any, Any, None]] = [
-            self.rpc.serve(self._handle),
-            self._recv_heartbeats(),
-            self._tick(),
-        ]
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Served until closed or told to `shutdown` over the admin socket."""
+        loops = [self.rpc.serve(self._handle), self._recv_heartbeats(), self._tick()]
         if self.admin is not None:
             loops.append(self.admin.serve(self._admin))
-        running = [asyncio.create_task(c) for c in loops]
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
-            for task in running:
-                if task.done() and not task.cancelled() and task.exception() is not None:
-                    raise cast(BaseException, task.exception())
-        finally:
-            for t in [*running, stop]:
-                t.cancel()
-            await asyncio.gather(*running, stop, return_exceptions=True)
+        return loops
 
-    async def close(self) -> None:
+    async def closing(self) -> None:
+        """Stop following the instances' KV events (each member's reader and socket)."""
         for member in self.members.values():
             member.close()
         await asyncio.gather(
@@ -156,16 +139,15 @@ class SchedulerService:
             return_exceptions=True,
         )
         self.members.clear()
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def close_sockets(self) -> None:
         self.rpc.close()
         self.heartbeats.close()
         self.events.close()
         if self.admin is not None:
             self.admin.close()
 
-    async def _handle(self, req: Any) -> Any:
+    async def _handle(self, req: sp.SchedulerRequest) -> sp.SchedulerReply:
         match req:
             case sp.Place():
                 return self.core.place(req, self.clock())
@@ -209,7 +191,7 @@ class SchedulerService:
             gone.close()
             # Dropped for silence: whatever the dead worker held at its daemon is freed.
             if gone.mempool:
-                self._spawn(remote.release_owner(gone.mempool, iid, self.call_timeout_s))
+                self.tasks.spawn(remote.release_owner(gone.mempool, iid, self.call_timeout_s))
         for iid, inst in registered.items():
             member = self.members.get(iid)
             if member is not None and member.epoch == inst.epoch:
@@ -246,11 +228,6 @@ class SchedulerService:
                     daemon=batch.instance_id,
                 )
             self.core.on_kv_events(instance_id, batch, self.clock())
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
 
     # ------------------------------------------------------------- admin
     async def _admin(self, req: AdminRequest) -> AdminReply:
@@ -289,7 +266,7 @@ class SchedulerService:
         controls = {i.instance_id: i.control for i in self.core.registry.instances() if i.control}
         workers = await remote.stop_workers(controls, token, self.call_timeout_s)
         # Stop once this reply is out: stopping now would cancel the reply itself.
-        asyncio.get_running_loop().call_later(0.05, self._stop.set)
+        self.stop(after_s=0.05)
         return AdminReply(True, {"stopping": self.cfg.instance_id, "workers": workers})
 
 

@@ -22,10 +22,11 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 
+from common.auth import check_admin_token
 from common.codec import DecodeError
 from common.logging import get_logger
 from common.modes import ROLES
@@ -33,6 +34,7 @@ from common.net import advertise
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import TaskSet
 from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.config import EngineConfig
 from services.worker.mempool_engine import KvPlan, MempoolEngine
@@ -80,9 +82,7 @@ class WorkerService:
         self.cfg = cfg
         self.engine = engine
         self.events = events  # the daemon's KV-event PUB, for the scheduler
-        self.requests: PullSocket[Any] = PullSocket(
-            cfg.address, cast(Any, wp.WorkerRequest), bind=True
-        )
+        self.requests = PullSocket(cfg.address, wp.WorkerRequest, bind=True)
         self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
             cfg.control_address, AdminRequest, AdminReply
         )
@@ -90,7 +90,7 @@ class WorkerService:
         if cfg.scheduler:
             self.heartbeats = PushSocket(cfg.scheduler, sp.Heartbeat, bind=False)
         self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = TaskSet("worker")
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
         self.healthy = True
@@ -149,9 +149,7 @@ class WorkerService:
                     self.engine.abort(rid)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks.spawn(coro)
 
     def _remember_abort(self, rid: str) -> None:
         now = time.monotonic()
@@ -339,7 +337,7 @@ class WorkerService:
     def _peer(self, address: str) -> PushSocket[Any]:
         sock = self.peers.get(address)
         if sock is None:
-            sock = PushSocket(address, cast(Any, wp.TokenChunk | wp.WorkerRequest), bind=False)
+            sock = PushSocket(address, wp.TokenChunk | wp.WorkerRequest, bind=False)
             self.peers[address] = sock
         return sock
 
@@ -384,7 +382,7 @@ class WorkerService:
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
-        if not self.cfg.admin_token or req.token != self.cfg.admin_token:
+        if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
             waiting, running, wait_tokens, run_tokens = self.engine.load()
@@ -416,9 +414,7 @@ class WorkerService:
         )
 
     async def close(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.tasks.close()
         await self.engine.close()
         self.requests.close()
         self.control.close()

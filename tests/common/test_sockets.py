@@ -11,6 +11,7 @@ import torch
 import zmq
 
 from common.codec import Decoder
+from common.errors import ErrorKind
 from common.sockets import (
     ErrorReply,
     PubSocket,
@@ -239,3 +240,43 @@ async def test_cancelling_serve_cancels_in_flight_handlers() -> None:
             await serving
         assert cancelled.is_set()
         call.cancel()
+
+
+class Ping(msgspec.Struct, tag=True):
+    n: int
+
+
+class Pong(msgspec.Struct, tag=True):
+    n: int
+
+
+PingPong = Ping | Pong
+
+
+async def test_a_union_channel_carries_each_of_its_messages() -> None:
+    # The union alias types the socket (PullSocket[Ping | Pong]); no cast needed.
+    with (
+        PullSocket(ANY_PORT, PingPong, bind=True) as pull,
+        PushSocket(pull.address, PingPong, bind=False) as push,
+    ):
+        await push.send(Ping(1))
+        await push.send(Pong(2))
+        got = [await asyncio.wait_for(pull.recv(), 5) for _ in range(2)]
+    assert got == [Ping(1), Pong(2)]
+
+
+async def test_call_for_refuses_a_reply_of_another_kind() -> None:
+    async def answer(req: PingPong) -> PingPong:
+        return Pong(req.n) if isinstance(req, Ping) else Ping(req.n)
+
+    with (
+        RpcServer(ANY_PORT, PingPong, PingPong) as server,
+        RpcClient(server.address, PingPong, PingPong) as client,
+    ):
+        serving = asyncio.create_task(server.serve(answer))
+        assert await client.call_for(Ping(3), Pong, timeout_s=5) == Pong(3)
+        with pytest.raises(RpcError, match="Ping to .* answered with Pong, not Ping") as info:
+            await client.call_for(Ping(4), Ping, timeout_s=5)
+        assert info.value.kind == ErrorKind.INTERNAL
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)

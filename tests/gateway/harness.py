@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+from typing import Any
 
 from common.admin_client import admin_call
 from common.errors import InvalidRequestError
@@ -37,10 +37,8 @@ class FakeScheduler:
     and publishes instance events."""
 
     def __init__(self) -> None:
-        self.rpc: RpcServer[Any, Any] = RpcServer(
-            "tcp://127.0.0.1:0", cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)
-        )
-        self.pub: PubSocket[Any] = PubSocket("tcp://127.0.0.1:0", sp.InstanceEvent, bind=True)
+        self.rpc = RpcServer("tcp://127.0.0.1:0", sp.SchedulerRequest, sp.SchedulerReply)
+        self.pub = PubSocket("tcp://127.0.0.1:0", sp.InstanceEvent, bind=True)
         self.route: Callable[[sp.Place], sp.Placement] | None = None
         self.error = ""  # non-empty: Place is refused with this message
         self.hang = False  # True: Place is never answered
@@ -50,12 +48,26 @@ class FakeScheduler:
 
     def colocated(self, worker: FakeWorker | str, instance_id: str = "w0") -> None:
         address = worker if isinstance(worker, str) else worker.address
-        self.route = lambda p: sp.Placement(p.request_id, instance_id, address, "colocated", "test")
+        self.route = lambda p: sp.Placement(
+            p.request_id, instance_id, address=address, mode="colocated", policy="test"
+        )
 
     def pd(self, prefill: FakeWorker, decode: FakeWorker) -> None:
-        handoff = wp.HandOff("decode-0", decode.address, "tcp://127.0.0.1:9", True, True, True)
+        handoff = wp.HandOff(
+            "decode-0",
+            address=decode.address,
+            mempool="tcp://127.0.0.1:9",
+            insert=True,
+            cache=True,
+            return_kv=True,
+        )
         self.route = lambda p: sp.Placement(
-            p.request_id, "prefill-0", prefill.address, "pd-caching-3", "test", handoff=handoff
+            p.request_id,
+            "prefill-0",
+            address=prefill.address,
+            mode="pd-caching-3",
+            policy="test",
+            handoff=handoff,
         )
 
     async def _handle(self, req: Any) -> Any:
@@ -95,9 +107,7 @@ class FakeWorker:
 
     def __init__(self, instance_id: str) -> None:
         self.instance_id = instance_id
-        self.requests: PullSocket[Any] = PullSocket(
-            "tcp://127.0.0.1:0", cast(Any, wp.WorkerRequest), bind=True
-        )
+        self.requests = PullSocket("tcp://127.0.0.1:0", wp.WorkerRequest, bind=True)
         self.address = self.requests.address
         self._out: PushSocket[wp.TokenChunk] | None = None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import zmq
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def router() -> AsyncIterator[RouterSocket[Any]]:
-    sock: RouterSocket[Any] = RouterSocket("tcp://127.0.0.1:0", cast(Any, cp.ClientRequest))
+    sock = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest)
     yield sock
     sock.close()
 
@@ -76,9 +76,7 @@ async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSock
 
 
 async def test_a_client_that_stops_reading_is_dropped() -> None:
-    server: RouterSocket[Any] = RouterSocket(
-        "tcp://127.0.0.1:0", cast(Any, cp.ClientRequest), sndhwm=4
-    )
+    server = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest, sndhwm=4)
     reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
     reader.setsockopt(zmq.RCVHWM, 4)
     reader.setsockopt(zmq.RCVBUF, 4096)

@@ -47,7 +47,7 @@ def refused(c: GatewayCore, req: cp.Complete, peer: bytes = A) -> str:
 
 
 def run_to_length(c: GatewayCore, r: Request, tokens: list[int], now: float) -> cp.Final:
-    up = r.stream.accept(TokenChunk(r.rid, tokens, True, "length"), now)
+    up = r.stream.accept(TokenChunk(r.rid, tokens, finished=True, finish_reason="length"), now)
     assert up.final is not None
     assert c.finish(r.rid, up.final, now) is r
     return up.final
@@ -141,12 +141,20 @@ def test_a_pd_placement_gives_two_legs_and_the_generate_for_the_prefill_worker()
     r = admitted(c, A, cp.Complete("r", token_ids=[5, 6, 7], params=SamplingParams(max_tokens=3)))
     place = c.place_request(r)
     assert (place.request_id, place.token_ids, place.max_tokens) == (r.rid, [5, 6, 7], 3)
-    handoff = wp.HandOff("decode-0", "tcp://d:1", "tcp://dm:1", insert=True, cache=True)
-    gen = c.placed(
-        r, sp.Placement(r.rid, "prefill-0", "tcp://p:1", "pd-caching-2", "x", handoff=handoff)
+    handoff = wp.HandOff(
+        "decode-0", address="tcp://d:1", mempool="tcp://dm:1", insert=True, cache=True
     )
+    placement = sp.Placement(
+        r.rid, "prefill-0", address="tcp://p:1", mode="pd-caching-2", policy="x", handoff=handoff
+    )
+    gen = c.placed(r, placement)
     assert gen == wp.Generate(
-        r.rid, [5, 6, 7], r.stream.params, "tcp://10.0.0.1:7000", True, handoff
+        r.rid,
+        [5, 6, 7],
+        params=r.stream.params,
+        reply_to="tcp://10.0.0.1:7000",
+        cache=True,
+        handoff=handoff,
     )
     assert r.pd and [leg.instance_id for leg in r.stream.legs] == ["prefill-0", "decode-0"]
     assert c.on_instance("decode-0") == [r] and c.on_instance("prefill-1") == []

@@ -86,7 +86,9 @@ async def test_pd_chunks_are_ordered_and_both_phases_released(
         await prefill.send(gen.reply_to, TokenChunk(rid, ids("a"), num_cached_tokens=16))
         assert await sched.released(rid) == ["prefill"]  # the first token is out
         await decode.send(gen.reply_to, TokenChunk(rid, ids("bc"), offset=1))
-        await decode.send(gen.reply_to, TokenChunk(rid, ids("d"), True, "length", offset=3))
+        await decode.send(
+            gen.reply_to, TokenChunk(rid, ids("d"), finished=True, finish_reason="length", offset=3)
+        )
         c = await done
         assert (c.text, c.token_ids) == ("abcd", ids("abcd"))
         f = c.final
@@ -131,7 +133,10 @@ async def test_a_stop_string_ends_the_stream_and_aborts_the_worker(
         await w.send(gen.reply_to, TokenChunk(gen.request_id, ids("late"), offset=9))
         nxt = asyncio.create_task(client.complete("hi", PARAMS))
         gen2 = await w.recv()
-        await w.send(gen2.reply_to, TokenChunk(gen2.request_id, ids("fine"), True, "stop"))
+        await w.send(
+            gen2.reply_to,
+            TokenChunk(gen2.request_id, ids("fine"), finished=True, finish_reason="stop"),
+        )
         assert (await nxt).text == "fine"
         st = await admin(gw.endpoints["control"], "status")
         assert st.ok and (st.result["served"], st.result["inflight"]) == (2, 0)
@@ -204,7 +209,7 @@ async def test_overload_duplicates_and_malformed_input_get_an_error_each(
     w = workers[0]
     sched.colocated(w)
     async with running_gateway(sched, max_inflight=1) as (gw, _):
-        raw: DealerSocket[cp.ClientReply] = DealerSocket(gw.endpoints["clients"], cp.ClientReply)  # type: ignore[arg-type]
+        raw = DealerSocket(gw.endpoints["clients"], cp.ClientReply)
         try:
             await raw.send(cp.Complete("x", prompt="hi"))
             gen = await w.recv()  # in flight: the one slot is taken
@@ -222,13 +227,19 @@ async def test_overload_duplicates_and_malformed_input_get_an_error_each(
             bad = await asyncio.wait_for(sock.recv_multipart(), 10)
             sock.close(0)
             assert b"malformed request" in bad[0]
-            await w.send(gen.reply_to, TokenChunk(gen.request_id, ids("ok"), True, "stop"))
+            await w.send(
+                gen.reply_to,
+                TokenChunk(gen.request_id, ids("ok"), finished=True, finish_reason="stop"),
+            )
             chunk, final = await raw.recv(), await raw.recv()
             assert isinstance(chunk, cp.Chunk) and chunk.text == "ok"
             assert isinstance(final, cp.Final) and final.request_id == "x" and not final.error
             nxt = asyncio.create_task(other.complete("hi", PARAMS))
             gen2 = await w.recv()
-            await w.send(gen2.reply_to, TokenChunk(gen2.request_id, ids("yes"), True, "stop"))
+            await w.send(
+                gen2.reply_to,
+                TokenChunk(gen2.request_id, ids("yes"), finished=True, finish_reason="stop"),
+            )
             assert (await nxt).text == "yes"
         finally:
             raw.close()
@@ -271,6 +282,7 @@ async def test_control_socket_status_refusal_and_shutdown(
         control = gw.endpoints["control"]
         refused = await admin(control, "status", token="wrong")
         assert not refused.ok and "token" in refused.error and refused.result is None
+        assert await admin(control, "status", token="") == refused
         client = connect(client_factory, gw.endpoints["clients"])
         sid = await client.open_session()
         st = await admin(control, "status")

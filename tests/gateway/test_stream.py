@@ -37,7 +37,7 @@ def test_chunks_from_two_workers_are_put_in_order_and_deduplicated() -> None:
     assert first.text == "abc" and first.first_token
     again = s.accept(TokenChunk("x", ids("bc"), offset=1), 2.5)  # a repeat changes nothing
     assert again.text == "" and not again.token_ids
-    end = s.accept(TokenChunk("x", ids("d"), True, "length", offset=3), 4.0)
+    end = s.accept(TokenChunk("x", ids("d"), finished=True, finish_reason="length", offset=3), 4.0)
     assert end.text == "d" and end.final is not None
     f = end.final
     assert (f.finish_reason, f.num_output_tokens, f.num_cached_tokens) == ("length", 4, 16)
@@ -46,7 +46,8 @@ def test_chunks_from_two_workers_are_put_in_order_and_deduplicated() -> None:
 
 def test_a_final_chunk_waits_for_the_tokens_before_it() -> None:
     s = stream()
-    assert s.accept(TokenChunk("x", [], True, "length", offset=2), 1.0).final is None
+    last = TokenChunk("x", [], finished=True, finish_reason="length", offset=2)
+    assert s.accept(last, 1.0).final is None
     assert s.accept(TokenChunk("x", ids("ab"), offset=0), 2.0).final is not None
 
 
@@ -61,7 +62,10 @@ def test_a_stop_string_across_chunks_ends_the_request_and_aborts_the_legs() -> N
 
 def test_an_error_chunk_ends_the_request_at_once() -> None:
     s = stream()
-    out = s.accept(TokenChunk("x", [], True, "error", error="worker w0: boom", offset=5), 1.0)
+    boom = TokenChunk(
+        "x", [], finished=True, finish_reason="error", error="worker w0: boom", offset=5
+    )
+    out = s.accept(boom, 1.0)
     assert out.final is not None and out.final.error == "worker w0: boom"
 
 
@@ -95,12 +99,18 @@ def test_final_names_the_instances_that_served_it() -> None:
     both = pd_stream()
     both.accept(TokenChunk("x", ids("a"), offset=0, instance_id="prefill-0"), 1.0)
     end = both.accept(
-        TokenChunk("x", ids("b"), True, "length", offset=1, instance_id="decode-0"), 2.0
+        TokenChunk(
+            "x", ids("b"), finished=True, finish_reason="length", offset=1, instance_id="decode-0"
+        ),
+        2.0,
     )
     assert end.final is not None and end.final.instances == ["prefill-0", "decode-0"]
     # One token (max_tokens 1, or eos): the prefill worker ends it; decode never ran.
     one = pd_stream()
-    end = one.accept(TokenChunk("x", ids("a"), True, "length", instance_id="prefill-0"), 1.0)
+    end = one.accept(
+        TokenChunk("x", ids("a"), finished=True, finish_reason="length", instance_id="prefill-0"),
+        1.0,
+    )
     assert end.final is not None and end.final.instances == ["prefill-0"]
     # A failure names every instance the request was placed on.
     failed = pd_stream()

@@ -30,15 +30,15 @@ def heartbeat(
     return Heartbeat(
         instance_id,
         role,
-        f"tcp://127.0.0.1:9/{instance_id}",
-        mempool or f"tcp://127.0.0.1:8/{instance_id}",
-        events,
-        control,
-        BLOCK_SIZE,
-        block_bytes,
-        started_at,
-        load or InstanceLoad(),
-        healthy,
+        address=f"tcp://127.0.0.1:9/{instance_id}",
+        mempool=mempool or f"tcp://127.0.0.1:8/{instance_id}",
+        events=events,
+        control=control,
+        block_size=BLOCK_SIZE,
+        block_bytes=block_bytes,
+        started_at=started_at,
+        load=load or InstanceLoad(),
+        healthy=healthy,
     )
 
 
@@ -60,7 +60,9 @@ def stored(
         parent, skip = hashes[-1], len(hashes) * BLOCK_SIZE
     whole = len(tokens) // BLOCK_SIZE * BLOCK_SIZE
     data = as_token_bytes(tokens[skip:whole])
-    return ev.BlockStored(tier, parent, block_hashes(parent, data, bb), data)
+    return ev.BlockStored(
+        tier, parent_hash=parent, block_hashes=block_hashes(parent, data, bb), tokens=data
+    )
 
 
 def removed(tokens: list[int], first_block: int = 0, tier: int = 0) -> ev.BlockRemoved:
@@ -70,7 +72,7 @@ def removed(tokens: list[int], first_block: int = 0, tier: int = 0) -> ev.BlockR
 
 
 def batch(instance_id: str, seq: int, *events: ev.KvEvent) -> ev.KvEventBatch:
-    return ev.KvEventBatch(instance_id, seq, BLOCK_SIZE, list(events))
+    return ev.KvEventBatch(instance_id, seq, block_size=BLOCK_SIZE, events=list(events))
 
 
 async def cli(argv: list[str]) -> tuple[int, str, str]:

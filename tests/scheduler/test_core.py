@@ -11,22 +11,22 @@ import pytest
 from common.errors import InvalidRequestError
 from common.protocol.scheduler import InstanceDown, InstanceUp, Place, Release, Released
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.core import NoInstanceError, Scheduler
+from services.scheduler.core import GlobalScheduler, NoInstanceError
 from tests.scheduler.helpers import batch, heartbeat, prompt, stored
 
 TOKEN = "s3cret"
 
 
-def scheduler(**cfg: Any) -> Scheduler:
-    return Scheduler(SchedulerConfig(admin_token=TOKEN, **cfg).validate())
+def scheduler(**cfg: Any) -> GlobalScheduler:
+    return GlobalScheduler(SchedulerConfig(admin_token=TOKEN, **cfg).validate())
 
 
-def up(s: Scheduler, *ids: str, role: str = "colocated", now: float = 0.0, **kw: Any) -> None:
+def up(s: GlobalScheduler, *ids: str, role: str = "colocated", now: float = 0.0, **kw: Any) -> None:
     for iid in ids:
         s.on_heartbeat(heartbeat(iid, role, **kw), now)
 
 
-def load(s: Scheduler, iid: str) -> int:
+def load(s: GlobalScheduler, iid: str) -> int:
     inst = s.registry.get(iid)
     assert inst is not None
     return inst.charged_tokens
@@ -257,9 +257,9 @@ def test_admin_commands() -> None:
 
 def test_admin_mode_switches_new_placements() -> None:
     from services.scheduler.config import SchedulerConfig
-    from services.scheduler.core import Scheduler
+    from services.scheduler.core import GlobalScheduler
 
-    core = Scheduler(SchedulerConfig(mode="pd-basic", admin_token="t"))
+    core = GlobalScheduler(SchedulerConfig(mode="pd-basic", admin_token="t"))
     assert core.admin("mode", [], 0.0).result == {"mode": "pd-basic"}
     reply = core.admin("mode", ["colocated-nocache"], 0.0)
     assert reply.ok and reply.result == {"mode": "colocated-nocache", "was": "pd-basic"}

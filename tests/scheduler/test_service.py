@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import zmq
@@ -85,11 +85,9 @@ async def harness() -> AsyncIterator[Harness]:
         svc,
         clock,
         PushSocket(svc.heartbeat_address, sp.Heartbeat, bind=False),
-        RpcClient(svc.address, cast(Any, sp.SchedulerRequest), cast(Any, sp.SchedulerReply)),
+        RpcClient(svc.address, sp.SchedulerRequest, sp.SchedulerReply),
         RpcClient(svc.admin_address, AdminRequest, AdminReply),
-        SubSocket(
-            svc.events_address, cast(Any, sp.InstanceEvent), bind=False, topics=[sp.INSTANCE_TOPIC]
-        ),
+        SubSocket(svc.events_address, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]),
         serving,
     )
     await asyncio.sleep(SUBSCRIBE_SETTLE_S)
@@ -149,6 +147,7 @@ async def test_admin_refuses_a_wrong_token_and_answers_commands(harness: Harness
     await harness.register(heartbeat("w1"))
     refused = await harness.call_admin("drain", "w0", token="guess")
     assert refused == AdminReply(False, error="bad admin token")
+    assert await harness.call_admin("drain", "w0", token="") == refused
     assert harness.svc.core.registry.eligible("colocated")[0].instance_id == "w0"
 
     status = await harness.call_admin("status")
