@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, cast
+from typing import Any
 
 from bench.report import latency_summary_ms, percentile
 
@@ -67,10 +67,8 @@ async def gateway_figures(
         out["cluster_rps"] = count / (time.perf_counter() - t0)
 
         # Scheduler alone: Place + Release round trips, 16 in flight.
-        sched: RpcClient[Any, Any] = RpcClient(
-            cluster.endpoints("scheduler")["rpc"],
-            cast(Any, sp.SchedulerRequest),
-            cast(Any, sp.SchedulerReply),
+        sched = RpcClient(
+            cluster.endpoints("scheduler")["rpc"], sp.SchedulerRequest, sp.SchedulerReply
         )
         placed = 0
         stop_at = time.perf_counter() + rate_seconds
@@ -81,7 +79,7 @@ async def gateway_figures(
             while time.perf_counter() < stop_at:
                 rid = f"b{k}-{i}"
                 i += 1
-                await sched.call(sp.Place(rid, prompt_ids * 8, 16))
+                await sched.call(sp.Place(request_id=rid, token_ids=prompt_ids * 8, max_tokens=16))
                 await sched.call(sp.Release(rid))
                 placed += 1
 

@@ -40,8 +40,10 @@ def test_launcher_sizes_kv_as_the_daemon_does() -> None:
     geometry, blocks = kv_capacity(settings)
     daemon = MempoolConfig(model="tiny", device_memory_bytes=8 << 20, block_size=32)
     assert geometry == daemon.geometry()
-    assert blocks == daemon.device_block_count(geometry.block_bytes) == (8 << 20) // (
-        geometry.block_bytes
+    assert (
+        blocks
+        == daemon.device_block_count(geometry.block_bytes)
+        == (8 << 20) // (geometry.block_bytes)
     )
     settings.mempool["device_blocks"] = 7
     assert kv_capacity(settings)[1] == 7
