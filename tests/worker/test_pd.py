@@ -51,15 +51,22 @@ class Cluster:
     ) -> list[wp.TokenChunk]:
         cache, insert, dcache, ret = MODES[mode]
         handoff = wp.HandOff(
-            self.decode.instance_id,
-            self.decode.endpoints["requests"],
-            decode_mempool or self.dd.address,
-            insert,
-            dcache,
-            ret,
+            instance_id=self.decode.instance_id,
+            address=self.decode.endpoints["requests"],
+            mempool=decode_mempool or self.dd.address,
+            insert=insert,
+            cache=dcache,
+            return_kv=ret,
         )
         await self.to_prefill.send(
-            wp.Generate(rid, tokens, params, self.replies.address, cache, handoff)
+            wp.Generate(
+                request_id=rid,
+                token_ids=tokens,
+                params=params,
+                reply_to=self.replies.address,
+                cache=cache,
+                handoff=handoff,
+            )
         )
         chunks: list[wp.TokenChunk] = []
         deadline = time.monotonic() + 60
@@ -200,9 +207,22 @@ async def test_an_abort_before_the_hand_off_lands_frees_the_kv(
         await c.to_decode.send(wp.Abort("gone"))
         await asyncio.sleep(0.2)
         params = SamplingParams(max_tokens=50, ignore_eos=True)
-        handoff = wp.HandOff("d0", c.decode.endpoints["requests"], c.dd.address, True, True)
+        handoff = wp.HandOff(
+            instance_id="d0",
+            address=c.decode.endpoints["requests"],
+            mempool=c.dd.address,
+            insert=True,
+            cache=True,
+        )
         await c.to_prefill.send(
-            wp.Generate("gone", prompt(64, 4), params, c.replies.address, True, handoff)
+            wp.Generate(
+                request_id="gone",
+                token_ids=prompt(64, 4),
+                params=params,
+                reply_to=c.replies.address,
+                cache=True,
+                handoff=handoff,
+            )
         )
         first = await asyncio.wait_for(c.replies.recv(), 30)
         assert first.request_id == "gone" and first.offset == 0 and not first.finished
