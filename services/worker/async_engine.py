@@ -291,7 +291,11 @@ class AsyncEngine:
                 text += p.detok.finish()
         if finished:
             del self._streams[out.request_id]
-            transfer = await self._on_finished(p, final)
+            try:
+                transfer = await self._on_finished(p, final)
+            except Exception as exc:  # the stream must still end (its KV was not kept)
+                log.warning("end-of-request hook failed", request_id=p.request_id, error=str(exc))
+                reason, error = FinishReason.ERROR, f"could not keep the request's KV: {exc}"
         stream = StreamOutput(
             out.request_id,
             out.new_token_ids,
