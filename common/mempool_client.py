@@ -101,6 +101,7 @@ class MempoolClient:
         checksum: bool = False,
         timeout_s: float = 30.0,
         skip_cached: bool = False,
+        from_index: bool = False,
     ) -> mp.Transferred:
         req = mp.TransferWithInsert(
             dst,
@@ -111,6 +112,7 @@ class MempoolClient:
             checksum,
             timeout_s,
             skip_cached,
+            from_index,
         )
         return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
 

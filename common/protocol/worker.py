@@ -55,14 +55,17 @@ class Generate(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     fetch: Fetch | None = None
 
 
-class Continue(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+class Continue(msgspec.Struct, tag=True, frozen=True, omit_defaults=True, kw_only=True):
     """Prefill -> decode: go on with a request whose prompt KV is (mostly) already here.
 
     `token_ids` is the prompt plus the first output token; `kv_block_ids` hold the K/V of
     the first `len(kv_block_ids) * block_size` tokens in the decode daemon: pinned in its
     index by `kv_handle` (transfer_with_insert), or, with `kv_handle == 0`, allocated to the
     decode worker (plain transfer). Empty when the transfer failed: decode recomputes.
-    `params.max_tokens` counts the tokens still to generate."""
+    `params.max_tokens` counts the tokens still to generate. `generator_state` is where a
+    sampled request's `torch.Generator` stands after the prefill side drew its tokens
+    (`get_state()` bytes): decode restores it instead of seeding anew, so a seeded request
+    draws the same tokens as in one process. Built by keyword only (eleven fields)."""
 
     request_id: str
     token_ids: list[int]
@@ -75,6 +78,7 @@ class Continue(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     num_prompt_tokens: int = 0  # the client's prompt (without the first token)
     num_cached_tokens: int = 0  # what the prefill side found cached, for the final report
     output_offset: int = 1  # output tokens already streamed by the prefill worker
+    generator_state: bytes = b""  # empty for greedy requests
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True):

@@ -277,6 +277,27 @@ class MempoolDaemon:
                     req.timeout_s,
                     owner=req.owner,
                 )
+            case mp.TransferWithInsert(from_index=True, src_ids=[]):
+                # Cached KV back to another daemon in one call (pd-caching-3): match here,
+                # send the cached prefix, release that pin whatever happens.
+                tokens = _tokens(req.tokens)
+                m = pool.match(tokens, owner="from_index", promote=True)
+                if not m.handle:
+                    return mp.Transferred([], 0, 0.0, "")
+                try:
+                    return await self._send(
+                        req.dst,
+                        m.block_ids,
+                        [],
+                        tokens[: m.num_tokens * 4],
+                        req.pin_owner,
+                        req.transport,
+                        req.checksum,
+                        req.timeout_s,
+                        skip_cached=req.skip_cached,
+                    )
+                finally:
+                    pool.release(m.handle)
             case mp.TransferWithInsert():
                 tokens = _tokens(req.tokens)
                 need = -(-(len(tokens) // 4) // self.cfg.block_size)

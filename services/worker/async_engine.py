@@ -26,6 +26,7 @@ from common.logging import get_logger
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from services.worker.engine import Engine, RequestOutput
+from services.worker.kv_connector import KvTransfer
 from services.worker.request import FinishReason
 
 log = get_logger(__name__)
@@ -45,6 +46,10 @@ class StreamOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     output: RequestOutput | None = field(default=None, repr=False)
+    # On the final output of a request whose KV leaves for another instance (a P/D
+    # prefill): what `_on_finished` kept for the hand-off. The caller now owns it and must
+    # end it (`KVConnector.send` or `finished_sending`).
+    kv_transfer: KvTransfer | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -55,10 +60,12 @@ class _Pending:
     queue: asyncio.Queue[StreamOutput]
     detok: IncrementalDetokenizer | None
     output_ids: list[int] = field(default_factory=list)
-    # What `_admit` added to `Engine.add_request` (a cache hit), and the MemPool match
-    # handle that pins it, if any.
+    # A request continued from another engine: where its generator stands.
+    generator_state: bytes = b""
+    # What `_admit` added to `Engine.add_request` (a cache hit), and what the hooks
+    # borrowed for it (a worker's `KvPrefix`), given back when the request ends.
     admission: dict[str, Any] = field(default_factory=dict)
-    pin: int = 0
+    borrowed: Any = None
     # What the caller's hooks need to know about this request (a worker's KV plan).
     context: Any = None
 
@@ -88,8 +95,12 @@ class AsyncEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         context: Any = None,
+        *,
+        generator_state: bytes = b"",
     ) -> AsyncIterator[StreamOutput]:
-        """Stream a request's outputs; `context` is handed to the hooks (`_Pending.context`)."""
+        """Stream a request's outputs; `context` is handed to the hooks (`_Pending.context`).
+        `generator_state` continues a sampled request another engine started
+        (`RequestOutput.generator_state`), so it draws what that engine would have drawn."""
         params = params or SamplingParams()
         rid = request_id or f"req-{next(self._ids)}"
         if isinstance(prompt, str):
@@ -101,7 +112,15 @@ class AsyncEngine:
         detok = None
         if self.tokenizer is not None:
             detok = IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop)
-        pending = _Pending(rid, prompt_ids, params, asyncio.Queue(), detok, context=context)
+        pending = _Pending(
+            rid,
+            prompt_ids,
+            params,
+            asyncio.Queue(),
+            detok,
+            generator_state=generator_state,
+            context=context,
+        )
         self._inbox.append(pending)
         self._ensure_driver()
         self._wake.set()
@@ -192,8 +211,10 @@ class AsyncEngine:
     async def _before_step(self) -> None:
         """Runs before every step, with no step in flight."""
 
-    async def _on_finished(self, p: _Pending, out: RequestOutput) -> None:
-        """A request ended (its final output, blocks included when it kept them)."""
+    async def _on_finished(self, p: _Pending, out: RequestOutput) -> KvTransfer | None:
+        """A request ended (its final output, blocks included when it kept them). Returns
+        the KV it hands to another instance, if any (on the stream's final output)."""
+        return None
 
     async def _on_idle(self) -> None:
         """Nothing to run: a chance to give resources back."""
@@ -218,7 +239,13 @@ class AsyncEngine:
                 if p.request_id in self._streams:
                     raise InvalidRequestError(f"request id {p.request_id!r} is already in use")
                 p.admission = await self._admit(p)
-                self.engine.add_request(p.request_id, p.prompt_ids, p.params, **p.admission)
+                self.engine.add_request(
+                    p.request_id,
+                    p.prompt_ids,
+                    p.params,
+                    generator_state=p.generator_state,
+                    **p.admission,
+                )
             except Exception as exc:  # refused, or the admission hook failed (daemon down)
                 with contextlib.suppress(Exception):
                     await self._refused(p)
@@ -251,6 +278,7 @@ class AsyncEngine:
         p.output_ids.extend(out.new_token_ids)
         text = ""
         finished, reason, final = out.finished, out.finish_reason, out
+        transfer = None
         if p.detok is not None:
             text = p.detok.add(out.new_token_ids)
             if p.detok.stopped_by is not None:
@@ -263,7 +291,11 @@ class AsyncEngine:
                 text += p.detok.finish()
         if finished:
             del self._streams[out.request_id]
-            await self._on_finished(p, final)
+            try:
+                transfer = await self._on_finished(p, final)
+            except Exception as exc:  # the stream must still end (its KV was not kept)
+                log.warning("end-of-request hook failed", request_id=p.request_id, error=str(exc))
+                reason, error = FinishReason.ERROR, f"could not keep the request's KV: {exc}"
         stream = StreamOutput(
             out.request_id,
             out.new_token_ids,
@@ -274,5 +306,6 @@ class AsyncEngine:
             num_prompt_tokens=out.num_prompt_tokens,
             num_cached_tokens=out.num_cached_tokens,
             output=out,
+            kv_transfer=transfer,
         )
         p.queue.put_nowait(stream)

@@ -33,7 +33,7 @@ from services.worker.model.llama import LlamaModel
 from services.worker.model.loader import load_model
 from services.worker.model_runner import ModelRunner
 from services.worker.request import FinishReason, Request, RequestStatus
-from services.worker.sampler import sample
+from services.worker.sampler import generator_state, make_generator, sample
 from services.worker.scheduler import Scheduler
 
 
@@ -49,6 +49,9 @@ class RequestOutput:
     # the number of tokens whose K/V they hold. The owned ones now belong to the caller.
     block_ids: list[int] = field(default_factory=list)
     num_kv_tokens: int = 0
+    # Set on the final output of a sampled request: its generator's state, so another
+    # engine can continue the request drawing what this one would have drawn.
+    generator_state: bytes = b""
     error: str | None = None
 
 
@@ -124,9 +127,11 @@ class Engine:
         borrowed_block_ids: Sequence[int] = (),
         num_computed_tokens: int = 0,
         keep_blocks: bool = False,
+        generator_state: bytes = b"",
     ) -> Request:
         """Queue a request. `borrowed_block_ids` hold the K/V of its first
-        `num_computed_tokens` tokens (whole blocks, owned by the caller)."""
+        `num_computed_tokens` tokens (whole blocks, owned by the caller). A sampled request
+        continued from another engine brings its `generator_state` (instead of a new seed)."""
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         params.validate()
@@ -164,10 +169,7 @@ class Engine:
         ]
         if mine:
             raise InvalidRequestError(f"borrowed blocks {mine} belong to this engine's pool")
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else self._rng.getrandbits(63)
-            generator = torch.Generator().manual_seed(seed)
+        generator = make_generator(params, self._rng, generator_state)
         req = Request(
             request_id,
             prompt,
@@ -272,6 +274,7 @@ class Engine:
             finish_reason=reason,
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
+            generator_state=generator_state(req.generator),
         )
         if req.keep_blocks:
             out.block_ids = list(req.block_ids)

@@ -4,16 +4,44 @@ Greedy rows (temperature 0) take the argmax in one batched op. Sampled rows appl
 transformers' order, temperature, top-k, then top-p (the smallest set of tokens whose
 probability reaches top_p, the most likely always kept); filtered tokens get -inf, so
 they can never be drawn. Each request draws from its own `torch.Generator`, so a seeded
-request gives the same tokens whatever else shares its batch.
+request gives the same tokens whatever else shares its batch; and since the generator's
+state can leave with the request (`generator_state`) and be restored by another engine
+(`make_generator(..., state=...)`), a request handed from a prefill to a decode worker
+draws exactly the tokens it would have drawn in one process.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
 
+from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
+
+
+def make_generator(
+    params: SamplingParams, rng: random.Random, state: bytes = b""
+) -> torch.Generator | None:
+    """The request's generator: none for greedy; restored from `state` (a request continued
+    from another engine), else seeded with `params.seed`, else with a seed drawn from `rng`
+    (the engine's, so an engine's unseeded requests still replay under its own seed)."""
+    if params.greedy:
+        return None
+    g = torch.Generator()
+    if state:
+        try:
+            g.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        except RuntimeError as exc:  # a state of another size or generator kind
+            raise InvalidRequestError(f"bad generator state ({len(state)} bytes): {exc}") from None
+        return g
+    return g.manual_seed(params.seed if params.seed is not None else rng.getrandbits(63))
+
+
+def generator_state(g: torch.Generator | None) -> bytes:
+    """What `make_generator(state=...)` needs to go on drawing where `g` stands."""
+    return b"" if g is None else g.get_state().numpy().tobytes()
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -10,10 +10,13 @@ the prompt and the first token, hand the KV to the decode instance, send it `Con
 or decode (go on from the KV that arrived). The role in the config is what the worker
 advertises to the scheduler; any worker serves any plan it is sent.
 
-Hand-off invariants: the prompt's KV stays pinned (or owned) on the prefill side until the
-transfer has ended, either way; a `Continue` is always sent, with no KV when the transfer
-failed (the decode side recomputes); a decode worker that has already seen an `Abort` for a
-request frees the KV of its late `Continue` instead of running it.
+The hand-off belongs to the engine's `KVConnector` (services/worker/kv_connector.py): a
+prefill's final output returns its `KvTransfer`, the connector `send`s it (the prompt's
+KV stays pinned, or owned, on the prefill side until the transfer has ended, either way),
+and this shell only wraps what arrived in a `Continue`, with the request's generator
+state, so sampling goes on where it stopped. A `Continue` is always sent, with no KV when
+the transfer failed (the decode side recomputes); a decode worker that has already seen
+an `Abort` for a request frees the KV of its late `Continue` instead of running it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
 from common.service import TaskSet
 from common.sockets import PullSocket, PushSocket, RpcServer
+from services.worker.async_engine import StreamOutput
 from services.worker.config import EngineConfig
-from services.worker.mempool_engine import KvPlan, MempoolEngine
+from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
+from services.worker.mempool_engine import MempoolEngine
 
 log = get_logger(__name__)
 
@@ -172,24 +177,18 @@ class WorkerService:
         offset = 0
         try:
             async for chunk in self.engine.generate(req.token_ids, params, req.request_id, plan):
-                outbox = plan.outbox
-                if chunk.finished and handoff is not None and outbox is not None:
+                if chunk.kv_transfer is not None:  # prefill done: the rest is decode's
                     await out.send(
                         wp.TokenChunk(
-                            req.request_id,
-                            chunk.token_ids,
-                            False,
-                            None,
-                            chunk.num_prompt_tokens,
-                            chunk.num_cached_tokens,
+                            request_id=req.request_id,
+                            token_ids=chunk.token_ids,
+                            num_prompt_tokens=chunk.num_prompt_tokens,
+                            num_cached_tokens=chunk.num_cached_tokens,
                             offset=0,
                             instance_id=self.cfg.instance_id,
                         )
                     )
-                    plan.outbox = None
-                    await self._hand_off(
-                        req, handoff, chunk.token_ids, chunk.num_cached_tokens, outbox
-                    )
+                    await self._hand_off(req, chunk, chunk.kv_transfer)
                     return
                 await out.send(self._chunk(req.request_id, chunk, offset))
                 offset += len(chunk.token_ids)
@@ -197,90 +196,59 @@ class WorkerService:
         except Exception as exc:  # the stream must end with a final chunk, whatever broke
             await self._fail(out, req.request_id, exc, offset)
 
-    async def _hand_off(
-        self,
-        req: wp.Generate,
-        handoff: wp.HandOff,
-        first: list[int],
-        cached: int,
-        outbox: Any,
-    ) -> None:
-        """Move the prompt's KV to the decode instance, then send it `Continue`."""
-        kv_ids: list[int] = []
-        handle = 0
-        try:
-            if outbox.block_ids and req.request_id not in self.aborted:
-                client = self.engine.client
-                if handoff.insert:
-                    t = await client.transfer_with_insert(
-                        handoff.mempool,
-                        outbox.tokens,
-                        outbox.block_ids,
-                        pin_owner=handoff.instance_id,
-                        timeout_s=self.cfg.transfer_timeout_s,
-                        skip_cached=True,
-                    )
-                    kv_ids, handle = t.index_block_ids, t.handle
-                else:
-                    t = await client.transfer(
-                        handoff.mempool,
-                        outbox.block_ids,
-                        [],
-                        owner=handoff.instance_id,
-                        timeout_s=self.cfg.transfer_timeout_s,
-                    )
-                    kv_ids = t.dst_ids
-        except Exception as exc:  # the decode side recomputes the prompt
-            log.warning(
-                "KV hand-off failed; decode recomputes",
-                request_id=req.request_id,
-                decode=handoff.instance_id,
-                error=str(exc),
-            )
-        finally:
-            with contextlib.suppress(Exception):
-                await self.engine.handed_off(outbox)
-        decode = self._peer(handoff.address)
+    async def _hand_off(self, req: wp.Generate, first: StreamOutput, kv: KvTransfer) -> None:
+        """Move the prompt's KV to the decode instance (the connector owns it until then),
+        then send it `Continue` with what arrived and where the request's generator stands."""
+        connector = self.engine.connector
+        if req.request_id in self.aborted:
+            await connector.finished_sending(kv)
+            arrived = KvPrefix()
+        else:
+            arrived = await connector.send(kv)
+        to = kv.to
+        decode = self._peer(to.address)
         if req.request_id in self.aborted:  # ordered before the Continue on this socket
             await decode.send(wp.Abort(req.request_id))
         await decode.send(
             wp.Continue(
-                req.request_id,
-                req.token_ids + first,
-                msgspec.structs.replace(req.params, max_tokens=req.params.max_tokens - len(first)),
-                req.reply_to,
-                kv_ids,
-                handle,
-                handoff.cache,
-                self.cfg.mempool if handoff.return_kv else "",
-                len(req.token_ids),
-                cached,
-                len(first),
+                request_id=req.request_id,
+                token_ids=req.token_ids + first.token_ids,
+                params=msgspec.structs.replace(
+                    req.params, max_tokens=req.params.max_tokens - len(first.token_ids)
+                ),
+                reply_to=req.reply_to,
+                kv_block_ids=arrived.block_ids,
+                kv_handle=arrived.handle,
+                cache=to.cache,
+                return_kv_to=self.cfg.mempool if to.return_kv else "",
+                num_prompt_tokens=len(req.token_ids),
+                num_cached_tokens=first.num_cached_tokens,
+                output_offset=len(first.token_ids),
+                generator_state=first.output.generator_state if first.output else b"",
             )
         )
         self.served += 1
 
     async def _continue(self, req: wp.Continue) -> None:
+        arrived = KvPrefix(req.kv_block_ids, req.kv_handle)
         if req.request_id in self.aborted:  # the client left while the KV was moving
-            plan = KvPlan(kv_block_ids=req.kv_block_ids, kv_handle=req.kv_handle)
             with contextlib.suppress(Exception):
-                if req.kv_handle:
-                    await self.engine.client.release(req.kv_handle)
-                elif req.kv_block_ids:
-                    await self.engine.client.free_mem(req.kv_block_ids)
-            del plan
+                await self.engine.connector.release_prefix(arrived)
             return
         plan = KvPlan(
             cache=req.cache and self.cfg.caching,
-            kv_block_ids=req.kv_block_ids,
-            kv_handle=req.kv_handle,
+            arrived=arrived,
             return_kv_to=req.return_kv_to,
         )
         out = self._peer(req.reply_to)
         offset = req.output_offset
         try:
             async for chunk in self.engine.generate(
-                req.token_ids, req.params, req.request_id, plan
+                req.token_ids,
+                req.params,
+                req.request_id,
+                plan,
+                generator_state=req.generator_state,
             ):
                 await out.send(
                     self._chunk(
@@ -307,15 +275,15 @@ class WorkerService:
         if chunk.error:
             self.failed += 1
         return wp.TokenChunk(
-            rid,
-            chunk.token_ids,
-            chunk.finished,
-            chunk.finish_reason,
-            chunk.num_prompt_tokens if num_prompt is None else num_prompt,
-            chunk.num_cached_tokens if num_cached is None else num_cached,
-            chunk.error,
-            offset,
-            self.cfg.instance_id,
+            request_id=rid,
+            token_ids=chunk.token_ids,
+            finished=chunk.finished,
+            finish_reason=chunk.finish_reason,
+            num_prompt_tokens=chunk.num_prompt_tokens if num_prompt is None else num_prompt,
+            num_cached_tokens=chunk.num_cached_tokens if num_cached is None else num_cached,
+            error=chunk.error,
+            offset=offset,
+            instance_id=self.cfg.instance_id,
         )
 
     async def _fail(self, out: PushSocket[Any], rid: str, exc: Exception, offset: int) -> None:
@@ -324,10 +292,10 @@ class WorkerService:
         with contextlib.suppress(Exception):
             await out.send(
                 wp.TokenChunk(
-                    rid,
-                    [],
-                    True,
-                    "error",
+                    request_id=rid,
+                    token_ids=[],
+                    finished=True,
+                    finish_reason="error",
                     error=f"worker {self.cfg.instance_id}: {exc}",
                     offset=offset,
                     instance_id=self.cfg.instance_id,

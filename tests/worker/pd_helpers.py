@@ -43,15 +43,22 @@ class Cluster:
     ) -> list[wp.TokenChunk]:
         cache, insert, dcache, ret = MODES[mode]
         handoff = wp.HandOff(
-            self.decode.instance_id,
-            self.decode.endpoints["requests"],
-            decode_mempool or self.dd.address,
-            insert,
-            dcache,
-            ret,
+            instance_id=self.decode.instance_id,
+            address=self.decode.endpoints["requests"],
+            mempool=decode_mempool or self.dd.address,
+            insert=insert,
+            cache=dcache,
+            return_kv=ret,
         )
         await self.to_prefill.send(
-            wp.Generate(rid, tokens, params, self.replies.address, cache, handoff)
+            wp.Generate(
+                request_id=rid,
+                token_ids=tokens,
+                params=params,
+                reply_to=self.replies.address,
+                cache=cache,
+                handoff=handoff,
+            )
         )
         chunks: list[wp.TokenChunk] = []
         deadline = time.monotonic() + 60

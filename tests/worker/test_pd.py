@@ -1,8 +1,9 @@
 """Disaggregated prefill/decode between two real worker processes, each on its own MemPool
 daemon: every caching mode gives the single-process reference's tokens, the next turn
 hits the caches where the mode keeps history, pd-caching-2 sends only new KV, pd-caching-3
-leaves the decode-phase KV on the prefill side, a failed transfer makes decode recompute,
-and both daemons pass their integrity check when idle."""
+leaves the decode-phase KV on the prefill side, a seeded sampled request draws the same
+tokens as in one process (its generator state travels), a failed transfer makes decode
+recompute, and both daemons pass their integrity check when idle."""
 
 from __future__ import annotations
 
@@ -27,6 +28,26 @@ async def test_each_mode_gives_the_reference_tokens_and_caches_the_next_turn(
     try:
         for i, mode in enumerate(MODES):
             await check_mode(c, make_engine(num_kv_blocks=128), mode, seed=10 * i)
+    finally:
+        c.close()
+
+
+async def test_seeded_sampling_gives_the_reference_tokens_in_every_mode(
+    spawn_daemon: SpawnDaemon, spawn_worker: SpawnWorker, make_engine: MakeEngine
+) -> None:
+    # The request's generator state travels in `Continue`: decode draws where prefill
+    # stopped, so a seeded request samples exactly as it would in one process.
+    c = await start(spawn_daemon, spawn_worker)
+    reference = make_engine(num_kv_blocks=128)
+    params = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.9, seed=1234, ignore_eos=True)
+    try:
+        for i, mode in enumerate(MODES):
+            p = prompt(37, 50 + i)
+            chunks = await c.run(f"seeded-{mode}", p, params, mode)
+            reference.add_request(mode, p, params)
+            assert tokens_of(chunks) == run_to_end(reference)[mode], mode
+            assert chunks[-1].instance_id == "d0"
+        await idle_and_intact(c.pd, c.dd)
     finally:
         c.close()
 
@@ -58,9 +79,22 @@ async def test_an_abort_before_the_hand_off_lands_frees_the_kv(
         await c.to_decode.send(wp.Abort("gone"))
         await asyncio.sleep(0.2)
         params = SamplingParams(max_tokens=50, ignore_eos=True)
-        handoff = wp.HandOff("d0", c.decode.endpoints["requests"], c.dd.address, True, True)
+        handoff = wp.HandOff(
+            instance_id="d0",
+            address=c.decode.endpoints["requests"],
+            mempool=c.dd.address,
+            insert=True,
+            cache=True,
+        )
         await c.to_prefill.send(
-            wp.Generate("gone", prompt(64, 4), params, c.replies.address, True, handoff)
+            wp.Generate(
+                request_id="gone",
+                token_ids=prompt(64, 4),
+                params=params,
+                reply_to=c.replies.address,
+                cache=True,
+                handoff=handoff,
+            )
         )
         first = await asyncio.wait_for(c.replies.recv(), 30)
         assert first.request_id == "gone" and first.offset == 0 and not first.finished

@@ -1,11 +1,15 @@
-"""Seeded sampling is reproducible; top-k / top-p never emit a token outside the allowed set."""
+"""Seeded sampling is reproducible, also when a request goes on in another engine from its
+generator state; top-k / top-p never emit a token outside the allowed set."""
 
 from __future__ import annotations
 
+import msgspec
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from common.errors import InvalidRequestError
 from common.sampling import SamplingParams
 from services.worker.sampler import filter_logits, sample
 from tests.worker.helpers import MakeEngine, prompt, run_to_end
@@ -84,3 +88,34 @@ def test_seeded_sampling_is_reproducible_across_batches(make_engine: MakeEngine)
         "t", tokens, SamplingParams(max_tokens=24, temperature=1.0, seed=99, ignore_eos=True)
     )
     assert run_to_end(alone)["t"] != first  # another seed draws other tokens
+
+
+def test_a_request_continued_from_its_generator_state_draws_the_same_tokens(
+    make_engine: MakeEngine,
+) -> None:
+    # What a P/D hand-off does: one engine draws the first token, another goes on from the
+    # generator state that came with it (not from the seed).
+    params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    tokens = prompt(20, 2)
+    whole = make_engine(num_kv_blocks=64)
+    whole.add_request("w", tokens, params)
+    want = run_to_end(whole)["w"]
+
+    first_leg = make_engine(num_kv_blocks=64)
+    first_leg.add_request("p", tokens, msgspec.structs.replace(params, max_tokens=1))
+    (final,) = first_leg.step()
+    assert final.finished and len(final.generator_state) > 0
+    second_leg = make_engine(num_kv_blocks=64)
+    rest = msgspec.structs.replace(params, max_tokens=11)
+    second_leg.add_request(
+        "d", tokens + final.new_token_ids, rest, generator_state=final.generator_state
+    )
+    assert final.new_token_ids + run_to_end(second_leg)["d"] == want
+    # Re-seeding instead (what decode did before the state travelled) draws other tokens.
+    second_leg.add_request("r", tokens + final.new_token_ids, rest)
+    assert final.new_token_ids + run_to_end(second_leg)["r"] != want
+    with pytest.raises(InvalidRequestError, match="generator state"):
+        second_leg.add_request("bad", tokens, rest, generator_state=b"\x00" * 7)
+    greedy = make_engine(num_kv_blocks=64)
+    greedy.add_request("g", tokens, SamplingParams(max_tokens=1))
+    assert greedy.step()[0].generator_state == b""

@@ -31,7 +31,11 @@ class Gateway:
         self.streams: dict[str, list[wp.TokenChunk]] = {}
 
     async def generate(self, rid: str, tokens: list[int], params: SamplingParams) -> None:
-        await self.requests.send(wp.Generate(rid, tokens, params, self.replies.address))
+        await self.requests.send(
+            wp.Generate(
+                request_id=rid, token_ids=tokens, params=params, reply_to=self.replies.address
+            )
+        )
 
     async def collect(
         self, rids: set[str], timeout_s: float = 60
