@@ -114,11 +114,16 @@ class IncomingTransfers:
             if rec.state.state == ReceiveState.ABORTING:
                 raise IllegalMove(f"transfer {req.transfer_id} was aborted while committing")
         except BaseException as exc:
+            aborted = rec.state.state == ReceiveState.ABORTING
             # The sender asked to commit, so it is done writing: free at once.
             self._end(rec, ReceiveState.ABORTED)
-            if isinstance(exc, Exception) and not isinstance(exc, MemServeError):
-                raise MemPoolError(f"{type(exc).__name__}: {exc}", kind=failure_kind(exc)) from exc
-            raise
+            if not isinstance(exc, Exception) or isinstance(exc, MemServeError):
+                raise
+            if aborted:  # the abort cancelled the wait
+                raise IllegalMove(
+                    f"transfer {rec.transfer_id} was aborted while committing"
+                ) from exc
+            raise MemPoolError(f"{type(exc).__name__}: {exc}", kind=failure_kind(exc)) from exc
         self._forget(rec)
         self.counters.bytes_received += nbytes
         try:
