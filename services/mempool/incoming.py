@@ -145,31 +145,50 @@ class IncomingTransfers:
             return
         if rec.state.can(ReceiveState.ABORTING):
             rec.state.advance(ReceiveState.ABORTING)
-        rec.receiver.cancel(transfer_id)  # wakes the waiting commit
+        self._cancel(rec)  # wakes the waiting commit
 
     def expire(self, transfer_id: int) -> None:
-        if transfer_id not in self.pending:
+        rec = self.pending.get(transfer_id)
+        if rec is None:
             return
         log.warning("transfer expired before its commit", transfer_id=transfer_id)
         self.counters.transfers_failed += 1
-        self.abort(transfer_id, ReceiveState.EXPIRED)
+        self._expire(rec)
+
+    def _expire(self, rec: Incoming) -> None:
+        try:
+            self.abort(rec.transfer_id, ReceiveState.EXPIRED)
+        except MemPoolError as exc:
+            # Not fenced yet (rare: a receiver thread did not let go): try again later
+            # rather than free memory a late write may still reach, or keep it forever.
+            log.warning(
+                "expired transfer not fenced yet", transfer_id=rec.transfer_id, error=str(exc)
+            )
+            rec.timer = asyncio.get_running_loop().call_later(GRACE_S, self._expire, rec)
 
     def _end(self, rec: Incoming, to: ReceiveState) -> None:
         """Fence the transfer's late writes, then free what it held (state `to`)."""
         try:
-            rec.receiver.cancel(rec.transfer_id)
-        except Exception as exc:
+            self._cancel(rec)
+        except MemPoolError:
             # Bytes may still land: keep the memory until the sender's abort or the deadline.
             if rec.state.state != ReceiveState.FAILED:
                 rec.state.advance(ReceiveState.FAILED)
-            raise MemPoolError(
-                f"transfer {rec.transfer_id}: late writes not fenced yet: {exc}",
-                kind=failure_kind(exc),
-            ) from exc
+            raise
         rec.state.advance(to)
         self._forget(rec)
         rec.discard()
         log.info("transfer given up", transfer_id=rec.transfer_id, state=to.name)
+
+    @staticmethod
+    def _cancel(rec: Incoming) -> None:
+        try:
+            rec.receiver.cancel(rec.transfer_id)
+        except Exception as exc:
+            raise MemPoolError(
+                f"transfer {rec.transfer_id}: late writes not fenced yet: {exc}",
+                kind=failure_kind(exc),
+            ) from exc
 
     def _forget(self, rec: Incoming) -> None:
         self.pending.pop(rec.transfer_id, None)

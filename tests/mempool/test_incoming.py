@@ -155,12 +155,14 @@ async def test_a_failed_wait_keeps_its_kind() -> None:
     assert rec.state.state == ReceiveState.ABORTED and rec.discarded == 1
 
 
-async def test_an_unfenced_failure_waits_for_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_an_unfenced_failure_is_freed_once_fenced_after_the_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(incoming, "GRACE_S", 0.0)
     counters = TransferCounters()
     transfers, plane = IncomingTransfers(counters), Plane()
     rec = open_record(transfers, plane, timeout_s=0.2)
-    plane.rx.unfenced = 1
+    plane.rx.unfenced = 2  # the abort and the first expiry cannot fence it; the retry can
     with pytest.raises(MemPoolError, match="not fenced") as info:
         transfers.abort(rec.transfer_id)
     assert info.value.kind is ErrorKind.UNAVAILABLE
@@ -169,10 +171,10 @@ async def test_an_unfenced_failure_waits_for_the_deadline(monkeypatch: pytest.Mo
     with pytest.raises(MemPoolError, match="FAILED -> COMMITTING") as info:
         await transfers.commit(mp.CommitReceive(rec.transfer_id))
     assert info.value.kind is ErrorKind.REFUSED
-    while len(transfers):  # the expiry timer fences again and frees
+    while len(transfers):  # the expiry timer fences again (and again) and frees
         await asyncio.sleep(0.01)
     assert rec.state.state == ReceiveState.EXPIRED and rec.discarded == 1
-    assert counters.transfers_failed == 1
+    assert counters.transfers_failed == 1 and plane.rx.unfenced == 0
 
 
 async def test_a_transfer_never_committed_expires(monkeypatch: pytest.MonkeyPatch) -> None:
