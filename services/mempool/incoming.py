@@ -6,11 +6,12 @@
 
 A record's state (`transfer_state.ReceiveState`) changes only along the table's moves.
 Invariants: a live record is in `pending` under its transfer id, with an expiry timer at
-deadline + grace; a terminal one is in neither. Freeing waits until no byte of the
-transfer can still land: the receiver fenced it (`Receiver.cancel` returned), or the
-sender is done (it aborted, or asked to commit after sending), or deadline + grace passed
-(the sender has given up, so its late bytes are harmless). Only the daemon's event loop
-calls in here, so no two moves of one record interleave.
+deadline + grace; a terminal one is in neither. A record is freed only when no byte of
+it can still land: the sender is done (it aborted, or asked to commit after sending) or
+deadline + grace passed (it has given up), and `Receiver.cancel` returned, so the
+receiver's own threads have let go where the transport fences writes; where that fails
+the record waits in FAILED. Only the daemon's event loop calls in here, so no two moves
+of one record interleave.
 """
 
 from __future__ import annotations
