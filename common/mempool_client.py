@@ -1,6 +1,7 @@
 """Async client of a MemPool daemon (the `mempool` channel), for workers, the scheduler,
 peers and admin tools. Token ids may be given as lists or int32 arrays; they travel as
-int32 bytes. Every refused call raises `common.sockets.RpcError` with the daemon's reason."""
+int32 bytes. Every refused call raises `common.sockets.RpcError` with the daemon's reason;
+match on its `kind` (`common.errors.ErrorKind`), never on the message."""
 
 from __future__ import annotations
 
@@ -101,18 +102,44 @@ class MempoolClient:
         checksum: bool = False,
         timeout_s: float = 30.0,
         skip_cached: bool = False,
-        from_index: bool = False,
     ) -> mp.Transferred:
         req = mp.TransferWithInsert(
-            dst,
-            token_bytes(tokens),
-            src_ids,
-            pin_owner,
-            transport,
-            checksum,
-            timeout_s,
-            skip_cached,
-            from_index,
+            dst=dst,
+            tokens=token_bytes(tokens),
+            src_ids=src_ids,
+            pin_owner=pin_owner,
+            transport=transport,
+            checksum=checksum,
+            timeout_s=timeout_s,
+            skip_cached=skip_cached,
+        )
+        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+
+    async def return_kv(
+        self,
+        dst: str,
+        tokens: TokenIds,
+        *,
+        timeout_s: float = 30.0,
+        skip_cached: bool = True,
+        pin_owner: str = "",
+        transport: str = "",
+        checksum: bool = False,
+    ) -> mp.Transferred:
+        """Send this daemon's own cached KV of `tokens` (the longest cached prefix, in whole
+        blocks) to the daemon at `dst`, which indexes it: one call, where a client would
+        otherwise match, transfer_with_insert and release. With `skip_cached` (default)
+        only the blocks `dst` lacks move. Nothing cached here: an empty `Transferred`."""
+        req = mp.TransferWithInsert(
+            dst=dst,
+            tokens=token_bytes(tokens),
+            src_ids=[],
+            pin_owner=pin_owner,
+            transport=transport,
+            checksum=checksum,
+            timeout_s=timeout_s,
+            skip_cached=skip_cached,
+            from_index=True,
         )
         return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
 

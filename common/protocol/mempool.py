@@ -7,7 +7,10 @@ Token ids travel as little-endian int32 bytes (`common.tokens.as_token_bytes`):
 decoding them is free, and a 4K-token prompt is 16 KiB. Tiers: 0 = device, 1 = host.
 
 Every request is answered by one reply struct, or by an RPC error reply whose message
-says what was refused (unknown ids, double free, out of memory, a failed transfer, ...).
+says what was refused and whose kind (`common.errors.ErrorKind`) says why: UNKNOWN_ID
+(a handle, transfer or tensor), BAD_REQUEST (bad arguments), OUT_OF_MEMORY, REFUSED (not
+allowed in the current state, e.g. a second commit), and for a failed transfer the peer's
+kind, TIMEOUT or UNAVAILABLE.
 """
 
 from __future__ import annotations

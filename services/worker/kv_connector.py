@@ -285,14 +285,7 @@ class MempoolConnector(KVConnector):
         """pd-caching-3: send the request's history (decode-phase KV included) back to the
         prefill daemon, which indexes it. One call: our daemon matches `tokens` in its own
         index, sends only the blocks `dst` lacks and releases its pin."""
-        await self.client.transfer_with_insert(
-            dst,
-            tokens,
-            [],
-            skip_cached=True,
-            from_index=True,
-            timeout_s=self.transfer_timeout_s,
-        )
+        await self.client.return_kv(dst, tokens, timeout_s=self.transfer_timeout_s)
         self.returned_kv += 1
 
     def _spawn(self, coro: Any) -> None:

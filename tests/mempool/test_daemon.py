@@ -495,3 +495,40 @@ def test_device_config_errors_are_clear() -> None:
             MempoolDaemon(MempoolConfig(device="cuda:0", device_blocks=4))
     with pytest.raises(ValueError, match="can move host memory"):
         MempoolDaemon(MempoolConfig(device_blocks=4, transports=["nccl"]))
+
+
+async def test_return_kv_moves_the_cached_prefix_in_one_call(spawn_daemon: SpawnDaemon) -> None:
+    """The daemon matches the tokens in its own index, sends that prefix (only what the
+    receiver lacks) to be indexed there, and lets go of its pin, success or failure."""
+    a = await spawn_daemon("a", transports=["tcp"])
+    b = await spawn_daemon("b", transports=["tcp"])
+    ra, rb = await region_of(a), await region_of(b)
+    try:
+        tokens = list(range(3, 3 + 16 * 3 + 7))  # 3 whole blocks + a tail of 7
+        src = await a.client.alloc_mem(4)
+        for i, blk in enumerate(src):
+            ra.blocks(blk)[:] = bytes([i + 1]) * ra.block_bytes
+        await a.client.insert(tokens, src)  # A's index holds the 3 whole blocks
+        t = await a.client.return_kv(b.address, tokens, timeout_s=10)
+        assert t.num_indexed_tokens == 48 and t.skipped_blocks == 0
+        assert t.nbytes == 3 * ra.block_bytes
+        m = await b.client.match(tokens)
+        assert m.num_tokens == 48
+        assert [rb.blocks(x)[0] for x in m.block_ids] == [1, 2, 3]
+        await b.client.release(m.handle)
+        # Again: B holds it all (skip_cached by default), so nothing moves.
+        again = await a.client.return_kv(b.address, tokens, timeout_s=10)
+        assert again.skipped_blocks == 3 and again.nbytes == 0
+        # Nothing cached here: nothing to send, an empty reply.
+        none = await a.client.return_kv(b.address, [999] * 40, timeout_s=10)
+        assert none.dst_ids == [] and none.nbytes == 0 and none.num_indexed_tokens == 0
+        # A dead receiver: the call fails, and A's pin on its prefix is released anyway.
+        with pytest.raises(RpcError, match="transfer to .* failed"):
+            await a.client.return_kv("tcp://127.0.0.1:9", tokens, timeout_s=1)
+        for d in (a, b):
+            st = await d.client.stats()
+            assert st.pinned["device"] == 0 and st.index["device"] == 3
+        await assert_clean(a, b)
+    finally:
+        ra.close()
+        rb.close()

@@ -66,9 +66,7 @@ async def test_hand_off_and_return_through_the_connector(spawn_daemon: SpawnDaem
         assert (await p.client.stats()).bytes_received == block_bytes
 
         # Nothing cached at the sender: the call moves nothing and fails nothing.
-        none = await decode.client.transfer_with_insert(
-            p.address, prompt(2 * bs, 3), [], skip_cached=True, from_index=True
-        )
+        none = await decode.client.return_kv(p.address, prompt(2 * bs, 3))
         assert none.dst_ids == [] and none.nbytes == 0
         assert await decode.get_prefix(prompt(bs, 4), KvPlan(cache=False)) == KvPrefix()
     finally:
