@@ -22,11 +22,10 @@ Only this event loop touches the pool, so core calls never interleave.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from common.auth import check_admin_token
@@ -35,6 +34,7 @@ from common.logging import get_logger
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.service import ServiceShell
 from common.sockets import PubSocket, RpcServer
 from services.mempool.block_transfers import BlockTransfers
 from services.mempool.config import MempoolConfig
@@ -54,8 +54,11 @@ log = get_logger(__name__)
 _MAX_TIMEOUT_S = 3600
 
 
-class MempoolDaemon:
+class MempoolDaemon(ServiceShell):
+    kind = "mempool"
+
     def __init__(self, cfg: MempoolConfig, block_bytes: int | None = None):
+        super().__init__()
         self.cfg = cfg.validate()
         self.block_bytes = block_bytes or cfg.geometry().block_bytes
         device = cfg.device_block_count(self.block_bytes)
@@ -106,8 +109,6 @@ class MempoolDaemon:
         )
         self._handlers = self._handler_table()
         self._seq = itertools.count()
-        self._housekeeping: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
         self.started_at = time.time()
 
     def _handler_table(self) -> dict[type, Callable[[Any], Any]]:
@@ -155,7 +156,7 @@ class MempoolDaemon:
         await self.kv_plane.start()
         await self.tensor_plane.start()
         await self._publish([ev.AllCleared()])
-        self._housekeeping = asyncio.create_task(self._housekeep())
+        self.tasks.spawn(self._housekeep())
         log.info(
             "mempool ready",
             address=self.address,
@@ -169,25 +170,18 @@ class MempoolDaemon:
             self.device.kind: self.device.name,
         }
 
-    async def serve(self) -> None:
-        """Serve until closed or told to `shutdown` (then return)."""
-        serving = asyncio.create_task(self.server.serve(self.handle))
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait([serving, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in (serving, stop):
-                t.cancel()
-            await asyncio.gather(serving, stop, return_exceptions=True)
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """The RPC socket: serve() runs it until closed or told to `shutdown`."""
+        return [self.server.serve(self.handle)]
 
-    async def close(self) -> None:
-        if self._housekeeping is not None:
-            self._housekeeping.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._housekeeping
+    def close_sockets(self) -> None:
         self.server.close()
         self.events.close()
         self.peers.close()
+
+    async def close(self) -> None:
+        """Housekeeping stops, the sockets close, then the data planes and the memory."""
+        await super().close()
         await self.kv_plane.close()
         await self.tensor_plane.close()
         self.memory.close()
@@ -244,7 +238,7 @@ class MempoolDaemon:
         if req.command == "shutdown":
             log.info("shutdown requested over the RPC socket")
             # After this reply is out: stopping now would cancel the reply itself.
-            asyncio.get_running_loop().call_later(0.05, self._stop.set)
+            self.stop(after_s=0.05)
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
             False, error=f"the daemon answers status and shutdown, not {req.command!r}"

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import msgspec
@@ -37,7 +38,7 @@ from common.net import advertise
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
-from common.service import TaskSet
+from common.service import ServiceShell
 from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.async_engine import StreamOutput
 from services.worker.config import EngineConfig
@@ -82,8 +83,11 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
         return self
 
 
-class WorkerService:
+class WorkerService(ServiceShell):
+    kind = "worker"
+
     def __init__(self, cfg: WorkerConfig, engine: MempoolEngine, events: str = ""):
+        super().__init__()
         self.cfg = cfg
         self.engine = engine
         self.events = events  # the daemon's KV-event PUB, for the scheduler
@@ -95,13 +99,11 @@ class WorkerService:
         if cfg.scheduler:
             self.heartbeats = PushSocket(cfg.scheduler, sp.Heartbeat, bind=False)
         self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
-        self.tasks = TaskSet("worker")
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
         self.healthy = True
         self.served = 0
         self.failed = 0
-        self._stop = asyncio.Event()
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
@@ -123,19 +125,13 @@ class WorkerService:
     def control_address(self) -> str:
         return self.control.address
 
-    async def serve(self) -> None:
-        """Serve until closed, or until an admin `shutdown` (then return)."""
+    def loops(self) -> list[Coroutine[Any, Any, None]]:
+        """Requests and hand-offs, the control socket, and heartbeats (with a scheduler);
+        serve() runs them until closed or an admin `shutdown`."""
         loops = [self._serve_requests(), self.control.serve(self._admin)]
         if self.heartbeats is not None:
             loops.append(self._beat())
-        running = [asyncio.create_task(c) for c in loops]
-        stop = asyncio.create_task(self._stop.wait())
-        try:
-            await asyncio.wait([*running, stop], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in [*running, stop]:
-                t.cancel()
-            await asyncio.gather(*running, stop, return_exceptions=True)
+        return loops
 
     async def _serve_requests(self) -> None:
         while True:
@@ -375,15 +371,20 @@ class WorkerService:
             log.info("shutdown requested over the control socket")
             with contextlib.suppress(Exception):  # the daemon goes with its worker
                 await self.engine.client.call(AdminRequest(req.token, "shutdown"), timeout_s=2.0)
-            self._stop.set()
+            self.stop()
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
             False, error=f"the worker answers status and shutdown, not {req.command!r}"
         )
 
     async def close(self) -> None:
-        await self.tasks.close()
+        """Hand-offs in flight are cancelled, then the engine gives its leased blocks back
+        to the daemon and unmaps the region, then the sockets close."""
+        await self.tasks.close(self.drain_s)
         await self.engine.close()
+        self.close_sockets()
+
+    def close_sockets(self) -> None:
         self.requests.close()
         self.control.close()
         if self.heartbeats is not None:
