@@ -5,26 +5,23 @@ match on its `kind` (`common.errors.ErrorKind`), never on the message."""
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any, TypeVar
 
+import msgspec
 import numpy as np
 
 from common.protocol import mempool as mp
 from common.sockets import RpcClient
+from common.tokens import TokenLike, as_token_bytes
 
-TokenIds = list[int] | np.ndarray | bytes
+TokenIds = TokenLike
+R = TypeVar("R", bound=msgspec.Struct)
 
 
 def torch_uint8() -> Any:
     import torch  # only callers that move tensors pay for importing torch
 
     return torch.uint8
-
-
-def token_bytes(tokens: TokenIds) -> bytes:
-    if isinstance(tokens, bytes):
-        return tokens
-    return np.asarray(tokens, dtype="<i4").tobytes()
 
 
 class MempoolClient:
@@ -36,46 +33,47 @@ class MempoolClient:
     async def call(self, req: Any, timeout_s: float | None = None) -> Any:
         return await self._rpc.call(req, timeout_s=timeout_s or self.timeout_s)
 
+    async def _ask(self, req: Any, reply_type: type[R], timeout_s: float | None = None) -> R:
+        """`call` for a request whose answer is one reply type (else `RpcError`)."""
+        return await self._rpc.call_for(req, reply_type, timeout_s or self.timeout_s)
+
     async def alloc_mem(self, n: int, tier: int = 0, owner: str = "") -> list[int]:
-        return cast(mp.Blocks, await self.call(mp.AllocMem(n, tier, owner))).block_ids
+        return (await self._ask(mp.AllocMem(n, tier, owner), mp.Blocks)).block_ids
 
     async def free_mem(self, block_ids: list[int], tier: int = 0) -> None:
         await self.call(mp.FreeMem(block_ids, tier))
 
     async def swap_out(self, block_ids: list[int]) -> list[int]:
-        return cast(mp.Blocks, await self.call(mp.SwapOut(block_ids))).block_ids
+        return (await self._ask(mp.SwapOut(block_ids), mp.Blocks)).block_ids
 
     async def swap_in(self, block_ids: list[int]) -> list[int]:
-        return cast(mp.Blocks, await self.call(mp.SwapIn(block_ids))).block_ids
+        return (await self._ask(mp.SwapIn(block_ids), mp.Blocks)).block_ids
 
     async def insert(
         self, tokens: TokenIds, block_ids: list[int], tier: int = 0, pin_owner: str = ""
     ) -> mp.Inserted:
         """Index the tokens' whole blocks; with `pin_owner`, also pin them (`.handle`)."""
-        return cast(
-            mp.Inserted,
-            await self.call(mp.Insert(token_bytes(tokens), block_ids, tier, pin_owner)),
-        )
+        req = mp.Insert(as_token_bytes(tokens), block_ids, tier, pin_owner)
+        return await self._ask(req, mp.Inserted)
 
     async def match(
         self, tokens: TokenIds, owner: str = "", promote: bool = True, max_tokens: int = -1
     ) -> mp.Matched:
-        return cast(
-            mp.Matched, await self.call(mp.Match(token_bytes(tokens), owner, promote, max_tokens))
-        )
+        req = mp.Match(as_token_bytes(tokens), owner, promote, max_tokens)
+        return await self._ask(req, mp.Matched)
 
     async def release(self, handle: int) -> None:
         await self.call(mp.Release(handle))
 
     async def release_owner(self, owner: str) -> int:
         """Free every block and pin `owner` holds (a client that died); returns blocks freed."""
-        return cast(mp.Ok, await self.call(mp.ReleaseOwner(owner))).count
+        return (await self._ask(mp.ReleaseOwner(owner), mp.Ok)).count
 
     async def evict(self, n: int, tier: int = 0) -> int:
-        return cast(mp.Ok, await self.call(mp.Evict(n, tier))).count
+        return (await self._ask(mp.Evict(n, tier), mp.Ok)).count
 
     async def delete(self, tokens: TokenIds) -> int:
-        return cast(mp.Ok, await self.call(mp.Delete(token_bytes(tokens)))).count
+        return (await self._ask(mp.Delete(as_token_bytes(tokens)), mp.Ok)).count
 
     async def transfer(
         self,
@@ -89,7 +87,7 @@ class MempoolClient:
         owner: str = "",
     ) -> mp.Transferred:
         req = mp.Transfer(dst, src_ids, dst_ids, transport, checksum, timeout_s, owner)
-        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+        return await self._ask(req, mp.Transferred, timeout_s + 5.0)
 
     async def transfer_with_insert(
         self,
@@ -105,7 +103,7 @@ class MempoolClient:
     ) -> mp.Transferred:
         req = mp.TransferWithInsert(
             dst=dst,
-            tokens=token_bytes(tokens),
+            tokens=as_token_bytes(tokens),
             src_ids=src_ids,
             pin_owner=pin_owner,
             transport=transport,
@@ -113,7 +111,7 @@ class MempoolClient:
             timeout_s=timeout_s,
             skip_cached=skip_cached,
         )
-        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+        return await self._ask(req, mp.Transferred, timeout_s + 5.0)
 
     async def return_kv(
         self,
@@ -132,7 +130,7 @@ class MempoolClient:
         only the blocks `dst` lacks move. Nothing cached here: an empty `Transferred`."""
         req = mp.TransferWithInsert(
             dst=dst,
-            tokens=token_bytes(tokens),
+            tokens=as_token_bytes(tokens),
             src_ids=[],
             pin_owner=pin_owner,
             transport=transport,
@@ -141,16 +139,16 @@ class MempoolClient:
             skip_cached=skip_cached,
             from_index=True,
         )
-        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+        return await self._ask(req, mp.Transferred, timeout_s + 5.0)
 
     async def stats(self, timeout_s: float | None = None) -> mp.StatsReply:
-        return cast(mp.StatsReply, await self.call(mp.Stats(), timeout_s))
+        return await self._ask(mp.Stats(), mp.StatsReply, timeout_s)
 
     async def check_integrity(self) -> mp.IntegrityReply:
-        return cast(mp.IntegrityReply, await self.call(mp.CheckIntegrity()))
+        return await self._ask(mp.CheckIntegrity(), mp.IntegrityReply)
 
     async def info(self) -> mp.InfoReply:
-        return cast(mp.InfoReply, await self.call(mp.Info()))
+        return await self._ask(mp.Info(), mp.InfoReply)
 
     # Named tensors: torch tensors of any dtype (bfloat16 too) travel as raw bytes.
     async def put_tensor(self, name: str, tensor: Any) -> None:
@@ -163,7 +161,7 @@ class MempoolClient:
     async def get_tensor(self, name: str) -> Any:
         import torch
 
-        r = cast(mp.TensorData, await self.call(mp.GetTensor(name)))
+        r = await self._ask(mp.GetTensor(name), mp.TensorData)
         raw = torch.from_numpy(np.array(r.data, dtype=np.uint8, copy=True))
         return raw.view(getattr(torch, r.dtype)).reshape(r.shape)
 
@@ -171,7 +169,7 @@ class MempoolClient:
         await self.call(mp.DeleteTensor(name))
 
     async def list_tensors(self) -> mp.TensorList:
-        return cast(mp.TensorList, await self.call(mp.ListTensors()))
+        return await self._ask(mp.ListTensors(), mp.TensorList)
 
     async def send_tensor(
         self,
@@ -184,7 +182,7 @@ class MempoolClient:
         timeout_s: float = 30.0,
     ) -> mp.Transferred:
         req = mp.SendTensor(dst, name, dst_name, transport, checksum, timeout_s)
-        return cast(mp.Transferred, await self.call(req, timeout_s + 5.0))
+        return await self._ask(req, mp.Transferred, timeout_s + 5.0)
 
     def close(self) -> None:
         self._rpc.close()
