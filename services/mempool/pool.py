@@ -18,10 +18,9 @@ first: device blocks are demoted to the host tier when it has room, else dropped
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -205,8 +204,7 @@ class MemPool:
         hid, path = self._pin_path(path, owner, promote)
         if not path:
             return MatchResult(0, 0, [], [])
-        blocks = [b for n in path for b in n.blocks]
-        tiers = [n.tier for n in path for _ in n.blocks]
+        blocks, tiers = _blocks_and_tiers(path)
         st.match_hits += 1
         st.matched_tokens += len(blocks) * self.block_size
         return MatchResult(hid, len(blocks) * self.block_size, blocks, tiers)
@@ -274,10 +272,41 @@ class MemPool:
             raise InvalidBlocks(
                 f"{ntok} tokens need {-(-ntok // bs)} blocks of {bs}, got {len(ids)}"
             )
-        if len(set(ids)) != len(ids):
+        id_set = set(ids)
+        if len(id_set) != len(ids):
             raise InvalidBlocks(f"repeated block ids in {ids}")
         whole = ntok // bs
-        path, _ = self.tree.match(data[: whole * bs * 4])
+        if len(data) != whole * bs * 4:
+            data = data[: whole * bs * 4]
+        path, matched_tokens = self.tree.match(data)
+        owned = self.client[tier]
+        # Every block must be the caller's (a client block no transfer is using) or the
+        # index's own block at that position (from an earlier match). Checked as sets at C
+        # speed; only a refusal, or index blocks handed back, walks block by block.
+        if not id_set.isdisjoint(self.busy if tier == Tier.DEVICE else ()) or not (
+            id_set.issubset(owned.keys())
+        ):
+            self._check_insert_blocks(ids, path, tier)
+        outcome = self.tree.insert_after(path, matched_tokens, data, ids[:whole], tier)
+        _forget(owned, outcome.added)
+        tail = ids[whole:]
+        if tail_owner is not None:
+            for b in tail:
+                owned[b] = tail_owner
+            tail = []
+        freed = outcome.duplicates + tail
+        _forget(owned, freed)
+        self.alloc[tier].free(freed)
+        if outcome.replaced_host:
+            self.alloc[Tier.HOST].free(outcome.replaced_host)
+        path = outcome.nodes
+        handle = 0
+        if pin_owner is not None and path:
+            handle, path = self._pin_path(path, pin_owner, promote=True)
+        index_ids, index_tiers = _blocks_and_tiers(path)
+        return InsertResult(whole * bs, index_ids, index_tiers, freed, handle)
+
+    def _check_insert_blocks(self, ids: list[int], path: list[Node], tier: Tier) -> None:
         shared = [(b, n.tier) for n in path for b in n.blocks]
         for j, b in enumerate(ids):
             if j < len(shared) and shared[j] == (b, tier):
@@ -286,27 +315,6 @@ class MemPool:
                 raise InvalidBlocks(f"block {b} ({tier.name.lower()}) is not allocated to a client")
             if tier == Tier.DEVICE and self.busy[b]:
                 raise InvalidBlocks(f"block {b} is being transferred")
-        outcome = self.tree.insert(data[: whole * bs * 4], ids[:whole], tier)
-        for b in outcome.added:
-            del self.client[tier][b]
-        tail = ids[whole:]
-        if tail_owner is not None:
-            for b in tail:
-                self.client[tier][b] = tail_owner
-            tail = []
-        freed = outcome.duplicates + tail
-        for b in freed:
-            del self.client[tier][b]
-        self.alloc[tier].free(freed)
-        if outcome.replaced_host:
-            self.alloc[Tier.HOST].free(outcome.replaced_host)
-        path = outcome.nodes
-        handle = 0
-        if pin_owner is not None and path:
-            handle, path = self._pin_path(path, pin_owner, promote=True)
-        index_ids = [b for n in path for b in n.blocks]
-        index_tiers = [n.tier for n in path for _ in n.blocks]
-        return InsertResult(whole * bs, index_ids, index_tiers, freed, handle)
 
     def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing
@@ -339,23 +347,23 @@ class MemPool:
     # ----------------------------------------------------------------- eviction
     def evict(self, n: int, tier: Tier = Tier.DEVICE, *, demote_only: bool = False) -> int:
         """Free up to n unpinned index blocks of `tier`, LRU leaves first; return how many.
-        With `demote_only` (swap_out(n)), device blocks only move to the host, never drop."""
+        With `demote_only` (swap_out(n)), device blocks only move to the host, never drop.
+        Candidates come from the tree's evictable set in LRU order, so the cost is the
+        nodes evicted, not the size of the tree."""
         done = 0
-        heap = [(node.last_access, node.node_id, node) for node in self._candidates(tier)]
-        heapq.heapify(heap)
-        while done < n and heap:
-            _, _, node = heapq.heappop(heap)
-            if not self._is_candidate(node, tier):
-                continue  # changed since it was queued
+        kept: set[Node] = set()  # evictable nodes this call could not move (requeued)
+        while done < n:
+            node = self.tree.pop_lru(tier, kept)
+            if node is None:
+                break
             k = min(node.num_blocks, n - done)
             if k < node.num_blocks:
                 self.tree.split(node, node.num_blocks - k)
-            parent = node.parent
-            if not self._evict_node(node, tier, demote_only):
-                continue
-            done += k
-            if parent is not None and self._is_candidate(parent, tier):
-                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+            if self._evict_node(node, tier, demote_only):
+                done += k
+            else:
+                kept.add(node)
+        self.tree.requeue(kept)
         self.counters.evicted_blocks += done
         return done
 
@@ -380,24 +388,6 @@ class MemPool:
             self.evict(k - host.num_free, Tier.HOST)
         return host.num_free >= k
 
-    def _candidates(self, tier: Tier) -> list[Node]:
-        return [n for n in self.tree.nodes() if self._is_candidate(n, tier)]
-
-    def _is_candidate(self, node: Node, tier: Tier) -> bool:
-        if (
-            node.tier != tier
-            or node.lock_ref
-            or not self.tree.is_attached(node)
-            or node is self.tree.root
-        ):
-            return False
-        # A device node may go (to the host) once no device node hangs below it.
-        return (
-            all(c.tier == Tier.HOST for c in node.children.values())
-            if tier == Tier.DEVICE
-            else not node.children
-        )
-
     def _make_room(self, tier: Tier, n: int, strict: bool = True) -> bool:
         short = n - self.alloc[tier].num_free
         if short > 0:
@@ -418,14 +408,20 @@ class MemPool:
         deadline = self.clock() - self.ttl_s
         dropped = 0
         changed = True
-        while changed:
+        while changed:  # a dropped leaf may leave a stale parent as the next leaf
             changed = False
-            for node in [n for n in self.tree.nodes() if not n.children and not n.lock_ref]:
-                if node.last_access < deadline:
-                    tier = node.tier
-                    self.alloc[tier].free(self.tree.remove_leaf(node))
-                    dropped += node.num_blocks
-                    changed = True
+            # Every unpinned leaf is evictable in its tier (it has no children at all).
+            stale = [
+                node
+                for members in self.tree.evictable.values()
+                for node in members
+                if not node.children and node.last_access < deadline
+            ]
+            for node in stale:
+                tier = node.tier
+                self.alloc[tier].free(self.tree.remove_leaf(node))
+                dropped += node.num_blocks
+                changed = True
         return dropped
 
     def drain_events(self) -> list[TreeEvent]:
@@ -490,12 +486,7 @@ class MemPool:
 
     def stats(self) -> PoolStats:
         st = self.counters
-        index = {Tier.DEVICE: 0, Tier.HOST: 0}
-        pinned = {Tier.DEVICE: 0, Tier.HOST: 0}
-        for node in self.tree.nodes():
-            index[node.tier] += node.num_blocks
-            if node.lock_ref:
-                pinned[node.tier] += node.num_blocks
+        index, pinned = self.tree.num_blocks, self.tree.pinned_blocks  # kept exact by the tree
         for tier in Tier:
             name = tier.name.lower()
             st.capacity[name] = self.alloc[tier].capacity
@@ -547,3 +538,18 @@ class MemPool:
             assert node.lock_ref == expected.get(node.node_id, 0), (
                 f"{node} is pinned {node.lock_ref} times, live handles say {expected.get(node.node_id, 0)}"
             )
+
+
+def _blocks_and_tiers(path: list[Node]) -> tuple[list[int], list[Tier]]:
+    """The block ids along a path and the tier of each (one list operation per node)."""
+    blocks: list[int] = []
+    tiers: list[Tier] = []
+    for node in path:
+        blocks += node.blocks
+        tiers += [node.tier] * len(node.blocks)
+    return blocks, tiers
+
+
+def _forget(owned: dict[int, str], ids: list[int]) -> None:
+    """Drop `ids` (all present) from a client map, at C speed."""
+    deque(map(owned.__delitem__, ids), maxlen=0)
