@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from common.errors import ErrorKind, MemServeError
 from common.tokens import TokenLike, as_token_bytes
 from services.mempool.allocator import BlockAllocator
+from services.mempool.client_blocks import ClientBlocks
 from services.mempool.prompt_tree import Node, PromptTree, Tier, TreeEvent
 
 CopyBlocks = Callable[[Tier, Sequence[int], Tier, Sequence[int]], None]
@@ -109,8 +110,10 @@ class MemPool:
             Tier.DEVICE: BlockAllocator(device_blocks, device_max_blocks),
             Tier.HOST: BlockAllocator(host_blocks),
         }
-        self.client: dict[Tier, dict[int, str]] = {Tier.DEVICE: {}, Tier.HOST: {}}
-        self.tree = PromptTree(block_size, clock)
+        self.client = {tier: ClientBlocks(self.alloc[tier].max_blocks) for tier in Tier}
+        self.tree = PromptTree(
+            block_size, clock, {tier: a.max_blocks for tier, a in self.alloc.items()}
+        )
         self.copy_blocks = copy_blocks or (lambda *_: None)
         self.ttl_s = ttl_s
         self.clock = clock
@@ -127,14 +130,12 @@ class MemPool:
             raise MemPoolError(f"cannot allocate {n} blocks")
         self._make_room(tier, n)
         ids = self.alloc[tier].allocate(n)
-        for b in ids:
-            self.client[tier][b] = owner
+        self.client[tier].give(ids, owner)
         return ids
 
     def free_mem(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         self.check_client(ids, tier)
-        for b in ids:
-            del self.client[tier][b]
+        self.client[tier].take(ids)
         self.alloc[tier].free(ids)
 
     def swap_out(self, ids: Sequence[int]) -> list[int]:
@@ -150,8 +151,8 @@ class MemPool:
         self._make_room(dst, len(ids))
         new = self.alloc[dst].allocate(len(ids))
         self.copy_blocks(src, ids, dst, new)
-        for old, b, owner in zip(ids, new, owners, strict=True):
-            del self.client[src][old]
+        self.client[src].take(ids)
+        for b, owner in zip(new, owners, strict=True):
             self.client[dst][b] = owner
         self.alloc[src].free(ids)
         return new
@@ -272,30 +273,38 @@ class MemPool:
             raise InvalidBlocks(
                 f"{ntok} tokens need {-(-ntok // bs)} blocks of {bs}, got {len(ids)}"
             )
-        id_set = set(ids)
-        if len(id_set) != len(ids):
+        owned = self.client[tier]
+        idx = owned.index(ids)
+        if owned.has_repeats(idx) if idx is not None else len(set(ids)) != len(ids):
             raise InvalidBlocks(f"repeated block ids in {ids}")
         whole = ntok // bs
         if len(data) != whole * bs * 4:
             data = data[: whole * bs * 4]
         path, matched_tokens = self.tree.match(data)
-        owned = self.client[tier]
         # Every block must be the caller's (a client block no transfer is using) or the
-        # index's own block at that position (from an earlier match). Checked as sets at C
-        # speed; only a refusal, or index blocks handed back, walks block by block.
-        if not id_set.isdisjoint(self.busy if tier == Tier.DEVICE else ()) or not (
-            id_set.issubset(owned.keys())
+        # index's own block at that position (from an earlier match). Checked in a few
+        # vectorized steps; only a refusal, or index blocks handed back, walks block by block.
+        if (
+            idx is None
+            or not owned.owns_all(idx)
+            or (tier == Tier.DEVICE and self.busy and not self.busy.keys().isdisjoint(ids))
         ):
             self._check_insert_blocks(ids, path, tier)
-        outcome = self.tree.insert_after(path, matched_tokens, data, ids[:whole], tier)
-        _forget(owned, outcome.added)
+            idx = None
+        outcome = self.tree.insert_after(
+            path, matched_tokens, data, ids[:whole], tier, None if idx is None else idx[:whole]
+        )
+        if idx is not None:  # the new leaf's blocks as a slice: no list to convert
+            owned.take(idx[outcome.leaf_start : whole])
+            owned.take(outcome.moved)
+        else:
+            owned.take(outcome.added)
         tail = ids[whole:]
         if tail_owner is not None:
-            for b in tail:
-                owned[b] = tail_owner
+            owned.give(tail, tail_owner)
             tail = []
         freed = outcome.duplicates + tail
-        _forget(owned, freed)
+        owned.take(freed)
         self.alloc[tier].free(freed)
         if outcome.replaced_host:
             self.alloc[Tier.HOST].free(outcome.replaced_host)
@@ -463,6 +472,15 @@ class MemPool:
     def check_client(self, ids: Sequence[int], tier: Tier, *, in_use_ok: bool = False) -> None:
         """Raise unless every id is a client block of `tier`; one a transfer is using is
         refused too unless `in_use_ok`."""
+        owned = self.client[tier]
+        idx = owned.index(ids)
+        if (
+            idx is not None
+            and not owned.has_repeats(idx)
+            and owned.owns_all(idx)
+            and (in_use_ok or tier != Tier.DEVICE or self.busy.keys().isdisjoint(ids))
+        ):
+            return  # the common case, in a few vectorized steps; below: which and why
         if len(set(ids)) != len(ids):
             raise InvalidBlocks(f"repeated block ids in {list(ids)}")
         if not in_use_ok and tier == Tier.DEVICE:
@@ -506,6 +524,7 @@ class MemPool:
         for tier in Tier:
             alloc = self.alloc[tier]
             free = alloc.free_ids()
+            self.client[tier].check()
             client = set(self.client[tier])
             idx = index[tier]
             name = tier.name.lower()
@@ -548,8 +567,3 @@ def _blocks_and_tiers(path: list[Node]) -> tuple[list[int], list[Tier]]:
         blocks += node.blocks
         tiers += [node.tier] * len(node.blocks)
     return blocks, tiers
-
-
-def _forget(owned: dict[int, str], ids: list[int]) -> None:
-    """Drop `ids` (all present) from a client map, at C speed."""
-    deque(map(owned.__delitem__, ids), maxlen=0)

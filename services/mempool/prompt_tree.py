@@ -39,6 +39,8 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from common.tokens import ROOT_HASH, block_hashes
 
 
@@ -115,7 +117,11 @@ class _Stored:
 class InsertOutcome:
     """What `PromptTree.insert` did with the caller's blocks."""
 
-    added: list[int] = field(default_factory=list)  # caller blocks now owned by the tree
+    # Caller blocks now owned by the tree (`added`), in two parts: those that replaced host
+    # copies, and the new leaf's (the caller's blocks from position `leaf_start` on).
+    moved: list[int] = field(default_factory=list)
+    leaf: Node | None = None
+    leaf_start: int = 0
     duplicates: list[int] = field(
         default_factory=list
     )  # caller blocks whose tokens were cached already
@@ -123,9 +129,18 @@ class InsertOutcome:
     replaced_host: list[int] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)  # the path that now holds the tokens
 
+    @property
+    def added(self) -> list[int]:
+        return self.moved + (self.leaf.blocks if self.leaf is not None else [])
+
 
 class PromptTree:
-    def __init__(self, block_size: int, clock: Callable[[], float]):
+    def __init__(
+        self,
+        block_size: int,
+        clock: Callable[[], float],
+        max_blocks: dict[Tier, int] | None = None,
+    ):
         self.block_size = block_size
         self.block_bytes = block_size * 4
         self.clock = clock
@@ -134,8 +149,15 @@ class PromptTree:
         self.events: list[TreeEvent | _Stored] = []
         self.num_blocks = {Tier.DEVICE: 0, Tier.HOST: 0}
         self.pinned_blocks = {Tier.DEVICE: 0, Tier.HOST: 0}
-        # Which node holds each indexed block, per tier (kept exact by every mutation).
-        self.block_node: dict[Tier, dict[int, Node]] = {Tier.DEVICE: {}, Tier.HOST: {}}
+        # Which node holds each indexed block, per tier, by block id (None: not indexed;
+        # sized by `max_blocks` or grown on demand; kept exact by every mutation). An array,
+        # so a prompt's blocks are mapped in one step.
+        sizes = max_blocks or {}
+        self.holder: dict[Tier, np.ndarray] = {
+            tier: np.zeros(sizes.get(tier, 0), dtype=np.int64) for tier in Tier
+        }  # node_id per block id, 0: none
+        self._sized = max_blocks is not None
+        self._by_id: dict[int, Node] = {}  # attached nodes by node_id
         self.evictable: dict[Tier, set[Node]] = {Tier.DEVICE: set(), Tier.HOST: set()}
         self.lru: dict[Tier, list[tuple[float, int, Node]]] = {Tier.DEVICE: [], Tier.HOST: []}
 
@@ -181,9 +203,16 @@ class PromptTree:
         return self.insert_after(path, matched_tokens, data, blocks, tier)
 
     def insert_after(
-        self, path: list[Node], matched_tokens: int, data: bytes, blocks: list[int], tier: Tier
+        self,
+        path: list[Node],
+        matched_tokens: int,
+        data: bytes,
+        blocks: list[int],
+        tier: Tier,
+        block_index: np.ndarray | None = None,
     ) -> InsertOutcome:
-        """`insert`, given `match(data)`'s result (so the pool walks the tree once)."""
+        """`insert`, given `match(data)`'s result (so the pool walks the tree once);
+        `block_index` is `blocks` as an index array when the caller has one."""
         bb = self.block_bytes
         assert len(data) == len(blocks) * bb
         out = InsertOutcome()
@@ -199,11 +228,12 @@ class PromptTree:
             elif node.tier == Tier.HOST and node.lock_ref == 0:
                 # The caller holds fresh device copies of blocks cached on the host: keep those.
                 out.replaced_host.extend(self.move_tier(node, mine, Tier.DEVICE))
-                out.added.extend(mine)
+                out.moved.extend(mine)
             else:  # cached in another tier and in use there: the caller's copies are spare
                 out.duplicates.extend(mine)
             i += nb
         out.nodes = path
+        out.leaf_start = i
         if i < len(blocks):
             parent = path[-1] if path else self.root
             key = data[matched_tokens * 4 :]
@@ -211,14 +241,14 @@ class PromptTree:
             leaf.last_access = self.clock()
             parent.children[key[:bb]] = leaf
             self.num_blocks[tier] += len(leaf.blocks)
-            self._map(leaf)
+            self._map(leaf, None if block_index is None else block_index[i:])
             self.events.append(_Stored(tier, parent, key, leaf))
             if tier == Tier.DEVICE:
                 parent.device_children += 1
             if parent is not self.root:
                 self._refresh(parent)  # its first child (on the device) keeps it
             self._refresh(leaf)
-            out.added.extend(leaf.blocks)
+            out.leaf = leaf
             out.nodes.append(leaf)
         return out
 
@@ -257,6 +287,7 @@ class PromptTree:
         self.evictable[node.tier].discard(node)
         self.num_blocks[node.tier] -= node.num_blocks
         self._unmap(node)
+        del self._by_id[node.node_id]
         self.events.append(TreeEvent(False, node.tier, list(hashes)))
         if node.tier == Tier.DEVICE:
             parent.device_children -= 1
@@ -352,16 +383,23 @@ class PromptTree:
             if n in self.evictable[n.tier]:
                 heapq.heappush(self.lru[n.tier], (n.last_access, n.node_id, n))
 
-    def _map(self, node: Node) -> None:
-        self.block_node[node.tier].update(dict.fromkeys(node.blocks, node))
+    def _map(self, node: Node, index: np.ndarray | None = None) -> None:
+        idx = np.array(node.blocks, dtype=np.intp) if index is None else index
+        holder = self.holder[node.tier]
+        top = 0 if self._sized else int(idx.max()) + 1
+        if top > len(holder):
+            grown = np.zeros(max(top, 2 * len(holder)), dtype=np.int64)
+            grown[: len(holder)] = holder
+            holder = self.holder[node.tier] = grown
+        holder[idx] = node.node_id
+        self._by_id[node.node_id] = node
 
     def _unmap(self, node: Node) -> None:
-        owners = self.block_node[node.tier]
-        for b in node.blocks:
-            del owners[b]
+        self.holder[node.tier][np.array(node.blocks, dtype=np.intp)] = 0
 
     def node_of(self, block: int, tier: Tier) -> Node | None:
-        return self.block_node[tier].get(block)
+        holder = self.holder[tier]
+        return self._by_id.get(int(holder[block])) if 0 <= block < len(holder) else None
 
     # ------------------------------------------------------------------ hashes
     def hashes_of(self, node: Node) -> list[int]:
@@ -457,9 +495,10 @@ class PromptTree:
             live = {(n.last_access, n.node_id) for n in evictable[tier]}
             queued = {(a, i) for a, i, _ in self.lru[tier]}
             assert live <= queued, f"{tier.name}: evictable nodes missing from the LRU heap"
-        for tier, owners in self.block_node.items():
-            assert len(owners) == counts[tier], f"{tier.name}: block map has {len(owners)} entries"
-            for b, node in owners.items():
+        for tier, holder in self.holder.items():
+            held = [(int(b), self._by_id[int(holder[b])]) for b in np.flatnonzero(holder)]
+            assert len(held) == counts[tier], f"{tier.name}: block map has {len(held)} entries"
+            for b, node in held:
                 assert node.tier == tier and b in node.blocks and self.is_attached(node), (
                     f"block {b} maps to {node}"
                 )
