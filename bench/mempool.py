@@ -254,7 +254,10 @@ def run(args: argparse.Namespace) -> int:
     if side["sglang_source"] is None:
         print(index_compare.absent_line())
     else:
-        print(f"SGLang RadixCache from {side['sglang_source']} (page size 1)")
+        version = side["sglang_version"] or "unknown version"
+        print(f"SGLang {version} RadixCache from {side['sglang_source']} (page size 1)")
+        if side["sglang_version"] != index_compare.sglang_radix.SGLANG_VERSION:
+            print(f"  (the baseline is pinned at {index_compare.sglang_radix.SGLANG_VERSION})")
     print(format_table(index_compare.HEADERS, index_compare.rows(side)))
     result["index_inprocess"] = bench_index_inprocess(cached, lengths, args.repeats)
     if not args.skip_socket:

@@ -119,7 +119,7 @@ def block_hashes(parent: int, data: bytes, block_bytes: int) -> list[int]:
         return []
     hashes = _hash_blocks(parent, data, block_bytes)
     if hashes.all():
-        return hashes.tolist()  # type: ignore[no-any-return]
+        return hashes.tolist()
     # A hash of 0 (odds 2^-64 a block) would name the root: step block by block, where
     # `chain_hash` turns it into 1, so the chain stays the same as one-block-at-a-time.
     out = []

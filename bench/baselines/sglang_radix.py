@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -46,13 +47,14 @@ def find(path: str | None = None) -> Path | None:
     return None
 
 
-def installed_version() -> str | None:
-    try:
-        from importlib.metadata import version
-
-        return version("sglang")
-    except Exception:
-        return None
+def version_of(radix_file: Path) -> str | None:
+    """The sglang version the file belongs to (its package's `_version.py`), if known."""
+    stamp = radix_file.parents[2] / "_version.py"
+    if stamp.is_file():
+        m = re.search(r"__version__\s*=.*?['\"]([^'\"]+)['\"]", stamp.read_text())
+        if m:
+            return m.group(1)
+    return None
 
 
 # ----------------------------------------------------------------- stand-ins
@@ -241,4 +243,5 @@ def load(path: str | None = None) -> types.ModuleType | None:
             else:
                 sys.modules[name] = old
     mod.SOURCE = str(radix_file)  # type: ignore[attr-defined]
+    mod.VERSION = version_of(radix_file)  # type: ignore[attr-defined]
     return mod

@@ -34,18 +34,16 @@ class ClientBlocks:
 
     # ------------------------------------------------------------ one block
     def __contains__(self, block: object) -> bool:
-        return (
-            isinstance(block, (int, np.integer))
-            and 0 <= block < len(self._code)
-            and self._code[block] != 0
-        )
+        if not isinstance(block, (int, np.integer)) or not 0 <= block < len(self._code):
+            return False
+        return bool(self._code[block])
 
     def get(self, block: int) -> str | None:
-        return self[block] if block in self else None
+        code = int(self._code[block]) if 0 <= block < len(self._code) else 0
+        return self._names[code]
 
     def __getitem__(self, block: int) -> str:
-        code = int(self._code[block]) if 0 <= block < len(self._code) else 0
-        name = self._names[code]
+        name = self.get(block)
         if name is None:
             raise KeyError(block)
         return name

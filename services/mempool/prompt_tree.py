@@ -313,9 +313,7 @@ class PromptTree:
         parent = node.parent
         assert parent is not None
         parent.device_children += 1 if tier == Tier.DEVICE else -1
-        self.events.append(
-            TreeEvent(True, tier, list(hashes), self._last_hash(parent), node.key)
-        )
+        self.events.append(TreeEvent(True, tier, list(hashes), self._last_hash(parent), node.key))
         self._refresh(node)
         if parent is not self.root:
             self._refresh(parent)
@@ -489,8 +487,7 @@ class PromptTree:
         assert pinned == self.pinned_blocks, f"pinned {pinned} != {self.pinned_blocks}"
         for tier in Tier:
             assert evictable[tier] == self.evictable[tier], (
-                f"{tier.name}: evictable set off by "
-                f"{evictable[tier] ^ self.evictable[tier]}"
+                f"{tier.name}: evictable set off by {evictable[tier] ^ self.evictable[tier]}"
             )
             live = {(n.last_access, n.node_id) for n in evictable[tier]}
             queued = {(a, i) for a, i, _ in self.lru[tier]}
