@@ -78,6 +78,18 @@ class ClientBlocks:
             return None
         return idx
 
+    def held(self, ids: Sequence[int]) -> list[bool]:
+        """For each of `ids`: is it a client block (an id out of range is not)."""
+        idx = self.index(ids)
+        if idx is None:
+            return [b in self for b in ids]
+        return self._code[idx].astype(bool).tolist()
+
+    def owners(self, ids: Sequence[int]) -> list[str]:
+        """The owner of each of `ids` (all client blocks)."""
+        names = self._names
+        return [names[c] or "" for c in self._code[np.asarray(ids, dtype=np.intp)].tolist()]
+
     def owns_all(self, idx: np.ndarray) -> bool:
         return bool(self._code[idx].all())
 

@@ -147,13 +147,16 @@ class MemPool:
 
     def _swap(self, ids: Sequence[int], src: Tier, dst: Tier) -> list[int]:
         self.check_client(ids, src)  # refuses blocks a transfer is using
-        owners = [self.client[src][b] for b in ids]
+        owners = self.client[src].owners(ids)
         self._make_room(dst, len(ids))
         new = self.alloc[dst].allocate(len(ids))
         self.copy_blocks(src, ids, dst, new)
         self.client[src].take(ids)
+        by_owner: dict[str, list[int]] = {}
         for b, owner in zip(new, owners, strict=True):
-            self.client[dst][b] = owner
+            by_owner.setdefault(owner, []).append(b)
+        for owner, blocks in by_owner.items():
+            self.client[dst].give(blocks, owner)
         self.alloc[src].free(ids)
         return new
 
@@ -328,8 +331,8 @@ class MemPool:
     def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing
         evicts or frees them while their bytes move)."""
-        for b in ids:
-            if b in self.client[tier]:
+        for b, client_block in zip(ids, self.client[tier].held(ids), strict=True):
+            if client_block:
                 continue
             node = self.tree.node_of(b, tier)
             if node is None:
@@ -440,7 +443,8 @@ class MemPool:
     def mark_busy(self, ids: Sequence[int]) -> None:
         """A transfer starts reading or writing these device blocks (client-owned ones are
         guarded here; indexed ones are pinned with `pin_blocks`)."""
-        self.busy.update(b for b in ids if b in self.client[Tier.DEVICE])
+        held = self.client[Tier.DEVICE].held(ids)
+        self.busy.update(b for b, client_block in zip(ids, held, strict=True) if client_block)
 
     def unmark_busy(self, ids: Sequence[int]) -> None:
         for b in ids:

@@ -447,7 +447,8 @@ class PromptTree:
                 hashes = block_hashes(parent_hash, e.key, self.block_bytes)
                 if node.hashes is None:
                     node.hashes = hashes[len(hashes) - len(node.blocks) :]
-            out.append(TreeEvent(True, e.tier, list(hashes), parent_hash, e.key))
+            # The node's own list: hash lists are replaced, never changed in place.
+            out.append(TreeEvent(True, e.tier, hashes, parent_hash, e.key))
         return out
 
     def check(self, deep: bool = True) -> None:
