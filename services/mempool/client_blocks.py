@@ -74,7 +74,8 @@ class ClientBlocks:
             idx = np.fromiter(ids, dtype=np.intp, count=len(ids))
         except (OverflowError, TypeError, ValueError):
             return None
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self._code)):
+        # One bound check: viewed unsigned, a negative id is larger than any block id.
+        if len(idx) and idx.view(np.uintp).max() >= len(self._code):
             return None
         return idx
 

@@ -222,9 +222,7 @@ class PromptTree:
             mine = blocks[i : i + nb]
             if node.tier == tier:
                 if mine != node.blocks:
-                    out.duplicates.extend(
-                        b for b, t in zip(mine, node.blocks, strict=True) if b != t
-                    )
+                    out.duplicates += [b for b, t in zip(mine, node.blocks, strict=True) if b != t]
             elif node.tier == Tier.HOST and node.lock_ref == 0:
                 # The caller holds fresh device copies of blocks cached on the host: keep those.
                 out.replaced_host.extend(self.move_tier(node, mine, Tier.DEVICE))
