@@ -1,7 +1,8 @@
 """Our prompt tree next to SGLang's `RadixCache`, same shapes, same run, interleaved.
 
 The tree holds the `bench mempool` workload (10,000 prompts of 512 tokens whose first 256
-tokens are one of the shared documents); then, per repeat, each system in turn:
+tokens are one of the shared documents); then, per repeat, each system in turn (who goes
+first alternates):
 
     match 4K     a 4K prompt whose every block is cached; ours: `MemPool.match` (pins the
                  path, returns the block ids and tiers); SGLang: `match_prefix` +
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -173,25 +175,40 @@ def run(cached: list[np.ndarray], repeats: int, sglang_path: str | None = None) 
     def add(system: str, name: str, seconds: float) -> None:
         times[system].setdefault(name, []).append(seconds)
 
+    def both(r: int, mine: Callable[[], None], theirs: Callable[[], None]) -> None:
+        """One repeat of each; who goes first alternates, so neither always runs warm."""
+        for step in (mine, theirs) if r % 2 == 0 or sgl is None else (theirs, mine):
+            if step is mine or sgl is not None:
+                step()
+
     full_bytes, full_key = full4k.tobytes(), sgl.key(full4k) if sgl else None
-    for _ in range(repeats):
-        add("ours", "match 4K", ours.match(full_bytes))
-        if sgl:
-            add("sglang", "match 4K", sgl.match(full_key))
+    for r in range(repeats):
+        both(
+            r,
+            lambda: add("ours", "match 4K", ours.match(full_bytes)),
+            lambda: add("sglang", "match 4K", sgl.match(full_key)),  # type: ignore[union-attr]
+        )
     for length, tokens in news.items():
         label = f"{length // 1024}K"
         data = tokens.tobytes()
-        for _ in range(repeats):
+
+        def insert_ours(label: str = label, data: bytes = data) -> None:
             ins, drain = ours.insert(data)
             add("ours", f"insert {label}", ins)
             add("ours", f"drain after insert {label}", drain)
-            if sgl:
-                add("sglang", f"insert {label}", sgl.insert(tokens))
+
+        def insert_theirs(label: str = label, tokens: np.ndarray = tokens) -> None:
+            add("sglang", f"insert {label}", sgl.insert(tokens))  # type: ignore[union-attr]
+
+        for r in range(repeats):
+            both(r, insert_ours, insert_theirs)
     cursor = 0
-    for _ in range(max(10, repeats // 4)):
-        add("ours", "evict 4,096 tokens", ours.evict(EVICT_TOKENS))
-        if sgl:
-            add("sglang", "evict 4,096 tokens", sgl.evict(EVICT_TOKENS))
+    for r in range(max(10, repeats // 4)):
+        both(
+            r,
+            lambda: add("ours", "evict 4,096 tokens", ours.evict(EVICT_TOKENS)),
+            lambda: add("sglang", "evict 4,096 tokens", sgl.evict(EVICT_TOKENS)),  # type: ignore[union-attr]
+        )
         # The least recently used prompts went; put them back (now the most recent).
         for p in cached[cursor : cursor + EVICT_TOKENS // 256]:
             ours.insert_untimed(p.tobytes())
