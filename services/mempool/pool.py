@@ -278,7 +278,12 @@ class MemPool:
             )
         owned = self.client[tier]
         idx = owned.index(ids)
-        if owned.has_repeats(idx) if idx is not None else len(set(ids)) != len(ids):
+        # Repeats: a set for short lists, array steps (no per-id hashing) for long ones.
+        if (
+            owned.has_repeats(idx)
+            if idx is not None and len(ids) >= 512
+            else len(set(ids)) != len(ids)
+        ):
             raise InvalidBlocks(f"repeated block ids in {ids}")
         whole = ntok // bs
         if len(data) != whole * bs * 4:
