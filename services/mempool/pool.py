@@ -302,17 +302,16 @@ class MemPool:
         outcome = self.tree.insert_after(
             path, matched_tokens, data, ids[:whole], tier, None if idx is None else idx[:whole]
         )
-        if idx is not None:  # the new leaf's blocks as a slice: no list to convert
-            owned.take(idx[outcome.leaf_start : whole])
-            owned.take(outcome.moved)
-        else:
-            owned.take(outcome.added)
         tail = ids[whole:]
+        freed = outcome.duplicates + ([] if tail_owner is not None else tail)
+        if idx is not None:
+            # Every block was the caller's: each whole one is now the index's or freed, and
+            # so is the tail unless it is kept. One step for all of them.
+            owned.take(idx if tail_owner is None else idx[:whole])
+        else:
+            owned.take(outcome.added + freed)
         if tail_owner is not None:
             owned.give(tail, tail_owner)
-            tail = []
-        freed = outcome.duplicates + tail
-        owned.take(freed)
         self.alloc[tier].free(freed)
         if outcome.replaced_host:
             self.alloc[Tier.HOST].free(outcome.replaced_host)

@@ -118,10 +118,9 @@ class InsertOutcome:
     """What `PromptTree.insert` did with the caller's blocks."""
 
     # Caller blocks now owned by the tree (`added`), in two parts: those that replaced host
-    # copies, and the new leaf's (the caller's blocks from position `leaf_start` on).
+    # copies, and the new leaf's.
     moved: list[int] = field(default_factory=list)
     leaf: Node | None = None
-    leaf_start: int = 0
     duplicates: list[int] = field(
         default_factory=list
     )  # caller blocks whose tokens were cached already
@@ -231,7 +230,6 @@ class PromptTree:
                 out.duplicates.extend(mine)
             i += nb
         out.nodes = path
-        out.leaf_start = i
         if i < len(blocks):
             parent = path[-1] if path else self.root
             key = data[matched_tokens * 4 :]
