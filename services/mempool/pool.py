@@ -271,7 +271,7 @@ class MemPool:
         data = as_token_bytes(tokens)
         bs = self.block_size
         ntok = len(data) // 4
-        ids = list(block_ids)
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)  # only read
         if len(ids) != -(-ntok // bs):
             raise InvalidBlocks(
                 f"{ntok} tokens need {-(-ntok // bs)} blocks of {bs}, got {len(ids)}"
@@ -300,7 +300,12 @@ class MemPool:
             self._check_insert_blocks(ids, path, tier)
             idx = None
         outcome = self.tree.insert_after(
-            path, matched_tokens, data, ids[:whole], tier, None if idx is None else idx[:whole]
+            path,
+            matched_tokens,
+            data,
+            ids if whole == len(ids) else ids[:whole],
+            tier,
+            None if idx is None or whole == len(ids) else idx[:whole],
         )
         tail = ids[whole:]
         freed = outcome.duplicates + ([] if tail_owner is not None else tail)
