@@ -305,7 +305,7 @@ class MemPool:
             data,
             ids if whole == len(ids) else ids[:whole],
             tier,
-            None if idx is None or whole == len(ids) else idx[:whole],
+            None if idx is None else idx if whole == len(ids) else idx[:whole],
         )
         tail = ids[whole:]
         freed = outcome.duplicates + ([] if tail_owner is not None else tail)
