@@ -18,7 +18,8 @@ Side by side: the four index figures of the issue (match 4K, insert 4K and 16K, 
 tokens) for ours and SGLang's own `RadixCache` (page size 1), interleaved in this run
 (`bench/index_compare.py`), next to our goals. SGLang's file comes from `--sglang-radix`,
 `$MEMSERVE_SGLANG_RADIX` or an installed sglang (`make bench-baselines`); without it the
-column stays empty and a line says so.
+column stays empty and a line says so. Match and insert are also timed back to back (each
+system's calls in a row), beside the interleaved figures the goals are stated for.
 
 Our insert leaves the block hashes of its KV events to `drain_events` (the daemon drains after
 every request), so every insert figure has a 'drain after insert' figure beside it.
