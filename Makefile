@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 EXTRAS ?= test,bench,dev,ucx
 
-.PHONY: install demo test unit lint typecheck bench eval clean
+.PHONY: install demo test unit lint typecheck bench bench-baselines eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,12 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/memserve bench engine
+
+# Other systems measured next to ours: SGLang's RadixCache file for `memserve bench mempool`
+# (its code only, --no-deps; the bench loads the one file against stand-ins, never imports
+# the package). Not part of `install` or `test`.
+bench-baselines: install
+	$(BIN)/pip install -q --no-deps "sglang==0.5.23"
 
 # The evaluation of docs/benchmarks.md: MemServe's three comparisons on this machine
 # (~35 minutes on 2 cores). Results land in results/serve/ (JSON, CSV, markdown, PNG).

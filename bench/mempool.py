@@ -14,6 +14,16 @@ Transfer: one transfer of all blocks of 16 MiB and 512 MiB per transport between
 processes, next to a single-thread memcpy (the ceiling for shm) and a raw loopback TCP
 stream (the ceiling for tcp), all measured in the same run.
 
+Side by side: the four index figures of the issue (match 4K, insert 4K and 16K, evict 4,096
+tokens) for ours and SGLang's own `RadixCache` (page size 1), interleaved in this run
+(`bench/index_compare.py`), next to our goals. SGLang's file comes from `--sglang-radix`,
+`$MEMSERVE_SGLANG_RADIX` or an installed sglang (`make bench-baselines`); without it the
+column stays empty and a line says so. Match and insert are also timed back to back (each
+system's calls in a row), beside the interleaved figures the goals are stated for.
+
+Our insert leaves the block hashes of its KV events to `drain_events` (the daemon drains after
+every request), so every insert figure has a 'drain after insert' figure beside it.
+
 Paper targets: `insert` of 4K tokens under 0.7 ms; our target for in-process `match` of a
 4K prompt: 50 us p50. Transfer targets: shm >= 50% of memcpy, tcp >= 80% of the raw socket.
 """
@@ -50,6 +60,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--transports", default="", help="default: every available transport")
     p.add_argument("--skip-socket", action="store_true", help="skip the daemon-socket figures")
     p.add_argument("--skip-transfer", action="store_true", help="skip the transfer figures")
+    p.add_argument(
+        "--sglang-radix",
+        default=None,
+        help="SGLang's radix_cache.py for the side-by-side (default: $MEMSERVE_SGLANG_RADIX, "
+        "then an installed sglang)",
+    )
     p.add_argument("--out", default="results/bench_mempool.json")
     p.set_defaults(func=run)
 
@@ -103,7 +119,7 @@ def bench_index_inprocess(
         full, partial = probe_prompts(length, cached, rng)
         pool.insert(full, pool.alloc_mem(length // BLOCK_SIZE))
         full_b, partial_b = full.tobytes(), partial.tobytes()
-        match_full, match_partial, inserts = [], [], []
+        match_full, match_partial, inserts, drains = [], [], [], []
         for _ in range(repeats):
             t0 = time.perf_counter()
             m = pool.match(full_b)
@@ -117,12 +133,16 @@ def bench_index_inprocess(
             t0 = time.perf_counter()
             pool.insert(partial_b, ids)
             inserts.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            pool.drain_events()  # the insert's deferred block hashes
+            drains.append(time.perf_counter() - t0)
             pool.delete(partial_b)  # untimed: the tree stays as it was
             pool.drain_events()
         results[str(length)] = {
             "match_full": summarize(match_full),
             "match_partial": summarize(match_partial),
             "insert": summarize(inserts),
+            "drain_after_insert": summarize(drains),
         }
     pool.check_integrity(deep=False)
     return results
@@ -220,6 +240,7 @@ def bench_transfer(sizes_mib: list[int], transports: list[str]) -> dict[str, Any
 
 # ---------------------------------------------------------------------------- run
 def run(args: argparse.Namespace) -> int:
+    from bench import index_compare
     from services.mempool.transport import available_transports
 
     lengths = [int(x) for x in args.lengths.split(",") if x]
@@ -229,12 +250,22 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"index: {len(cached):,} cached prompts of 512 tokens ({len(cached) // 50} shared documents)"
     )
+    side = index_compare.run(cached, args.repeats, args.sglang_radix)
+    result["index_vs_sglang"] = side
+    if side["sglang_source"] is None:
+        print(index_compare.absent_line())
+    else:
+        version = side["sglang_version"] or "unknown version"
+        print(f"SGLang {version} RadixCache from {side['sglang_source']} (page size 1)")
+        if side["sglang_version"] != index_compare.sglang_radix.SGLANG_VERSION:
+            print(f"  (the baseline is pinned at {index_compare.sglang_radix.SGLANG_VERSION})")
+    print(format_table(index_compare.HEADERS, index_compare.rows(side)))
     result["index_inprocess"] = bench_index_inprocess(cached, lengths, args.repeats)
     if not args.skip_socket:
         result["index_socket"] = bench_index_socket(cached, lengths, max(20, args.repeats // 4))
     rows = []
     for length in lengths:
-        for op in ("match_full", "match_partial", "insert"):
+        for op in ("match_full", "match_partial", "insert", "drain_after_insert"):
             ip = result["index_inprocess"][str(length)][op]
             sk = result.get("index_socket", {}).get(str(length), {}).get(op, {})
             rows.append(

@@ -18,7 +18,6 @@ first: device blocks are demoted to the host tier when it has room, else dropped
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from common.errors import ErrorKind, MemServeError
 from common.tokens import TokenLike, as_token_bytes
 from services.mempool.allocator import BlockAllocator
+from services.mempool.client_blocks import ClientBlocks
 from services.mempool.prompt_tree import Node, PromptTree, Tier, TreeEvent
 
 CopyBlocks = Callable[[Tier, Sequence[int], Tier, Sequence[int]], None]
@@ -110,8 +110,10 @@ class MemPool:
             Tier.DEVICE: BlockAllocator(device_blocks, device_max_blocks),
             Tier.HOST: BlockAllocator(host_blocks),
         }
-        self.client: dict[Tier, dict[int, str]] = {Tier.DEVICE: {}, Tier.HOST: {}}
-        self.tree = PromptTree(block_size, clock)
+        self.client = {tier: ClientBlocks(self.alloc[tier].max_blocks) for tier in Tier}
+        self.tree = PromptTree(
+            block_size, clock, {tier: a.max_blocks for tier, a in self.alloc.items()}
+        )
         self.copy_blocks = copy_blocks or (lambda *_: None)
         self.ttl_s = ttl_s
         self.clock = clock
@@ -128,14 +130,12 @@ class MemPool:
             raise MemPoolError(f"cannot allocate {n} blocks")
         self._make_room(tier, n)
         ids = self.alloc[tier].allocate(n)
-        for b in ids:
-            self.client[tier][b] = owner
+        self.client[tier].give(ids, owner)
         return ids
 
     def free_mem(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         self.check_client(ids, tier)
-        for b in ids:
-            del self.client[tier][b]
+        self.client[tier].take(ids)
         self.alloc[tier].free(ids)
 
     def swap_out(self, ids: Sequence[int]) -> list[int]:
@@ -147,13 +147,16 @@ class MemPool:
 
     def _swap(self, ids: Sequence[int], src: Tier, dst: Tier) -> list[int]:
         self.check_client(ids, src)  # refuses blocks a transfer is using
-        owners = [self.client[src][b] for b in ids]
+        owners = self.client[src].owners(ids)
         self._make_room(dst, len(ids))
         new = self.alloc[dst].allocate(len(ids))
         self.copy_blocks(src, ids, dst, new)
-        for old, b, owner in zip(ids, new, owners, strict=True):
-            del self.client[src][old]
-            self.client[dst][b] = owner
+        self.client[src].take(ids)
+        by_owner: dict[str, list[int]] = {}
+        for b, owner in zip(new, owners, strict=True):
+            by_owner.setdefault(owner, []).append(b)
+        for owner, blocks in by_owner.items():
+            self.client[dst].give(blocks, owner)
         self.alloc[src].free(ids)
         return new
 
@@ -205,8 +208,7 @@ class MemPool:
         hid, path = self._pin_path(path, owner, promote)
         if not path:
             return MatchResult(0, 0, [], [])
-        blocks = [b for n in path for b in n.blocks]
-        tiers = [n.tier for n in path for _ in n.blocks]
+        blocks, tiers = _blocks_and_tiers(path)
         st.match_hits += 1
         st.matched_tokens += len(blocks) * self.block_size
         return MatchResult(hid, len(blocks) * self.block_size, blocks, tiers)
@@ -269,15 +271,63 @@ class MemPool:
         data = as_token_bytes(tokens)
         bs = self.block_size
         ntok = len(data) // 4
-        ids = list(block_ids)
+        ids = block_ids if isinstance(block_ids, list) else list(block_ids)  # only read
         if len(ids) != -(-ntok // bs):
             raise InvalidBlocks(
                 f"{ntok} tokens need {-(-ntok // bs)} blocks of {bs}, got {len(ids)}"
             )
-        if len(set(ids)) != len(ids):
+        owned = self.client[tier]
+        idx = owned.index(ids)
+        # Repeats: a set for short lists, array steps (no per-id hashing) for long ones.
+        if (
+            owned.has_repeats(idx)
+            if idx is not None and len(ids) >= 512
+            else len(set(ids)) != len(ids)
+        ):
             raise InvalidBlocks(f"repeated block ids in {ids}")
         whole = ntok // bs
-        path, _ = self.tree.match(data[: whole * bs * 4])
+        if len(data) != whole * bs * 4:
+            data = data[: whole * bs * 4]
+        path, matched_tokens = self.tree.match(data)
+        # Every block must be the caller's (a client block no transfer is using) or the
+        # index's own block at that position (from an earlier match). Checked in a few
+        # vectorized steps; only a refusal, or index blocks handed back, walks block by block.
+        if (
+            idx is None
+            or not owned.owns_all(idx)
+            or (tier == Tier.DEVICE and self.busy and not self.busy.keys().isdisjoint(ids))
+        ):
+            self._check_insert_blocks(ids, path, tier)
+            idx = None
+        outcome = self.tree.insert_after(
+            path,
+            matched_tokens,
+            data,
+            ids if whole == len(ids) else ids[:whole],
+            tier,
+            None if idx is None else idx if whole == len(ids) else idx[:whole],
+        )
+        tail = ids[whole:]
+        freed = outcome.duplicates + ([] if tail_owner is not None else tail)
+        if idx is not None:
+            # Every block was the caller's: each whole one is now the index's or freed, and
+            # so is the tail unless it is kept. One step for all of them.
+            owned.take(idx if tail_owner is None else idx[:whole])
+        else:
+            owned.take(outcome.added + freed)
+        if tail_owner is not None:
+            owned.give(tail, tail_owner)
+        self.alloc[tier].free(freed)
+        if outcome.replaced_host:
+            self.alloc[Tier.HOST].free(outcome.replaced_host)
+        path = outcome.nodes
+        handle = 0
+        if pin_owner is not None and path:
+            handle, path = self._pin_path(path, pin_owner, promote=True)
+        index_ids, index_tiers = _blocks_and_tiers(path)
+        return InsertResult(whole * bs, index_ids, index_tiers, freed, handle)
+
+    def _check_insert_blocks(self, ids: list[int], path: list[Node], tier: Tier) -> None:
         shared = [(b, n.tier) for n in path for b in n.blocks]
         for j, b in enumerate(ids):
             if j < len(shared) and shared[j] == (b, tier):
@@ -286,33 +336,12 @@ class MemPool:
                 raise InvalidBlocks(f"block {b} ({tier.name.lower()}) is not allocated to a client")
             if tier == Tier.DEVICE and self.busy[b]:
                 raise InvalidBlocks(f"block {b} is being transferred")
-        outcome = self.tree.insert(data[: whole * bs * 4], ids[:whole], tier)
-        for b in outcome.added:
-            del self.client[tier][b]
-        tail = ids[whole:]
-        if tail_owner is not None:
-            for b in tail:
-                self.client[tier][b] = tail_owner
-            tail = []
-        freed = outcome.duplicates + tail
-        for b in freed:
-            del self.client[tier][b]
-        self.alloc[tier].free(freed)
-        if outcome.replaced_host:
-            self.alloc[Tier.HOST].free(outcome.replaced_host)
-        path = outcome.nodes
-        handle = 0
-        if pin_owner is not None and path:
-            handle, path = self._pin_path(path, pin_owner, promote=True)
-        index_ids = [b for n in path for b in n.blocks]
-        index_tiers = [n.tier for n in path for _ in n.blocks]
-        return InsertResult(whole * bs, index_ids, index_tiers, freed, handle)
 
     def check_readable(self, ids: Sequence[int], tier: Tier = Tier.DEVICE) -> None:
         """Blocks a transfer may read: owned by a client, or indexed and pinned (so nothing
         evicts or frees them while their bytes move)."""
-        for b in ids:
-            if b in self.client[tier]:
+        for b, client_block in zip(ids, self.client[tier].held(ids), strict=True):
+            if client_block:
                 continue
             node = self.tree.node_of(b, tier)
             if node is None:
@@ -339,23 +368,23 @@ class MemPool:
     # ----------------------------------------------------------------- eviction
     def evict(self, n: int, tier: Tier = Tier.DEVICE, *, demote_only: bool = False) -> int:
         """Free up to n unpinned index blocks of `tier`, LRU leaves first; return how many.
-        With `demote_only` (swap_out(n)), device blocks only move to the host, never drop."""
+        With `demote_only` (swap_out(n)), device blocks only move to the host, never drop.
+        Candidates come from the tree's evictable set in LRU order, so the cost is the
+        nodes evicted, not the size of the tree."""
         done = 0
-        heap = [(node.last_access, node.node_id, node) for node in self._candidates(tier)]
-        heapq.heapify(heap)
-        while done < n and heap:
-            _, _, node = heapq.heappop(heap)
-            if not self._is_candidate(node, tier):
-                continue  # changed since it was queued
+        kept: set[Node] = set()  # evictable nodes this call could not move (requeued)
+        while done < n:
+            node = self.tree.pop_lru(tier, kept)
+            if node is None:
+                break
             k = min(node.num_blocks, n - done)
             if k < node.num_blocks:
                 self.tree.split(node, node.num_blocks - k)
-            parent = node.parent
-            if not self._evict_node(node, tier, demote_only):
-                continue
-            done += k
-            if parent is not None and self._is_candidate(parent, tier):
-                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+            if self._evict_node(node, tier, demote_only):
+                done += k
+            else:
+                kept.add(node)
+        self.tree.requeue(kept)
         self.counters.evicted_blocks += done
         return done
 
@@ -380,24 +409,6 @@ class MemPool:
             self.evict(k - host.num_free, Tier.HOST)
         return host.num_free >= k
 
-    def _candidates(self, tier: Tier) -> list[Node]:
-        return [n for n in self.tree.nodes() if self._is_candidate(n, tier)]
-
-    def _is_candidate(self, node: Node, tier: Tier) -> bool:
-        if (
-            node.tier != tier
-            or node.lock_ref
-            or not self.tree.is_attached(node)
-            or node is self.tree.root
-        ):
-            return False
-        # A device node may go (to the host) once no device node hangs below it.
-        return (
-            all(c.tier == Tier.HOST for c in node.children.values())
-            if tier == Tier.DEVICE
-            else not node.children
-        )
-
     def _make_room(self, tier: Tier, n: int, strict: bool = True) -> bool:
         short = n - self.alloc[tier].num_free
         if short > 0:
@@ -418,14 +429,20 @@ class MemPool:
         deadline = self.clock() - self.ttl_s
         dropped = 0
         changed = True
-        while changed:
+        while changed:  # a dropped leaf may leave a stale parent as the next leaf
             changed = False
-            for node in [n for n in self.tree.nodes() if not n.children and not n.lock_ref]:
-                if node.last_access < deadline:
-                    tier = node.tier
-                    self.alloc[tier].free(self.tree.remove_leaf(node))
-                    dropped += node.num_blocks
-                    changed = True
+            # Every unpinned leaf is evictable in its tier (it has no children at all).
+            stale = [
+                node
+                for members in self.tree.evictable.values()
+                for node in members
+                if not node.children and node.last_access < deadline
+            ]
+            for node in stale:
+                tier = node.tier
+                self.alloc[tier].free(self.tree.remove_leaf(node))
+                dropped += node.num_blocks
+                changed = True
         return dropped
 
     def drain_events(self) -> list[TreeEvent]:
@@ -435,7 +452,8 @@ class MemPool:
     def mark_busy(self, ids: Sequence[int]) -> None:
         """A transfer starts reading or writing these device blocks (client-owned ones are
         guarded here; indexed ones are pinned with `pin_blocks`)."""
-        self.busy.update(b for b in ids if b in self.client[Tier.DEVICE])
+        held = self.client[Tier.DEVICE].held(ids)
+        self.busy.update(b for b, client_block in zip(ids, held, strict=True) if client_block)
 
     def unmark_busy(self, ids: Sequence[int]) -> None:
         for b in ids:
@@ -467,6 +485,15 @@ class MemPool:
     def check_client(self, ids: Sequence[int], tier: Tier, *, in_use_ok: bool = False) -> None:
         """Raise unless every id is a client block of `tier`; one a transfer is using is
         refused too unless `in_use_ok`."""
+        owned = self.client[tier]
+        idx = owned.index(ids)
+        if (
+            idx is not None
+            and not owned.has_repeats(idx)
+            and owned.owns_all(idx)
+            and (in_use_ok or tier != Tier.DEVICE or self.busy.keys().isdisjoint(ids))
+        ):
+            return  # the common case, in a few vectorized steps; below: which and why
         if len(set(ids)) != len(ids):
             raise InvalidBlocks(f"repeated block ids in {list(ids)}")
         if not in_use_ok and tier == Tier.DEVICE:
@@ -490,12 +517,7 @@ class MemPool:
 
     def stats(self) -> PoolStats:
         st = self.counters
-        index = {Tier.DEVICE: 0, Tier.HOST: 0}
-        pinned = {Tier.DEVICE: 0, Tier.HOST: 0}
-        for node in self.tree.nodes():
-            index[node.tier] += node.num_blocks
-            if node.lock_ref:
-                pinned[node.tier] += node.num_blocks
+        index, pinned = self.tree.num_blocks, self.tree.pinned_blocks  # kept exact by the tree
         for tier in Tier:
             name = tier.name.lower()
             st.capacity[name] = self.alloc[tier].capacity
@@ -515,6 +537,7 @@ class MemPool:
         for tier in Tier:
             alloc = self.alloc[tier]
             free = alloc.free_ids()
+            self.client[tier].check()
             client = set(self.client[tier])
             idx = index[tier]
             name = tier.name.lower()
@@ -547,3 +570,13 @@ class MemPool:
             assert node.lock_ref == expected.get(node.node_id, 0), (
                 f"{node} is pinned {node.lock_ref} times, live handles say {expected.get(node.node_id, 0)}"
             )
+
+
+def _blocks_and_tiers(path: list[Node]) -> tuple[list[int], list[Tier]]:
+    """The block ids along a path and the tier of each (one list operation per node)."""
+    blocks: list[int] = []
+    tiers: list[Tier] = []
+    for node in path:
+        blocks += node.blocks
+        tiers += [node.tier] * len(node.blocks)
+    return blocks, tiers

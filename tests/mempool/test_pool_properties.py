@@ -1,5 +1,6 @@
 """Random insert / match / release / delete / alloc / free / evict / swap sequences against
-a reference model, with `check_integrity` after every step.
+a reference model, with `check_integrity` after every step (which proves the tree's
+evictable sets exact) and the LRU heap's front checked against a scan of the whole tree.
 
 The model is rebuilt from the pool's own KV events (stored / removed chained hashes per
 tier), so it checks three things at once: the events describe the index exactly, every
@@ -124,6 +125,37 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(n=st.integers(1, 8), host=st.booleans())
     def evict(self, n: int, host: bool) -> None:
         self.pool.evict(n, Tier.HOST if host else Tier.DEVICE)
+
+    @rule(i=st.integers(0, 100), n=st.integers(1, 3))
+    def pin_indexed_blocks(self, i: int, n: int) -> None:
+        """A transfer pins index blocks by id: locks on any nodes, not only match paths."""
+        ids = [b for b in range(12) if self.pool.tree.node_of(b, Tier.DEVICE) is not None]
+        if ids:
+            handle = self.pool.pin_blocks(ids[i % len(ids) :][:n], owner="transfer")
+            if handle:
+                self.handles.append((handle, []))
+
+    @invariant()
+    def lru_front_is_the_oldest_evictable_node(self) -> None:
+        """The evictable sets' heap hands out what a scan of the whole tree would pick."""
+        tree = self.pool.tree
+        for tier in Tier:
+            scan = [
+                (n.last_access, n.node_id)
+                for n in tree.nodes()
+                if n.tier == tier
+                and not n.lock_ref
+                and all(
+                    c.tier == Tier.HOST if tier == Tier.DEVICE else False
+                    for c in n.children.values()
+                )
+            ]
+            front = tree.pop_lru(tier)
+            if front is None:
+                assert not scan
+                continue
+            assert (front.last_access, front.node_id) == min(scan)
+            tree.requeue([front])
 
     @invariant()
     def consistent(self) -> None:
