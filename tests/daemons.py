@@ -133,3 +133,14 @@ async def assert_idle_and_intact(client: MempoolClient, name: str, timeout_s: fl
     assert idle, (name, st)
     check = await client.check_integrity()
     assert check.ok, f"{name}: {check.message}"
+
+
+async def assert_clean(*daemons: Daemon) -> None:
+    """Every daemon passes check_integrity with no client blocks and no transfer pending."""
+    for d in daemons:
+        check = await d.client.check_integrity()
+        assert check.ok, f"{d.instance_id}: {check.message}"
+        st = await d.client.stats()
+        assert st.client["device"] == 0 and st.pending_transfers == 0, (
+            f"{d.instance_id} holds blocks: {st}"
+        )

@@ -19,7 +19,7 @@ import zmq.asyncio
 from common.sockets import RpcError
 from services.mempool.region import ShmRegion
 from services.mempool.transport import available_transports
-from tests.daemons import Daemon, SpawnDaemon
+from tests.daemons import Daemon, SpawnDaemon, assert_clean
 
 pytestmark = pytest.mark.integration
 
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.integration
 async def region_of(d: Daemon) -> ShmRegion:
     info = await d.client.info()
     return ShmRegion.attach(info.device_name, info.block_bytes, info.device_max_blocks)
-
-
-async def assert_clean(*daemons: Daemon) -> None:
-    for d in daemons:
-        check = await d.client.check_integrity()
-        assert check.ok, f"{d.instance_id}: {check.message}"
-        st = await d.client.stats()
-        assert st.client["device"] == 0 and st.pending_transfers == 0, (
-            f"{d.instance_id} holds blocks: {st}"
-        )
 
 
 @pytest.mark.parametrize("transport", available_transports())

@@ -13,8 +13,7 @@ import pytest
 from common.errors import ErrorKind
 from common.protocol import mempool as mp
 from common.sockets import RpcError, RpcServer
-from tests.daemons import SpawnDaemon
-from tests.mempool.test_daemon import assert_clean
+from tests.daemons import SpawnDaemon, assert_clean
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from common.protocol import worker as wp
 from services.worker.kv_connector import KvPlan, KvPrefix, MempoolConnector
 from services.worker.request import FinishReason
 from tests.daemons import SpawnDaemon, assert_idle_and_intact
-from tests.worker.test_engine import prompt
+from tests.worker.helpers import prompt
 
 pytestmark = pytest.mark.integration
 
