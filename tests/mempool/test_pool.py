@@ -321,3 +321,43 @@ def test_swap_out_n_only_demotes() -> None:
     assert no_host.stats().index["device"] == 2
     pool.check_integrity()
     no_host.check_integrity()
+
+
+def test_insert_with_pin_owner_pins_what_it_indexed() -> None:
+    pool, mem = make_pool(device=8)
+    cached = cache(pool, mem, [1] * 8)  # a shared prefix already in the index
+    ids = pool.alloc_mem(4, owner="w")
+    r = pool.insert([1] * 8 + [2] * 4 + [9], ids, pin_owner="decoder")
+    # The whole path is pinned: the cached prefix's blocks, then the caller's new block;
+    # duplicates of cached blocks and the partial tail are freed as in a plain insert.
+    assert r.handle and r.index_block_ids == [*cached, ids[2]] and r.num_indexed_tokens == 12
+    assert sorted(r.freed_block_ids) == sorted([*ids[:2], ids[3]])
+    assert pool.evict(8) == 0  # nothing evictable while the pin holds
+    assert pool.delete([1] * 8 + [2] * 4) == 0
+    assert pool.stats().pinned["device"] == 3
+    pool.check_integrity()
+    pool.release(r.handle)
+    assert pool.stats().pinned["device"] == 0 and pool.evict(8) == 3
+    # A dead client's pins go with it, like a match's.
+    r = pool.insert([3] * 4, pool.alloc_mem(1, owner="w"), pin_owner="dead")
+    assert r.handle and pool.release_owner("dead") == 0 and pool.stats().pinned["device"] == 0
+    # Under one block: nothing is indexed and nothing is pinned.
+    short = pool.insert([4] * 3, pool.alloc_mem(1, owner="w"), pin_owner="decoder")
+    assert short.handle == 0 and short.index_block_ids == [] and len(short.freed_block_ids) == 1
+    pool.check_integrity()
+
+
+def test_pinned_insert_brings_a_host_prefix_back_to_the_device() -> None:
+    pool, mem = make_pool(device=4, host=4)
+    cache(pool, mem, [1] * 8)
+    cache(pool, mem, [2] * 8)
+    held = pool.alloc_mem(2)  # demotes [1] to the host
+    pool.free_mem(held)
+    assert peek(pool, [1] * 8) and pool.stats().index == {"device": 2, "host": 2}
+    ids = pool.alloc_mem(3, owner="w")
+    r = pool.insert([1] * 8 + [5] * 4, ids, pin_owner="decoder")
+    # As a promoting match would: every pinned block is on the device, same bytes.
+    assert r.handle and r.index_tiers == [Tier.DEVICE] * 3
+    assert [mem.data[(Tier.DEVICE, b)] for b in r.index_block_ids[:2]] == [(1,) * 4, (1,) * 4]
+    pool.release(r.handle)
+    pool.check_integrity()
