@@ -79,10 +79,11 @@ class Launcher:
         return p
 
     async def stop_all(self) -> None:
-        for p in self.procs:
+        """Newest first, each gone before the next: a worker stops before its daemon, so it
+        gives its leased blocks back instead of waiting out an RPC to a daemon already gone."""
+        for p in reversed(self.procs):
             if p.proc.poll() is None:
                 p.proc.terminate()
-        for p in self.procs:
             try:
                 await asyncio.to_thread(p.proc.wait, 10)
             except subprocess.TimeoutExpired:
