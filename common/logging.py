@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -118,3 +120,42 @@ def get_logger(name: str | None = None) -> FilteringBoundLogger:
     # resolve the configuration now instead of at each call.
     args = () if name is None else (name,)
     return cast(FilteringBoundLogger, structlog.get_logger(*args))
+
+
+class Throttled:
+    """Warnings at most `burst` per key per `interval_s`, so a peer that floods bad input
+    cannot flood the log: past the burst, lines are counted, and the first line of the
+    next interval is preceded by one "suppressed K similar" line for that key.
+
+    Keys must come from a small fixed set (a kind of message, never a peer's id): the
+    table holds one entry per key for the life of the process."""
+
+    def __init__(
+        self,
+        logger: FilteringBoundLogger,
+        *,
+        burst: int = 5,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.logger = logger
+        self.burst = burst
+        self.interval_s = interval_s
+        self.clock = clock
+        # key -> [window start, lines written in the window, lines suppressed]
+        self._windows: dict[str, list[float]] = {}
+
+    def warning(self, key: str, event: str, **fields: Any) -> bool:
+        """Log `event` unless `key` is over its burst; return whether it was written."""
+        now = self.clock()
+        w = self._windows.get(key)
+        if w is None or now - w[0] >= self.interval_s:
+            if w is not None and w[2]:
+                self.logger.warning("suppressed similar warnings", key=key, suppressed=int(w[2]))
+            w = self._windows[key] = [now, 0, 0]
+        if w[1] >= self.burst:
+            w[2] += 1
+            return False
+        w[1] += 1
+        self.logger.warning(event, **fields)
+        return True

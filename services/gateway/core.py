@@ -15,6 +15,11 @@ Invariants:
   so a client's request ids are unique among its requests in flight.
 * At most `max_inflight` requests are in flight; `admit` refuses the next one with
   "overloaded" at once (bounded admission: nothing queues at the gateway).
+* At most `max_inflight_per_client` of them (counting those `hold` keeps while their text
+  is tokenized) belong to one client; `inflight_of` counts them per client exactly.
+* Every bound is judged by `check` before any tokenizing: ids of at most `max_id_bytes`,
+  prompt text of at most `max_prompt_bytes`, fewer token ids than `max_model_len`,
+  `max_tokens` at most `max_tokens_limit` (the model's context window).
 * A prompt is never empty, holds only ids of the vocabulary, and is shorter than
   `max_model_len` (at least one output token fits).
 * A session has at most one turn in flight; a turn that ends with stop or length makes
@@ -35,9 +40,12 @@ from common.errors import InvalidRequestError
 from common.protocol import client as cp
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
+from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from services.gateway.sessions import Sessions
 from services.gateway.stream import Leg, RequestStream
+
+DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 
 
 @dataclass(eq=False)
@@ -71,45 +79,136 @@ class GatewayCore:
         sessions: Sessions,
         id_prefix: str,
         reply_to: str,
+        max_inflight_per_client: int | None = None,
+        max_id_bytes: int = 128,
+        max_prompt_bytes: int | None = None,
+        max_tokens_limit: int | None = None,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_inflight = max_inflight
+        self.max_inflight_per_client = max_inflight_per_client or max_inflight
+        self.max_id_bytes = max_id_bytes
+        self.max_prompt_bytes = max_prompt_bytes or 8 * max_model_len + 1024
+        # No output outgrows the model's context window, so a larger max_tokens is a
+        # mistake (or an attack). Unset: never below the default, which is always allowed.
+        self.max_tokens_limit = max_tokens_limit or max(max_model_len, DEFAULT_MAX_TOKENS)
         self.sessions = sessions
         self.id_prefix = id_prefix  # unique per gateway run: ids never repeat after a restart
         self.reply_to = reply_to  # where workers push this gateway's token chunks
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
+        # Requests that passed `check` and whose text is being tokenized: (peer, client
+        # request id) -> cancelled meanwhile.
+        self.pending: dict[tuple[bytes, str], bool] = {}
+        self.inflight_of: dict[bytes, int] = {}  # requests (and pending ones) per client
         self.served = 0
         self.failed = 0
         self._next_id = 0
 
     # ---------------------------------------------------------------- admission
-    def admit(self, peer: bytes, req: cp.Complete, now: float) -> Request | cp.Final:
-        """Register `req` (received at `now`) or refuse it with the Final to send back.
+    def check(self, peer: bytes, req: cp.Complete) -> cp.Final | None:
+        """The refusal of `req` by its bounds alone, or None: nothing here tokenizes or
+        scans more than a few bytes of the request, so a huge one costs next to nothing.
 
-        Judged in arrival order: a duplicate id and overload are checked before the
-        prompt is built, so a refusal never touches the request's session."""
-        if (peer, req.request_id) in self.by_client:
+        An id over `max_id_bytes` is never echoed back: its refusal carries no id."""
+        if _utf8_len(req.request_id, self.max_id_bytes) > self.max_id_bytes:
+            return self._refuse(req, f"request_id longer than {self.max_id_bytes} bytes", "")
+        if _utf8_len(req.session_id, self.max_id_bytes) > self.max_id_bytes:
+            return self._refuse(req, f"session_id longer than {self.max_id_bytes} bytes")
+        key = (peer, req.request_id)
+        if key in self.by_client or key in self.pending:
             return self._refuse(req, f"request id {req.request_id!r} is already in flight")
-        if len(self.requests) >= self.max_inflight:
+        inflight = len(self.requests) + len(self.pending)
+        if inflight >= self.max_inflight:
             return self._refuse(
                 req,
-                f"overloaded: {len(self.requests)} requests in flight "
+                f"overloaded: {inflight} requests in flight "
                 f"(max_inflight {self.max_inflight}); retry later",
             )
-        history: list[int] = []
+        mine = self.inflight_of.get(peer, 0)
+        if mine >= self.max_inflight_per_client:
+            return self._refuse(
+                req,
+                f"overloaded: this client has {mine} requests in flight "
+                f"(max_inflight_per_client {self.max_inflight_per_client}); retry later",
+            )
         try:
             if (req.prompt is None) == (req.token_ids is None):
                 raise InvalidRequestError("give exactly one of prompt (text) and token_ids")
+            if req.prompt is not None:
+                n = _utf8_len(req.prompt, self.max_prompt_bytes)
+                if n > self.max_prompt_bytes:
+                    raise InvalidRequestError(
+                        f"prompt too long: over {self.max_prompt_bytes} bytes of text "
+                        f"(max_prompt_bytes; max_model_len {self.max_model_len})"
+                    )
+            elif len(req.token_ids or ()) >= self.max_model_len:
+                raise InvalidRequestError(
+                    f"prompt too long: {len(req.token_ids or ())} tokens, limit "
+                    f"{self.max_model_len - 1} (max_model_len {self.max_model_len} leaves "
+                    "room for one output token)"
+                )
             req.params.validate()
+            if req.params.max_tokens > self.max_tokens_limit:
+                raise InvalidRequestError(
+                    f"max_tokens too large: {req.params.max_tokens}, limit "
+                    f"{self.max_tokens_limit} (the model's context window)"
+                )
+        except InvalidRequestError as exc:
+            return self._refuse(req, str(exc))
+        return None
+
+    def needs_bos(self, req: cp.Complete) -> bool:
+        """Whether `req`'s text would be tokenized with the tokenizer's specials now: only
+        as a conversation's first turn (see `prompt_ids`)."""
+        s = self.sessions.sessions.get(req.session_id) if req.session_id else None
+        return s is None or not s.history
+
+    def hold(self, peer: bytes, req: cp.Complete) -> None:
+        """Count `req` (which passed `check`) in flight while its text is tokenized off the
+        event loop: its id stays taken and it counts towards the caps until `unhold`."""
+        self.pending[(peer, req.request_id)] = False
+        self.inflight_of[peer] = self.inflight_of.get(peer, 0) + 1
+
+    def cancel_held(self, peer: bytes, client_request_id: str) -> bool:
+        """Mark a held request cancelled (it is answered "abort" once unheld)."""
+        key = (peer, client_request_id)
+        if key not in self.pending:
+            return False
+        self.pending[key] = True
+        return True
+
+    def unhold(self, peer: bytes, req: cp.Complete) -> bool:
+        """Stop holding `req`; return whether it was cancelled meanwhile."""
+        self._uncount(peer)
+        return self.pending.pop((peer, req.request_id))
+
+    def admit(
+        self,
+        peer: bytes,
+        req: cp.Complete,
+        now: float,
+        encoded: tuple[list[int], bool] | None = None,
+    ) -> Request | cp.Final:
+        """Register `req` (received at `now`) or refuse it with the Final to send back.
+
+        `encoded` is the prompt text already tokenized off the event loop, and whether
+        with the specials (`needs_bos` when it was asked). Judged in arrival order: the
+        bounds, a duplicate id and overload are checked before the prompt is built, so a
+        refusal never touches the request's session."""
+        refusal = self.check(peer, req)
+        if refusal is not None:
+            return refusal
+        history: list[int] = []
+        try:
             if req.session_id:
                 history = self.sessions.begin_turn(req.session_id, now)
         except InvalidRequestError as exc:
             return self._refuse(req, str(exc))
         try:
-            ids = self.prompt_ids(req, history)
+            ids = self.prompt_ids(req, history, encoded)
         except InvalidRequestError as exc:
             if req.session_id:  # give the turn back: the session stays as it was
                 self.sessions.end_turn(req.session_id, None, now)
@@ -121,15 +220,26 @@ class GatewayCore:
         r.session_id = req.session_id
         self.requests[rid] = r
         self.by_client[(peer, req.request_id)] = rid
+        self.inflight_of[peer] = self.inflight_of.get(peer, 0) + 1
         return r
 
-    def prompt_ids(self, req: cp.Complete, history: list[int]) -> list[int]:
+    def prompt_ids(
+        self,
+        req: cp.Complete,
+        history: list[int],
+        encoded: tuple[list[int], bool] | None = None,
+    ) -> list[int]:
         """The request's prompt: the session's history, then the new text or token ids.
 
         The tokenizer adds its BOS only to a conversation's first turn: a later turn
-        continues the history, and a BOS in the middle would change the model's input."""
+        continues the history, and a BOS in the middle would change the model's input.
+        `encoded` is used when it was made with the specials this turn needs; else (the
+        session's history changed while it was tokenized) the text is tokenized here."""
         if req.prompt is not None:
-            new = self.tokenizer.encode(req.prompt, add_special_tokens=not history)
+            if encoded is not None and encoded[1] == (not history):
+                new = encoded[0]
+            else:
+                new = self.tokenizer.encode(req.prompt, add_special_tokens=not history)
         else:
             new = list(req.token_ids or ())
             bad = [t for t in new if not 0 <= t < self.vocab_size]
@@ -147,9 +257,17 @@ class GatewayCore:
             )
         return ids
 
-    def _refuse(self, req: cp.Complete, error: str) -> cp.Final:
+    def _refuse(self, req: cp.Complete, error: str, request_id: str | None = None) -> cp.Final:
         self.failed += 1
-        return cp.Final(req.request_id, "error", error=error)
+        rid = req.request_id if request_id is None else request_id
+        return cp.Final(rid, "error", error=error)
+
+    def _uncount(self, peer: bytes) -> None:
+        n = self.inflight_of[peer] - 1
+        if n:
+            self.inflight_of[peer] = n
+        else:
+            del self.inflight_of[peer]
 
     # ---------------------------------------------------------------- placement
     def placed(self, r: Request, p: sp.Placement) -> wp.Generate:
@@ -199,6 +317,7 @@ class GatewayCore:
         if r is None:
             return None
         del self.by_client[(r.peer, r.stream.client_request_id)]
+        self._uncount(r.peer)
         ok = final.finish_reason in ("stop", "length")
         if ok:
             self.served += 1
@@ -216,3 +335,11 @@ class GatewayCore:
             "served": self.served,
             "failed": self.failed,
         }
+
+
+def _utf8_len(text: str, limit: int) -> int:
+    """The UTF-8 length of `text`, or any number above `limit` once that is certain,
+    without encoding a huge text (a character is 1 to 4 bytes)."""
+    if len(text) > limit:
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))

@@ -25,7 +25,7 @@ from typing import Any
 
 from common.auth import check_admin_token
 from common.codec import DecodeError
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
 from common.net import advertise
 from common.protocol import client as cp
 from common.protocol import scheduler as sp
@@ -73,12 +73,18 @@ class GatewayService(ServiceShell):
                 cfg.scheduler_events, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]
             )
         self.control = RpcServer(cfg.control_address, AdminRequest, AdminReply)
+        self.warn = Throttled(log, burst=cfg.log_burst, interval_s=cfg.log_interval_s)
+        context = min(cfg.max_model_len or max_model_len, max_model_len)
         self.core = GatewayCore(
             tokenizer,
             vocab_size=vocab,
-            max_model_len=min(cfg.max_model_len or max_model_len, max_model_len),
+            max_model_len=context,
             max_inflight=cfg.max_inflight,
-            sessions=Sessions(cfg.session_ttl_s, cfg.max_sessions),
+            max_inflight_per_client=cfg.max_inflight_per_client,
+            max_id_bytes=cfg.max_id_bytes,
+            max_prompt_bytes=cfg.prompt_bytes_limit(context),
+            max_tokens_limit=max_model_len,
+            sessions=Sessions(cfg.session_ttl_s, cfg.max_sessions, cfg.max_sessions_per_client),
             # A fresh prefix per run: a restarted gateway never reuses an id that a worker
             # or the scheduler may still hold.
             id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
@@ -114,36 +120,74 @@ class GatewayService(ServiceShell):
             try:
                 peer, msg = await self.clients.recv()
             except MalformedFrom as exc:
-                log.warning("malformed client message", error=str(exc))
+                self.warn.warning("malformed", "malformed client message", error=str(exc)[:200])
                 await self._to_client(
                     exc.peer, cp.Final("", "error", error=f"malformed request: {exc}")
                 )
                 continue
             match msg:
                 case cp.Complete():
-                    admitted = self.core.admit(peer, msg, time.monotonic())
-                    if isinstance(admitted, cp.Final):
-                        await self._to_client(peer, admitted)
-                    else:
-                        self.tasks.spawn(self._dispatch(admitted))
+                    await self._complete(peer, msg)
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way
                         await self._end(r, r.stream.end("abort", time.monotonic()), abort=True)
+                    else:  # or its text is being tokenized: it ends "abort" once it is
+                        self.core.cancel_held(peer, crid)
                 case cp.OpenSession():
                     try:
-                        sid = self.core.sessions.open(time.monotonic())
+                        sid = self.core.sessions.open(time.monotonic(), peer)
                     except ValueError as exc:
+                        self.warn.warning("session", "session refused", error=str(exc))
                         await self._to_client(peer, cp.SessionClosed("", str(exc)))
                     else:
                         await self._to_client(peer, cp.SessionOpened(sid))
                 case cp.CloseSession(session_id=sid):
+                    if len(sid) > self.cfg.max_id_bytes:  # never echo an oversized id
+                        error = f"session_id longer than {self.cfg.max_id_bytes} bytes"
+                        self.warn.warning("session", "session refused", error=error)
+                        await self._to_client(peer, cp.SessionClosed("", error))
+                        continue
                     try:
                         self.core.sessions.close(sid)
                     except ValueError as exc:
                         await self._to_client(peer, cp.SessionClosed(sid, str(exc)))
                     else:
                         await self._to_client(peer, cp.SessionClosed(sid))
+
+    async def _complete(self, peer: bytes, msg: cp.Complete) -> None:
+        """Admit `msg` or refuse it. Its bounds are judged first, on the loop (cheap); a
+        text prompt within them is tokenized in a thread, so no prompt stalls the loop."""
+        refusal = self.core.check(peer, msg)
+        if refusal is None and msg.prompt is not None:
+            self.core.hold(peer, msg)
+            self.tasks.spawn(self._tokenize_then_admit(peer, msg))
+            return
+        admitted = refusal or self.core.admit(peer, msg, time.monotonic())
+        if isinstance(admitted, cp.Final):
+            self.warn.warning("refused", "request refused", error=admitted.error[:200])
+            await self._to_client(peer, admitted)
+        else:
+            self.tasks.spawn(self._dispatch(admitted))
+
+    async def _tokenize_then_admit(self, peer: bytes, msg: cp.Complete) -> None:
+        assert msg.prompt is not None
+        bos = self.core.needs_bos(msg)
+        try:
+            ids = await asyncio.to_thread(
+                self.core.tokenizer.encode, msg.prompt, add_special_tokens=bos
+            )
+        finally:
+            cancelled = self.core.unhold(peer, msg)
+        if cancelled:
+            await self._to_client(peer, cp.Final(msg.request_id, "abort"))
+            return
+        admitted = self.core.admit(peer, msg, time.monotonic(), (ids, bos))
+        if isinstance(admitted, cp.Final):
+            self.warn.warning("refused", "request refused", error=admitted.error[:200])
+            await self._to_client(peer, admitted)
+        else:
+            await self._dispatch(admitted)
 
     async def _dispatch(self, r: Request) -> None:
         """Place the request, then send its `Generate` to the first worker."""
