@@ -42,6 +42,7 @@ from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
+from services.gateway.config import PROMPT_BYTES_PER_TOKEN, PROMPT_BYTES_SLACK
 from services.gateway.sessions import Sessions
 from services.gateway.stream import Leg, RequestStream
 
@@ -90,7 +91,9 @@ class GatewayCore:
         self.max_inflight = max_inflight
         self.max_inflight_per_client = max_inflight_per_client or max_inflight
         self.max_id_bytes = max_id_bytes
-        self.max_prompt_bytes = max_prompt_bytes or 8 * max_model_len + 1024
+        self.max_prompt_bytes = max_prompt_bytes or (
+            PROMPT_BYTES_PER_TOKEN * max_model_len + PROMPT_BYTES_SLACK
+        )
         # No output outgrows the model's context window, so a larger max_tokens is a
         # mistake (or an attack). Unset: never below the default, which is always allowed.
         self.max_tokens_limit = max_tokens_limit or max(max_model_len, DEFAULT_MAX_TOKENS)

@@ -143,7 +143,8 @@ class GatewayService(ServiceShell):
                     else:
                         await self._to_client(peer, cp.SessionOpened(sid))
                 case cp.CloseSession(session_id=sid):
-                    if len(sid) > self.cfg.max_id_bytes:  # never echo an oversized id
+                    limit = self.cfg.max_id_bytes
+                    if len(sid) > limit or len(sid.encode()) > limit:  # never echo it
                         error = f"session_id longer than {self.cfg.max_id_bytes} bytes"
                         self.warn.warning("session", "session refused", error=error)
                         await self._to_client(peer, cp.SessionClosed("", error))
