@@ -38,6 +38,17 @@ Invariants:
   pyzmq's copy threshold (64 KiB) go zero-copy: ZeroMQ reads them after ``send`` returns,
   so never write in place to a tensor that was sent; send a ``.clone()`` of a reused
   buffer.
+* Every socket bounds what a peer may make it hold: ``max_message_bytes`` (``zmq.MAXMSGSIZE``)
+  is the largest frame it accepts. libzmq checks each frame's size from its header before
+  reading it and drops the connection of a peer that announces a bigger one, so the frame
+  is never buffered, never delivered, and the socket keeps serving its other peers (a
+  ROUTER's dropped peer is just gone; a DEALER or SUB reconnects). The limit is per frame:
+  a tensor travels as a frame of its own. Defaults: ``DEFAULT_MAX_MESSAGE_BYTES`` for the
+  sockets that receive from peers they did not choose (PULL, SUB, RPC server, ROUTER),
+  ``CONTROL_MAX_MESSAGE_BYTES`` for those that receive nothing but subscriptions (PUSH,
+  PUB), and none for clients (RPC client, DEALER): they read replies from the server they
+  chose to call, whose replies carry what it serves (a MemPool ``GetTensor`` answer is as
+  large as the daemon's tensor arena). ``None`` means no limit.
 """
 
 from __future__ import annotations
@@ -66,6 +77,13 @@ Rep = TypeVar("Rep", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 log = get_logger(__name__)
+
+# Messages of the control and serving protocols are token lists and small structs: 16 MiB
+# holds a prompt of ~4M tokens as int32 bytes (the msgpack list form is at most 5 bytes a
+# token, ~3M tokens), far beyond any context length, and bounds what one frame can pin.
+DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+# PUSH and PUB sockets receive only subscriptions (topics): a few bytes each.
+CONTROL_MAX_MESSAGE_BYTES = 64 << 10
 
 _OK = b"\x00"
 _ERROR = b"\x01"
@@ -112,9 +130,18 @@ _S = TypeVar("_S", bound="_Socket")
 class _Socket:
     """A zmq.asyncio socket bound or connected to one address, with serialized sends."""
 
-    def __init__(self, kind: int, address: str, *, bind: bool) -> None:
+    def __init__(
+        self, kind: int, address: str, *, bind: bool, max_message_bytes: int | None
+    ) -> None:
+        if max_message_bytes is not None and max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be > 0 or None, got {max_message_bytes}")
         self._sock = get_context().socket(kind)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # Before bind/connect: the option applies to connections made afterwards.
+        self.max_message_bytes = max_message_bytes
+        self._sock.setsockopt(
+            zmq.MAXMSGSIZE, -1 if max_message_bytes is None else max_message_bytes
+        )
         self._send_lock = asyncio.Lock()
         try:
             if bind:
@@ -165,8 +192,15 @@ class _Socket:
 class PushSocket(_Socket, Generic[T]):
     """Sends ``T`` messages to the PULL sockets at the other end, round-robin."""
 
-    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
-        super().__init__(zmq.PUSH, address, bind=bind)
+    def __init__(
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool,
+        max_message_bytes: int | None = CONTROL_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(zmq.PUSH, address, bind=bind, max_message_bytes=max_message_bytes)
         self.type = type_
 
     async def send(self, msg: T) -> None:
@@ -177,8 +211,15 @@ class PushSocket(_Socket, Generic[T]):
 class PullSocket(_Socket, Generic[T]):
     """Receives ``T`` messages from PUSH sockets, fair-queued."""
 
-    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
-        super().__init__(zmq.PULL, address, bind=bind)
+    def __init__(
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(zmq.PULL, address, bind=bind, max_message_bytes=max_message_bytes)
         self._decoder: Decoder[T] = Decoder(type_)
 
     async def recv(self) -> T:
@@ -189,8 +230,15 @@ class PullSocket(_Socket, Generic[T]):
 class PubSocket(_Socket, Generic[T]):
     """Publishes ``T`` messages under a topic; never blocks (slow subscribers drop)."""
 
-    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool) -> None:
-        super().__init__(zmq.PUB, address, bind=bind)
+    def __init__(
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool,
+        max_message_bytes: int | None = CONTROL_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(zmq.PUB, address, bind=bind, max_message_bytes=max_message_bytes)
         self.type = type_
 
     async def publish(self, topic: bytes, msg: T) -> None:
@@ -201,9 +249,15 @@ class SubSocket(_Socket, Generic[T]):
     """Receives ``(topic, T)`` for every subscribed topic prefix (``b""``: all)."""
 
     def __init__(
-        self, address: str, type_: TypeForm[T], *, bind: bool, topics: Iterable[bytes] = (b"",)
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool,
+        topics: Iterable[bytes] = (b"",),
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(zmq.SUB, address, bind=bind)
+        super().__init__(zmq.SUB, address, bind=bind, max_message_bytes=max_message_bytes)
         self._decoder: Decoder[T] = Decoder(type_)
         for topic in topics:
             self.subscribe(topic)
@@ -233,8 +287,9 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         reply_type: TypeForm[Rep],
         *,
         bind: bool = True,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(zmq.ROUTER, address, bind=bind)
+        super().__init__(zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes)
         self._decoder: Decoder[Req] = Decoder(request_type)
         self.reply_type = reply_type
 
@@ -313,8 +368,9 @@ class RpcClient(_Socket, Generic[Req, Rep]):
         reply_type: TypeForm[Rep],
         *,
         bind: bool = False,
+        max_message_bytes: int | None = None,
     ) -> None:
-        super().__init__(zmq.DEALER, address, bind=bind)
+        super().__init__(zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes)
         self.request_type = request_type
         self._decoder: Decoder[Rep] = Decoder(reply_type)
         self._errors = Decoder(ErrorReply)
@@ -433,9 +489,15 @@ class RouterSocket(_Socket, Generic[T]):
     """
 
     def __init__(
-        self, address: str, type_: TypeForm[T], *, bind: bool = True, sndhwm: int = 10_000
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool = True,
+        sndhwm: int = 10_000,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
-        super().__init__(zmq.ROUTER, address, bind=bind)
+        super().__init__(zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)  # per peer; applies to every connection
         self._decoder: Decoder[T] = Decoder(type_)
@@ -466,8 +528,15 @@ class RouterSocket(_Socket, Generic[T]):
 class DealerSocket(_Socket, Generic[T]):
     """The client end of a ``RouterSocket``: sends messages, receives ``T`` replies."""
 
-    def __init__(self, address: str, type_: TypeForm[T], *, bind: bool = False) -> None:
-        super().__init__(zmq.DEALER, address, bind=bind)
+    def __init__(
+        self,
+        address: str,
+        type_: TypeForm[T],
+        *,
+        bind: bool = False,
+        max_message_bytes: int | None = None,
+    ) -> None:
+        super().__init__(zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes)
         self._decoder: Decoder[T] = Decoder(type_)
 
     async def send(self, msg: msgspec.Struct) -> None:

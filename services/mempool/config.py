@@ -4,15 +4,22 @@ Sizes: a block holds `block_size` tokens of K and V for `num_layers` layers of t
 (all layers unless set), so `block_bytes` follows from the model's config.json. The device
 tier holds `device_blocks` blocks (or as many as fit in `device_memory_bytes`); the region
 reserves `device_max_blocks` so the pool can grow at run time without remapping.
+
+Limits on what peers can make the daemon hold: the control socket accepts frames up to
+`rpc_max_message_bytes()`; the tcp data-plane receiver admits `data_max_connections`
+connections (`data_max_connections_per_host` from one host) and closes one that sends no
+complete frame header within `data_header_timeout_s`.
 """
 
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 import msgspec
 
 from common.kv_geometry import KVGeometry
+from common.sockets import DEFAULT_MAX_MESSAGE_BYTES
 
 
 class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -40,6 +47,12 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     transports: list[str] = msgspec.field(default_factory=lambda: ["shm", "tcp"])
     data_host: str = "127.0.0.1"  # address the tcp/ucx/gloo/nccl receivers listen on
     transfer_timeout_s: float = 30.0
+    # tcp data plane: connections over a limit are closed at once; each one holds a thread.
+    data_max_connections: int = 64
+    data_max_connections_per_host: int = 16
+    # A sender writes a frame header as soon as it connects or finishes the previous frame;
+    # a connection silent for longer is closed (the sender reconnects when it next sends).
+    data_header_timeout_s: float = 5.0
     ttl_s: float | None = None
     admin_token: str = ""  # `status` / `shutdown` over the RPC socket need it
     log_level: str = "info"
@@ -55,6 +68,12 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError("mempool.transports must name at least one transport")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"mempool.dtype must be float32|float16|bfloat16, got {self.dtype!r}")
+        if self.data_max_connections < 1 or self.data_max_connections_per_host < 1:
+            raise ValueError("mempool.data_max_connections{,_per_host} must be >= 1")
+        if self.data_header_timeout_s <= 0:
+            raise ValueError(
+                f"mempool.data_header_timeout_s must be > 0, got {self.data_header_timeout_s}"
+            )
         kind, _, index = self.device.partition(":")
         if self.device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
             raise ValueError(
@@ -69,3 +88,17 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     def device_block_count(self, block_bytes: int) -> int:
         """Blocks of the device tier at start: `device_blocks`, else as many as fit."""
         return self.device_blocks or max(1, self.device_memory_bytes // block_bytes)
+
+    def rpc_max_message_bytes(self) -> int:
+        """The largest frame the control socket accepts: a `PutTensor` carries its tensor as
+        one frame, which can be as large as the tensor arena; other requests (token lists)
+        fit the sockets' default."""
+        return max(DEFAULT_MAX_MESSAGE_BYTES, self.tensor_memory_bytes)
+
+    def tcp_receiver_options(self) -> dict[str, Any]:
+        """The `TcpReceiver` settings of this config (its connection limits)."""
+        return {
+            "max_connections": self.data_max_connections,
+            "max_connections_per_host": self.data_max_connections_per_host,
+            "header_timeout_s": self.data_header_timeout_s,
+        }

@@ -11,6 +11,7 @@ and the receiver takes the first it also has (`choose`); shm and cuda-ipc only w
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from common.errors import ErrorKind, MemServeError, error_kind
@@ -32,10 +33,17 @@ _SAME_HOST_ONLY = ("shm", "cuda-ipc")
 
 
 class DataPlane:
-    def __init__(self, region: Region, transports: list[str], data_host: str, host_id: str):
+    def __init__(
+        self,
+        region: Region,
+        transports: list[str],
+        data_host: str,
+        host_id: str,
+        tcp_options: Mapping[str, Any] | None = None,
+    ):
         self.region = region
         self.host_id = host_id
-        self.transports = _make_transports(region, transports, data_host)
+        self.transports = _make_transports(region, transports, data_host, tcp_options or {})
         self.endpoints: dict[str, dict[str, str]] = {}  # per transport, once started
 
     async def start(self) -> None:
@@ -80,10 +88,11 @@ class DataPlane:
 
 
 def _make_transports(
-    region: Region, configured: list[str], data_host: str
+    region: Region, configured: list[str], data_host: str, tcp_options: Mapping[str, Any]
 ) -> dict[str, tuple[Receiver, Sender]]:
     """The configured transports that can move `region`'s memory here (host memory: shm,
-    tcp, ucx, gloo; a CUDA device tier: nccl), receiving on `data_host`."""
+    tcp, ucx, gloo; a CUDA device tier: nccl), receiving on `data_host`; the tcp receiver
+    also takes `tcp_options` (its connection limits)."""
     memory = "host" if region.on_host else "cuda"
     usable = available_transports(memory)
     names = [t for t in configured if t in usable]
@@ -96,7 +105,7 @@ def _make_transports(
             f"here (usable: {usable or 'none'})"
         )
     options: dict[str, dict[str, Any]] = {
-        "tcp": {"host": data_host},
+        "tcp": {**tcp_options, "host": data_host},
         "ucx": {"advertise_host": data_host},
         "gloo": {"advertise_host": data_host},
         "nccl": {"advertise_host": data_host},

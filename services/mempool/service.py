@@ -75,16 +75,28 @@ class MempoolDaemon(ServiceShell):
             ttl_s=cfg.ttl_s,
         )
         try:  # a config that names no usable transport: give the memory back, then fail
-            self.kv_plane = DataPlane(self.device, cfg.transports, cfg.data_host, cfg.host_id)
+            tcp = cfg.tcp_receiver_options()
+            self.kv_plane = DataPlane(
+                self.device, cfg.transports, cfg.data_host, cfg.host_id, tcp_options=tcp
+            )
             self.tensor_plane = DataPlane(
-                self.memory.tensor_region, cfg.transports, cfg.data_host, cfg.host_id
+                self.memory.tensor_region,
+                cfg.transports,
+                cfg.data_host,
+                cfg.host_id,
+                tcp_options=tcp,
             )
         except BaseException:
             self.memory.close()
             raise
         self.endpoints = self.kv_plane.endpoints
         self.tensor_endpoints = self.tensor_plane.endpoints
-        self.server = RpcServer(cfg.control_address, mp.MempoolRequest, mp.MempoolReply)
+        self.server = RpcServer(
+            cfg.control_address,
+            mp.MempoolRequest,
+            mp.MempoolReply,
+            max_message_bytes=cfg.rpc_max_message_bytes(),
+        )
         self.events = PubSocket(cfg.events_address, ev.KvEventBatch, bind=True)
         self.counters = TransferCounters()
         self.peers = Peers()

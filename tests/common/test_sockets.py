@@ -9,14 +9,19 @@ import msgspec
 import pytest
 import torch
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from common.codec import Decoder
+from common.codec import Decoder, encode
 from common.errors import ErrorKind
 from common.sockets import (
+    CONTROL_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DealerSocket,
     ErrorReply,
     PubSocket,
     PullSocket,
     PushSocket,
+    RouterSocket,
     RpcClient,
     RpcClosed,
     RpcError,
@@ -280,3 +285,81 @@ async def test_call_for_refuses_a_reply_of_another_kind() -> None:
         assert info.value.kind == ErrorKind.INTERNAL
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+class Blob(msgspec.Struct):
+    data: bytes
+
+
+class Size(msgspec.Struct):
+    n: int
+
+
+async def test_each_socket_kind_bounds_the_messages_it_accepts() -> None:
+    """Receivers of unchosen peers get the default, send-only sockets a small one, clients
+    none; the owner may set any."""
+    with (
+        RpcServer(ANY_PORT, Blob, Size) as server,
+        RpcServer(ANY_PORT, Blob, Size, max_message_bytes=1 << 30) as tensors,
+        RpcClient(server.address, Blob, Size) as client,
+        PullSocket(ANY_PORT, Event, bind=True) as pull,
+        PushSocket(pull.address, Event, bind=False) as push,
+        SubSocket(ANY_PORT, Event, bind=True) as sub,
+        PubSocket(sub.address, Event, bind=False) as pub,
+        RouterSocket(ANY_PORT, Event) as router,
+        DealerSocket(router.address, Event) as dealer,
+    ):
+        limits = {
+            sock: sock._sock.getsockopt(zmq.MAXMSGSIZE)
+            for sock in (server, tensors, client, pull, push, sub, pub, router, dealer)
+        }
+    for sock in (server, pull, sub, router):
+        assert sock.max_message_bytes == limits[sock] == DEFAULT_MAX_MESSAGE_BYTES
+    for sock in (push, pub):
+        assert sock.max_message_bytes == limits[sock] == CONTROL_MAX_MESSAGE_BYTES
+    for sock in (client, dealer):
+        assert sock.max_message_bytes is None and limits[sock] == -1
+    assert tensors.max_message_bytes == limits[tensors] == 1 << 30
+    with pytest.raises(ValueError, match="max_message_bytes"):
+        PullSocket(ANY_PORT, Event, bind=True, max_message_bytes=0)
+
+
+async def test_rpc_server_drops_a_peer_that_sends_an_oversized_message() -> None:
+    """libzmq disconnects the peer on the frame's header: the oversized request never
+    reaches the handler (nor an error reply), and the server keeps serving."""
+    limit = 64 << 10
+    seen: list[int] = []
+
+    async def measure(req: Blob) -> Size:
+        seen.append(len(req.data))
+        return Size(len(req.data))
+
+    raw = get_context().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    monitor = raw.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+    with (
+        RpcServer(ANY_PORT, Blob, Size, max_message_bytes=limit) as server,
+        RpcClient(server.address, Blob, Size) as client,
+    ):
+        serving = asyncio.create_task(server.serve(measure))
+        try:
+            raw.connect(server.address)
+            events = [parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 10))]
+            assert events[0]["event"] == zmq.EVENT_CONNECTED
+            big = (1).to_bytes(8, "big")
+            await raw.send_multipart([big, *encode(Blob(b"\xee" * (4 * limit)))])
+            event = parse_monitor_message(await asyncio.wait_for(monitor.recv_multipart(), 10))
+            assert event["event"] == zmq.EVENT_DISCONNECTED  # the server cut the peer off
+            # Positive control: the same peer (it reconnects) and a typed client are served.
+            small = (2).to_bytes(8, "big")
+            await raw.send_multipart([small, *encode(Blob(b"\x01" * 100))])
+            reply = await asyncio.wait_for(raw.recv_multipart(), 10)
+            assert reply[:2] == [small, b"\x00"]  # no reply, error or not, to the oversized one
+            assert Decoder(Size).decode(reply[2:]) == Size(100)
+            assert (await client.call(Blob(b"\x02" * (limit // 2)), timeout_s=10)).n == limit // 2
+            assert seen == [100, limit // 2]
+        finally:
+            serving.cancel()
+            await asyncio.gather(serving, return_exceptions=True)
+            monitor.close(linger=0)
+            raw.close(linger=0)

@@ -10,15 +10,21 @@ said why not, e.g. the transfer was cancelled).
 
 Threads and who writes what:
 - Receiver: one accept thread, one thread per connection. Only a connection thread holding
-  a `Claim` writes into the region, and only into that claim's chunk.
+  a `Claim` writes into the region, and only into that claim's chunk. Connections are
+  bounded, so threads are: at most `max_connections` at a time, `max_connections_per_host`
+  from one peer host; the accept thread closes one over either limit at once, before it
+  costs a thread. A connection must deliver each frame header within `header_timeout_s`
+  of the previous frame (or of being accepted), so idle connections do not hold their
+  slot; the sender's cached connection is then found closed and replaced.
 - Sender: the blocking send of a transfer runs in the sender's thread pool; it only reads the
   source region. One connection per peer, used by one transfer at a time (a per-peer lock);
   a stale or failed connection is replaced. Every blocking call has a kernel timeout
   (SO_SNDTIMEO/SO_RCVTIMEO, set per chunk) bounded by the transfer's deadline and by
   `stall_timeout_s`, so a dead peer costs at most the timeout, never a hang. Kernel timeouts
   rather than Python socket timeouts: the latter poll() before every send/recv (~10% of the
-  throughput on loopback). The receiver's connections likewise drop after `idle_timeout_s`
-  without data; the sender notices a closed cached connection before reusing it.
+  throughput on loopback). The receiver's connections likewise drop when a payload stalls
+  for `idle_timeout_s`, or a header for `header_timeout_s`; the sender notices a closed
+  cached connection before reusing it.
 
 Cancellation: `TcpReceiver.cancel` deactivates the transfer, shuts down the connections that
 are in the middle of writing one of its chunks (which wakes their `recv_into`), and waits
@@ -105,6 +111,22 @@ def _discard(sock: socket.socket, nbytes: int, scratch: memoryview) -> bool:
     return True
 
 
+def _recv_header(sock: socket.socket, view: memoryview, deadline: float) -> bool:
+    """Fill `view` (a frame header) by `deadline` (monotonic); False if the peer closed the
+    stream first. Raises TimeoutError past the deadline, however the bytes trickle in."""
+    got, size = 0, len(view)
+    while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("no complete frame header in time")
+        _kernel_timeout(sock, socket.SO_RCVTIMEO, left)
+        n = sock.recv_into(view[got:], size - got)
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
 def _kernel_timeout(sock: socket.socket, option: int, seconds: float) -> None:
     """SO_RCVTIMEO/SO_SNDTIMEO: a blocking call waiting longer fails with EAGAIN (an OSError)."""
     whole, micros = divmod(max(1, round(seconds * 1e6)), 1_000_000)  # 0 would mean "never"
@@ -130,19 +152,32 @@ class TcpReceiver(TrackedReceiver):
         port: int = 0,
         advertise_host: str | None = None,
         idle_timeout_s: float = 300.0,
+        header_timeout_s: float = 5.0,
+        max_connections: int = 64,
+        max_connections_per_host: int = 16,
         buffer_bytes: int = SOCKET_BUFFER_BYTES,
         cancel_wait_s: float = 5.0,
     ) -> None:
+        if max_connections < 1 or max_connections_per_host < 1:
+            raise ValueError("max_connections and max_connections_per_host must be >= 1")
+        if header_timeout_s <= 0:
+            raise ValueError(f"header_timeout_s must be > 0, got {header_timeout_s}")
         super().__init__(region)
         self.host = host
         self.port = port
         self.advertise_host = advertise_host or host
         self.idle_timeout_s = idle_timeout_s
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self.max_connections_per_host = max_connections_per_host
         self.buffer_bytes = buffer_bytes
         self.cancel_wait_s = cancel_wait_s
+        self.refused_connections = 0  # closed at accept for being over a limit
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        # Under _conns_lock: the open connections, their threads, and how many per host.
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._per_host: dict[str, int] = {}
         self._conns_lock = threading.Lock()
         self._stopping = threading.Event()
         self._endpoint: dict[str, str] | None = None
@@ -217,11 +252,7 @@ class TcpReceiver(TrackedReceiver):
                 continue
             except OSError:
                 break
-            # Blocking socket with a kernel receive timeout: Python-level timeouts would
-            # poll() before every recv, which costs ~10% of the throughput.
-            conn.settimeout(None)
-            _kernel_timeout(conn, socket.SO_RCVTIMEO, self.idle_timeout_s)
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # prompt ACK frames
+            host = str(peer[0])
             thread = threading.Thread(
                 target=self._serve, args=(conn, peer), name=f"tcp-rx-{peer}", daemon=True
             )
@@ -229,17 +260,43 @@ class TcpReceiver(TrackedReceiver):
                 if self._stopping.is_set():
                     conn.close()
                     break
-                self._conns[conn] = thread
+                over = self._over_limit(host)
+                if not over:
+                    self._conns[conn] = thread
+                    self._per_host[host] = self._per_host.get(host, 0) + 1
+            if over:
+                # Closed before it costs a thread or a byte of buffer. Debug level: a flood
+                # of refusals must not become a flood of log lines.
+                self.refused_connections += 1
+                log.debug("tcp receiver refused a connection", peer=str(peer), limit=over)
+                conn.close()
+                continue
+            # Blocking socket with kernel receive timeouts: Python-level timeouts would
+            # poll() before every recv, which costs ~10% of the throughput.
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # prompt ACK frames
             thread.start()
 
-    def _serve(self, conn: socket.socket, peer: object) -> None:
+    def _over_limit(self, host: str) -> str:
+        """Which limit a new connection from `host` would exceed ("" if none); under
+        `_conns_lock`."""
+        if len(self._conns) >= self.max_connections:
+            return "max_connections"
+        if self._per_host.get(host, 0) >= self.max_connections_per_host:
+            return "max_connections_per_host"
+        return ""
+
+    def _serve(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         table = self._require_table()
         header_buf = bytearray(HEADER_SIZE)
         header_view = memoryview(header_buf)
         scratch = memoryview(bytearray(_SCRATCH_BYTES))
         try:
+            # The data-plane handshake (issue 12: HMAC over a receiver nonce with the cluster
+            # key) belongs here, as the connection's first exchange and under the same
+            # header deadline: a peer that fails it is closed before it can claim a byte.
             while not self._stopping.is_set():
-                if not _recv_exact(conn, header_view):
+                if not _recv_header(conn, header_view, time.monotonic() + self.header_timeout_s):
                     break
                 header = Header.unpack(header_buf)
                 if header.kind is Kind.DATA:
@@ -257,11 +314,18 @@ class TcpReceiver(TrackedReceiver):
         finally:
             with self._conns_lock:
                 self._conns.pop(conn, None)
+                left = self._per_host[peer[0]] - 1
+                if left:
+                    self._per_host[peer[0]] = left
+                else:
+                    del self._per_host[peer[0]]
             conn.close()
 
     def _receive_chunk(
         self, conn: socket.socket, table: TransferTable, header: Header, scratch: memoryview
     ) -> bool:
+        # The payload follows its header at once; it may stall for up to idle_timeout_s.
+        _kernel_timeout(conn, socket.SO_RCVTIMEO, self.idle_timeout_s)
         claim = table.claim(header, conn)
         if claim is None:
             return _discard(conn, header.nbytes, scratch)
