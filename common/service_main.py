@@ -3,6 +3,7 @@ close. The services only say how to start and what they serve (a `ServiceShell`,
 common/service.py, or anything with `serve` and `close`).
 
     start() ──ok──▶ Ready(endpoints) to the launcher ──▶ serve() ... signal ──▶ close()
+       │                                                    └─fails─▶ close(), logged, exit 1
        └──fails──▶ Failed(error) to the launcher, and the error propagates (exit code 1)
 """
 
@@ -61,7 +62,22 @@ async def run_service(
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
         await service.close()
-        log.info(f"{kind} stopped", instance=instance_id)
+        failed = _failure(serving)
+        if failed is None:
+            log.info(f"{kind} stopped", instance=instance_id)
+    if failed is not None:
+        # A service never exits quietly: its reason is logged and the exit code is 1 (a
+        # launcher that sees 0 takes it for an ordered stop).
+        log.error(f"{kind} failed", instance=instance_id, error=repr(failed))
+        raise failed
+
+
+def _failure(task: asyncio.Task[None]) -> BaseException | None:
+    """What a finished task raised (None while it runs, or when it returned or was
+    cancelled)."""
+    if not task.done() or task.cancelled():
+        return None
+    return task.exception()
 
 
 def run_main(kind: str, log_level: str, main: Coroutine[Any, Any, None]) -> None:

@@ -7,6 +7,11 @@ by chained hashes (`common.tokens.chain_hash`): a stored block carries its
 parent's hash and the token ids of every block, so the tree can be rebuilt from events.
 Batches are numbered per daemon; a gap in `seq` means events were lost (PUB/SUB drops
 under pressure or while a subscriber connects) and the subscriber must resync.
+
+A batch also names the PUB address it was published on (`events`, as the daemon gives it to
+its workers, who name it in their heartbeats): the scheduler takes every daemon's batches on
+one SUB socket and attributes each batch by that address, since a worker and its daemon may
+be named apart. "" (an older daemon): attributed by `instance_id` alone.
 """
 
 from __future__ import annotations
@@ -38,3 +43,4 @@ class KvEventBatch(msgspec.Struct, frozen=True):
     seq: int
     block_size: int
     events: list[KvEvent]
+    events_address: str = ""  # the PUB address it was published on (see above)

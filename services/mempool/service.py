@@ -263,7 +263,9 @@ class MempoolDaemon(ServiceShell):
             await self._publish([wire_event(e) for e in tree_events])
 
     async def _publish(self, events: list[ev.KvEvent]) -> None:
-        batch = ev.KvEventBatch(self.cfg.instance_id, next(self._seq), self.cfg.block_size, events)
+        batch = ev.KvEventBatch(
+            self.cfg.instance_id, next(self._seq), self.cfg.block_size, events, self.events.address
+        )
         await self.events.publish(self.cfg.instance_id.encode(), batch)
 
     # ------------------------------------------------------------ introspection

@@ -33,6 +33,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     caching: bool = True  # colocated mode: workers match and insert (P/D modes: per mode)
     policy: str = "locality"  # locality | least-load | round-robin | session
     heartbeat_timeout_s: float = 2.0  # silence after which an instance is dropped
+    # Registered instances at most: a heartbeat of a new id beyond it is refused, so a
+    # flood of heartbeats cannot grow the scheduler's state (or its connections) unbounded.
+    max_instances: int = 256
     tree_ttl_s: float = 600.0  # cached blocks not re-stored for this long are forgotten
     charge_ttl_s: float = 3600.0  # a placement never released (its gateway died) expires
     balance_abs_threshold_tokens: int = 2048
@@ -71,6 +74,8 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
                     f"scheduler.admin_address {self.admin_address!r} is not a loopback address; "
                     "set scheduler.admin_allow_remote = true to serve admin beyond this host"
                 )
+        if self.max_instances < 1:
+            raise ValueError(f"scheduler.max_instances must be >= 1, got {self.max_instances}")
         positive = (
             "heartbeat_timeout_s",
             "tree_ttl_s",

@@ -16,7 +16,10 @@ Charges, in tokens, made at placement so the next placement already sees them:
 - colocated also max_tokens, P/D decode instance prompt + max_tokens ("decode" leg).
 Release(phase="prefill") takes back the prefill leg, "all" every leg; a second release
 takes nothing (Released(charged=False)). A leg is recorded with its instance's epoch:
-charges of an instance that restarted or was dropped vanish with that incarnation.
+charges of an instance that restarted or was dropped vanish with that incarnation. So do
+the other legs of its requests, at once (no phantom load until `charge_ttl_s`): a request
+whose instance died holds nothing anywhere; its record stays, emptied, so the gateway's
+release still answers Released(charged=True) and takes nothing.
 
 Pure and synchronous: every time is the caller's monotonic `now`.
 """
@@ -47,7 +50,7 @@ from common.protocol.worker import HandOff
 from services.scheduler.config import POLICIES, SchedulerConfig
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
-from services.scheduler.registry import Instance, Registry
+from services.scheduler.registry import Instance, Registry, RegistryFullError
 
 PHASES = ("prefill", "all")
 # Admin commands the asyncio shell runs itself (they talk to other processes).
@@ -75,7 +78,7 @@ class _Charge:
 class GlobalScheduler:
     def __init__(self, cfg: SchedulerConfig):
         self.cfg = cfg
-        self.registry = Registry(cfg.heartbeat_timeout_s)
+        self.registry = Registry(cfg.heartbeat_timeout_s, cfg.max_instances)
         self.trees = {role: GlobalPromptTree(role, cfg.tree_ttl_s) for role in ROLES}
         self.cost = CostModel(
             cfg.prefill_tokens_per_s,
@@ -93,8 +96,13 @@ class GlobalScheduler:
     # ----------------------------------------------------------- instances
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[InstanceEvent]:
         """Register / refresh an instance; returns the events to publish. Raises ValueError
-        for a heartbeat that describes no usable instance."""
-        seen = self.registry.heartbeat(hb, now)
+        for a heartbeat that describes no usable instance, RegistryFullError for a new one
+        beyond `max_instances`."""
+        try:
+            seen = self.registry.heartbeat(hb, now)
+        except RegistryFullError:
+            self.counters["refused_registrations"] += 1
+            raise
         inst = seen.instance
         events: list[InstanceEvent] = []
         if seen.replaced is not None:
@@ -145,8 +153,20 @@ class GlobalScheduler:
         return events
 
     def _forget(self, inst: Instance) -> None:
-        # Its charges need no work: legs carry the epoch, which no instance has any more.
+        """`inst`'s incarnation is gone (dropped or restarted): its tree entries, and every
+        charge of a request placed on it, on whichever instance."""
         self.trees[inst.role].remove_instance(inst.instance_id)
+        # Its own legs need no work (they carry an epoch no instance has any more); the
+        # other legs of its requests would charge the survivors for work that never comes.
+        for charge in self.charges.values():
+            if not any(_on(leg, inst) for leg in charge.legs):
+                continue
+            for leg in charge.legs:
+                other = self.registry.get(leg.instance_id)
+                if other is not None and other.epoch == leg.epoch:
+                    other.charged_tokens -= leg.tokens
+                leg.tokens = 0
+            self.counters["dropped_charges"] += 1
 
     # ----------------------------------------------------------- placement
     def place(self, req: Place, now: float) -> Placement:
@@ -397,6 +417,10 @@ class GlobalScheduler:
             }
             for i in self.registry.instances()
         ]
+
+
+def _on(leg: _Leg, inst: Instance) -> bool:
+    return leg.instance_id == inst.instance_id and leg.epoch == inst.epoch
 
 
 _USAGE = {

@@ -9,7 +9,9 @@ Invariants:
   recorded against an incarnation (load charges, tree entries) can tell it is stale;
 - an instance is eligible for placements iff registered, healthy and not drained;
 - draining is the operator's word about an id: it outlives restarts and drops, until undrain;
-- `charged_tokens` belongs to one incarnation: a restarted or dropped instance starts at 0.
+- `charged_tokens` belongs to one incarnation: a restarted or dropped instance starts at 0;
+- at most `max_instances` ids are registered: a heartbeat of a new id beyond that is
+  refused (RegistryFullError), while registered ids keep refreshing and restarting.
 Times are the caller's monotonic clock; nothing here reads a clock or a socket.
 """
 
@@ -18,13 +20,19 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from common.errors import MemServeError
+from common.errors import ErrorKind, MemServeError
 from common.modes import ROLES
 from common.protocol.scheduler import Heartbeat, InstanceLoad
 
 
 class UnknownInstanceError(MemServeError, LookupError):
     """An admin command named an instance the registry does not know."""
+
+
+class RegistryFullError(MemServeError):
+    """A heartbeat of a new instance came while `max_instances` are registered."""
+
+    kind = ErrorKind.REFUSED
 
 
 @dataclass
@@ -62,15 +70,17 @@ class Seen:
 
 
 class Registry:
-    def __init__(self, heartbeat_timeout_s: float):
+    def __init__(self, heartbeat_timeout_s: float, max_instances: int = 256):
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_instances = max_instances
         self._instances: dict[str, Instance] = {}
         self._drained: set[str] = set()
         self._epochs = itertools.count(1)
 
     def heartbeat(self, hb: Heartbeat, now: float) -> Seen:
         """Register or refresh `hb.instance_id`. Raises ValueError for a heartbeat that
-        cannot describe an instance (unknown role, no block size)."""
+        cannot describe an instance (unknown role, no block size), RegistryFullError for a
+        new id while `max_instances` are registered."""
         if hb.role not in ROLES:
             raise ValueError(f"heartbeat of {hb.instance_id!r}: unknown role {hb.role!r}")
         if not hb.instance_id or hb.block_size <= 0:
@@ -85,6 +95,11 @@ class Registry:
             old.address, old.mempool, old.control = hb.address, hb.mempool, hb.control
             old.block_bytes = hb.block_bytes
             return Seen(old, new=False, health_changed=changed)
+        if old is None and len(self._instances) >= self.max_instances:
+            raise RegistryFullError(
+                f"heartbeat of {hb.instance_id!r}: {self.max_instances} instances registered "
+                "already (scheduler.max_instances)"
+            )
         inst = Instance(
             hb.instance_id,
             hb.role,

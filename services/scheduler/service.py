@@ -2,17 +2,20 @@
 
     workers ──Heartbeat (PUSH)──▶ PULL ──▶ core.on_heartbeat ──▶ PUB InstanceUp / Down ──▶ gateways
     gateways ──Place / Release (RPC)──▶ core.place / core.release
-    each instance's daemon ──KvEventBatch (PUB)──▶ one SUB per instance ──▶ core.on_kv_events
+    every instance's daemon ──KvEventBatch (PUB)──▶ one SUB for all (kv_feed.py) ──▶ core.on_kv_events
     ticker ──▶ core.tick (silent instances dropped ──▶ InstanceDown, ReleaseOwner at its daemon)
     memserve admin ──AdminRequest (RPC)──▶ token check ──▶ core.admin, or cache-stats /
                                            flush-cache / shutdown, which talk to other processes
 
 The shell's members follow the registry: after every heartbeat and tick, each registered
-incarnation has exactly one member, with one SUB socket connected to its events address;
-a member whose instance left the registry (silence) is closed and its daemon told to
-`ReleaseOwner`. A restart only replaces the member (the new worker frees its own
-leftovers). Each SUB socket is connected to one daemon only, so it takes every topic and
-attributes what arrives to its instance (a worker and its daemon may be named apart).
+incarnation has exactly one member, and the one KV-event SUB socket follows exactly the
+members' events addresses; a member whose instance left the registry (silence) is
+unfollowed and its daemon told to `ReleaseOwner`. A restart only replaces the member (the
+new worker frees its own leftovers), following its new events address if it moved. A
+batch goes to the members whose events address it names (a worker and its daemon may be
+named apart); a batch naming an address no member has is dropped.
+At most `max_instances` are registered (a heartbeat beyond is refused, with a warning at
+most every REFUSAL_LOG_S), so the scheduler's state and connections stay bounded.
 Calls to other processes are best effort with short timeouts (remote.py): a dead daemon
 or worker costs a log line or an error entry, never the scheduler's loop.
 """
@@ -26,8 +29,6 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
 from common.codec import DecodeError
 from common.logging import get_logger
 from common.net import advertise
@@ -35,32 +36,30 @@ from common.protocol import kv_events as ev
 from common.protocol import scheduler as sp
 from common.protocol.admin import AdminReply, AdminRequest
 from common.service import ServiceShell
-from common.sockets import PubSocket, PullSocket, RpcServer, SubSocket
+from common.sockets import PubSocket, PullSocket, RpcServer
 from services.scheduler import remote
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import GlobalScheduler
+from services.scheduler.kv_feed import KvEventFeed
+from services.scheduler.registry import RegistryFullError
 
 log = get_logger(__name__)
 
 # How long a call to another process may take before it is given up (best effort).
 CALL_TIMEOUT_S = 2.0
+# Refused heartbeats (registry full) are counted, and logged at most this often.
+REFUSAL_LOG_S = 10.0
 
 
 @dataclass
 class _Member:
-    """What the shell keeps of one registered incarnation: its SUB socket and reader (none
-    when it names no events address, or the connect failed) and its daemon."""
+    """What the shell keeps of one registered incarnation: the events address the feed
+    follows for it ("" when it names none, or the connect failed) and its daemon."""
 
     epoch: int
     mempool: str
-    sock: SubSocket[ev.KvEventBatch] | None = None
-    task: asyncio.Task[None] | None = None
-
-    def close(self) -> None:
-        if self.task is not None:
-            self.task.cancel()
-        if self.sock is not None:
-            self.sock.close()
+    events: str = ""
+    warned: bool = False  # "named apart" said once
 
 
 class SchedulerService(ServiceShell):
@@ -79,8 +78,13 @@ class SchedulerService(ServiceShell):
         self.core = GlobalScheduler(cfg)
         self.started_at = time.time()
         self.members: dict[str, _Member] = {}
+        self._by_events: dict[str, set[str]] = {}  # events address -> member ids
+        self._refused = 0  # heartbeats refused since the last warning
+        self._refusal_logged_at: float | None = None
         opened: list[Any] = []
         try:
+            self.kv = KvEventFeed()
+            opened.append(self.kv)
             self.rpc = RpcServer(cfg.address, sp.SchedulerRequest, sp.SchedulerReply)
             opened.append(self.rpc)
             self.heartbeats = PullSocket(cfg.heartbeat_address, sp.Heartbeat, bind=True)
@@ -125,22 +129,24 @@ class SchedulerService(ServiceShell):
     # ------------------------------------------------------------- serving
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """Served until closed or told to `shutdown` over the admin socket."""
-        loops = [self.rpc.serve(self._handle), self._recv_heartbeats(), self._tick()]
+        loops = [
+            self.rpc.serve(self._handle),
+            self._recv_heartbeats(),
+            self._tick(),
+            self._recv_kv_events(),
+        ]
         if self.admin is not None:
             loops.append(self.admin.serve(self._admin))
         return loops
 
     async def closing(self) -> None:
-        """Stop following the instances' KV events (each member's reader and socket)."""
-        for member in self.members.values():
-            member.close()
-        await asyncio.gather(
-            *(m.task for m in self.members.values() if m.task is not None),
-            return_exceptions=True,
-        )
+        """Stop following the instances' KV events."""
+        for iid in list(self.members):
+            self._unfollow(iid)
         self.members.clear()
 
     def close_sockets(self) -> None:
+        self.kv.close()
         self.rpc.close()
         self.heartbeats.close()
         self.events.close()
@@ -164,11 +170,29 @@ class SchedulerService(ServiceShell):
                 continue
             try:
                 events = self.core.on_heartbeat(hb, self.clock())
+            except RegistryFullError as exc:
+                self._refuse(str(exc))
+                continue
             except ValueError as exc:
                 log.warning("heartbeat refused", error=str(exc))
                 continue
             await self._publish(events)
             self._sync_members()
+
+    def _refuse(self, error: str) -> None:
+        """Count a refused heartbeat; warn at most every REFUSAL_LOG_S (a flood of them
+        must not become a flood of log lines)."""
+        self._refused += 1
+        now = time.monotonic()
+        if self._refusal_logged_at is None or now - self._refusal_logged_at >= REFUSAL_LOG_S:
+            log.warning(
+                "heartbeats refused: registry full",
+                refused=self._refused,
+                max_instances=self.cfg.max_instances,
+                error=error,
+            )
+            self._refused = 0
+            self._refusal_logged_at = now
 
     async def _tick(self) -> None:
         interval = self.cfg.heartbeat_timeout_s / 4
@@ -184,11 +208,11 @@ class SchedulerService(ServiceShell):
 
     # -------------------------------------------------------- KV events
     def _sync_members(self) -> None:
-        """Follow the registry: one `_Member` (and SUB socket) per registered incarnation."""
+        """Follow the registry: one `_Member` per registered incarnation, and the feed
+        connected to exactly the members' events addresses."""
         registered = {i.instance_id: i for i in self.core.registry.instances()}
         for iid in [i for i in self.members if i not in registered]:
-            gone = self.members.pop(iid)
-            gone.close()
+            gone = self._unfollow(iid)
             # Dropped for silence: whatever the dead worker held at its daemon is freed.
             if gone.mempool:
                 self.tasks.spawn(remote.release_owner(gone.mempool, iid, self.call_timeout_s))
@@ -197,37 +221,52 @@ class SchedulerService(ServiceShell):
             if member is not None and member.epoch == inst.epoch:
                 continue
             if member is not None:  # restarted: its events address may have moved
-                member.close()
+                self._unfollow(iid)
             member = self.members[iid] = _Member(inst.epoch, inst.mempool)
             if not inst.events:
                 continue
             try:
-                member.sock = SubSocket(inst.events, ev.KvEventBatch, bind=False)
+                self.kv.follow(inst.events)
             except OSError as exc:
                 log.warning("cannot subscribe to KV events", instance=iid, error=str(exc))
                 continue
-            member.task = asyncio.create_task(self._recv_kv_events(iid, member.sock))
+            member.events = inst.events
+            self._by_events.setdefault(inst.events, set()).add(iid)
 
-    async def _recv_kv_events(self, instance_id: str, sock: SubSocket[ev.KvEventBatch]) -> None:
-        warned = False
+    def _unfollow(self, iid: str) -> _Member:
+        member = self.members.pop(iid)
+        if member.events:
+            self.kv.unfollow(member.events)
+            ids = self._by_events[member.events]
+            ids.discard(iid)
+            if not ids:
+                del self._by_events[member.events]
+        return member
+
+    def _attribute(self, batch: ev.KvEventBatch) -> list[str]:
+        """The members a batch belongs to: those following the address it names; for a
+        batch naming none (an older daemon), the member of its own id, if it follows any."""
+        if batch.events_address:
+            return sorted(self._by_events.get(batch.events_address, ()))
+        member = self.members.get(batch.instance_id)
+        return [batch.instance_id] if member is not None and member.events else []
+
+    async def _recv_kv_events(self) -> None:
         while True:
             try:
-                _, batch = await sock.recv()
+                _, batch = await self.kv.recv()
             except DecodeError as exc:
-                log.warning(
-                    "malformed KV event batch dropped", instance=instance_id, error=str(exc)
-                )
+                log.warning("malformed KV event batch dropped", error=str(exc))
                 continue
-            except zmq.ZMQError:
-                return  # closed
-            if batch.instance_id != instance_id and not warned:
-                warned = True
-                log.info(
-                    "daemon named apart from its worker",
-                    instance=instance_id,
-                    daemon=batch.instance_id,
-                )
-            self.core.on_kv_events(instance_id, batch, self.clock())
+            now = self.clock()
+            for iid in self._attribute(batch):
+                member = self.members[iid]
+                if batch.instance_id != iid and not member.warned:
+                    member.warned = True
+                    log.info(
+                        "daemon named apart from its worker", instance=iid, daemon=batch.instance_id
+                    )
+                self.core.on_kv_events(iid, batch, now)
 
     # ------------------------------------------------------------- admin
     async def _admin(self, req: AdminRequest) -> AdminReply:
@@ -242,7 +281,8 @@ class SchedulerService(ServiceShell):
                         pid=os.getpid(),
                         uptime_s=round(time.time() - self.started_at, 3),
                         endpoints=self.endpoints(),
-                        subscriptions=sorted(i for i, m in self.members.items() if m.sock),
+                        subscriptions=sorted(i for i, m in self.members.items() if m.events),
+                        kv_connections=self.kv.connections,
                     )
                 return reply
             case "cache-stats":

@@ -1,6 +1,7 @@
 """The scheduler core: every mode's Placement flags (the table in
 common/protocol/worker.py), charges made at placement and taken back by phase, the prefix
-trees steering placements, instance events, and the admin commands it answers itself."""
+trees steering placements, instance events, a dead instance's requests charging nobody,
+the cap on registrations, and the admin commands it answers itself."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from common.errors import InvalidRequestError
 from common.protocol.scheduler import InstanceDown, InstanceUp, Place, Release, Released
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import GlobalScheduler, NoInstanceError
+from services.scheduler.registry import RegistryFullError
 from tests.scheduler.helpers import batch, heartbeat, prompt, stored
 
 TOKEN = "s3cret"
@@ -268,3 +270,45 @@ def test_admin_mode_switches_new_placements() -> None:
     assert (core.cfg.mode, core.cfg.caching) == ("pd-caching-3", True)
     bad = core.admin("mode", ["pd-caching-9"], 0.0)
     assert not bad.ok and "unknown mode" in bad.error
+
+
+def test_a_dead_instance_leaves_no_phantom_load_on_the_survivors() -> None:
+    s = scheduler(mode="pd-basic", policy="least-load", heartbeat_timeout_s=2.0)
+    up(s, "p0", "p1", role="prefill", now=0.0)
+    up(s, "d0", role="decode", now=0.0)
+    first = s.place(Place("r1", prompt(100), 20), now=0.0)
+    dead = first.instance_id
+    survivor = "p1" if dead == "p0" else "p0"
+    assert load(s, dead) == 100 and load(s, "d0") == 120
+    s.on_heartbeat(heartbeat(survivor, "prefill"), now=1.5)
+    s.on_heartbeat(heartbeat("d0", "decode"), now=1.5)
+    assert s.tick(now=2.5) == [InstanceDown(dead, "no heartbeat for 2.5 s")]
+    # r1 died with its prefill instance: its decode leg charges d0 no more.
+    assert load(s, "d0") == 0 and load(s, survivor) == 0
+    assert s.counters["dropped_charges"] == 1
+    second = s.place(Place("r2", prompt(30, seed=1), 10), now=2.6)
+    assert second.instance_id == survivor
+    assert load(s, survivor) == 30 and load(s, "d0") == 40  # the true load: r2's only
+    assert s.release(Release("r1")) == Released(True)  # the gateway's late release: harmless
+    assert load(s, survivor) == 30 and load(s, "d0") == 40
+
+
+def test_a_restarted_decode_instance_frees_the_prefill_side_of_its_requests() -> None:
+    s = scheduler(mode="pd-basic")
+    up(s, "p0", role="prefill")
+    up(s, "d0", role="decode")
+    s.place(Place("r1", prompt(50), 5), now=0.0)
+    assert load(s, "p0") == 50
+    s.on_heartbeat(heartbeat("d0", "decode", started_at=2.0), now=0.5)
+    assert load(s, "p0") == 0 and load(s, "d0") == 0
+    assert s.release(Release("r1", phase="prefill")) == Released(True)
+    assert load(s, "p0") == 0
+
+
+def test_registrations_beyond_max_instances_are_refused_and_counted() -> None:
+    s = scheduler(max_instances=1)
+    up(s, "w0")
+    with pytest.raises(RegistryFullError):
+        up(s, "w1")
+    assert s.counters["refused_registrations"] == 1
+    assert s.place(Place("r1", prompt(10), 1), now=0.0).instance_id == "w0"

@@ -1,11 +1,13 @@
 """The registry: heartbeats register, silence drops, a worker that comes back re-registers,
-a changed `started_at` is a restart, and unhealthy or drained instances are not eligible."""
+a changed `started_at` is a restart, unhealthy or drained instances are not eligible, and
+a full registry refuses new ids."""
 
 from __future__ import annotations
 
 import pytest
 
-from services.scheduler.registry import Registry, UnknownInstanceError
+from common.errors import ErrorKind
+from services.scheduler.registry import Registry, RegistryFullError, UnknownInstanceError
 from tests.scheduler.helpers import heartbeat
 
 
@@ -73,3 +75,20 @@ def test_heartbeat_with_unknown_role_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown role 'chef'"):
         reg.heartbeat(heartbeat("w0", role="chef"), now=0.0)
     assert reg.instances() == []
+
+
+def test_a_full_registry_refuses_new_ids_but_keeps_refreshing_and_restarting() -> None:
+    reg = Registry(heartbeat_timeout_s=2.0, max_instances=2)
+    reg.heartbeat(heartbeat("w0"), now=0.0)
+    reg.heartbeat(heartbeat("w1"), now=0.0)
+    with pytest.raises(RegistryFullError, match="2 instances registered") as refused:
+        reg.heartbeat(heartbeat("w2"), now=0.5)
+    assert refused.value.kind is ErrorKind.REFUSED
+    assert reg.get("w2") is None and len(reg.instances()) == 2
+    assert not reg.heartbeat(heartbeat("w0"), now=1.0).new  # refreshed
+    assert reg.heartbeat(heartbeat("w1", started_at=2.0), now=1.0).replaced is not None
+    reg.expire(now=2.9)  # w0 and w1 were seen at 1.0: still here
+    assert len(reg.instances()) == 2
+    reg.heartbeat(heartbeat("w0"), now=3.5)
+    assert [i.instance_id for i in reg.expire(now=3.5)] == ["w1"]
+    assert reg.heartbeat(heartbeat("w2"), now=3.5).new  # room again

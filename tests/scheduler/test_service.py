@@ -1,12 +1,15 @@
 """The scheduler service over real sockets: heartbeats on a PUSH socket register workers,
 Place / Release over RPC, silence drops an instance and publishes InstanceDown, malformed
 heartbeats are dropped while it keeps serving, the admin socket refuses a wrong token and
-answers its commands, a real MemPool daemon's KV events keep the tree exact, and a real
-`memserve scheduler` process serves `memserve admin` until told to shut down."""
+answers its commands, a real MemPool daemon's KV events keep the tree exact, many daemons'
+events share one SUB socket and land in the right instances' trees (restarts followed to
+a new address), and a real `memserve scheduler` process serves `memserve admin` until told
+to shut down."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -15,14 +18,23 @@ from typing import Any
 import pytest
 import zmq
 
+from common.protocol import kv_events as ev
 from common.protocol import scheduler as sp
 from common.protocol.admin import AdminReply, AdminRequest
-from common.sockets import PushSocket, RpcClient, RpcError, RpcServer, SubSocket, get_context
+from common.sockets import (
+    PubSocket,
+    PushSocket,
+    RpcClient,
+    RpcError,
+    RpcServer,
+    SubSocket,
+    get_context,
+)
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.global_tree import PromptHashes
 from services.scheduler.service import SchedulerService
 from tests.daemons import Launcher, SpawnDaemon
-from tests.scheduler.helpers import cli, heartbeat, prompt
+from tests.scheduler.helpers import BLOCK_SIZE, cli, heartbeat, prompt, stored
 
 pytestmark = pytest.mark.integration
 
@@ -289,3 +301,89 @@ async def test_scheduler_process_serves_admin_until_shutdown(launcher: Launcher)
         assert await asyncio.to_thread(proc.proc.wait, 30) == 0
     finally:
         beats.close()
+
+
+class FakeDaemon:
+    """A daemon's KV-event PUB socket and nothing else: numbered batches stamped with the
+    address they are published on, as services/mempool publishes them."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.pub = PubSocket("tcp://127.0.0.1:0", ev.KvEventBatch, bind=True)
+        self.seq = itertools.count()
+
+    @property
+    def address(self) -> str:
+        return self.pub.address
+
+    async def send(self, *events: ev.KvEvent) -> None:
+        batch = ev.KvEventBatch(self.name, next(self.seq), BLOCK_SIZE, list(events), self.address)
+        await self.pub.publish(self.name.encode(), batch)
+
+    async def store(self, tokens: list[int], held: Callable[[], bool]) -> None:
+        """Publish `tokens` stored until the scheduler has it (a new subscriber's first
+        batches are lost by design: ZeroMQ's slow joiner)."""
+        for _ in range(100):
+            await self.send(stored(tokens))
+            try:
+                await until(held, f"{self.name} stored", timeout_s=0.1)
+                return
+            except AssertionError:
+                continue
+        raise AssertionError(f"no KV event of {self.name} ever arrived")
+
+
+async def test_kv_events_of_many_daemons_share_one_socket_and_follow_restarts(
+    harness: Harness,
+) -> None:
+    a, b, c = FakeDaemon("m-a"), FakeDaemon("m-b"), FakeDaemon("m-c")
+    svc = harness.svc
+    tree = svc.core.trees["colocated"]
+
+    def held(tokens: list[int], iid: str) -> int:
+        return tree.match(PromptHashes(tokens), iid)
+
+    try:
+        await harness.register(heartbeat("w1", events=a.address))
+        await harness.register(heartbeat("w2", events=b.address))
+        await harness.register(heartbeat("w3", events=b.address))  # shares w2's daemon
+        doc_a, doc_b = prompt(64, seed=11), prompt(64, seed=12)
+        await a.store(doc_a, lambda: held(doc_a, "w1") == 64)
+        await b.store(doc_b, lambda: held(doc_b, "w2") == 64 and held(doc_b, "w3") == 64)
+        assert held(doc_a, "w2") == held(doc_a, "w3") == 0 and held(doc_b, "w1") == 0
+        # One socket, one connection per daemon.
+        assert svc.kv.connections == 2
+        status = await harness.call_admin("status")
+        assert status.result["kv_connections"] == 2
+        assert status.result["subscriptions"] == ["w1", "w2", "w3"]
+
+        # A batch naming an address no instance registered is dropped: sent on a's
+        # connection before a marker, it has been handled once the marker is in.
+        stray, marker = prompt(64, seed=13), prompt(64, seed=14)
+        bogus = ev.KvEventBatch("m-a", 0, BLOCK_SIZE, [stored(stray)], "tcp://127.0.0.1:1")
+        await a.pub.publish(b"m-a", bogus)
+        await a.send(stored(marker))
+        await until(lambda: held(marker, "w1") == 64, "marker")
+        assert all(held(stray, w) == 0 for w in ("w1", "w2", "w3"))
+        assert held(doc_a, "w1") == 64  # the stray batch did not count as a gap in a's seq
+
+        # w1 restarts on a new daemon: its tree starts afresh and follows c, not a.
+        await harness.beat(heartbeat("w1", started_at=2.0, events=c.address))
+        await until(lambda: svc.members["w1"].events == c.address, "w1 restarted")
+        assert held(doc_a, "w1") == 0 and svc.kv.connections == 2
+        doc_c = prompt(64, seed=15)
+        await c.store(doc_c, lambda: held(doc_c, "w1") == 64)
+        late = prompt(64, seed=16)
+        await a.send(stored(late))  # the old daemon: no longer followed
+        after = prompt(64, seed=17)
+        await c.send(stored(after))
+        await until(lambda: held(after, "w1") == 64, "after")
+        assert held(late, "w1") == 0
+
+        # Silence drops every instance and every connection.
+        harness.clock.now += 1.0
+        await until(lambda: not svc.members, "all dropped")
+        assert svc.kv.connections == 0
+    finally:
+        for daemon in (a, b, c):
+            daemon.pub.close()
