@@ -131,7 +131,7 @@ async def check_pd_cluster(c: Cluster) -> None:
         t0 = time.monotonic()
         with pytest.raises(GatewayError, match="decode-0"):
             async for _ in client.generate(
-                tiny_prompt(40, 3), SamplingParams(max_tokens=5000, ignore_eos=True)
+                tiny_prompt(40, 3), SamplingParams(max_tokens=4000, ignore_eos=True)
             ):
                 chunks += 1
                 if chunks == 3:
@@ -212,7 +212,7 @@ async def check_locality(c: Cluster) -> None:
         t0 = time.monotonic()
         with pytest.raises(GatewayError, match=holder):
             async for _ in client.generate(
-                [*doc, 5], SamplingParams(max_tokens=5000, ignore_eos=True)
+                [*doc, 5], SamplingParams(max_tokens=4000, ignore_eos=True)
             ):
                 if daemon.alive:
                     os.kill(daemon.proc.pid, signal.SIGKILL)
