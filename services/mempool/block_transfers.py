@@ -19,12 +19,11 @@ from common.errors import ErrorKind
 from common.logging import get_logger
 from common.protocol import mempool as mp
 from services.mempool.data_plane import DataPlane
-from services.mempool.incoming import Incoming, IncomingTransfers
+from services.mempool.incoming import Incoming
 from services.mempool.pool import InvalidBlocks, MemPool, MemPoolError
 from services.mempool.pool_requests import parse_tokens
 from services.mempool.prompt_tree import Tier
-from services.mempool.send_leg import Leg, Peers, send_leg
-from services.mempool.transfer_state import TransferCounters
+from services.mempool.send_leg import Leg, TransferHandler, TransferShared, send_leg
 from services.mempool.transport import coalesce
 
 log = get_logger(__name__)
@@ -109,25 +108,13 @@ class IncomingBlocks(Incoming):
             self.pool.release(handle)
 
 
-class BlockTransfers:
+class BlockTransfers(TransferHandler):
     def __init__(
-        self,
-        pool: MemPool,
-        plane: DataPlane,
-        peers: Peers,
-        incoming: IncomingTransfers,
-        counters: TransferCounters,
-        *,
-        block_bytes: int,
-        host_id: str,
+        self, pool: MemPool, plane: DataPlane, shared: TransferShared, *, block_bytes: int
     ):
+        super().__init__(plane, shared)
         self.pool = pool
-        self.plane = plane
-        self.peers = peers
-        self.incoming = incoming
-        self.counters = counters
         self.block_bytes = block_bytes
-        self.host_id = host_id
 
     # ----------------------------------------------------------- sending side
     async def transfer(self, req: mp.Transfer) -> mp.Transferred:

@@ -21,6 +21,7 @@ from typing import Any, cast
 from common.protocol import mempool as mp
 from common.sockets import RpcClient
 from services.mempool.data_plane import DataPlane, failure_kind
+from services.mempool.incoming import IncomingTransfers
 from services.mempool.pool import MemPoolError
 from services.mempool.transfer_state import SendState, TransferCounters, send_state
 from services.mempool.transport import CopyRun
@@ -44,6 +45,28 @@ class Peers:
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
+
+
+@dataclass(frozen=True)
+class TransferShared:
+    """What the block and the tensor transfer handlers of one daemon share."""
+
+    peers: Peers  # RPC clients of the peer daemons
+    incoming: IncomingTransfers  # the receiving side's records (commit, abort, expiry)
+    counters: TransferCounters
+    host_id: str  # same-host peers are offered shm
+
+
+class TransferHandler:
+    """Base of the daemon's transfer handlers: the data plane they move bytes over (the KV
+    region's or the tensor arena's) and what they share with each other."""
+
+    def __init__(self, plane: DataPlane, shared: TransferShared) -> None:
+        self.plane = plane
+        self.peers = shared.peers
+        self.incoming = shared.incoming
+        self.counters = shared.counters
+        self.host_id = shared.host_id
 
 
 @dataclass(frozen=True)

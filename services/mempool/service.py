@@ -44,7 +44,7 @@ from services.mempool.memory import DaemonMemory
 from services.mempool.pool import MemPool, MemPoolError
 from services.mempool.pool_requests import PoolRequests, wire_event
 from services.mempool.prompt_tree import Tier
-from services.mempool.send_leg import Peers
+from services.mempool.send_leg import Peers, TransferShared
 from services.mempool.tensor_store import TensorStore
 from services.mempool.tensor_transfers import TensorTransfers
 from services.mempool.transfer_state import TransferCounters
@@ -102,22 +102,10 @@ class MempoolDaemon(ServiceShell):
         self.peers = Peers()
         self.incoming = IncomingTransfers(self.counters)
         self.pool_requests = PoolRequests(self.pool, self.device, prefault=cfg.prefault)
-        self.blocks = BlockTransfers(
-            self.pool,
-            self.kv_plane,
-            self.peers,
-            self.incoming,
-            self.counters,
-            block_bytes=self.block_bytes,
-            host_id=cfg.host_id,
-        )
+        shared = TransferShared(self.peers, self.incoming, self.counters, cfg.host_id)
+        self.blocks = BlockTransfers(self.pool, self.kv_plane, shared, block_bytes=self.block_bytes)
         self.tensors = TensorTransfers(
-            TensorStore(self.memory.tensor_pages),
-            self.tensor_plane,
-            self.peers,
-            self.incoming,
-            self.counters,
-            host_id=cfg.host_id,
+            TensorStore(self.memory.tensor_pages), self.tensor_plane, shared
         )
         self._handlers = self._handler_table()
         self._seq = itertools.count()

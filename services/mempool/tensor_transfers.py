@@ -21,11 +21,10 @@ from common.codec import DTYPE_BYTES
 from common.errors import ErrorKind
 from common.protocol import mempool as mp
 from services.mempool.data_plane import DataPlane
-from services.mempool.incoming import Incoming, IncomingTransfers
+from services.mempool.incoming import Incoming
 from services.mempool.pool import MemPoolError
-from services.mempool.send_leg import Leg, Peers, send_leg
+from services.mempool.send_leg import Leg, TransferHandler, TransferShared, send_leg
 from services.mempool.tensor_store import PAGE_BYTES, TensorEntry, TensorStore, TensorStoreError
-from services.mempool.transfer_state import TransferCounters
 from services.mempool.transport import CopyRun
 
 
@@ -62,23 +61,10 @@ class IncomingTensor(Incoming):
         self.store.release(self.entry.first_page, self.entry.nbytes)
 
 
-class TensorTransfers:
-    def __init__(
-        self,
-        store: TensorStore,
-        plane: DataPlane,
-        peers: Peers,
-        incoming: IncomingTransfers,
-        counters: TransferCounters,
-        *,
-        host_id: str,
-    ):
+class TensorTransfers(TransferHandler):
+    def __init__(self, store: TensorStore, plane: DataPlane, shared: TransferShared):
+        super().__init__(plane, shared)
         self.store = store
-        self.plane = plane
-        self.peers = peers
-        self.incoming = incoming
-        self.counters = counters
-        self.host_id = host_id
         self.sending: Counter[str] = Counter()  # names a SendTensor is reading
 
     # ------------------------------------------------------------------ local
