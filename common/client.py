@@ -28,6 +28,7 @@ from common.codec import DecodeError
 from common.errors import MemServeError
 from common.protocol import client as cp
 from common.sampling import SamplingParams
+from common.security import PLAIN, KeyPair, PublicClient
 from common.sockets import DealerSocket
 
 
@@ -58,10 +59,22 @@ _CLOSED = object()  # put in every queue by close(): wakes the waiting calls
 
 
 class GatewayClient:
-    def __init__(self, address: str, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        address: str,
+        timeout_s: float = 60.0,
+        *,
+        server_key: str | None = None,
+        client_key: KeyPair | None = None,
+    ):
+        """``server_key``: the gateway's published CURVE public key (Z85) when it serves
+        CURVE (any non-loopback gateway by default); None talks plain text, as a loopback
+        gateway expects. ``client_key``: this client's pair when the gateway admits listed
+        clients only (else a throwaway pair per connection)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._sock = DealerSocket(address, cp.ClientReply)
+        lock = PLAIN if server_key is None else PublicClient(server_key.encode(), client_key)
+        self._sock = DealerSocket(address, cp.ClientReply, security=lock)
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         # Session replies carry no request id: the gateway answers them in order.
         self._session_waiters: list[asyncio.Future[Any]] = []

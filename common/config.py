@@ -30,6 +30,8 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from common.security import ClusterKeyConfig
+
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
@@ -216,7 +218,8 @@ class SharedFile(msgspec.Struct, forbid_unknown_fields=True):
     service's Settings subclasses it and types its own table; the other services' tables
     are accepted and left alone, a misspelled table name is still an error."""
 
-    cluster: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The cluster key's source; the rest of the table is `memserve up`'s.
+    cluster: ClusterKeyConfig = msgspec.field(default_factory=ClusterKeyConfig)
     scheduler: dict[str, Any] = msgspec.field(default_factory=dict)
     gateway: dict[str, Any] = msgspec.field(default_factory=dict)
     worker: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -26,6 +26,7 @@ import zmq
 from common.codec import DecodeError, encode
 from common.logging import get_logger
 from common.protocol.ready import Failed, Ready, ReadyMessage
+from common.security import CLUSTER
 from common.sockets import PullSocket, get_context
 
 POLL_INTERVAL_S = 0.1
@@ -68,6 +69,11 @@ async def signal_ready(address: str, msg: Ready | Failed, timeout_s: float = 10.
     """
     sock = get_context().socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
+    try:
+        CLUSTER.apply(sock, bind=False)
+    except BaseException:
+        sock.close(linger=0)
+        raise
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     too_late = TimeoutError(

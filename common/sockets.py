@@ -38,6 +38,10 @@ Invariants:
   pyzmq's copy threshold (64 KiB) go zero-copy: ZeroMQ reads them after ``send`` returns,
   so never write in place to a tensor that was sent; send a ``.clone()`` of a reused
   buffer.
+* Every socket is born locked (``common.security``): by default it is a cluster socket,
+  CURVE-encrypted with the process's cluster key, and a peer without the key gets nothing
+  through; making one in a process with no key installed raises ``SecurityError``. Only
+  the client-facing gateway socket and its clients pass another ``security``.
 * Every socket bounds what a peer may make it hold: ``max_message_bytes`` (``zmq.MAXMSGSIZE``)
   is the largest frame it accepts. libzmq checks each frame's size from its header before
   reading it and drops the connection of a peer that announces a bigger one, so the frame
@@ -66,6 +70,7 @@ import zmq.asyncio
 from common.codec import DecodeError, Decoder, FrameLike, encode
 from common.errors import ErrorKind, MemServeError, error_kind
 from common.logging import get_logger
+from common.security import CLUSTER, SocketSecurity
 from common.service import TaskSet
 
 if TYPE_CHECKING:  # annotations only: no runtime dependency on typing_extensions
@@ -131,7 +136,13 @@ class _Socket:
     """A zmq.asyncio socket bound or connected to one address, with serialized sends."""
 
     def __init__(
-        self, kind: int, address: str, *, bind: bool, max_message_bytes: int | None
+        self,
+        kind: int,
+        address: str,
+        *,
+        bind: bool,
+        max_message_bytes: int | None,
+        security: SocketSecurity,
     ) -> None:
         if max_message_bytes is not None and max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0 or None, got {max_message_bytes}")
@@ -143,6 +154,12 @@ class _Socket:
             zmq.MAXMSGSIZE, -1 if max_message_bytes is None else max_message_bytes
         )
         self._send_lock = asyncio.Lock()
+        try:
+            security.apply(self._sock, bind=bind)
+        except BaseException:
+            self._sock.close(linger=0)
+            raise
+        self.security = security
         try:
             if bind:
                 self._sock.bind(address)
@@ -199,8 +216,11 @@ class PushSocket(_Socket, Generic[T]):
         *,
         bind: bool,
         max_message_bytes: int | None = CONTROL_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.PUSH, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.PUSH, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self.type = type_
 
     async def send(self, msg: T) -> None:
@@ -218,8 +238,11 @@ class PullSocket(_Socket, Generic[T]):
         *,
         bind: bool,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.PULL, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.PULL, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self._decoder: Decoder[T] = Decoder(type_)
 
     async def recv(self) -> T:
@@ -237,8 +260,11 @@ class PubSocket(_Socket, Generic[T]):
         *,
         bind: bool,
         max_message_bytes: int | None = CONTROL_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.PUB, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.PUB, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self.type = type_
 
     async def publish(self, topic: bytes, msg: T) -> None:
@@ -256,8 +282,11 @@ class SubSocket(_Socket, Generic[T]):
         bind: bool,
         topics: Iterable[bytes] = (b"",),
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.SUB, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.SUB, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self._decoder: Decoder[T] = Decoder(type_)
         for topic in topics:
             self.subscribe(topic)
@@ -288,8 +317,11 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         *,
         bind: bool = True,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self._decoder: Decoder[Req] = Decoder(request_type)
         self.reply_type = reply_type
 
@@ -369,8 +401,11 @@ class RpcClient(_Socket, Generic[Req, Rep]):
         *,
         bind: bool = False,
         max_message_bytes: int | None = None,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self.request_type = request_type
         self._decoder: Decoder[Rep] = Decoder(reply_type)
         self._errors = Decoder(ErrorReply)
@@ -496,8 +531,11 @@ class RouterSocket(_Socket, Generic[T]):
         bind: bool = True,
         sndhwm: int = 10_000,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.ROUTER, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.SNDHWM, sndhwm)  # per peer; applies to every connection
         self._decoder: Decoder[T] = Decoder(type_)
@@ -535,8 +573,11 @@ class DealerSocket(_Socket, Generic[T]):
         *,
         bind: bool = False,
         max_message_bytes: int | None = None,
+        security: SocketSecurity = CLUSTER,
     ) -> None:
-        super().__init__(zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes)
+        super().__init__(
+            zmq.DEALER, address, bind=bind, max_message_bytes=max_message_bytes, security=security
+        )
         self._decoder: Decoder[T] = Decoder(type_)
 
     async def send(self, msg: msgspec.Struct) -> None:

@@ -4,16 +4,30 @@ worker tests and the GPU prefill/decode test in tests/mempool both use them)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
+from common import security
 from common.model.presets import materialize
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from tests.worker.helpers import MakeEngine
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Every test process is a cluster member: it makes a key file, installs the key for
+    its own sockets, and names the file in MEMSERVE_CLUSTER__KEY_FILE, which every service
+    process it starts inherits. Each xdist worker makes its own."""
+    folder = Path(tempfile.mkdtemp(prefix="memserve-key-"))
+    key_file = folder / "cluster.key"
+    security.install(security.write_key_file(key_file))
+    os.environ["MEMSERVE_CLUSTER__KEY_FILE"] = str(key_file)
+    os.environ.pop("MEMSERVE_CLUSTER__SECRET_KEY", None)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -38,6 +38,10 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     scheduler: str = "tcp://127.0.0.1:5800"  # the scheduler's placement RPC
     scheduler_events: str = ""  # the scheduler's instance-event PUB ("" = not followed)
     control_address: str = "tcp://127.0.0.1:0"
+    # The client socket's lock (services/gateway/public.py): auto | on | off.
+    client_curve: str = "auto"
+    client_key_file: str = ""  # the gateway's own CURVE pair for clients (not the cluster key)
+    allowed_client_keys: list[str] = msgspec.field(default_factory=list)  # Z85; empty: any
     admin_token: str = ""  # the control socket refuses every command while this is empty
     model: str = "tiny"  # tokenizer and context length come from the model folder
     max_model_len: int | None = None  # None: the model's context length
@@ -66,6 +70,8 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
+        if self.client_curve not in ("auto", "on", "off"):
+            raise ValueError(f"gateway.client_curve must be auto|on|off, got {self.client_curve!r}")
         if self.max_prompt_bytes < 0:
             raise ValueError(f"gateway.max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
         for name in ("request_timeout_s", "place_timeout_s", "session_ttl_s", "log_interval_s"):

@@ -46,6 +46,7 @@ from common.sockets import (
 from common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore, Request
+from services.gateway.public import client_socket_security
 from services.gateway.sessions import Sessions
 
 log = get_logger(__name__)
@@ -64,7 +65,9 @@ class GatewayService(ServiceShell):
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
         super().__init__()
         self.cfg = cfg
-        self.clients = RouterSocket(cfg.address, cp.ClientRequest)
+        self.clients = RouterSocket(
+            cfg.address, cp.ClientRequest, security=client_socket_security(cfg)
+        )
         self.replies = PullSocket(cfg.reply_address, wp.TokenChunk, bind=True)
         self.scheduler = RpcClient(cfg.scheduler, sp.SchedulerRequest, sp.SchedulerReply)
         self.events: SubSocket[sp.InstanceEvent] | None = None

@@ -28,6 +28,10 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     decode: int | None = None
     colocated: int | None = None
     admin_token: str = ""  # "" = a fresh random token per run, printed at start
+    # The cluster key (common/security.py): a key file (0600), or the secret itself from
+    # MEMSERVE_CLUSTER__SECRET_KEY. Neither: a key made in run_dir for this local cluster.
+    key_file: str | None = None
+    secret_key: str | None = None
     host: str = "127.0.0.1"  # where every socket binds
     run_dir: str = ".memserve/run"  # one log file per process
     ready_timeout_s: float = 180.0

@@ -23,6 +23,7 @@ from common.logging import get_logger
 from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
 from services.launcher.config import ClusterSettings
+from services.launcher.keys import prepare_key
 from services.launcher.plan import ProcSpec, env_for, plan
 
 log = get_logger(__name__)
@@ -49,6 +50,7 @@ class Cluster:
         self.cfg = settings.cluster
         self.admin_token = self.cfg.admin_token or secrets.token_urlsafe(16)
         self.specs = plan(settings, self.admin_token)
+        self.key_env = prepare_key(self.cfg)
         self.children: dict[str, Child] = {}
         self.run_dir = Path(self.cfg.run_dir)
         self.waiter: ReadyWaiter | None = None
@@ -98,7 +100,11 @@ class Cluster:
         settings = dict(spec.settings)
         for key, (instance, endpoint) in spec.links.items():
             settings[key] = self.children[instance].endpoints[endpoint]
-        env = {**os.environ, **env_for(spec.kind, {"instance_id": spec.instance_id, **settings})}
+        env = {
+            **os.environ,
+            **self.key_env,
+            **env_for(spec.kind, {"instance_id": spec.instance_id, **settings}),
+        }
         env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         log_path = self.run_dir / f"{spec.instance_id}.log"
         with log_path.open("ab") as stderr:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common import security
 from common.config import SharedFile, load_config
 from common.service_main import Service, run_main, run_service
 from services.mempool.config import MempoolConfig
@@ -20,8 +21,17 @@ def load(path: str | None) -> MempoolConfig:
     return load_config(MempoolSettings, path).mempool.validate()
 
 
+def load_with_key(path: str | None) -> MempoolConfig:
+    """The service's table, after installing the cluster key the file or environment
+    names (every socket the service makes is locked with it)."""
+    settings = load_config(MempoolSettings, path)
+    cfg = settings.mempool.validate()
+    security.install(security.load_key(settings.cluster))
+    return cfg
+
+
 def main(config_path: str | None, ready_address: str | None = None) -> None:
-    cfg = load(config_path)
+    cfg = load_with_key(config_path)
 
     async def start() -> tuple[Service, dict[str, str]]:
         daemon = MempoolDaemon(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import msgspec
 
+from common import security
 from common.config import SharedFile, load_config
 from common.service_main import Service, run_main, run_service
 from services.worker.service import WorkerConfig, WorkerService
@@ -19,8 +20,17 @@ def load(path: str | None) -> WorkerConfig:
     return load_config(WorkerSettings, path).worker.validate()
 
 
+def load_with_key(path: str | None) -> WorkerConfig:
+    """The service's table, after installing the cluster key the file or environment
+    names (every socket the service makes is locked with it)."""
+    settings = load_config(WorkerSettings, path)
+    cfg = settings.worker.validate()
+    security.install(security.load_key(settings.cluster))
+    return cfg
+
+
 def main(config_path: str | None, ready_address: str | None = None) -> None:
-    cfg = load(config_path)
+    cfg = load_with_key(config_path)
 
     async def start() -> tuple[Service, dict[str, str]]:
         service = await WorkerService.create(cfg)

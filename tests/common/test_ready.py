@@ -18,7 +18,9 @@ CHILD = """
 import asyncio, os, sys
 from common.protocol.ready import Failed, Ready
 from common.ready import signal_ready
+from common.security import install, read_key_file
 
+install(read_key_file(os.environ["MEMSERVE_CLUSTER__KEY_FILE"]))
 address, instance, mode = sys.argv[1:4]
 if mode == "ready":
     msg = Ready(service="worker", instance_id=instance, pid=os.getpid(),

@@ -28,8 +28,8 @@ from common.sockets import (
     RpcServer,
     RpcTimeout,
     SubSocket,
-    get_context,
 )
+from tests.raw import raw_socket
 
 pytestmark = pytest.mark.integration
 
@@ -139,7 +139,7 @@ async def test_rpc_concurrent_calls_get_their_own_replies() -> None:
 
 
 async def test_rpc_timeout_names_the_address() -> None:
-    with get_context().socket(zmq.ROUTER) as silent:
+    with raw_socket(zmq.ROUTER, bind=True) as silent:
         # A peer that accepts connections but never answers.
         port = silent.bind_to_random_port("tcp://127.0.0.1")
         client = RpcClient(f"tcp://127.0.0.1:{port}", Double, Doubled)
@@ -163,7 +163,7 @@ async def test_rpc_timeout_without_any_server() -> None:
 async def test_malformed_request_gets_error_reply_and_server_keeps_serving() -> None:
     server = RpcServer(ANY_PORT, Double, Doubled)
     serving = asyncio.create_task(server.serve(double))
-    raw = get_context().socket(zmq.DEALER)
+    raw = raw_socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(server.address)
     client = RpcClient(server.address, Double, Doubled)
@@ -334,7 +334,7 @@ async def test_rpc_server_drops_a_peer_that_sends_an_oversized_message() -> None
         seen.append(len(req.data))
         return Size(len(req.data))
 
-    raw = get_context().socket(zmq.DEALER)
+    raw = raw_socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
     monitor = raw.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
     with (

@@ -25,9 +25,11 @@ from common.client import GatewayClient, GatewayError
 from common.protocol import client as cp
 from common.protocol.worker import TokenChunk
 from common.sampling import SamplingParams
+from common.security import PLAIN
 from common.sockets import DealerSocket
 from services.gateway.service import GatewayService
 from tests.gateway.harness import FakeScheduler, FakeWorker, ids, running_gateway
+from tests.raw import raw_socket
 
 pytestmark = pytest.mark.integration
 
@@ -223,7 +225,7 @@ async def test_a_flood_of_malformed_messages_writes_a_few_warning_lines(
     sched: FakeScheduler, worker: FakeWorker, capsys: pytest.CaptureFixture[str]
 ) -> None:
     async with running_gateway(sched, log_burst=3, log_interval_s=3600) as (gw, _):
-        sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+        sock = raw_socket(zmq.DEALER, PLAIN)
         sock.connect(gw.endpoints["clients"])
         try:
             for _ in range(50):

@@ -17,7 +17,9 @@ from common.client import GatewayClient, GatewayClosed, GatewayError, GatewayTim
 from common.codec import encode
 from common.protocol import client as cp
 from common.sampling import SamplingParams
+from common.security import PLAIN
 from common.sockets import PeerGone, RouterSocket
+from tests.raw import raw_socket
 
 pytestmark = pytest.mark.integration
 
@@ -77,7 +79,7 @@ async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSock
 
 async def test_a_client_that_stops_reading_is_dropped() -> None:
     server = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest, sndhwm=4)
-    reader = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    reader = raw_socket(zmq.DEALER, PLAIN)
     reader.setsockopt(zmq.RCVHWM, 4)
     reader.setsockopt(zmq.RCVBUF, 4096)
     reader.connect(server.address)

@@ -19,6 +19,7 @@ from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.worker import TokenChunk
 from common.sampling import SamplingParams
+from common.security import PLAIN
 from common.sockets import DealerSocket
 from tests.gateway.harness import (
     TOKEN,
@@ -29,6 +30,7 @@ from tests.gateway.harness import (
     running_gateway,
     until,
 )
+from tests.raw import raw_socket
 
 pytestmark = pytest.mark.integration
 
@@ -221,7 +223,7 @@ async def test_overload_duplicates_and_malformed_input_get_an_error_each(
             with pytest.raises(GatewayError, match="overloaded: 1 requests in flight"):
                 await other.complete("hi", PARAMS)
             # Bytes that are no message: an error that names no request; serving goes on.
-            sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+            sock = raw_socket(zmq.DEALER, PLAIN)
             sock.connect(gw.endpoints["clients"])
             await sock.send_multipart([b"\xc1 not msgpack"])
             bad = await asyncio.wait_for(sock.recv_multipart(), 10)

@@ -20,6 +20,7 @@ from common.sockets import RpcError
 from services.mempool.region import ShmRegion
 from services.mempool.transport import available_transports
 from tests.daemons import Daemon, SpawnDaemon, assert_clean
+from tests.raw import raw_socket
 
 pytestmark = pytest.mark.integration
 
@@ -118,7 +119,7 @@ async def test_bad_requests_get_clear_errors_and_the_daemon_stays_up(
         with pytest.raises(RpcError, match=message):
             await call
     # A malformed message (not msgpack) on the raw socket gets an error reply.
-    sock = zmq.asyncio.Context.instance().socket(zmq.DEALER)
+    sock = raw_socket(zmq.DEALER)
     sock.connect(d.address)
     try:
         await sock.send_multipart([b"\x00" * 8, b"\xc1garbage"])

@@ -28,12 +28,12 @@ from common.sockets import (
     RpcError,
     RpcServer,
     SubSocket,
-    get_context,
 )
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.global_tree import PromptHashes
 from services.scheduler.service import SchedulerService
 from tests.daemons import Launcher, SpawnDaemon
+from tests.raw import raw_socket
 from tests.scheduler.helpers import BLOCK_SIZE, cli, heartbeat, prompt, stored
 
 pytestmark = pytest.mark.integration
@@ -141,7 +141,7 @@ async def test_silence_drops_the_instance_and_publishes_instance_down(harness: H
 
 
 async def test_malformed_heartbeats_are_dropped_and_serving_goes_on(harness: Harness) -> None:
-    raw = get_context().socket(zmq.PUSH)
+    raw = raw_socket(zmq.PUSH)
     raw.setsockopt(zmq.LINGER, 0)
     raw.connect(harness.svc.heartbeat_address)
     try:

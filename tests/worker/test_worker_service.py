@@ -17,6 +17,7 @@ from common.protocol import worker as wp
 from common.sampling import SamplingParams
 from common.sockets import PullSocket, PushSocket
 from tests.daemons import SpawnDaemon, SpawnWorker
+from tests.raw import raw_socket
 from tests.worker.helpers import MakeEngine, prompt, run_to_end
 
 pytestmark = pytest.mark.integration
@@ -89,7 +90,7 @@ async def test_worker_serves_streams_with_the_reference_tokens(
         await gw.generate("empty", [], params)
         bad = await gw.collect({"bad", "empty"})
         assert "top_p" in (bad["bad"][-1].error or "") and "empty" in (bad["empty"][-1].error or "")
-        sock = zmq.asyncio.Context.instance().socket(zmq.PUSH)
+        sock = raw_socket(zmq.PUSH)
         sock.connect(worker.endpoints["requests"])
         await sock.send_multipart([b"\xc1 not msgpack"])
         sock.close(0)
