@@ -17,6 +17,7 @@ import pytest
 from bench.loadgen import LoadClient
 from bench.workloads.model import Session, Turn, Workload
 from common.protocol import client as cp
+from common.security import PLAIN
 from common.sockets import RouterSocket
 
 pytestmark = pytest.mark.integration
@@ -26,7 +27,9 @@ class ScriptedGateway:
     """Answers Complete with a Final after `delay_s`; prompt token 2 (never in a generated prompt) makes it an error."""
 
     def __init__(self, delay_s: float = 0.05):
-        self.sock: RouterSocket[Any] = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest)
+        self.sock: RouterSocket[Any] = RouterSocket(
+            "tcp://127.0.0.1:0", cp.ClientRequest, security=PLAIN
+        )
         self.delay_s = delay_s
         self.log: list[tuple[float, str, list[int]]] = []  # (time, session, token ids)
         self.sessions = 0

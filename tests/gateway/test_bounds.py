@@ -74,7 +74,7 @@ async def test_an_oversized_request_id_is_refused_and_never_echoed(
     sched: FakeScheduler, worker: FakeWorker
 ) -> None:
     async with running_gateway(sched, max_id_bytes=128) as (gw, _):
-        raw = DealerSocket(gw.endpoints["clients"], cp.ClientReply)
+        raw = DealerSocket(gw.endpoints["clients"], cp.ClientReply, security=PLAIN)
         try:
             await raw.send(cp.Complete("r" * (1 << 20), prompt="hi"))
             final = await asyncio.wait_for(raw.recv(), 10)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def router() -> AsyncIterator[RouterSocket[Any]]:
-    sock = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest)
+    sock = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest, security=PLAIN)
     yield sock
     sock.close()
 
@@ -78,7 +78,7 @@ async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSock
 
 
 async def test_a_client_that_stops_reading_is_dropped() -> None:
-    server = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest, sndhwm=4)
+    server = RouterSocket("tcp://127.0.0.1:0", cp.ClientRequest, sndhwm=4, security=PLAIN)
     reader = raw_socket(zmq.DEALER, PLAIN)
     reader.setsockopt(zmq.RCVHWM, 4)
     reader.setsockopt(zmq.RCVBUF, 4096)

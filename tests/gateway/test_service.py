@@ -211,7 +211,7 @@ async def test_overload_duplicates_and_malformed_input_get_an_error_each(
     w = workers[0]
     sched.colocated(w)
     async with running_gateway(sched, max_inflight=1) as (gw, _):
-        raw = DealerSocket(gw.endpoints["clients"], cp.ClientReply)
+        raw = DealerSocket(gw.endpoints["clients"], cp.ClientReply, security=PLAIN)
         try:
             await raw.send(cp.Complete("x", prompt="hi"))
             gen = await w.recv()  # in flight: the one slot is taken
