@@ -367,7 +367,11 @@ async def test_kv_events_of_many_daemons_share_one_socket_and_follow_restarts(
         assert all(held(stray, w) == 0 for w in ("w1", "w2", "w3"))
         assert held(doc_a, "w1") == 64  # the stray batch did not count as a gap in a's seq
 
-        # w1 restarts on a new daemon: its tree starts afresh and follows c, not a.
+        # w1 restarts on a new daemon (taking its id over once the old process is silent
+        # past the timeout): its tree starts afresh and follows c, not a.
+        harness.clock.now += 0.3
+        await harness.beat(heartbeat("w2", events=b.address))
+        await harness.beat(heartbeat("w3", events=b.address))
         await harness.beat(heartbeat("w1", started_at=2.0, events=c.address))
         await until(lambda: svc.members["w1"].events == c.address, "w1 restarted")
         assert held(doc_a, "w1") == 0 and svc.kv.connections == 2
