@@ -126,6 +126,34 @@ async def test_heartbeat_registers_and_place_returns_it(harness: Harness) -> Non
     assert await harness.rpc.call(sp.Release("r1")) == sp.Released(False)
 
 
+async def test_another_process_cannot_claim_a_live_instance_id(harness: Harness) -> None:
+    """A second process heartbeating as live w0 ("restarted, unhealthy", or at its own
+    addresses) is refused: no InstanceDown ends w0's requests, placements still go to the
+    real w0, and it keeps refreshing."""
+    real = heartbeat("w0", incarnation="real")
+    await harness.register(real)
+    assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+    epoch = harness.svc.core.registry.get("w0").epoch  # type: ignore[union-attr]
+    intruder = PushSocket(harness.svc.heartbeat_address, sp.Heartbeat, bind=False)
+    try:
+        await intruder.send(heartbeat("w0", started_at=7.0, incarnation="x", healthy=False))
+        await intruder.send(heartbeat("w0", incarnation="x", address="tcp://127.0.0.1:1"))
+        await intruder.send(heartbeat("w0", incarnation="real", address="tcp://127.0.0.1:1"))
+        counters = harness.svc.core.counters
+        await until(lambda: counters["refused_claims"] == 3, "claims refused")
+    finally:
+        intruder.close()
+    await harness.beat(real)  # the real w0 still refreshes and serves
+    placed = await harness.rpc.call(sp.Place("r1", prompt(40), 8))
+    assert (placed.instance_id, placed.address) == ("w0", "tcp://127.0.0.1:9/w0")
+    inst = harness.svc.core.registry.get("w0")
+    assert inst is not None and inst.epoch == epoch and inst.healthy
+    assert inst.address == "tcp://127.0.0.1:9/w0" and inst.incarnation == "real"
+    # The next instance event is w1's: nothing was published for w0 meanwhile.
+    await harness.register(heartbeat("w1"))
+    assert await harness.next_event() == sp.InstanceUp("w1", "colocated")
+
+
 async def test_silence_drops_the_instance_and_publishes_instance_down(harness: Harness) -> None:
     await harness.register(heartbeat("w0"))
     assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
