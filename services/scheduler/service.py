@@ -65,6 +65,9 @@ REFUSAL_LOG_S = 10.0
 # again, at most SNAPSHOT_RETRIES times per incarnation.
 SNAPSHOT_CONFIRM_S = 1.0
 SNAPSHOT_RETRIES = 5
+# Snapshot calls in flight at once (each holds a socket): a restarted scheduler meeting
+# hundreds of instances, or a flood of made-up ones, holds a bounded number of them.
+MAX_SNAPSHOT_CALLS = 16
 
 
 @dataclass
@@ -100,6 +103,7 @@ class SchedulerService(ServiceShell):
         self._refused = 0  # heartbeats refused since the last warning
         self._refusal_logged_at: float | None = None
         self._claims_log = Throttled(log)  # a live id claimed by another process
+        self._snapshot_calls = asyncio.Semaphore(MAX_SNAPSHOT_CALLS)
         opened: list[Any] = []
         try:
             self.kv = KvEventFeed()
@@ -203,6 +207,11 @@ class SchedulerService(ServiceShell):
                 continue
             await self._publish(events)
             self._sync_members()
+            if any(isinstance(e, sp.InstanceUp) for e in events):
+                # Registered, or healthy again (a new daemon, whose first batches the SUB
+                # socket likely missed): its tree comes from a snapshot (a no-op if one is
+                # in flight already).
+                self._fetch_snapshot(hb.instance_id)
 
     def _refuse(self, error: str) -> None:
         """Count a refused heartbeat; warn at most every REFUSAL_LOG_S (a flood of them
@@ -274,8 +283,8 @@ class SchedulerService(ServiceShell):
     def _fetch_snapshot(self, iid: str) -> None:
         """Fetch `iid`'s index snapshot unless one is in flight; its batches wait for it."""
         member = self.members.get(iid)
-        if member is None or member.fetching or not member.mempool:
-            return
+        if member is None or member.fetching or not member.mempool or not member.events:
+            return  # (no events followed: a snapshot would never be kept up to date)
         if not self.core.begin_sync(iid):
             return
         member.fetching = True
@@ -286,8 +295,10 @@ class SchedulerService(ServiceShell):
         error = ""
         client: MempoolClient | None = None
         try:
-            client = MempoolClient(member.mempool, timeout_s=self.call_timeout_s)
-            snap = await client.index_snapshot()
+            async with self._snapshot_calls:
+                if self.members.get(iid) is member:  # not dropped while it waited its turn
+                    client = MempoolClient(member.mempool, timeout_s=self.call_timeout_s)
+                    snap = await client.index_snapshot()
         except Exception as exc:  # best effort: a dead, unreachable or older daemon
             error = f"{type(exc).__name__}: {exc}"
         finally:
