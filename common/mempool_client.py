@@ -150,6 +150,12 @@ class MempoolClient:
     async def info(self) -> mp.InfoReply:
         return await self._ask(mp.Info(), mp.InfoReply)
 
+    async def index_snapshot(
+        self, max_blocks: int = mp.SNAPSHOT_MAX_BLOCKS, timeout_s: float | None = None
+    ) -> mp.IndexSnapshotReply:
+        """The daemon's index as chained block hashes (see `mp.IndexSnapshot`)."""
+        return await self._ask(mp.IndexSnapshot(max_blocks), mp.IndexSnapshotReply, timeout_s)
+
     # Named tensors: torch tensors of any dtype (bfloat16 too) travel as raw bytes.
     async def put_tensor(self, name: str, tensor: Any) -> None:
         t = tensor.detach().contiguous().cpu()

@@ -6,7 +6,9 @@ global prompt trees instead of guessing (a TTL is only its safety net). Blocks a
 by chained hashes (`common.tokens.chain_hash`): a stored block carries its
 parent's hash and the token ids of every block, so the tree can be rebuilt from events.
 Batches are numbered per daemon; a gap in `seq` means events were lost (PUB/SUB drops
-under pressure or while a subscriber connects) and the subscriber must resync.
+under pressure or while a subscriber connects) and the subscriber must resync: it asks the
+daemon for an `IndexSnapshot` (common/protocol/mempool.py), numbered in the same sequence,
+and applies the batches after it. seq 0 is a daemon's first batch (AllCleared).
 
 A batch also names the PUB address it was published on (`events`, as the daemon gives it to
 its workers, who name it in their heartbeats): the scheduler takes every daemon's batches on

@@ -131,6 +131,21 @@ class Info(msgspec.Struct, tag=True, frozen=True):
     """Where the daemon's memory is, so its worker can map the device region."""
 
 
+# The most blocks one IndexSnapshot reply names (about 9 bytes each on the wire).
+SNAPSHOT_MAX_BLOCKS = 1 << 17
+
+
+class IndexSnapshot(msgspec.Struct, tag=True, frozen=True):
+    """What the index holds, in the form of the KV events (common/protocol/kv_events.py),
+    so a global scheduler that (re)starts or subscribes late can rebuild its tree for this
+    daemon instead of starting blind. Capped, not paged: pages taken at different moments
+    would not describe one state. At most `max_blocks` (and never more than
+    SNAPSHOT_MAX_BLOCKS) blocks, breadth first from the root, so a capped snapshot still
+    names only whole prefixes (a block's ancestors are always in it)."""
+
+    max_blocks: int = SNAPSHOT_MAX_BLOCKS
+
+
 # Named tensors (parameters, activations): kept in the daemon's tensor region and moved
 # between daemons through the same transports as KV. `data` is the raw bytes (uint8 view;
 # bfloat16 travels this way too), sent as a zero-copy frame.
@@ -221,6 +236,7 @@ MempoolRequest = (
     | Stats
     | CheckIntegrity
     | Info
+    | IndexSnapshot
     | PutTensor
     | GetTensor
     | DeleteTensor
@@ -328,6 +344,29 @@ class InfoReply(msgspec.Struct, tag=True, frozen=True):
     transports: list[str]
 
 
+class IndexRun(msgspec.Struct, frozen=True, array_like=True):
+    """Chained block hashes (`common.tokens.block_hashes`) of one run of blocks on `tier`,
+    in prefix order: the same hashes a `BlockStored` event carries."""
+
+    tier: int
+    block_hashes: list[int]
+
+
+class IndexSnapshotReply(msgspec.Struct, tag=True, frozen=True):
+    """The index after the KV-event batch `seq` of this daemon (that batch is published
+    right after the snapshot is taken, possibly with no events, so a subscriber that sees
+    it knows its subscription was live): a subscriber loads `runs`, then applies the
+    batches numbered after `seq`. `truncated`: the index held more than the cap; the
+    deepest blocks were left out (forgetting is safe, the worker's own match is the truth)."""
+
+    instance_id: str
+    seq: int
+    block_size: int
+    runs: list[IndexRun]
+    truncated: bool = False
+    events_address: str = ""
+
+
 class TensorInfo(msgspec.Struct, frozen=True):
     name: str
     dtype: str
@@ -359,6 +398,7 @@ MempoolReply = (
     | StatsReply
     | IntegrityReply
     | InfoReply
+    | IndexSnapshotReply
     | TensorData
     | TensorList
 )

@@ -28,7 +28,11 @@ class InstanceLoad(msgspec.Struct, frozen=True, omit_defaults=True):
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Sent every `heartbeat_interval_s` by each worker. The first one registers the
-    instance; `started_at` changes when the worker restarted (its old state is dropped)."""
+    instance; `started_at` changes when the worker restarted (its old state is dropped).
+    An incarnation is (`started_at`, `incarnation`): `incarnation` is a random nonce each
+    worker process draws at start ("" from an older worker), so another process cannot
+    claim a live id by guessing a start time (services/scheduler/registry.py says when a
+    new incarnation may take over an id, and that addresses never move within one)."""
 
     instance_id: str
     role: str  # prefill | decode | colocated
@@ -41,6 +45,7 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     started_at: float
     load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
     healthy: bool = True  # False: the worker lost its daemon; do not place here
+    incarnation: str = ""  # random per worker process (see above)
 
 
 class Place(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):

@@ -424,6 +424,27 @@ class PromptTree:
             yield n
             stack.extend(n.children.values())
 
+    def snapshot(self, max_blocks: int) -> tuple[list[tuple[Tier, list[int]]], bool]:
+        """The indexed blocks as (tier, chained hashes) runs, one per node, breadth first
+        from the root, at most `max_blocks` of them: a run's ancestors always come first,
+        so a capped snapshot names whole prefixes only. Returns (runs, truncated)."""
+        runs: list[tuple[Tier, list[int]]] = []
+        left = max(0, max_blocks)
+        level: list[Node] = list(self.root.children.values())
+        while level:
+            below: list[Node] = []
+            for n in level:
+                if left <= 0:
+                    return runs, True
+                hashes = self.hashes_of(n)
+                runs.append((n.tier, hashes[:left]))
+                if len(hashes) > left:
+                    return runs, True
+                left -= len(hashes)
+                below.extend(n.children.values())
+            level = below
+        return runs, False
+
     def is_attached(self, node: Node) -> bool:
         return node is self.root or node.parent is not None
 

@@ -145,6 +145,7 @@ class MempoolDaemon(ServiceShell):
             mp.Stats: self._stats,
             mp.CheckIntegrity: self._check_integrity,
             mp.Info: self._info,
+            mp.IndexSnapshot: self._index_snapshot,
         }
 
     @property
@@ -251,10 +252,34 @@ class MempoolDaemon(ServiceShell):
             await self._publish([wire_event(e) for e in tree_events])
 
     async def _publish(self, events: list[ev.KvEvent]) -> None:
-        batch = ev.KvEventBatch(
+        await self._send_batch(self._batch(events))
+
+    def _batch(self, events: list[ev.KvEvent]) -> ev.KvEventBatch:
+        """The next batch: numbered here, so the seq order is the order of the calls."""
+        return ev.KvEventBatch(
             self.cfg.instance_id, next(self._seq), self.cfg.block_size, events, self.events.address
         )
+
+    async def _send_batch(self, batch: ev.KvEventBatch) -> None:
         await self.events.publish(self.cfg.instance_id.encode(), batch)
+
+    async def _index_snapshot(self, req: mp.IndexSnapshot) -> mp.IndexSnapshotReply:
+        """The index as of a batch numbered now: the changes not yet published go in that
+        batch (empty if none), and nothing awaits between numbering it and reading the
+        tree, so the snapshot is exactly the state after the batches up to its seq."""
+        batch = self._batch([wire_event(e) for e in self.pool.drain_events()])
+        cap = min(max(0, req.max_blocks), mp.SNAPSHOT_MAX_BLOCKS)
+        runs, truncated = self.pool.tree.snapshot(cap)
+        reply = mp.IndexSnapshotReply(
+            self.cfg.instance_id,
+            batch.seq,
+            self.cfg.block_size,
+            [mp.IndexRun(int(tier), hashes) for tier, hashes in runs],
+            truncated,
+            self.events.address,
+        )
+        await self._send_batch(batch)  # also the subscriber's sign its subscription is live
+        return reply
 
     # ------------------------------------------------------------ introspection
     def _stats(self, req: mp.Stats) -> mp.StatsReply:

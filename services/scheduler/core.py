@@ -36,6 +36,7 @@ from common.errors import InvalidRequestError, MemServeError
 from common.modes import MODES, ROLES, Mode, parse_mode
 from common.protocol.admin import COMMANDS, AdminReply
 from common.protocol.kv_events import KvEventBatch
+from common.protocol.mempool import IndexSnapshotReply
 from common.protocol.scheduler import (
     Heartbeat,
     InstanceDown,
@@ -50,7 +51,7 @@ from common.protocol.worker import HandOff
 from services.scheduler.config import POLICIES, SchedulerConfig
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
-from services.scheduler.registry import Instance, Registry, RegistryFullError
+from services.scheduler.registry import ClaimRefusedError, Instance, Registry, RegistryFullError
 
 PHASES = ("prefill", "all")
 # Admin commands the asyncio shell runs itself (they talk to other processes).
@@ -92,6 +93,8 @@ class GlobalScheduler:
         # of forgotten charges only looks at the front.
         self.charges: dict[str, _Charge] = {}
         self.counters: Counter[str] = Counter()
+        # Instances whose trees lost events and wait for a snapshot the shell fetches.
+        self.want_snapshot: set[str] = set()
 
     # ----------------------------------------------------------- instances
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[InstanceEvent]:
@@ -102,6 +105,9 @@ class GlobalScheduler:
             seen = self.registry.heartbeat(hb, now)
         except RegistryFullError:
             self.counters["refused_registrations"] += 1
+            raise
+        except ClaimRefusedError:
+            self.counters["refused_claims"] += 1
             raise
         inst = seen.instance
         events: list[InstanceEvent] = []
@@ -123,12 +129,45 @@ class GlobalScheduler:
         return events
 
     def on_kv_events(self, instance_id: str, batch: KvEventBatch, now: float) -> bool:
-        """Apply a batch from `instance_id`'s daemon; False when the instance is unknown."""
+        """Apply a batch from `instance_id`'s daemon; False when the instance is unknown.
+        `self.want_snapshot` gets the instance when the batch showed lost events and its
+        daemon answers snapshots (see `GlobalPromptTree.apply`)."""
         inst = self.registry.get(instance_id)
         if inst is None:
             return False
-        self.trees[inst.role].apply(batch, now, instance_id)
+        if self.trees[inst.role].apply(batch, now, instance_id) and self.trees[inst.role].syncing(
+            instance_id
+        ):
+            self.want_snapshot.add(instance_id)
         return True
+
+    # ----------------------------------------------------- index snapshots
+    def begin_sync(self, instance_id: str) -> bool:
+        """The shell fetches `instance_id`'s index snapshot: its batches wait for it."""
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return False
+        self.trees[inst.role].begin_sync(instance_id, inst.block_size)
+        return True
+
+    def on_snapshot(self, instance_id: str, snap: IndexSnapshotReply, now: float) -> None:
+        """Load a fetched snapshot (of the current incarnation: the shell checks)."""
+        inst = self.registry.get(instance_id)
+        if inst is None:
+            return
+        self.counters["snapshots_loaded"] += 1
+        if self.trees[inst.role].load(instance_id, snap, now):
+            self.want_snapshot.add(instance_id)
+
+    def unconfirmed_snapshots(self, now: float, after_s: float) -> list[str]:
+        """Instances whose loaded snapshot's own batch has not come within `after_s`."""
+        return [i for tree in self.trees.values() for i in tree.unconfirmed(now, after_s)]
+
+    def on_snapshot_failed(self, instance_id: str, now: float) -> None:
+        inst = self.registry.get(instance_id)
+        if inst is not None:
+            self.counters["snapshots_failed"] += 1
+            self.trees[inst.role].fallback(instance_id, now)
 
     def tick(self, now: float) -> list[InstanceEvent]:
         """Drop silent instances, forget cached blocks past the TTL and placements never

@@ -1,8 +1,21 @@
 """Which instances exist, as their heartbeats say.
 
     first heartbeat ──▶ registered (epoch e) ──heartbeats──▶ ... ──silence > timeout──▶ dropped
-                              │  started_at changed: restarted ─▶ a new epoch, old state gone
+                              │  a new incarnation took over: restarted ─▶ a new epoch, old state gone
                               └─ healthy=False / drain: stays registered, not eligible
+
+An incarnation is one worker process: (`started_at`, `incarnation` nonce) of its heartbeats.
+An id belongs to its registered incarnation while that one is alive (heard from within
+`heartbeat_timeout_s`): a heartbeat of another incarnation is refused (ClaimRefusedError),
+since accepting it would end the holder's in-flight requests (InstanceDown "restarted")
+or hand its placements to whoever sent it. It takes over (a restart) once the holder is
+silent past the timeout, or at once when the holder itself reported unhealthy (its
+requests failed already) and the newcomer names the very same addresses (so a stranger
+cannot take over an unhealthy id to draw its placements elsewhere). Within an incarnation
+the addresses (request, control, mempool, events) never change: a heartbeat naming others
+is refused too. (Whether a heartbeat comes from whom it says is the sockets' CURVE
+authentication; this stops a second process, or a replayed old heartbeat, from taking
+over a live id.)
 
 Invariants:
 - one `Instance` per id; its `epoch` is unique over the registry's life, so anything
@@ -35,6 +48,17 @@ class RegistryFullError(MemServeError):
     kind = ErrorKind.REFUSED
 
 
+class ClaimRefusedError(MemServeError):
+    """A heartbeat claimed a live instance's id for another incarnation, or moved a live
+    incarnation's addresses. `reason` is one of a small fixed set (a log key)."""
+
+    kind = ErrorKind.REFUSED
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 @dataclass
 class Instance:
     instance_id: str
@@ -46,12 +70,16 @@ class Instance:
     block_size: int
     block_bytes: int
     started_at: float
+    incarnation: str
     epoch: int
     registered_at: float
     last_seen: float
     healthy: bool = True
     load: InstanceLoad = field(default_factory=InstanceLoad)
     charged_tokens: int = 0  # placed and not yet released (see core.py)
+
+    def addresses(self) -> tuple[str, str, str, str]:
+        return (self.address, self.control, self.mempool, self.events)
 
     @property
     def kv_usage(self) -> float:
@@ -80,21 +108,34 @@ class Registry:
     def heartbeat(self, hb: Heartbeat, now: float) -> Seen:
         """Register or refresh `hb.instance_id`. Raises ValueError for a heartbeat that
         cannot describe an instance (unknown role, no block size), RegistryFullError for a
-        new id while `max_instances` are registered."""
+        new id while `max_instances` are registered, ClaimRefusedError for another
+        incarnation of a live id or moved addresses (see the module docstring)."""
         if hb.role not in ROLES:
             raise ValueError(f"heartbeat of {hb.instance_id!r}: unknown role {hb.role!r}")
         if not hb.instance_id or hb.block_size <= 0:
             raise ValueError(f"heartbeat of {hb.instance_id!r}: no id or block_size <= 0")
         old = self._instances.get(hb.instance_id)
-        if old is not None and old.started_at == hb.started_at and old.role == hb.role:
+        addresses = (hb.address, hb.control, hb.mempool, hb.events)
+        if old is not None and (old.started_at, old.incarnation) == (hb.started_at, hb.incarnation):
+            if old.role != hb.role or old.addresses() != addresses:
+                raise ClaimRefusedError(
+                    f"heartbeat of {hb.instance_id!r} names other addresses or role than its "
+                    f"incarnation registered ({old.role} {old.addresses()})",
+                    "moved",
+                )
             changed = old.healthy != hb.healthy
             old.last_seen = now
             old.load = hb.load
             old.healthy = hb.healthy
-            # Addresses may move while the process lives (a re-bound socket): follow them.
-            old.address, old.mempool, old.control = hb.address, hb.mempool, hb.control
             old.block_bytes = hb.block_bytes
             return Seen(old, new=False, health_changed=changed)
+        if old is not None and not self._may_take_over(old, addresses, now):
+            raise ClaimRefusedError(
+                f"heartbeat of {hb.instance_id!r} from another incarnation (started_at "
+                f"{hb.started_at}) while the registered one (started_at {old.started_at}) is "
+                f"alive: accepted once it is silent for {self.heartbeat_timeout_s} s",
+                "claimed",
+            )
         if old is None and len(self._instances) >= self.max_instances:
             raise RegistryFullError(
                 f"heartbeat of {hb.instance_id!r}: {self.max_instances} instances registered "
@@ -110,6 +151,7 @@ class Registry:
             hb.block_size,
             hb.block_bytes,
             hb.started_at,
+            hb.incarnation,
             next(self._epochs),
             now,
             now,
@@ -118,6 +160,13 @@ class Registry:
         )
         self._instances[hb.instance_id] = inst
         return Seen(inst, new=True, replaced=old)
+
+    def _may_take_over(self, holder: Instance, addresses: tuple[str, ...], now: float) -> bool:
+        """Whether another incarnation may replace `holder` now: it is silent past the
+        timeout, or it reported itself unhealthy and the newcomer is at its addresses."""
+        if now - holder.last_seen > self.heartbeat_timeout_s:
+            return True
+        return not holder.healthy and holder.addresses() == addresses
 
     def expire(self, now: float) -> list[Instance]:
         """Drop and return every instance silent for longer than the heartbeat timeout."""

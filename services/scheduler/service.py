@@ -3,6 +3,7 @@
     workers ──Heartbeat (PUSH)──▶ PULL ──▶ core.on_heartbeat ──▶ PUB InstanceUp / Down ──▶ gateways
     gateways ──Place / Release (RPC)──▶ core.place / core.release
     every instance's daemon ──KvEventBatch (PUB)──▶ one SUB for all (kv_feed.py) ──▶ core.on_kv_events
+    a new member's daemon ◀──IndexSnapshot (RPC)── after subscribing ──▶ core.on_snapshot
     ticker ──▶ core.tick (silent instances dropped ──▶ InstanceDown, ReleaseOwner at its daemon)
     memserve admin ──AdminRequest (RPC)──▶ token check ──▶ core.admin, or cache-stats /
                                            flush-cache / shutdown, which talk to other processes
@@ -14,6 +15,15 @@ unfollowed and its daemon told to `ReleaseOwner`. A restart only replaces the me
 new worker frees its own leftovers), following its new events address if it moved. A
 batch goes to the members whose events address it names (a worker and its daemon may be
 named apart); a batch naming an address no member has is dropped.
+A new member (a first registration in this scheduler's life: after a scheduler restart,
+every instance) is subscribed first, then its daemon's `IndexSnapshot` is fetched while
+its batches are buffered, then the batches after the snapshot replay (global_tree.py), so
+a restarted scheduler knows what was cached before it started. A gap in a member's batches
+fetches a snapshot again; a snapshot whose own batch does not arrive within SNAPSHOT_CONFIRM_S
+(the subscription was not live yet) is fetched again, at most SNAPSHOT_RETRIES times. A
+daemon that does not answer snapshots leaves the member on events alone, as before.
+A heartbeat claiming a live instance's id for another process, or moving a live
+incarnation's addresses, is refused (registry.py) with a throttled warning.
 At most `max_instances` are registered (a heartbeat beyond is refused, with a warning at
 most every REFUSAL_LOG_S), so the scheduler's state and connections stay bounded.
 Calls to other processes are best effort with short timeouts (remote.py): a dead daemon
@@ -30,18 +40,20 @@ from dataclasses import dataclass
 from typing import Any
 
 from common.codec import DecodeError
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
+from common.mempool_client import MempoolClient
 from common.net import advertise
 from common.protocol import kv_events as ev
 from common.protocol import scheduler as sp
 from common.protocol.admin import AdminReply, AdminRequest
+from common.protocol.mempool import IndexSnapshotReply
 from common.service import ServiceShell
 from common.sockets import PubSocket, PullSocket, RpcServer
 from services.scheduler import remote
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import GlobalScheduler
 from services.scheduler.kv_feed import KvEventFeed
-from services.scheduler.registry import RegistryFullError
+from services.scheduler.registry import ClaimRefusedError, RegistryFullError
 
 log = get_logger(__name__)
 
@@ -49,6 +61,13 @@ log = get_logger(__name__)
 CALL_TIMEOUT_S = 2.0
 # Refused heartbeats (registry full) are counted, and logged at most this often.
 REFUSAL_LOG_S = 10.0
+# A loaded snapshot whose own KV-event batch has not arrived after this long is fetched
+# again, at most SNAPSHOT_RETRIES times per incarnation.
+SNAPSHOT_CONFIRM_S = 1.0
+SNAPSHOT_RETRIES = 5
+# Snapshot calls in flight at once (each holds a socket): a restarted scheduler meeting
+# hundreds of instances, or a flood of made-up ones, holds a bounded number of them.
+MAX_SNAPSHOT_CALLS = 16
 
 
 @dataclass
@@ -60,6 +79,8 @@ class _Member:
     mempool: str
     events: str = ""
     warned: bool = False  # "named apart" said once
+    fetching: bool = False  # an IndexSnapshot call in flight
+    snapshot_retries: int = 0
 
 
 class SchedulerService(ServiceShell):
@@ -81,6 +102,8 @@ class SchedulerService(ServiceShell):
         self._by_events: dict[str, set[str]] = {}  # events address -> member ids
         self._refused = 0  # heartbeats refused since the last warning
         self._refusal_logged_at: float | None = None
+        self._claims_log = Throttled(log)  # a live id claimed by another process
+        self._snapshot_calls = asyncio.Semaphore(MAX_SNAPSHOT_CALLS)
         opened: list[Any] = []
         try:
             self.kv = KvEventFeed()
@@ -173,11 +196,22 @@ class SchedulerService(ServiceShell):
             except RegistryFullError as exc:
                 self._refuse(str(exc))
                 continue
+            except ClaimRefusedError as exc:
+                # Keyed by the reason (a fixed set), never by the claimed id.
+                self._claims_log.warning(
+                    exc.reason, "heartbeat refused", instance=hb.instance_id, error=str(exc)
+                )
+                continue
             except ValueError as exc:
                 log.warning("heartbeat refused", error=str(exc))
                 continue
             await self._publish(events)
             self._sync_members()
+            if any(isinstance(e, sp.InstanceUp) for e in events):
+                # Registered, or healthy again (a new daemon, whose first batches the SUB
+                # socket likely missed): its tree comes from a snapshot (a no-op if one is
+                # in flight already).
+                self._fetch_snapshot(hb.instance_id)
 
     def _refuse(self, error: str) -> None:
         """Count a refused heartbeat; warn at most every REFUSAL_LOG_S (a flood of them
@@ -198,8 +232,10 @@ class SchedulerService(ServiceShell):
         interval = self.cfg.heartbeat_timeout_s / 4
         while True:
             await asyncio.sleep(interval)
-            await self._publish(self.core.tick(self.clock()))
+            now = self.clock()
+            await self._publish(self.core.tick(now))
             self._sync_members()
+            self._refetch_unconfirmed(now)
 
     async def _publish(self, events: list[sp.InstanceEvent]) -> None:
         for event in events:
@@ -232,6 +268,7 @@ class SchedulerService(ServiceShell):
                 continue
             member.events = inst.events
             self._by_events.setdefault(inst.events, set()).add(iid)
+            self._fetch_snapshot(iid)  # subscribed first: nothing after the snapshot is lost
 
     def _unfollow(self, iid: str) -> _Member:
         member = self.members.pop(iid)
@@ -242,6 +279,62 @@ class SchedulerService(ServiceShell):
             if not ids:
                 del self._by_events[member.events]
         return member
+
+    def _fetch_snapshot(self, iid: str) -> None:
+        """Fetch `iid`'s index snapshot unless one is in flight; its batches wait for it."""
+        member = self.members.get(iid)
+        if member is None or member.fetching or not member.mempool or not member.events:
+            return  # (no events followed: a snapshot would never be kept up to date)
+        if not self.core.begin_sync(iid):
+            return
+        member.fetching = True
+        self.tasks.spawn(self._load_snapshot(iid, member))
+
+    async def _load_snapshot(self, iid: str, member: _Member) -> None:
+        snap: IndexSnapshotReply | None = None
+        error = ""
+        client: MempoolClient | None = None
+        try:
+            async with self._snapshot_calls:
+                if self.members.get(iid) is member:  # not dropped while it waited its turn
+                    client = MempoolClient(member.mempool, timeout_s=self.call_timeout_s)
+                    snap = await client.index_snapshot()
+        except Exception as exc:  # best effort: a dead, unreachable or older daemon
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            if client is not None:
+                client.close()
+            member.fetching = False
+        if self.members.get(iid) is not member:
+            return  # dropped or restarted meanwhile: the snapshot describes nobody we know
+        now = self.clock()
+        if snap is None:
+            log.warning("no index snapshot: following KV events alone", instance=iid, error=error)
+            self.core.on_snapshot_failed(iid, now)
+        else:
+            blocks = sum(len(r.block_hashes) for r in snap.runs)
+            log.info(
+                "index snapshot loaded",
+                instance=iid,
+                seq=snap.seq,
+                blocks=blocks,
+                truncated=snap.truncated,
+            )
+            self.core.on_snapshot(iid, snap, now)
+        self._fetch_wanted()
+
+    def _fetch_wanted(self) -> None:
+        wanted, self.core.want_snapshot = self.core.want_snapshot, set()
+        for iid in sorted(wanted):
+            self._fetch_snapshot(iid)
+
+    def _refetch_unconfirmed(self, now: float) -> None:
+        for iid in self.core.unconfirmed_snapshots(now, SNAPSHOT_CONFIRM_S):
+            member = self.members.get(iid)
+            if member is None or member.fetching or member.snapshot_retries >= SNAPSHOT_RETRIES:
+                continue
+            member.snapshot_retries += 1
+            self._fetch_snapshot(iid)
 
     def _attribute(self, batch: ev.KvEventBatch) -> list[str]:
         """The members a batch belongs to: those following the address it names; for a
@@ -267,6 +360,7 @@ class SchedulerService(ServiceShell):
                         "daemon named apart from its worker", instance=iid, daemon=batch.instance_id
                     )
                 self.core.on_kv_events(iid, batch, now)
+            self._fetch_wanted()
 
     # ------------------------------------------------------------- admin
     async def _admin(self, req: AdminRequest) -> AdminReply:

@@ -101,6 +101,7 @@ class WorkerService(ServiceShell):
         self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
+        self.incarnation = os.urandom(8).hex()  # this process: the scheduler refuses others
         self.healthy = True
         self.served = 0
         self.failed = 0
@@ -340,6 +341,7 @@ class WorkerService(ServiceShell):
                     self.started_at,
                     sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
                     self.healthy,
+                    self.incarnation,
                 )
             )
             await asyncio.sleep(cfg.heartbeat_interval_s)

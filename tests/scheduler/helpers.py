@@ -26,11 +26,13 @@ def heartbeat(
     control: str = "",
     block_bytes: int = 1024,
     load: InstanceLoad | None = None,
+    incarnation: str = "",
+    address: str = "",
 ) -> Heartbeat:
     return Heartbeat(
         instance_id,
         role,
-        address=f"tcp://127.0.0.1:9/{instance_id}",
+        address=address or f"tcp://127.0.0.1:9/{instance_id}",
         mempool=mempool or f"tcp://127.0.0.1:8/{instance_id}",
         events=events,
         control=control,
@@ -39,6 +41,7 @@ def heartbeat(
         started_at=started_at,
         load=load or InstanceLoad(),
         healthy=healthy,
+        incarnation=incarnation,
     )
 
 

@@ -179,11 +179,12 @@ def test_restart_drops_the_old_tree_and_charges() -> None:
     doc = prompt(64)
     s.on_kv_events("w0", batch("w0", 0, stored(doc)), now=0.0)
     s.place(Place("r1", [*doc, 1], 10), now=0.0)
-    events = s.on_heartbeat(heartbeat("w0", started_at=2.0), now=0.5)
+    # Another incarnation takes the id over once the old one is silent past the timeout.
+    events = s.on_heartbeat(heartbeat("w0", started_at=2.0), now=2.5)
     assert events == [InstanceDown("w0", "restarted"), InstanceUp("w0", "colocated")]
     assert load(s, "w0") == 0 and s.trees["colocated"].num_blocks("w0") == 0
     # The old placement's release touches nothing of the new incarnation.
-    s.place(Place("r2", prompt(30, seed=3), 0), now=0.6)
+    s.place(Place("r2", prompt(30, seed=3), 0), now=2.6)
     assert s.release(Release("r1")) == Released(True)
     assert load(s, "w0") == 30
 
@@ -299,7 +300,7 @@ def test_a_restarted_decode_instance_frees_the_prefill_side_of_its_requests() ->
     up(s, "d0", role="decode")
     s.place(Place("r1", prompt(50), 5), now=0.0)
     assert load(s, "p0") == 50
-    s.on_heartbeat(heartbeat("d0", "decode", started_at=2.0), now=0.5)
+    s.on_heartbeat(heartbeat("d0", "decode", started_at=2.0), now=2.5)
     assert load(s, "p0") == 0 and load(s, "d0") == 0
     assert s.release(Release("r1", phase="prefill")) == Released(True)
     assert load(s, "p0") == 0

@@ -1,12 +1,14 @@
 """The global prompt tree, fed with KV events built from real chained hashes: exact
-per-instance matches, removal, AllCleared, resync on a seq gap, TTL, and a block held on
-both tiers of one instance."""
+per-instance matches, removal, AllCleared, resync on a seq gap, TTL, a block held on
+both tiers of one instance, and index snapshots (load, replay of what came after, a gap
+asking for another, a daemon without them)."""
 
 from __future__ import annotations
 
 import time
 
 from common.protocol import kv_events as ev
+from common.protocol.mempool import IndexRun, IndexSnapshotReply
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from tests.scheduler.helpers import BLOCK_SIZE, batch, prompt, removed, stored
 
@@ -110,3 +112,75 @@ def test_match_is_cheap_enough_to_run_per_request() -> None:
         f"match of 4K tokens against {sum(tree.num_blocks(i) for i in tree.instances())} blocks: {elapsed_ms:.3f} ms"
     )
     assert got == {f"w{i}": (250 * BLOCK_SIZE if i == 3 else 0) for i in range(8)}
+
+
+def snapshot(seq: int, *docs: list[int], tier: int = 0) -> IndexSnapshotReply:
+    runs = [IndexRun(tier, PromptHashes(d).get(BLOCK_SIZE)) for d in docs]
+    return IndexSnapshotReply("m0", seq, BLOCK_SIZE, runs)
+
+
+def test_a_snapshot_then_the_batches_after_it_rebuild_an_instance() -> None:
+    """Subscribe, snapshot, replay: batches buffered while the snapshot was fetched apply
+    only if numbered after it; the snapshot's own batch confirms the subscription."""
+    tree = GlobalPromptTree("colocated", ttl_s=600)
+    old, a, b = prompt(32, seed=1), prompt(32, seed=2), prompt(32, seed=3)
+    tree.apply(batch("w0", 0, stored(old)), now=0)
+    tree.begin_sync("w0", BLOCK_SIZE)
+    assert tree.syncing("w0")
+    assert not tree.apply(batch("w0", 4, stored(a)), now=0)  # buffered: in the snapshot
+    assert not tree.apply(batch("w0", 5), now=0)  # buffered: the snapshot's own batch
+    assert not tree.apply(batch("w0", 6, stored(b)), now=0)  # buffered: after it
+    assert tree.match(PromptHashes(old), "w0") == 32  # old entries stay until the load
+    assert not tree.load("w0", snapshot(5, a), now=1)
+    assert not tree.syncing("w0") and tree.unconfirmed(now=5, after_s=1) == []
+    assert tree.match(PromptHashes(old), "w0") == 0  # the snapshot replaced them
+    assert tree.match(PromptHashes(a), "w0") == 32 and tree.match(PromptHashes(b), "w0") == 32
+    assert not tree.apply(batch("w0", 7, removed(b)), now=1)
+    assert tree.match(PromptHashes(b), "w0") == 0 and tree.resyncs == 0
+
+
+def test_a_gap_asks_for_a_snapshot_when_the_daemon_answers_them() -> None:
+    tree = GlobalPromptTree("colocated", ttl_s=600)
+    a, b = prompt(32, seed=1), prompt(32, seed=2)
+    tree.begin_sync("w0", BLOCK_SIZE)
+    tree.load("w0", snapshot(3, a), now=0)
+    # Nothing came after the snapshot yet: unconfirmed (the SUB may have joined late).
+    assert tree.unconfirmed(now=0.5, after_s=1) == [] and tree.unconfirmed(1, 1) == ["w0"]
+    assert tree.apply(batch("w0", 6, stored(b)), now=1)  # 4, 5 lost: fetch a snapshot
+    assert tree.syncing("w0") and tree.resyncs == 1 and tree.num_blocks("w0") == 0
+    assert tree.unconfirmed(now=9, after_s=1) == []  # syncing again
+    # The new snapshot (seq 6) covers the buffered batch; replay skips it.
+    assert not tree.load("w0", snapshot(6, a, b), now=2)
+    assert tree.match(PromptHashes(b), "w0") == 32 and tree.num_blocks("w0") == 4
+    # A replay that finds a gap asks again.
+    tree.begin_sync("w0", BLOCK_SIZE)
+    tree.apply(batch("w0", 9, stored(b)), now=3)
+    assert tree.load("w0", snapshot(7, a), now=3) and tree.syncing("w0")
+
+
+def test_a_daemon_restart_needs_no_snapshot_and_a_dropped_instance_ignores_one() -> None:
+    tree = GlobalPromptTree("colocated", ttl_s=600)
+    a, b = prompt(32, seed=1), prompt(32, seed=2)
+    tree.begin_sync("w0", BLOCK_SIZE)
+    tree.load("w0", snapshot(8, a), now=0)
+    # A daemon's first batch (seq 0, AllCleared) starts over exactly.
+    assert not tree.apply(batch("w0", 0, ev.AllCleared()), now=1)
+    assert not tree.apply(batch("w0", 1, stored(b)), now=1)
+    assert tree.match(PromptHashes(a), "w0") == 0 and tree.match(PromptHashes(b), "w0") == 32
+    tree.begin_sync("w0", BLOCK_SIZE)
+    tree.remove_instance("w0")  # dropped while its snapshot was in flight
+    assert not tree.load("w0", snapshot(2, a), now=2) and tree.instances() == []
+
+
+def test_without_snapshots_the_buffer_replays_as_events_alone() -> None:
+    tree = GlobalPromptTree("colocated", ttl_s=600)
+    a, b = prompt(32, seed=1), prompt(32, seed=2)
+    tree.begin_sync("w0", BLOCK_SIZE)
+    tree.apply(batch("w0", 4, stored(a)), now=0)
+    tree.apply(batch("w0", 5, stored(b)), now=0)
+    tree.fallback("w0", now=0)  # the daemon does not answer IndexSnapshot
+    assert not tree.syncing("w0") and tree.resyncs == 1
+    assert tree.match(PromptHashes(a), "w0") == 32 and tree.match(PromptHashes(b), "w0") == 32
+    assert tree.apply(batch("w0", 9, stored(a)), now=0)  # a gap: resync by dropping
+    assert not tree.syncing("w0")  # (no snapshot to wait for)
+    assert tree.resyncs == 2 and tree.match(PromptHashes(b), "w0") == 0

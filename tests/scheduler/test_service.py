@@ -126,6 +126,34 @@ async def test_heartbeat_registers_and_place_returns_it(harness: Harness) -> Non
     assert await harness.rpc.call(sp.Release("r1")) == sp.Released(False)
 
 
+async def test_another_process_cannot_claim_a_live_instance_id(harness: Harness) -> None:
+    """A second process heartbeating as live w0 ("restarted, unhealthy", or at its own
+    addresses) is refused: no InstanceDown ends w0's requests, placements still go to the
+    real w0, and it keeps refreshing."""
+    real = heartbeat("w0", incarnation="real")
+    await harness.register(real)
+    assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
+    epoch = harness.svc.core.registry.get("w0").epoch  # type: ignore[union-attr]
+    intruder = PushSocket(harness.svc.heartbeat_address, sp.Heartbeat, bind=False)
+    try:
+        await intruder.send(heartbeat("w0", started_at=7.0, incarnation="x", healthy=False))
+        await intruder.send(heartbeat("w0", incarnation="x", address="tcp://127.0.0.1:1"))
+        await intruder.send(heartbeat("w0", incarnation="real", address="tcp://127.0.0.1:1"))
+        counters = harness.svc.core.counters
+        await until(lambda: counters["refused_claims"] == 3, "claims refused")
+    finally:
+        intruder.close()
+    await harness.beat(real)  # the real w0 still refreshes and serves
+    placed = await harness.rpc.call(sp.Place("r1", prompt(40), 8))
+    assert (placed.instance_id, placed.address) == ("w0", "tcp://127.0.0.1:9/w0")
+    inst = harness.svc.core.registry.get("w0")
+    assert inst is not None and inst.epoch == epoch and inst.healthy
+    assert inst.address == "tcp://127.0.0.1:9/w0" and inst.incarnation == "real"
+    # The next instance event is w1's: nothing was published for w0 meanwhile.
+    await harness.register(heartbeat("w1"))
+    assert await harness.next_event() == sp.InstanceUp("w1", "colocated")
+
+
 async def test_silence_drops_the_instance_and_publishes_instance_down(harness: Harness) -> None:
     await harness.register(heartbeat("w0"))
     assert await harness.next_event() == sp.InstanceUp("w0", "colocated")
@@ -367,7 +395,11 @@ async def test_kv_events_of_many_daemons_share_one_socket_and_follow_restarts(
         assert all(held(stray, w) == 0 for w in ("w1", "w2", "w3"))
         assert held(doc_a, "w1") == 64  # the stray batch did not count as a gap in a's seq
 
-        # w1 restarts on a new daemon: its tree starts afresh and follows c, not a.
+        # w1 restarts on a new daemon (taking its id over once the old process is silent
+        # past the timeout): its tree starts afresh and follows c, not a.
+        harness.clock.now += 0.3
+        await harness.beat(heartbeat("w2", events=b.address))
+        await harness.beat(heartbeat("w3", events=b.address))
         await harness.beat(heartbeat("w1", started_at=2.0, events=c.address))
         await until(lambda: svc.members["w1"].events == c.address, "w1 restarted")
         assert held(doc_a, "w1") == 0 and svc.kv.connections == 2
