@@ -216,14 +216,19 @@ class SocketSecurity:
         raise NotImplementedError
 
 
+@dataclass(frozen=True)
 class Cluster(SocketSecurity):
-    """Members only: CURVE with the cluster pair; binders are servers."""
+    """Members only: CURVE with the cluster pair. The binding side is the server unless
+    ``server`` says otherwise (a socket bound to a placeholder that only connects out,
+    like the scheduler's KV-event feed, is a client)."""
+
+    server: bool | None = None
 
     def apply(self, sock: zmq.Socket[Any], *, bind: bool) -> None:
         pair = cluster_key()
         sock.curve_publickey = pair.public
         sock.curve_secretkey = pair.secret
-        if bind:
+        if bind if self.server is None else self.server:
             sock.curve_server = True
             sock.zap_domain = CLUSTER_DOMAIN.encode()
         else:
@@ -277,6 +282,7 @@ class PublicClient(SocketSecurity):
 
 
 CLUSTER = Cluster()
+CLUSTER_CLIENT = Cluster(server=False)
 PLAIN = Plain()
 
 

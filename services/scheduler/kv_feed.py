@@ -24,6 +24,7 @@ from collections import Counter
 import zmq
 
 from common.protocol import kv_events as ev
+from common.security import CLUSTER_CLIENT
 from common.sockets import SubSocket
 
 _feeds = itertools.count()
@@ -32,7 +33,13 @@ _feeds = itertools.count()
 class KvEventFeed(SubSocket[ev.KvEventBatch]):
     def __init__(self) -> None:
         # A SUB socket is bound or connected at birth: bind it where nobody publishes.
-        super().__init__(f"inproc://scheduler-kv-feed-{next(_feeds)}", ev.KvEventBatch, bind=True)
+        # It only connects out, to daemons' PUB sockets (CURVE servers): a CURVE client.
+        super().__init__(
+            f"inproc://scheduler-kv-feed-{next(_feeds)}",
+            ev.KvEventBatch,
+            bind=True,
+            security=CLUSTER_CLIENT,
+        )
         self._followed: Counter[str] = Counter()
 
     @property

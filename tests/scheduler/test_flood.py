@@ -99,6 +99,10 @@ FAILING_SCHEDULER = textwrap.dedent(
     from services.scheduler.config import SchedulerConfig
     from services.scheduler.service import SchedulerService
     from common.service_main import run_main, run_service
+    from common.security import install, read_key_file
+    import os
+
+    install(read_key_file(os.environ["MEMSERVE_CLUSTER__KEY_FILE"]))
 
     class Failing(SchedulerService):
         def loops(self):
