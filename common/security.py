@@ -231,6 +231,7 @@ class Cluster(SocketSecurity):
         if bind if self.server is None else self.server:
             sock.curve_server = True
             sock.zap_domain = CLUSTER_DOMAIN.encode()
+            _fail_closed(sock)
         else:
             sock.curve_serverkey = pair.public
 
@@ -264,6 +265,7 @@ class PublicServer(SocketSecurity):
         sock.curve_secretkey = self.pair.secret
         sock.curve_server = True
         sock.zap_domain = domain.encode()
+        _fail_closed(sock)
 
 
 @dataclass(frozen=True)
@@ -279,6 +281,12 @@ class PublicClient(SocketSecurity):
         sock.curve_serverkey = self.server_key
         sock.curve_publickey = pair.public
         sock.curve_secretkey = pair.secret
+
+
+def _fail_closed(sock: zmq.Socket[Any]) -> None:
+    # Without this libzmq admits every CURVE client when no ZAP handler answers (a handler
+    # that died, a forked child): refuse instead.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
 
 CLUSTER = Cluster()
@@ -311,9 +319,9 @@ class _ZapHandler(threading.Thread):
         self._sock: zmq.Socket[bytes] = context.socket(zmq.REP, socket_class=zmq.Socket)
         self._sock.linger = 0
         self._sock.bind(_ZAP_ENDPOINT)  # before start(): bound by the time install returns
-        self._stop = context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        self._stopper = context.socket(zmq.PAIR, socket_class=zmq.Socket)
         self._stop_addr = f"inproc://memserve-zap-stop-{id(self)}"
-        self._stop.bind(self._stop_addr)
+        self._stopper.bind(self._stop_addr)
         self._wake = context.socket(zmq.PAIR, socket_class=zmq.Socket)
         self._wake.connect(self._stop_addr)
         self._denied = Throttled(log, burst=5, interval_s=10.0)
@@ -321,11 +329,11 @@ class _ZapHandler(threading.Thread):
     def run(self) -> None:
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._stop, zmq.POLLIN)
+        poller.register(self._stopper, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll())
-                if self._stop in ready:
+                if self._stopper in ready:
                     return
                 if self._sock in ready:
                     frames = self._sock.recv_multipart()
@@ -338,7 +346,7 @@ class _ZapHandler(threading.Thread):
                         self._sock.send_multipart([b"1.0", b"", b"500", b"error", b"", b""])
         finally:
             self._sock.close(linger=0)
-            self._stop.close(linger=0)
+            self._stopper.close(linger=0)
 
     def stop(self) -> None:
         self._wake.send(b"")

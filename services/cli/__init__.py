@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import setup_logging
-from services.cli import admin, chat, demo, generate, model_info, service, up
+from services.cli import admin, chat, demo, generate, keys, model_info, service, up
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_info.add_parser(sub)
     service.add_parsers(sub)
     admin.add_parser(sub)
+    keys.add_parser(sub)
     up.add_parser(sub)
     chat.add_parser(sub)
     demo.add_parser(sub)

@@ -14,13 +14,17 @@ import argparse
 import asyncio
 import json
 import os
+from pathlib import Path
 from typing import Any
 
+from common import security
 from common.admin_client import admin_call
 from common.cli_errors import fail
 from common.net import advertise
 from common.protocol.admin import COMMANDS, AdminReply, AdminRequest
 from common.sockets import RpcError, RpcTimeout
+from services.launcher.config import DEFAULT_RUN_DIR
+from services.launcher.keys import KEY_FILE_NAME
 
 try:
     import tomllib
@@ -42,6 +46,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--address", default=None, help="admin / control socket (RPC) to call")
     p.add_argument("--token", default=None, help="the cluster's admin token")
     p.add_argument("--config", default=None, help="TOML file with a [scheduler] table")
+    p.add_argument(
+        "--key-file",
+        default=None,
+        help="the cluster key file (else MEMSERVE_CLUSTER__KEY_FILE / __SECRET_KEY, "
+        "[cluster] key_file of --config, or the key `memserve up` made in .memserve/run)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
     p.add_argument("command", choices=COMMANDS)
     p.add_argument("args", nargs="*", help="drain/undrain: INSTANCE_ID; policy: [NAME]")
@@ -51,6 +61,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         address, token = resolve(args.address, args.token, args.config)
+        install_key(args.key_file, args.config)
         reply = asyncio.run(
             call(address, AdminRequest(token, args.command, args.args), args.timeout)
         )
@@ -87,7 +98,28 @@ def resolve(address: str | None, token: str | None, config: str | None) -> tuple
     return advertise(address), token
 
 
+def install_key(key_file: str | None, config: str | None) -> None:
+    """Make this process a cluster member for the call: the admin sockets are locked."""
+    env = os.environ
+    source = security.ClusterKeyConfig(
+        key_file=key_file or env.get("MEMSERVE_CLUSTER__KEY_FILE") or None,
+        secret_key=None if key_file else env.get("MEMSERVE_CLUSTER__SECRET_KEY") or None,
+    )
+    if source.key_file is None and source.secret_key is None:
+        table = _table(config, "cluster") if config else {}
+        fallback = Path(DEFAULT_RUN_DIR) / KEY_FILE_NAME
+        source.key_file = table.get("key_file") or (str(fallback) if fallback.exists() else None)
+    try:
+        security.install(security.load_key(source))
+    except security.SecurityError as exc:
+        raise AdminCliError(str(exc)) from None
+
+
 def _scheduler_table(path: str) -> dict[str, Any]:
+    return _table(path, "scheduler")
+
+
+def _table(path: str, name: str) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -95,9 +127,9 @@ def _scheduler_table(path: str) -> dict[str, Any]:
         raise AdminCliError(f"cannot read {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise AdminCliError(f"invalid TOML in {path}: {exc}") from None
-    table = data.get("scheduler", {})
+    table = data.get(name, {})
     if not isinstance(table, dict):
-        raise AdminCliError(f"{path}: [scheduler] is not a table")
+        raise AdminCliError(f"{path}: [{name}] is not a table")
     return table
 
 

@@ -16,6 +16,8 @@ from common.kv_geometry import KVGeometry
 from common.modes import BASE_MODES, MODES
 from services.mempool.config import MempoolConfig
 
+DEFAULT_RUN_DIR = ".memserve/run"
+
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     mode: str = "pd-caching-3"
@@ -33,7 +35,7 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     key_file: str | None = None
     secret_key: str | None = None
     host: str = "127.0.0.1"  # where every socket binds
-    run_dir: str = ".memserve/run"  # one log file per process
+    run_dir: str = DEFAULT_RUN_DIR  # one log file per process (and the local cluster key)
     ready_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
 
