@@ -138,6 +138,11 @@ def pinned(spec: ProcSpec, endpoints: dict[str, str]) -> dict[str, Any]:
     return settings
 
 
+def stable_endpoints(kind: str, endpoints: dict[str, str]) -> dict[str, str]:
+    """The endpoints a restart keeps (others, like a daemon's shm segment, are new)."""
+    return {k: v for k, v in endpoints.items() if k in REBIND.get(kind, {})}
+
+
 def env_for(kind: str, settings: dict[str, Any]) -> dict[str, str]:
     """MEMSERVE_<KIND>__<KEY>[__<SUBKEY>] variables that set `settings` in the child."""
     out: dict[str, str] = {}

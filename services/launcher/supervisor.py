@@ -31,7 +31,7 @@ from common.logging import get_logger
 from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
 from services.launcher.config import ClusterSettings
-from services.launcher.plan import ProcSpec, env_for, pinned, plan
+from services.launcher.plan import ProcSpec, env_for, pinned, plan, stable_endpoints
 from services.launcher.restart import Backoff, Verdict, verdict
 
 log = get_logger(__name__)
@@ -217,7 +217,9 @@ class Cluster:
                 await asyncio.to_thread(child.proc.wait)
                 return False
         endpoints = dict(ready[instance].endpoints)
-        if endpoints != old.endpoints:
+        if stable_endpoints(old.spec.kind, endpoints) != stable_endpoints(
+            old.spec.kind, old.endpoints
+        ):
             log.warning("restarted on other endpoints", instance=instance, endpoints=endpoints)
         child.endpoints = endpoints
         child.started = time.monotonic()
