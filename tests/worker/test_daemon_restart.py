@@ -98,8 +98,8 @@ async def test_worker_reattaches_to_a_restarted_daemon(
     worker.proc.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.proc.wait, 20) == 0
     assert client is not None
-    st = await client.stats()
-    assert st.client["device"] == 0 and st.pinned["device"] == 0, st
+    stats = await client.stats()
+    assert stats.client["device"] == 0 and stats.pinned["device"] == 0, stats
     assert (await client.check_integrity()).ok
     client.close()
     await relauncher.stop_all()
