@@ -117,6 +117,7 @@ class WorkerService(ServiceShell):
         # Daemon checks go through a client of their own: the engine's closes itself when
         # its connection drops (MempoolEngine._watch_connection).
         self.probe = MempoolClient(cfg.mempool)
+        self.device_blocks = (0, 0)  # (used, total) at the daemon's last answer
         # Fixed by the model and block size, which a re-attach checks are unchanged.
         self.block_size = engine.block_size
         self.block_bytes = engine.engine.cache.layout.bytes_per_block
@@ -333,29 +334,33 @@ class WorkerService(ServiceShell):
 
     # ------------------------------------------------------------- heartbeats
     async def _beat(self) -> None:
-        cfg = self.cfg
         while True:
-            used, total = await self._check_daemon()
-            if self.heartbeats is None:
-                await asyncio.sleep(cfg.heartbeat_interval_s)
-                continue
-            waiting, running, wait_tokens, run_tokens = self._load()
-            await self.heartbeats.send(
-                sp.Heartbeat(
-                    cfg.instance_id,
-                    cfg.role,
-                    self.address,
-                    cfg.mempool,
-                    self.events,
-                    self.control_address,
-                    self.block_size,
-                    self.block_bytes,
-                    self.started_at,
-                    sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
-                    self.healthy,
-                )
+            self.device_blocks = await self._check_daemon()
+            await self._heartbeat()
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _heartbeat(self) -> None:
+        """One heartbeat with the current state (nothing without a scheduler)."""
+        if self.heartbeats is None:
+            return
+        cfg = self.cfg
+        used, total = self.device_blocks
+        waiting, running, wait_tokens, run_tokens = self._load()
+        await self.heartbeats.send(
+            sp.Heartbeat(
+                cfg.instance_id,
+                cfg.role,
+                self.address,
+                cfg.mempool,
+                self.events,
+                self.control_address,
+                self.block_size,
+                self.block_bytes,
+                self.started_at,
+                sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
+                self.healthy,
             )
-            await asyncio.sleep(cfg.heartbeat_interval_s)
+        )
 
     async def _check_daemon(self) -> tuple[int, int]:
         """Ask the daemon for its stats and act on what `DaemonLink` makes of the answer
@@ -387,6 +392,9 @@ class WorkerService(ServiceShell):
     def _engine_fenced(self) -> None:
         if self.link.disconnected() is LinkAction.FAIL_ALL:
             log.error("lost the MemPool daemon; every request failed", mempool=self.cfg.mempool)
+            # Unhealthy now, not at the next beat: the scheduler stops placing here at once.
+            self.device_blocks = (0, 0)
+            self._spawn(self._heartbeat())
 
     async def _abandon_engine(self) -> None:
         model = await self.engine.abandon(
