@@ -118,3 +118,22 @@ async def test_admin_shutdown_still_ends_the_cluster(tmp_path: Path) -> None:
         why = await asyncio.wait_for(watching, 30)
         assert "exited with code 0" in why, why
         assert cluster.restarts == 0 and not cluster.restarting()
+
+
+async def test_stop_while_a_restart_is_pending(tmp_path: Path) -> None:
+    shape = settings(tmp_path)
+    shape.cluster.restart_backoff_s = 30.0  # the restart waits while the cluster stops
+    shape.cluster.restart_backoff_max_s = 30.0
+    stop = asyncio.Event()
+    cluster = Cluster(shape)
+    async with cluster:
+        watching = asyncio.create_task(cluster.wait(stop))
+        os.kill(cluster.children["colocated-0"].proc.pid, signal.SIGKILL)
+        while cluster.restarting() != ["colocated-0"]:
+            await asyncio.sleep(0.05)
+        stop.set()
+        assert await watching == "stop requested"
+        t0 = time.monotonic()
+    print(f"\nstopped with a restart pending in {time.monotonic() - t0:.2f} s")
+    assert cluster.restarts == 0 and not cluster.restarting()
+    assert not any(c.alive for c in cluster.children.values())
