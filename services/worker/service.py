@@ -380,9 +380,11 @@ class WorkerService(ServiceShell):
             return 0, 0
         if self.link.answered(st.incarnation) is LinkAction.REATTACH:
             log.warning(
-                "the MemPool daemon was restarted; failing every request and re-attaching",
+                "the MemPool daemon answers as another incarnation, or after our connection "
+                "dropped; failing every request and re-attaching",
                 mempool=cfg.mempool,
                 incarnation=st.incarnation,
+                restarted=st.incarnation != self.engine.incarnation,
             )
             await self._abandon_engine()
             return 0, 0
