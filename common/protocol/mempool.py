@@ -324,6 +324,9 @@ class StatsReply(msgspec.Struct, tag=True, frozen=True):
     bytes_received: int
     transfers_failed: int
     pending_transfers: int
+    # A fresh id per daemon process: a worker that sees it change knows its daemon was
+    # restarted (its leases and region mapping are gone). "" from older daemons.
+    incarnation: str = ""
 
 
 class IntegrityReply(msgspec.Struct, tag=True, frozen=True):
@@ -342,6 +345,7 @@ class InfoReply(msgspec.Struct, tag=True, frozen=True):
     host_blocks: int
     events: str  # address of the KV-event PUB socket
     transports: list[str]
+    incarnation: str = ""  # as in StatsReply
 
 
 class IndexRun(msgspec.Struct, frozen=True, array_like=True):

@@ -1,5 +1,6 @@
 """`memserve up --config deploy/local.toml`: start a whole cluster on this machine, print
-where to connect, and stop it cleanly on Ctrl-C / SIGTERM (or an admin `shutdown`)."""
+where to connect, restart any process that crashes (services/launcher/supervisor.py), and
+stop it cleanly on Ctrl-C / SIGTERM (or an admin `shutdown`)."""
 
 from __future__ import annotations
 
@@ -74,6 +75,11 @@ async def _up(settings: Any) -> int:
         f"  kv        {blocks} blocks of {geometry.block_size} tokens per instance "
         f"({geometry.block_bytes:,} bytes each, {geometry.dtype})"
     )
+    if c.restart:
+        print(
+            f"  restarts  a crashed process, on its addresses "
+            f"(backoff {c.restart_backoff_s:g}-{c.restart_backoff_max_s:g} s)"
+        )
     print(f"  logs      {cluster.run_dir}/", flush=True)
     try:
         why = await cluster.wait(stop)

@@ -38,6 +38,14 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     run_dir: str = DEFAULT_RUN_DIR  # one log file per process (and the local cluster key)
     ready_timeout_s: float = 180.0
     stop_timeout_s: float = 15.0
+    # A child that crashes (non-zero exit or a signal) is started again on the endpoints it
+    # had, after a backoff doubling from restart_backoff_s up to restart_backoff_max_s (back
+    # to the start once it stayed up restart_stable_s). False: a crashed scheduler or
+    # gateway ends the cluster, a crashed worker or daemon stays down.
+    restart: bool = True
+    restart_backoff_s: float = 0.5
+    restart_backoff_max_s: float = 10.0
+    restart_stable_s: float = 30.0
 
     def validate(self) -> ClusterConfig:
         if self.mode not in BASE_MODES:
@@ -53,6 +61,12 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
                 raise ValueError(f"cluster.mode {self.mode} needs cluster.{role} >= 1")
         if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("cluster.ready_timeout_s and stop_timeout_s must be > 0")
+        if not 0 < self.restart_backoff_s <= self.restart_backoff_max_s:
+            raise ValueError(
+                "cluster.restart_backoff_s must be > 0 and <= cluster.restart_backoff_max_s"
+            )
+        if self.restart_stable_s <= 0:
+            raise ValueError("cluster.restart_stable_s must be > 0")
         return self
 
     def counts(self) -> dict[str, int]:

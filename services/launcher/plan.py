@@ -7,7 +7,8 @@
 
 Addresses are not fixed in advance: every socket binds port 0 unless the cluster file
 names it, and `links` say which endpoint of an earlier process fills which setting once
-that process reported ready.
+that process reported ready. A restarted process binds the ports it had (`pinned`), so
+the peers that connect to it (ZeroMQ reconnects by itself) find it again.
 """
 
 from __future__ import annotations
@@ -108,6 +109,38 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
         )
     )
     return specs
+
+
+# Per kind: the endpoint a process reports when ready -> the setting that binds it.
+REBIND: dict[str, dict[str, str]] = {
+    "scheduler": {
+        "rpc": "address",
+        "heartbeats": "heartbeat_address",
+        "events": "events_address",
+        "admin": "admin_address",
+    },
+    "mempool": {"rpc": "control_address", "events": "events_address"},
+    "worker": {"requests": "address", "control": "control_address"},
+    "gateway": {"clients": "address", "replies": "reply_address", "control": "control_address"},
+}
+
+
+def pinned(spec: ProcSpec, endpoints: dict[str, str]) -> dict[str, Any]:
+    """`spec.settings` with every port-0 address its process bound replaced by the port it
+    got (reported in `endpoints`): the host stays as configured (it may be 0.0.0.0 while
+    the endpoint advertises another name); fixed ports stay as they are."""
+    settings = dict(spec.settings)
+    for endpoint, key in REBIND.get(spec.kind, {}).items():
+        value, bound = settings.get(key), endpoints.get(endpoint)
+        if isinstance(value, str) and value.endswith(":0") and bound:
+            port = bound.rsplit(":", 1)[1]
+            settings[key] = f"{value[:-2]}:{port}"
+    return settings
+
+
+def stable_endpoints(kind: str, endpoints: dict[str, str]) -> dict[str, str]:
+    """The endpoints a restart keeps (others, like a daemon's shm segment, are new)."""
+    return {k: v for k, v in endpoints.items() if k in REBIND.get(kind, {})}
 
 
 def env_for(kind: str, settings: dict[str, Any]) -> dict[str, str]:

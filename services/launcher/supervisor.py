@@ -1,8 +1,16 @@
-"""Start a planned cluster as child processes, wait for every readiness handshake, and stop
-it cleanly (reverse start order: SIGTERM, then SIGKILL after `stop_timeout_s`).
+"""Start a planned cluster as child processes, wait for every readiness handshake, keep
+it running, and stop it cleanly (reverse start order: SIGTERM, then SIGKILL after
+`stop_timeout_s`).
 
 Each child is `python -m services.cli <kind> --ready ADDR`, configured by environment
 variables (plan.env_for) and logging to `<run_dir>/<instance>.log`.
+
+Supervision (`wait`): a child that crashes (restart.py says which exits are crashes) is
+started again after its backoff, on the endpoints it had (plan.pinned): its peers'
+ZeroMQ sockets reconnect by themselves, and the gateway's client address stays the
+same. Each restart waits for its readiness handshake on a ReadyWaiter of its own, in a
+task of its own, so one slow restart holds up neither the others nor the watch. A
+scheduler or gateway that exits 0 (an admin `shutdown`) still ends the cluster.
 """
 
 from __future__ import annotations
@@ -24,7 +32,8 @@ from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
 from services.launcher.config import ClusterSettings
 from services.launcher.keys import prepare_key
-from services.launcher.plan import ProcSpec, env_for, plan
+from services.launcher.plan import ProcSpec, env_for, pinned, plan, stable_endpoints
+from services.launcher.restart import Backoff, Verdict, verdict
 
 log = get_logger(__name__)
 
@@ -35,6 +44,9 @@ class Child:
     proc: subprocess.Popen[bytes]
     log_path: Path
     endpoints: dict[str, str] = field(default_factory=dict)
+    backoff: Backoff = field(default_factory=Backoff)
+    started: float = field(default_factory=time.monotonic)
+    reported: bool = False  # its exit was logged and it stays down
 
     @property
     def alive(self) -> bool:
@@ -54,6 +66,8 @@ class Cluster:
         self.children: dict[str, Child] = {}
         self.run_dir = Path(self.cfg.run_dir)
         self.waiter: ReadyWaiter | None = None
+        self._restarts: dict[str, asyncio.Task[None]] = {}  # instance -> its restart
+        self.restarts = 0  # restarts that reached the readiness handshake
 
     @property
     def gateway(self) -> str:
@@ -79,7 +93,7 @@ class Cluster:
             for stage in sorted({s.stage for s in self.specs}):
                 group = [s for s in self.specs if s.stage == stage]
                 for spec in group:
-                    self._spawn(spec)
+                    self._spawn(spec, dict(spec.settings), self.waiter.address)
                 ids = [s.instance_id for s in group]
                 ready = await self.waiter.wait(
                     ids,
@@ -95,9 +109,7 @@ class Cluster:
             raise
         return self
 
-    def _spawn(self, spec: ProcSpec) -> None:
-        assert self.waiter is not None
-        settings = dict(spec.settings)
+    def _spawn(self, spec: ProcSpec, settings: dict[str, object], ready: str) -> Child:
         for key, (instance, endpoint) in spec.links.items():
             settings[key] = self.children[instance].endpoints[endpoint]
         env = {
@@ -109,43 +121,131 @@ class Cluster:
         log_path = self.run_dir / f"{spec.instance_id}.log"
         with log_path.open("ab") as stderr:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "services.cli", spec.kind, "--ready", self.waiter.address],
+                [sys.executable, "-m", "services.cli", spec.kind, "--ready", ready],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # Ctrl-C reaches the launcher, which stops them in order
             )
-        self.children[spec.instance_id] = Child(spec, proc, log_path)
+        old = self.children.get(spec.instance_id)
+        child = Child(spec, proc, log_path)
+        if old is not None:  # a restart: same endpoints expected, same backoff history
+            child.endpoints, child.backoff = old.endpoints, old.backoff
+        else:
+            child.backoff = Backoff(
+                self.cfg.restart_backoff_s,
+                self.cfg.restart_backoff_max_s,
+                self.cfg.restart_stable_s,
+            )
+        self.children[spec.instance_id] = child
+        return child
 
     def exited(self) -> list[Child]:
         return [c for c in self.children.values() if not c.alive]
 
+    def restarting(self) -> list[str]:
+        """Instances waiting for, or in, a restart."""
+        return sorted(self._restarts)
+
     async def wait(self, stop: asyncio.Event) -> str:
-        """Run until `stop` is set or the scheduler or gateway exits (an admin `shutdown`
-        ends with both). Returns why. Workers or daemons that die are reported, and the
-        cluster keeps serving on the others (the scheduler drops them)."""
-        reported: set[str] = set()
+        """Run until `stop` is set, or until the scheduler or gateway exits 0 (an admin
+        `shutdown` ends with both). Returns why. A child that crashes is restarted (with
+        `cluster.restart`; restart.py); a worker or daemon that exits 0 is reported and
+        stays down, and the cluster keeps serving on the others (the scheduler drops it)."""
         while not stop.is_set():
             for child in self.exited():
-                if child.spec.instance_id in reported:
+                instance = child.spec.instance_id
+                if child.reported or instance in self._restarts:
                     continue
-                reported.add(child.spec.instance_id)
                 code = child.proc.returncode
-                if child.spec.kind in ("scheduler", "gateway"):
-                    return f"{child.spec.instance_id} exited with code {code}"
-                log.warning(
-                    "process exited",
-                    instance=child.spec.instance_id,
-                    code=code,
-                    log=str(child.log_path),
-                )
+                match verdict(child.spec.kind, code, self.cfg.restart):
+                    case Verdict.STOP_CLUSTER:
+                        return f"{instance} exited with code {code}"
+                    case Verdict.REPORT:
+                        child.reported = True
+                        log.warning(
+                            "process exited", instance=instance, code=code, log=str(child.log_path)
+                        )
+                    case Verdict.RESTART:
+                        delay = child.backoff.next_delay(time.monotonic() - child.started)
+                        log.warning(
+                            "process crashed; restarting it",
+                            instance=instance,
+                            code=code,
+                            attempt=child.backoff.attempt,
+                            backoff_s=delay,
+                            log=str(child.log_path),
+                        )
+                        self._restarts[instance] = asyncio.create_task(
+                            self._restart(instance, delay), name=f"restart-{instance}"
+                        )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.2)
         return "stop requested"
 
+    async def _restart(self, instance: str, delay: float) -> None:
+        """Start `instance` again after `delay`, until one start reaches its readiness
+        handshake (each failed start backs off further). Cancelled by `stop()`; the child
+        it started is in `children` from its spawn on, so `stop()` ends it."""
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if await self._respawn(instance):
+                    return
+                child = self.children[instance]
+                delay = child.backoff.next_delay(0.0)
+                log.warning(
+                    "restart failed; trying again",
+                    instance=instance,
+                    attempt=child.backoff.attempt,
+                    backoff_s=delay,
+                    log=str(child.log_path),
+                )
+        finally:
+            self._restarts.pop(instance, None)
+
+    async def _respawn(self, instance: str) -> bool:
+        old = self.children[instance]
+        down_since = time.monotonic()
+        with ReadyWaiter() as waiter:  # its own: the cluster's waiter keeps the old Ready
+            child = self._spawn(old.spec, pinned(old.spec, old.endpoints), waiter.address)
+            try:
+                ready = await waiter.wait(
+                    [instance],
+                    timeout_s=self.cfg.ready_timeout_s,
+                    alive=lambda: {instance: child.alive},
+                )
+            except StartupError as exc:
+                log.warning("restart did not come up", instance=instance, error=str(exc))
+                if child.alive:
+                    child.proc.kill()
+                await asyncio.to_thread(child.proc.wait)
+                return False
+        endpoints = dict(ready[instance].endpoints)
+        if stable_endpoints(old.spec.kind, endpoints) != stable_endpoints(
+            old.spec.kind, old.endpoints
+        ):
+            log.warning("restarted on other endpoints", instance=instance, endpoints=endpoints)
+        child.endpoints = endpoints
+        child.started = time.monotonic()
+        self.restarts += 1
+        log.info(
+            "process restarted",
+            instance=instance,
+            pid=child.proc.pid,
+            attempt=child.backoff.attempt,
+            ready_after_s=round(child.started - down_since, 3),
+        )
+        return True
+
     async def stop(self) -> None:
-        """Gateway first (no new requests), then workers, daemons and the scheduler."""
+        """Pending restarts are cancelled first; then the gateway (no new requests), the
+        workers, the daemons and the scheduler."""
+        restarts = list(self._restarts.values())
+        for task in restarts:
+            task.cancel()
+        await asyncio.gather(*restarts, return_exceptions=True)
         for stage in sorted({s.stage for s in self.specs}, reverse=True):
             group = [c for c in self.children.values() if c.spec.stage == stage]
             for c in group:

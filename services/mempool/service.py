@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -110,6 +111,7 @@ class MempoolDaemon(ServiceShell):
         self._handlers = self._handler_table()
         self._seq = itertools.count()
         self.started_at = time.time()
+        self.incarnation = secrets.token_hex(8)  # tells a worker this process from an earlier one
 
     def _handler_table(self) -> dict[type, Callable[[Any], Any]]:
         """Every request type and its handler (a reply, or an awaitable of one)."""
@@ -164,6 +166,7 @@ class MempoolDaemon(ServiceShell):
             device_blocks=self.pool.alloc[Tier.DEVICE].capacity,
             block_bytes=self.block_bytes,
             transports=list(self.kv_plane.transports),
+            incarnation=self.incarnation,
         )
         return {
             "rpc": self.address,
@@ -302,6 +305,7 @@ class MempoolDaemon(ServiceShell):
             bytes_received=self.counters.bytes_received,
             transfers_failed=self.counters.transfers_failed,
             pending_transfers=len(self.incoming),
+            incarnation=self.incarnation,
         )
 
     def _check_integrity(self, req: mp.CheckIntegrity) -> mp.IntegrityReply:
@@ -324,4 +328,5 @@ class MempoolDaemon(ServiceShell):
             host_blocks=self.pool.alloc[Tier.HOST].capacity,
             events=self.events.address,
             transports=list(self.kv_plane.transports),
+            incarnation=self.incarnation,
         )

@@ -28,10 +28,15 @@ back on the stream's final output (`StreamOutput.kv_transfer`), for the shell to
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+from collections.abc import Callable
 from typing import Any
 
 import torch
+import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from common.errors import ErrorKind, MemServeError
 from common.logging import get_logger
@@ -42,18 +47,21 @@ from common.protocol import mempool as mp
 from common.sockets import RpcError
 from common.tokenizer import Tokenizer
 from services.mempool.region import Region, ShmRegion
-from services.worker.async_engine import AsyncEngine, _Pending
+from services.worker.async_engine import AsyncEngine, StreamOutput, _Pending
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput, resolve_dtype
-from services.worker.kv_cache import KVLayout
+from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer, MempoolConnector
+from services.worker.request import FinishReason
 
 log = get_logger(__name__)
 
 # Blocks leased above the step's demand, so a decode that crosses into a new block rarely
 # costs an extra round trip.
 _LEASE_SLACK = 8
+# Giving blocks back at close: a dead daemon must not hold up a worker's exit.
+_CLOSE_RPC_TIMEOUT_S = 1.0
 
 
 class MempoolEngine(AsyncEngine):
@@ -69,11 +77,17 @@ class MempoolEngine(AsyncEngine):
         keep_free_blocks: int = 32,
         mempool_address: str = "",
         transfer_timeout_s: float = 10.0,
+        incarnation: str = "",
     ):
         super().__init__(engine, tokenizer)
         self.client = client
         self.region = region
         self.owner = owner
+        self.incarnation = incarnation  # of the daemon whose memory this engine runs on
+        self.abandoned = ""  # why, once `abandon` ran
+        self.fenced = ""  # why, once the connection to the daemon dropped
+        self.on_fenced: Callable[[], None] | None = None
+        self._watch: asyncio.Task[None] | None = None
         self.caching = caching  # the plan of requests that come without one
         self.keep_free_blocks = keep_free_blocks
         self.connector = MempoolConnector(
@@ -94,44 +108,62 @@ class MempoolEngine(AsyncEngine):
         caching: bool = True,
         tokenizer: Tokenizer | None = None,
         transfer_timeout_s: float = 10.0,
+        model: Any = None,
     ) -> MempoolEngine:
         """Map the daemon's device region and build an engine on it (same model and layout).
         Whatever the daemon still holds for `owner` (an earlier run of this worker that
-        died) is released first."""
+        died, or stale requests of this one from before its daemon restarted) is released
+        first. `model`: the loaded model of an engine this one replaces (a re-attach)."""
         client = MempoolClient(mempool_address)
-        info = await client.info()
-        on_gpu = config.device.startswith("cuda")
-        if info.device_kind != ("cuda" if on_gpu else "shm"):
-            raise MemServeError(
-                f"mempool {mempool_address} serves a {info.device_kind} region; this worker "
-                f"runs on {config.device} (set mempool.device to match worker.device)"
+        try:
+            info = await client.info()
+            on_gpu = config.device.startswith("cuda")
+            if info.device_kind != ("cuda" if on_gpu else "shm"):
+                raise MemServeError(
+                    f"mempool {mempool_address} serves a {info.device_kind} region; this worker "
+                    f"runs on {config.device} (set mempool.device to match worker.device)"
+                )
+            model_cfg = ModelConfig.from_folder(resolve_model(config.model))
+            layout = KVLayout.for_model(
+                model_cfg, config.block_size, resolve_dtype(config.dtype, config.device)
             )
-        model_cfg = ModelConfig.from_folder(resolve_model(config.model))
-        layout = KVLayout.for_model(
-            model_cfg, config.block_size, resolve_dtype(config.dtype, config.device)
-        )
-        if info.block_size != config.block_size or info.block_bytes != layout.bytes_per_block:
-            raise MemServeError(
-                f"mempool blocks ({info.block_size} tokens, {info.block_bytes} bytes) do not fit this engine "
-                f"({config.block_size} tokens, {layout.bytes_per_block} bytes): same model, dtype and block size?"
+            if info.block_size != config.block_size or info.block_bytes != layout.bytes_per_block:
+                raise MemServeError(
+                    f"mempool blocks ({info.block_size} tokens, {info.block_bytes} bytes) do not fit this engine "
+                    f"({config.block_size} tokens, {layout.bytes_per_block} bytes): same model, dtype and block size?"
+                )
+            released = await client.release_owner(owner)
+            if released:
+                log.warning("released blocks of an earlier run", owner=owner, blocks=released)
+            region = _attach_region(info)
+            sized = EngineConfig(**{**_fields(config), "num_kv_blocks": info.device_max_blocks})
+            kv: memoryview | torch.Tensor = region.buffer if region.on_host else region.tensor()
+            if model is None:
+                engine = Engine.from_config(sized, kv_buffer=kv, pool=BlockPool())
+            else:
+                n = info.device_max_blocks
+                cache = (
+                    KVCache.from_bytes(layout, kv, n)
+                    if isinstance(kv, torch.Tensor)
+                    else KVCache.from_buffer(layout, kv, n)
+                )
+                engine = Engine(model, cache, sized, BlockPool())
+            out = cls(
+                engine,
+                client,
+                region,
+                owner=owner,
+                tokenizer=tokenizer,
+                caching=caching,
+                mempool_address=mempool_address,
+                transfer_timeout_s=transfer_timeout_s,
+                incarnation=info.incarnation,
             )
-        released = await client.release_owner(owner)
-        if released:
-            log.warning("released blocks of an earlier run", owner=owner, blocks=released)
-        region = _attach_region(info)
-        sized = EngineConfig(**{**_fields(config), "num_kv_blocks": info.device_max_blocks})
-        kv: memoryview | torch.Tensor = region.buffer if region.on_host else region.tensor()
-        engine = Engine.from_config(sized, kv_buffer=kv, pool=BlockPool())
-        return cls(
-            engine,
-            client,
-            region,
-            owner=owner,
-            tokenizer=tokenizer,
-            caching=caching,
-            mempool_address=mempool_address,
-            transfer_timeout_s=transfer_timeout_s,
-        )
+            out._watch = asyncio.create_task(out._watch_connection())
+            return out
+        except BaseException:
+            client.close()
+            raise
 
     @property
     def block_size(self) -> int:
@@ -204,6 +236,43 @@ class MempoolEngine(AsyncEngine):
         if extra > 0:
             await self.client.free_mem(self.engine.pool.take_free(extra))
 
+    async def _fail_all(self, message: str) -> None:
+        await super()._fail_all(self.fenced or message)
+
+    # ------------------------------------------------------------------ fencing
+    async def _watch_connection(self) -> None:
+        """Fence this engine the moment its connection to the daemon drops: close the
+        client, so that the requests ZeroMQ queued for a daemon that is gone are dropped,
+        not delivered to the next daemon on that address (a restarted one), where block ids
+        leased here would mean other memory. Its requests then fail (their KV is gone).
+        The socket is the client's own (private to common/sockets.py: read, not changed)."""
+        sock = self.client._rpc._sock
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            while True:
+                event = parse_monitor_message(await monitor.recv_multipart())
+                if event["event"] == zmq.EVENT_DISCONNECTED:
+                    break
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            monitor.close(linger=0)
+        self.fenced = (
+            f"worker {self.owner} lost its connection to its MemPool daemon (it exited or "
+            "restarted): this request's KV memory is gone"
+        )
+        log.error("connection to the MemPool daemon dropped; fencing the engine")
+        self.client.close()
+        self.fail_all(self.fenced)
+        if self.on_fenced is not None:
+            self.on_fenced()
+
+    async def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+            self._watch = None
+
     def load(self) -> tuple[int, int, int, int]:
         """(waiting requests, running requests, waiting tokens, running tokens)."""
         sched = self.engine.scheduler
@@ -213,15 +282,54 @@ class MempoolEngine(AsyncEngine):
         return len(waiting) + len(self._inbox), len(sched.running), wait_tokens, run_tokens
 
     async def close(self) -> None:
+        """Stop, give the leased blocks back (briefly: the daemon may be gone), unmap."""
+        if self.abandoned:
+            return
+        await self._stop_watch()
         await self.connector.close()
         await super().close()
         spare = self.engine.pool.take_free(self.engine.pool.num_free)
         try:
             if spare:
-                await self.client.free_mem(spare)
+                await self.client.call(mp.FreeMem(spare), timeout_s=_CLOSE_RPC_TIMEOUT_S)
         except (RpcError, TimeoutError) as exc:
             log.warning("could not return blocks to the mempool", error=str(exc))
         self.client.close()
+        self._unmap()
+
+    async def abandon(self, message: str) -> Any:
+        """The daemon this engine ran on is gone (a restarted daemon is another process,
+        with other memory): end every request with `message`, stop, and unmap, without a
+        word to the daemon. The client closes first, so nothing of this engine (a lease, an
+        insert, a free of block ids that mean nothing there) reaches the daemon now on the
+        same address. Returns the loaded model, for the engine that replaces this one."""
+        self.abandoned = message
+        await self._stop_watch()
+        self.client.close()  # every call from here on raises RpcClosed
+        model = self.engine.model
+        await self.connector.close()
+        if self._driver is not None:
+            self._driver.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._driver
+            self._driver = None
+        await asyncio.to_thread(self._executor.shutdown, True)  # a step in flight ends
+        for p in [*self._streams.values(), *self._inbox]:
+            p.queue.put_nowait(
+                StreamOutput(
+                    p.request_id,
+                    [],
+                    finished=True,
+                    finish_reason=FinishReason.ERROR.value,
+                    error=message,
+                )
+            )
+        self._streams.clear()
+        self._inbox.clear()
+        self._unmap()
+        return model
+
+    def _unmap(self) -> None:
         # The KV tensor is a view of the region: drop it before unmapping.
         del self.engine
         gc.collect()

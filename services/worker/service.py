@@ -17,6 +17,14 @@ and this shell only wraps what arrived in a `Continue`, with the request's gener
 state, so sampling goes on where it stopped. A `Continue` is always sent, with no KV when
 the transfer failed (the decode side recomputes); a decode worker that has already seen
 an `Abort` for a request frees the KV of its late `Continue` instead of running it.
+
+The daemon: every heartbeat first checks it (`Stats`), and `DaemonLink`
+(services/worker/daemon_link.py) says what its answers mean. A daemon that stops
+answering makes the worker unhealthy and fails what is in flight; a daemon that answers as
+another incarnation (restarted, by `memserve up` or by hand, on the same address) makes the
+worker abandon its engine (requests failed, leases and mapping dropped) and attach to the
+new one with the same model, retrying with a backoff, then report healthy again: the
+worker itself is never restarted for its daemon's sake.
 """
 
 from __future__ import annotations
@@ -32,7 +40,9 @@ import msgspec
 
 from common.auth import check_admin_token
 from common.codec import DecodeError
+from common.errors import MemServeError
 from common.logging import get_logger
+from common.mempool_client import MempoolClient
 from common.modes import ROLES
 from common.net import advertise
 from common.protocol import scheduler as sp
@@ -42,6 +52,7 @@ from common.service import ServiceShell
 from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.async_engine import StreamOutput
 from services.worker.config import EngineConfig
+from services.worker.daemon_link import DaemonLink, LinkAction, LinkState
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
 from services.worker.mempool_engine import MempoolEngine
 
@@ -102,21 +113,27 @@ class WorkerService(ServiceShell):
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
         self.incarnation = os.urandom(8).hex()  # this process: the scheduler refuses others
-        self.healthy = True
+        self.link = DaemonLink(engine.incarnation, strikes=_DAEMON_STRIKES)
+        engine.on_fenced = self._engine_fenced
+        # Daemon checks go through a client of their own: the engine's closes itself when
+        # its connection drops (MempoolEngine._watch_connection).
+        self.probe = MempoolClient(cfg.mempool)
+        self.device_blocks = (0, 0)  # (used, total) at the daemon's last answer
+        # Fixed by the model and block size, which a re-attach checks are unchanged.
+        self.block_size = engine.block_size
+        self.block_bytes = engine.engine.cache.layout.bytes_per_block
         self.served = 0
         self.failed = 0
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
-        engine = await MempoolEngine.connect(
-            cfg.engine,
-            cfg.mempool,
-            owner=cfg.instance_id,
-            caching=cfg.caching,
-            transfer_timeout_s=cfg.transfer_timeout_s,
-        )
+        engine = await _attach(cfg)
         info = await engine.client.info()
         return cls(cfg, engine, info.events)
+
+    @property
+    def healthy(self) -> bool:
+        return self.link.healthy
 
     @property
     def address(self) -> str:
@@ -127,12 +144,9 @@ class WorkerService(ServiceShell):
         return self.control.address
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
-        """Requests and hand-offs, the control socket, and heartbeats (with a scheduler);
-        serve() runs them until closed or an admin `shutdown`."""
-        loops = [self._serve_requests(), self.control.serve(self._admin)]
-        if self.heartbeats is not None:
-            loops.append(self._beat())
-        return loops
+        """Requests and hand-offs, the control socket, and the daemon check with heartbeats
+        (sent with a scheduler); serve() runs them until closed or an admin `shutdown`."""
+        return [self._serve_requests(), self.control.serve(self._admin), self._beat()]
 
     async def _serve_requests(self) -> None:
         while True:
@@ -160,7 +174,18 @@ class WorkerService(ServiceShell):
             self.aborted = {r: t for r, t in self.aborted.items() if now - t < _ABORT_MEMORY_S}
 
     # ------------------------------------------------------------------ requests
+    async def _refuse_unattached(self, rid: str, reply_to: str) -> bool:
+        """Fail a request at once while no daemon is attached (there is no engine to run
+        it on); True if it was failed."""
+        if self.link.state is LinkState.ATTACHED:
+            return False
+        why = f"its MemPool daemon is {self.link.state.value}"
+        await self._fail(self._peer(reply_to), rid, MemServeError(why), 0)
+        return True
+
     async def _generate(self, req: wp.Generate) -> None:
+        if await self._refuse_unattached(req.request_id, req.reply_to):
+            return
         handoff = req.handoff
         if handoff is not None and (
             req.params.max_tokens <= 1 or len(req.token_ids) + 1 >= self.engine.engine.max_model_len
@@ -228,6 +253,8 @@ class WorkerService(ServiceShell):
 
     async def _continue(self, req: wp.Continue) -> None:
         arrived = KvPrefix(req.kv_block_ids, req.kv_handle)
+        if await self._refuse_unattached(req.request_id, req.reply_to):
+            return
         if req.request_id in self.aborted:  # the client left while the KV was moving
             with contextlib.suppress(Exception):
                 await self.engine.connector.release_prefix(arrived)
@@ -308,50 +335,111 @@ class WorkerService(ServiceShell):
 
     # ------------------------------------------------------------- heartbeats
     async def _beat(self) -> None:
-        assert self.heartbeats is not None
-        strikes = 0
-        cfg = self.cfg
         while True:
-            used = total = 0
-            try:
-                st = await self.engine.client.stats(
-                    timeout_s=max(1.0, 2 * cfg.heartbeat_interval_s)
-                )
-                total = st.capacity.get("device", 0)
-                used = total - st.free.get("device", 0)
-                strikes = 0
-            except Exception as exc:
-                strikes += 1
-                log.warning("MemPool daemon did not answer", strikes=strikes, error=str(exc))
-            if strikes >= _DAEMON_STRIKES and self.healthy:
-                self.healthy = False
+            self.device_blocks = await self._check_daemon()
+            await self._heartbeat()
+            await asyncio.sleep(self.cfg.heartbeat_interval_s)
+
+    async def _heartbeat(self) -> None:
+        """One heartbeat with the current state (nothing without a scheduler)."""
+        if self.heartbeats is None:
+            return
+        cfg = self.cfg
+        used, total = self.device_blocks
+        waiting, running, wait_tokens, run_tokens = self._load()
+        await self.heartbeats.send(
+            sp.Heartbeat(
+                cfg.instance_id,
+                cfg.role,
+                self.address,
+                cfg.mempool,
+                self.events,
+                self.control_address,
+                self.block_size,
+                self.block_bytes,
+                self.started_at,
+                sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
+                self.healthy,
+                self.incarnation,
+            )
+        )
+
+    async def _check_daemon(self) -> tuple[int, int]:
+        """Ask the daemon for its stats and act on what `DaemonLink` makes of the answer
+        (or its absence). Returns (used, total) device blocks, 0s when unknown."""
+        if self.link.state is LinkState.REATTACHING:
+            return 0, 0  # the re-attach task talks to the daemon meanwhile
+        cfg = self.cfg
+        try:
+            st = await self.probe.stats(timeout_s=max(1.0, 2 * cfg.heartbeat_interval_s))
+        except Exception as exc:
+            log.warning(
+                "MemPool daemon did not answer", misses=self.link.misses + 1, error=str(exc)
+            )
+            if self.link.missed() is LinkAction.FAIL_ALL:
                 log.error("lost the MemPool daemon; failing every request", mempool=cfg.mempool)
                 self.engine.fail_all(f"worker {cfg.instance_id} lost its MemPool daemon")
-            waiting, running, wait_tokens, run_tokens = self.engine.load()
-            await self.heartbeats.send(
-                sp.Heartbeat(
-                    cfg.instance_id,
-                    cfg.role,
-                    self.address,
-                    cfg.mempool,
-                    self.events,
-                    self.control_address,
-                    self.engine.block_size,
-                    self.engine.engine.cache.layout.bytes_per_block,
-                    self.started_at,
-                    sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
-                    self.healthy,
-                    self.incarnation,
-                )
+            return 0, 0
+        if self.link.answered(st.incarnation) is LinkAction.REATTACH:
+            log.warning(
+                "the MemPool daemon answers as another incarnation, or after our connection "
+                "dropped; failing every request and re-attaching",
+                mempool=cfg.mempool,
+                incarnation=st.incarnation,
+                restarted=st.incarnation != self.engine.incarnation,
             )
-            await asyncio.sleep(cfg.heartbeat_interval_s)
+            await self._abandon_engine()
+            return 0, 0
+        total = st.capacity.get("device", 0)
+        return total - st.free.get("device", 0), total
+
+    def _engine_fenced(self) -> None:
+        if self.link.disconnected() is LinkAction.FAIL_ALL:
+            log.error("lost the MemPool daemon; every request failed", mempool=self.cfg.mempool)
+            # Unhealthy now, not at the next beat: the scheduler stops placing here at once.
+            self.device_blocks = (0, 0)
+            self._spawn(self._heartbeat())
+
+    async def _abandon_engine(self) -> None:
+        model = await self.engine.abandon(
+            f"worker {self.cfg.instance_id}: its MemPool daemon was restarted; "
+            "this request's KV memory is gone"
+        )
+        self._spawn(self._reattach(model))
+
+    async def _reattach(self, model: Any) -> None:
+        """Attach to the daemon now on `cfg.mempool` as at start-up (same model), until it
+        works; the worker stays unhealthy meanwhile."""
+        while True:
+            try:
+                engine = await _attach(self.cfg, model)
+                info = await engine.client.info()
+            except Exception as exc:
+                delay = self.link.reattach_failed()
+                log.warning("re-attach to the MemPool daemon failed", error=str(exc), retry_s=delay)
+                await asyncio.sleep(delay)
+                continue
+            engine.on_fenced = self._engine_fenced
+            self.engine, self.events = engine, info.events
+            self.link.reattached(engine.incarnation)
+            log.info(
+                "re-attached to the restarted MemPool daemon",
+                mempool=self.cfg.mempool,
+                incarnation=engine.incarnation,
+            )
+            return
+
+    def _load(self) -> tuple[int, int, int, int]:
+        if self.engine.abandoned:
+            return 0, 0, 0, 0
+        return self.engine.load()
 
     # ----------------------------------------------------------------- control
     async def _admin(self, req: AdminRequest) -> AdminReply:
         if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
         if req.command == "status":
-            waiting, running, wait_tokens, run_tokens = self.engine.load()
+            waiting, running, wait_tokens, run_tokens = self._load()
             return AdminReply(
                 True,
                 {
@@ -361,6 +449,8 @@ class WorkerService(ServiceShell):
                     "pid": os.getpid(),
                     "uptime_s": round(time.time() - self.started_at, 3),
                     "healthy": self.healthy,
+                    "mempool": self.link.state.value,
+                    "mempool_reattaches": self.link.reattaches,
                     "waiting": waiting,
                     "running": running,
                     "waiting_tokens": wait_tokens,
@@ -372,7 +462,7 @@ class WorkerService(ServiceShell):
         if req.command == "shutdown":
             log.info("shutdown requested over the control socket")
             with contextlib.suppress(Exception):  # the daemon goes with its worker
-                await self.engine.client.call(AdminRequest(req.token, "shutdown"), timeout_s=2.0)
+                await self.probe.call(AdminRequest(req.token, "shutdown"), timeout_s=2.0)
             self.stop()
             return AdminReply(True, {"stopping": self.cfg.instance_id})
         return AdminReply(
@@ -387,9 +477,21 @@ class WorkerService(ServiceShell):
         self.close_sockets()
 
     def close_sockets(self) -> None:
+        self.probe.close()
         self.requests.close()
         self.control.close()
         if self.heartbeats is not None:
             self.heartbeats.close()
         for sock in self.peers.values():
             sock.close()
+
+
+async def _attach(cfg: WorkerConfig, model: Any = None) -> MempoolEngine:
+    return await MempoolEngine.connect(
+        cfg.engine,
+        cfg.mempool,
+        owner=cfg.instance_id,
+        caching=cfg.caching,
+        transfer_timeout_s=cfg.transfer_timeout_s,
+        model=model,
+    )

@@ -1,0 +1,139 @@
+"""`memserve up`'s supervision on a real colocated cluster: each kind of process (worker,
+MemPool daemon, gateway, scheduler) killed with SIGKILL is started again on the endpoints
+it had, the cluster serves the same greedy tokens through the same gateway address
+afterwards (a killed daemon's worker re-attaches without a restart of its own), and every
+daemon passes its integrity check. Kill-to-serving times are printed, not asserted. An
+admin `shutdown` still ends the whole cluster, and nothing is restarted after it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.admin_client import admin_call
+from common.client import GatewayClient
+from common.mempool_client import MempoolClient
+from common.sampling import SamplingParams
+from services.launcher.config import load
+from services.launcher.plan import stable_endpoints
+from services.launcher.supervisor import Cluster
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "heal-token"
+PROMPT = [1, *range(40, 80)]
+GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
+
+
+def settings(tmp_path: Path) -> Any:
+    return load(
+        None,
+        {
+            "cluster": {
+                "mode": "colocated",
+                "run_dir": str(tmp_path / "run"),
+                "admin_token": TOKEN,
+                "restart_backoff_s": 0.2,
+            },
+            "scheduler": {"heartbeat_timeout_s": 1.5},
+            "gateway": {"request_timeout_s": 10},
+            "worker": {"heartbeat_interval_s": 0.2, "engine": {"num_threads": 1}},
+            "mempool": {"device_blocks": 64, "tensor_memory_bytes": 1 << 20},
+        },
+    )
+
+
+async def serve_again(client: GatewayClient, deadline_s: float = 30.0) -> list[int]:
+    """The prompt's tokens once the cluster serves again (requests fail meanwhile)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return (await asyncio.wait_for(client.complete(PROMPT, GREEDY), 3.0)).token_ids
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
+async def check_daemons(cluster: Cluster) -> None:
+    for iid, child in cluster.children.items():
+        if child.spec.kind != "mempool":
+            continue
+        client = MempoolClient(child.endpoints["rpc"])
+        try:
+            check = await client.check_integrity()
+            assert check.ok, f"{iid}: {check.message}"
+        finally:
+            client.close()
+
+
+@pytest.mark.parametrize("victim", ["colocated-0", "colocated-0-mempool", "gateway", "scheduler"])
+async def test_a_killed_process_is_restarted_and_the_cluster_serves_again(
+    tmp_path: Path, victim: str
+) -> None:
+    stop = asyncio.Event()
+    async with Cluster(settings(tmp_path)) as cluster:
+        watching = asyncio.create_task(cluster.wait(stop))
+        kind = cluster.children[victim].spec.kind
+        endpoints = stable_endpoints(kind, cluster.endpoints(victim))
+        worker_pid = cluster.children["colocated-0"].proc.pid
+        client = GatewayClient(cluster.gateway, timeout_s=5)
+        try:
+            before = await serve_again(client)
+            os.kill(cluster.children[victim].proc.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            after = await serve_again(client)
+            served = time.monotonic() - killed
+            assert after == before
+            # Restarted on the endpoints it had; the cluster still watched.
+            deadline = time.monotonic() + 10
+            while cluster.restarts < 1 or cluster.restarting():
+                assert time.monotonic() < deadline, cluster.restarting()
+                await asyncio.sleep(0.05)
+            assert cluster.restarts == 1 and cluster.children[victim].alive
+            assert stable_endpoints(kind, cluster.endpoints(victim)) == endpoints
+            assert not watching.done()
+            if victim == "colocated-0-mempool":  # its worker re-attached, not restarted
+                assert cluster.children["colocated-0"].proc.pid == worker_pid
+            await check_daemons(cluster)
+            print(f"\n{victim}: serving again {served:.2f} s after SIGKILL")
+        finally:
+            client.close()
+            stop.set()
+            assert await watching == "stop requested"
+
+
+async def test_admin_shutdown_still_ends_the_cluster(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    async with Cluster(settings(tmp_path)) as cluster:
+        watching = asyncio.create_task(cluster.wait(stop))
+        reply = await admin_call(cluster.admin_address, TOKEN, "shutdown")
+        assert reply.ok, reply.error
+        why = await asyncio.wait_for(watching, 30)
+        assert "exited with code 0" in why, why
+        assert cluster.restarts == 0 and not cluster.restarting()
+
+
+async def test_stop_while_a_restart_is_pending(tmp_path: Path) -> None:
+    shape = settings(tmp_path)
+    shape.cluster.restart_backoff_s = 30.0  # the restart waits while the cluster stops
+    shape.cluster.restart_backoff_max_s = 30.0
+    stop = asyncio.Event()
+    cluster = Cluster(shape)
+    async with cluster:
+        watching = asyncio.create_task(cluster.wait(stop))
+        os.kill(cluster.children["colocated-0"].proc.pid, signal.SIGKILL)
+        while cluster.restarting() != ["colocated-0"]:
+            await asyncio.sleep(0.05)
+        stop.set()
+        assert await watching == "stop requested"
+        t0 = time.monotonic()
+    print(f"\nstopped with a restart pending in {time.monotonic() - t0:.2f} s")
+    assert cluster.restarts == 0 and not cluster.restarting()
+    assert not any(c.alive for c in cluster.children.values())
