@@ -117,6 +117,7 @@ class GatewayClient:
         # When the gateway was last heard from (any message), or when a call began waiting
         # on a client that had none waiting: silence is counted from the later of the two.
         self._heard_at = 0.0
+        self._message_at = 0.0  # when the last message came (only the router sets it)
         self._ids = itertools.count()
         self._prefix = f"c{os.getpid()}-{id(self) & 0xFFFFFF:x}"
         self._inflight: set[str] = set()  # the callers' request ids
@@ -231,14 +232,13 @@ class GatewayClient:
         self._inflight.add(rid)
         streamed = 0
         try:
+            gone: GatewayGone | None = None
             for attempt in range(self.retries + 1):
                 # A fresh id per attempt: a gateway that only seemed gone may still hold
                 # the earlier one (its Cancel is on the way), and would refuse a repeat.
                 arid = f"{rid}~{attempt}" if attempt else rid
-                if attempt:
-                    # Give the gateway (restarting on the same address: the socket
-                    # reconnects by itself) a fresh window of beats to answer.
-                    self._heard_at = time.monotonic()
+                if attempt and not await self._answers():
+                    continue  # still silent: this try was spent waiting for it
                 try:
                     one = self._attempt(arid, prompt, params, session_id)
                     async with contextlib.aclosing(one):
@@ -254,11 +254,28 @@ class GatewayClient:
                             "(not retried: its output would repeat)",
                             streamed,
                         ) from None
-                    if attempt == self.retries:
-                        tried = f"; tried {attempt + 1} times" if attempt else ""
-                        raise GatewayGone(f"{exc} (request {rid}{tried})") from None
+                    gone = exc
+            tried = f"; tried {self.retries + 1} times" if self.retries else ""
+            raise GatewayGone(f"{gone} (request {rid}{tried})")
         finally:
             self._inflight.discard(rid)
+
+    async def _answers(self) -> bool:
+        """Whether the gateway answers a Ping within HEARTBEAT_MISSES beats. A retry waits
+        for this, so that a gateway restarting on the same address (the socket reconnects
+        by itself) gets one Complete, not one per try queued while it was down."""
+        self._ensure_router()
+        beat = self.heartbeat_s or 1.0
+        since = time.monotonic()
+        deadline = since + beat * HEARTBEAT_MISSES
+        while time.monotonic() < deadline:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._sock.send(cp.Ping()), beat)
+            for _ in range(4):
+                await asyncio.sleep(beat / 4)
+                if self._message_at > since:
+                    return True
+        return False
 
     async def _attempt(
         self,
@@ -369,11 +386,11 @@ class GatewayClient:
             try:
                 msg = await self._sock.recv()
             except DecodeError:
-                self._heard_at = time.monotonic()  # someone is there
+                self._heard_at = self._message_at = time.monotonic()  # someone is there
                 continue  # not a reply of ours to route; the request's timeout still runs
             except zmq.ZMQError:
                 return  # closed
-            self._heard_at = time.monotonic()
+            self._heard_at = self._message_at = time.monotonic()
             if isinstance(msg, cp.Pong):
                 continue
             if isinstance(msg, cp.SessionOpened | cp.SessionClosed):
