@@ -405,6 +405,7 @@ class GatewayCore:
             "sessions": len(self.sessions.sessions),
             "served": self.served,
             "failed": self.failed,
+            "owed_releases": len(self.owed),
         }
 
 
