@@ -69,7 +69,7 @@ class Request:
     pd: bool = False  # prefill and decode on different instances (Placement.handoff)
     prefill_released: bool = False  # Release(phase="prefill") sent
     # Instances it was taken off before its first token (dead or unreachable): never
-    # placed there again, and their late chunks are ignored.
+    # placed there again.
     avoid: list[str] = field(default_factory=list)
 
     @property
@@ -333,10 +333,16 @@ class GatewayCore:
             and len(r.avoid) < self.max_replacements
         )
 
-    def unplace(self, r: Request, dead: str, now: float) -> list[Leg]:
-        """Take `r` off its placement because instance `dead` is gone (`can_replace` held):
-        return its other legs, which must be aborted. The next Place avoids `dead`."""
+    def unplace(self, r: Request, dead: str, now: float) -> tuple[str, list[Leg]]:
+        """Take `r` off its placement because instance `dead` is gone (`can_replace` held).
+
+        `r` gets a fresh gateway id (`<rid>.<n>`), so nothing of the old placement can
+        touch the new one: the old legs' late chunks match no request, an Abort of the
+        old id never hits the new Generate on an instance both placements share, and the
+        scheduler's charge of the old id is released apart. Returns the old id and the
+        legs to abort under it. The next Place avoids `dead`."""
         s = r.stream
+        old = r.rid
         live = [leg for leg in s.legs if leg.instance_id != dead]
         s.legs = []
         s.held.clear()
@@ -344,12 +350,13 @@ class GatewayCore:
         s.last_activity = now  # the silence watchdog starts afresh
         r.pd = False
         r.prefill_released = False
+        base = old.rsplit(".", 1)[0] if r.avoid else old  # ids end ".<n>" once moved
         r.avoid.append(dead)
-        return live
-
-    def stale(self, r: Request, chunk: wp.TokenChunk) -> bool:
-        """A chunk from an instance `r` was taken off (late, or its dying words)."""
-        return bool(r.avoid) and chunk.instance_id in r.avoid
+        r.rid = f"{base}.{len(r.avoid)}"
+        del self.requests[old]
+        self.requests[r.rid] = r
+        self.by_client[(r.peer, s.client_request_id)] = r.rid
+        return old, live
 
     # ---------------------------------------------------------------- releases owed
     def owe_release(self, rid: str) -> None:

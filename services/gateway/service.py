@@ -232,11 +232,13 @@ class GatewayService(ServiceShell):
             self._unplace(r, iid, "unreachable")
 
     def _unplace(self, r: Request, dead: str, why: str) -> None:
-        """Take `r` off instance `dead` before its first token: its other legs stop (the
-        next Place replaces its charge at the scheduler)."""
-        log.info("placing a request again", request=r.rid, instance=dead, reason=why)
-        for leg in self.core.unplace(r, dead, time.monotonic()):
-            self.tasks.spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
+        """Take `r` off instance `dead` before its first token, under a fresh id: its other
+        legs stop and the old id's charge is released (see `GatewayCore.unplace`)."""
+        old, live = self.core.unplace(r, dead, time.monotonic())
+        log.info("placing a request again", request=old, now=r.rid, instance=dead, reason=why)
+        for leg in live:
+            self.tasks.spawn(self._send_worker(leg.address, wp.Abort(old)))
+        self.tasks.spawn(self._release(old, "all"))
 
     # ----------------------------------------------------------------- workers
     async def _serve_replies(self) -> None:
@@ -251,8 +253,6 @@ class GatewayService(ServiceShell):
             r = requests.get(chunk.request_id)
             if r is None:
                 continue  # a late chunk of a request that already ended
-            if r.avoid and self.core.stale(r, chunk):
-                continue  # from an instance it was taken off
             up = r.stream.accept(chunk, time.monotonic())
             if up.text or up.token_ids:
                 await self._to_client(

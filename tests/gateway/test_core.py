@@ -188,14 +188,17 @@ def test_placed_again_only_before_the_first_token_and_a_bounded_number_of_times(
     handoff = wp.HandOff("d0", address="tcp://d0", mempool="tcp://m")
     c.placed(r, sp.Placement(r.rid, "p0", "tcp://p0", "pd-caching-3", "t", handoff=handoff))
     assert c.can_replace(r)
-    live = c.unplace(r, "d0", now=5.0)
-    assert [leg.instance_id for leg in live] == ["p0"]  # to be aborted
+    first = r.rid
+    old, live = c.unplace(r, "d0", now=5.0)
+    assert old == first and [leg.instance_id for leg in live] == ["p0"]  # to be aborted
     assert (r.stream.legs, r.pd, r.avoid, r.stream.last_activity) == ([], False, ["d0"], 5.0)
+    # A fresh id: the old placement's chunks, aborts and charge never touch the new one.
+    assert r.rid == f"{first}.1" and c.requests == {r.rid: r} and c.lookup(A, "1") is r
     assert c.place_request(r).avoid == ["d0"]
-    assert c.stale(r, TokenChunk(r.rid, [], error="late", instance_id="d0"))
-    assert not c.stale(r, TokenChunk(r.rid, [7], instance_id="p0"))
     c.placed(r, sp.Placement(r.rid, "w1", "tcp://w1", "colocated", "t"))
     assert not c.can_replace(r)  # out of attempts
+    c.max_replacements = 2
+    assert c.unplace(r, "w1", now=6.0)[0] == f"{first}.1" and r.rid == f"{first}.2"
 
     s = admitted(c, A, cp.Complete("2", token_ids=[5, 6]))
     c.placed(s, sp.Placement(s.rid, "w1", "tcp://w1", "colocated", "t"))

@@ -81,7 +81,8 @@ async def test_an_instance_down_before_the_first_token_is_placed_again(
             await down_until(sched, "w0", w1)
             again = await w1.recv()
             assert isinstance(again, wp.Generate)
-            assert (again.request_id, again.token_ids) == (gen.request_id, [5, 6, 7])
+            # Under a fresh id: nothing of the old placement can touch the new one.
+            assert again.request_id == f"{gen.request_id}.1" and again.token_ids == [5, 6, 7]
             place = sched.places[-1]
             assert place.avoid == ["w0"] and place.gateway == gw.cfg.instance_id
             assert place.gateway_started_at == gw.started_at
@@ -89,7 +90,7 @@ async def test_an_instance_down_before_the_first_token_is_placed_again(
             await w0.send(gen.reply_to, TokenChunk(gen.request_id, [], error="x", instance_id="w0"))
             await asyncio.sleep(0.2)
             chunk = TokenChunk(
-                gen.request_id, ids("hi"), finished=True, finish_reason="stop", instance_id="w1"
+                again.request_id, ids("hi"), finished=True, finish_reason="stop", instance_id="w1"
             )
             await w1.send(again.reply_to, chunk)
             out = await done
@@ -98,7 +99,9 @@ async def test_an_instance_down_before_the_first_token_is_placed_again(
                 "stop",
                 ["w1"],
             )
+            # Both placements' charges are given back.
             assert await sched.released(gen.request_id) == ["all"]
+            assert await sched.released(again.request_id) == ["all"]
         finally:
             client.close()
 
