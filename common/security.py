@@ -34,8 +34,8 @@ import stat
 import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import zmq

@@ -7,6 +7,8 @@
                   ◀─────────────────────── Chunk(text) ... Chunk(text)
                   ◀─────────────────────── Final(finish_reason | error, timings)
       Cancel(request_id) ────────────────▶   (the request ends with a Final "abort")
+      Ping ──────────────────────────────▶
+                  ◀─────────────────────── Pong   (the client's liveness check)
 
 Every `Complete` gets exactly one `Final`, whatever happens (bad input, overload, a dead
 worker): an error is reported there, never by silence. A request inside a session is the
@@ -44,7 +46,12 @@ class Cancel(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
-ClientRequest = OpenSession | CloseSession | Complete | Cancel
+class Ping(msgspec.Struct, tag=True, frozen=True):
+    """Is the gateway there? Answered by a `Pong` from the gateway's own event loop, so
+    an answer proves the process is alive and serving, not only its TCP port."""
+
+
+ClientRequest = OpenSession | CloseSession | Complete | Cancel | Ping
 
 
 class SessionOpened(msgspec.Struct, tag=True, frozen=True):
@@ -78,4 +85,8 @@ class Final(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     instances: list[str] = msgspec.field(default_factory=list)
 
 
-ClientReply = SessionOpened | SessionClosed | Chunk | Final
+class Pong(msgspec.Struct, tag=True, frozen=True):
+    pass
+
+
+ClientReply = SessionOpened | SessionClosed | Chunk | Final | Pong

@@ -55,6 +55,12 @@ class Place(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     token_ids: list[int]
     max_tokens: int
     session_id: str = ""
+    # The placing gateway's incarnation ("" / 0: not said, as from an older gateway): its
+    # charges are dropped when it falls silent (see `GatewayAlive`) or restarts.
+    gateway: str = ""
+    gateway_started_at: float = 0.0
+    # Instances not to place on: the gateway found them unreachable (a re-placement).
+    avoid: list[str] = msgspec.field(default_factory=list)
 
 
 class Release(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -65,7 +71,17 @@ class Release(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     phase: str = "all"
 
 
-SchedulerRequest = Place | Release
+class GatewayAlive(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Gateway -> scheduler, every `interval_s`: this incarnation (id + `started_at`) is
+    alive. A gateway silent for a few intervals is dead, and so is an incarnation whose
+    gateway id reappears with a later `started_at`: its placements' charges are dropped."""
+
+    gateway: str
+    started_at: float
+    interval_s: float = 1.0
+
+
+SchedulerRequest = Place | Release | GatewayAlive
 
 
 class Placement(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -88,7 +104,14 @@ class Released(msgspec.Struct, tag=True, frozen=True):
     charged: bool  # False: nothing was charged under that id (already released, unknown)
 
 
-SchedulerReply = Placement | Released
+class GatewayKnown(msgspec.Struct, tag=True, frozen=True):
+    """The answer to `GatewayAlive`. `current`: False when a later incarnation of that id
+    is known (this one is stale: its charges were dropped)."""
+
+    current: bool = True
+
+
+SchedulerReply = Placement | Released | GatewayKnown
 
 
 class InstanceUp(msgspec.Struct, tag=True, frozen=True):

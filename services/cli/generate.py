@@ -28,6 +28,13 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
     p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="send the request again (at most this often) if the gateway dies before the "
+        "first token; a dead gateway is noticed in about 3 s whatever --timeout says",
+    )
+    p.add_argument(
         "--model", default="tiny", help="embedded preset (tiny, small) or a Hugging Face folder"
     )
     add_sampling_args(p)
@@ -97,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
 async def _from_gateway(args: argparse.Namespace, params: SamplingParams) -> int:
     from common.client import GatewayClient
 
-    client = GatewayClient(args.gateway, timeout_s=args.timeout)
+    if args.retries < 0:
+        return fail(f"--retries must be >= 0, got {args.retries}")
+    client = GatewayClient(args.gateway, timeout_s=args.timeout, retries=args.retries)
     try:
         async for text in client.generate(args.prompt, params):
             sys.stdout.write(text)

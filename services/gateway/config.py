@@ -51,6 +51,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     max_prompt_bytes: int = 0  # longest prompt text; 0: derived from max_model_len
     request_timeout_s: float = 30.0  # longest silence from the workers on one request
     place_timeout_s: float = 5.0
+    # Times a request whose instance died before its first token is placed again.
+    replace_attempts: int = 2
+    alive_interval_s: float = 1.0  # GatewayAlive to the scheduler (it drops a dead one's charges)
     session_ttl_s: float = 1800.0
     max_sessions: int = 10_000
     max_sessions_per_client: int = 256
@@ -72,9 +75,14 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
                 raise ValueError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
         if self.client_curve not in ("auto", "on", "off"):
             raise ValueError(f"gateway.client_curve must be auto|on|off, got {self.client_curve!r}")
+        if self.replace_attempts < 0:
+            raise ValueError(f"gateway.replace_attempts must be >= 0, got {self.replace_attempts}")
         if self.max_prompt_bytes < 0:
             raise ValueError(f"gateway.max_prompt_bytes must be >= 0, got {self.max_prompt_bytes}")
-        for name in ("request_timeout_s", "place_timeout_s", "session_ttl_s", "log_interval_s"):
+        for name in (
+            *("request_timeout_s", "place_timeout_s", "session_ttl_s"),
+            *("log_interval_s", "alive_interval_s"),
+        ):
             if not 0 < getattr(self, name) <= 86_400:
                 raise ValueError(f"gateway.{name} must be in (0, 86400], got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:

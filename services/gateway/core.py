@@ -26,13 +26,20 @@ Invariants:
   its prompt and output the session's history, so the next turn's prompt starts with
   exactly the tokens whose KV the workers cached. A failed or cancelled turn changes
   nothing.
+* A request whose instance died (InstanceDown, or its first worker unreachable) before
+  its first token is re-placed (`unplace`, then Place again avoiding the dead instances)
+  at most `max_replacements` times, invisibly to its client; after its first token it
+  fails with an error naming the instance (its output cannot be resumed elsewhere).
+* A Place or Release the scheduler did not answer is owed a Release (`owe_release`),
+  sent once the scheduler answers again; at most MAX_OWED are remembered (the
+  scheduler's own gateway-liveness and TTL cover the rest).
 * `served` counts requests ended by stop or length; `failed` those refused or ended by an
   error; a cancelled request (abort) is neither.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from common.detokenizer import IncrementalDetokenizer
@@ -47,6 +54,7 @@ from services.gateway.sessions import Sessions
 from services.gateway.stream import Leg, RequestStream
 
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
+MAX_OWED = 10_000  # releases remembered while the scheduler does not answer
 
 
 @dataclass(eq=False)
@@ -60,6 +68,9 @@ class Request:
     session_id: str = ""
     pd: bool = False  # prefill and decode on different instances (Placement.handoff)
     prefill_released: bool = False  # Release(phase="prefill") sent
+    # Instances it was taken off before its first token (dead or unreachable): never
+    # placed there again.
+    avoid: list[str] = field(default_factory=list)
 
     @property
     def placed(self) -> bool:
@@ -84,6 +95,9 @@ class GatewayCore:
         max_id_bytes: int = 128,
         max_prompt_bytes: int | None = None,
         max_tokens_limit: int | None = None,
+        max_replacements: int = 2,
+        gateway_id: str = "",
+        started_at: float = 0.0,
     ):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -100,6 +114,11 @@ class GatewayCore:
         self.sessions = sessions
         self.id_prefix = id_prefix  # unique per gateway run: ids never repeat after a restart
         self.reply_to = reply_to  # where workers push this gateway's token chunks
+        self.max_replacements = max_replacements
+        # This incarnation, named in every Place: the scheduler drops its charges if it dies.
+        self.gateway_id = gateway_id
+        self.started_at = started_at
+        self.owed: dict[str, None] = {}  # request ids owed a Release (insertion order)
         self.requests: dict[str, Request] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         # Requests that passed `check` and whose text is being tokenized: (peer, client
@@ -296,7 +315,63 @@ class GatewayCore:
             r.stream.prompt_ids,
             max_tokens=r.stream.params.max_tokens,
             session_id=r.session_id,
+            gateway=self.gateway_id,
+            gateway_started_at=self.started_at,
+            avoid=list(r.avoid),
         )
+
+    def can_replace(self, r: Request) -> bool:
+        """Whether `r` may be placed again: still running, nothing streamed yet (its first
+        token would differ in timing only, never in content: the client sees one
+        stream), and re-placed fewer than `max_replacements` times."""
+        s = r.stream
+        return (
+            r.rid in self.requests
+            and not s.finished
+            and s.first_at is None
+            and not s.output_ids
+            and len(r.avoid) < self.max_replacements
+        )
+
+    def unplace(self, r: Request, dead: str, now: float) -> tuple[str, list[Leg]]:
+        """Take `r` off its placement because instance `dead` is gone (`can_replace` held).
+
+        `r` gets a fresh gateway id (`<rid>.<n>`), so nothing of the old placement can
+        touch the new one: the old legs' late chunks match no request, an Abort of the
+        old id never hits the new Generate on an instance both placements share, and the
+        scheduler's charge of the old id is released apart. Returns the old id and the
+        legs to abort under it. The next Place avoids `dead`."""
+        s = r.stream
+        old = r.rid
+        live = [leg for leg in s.legs if leg.instance_id != dead]
+        s.legs = []
+        s.held.clear()
+        s.num_cached_tokens = 0
+        s.last_activity = now  # the silence watchdog starts afresh
+        r.pd = False
+        r.prefill_released = False
+        base = old.rsplit(".", 1)[0] if r.avoid else old  # ids end ".<n>" once moved
+        r.avoid.append(dead)
+        r.rid = f"{base}.{len(r.avoid)}"
+        del self.requests[old]
+        self.requests[r.rid] = r
+        self.by_client[(r.peer, s.client_request_id)] = r.rid
+        return old, live
+
+    # ---------------------------------------------------------------- releases owed
+    def owe_release(self, rid: str) -> None:
+        """The scheduler did not answer a Place or Release of `rid`: release it later."""
+        self.owed.pop(rid, None)
+        self.owed[rid] = None
+        while len(self.owed) > MAX_OWED:
+            del self.owed[next(iter(self.owed))]
+
+    def take_owed(self) -> list[str]:
+        """The releases owed (and forget them: a failed one is owed again)."""
+        owed = [rid for rid in self.owed if rid not in self.requests]
+        for rid in owed:
+            del self.owed[rid]
+        return owed
 
     # ---------------------------------------------------------------- lookups
     def lookup(self, peer: bytes, client_request_id: str) -> Request | None:
@@ -337,6 +412,7 @@ class GatewayCore:
             "sessions": len(self.sessions.sessions),
             "served": self.served,
             "failed": self.failed,
+            "owed_releases": len(self.owed),
         }
 
 

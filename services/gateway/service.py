@@ -6,6 +6,11 @@ the scheduler's RPC and event SUB, and the control socket. Decisions are `Gatewa
     client ◀─Chunk/Final─ ROUTER ◀─ RequestStream ◀─ TokenChunk (PULL) ◀─ workers
                                     Release ──▶ scheduler (first token in P/D; the end)
 
+Self-healing: a client's `Ping` is answered `Pong` (its liveness check); a request whose
+instance died before its first token is placed again elsewhere; every `alive_interval_s`
+a `GatewayAlive` tells the scheduler this incarnation lives (when it dies, the scheduler
+drops its charges), and once the scheduler answers, the releases it missed are sent.
+
 Invariants: every `Complete` gets exactly one `Final` unless its client is gone; every
 request that ends early (cancel, client gone, stop string, error, timeout, a dead
 instance, shutdown) sends `Abort` to each live leg, so workers free its blocks; every
@@ -16,7 +21,6 @@ the scheduler or on a worker: releases and aborts run in their own tasks, with t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import time
@@ -65,6 +69,7 @@ class GatewayService(ServiceShell):
     def __init__(self, cfg: GatewayConfig, tokenizer: Tokenizer, max_model_len: int, vocab: int):
         super().__init__()
         self.cfg = cfg
+        self.started_at = time.time()  # with instance_id: this incarnation
         self.clients = RouterSocket(
             cfg.address, cp.ClientRequest, security=client_socket_security(cfg)
         )
@@ -92,10 +97,12 @@ class GatewayService(ServiceShell):
             # or the scheduler may still hold.
             id_prefix=f"{cfg.instance_id}-{secrets.token_hex(3)}",
             reply_to=advertise(self.replies.address, cfg.advertise_host),
+            max_replacements=cfg.replace_attempts,
+            gateway_id=cfg.instance_id,
+            started_at=self.started_at,
         )
         # By the worker's request address.
         self.workers: dict[str, PushSocket[wp.WorkerRequest]] = {}
-        self.started_at = time.time()
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -111,6 +118,7 @@ class GatewayService(ServiceShell):
             self._serve_clients(),
             self._serve_replies(),
             self._watchdog(),
+            self._keep_alive(),
             self.control.serve(self._admin),
         ]
         if self.events is not None:
@@ -131,6 +139,8 @@ class GatewayService(ServiceShell):
             match msg:
                 case cp.Complete():
                     await self._complete(peer, msg)
+                case cp.Ping():
+                    await self._to_client(peer, cp.Pong())
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way
@@ -194,24 +204,44 @@ class GatewayService(ServiceShell):
             await self._dispatch(admitted)
 
     async def _dispatch(self, r: Request) -> None:
-        """Place the request, then send its `Generate` to the first worker."""
-        try:
-            placement = await self.scheduler.call_for(
-                self.core.place_request(r), sp.Placement, timeout_s=self.cfg.place_timeout_s
-            )
-        except (RpcError, TimeoutError) as exc:
-            if r.rid in self.core.requests:
-                now = time.monotonic()
-                await self._end(r, r.stream.end("error", now, f"no placement: {exc}"))
-            return
-        if r.rid not in self.core.requests:  # cancelled (or its client left) while placed
-            await self._release(r.rid, "all")
-            return
-        gen = self.core.placed(r, placement)
-        sent = await self._send_worker(placement.address, gen)
-        if not sent and r.rid in self.core.requests:
-            msg = f"instance {placement.instance_id} at {placement.address} is unreachable"
-            await self._end(r, r.stream.end("error", time.monotonic(), msg))
+        """Place the request, then send its `Generate` to the first worker; a first worker
+        that cannot be reached is avoided and the request placed again (`can_replace`)."""
+        while True:
+            try:
+                placement = await self.scheduler.call_for(
+                    self.core.place_request(r), sp.Placement, timeout_s=self.cfg.place_timeout_s
+                )
+            except (RpcError, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):  # it may have been placed (and charged)
+                    self.core.owe_release(r.rid)
+                if r.rid in self.core.requests:
+                    now = time.monotonic()
+                    await self._end(r, r.stream.end("error", now, f"no placement: {exc}"))
+                return
+            if r.rid not in self.core.requests:  # cancelled (or its client left) while placed
+                await self._release(r.rid, "all")
+                return
+            gen = self.core.placed(r, placement)
+            moves = len(r.avoid)
+            if await self._send_worker(placement.address, gen):
+                return
+            if r.rid not in self.core.requests or len(r.avoid) != moves:
+                return  # it ended, or an InstanceDown already placed it again
+            iid = placement.instance_id
+            if not self.core.can_replace(r):
+                msg = f"instance {iid} at {placement.address} is unreachable"
+                await self._end(r, r.stream.end("error", time.monotonic(), msg))
+                return
+            self._unplace(r, iid, "unreachable")
+
+    def _unplace(self, r: Request, dead: str, why: str) -> None:
+        """Take `r` off instance `dead` before its first token, under a fresh id: its other
+        legs stop and the old id's charge is released (see `GatewayCore.unplace`)."""
+        old, live = self.core.unplace(r, dead, time.monotonic())
+        log.info("placing a request again", request=old, now=r.rid, instance=dead, reason=why)
+        for leg in live:
+            self.tasks.spawn(self._send_worker(leg.address, wp.Abort(old)))
+        self.tasks.spawn(self._release(old, "all"))
 
     # ----------------------------------------------------------------- workers
     async def _serve_replies(self) -> None:
@@ -282,8 +312,33 @@ class GatewayService(ServiceShell):
             await self._to_client(r.peer, final)
 
     async def _release(self, rid: str, phase: str) -> None:
-        with contextlib.suppress(RpcError, TimeoutError):
+        try:
             await self.scheduler.call(sp.Release(rid, phase), timeout_s=self.cfg.place_timeout_s)
+        except TimeoutError:
+            self.core.owe_release(rid)  # sent again once the scheduler answers
+        except RpcError:
+            pass
+
+    async def _keep_alive(self) -> None:
+        """Tell the scheduler this incarnation lives; once it answers (again), send the
+        releases it missed. Best effort: a scheduler that is down is simply tried again."""
+        interval = self.cfg.alive_interval_s
+        alive = sp.GatewayAlive(self.cfg.instance_id, self.started_at, interval)
+        while True:
+            try:
+                await self.scheduler.call(alive, timeout_s=max(interval, 1.0))
+            except TimeoutError:
+                pass
+            except RpcError as exc:  # it answered, if only with an error (an older one)
+                log.debug("GatewayAlive refused", error=str(exc))
+                self._send_owed()
+            else:
+                self._send_owed()
+            await asyncio.sleep(interval)
+
+    def _send_owed(self) -> None:
+        for rid in self.core.take_owed():
+            self.tasks.spawn(self._release(rid, "all"))
 
     async def _to_client(self, peer: bytes, msg: cp.ClientReply) -> None:
         try:
@@ -314,6 +369,10 @@ class GatewayService(ServiceShell):
                         leg.address for r in hit for leg in r.stream.legs if leg.instance_id == iid
                     }
                     for r in hit:
+                        if self.core.can_replace(r):  # no token out yet: nobody can tell
+                            self._unplace(r, iid, f"down ({why})")
+                            self.tasks.spawn(self._dispatch(r))
+                            continue
                         final = r.stream.end("error", now, f"instance {iid} is down ({why})")
                         await self._end(r, final, dead=iid)
                     for address in gone:

@@ -21,6 +21,11 @@ the other legs of its requests, at once (no phantom load until `charge_ttl_s`): 
 whose instance died holds nothing anywhere; its record stays, emptied, so the gateway's
 release still answers Released(charged=True) and takes nothing.
 
+A charge placed by a gateway that named its incarnation (`Place.gateway`) is owned by it:
+when that incarnation falls silent (no `GatewayAlive` for a few of its intervals) or a
+later incarnation of the same gateway id appears, every charge it owns is taken back at
+once, as if released: a dead gateway never releases, and its requests died with it.
+
 Pure and synchronous: every time is the caller's monotonic `now`.
 """
 
@@ -38,6 +43,8 @@ from common.protocol.admin import COMMANDS, AdminReply
 from common.protocol.kv_events import KvEventBatch
 from common.protocol.mempool import IndexSnapshotReply
 from common.protocol.scheduler import (
+    GatewayAlive,
+    GatewayKnown,
     Heartbeat,
     InstanceDown,
     InstanceEvent,
@@ -49,6 +56,7 @@ from common.protocol.scheduler import (
 )
 from common.protocol.worker import HandOff
 from services.scheduler.config import POLICIES, SchedulerConfig
+from services.scheduler.gateways import GatewayTable, Incarnation
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
 from services.scheduler.registry import ClaimRefusedError, Instance, Registry, RegistryFullError
@@ -74,6 +82,7 @@ class _Leg:
 class _Charge:
     legs: list[_Leg]
     placed_at: float
+    gateway: Incarnation | None = None  # its owner (None: TTL only)
 
 
 class GlobalScheduler:
@@ -92,6 +101,9 @@ class GlobalScheduler:
         # Insertion order is placement order (a re-placement moves to the end), so expiry
         # of forgotten charges only looks at the front.
         self.charges: dict[str, _Charge] = {}
+        # Gateways silent for a few of their own intervals, and never less than a few
+        # instance heartbeat timeouts, are dead.
+        self.gateways = GatewayTable(min_timeout_s=3 * cfg.heartbeat_timeout_s)
         self.counters: Counter[str] = Counter()
         # Instances whose trees lost events and wait for a snapshot the shell fetches.
         self.want_snapshot: set[str] = set()
@@ -180,6 +192,8 @@ class GlobalScheduler:
             events.append(InstanceDown(inst.instance_id, f"no heartbeat for {silent:.1f} s"))
         for tree in self.trees.values():
             tree.expire(now)
+        for incarnation in self.gateways.expire(now):
+            self._drop_gateway(incarnation, "silent_gateways")
         deadline = now - self.cfg.charge_ttl_s
         stale = []
         for rid, charge in self.charges.items():
@@ -207,6 +221,27 @@ class GlobalScheduler:
                 leg.tokens = 0
             self.counters["dropped_charges"] += 1
 
+    # ----------------------------------------------------------- gateways
+    def on_gateway_alive(self, msg: GatewayAlive, now: float) -> GatewayKnown:
+        """A gateway incarnation's sign of life; a later one drops the earlier's charges."""
+        return GatewayKnown(self._gateway_seen(msg.gateway, msg.started_at, now, msg.interval_s))
+
+    def _gateway_seen(
+        self, gateway: str, started_at: float, now: float, interval_s: float | None = None
+    ) -> bool:
+        seen = self.gateways.seen(gateway, started_at, now, interval_s)
+        if seen.replaced is not None:
+            self._drop_gateway(seen.replaced, "restarted_gateways")
+        return seen.current
+
+    def _drop_gateway(self, incarnation: Incarnation, why: str) -> None:
+        """Take back every charge `incarnation` owns: nobody will release them."""
+        self.counters[why] += 1
+        owned = [rid for rid, c in self.charges.items() if c.gateway == incarnation]
+        for rid in owned:
+            self._take_back(rid, "all")
+        self.counters["dropped_gateway_charges"] += len(owned)
+
     # ----------------------------------------------------------- placement
     def place(self, req: Place, now: float) -> Placement:
         if not req.token_ids:
@@ -217,10 +252,14 @@ class GlobalScheduler:
         colocated = not mode.disaggregated
         first_role, cache, decode_cache = mode.first_role, mode.cache, mode.decode_cache
         # Check every role before choosing, so a refusal leaves no turn or charge behind.
-        firsts = self._need(first_role)
-        decodes = [] if colocated else self._need("decode")
+        avoid = frozenset(req.avoid)
+        firsts = self._need(first_role, avoid)
+        decodes = [] if colocated else self._need("decode", avoid)
         if req.request_id in self.charges:  # placed again (a retry): the new charge replaces it
             self._take_back(req.request_id, "all")
+        owner: Incarnation | None = None
+        if req.gateway and self._gateway_seen(req.gateway, req.gateway_started_at, now):
+            owner = (req.gateway, req.gateway_started_at)
 
         n = len(req.token_ids)
         info = RequestInfo(n, req.session_id)
@@ -237,7 +276,10 @@ class GlobalScheduler:
             sources = [
                 i
                 for i in self.registry.instances()
-                if i.role == first_role and i.healthy and i.instance_id != first.instance_id
+                if i.role == first_role
+                and i.healthy
+                and i.instance_id != first.instance_id
+                and i.instance_id not in avoid
             ]
             fetch = self.cost.fetch(first, self._candidates(sources, prompt), n)
         cached = first.matched_tokens
@@ -263,7 +305,7 @@ class GlobalScheduler:
             )
         for leg in legs:
             self._instance(leg.instance_id).charged_tokens += leg.tokens
-        self.charges[req.request_id] = _Charge(legs, now)
+        self.charges[req.request_id] = _Charge(legs, now, owner)
         self.counters["placements"] += 1
         if fetch is not None:
             self.counters["fetches"] += 1
@@ -304,17 +346,20 @@ class GlobalScheduler:
             del self.charges[request_id]
         return True
 
-    def _need(self, role: str) -> list[Instance]:
+    def _need(self, role: str, avoid: frozenset[str] = frozenset()) -> list[Instance]:
         eligible = self.registry.eligible(role)
+        if avoid:
+            eligible = [i for i in eligible if i.instance_id not in avoid]
         if not eligible:
             others = [
                 f"{i.instance_id} ({self.registry.state(i)})"
                 for i in self.registry.instances()
                 if i.role == role
             ]
+            avoided = f"; avoiding {', '.join(sorted(avoid))}" if avoid else ""
             raise NoInstanceError(
                 f"no eligible {role} instance for mode {self.cfg.mode} "
-                f"(registered {role} instances: {', '.join(others) or 'none'})"
+                f"(registered {role} instances: {', '.join(others) or 'none'}{avoided})"
             )
         return eligible
 
@@ -428,6 +473,7 @@ class GlobalScheduler:
             "policy": self.policy,
             "instances": roles,
             "in_flight": len(self.charges),
+            "gateways": len(self.gateways),
             "charged_tokens": sum(i.charged_tokens for i in self.registry.instances()),
             "cached_blocks": {
                 role: sum(tree.num_blocks(i) for i in tree.instances())

@@ -1,7 +1,7 @@
 """The scheduler service: an asyncio shell around the pure `GlobalScheduler` core.
 
     workers ──Heartbeat (PUSH)──▶ PULL ──▶ core.on_heartbeat ──▶ PUB InstanceUp / Down ──▶ gateways
-    gateways ──Place / Release (RPC)──▶ core.place / core.release
+    gateways ──Place / Release / GatewayAlive (RPC)──▶ core.place / release / on_gateway_alive
     every instance's daemon ──KvEventBatch (PUB)──▶ one SUB for all (kv_feed.py) ──▶ core.on_kv_events
     a new member's daemon ◀──IndexSnapshot (RPC)── after subscribing ──▶ core.on_snapshot
     ticker ──▶ core.tick (silent instances dropped ──▶ InstanceDown, ReleaseOwner at its daemon)
@@ -182,6 +182,8 @@ class SchedulerService(ServiceShell):
                 return self.core.place(req, self.clock())
             case sp.Release():
                 return self.core.release(req)
+            case sp.GatewayAlive():
+                return self.core.on_gateway_alive(req, self.clock())
         raise TypeError(f"unsupported request {type(req).__name__}")
 
     async def _recv_heartbeats(self) -> None:

@@ -44,6 +44,7 @@ class FakeScheduler:
         self.hang = False  # True: Place is never answered
         self.places: list[sp.Place] = []
         self.releases: list[sp.Release] = []
+        self.alive: list[sp.GatewayAlive] = []
         self._task = asyncio.create_task(self.rpc.serve(self._handle))
 
     def colocated(self, worker: FakeWorker | str, instance_id: str = "w0") -> None:
@@ -71,6 +72,9 @@ class FakeScheduler:
         )
 
     async def _handle(self, req: Any) -> Any:
+        if isinstance(req, sp.GatewayAlive):
+            self.alive.append(req)
+            return sp.GatewayKnown()
         if isinstance(req, sp.Release):
             self.releases.append(req)
             return sp.Released(True)

@@ -1,7 +1,9 @@
 """The Python client against a gateway played by the test (a bare ROUTER): a silent gateway
 raises a timeout, never hangs; closing wakes waiting calls; leaving a stream early sends
-Cancel; an error Final raises. And the ROUTER side: a client that stops reading is dropped
-instead of stalling the server."""
+Cancel; an error Final raises; a gateway that stops answering pings is `GatewayGone` in a
+few beats (long before the timeout), a request is retried under a fresh id only if no
+token was streamed. And the ROUTER side: a client that stops reading is dropped instead
+of stalling the server."""
 
 from __future__ import annotations
 
@@ -13,7 +15,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from common.client import GatewayClient, GatewayClosed, GatewayError, GatewayTimeout
+from common.client import (
+    GatewayClient,
+    GatewayClosed,
+    GatewayError,
+    GatewayGone,
+    GatewayTimeout,
+)
 from common.codec import encode
 from common.protocol import client as cp
 from common.sampling import SamplingParams
@@ -32,7 +40,7 @@ async def router() -> AsyncIterator[RouterSocket[Any]]:
 
 
 async def test_a_silent_gateway_times_out(router: RouterSocket[Any]) -> None:
-    client = GatewayClient(router.address, timeout_s=0.3)
+    client = GatewayClient(router.address, timeout_s=0.3, heartbeat_s=None)
     try:
         with pytest.raises(GatewayTimeout, match="no message from the gateway"):
             await client.complete("hi")
@@ -47,7 +55,7 @@ async def test_a_silent_gateway_times_out(router: RouterSocket[Any]) -> None:
 
 
 async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSocket[Any]) -> None:
-    client = GatewayClient(router.address, timeout_s=10)
+    client = GatewayClient(router.address, timeout_s=10, heartbeat_s=None)
     try:
         stream = client.generate([5, 6], SamplingParams(max_tokens=4))
         first = asyncio.create_task(stream.__anext__())
@@ -73,6 +81,74 @@ async def test_streams_cancel_when_left_and_raise_on_an_error(router: RouterSock
         client.close()
         with pytest.raises(GatewayClosed):
             await waiting
+    finally:
+        client.close()
+
+
+async def test_a_gateway_that_stops_answering_is_gone_long_before_the_timeout(
+    router: RouterSocket[Any],
+) -> None:
+    client = GatewayClient(router.address, timeout_s=600, heartbeat_s=0.1, retries=1)
+    try:
+        waiting = asyncio.create_task(client.complete("hi"))
+        peer, first = await router.recv()
+        assert isinstance(first, cp.Complete)
+        seen: list[Any] = []
+        while not any(isinstance(m, cp.Ping) for m in seen):  # it checks on the silence...
+            seen.append((await router.recv())[1])
+        await router.send_to(peer, cp.Pong())  # ...and an answer keeps it waiting
+        # Then nothing answers: the first try is given up (Cancel); the retry waits for the
+        # gateway to answer a ping, which it never does, so it is never sent.
+        msgs: list[Any] = []
+        while not waiting.done():
+            if await router.poll(0.05):
+                msgs.append((await router.recv())[1])
+        with pytest.raises(GatewayGone, match=r"stopped answering.*tried 2 times"):
+            await waiting
+        assert cp.Cancel(first.request_id) in msgs
+        assert not any(isinstance(m, cp.Complete) for m in msgs)
+    finally:
+        client.close()
+
+
+async def test_a_retry_succeeds_but_streamed_tokens_are_never_retried(
+    router: RouterSocket[Any],
+) -> None:
+    client = GatewayClient(router.address, timeout_s=600, heartbeat_s=0.1, retries=3)
+    try:
+        # The first try is never answered; once it is given up, the gateway is back (it
+        # answers a ping) and the retry, under a fresh id, is answered.
+        waiting = asyncio.create_task(client.complete([1, 2], request_id="r"))
+        back = False
+        while True:
+            peer, msg = await router.recv()
+            back = back or msg == cp.Cancel("r")
+            if back and isinstance(msg, cp.Ping):
+                await router.send_to(peer, cp.Pong())
+            if isinstance(msg, cp.Complete) and msg.request_id == "r~1":
+                break
+        await router.send_to(peer, cp.Chunk("r~1", "ok", [7]))
+        await router.send_to(peer, cp.Final("r~1", "stop"))
+        done = await waiting
+        assert (done.text, done.token_ids) == ("ok", [7])
+
+        # A request that got a token, then silence: never sent again.
+        stream = client.stream([3], request_id="s")
+        first = asyncio.create_task(stream.__anext__())
+        peer, msg = await router.recv()
+        assert isinstance(msg, cp.Complete) and msg.request_id == "s"
+        await router.send_to(peer, cp.Chunk("s", "a", [9]))
+        assert isinstance(await first, cp.Chunk)
+        with pytest.raises(GatewayGone, match="after 1 tokens of request s") as err:
+            await stream.__anext__()
+        assert err.value.streamed == 1
+        while await router.poll(0.3):
+            _, msg = await router.recv()
+            assert not isinstance(msg, cp.Complete), "a streamed request was retried"
+
+        # Session calls learn it too.
+        with pytest.raises(GatewayGone):
+            await client.open_session()
     finally:
         client.close()
 

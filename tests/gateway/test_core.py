@@ -169,7 +169,47 @@ def test_lookups_for_a_gone_client_and_silent_requests() -> None:
     rb.stream.accept(TokenChunk(rb.rid, [70]), 9.0)
     ra.stream.accept(TokenChunk(ra.rid, [70]), 9.5)
     assert c.silent(now=10.0, timeout_s=7.0) == []
-    assert c.status() == {"inflight": 2, "sessions": 0, "served": 0, "failed": 0}
+    assert c.status() == {
+        "inflight": 2,
+        "sessions": 0,
+        "served": 0,
+        "failed": 0,
+        "owed_releases": 0,
+    }
     assert c.finish(ra.rid, ra.stream.end("error", 11.0, "x"), 11.0) is ra
     assert c.finish(ra.rid, ra.stream.end("error", 11.0, "x"), 11.0) is None  # only once
     assert c.status()["failed"] == 1 and c.status()["inflight"] == 1
+
+
+def test_placed_again_only_before_the_first_token_and_a_bounded_number_of_times() -> None:
+    c = core()
+    c.max_replacements = 1
+    r = admitted(c, A, cp.Complete("1", token_ids=[5, 6]))
+    handoff = wp.HandOff("d0", address="tcp://d0", mempool="tcp://m")
+    c.placed(r, sp.Placement(r.rid, "p0", "tcp://p0", "pd-caching-3", "t", handoff=handoff))
+    assert c.can_replace(r)
+    first = r.rid
+    old, live = c.unplace(r, "d0", now=5.0)
+    assert old == first and [leg.instance_id for leg in live] == ["p0"]  # to be aborted
+    assert (r.stream.legs, r.pd, r.avoid, r.stream.last_activity) == ([], False, ["d0"], 5.0)
+    # A fresh id: the old placement's chunks, aborts and charge never touch the new one.
+    assert r.rid == f"{first}.1" and c.requests == {r.rid: r} and c.lookup(A, "1") is r
+    assert c.place_request(r).avoid == ["d0"]
+    c.placed(r, sp.Placement(r.rid, "w1", "tcp://w1", "colocated", "t"))
+    assert not c.can_replace(r)  # out of attempts
+    c.max_replacements = 2
+    assert c.unplace(r, "w1", now=6.0)[0] == f"{first}.1" and r.rid == f"{first}.2"
+
+    s = admitted(c, A, cp.Complete("2", token_ids=[5, 6]))
+    c.placed(s, sp.Placement(s.rid, "w1", "tcp://w1", "colocated", "t"))
+    s.stream.accept(TokenChunk(s.rid, [7], instance_id="w1"), 1.0)
+    assert not c.can_replace(s)  # a token is out: it cannot move
+
+
+def test_releases_owed_are_bounded_and_wait_for_the_request_to_end() -> None:
+    c = core()
+    r = admitted(c, A, cp.Complete("1", token_ids=[5, 6]))
+    c.owe_release("gone-1")
+    c.owe_release(r.rid)
+    assert c.take_owed() == ["gone-1"]  # r is still running: its own end releases it
+    assert c.take_owed() == [] and list(c.owed) == [r.rid]
