@@ -116,10 +116,10 @@ def _make_transports(
 
 
 def ucx_limits(tcp_options: Mapping[str, Any]) -> dict[str, Any]:
-    """The ucx receiver gets the tcp receiver's connection limits and deadlines."""
+    """The ucx receiver gets the tcp receiver's listener-wide connection limit and
+    deadlines (not the per-host one: ucxx does not tell a listener who connected)."""
     names = {
         "max_connections": "max_connections",
-        "max_connections_per_host": "max_connections_per_host",
         "header_timeout_s": "handshake_timeout_s",
         "between_frames_timeout_s": "idle_timeout_s",
     }
