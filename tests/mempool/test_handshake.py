@@ -14,6 +14,8 @@ from services.mempool.transport.handshake import (
     HandshakeError,
     Initiator,
     Responder,
+    seal,
+    unseal,
 )
 
 KEY = os.urandom(32)
@@ -96,3 +98,22 @@ def test_good_key_in_both_directions_and_bad_ones() -> None:
     for send_key, recv_key in ((KEY, OTHER), (OTHER, KEY)):
         with pytest.raises(HandshakeError):
             shake(send_key, recv_key)
+
+
+def test_sealed_messages_bind_session_label_and_position() -> None:
+    initiator, responder = Initiator(KEY, "gloo"), Responder(KEY, "gloo")
+    responder.verify(initiator.proof(responder.challenge(initiator.hello())))
+    s_key, r_key = initiator.session_key(), responder.session_key()
+    assert s_key == r_key and len(s_key) == 32
+    sealed = seal(s_key, "manifest", 3, b"headers")
+    assert unseal(r_key, "manifest", 3, sealed) == b"headers"
+    for label, seq, message in (
+        ("ack", 3, sealed),  # another kind
+        ("manifest", 4, sealed),  # another position
+        ("manifest", 3, b"x" + sealed[1:]),  # altered
+        ("manifest", 3, sealed[:10]),  # truncated
+    ):
+        with pytest.raises(HandshakeError):
+            unseal(r_key, label, seq, message)
+    with pytest.raises(HandshakeError, match="no session"):
+        unseal(Responder(KEY, "gloo").session_key(), "manifest", 3, sealed)

@@ -48,6 +48,7 @@ PROOF_SIZE = MAC_SIZE  # 32
 
 _RECV_LABEL = b"memserve/data-plane/v1/receiver"
 _SEND_LABEL = b"memserve/data-plane/v1/sender"
+_SESSION_LABEL = b"memserve/data-plane/v1/session"
 
 
 class HandshakeError(Exception):
@@ -91,6 +92,7 @@ class Initiator:
         self._key = _check_key(key)
         self._channel = _channel_bytes(channel)
         self._nonce = random(NONCE_SIZE)
+        self._session = b""
 
     def __repr__(self) -> str:
         return f"Initiator(channel={_channel_name(self._channel)!r})"
@@ -112,7 +114,12 @@ class Initiator:
                 "the peer's handshake proof is wrong: it does not hold the cluster key",
                 proven_wrong=True,
             )
+        self._session = _mac(self._key, _SESSION_LABEL, self._channel, self._nonce, n_r)
         return _mac(self._key, _SEND_LABEL, self._channel, self._nonce, n_r)
+
+    def session_key(self) -> bytes:
+        """A key of this session only (after `proof`): for `seal`ing later messages."""
+        return self._session
 
 
 class Responder:
@@ -125,6 +132,7 @@ class Responder:
         self._channel = _channel_bytes(channel)
         self._nonce = random(NONCE_SIZE)
         self._peer_nonce: bytes | None = None
+        self._session = b""
 
     def __repr__(self) -> str:
         return f"Responder(channel={_channel_name(self._channel)!r})"
@@ -154,6 +162,38 @@ class Responder:
                 "the peer's handshake proof is wrong: it does not hold the cluster key",
                 proven_wrong=True,
             )
+        self._session = _mac(
+            self._key, _SESSION_LABEL, self._channel, self._peer_nonce, self._nonce
+        )
+
+    def session_key(self) -> bytes:
+        """A key of this session only (after `verify`): for `seal`ing later messages."""
+        return self._session
+
+
+def seal(session_key: bytes, label: str, seq: int, data: bytes) -> bytes:
+    """`data` followed by its MAC under `session_key`, bound to `label` and `seq` (so a
+    sealed message cannot be replayed as another kind, or at another position)."""
+    return data + _seal_mac(session_key, label, seq, data)
+
+
+def unseal(session_key: bytes, label: str, seq: int, sealed: bytes) -> bytes:
+    """The data of a `seal`ed message; HandshakeError when its MAC is wrong."""
+    if not session_key:
+        raise HandshakeError("no session: the handshake did not complete")
+    data, mac = sealed[:-MAC_SIZE], sealed[-MAC_SIZE:]
+    if len(sealed) < MAC_SIZE or not hmac.compare_digest(
+        mac, _seal_mac(session_key, label, seq, data)
+    ):
+        raise HandshakeError(f"a {label} message not sealed by the session's peer")
+    return data
+
+
+def _seal_mac(session_key: bytes, label: str, seq: int, data: bytes) -> bytes:
+    if not session_key:
+        raise HandshakeError("no session: the handshake did not complete")
+    head = label.encode() + b"\0" + seq.to_bytes(8, "big")
+    return hmac.new(session_key, head + data, hashlib.sha256).digest()
 
 
 def resolve_key(key: bytes | None) -> bytes:

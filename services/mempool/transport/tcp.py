@@ -371,7 +371,9 @@ class TcpReceiver(TrackedReceiver):
             if self._stopping.is_set():
                 return False
             self.failed_handshakes += 1
-            why = "no handshake in time" if isinstance(e, TimeoutError) else str(e)
+            # SO_RCVTIMEO expiring is EAGAIN (BlockingIOError), not TimeoutError.
+            timed_out = isinstance(e, TimeoutError | BlockingIOError)
+            why = "no handshake in time" if timed_out else str(e)
             _throttled.warning(
                 "tcp-handshake", "tcp data-plane peer failed the handshake", peer=str(peer), error=why
             )
