@@ -259,7 +259,7 @@ async def test_gloo_refuses_a_receiver_with_another_key(src: ShmRegion, dst: Shm
     pytest.importorskip("torch")
     from services.mempool.transport.collective import GlooReceiver, GlooSender
 
-    stranger = GlooReceiver(dst, key=OTHER_KEY)
+    stranger = GlooReceiver(dst, key=OTHER_KEY, connect_timeout_s=1)
     endpoint = await stranger.start()
     sender = GlooSender(connect_timeout_s=2)
     try:

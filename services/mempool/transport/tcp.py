@@ -375,7 +375,10 @@ class TcpReceiver(TrackedReceiver):
             timed_out = isinstance(e, TimeoutError | BlockingIOError)
             why = "no handshake in time" if timed_out else str(e)
             _throttled.warning(
-                "tcp-handshake", "tcp data-plane peer failed the handshake", peer=str(peer), error=why
+                "tcp-handshake",
+                "tcp data-plane peer failed the handshake",
+                peer=str(peer),
+                error=why,
             )
             return False
 

@@ -225,10 +225,12 @@ class UcxReceiver(TrackedReceiver):
         try:
             await asyncio.wait_for(exchange(), self.handshake_timeout_s)
             return True
-        except (HandshakeError, TimeoutError, *_FAILURES) as e:
+        except (HandshakeError, TimeoutError, UCXError, OSError, FrameError) as e:
             self.failed_handshakes += 1
             why = "no handshake in time" if isinstance(e, TimeoutError) else str(e)
-            _throttled.warning("ucx-handshake", "ucx data-plane peer failed the handshake", error=why)
+            _throttled.warning(
+                "ucx-handshake", "ucx data-plane peer failed the handshake", error=why
+            )
             return False
 
     async def _serve(self, ep: Any) -> None:
