@@ -20,9 +20,10 @@ Threads and who writes what:
   a `Claim` writes into the region, and only into that claim's chunk. Connections are
   bounded, so threads are: at most `max_connections` at a time, `max_connections_per_host`
   from one peer host; the accept thread closes one over either limit at once, before it
-  costs a thread. A connection must deliver each frame header within `header_timeout_s`
-  of the previous frame (or of being accepted), so idle connections do not hold their
-  slot; the sender's cached connection is then found closed and replaced.
+  costs a thread. A connection must complete the handshake within `header_timeout_s` of
+  being accepted, then deliver each frame header within `between_frames_timeout_s` of the
+  previous frame, so idle connections do not hold their slot; the sender's cached
+  connection is then found closed and replaced.
 - Sender: the blocking send of a transfer runs in the sender's thread pool; it only reads the
   source region. One connection per peer, used by one transfer at a time (a per-peer lock);
   a stale or failed connection is replaced. Every blocking call has a kernel timeout
@@ -30,7 +31,7 @@ Threads and who writes what:
   `stall_timeout_s`, so a dead peer costs at most the timeout, never a hang. Kernel timeouts
   rather than Python socket timeouts: the latter poll() before every send/recv (~10% of the
   throughput on loopback). The receiver's connections likewise drop when a payload stalls
-  for `idle_timeout_s`, or a header for `header_timeout_s`; the sender notices a closed
+  for `idle_timeout_s`, or a header for `between_frames_timeout_s`; the sender notices a closed
   cached connection before reusing it.
 
 Cancellation: `TcpReceiver.cancel` deactivates the transfer, shuts down the connections that
@@ -370,7 +371,8 @@ class TcpReceiver(TrackedReceiver):
         except (HandshakeError, OSError) as e:
             if self._stopping.is_set():
                 return False
-            self.failed_handshakes += 1
+            with self._conns_lock:  # connection threads count concurrently
+                self.failed_handshakes += 1
             # SO_RCVTIMEO expiring is EAGAIN (BlockingIOError), not TimeoutError.
             timed_out = isinstance(e, TimeoutError | BlockingIOError)
             why = "no handshake in time" if timed_out else str(e)
