@@ -188,6 +188,24 @@ async def _serve(conn: Connection, args: argparse.Namespace) -> None:
         region.close()
 
 
+def ensure_cluster_key() -> str:
+    """This process's cluster key (the data-plane handshake needs one): the installed one,
+    else the environment's (MEMSERVE_CLUSTER__KEY_FILE / __SECRET_KEY), else a fresh one
+    for this bench run. Returns the secret (Z85) for a child's environment."""
+    from common import security
+
+    pair = security.installed_key()
+    if pair is None:
+        cfg = security.ClusterKeyConfig(
+            key_file=os.environ.get("MEMSERVE_CLUSTER__KEY_FILE"),
+            secret_key=os.environ.get("MEMSERVE_CLUSTER__SECRET_KEY"),
+        )
+        has_source = cfg.key_file or cfg.secret_key
+        pair = security.load_key(cfg) if has_source else security.KeyPair.generate()
+        security.install(pair)
+    return pair.secret.decode()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--control", required=True, help="AF_UNIX address of the parent")
@@ -198,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--receiver-class", help="module:Class of a custom Receiver")
     args = parser.parse_args(argv)
     authkey = bytes.fromhex(os.environ.pop("MEMSERVE_PEER_AUTHKEY"))
+    ensure_cluster_key()
     with Client(args.control, family="AF_UNIX", authkey=authkey) as conn:
         asyncio.run(_serve(conn, args))
 
@@ -252,6 +271,9 @@ class PeerProcess:
             if receiver_class is not None:
                 command.append(f"--receiver-class={receiver_class}")
             env = dict(os.environ, MEMSERVE_PEER_AUTHKEY=authkey.hex())
+            # The same cluster key as ours (the environment, never argv): the data plane
+            # shakes hands with it.
+            env["MEMSERVE_CLUSTER__SECRET_KEY"] = ensure_cluster_key()
             env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
             env["PYTHONPATH"] = os.pathsep.join(
                 p for p in (str(_REPO_ROOT), env.get("PYTHONPATH")) if p

@@ -6,9 +6,11 @@ tier holds `device_blocks` blocks (or as many as fit in `device_memory_bytes`); 
 reserves `device_max_blocks` so the pool can grow at run time without remapping.
 
 Limits on what peers can make the daemon hold: the control socket accepts frames up to
-`rpc_max_message_bytes()`; the tcp data-plane receiver admits `data_max_connections`
-connections (`data_max_connections_per_host` from one host) and closes one that sends no
-complete frame header within `data_header_timeout_s`.
+`rpc_max_message_bytes()`; the tcp and ucx data-plane receivers admit
+`data_max_connections` connections (`data_max_connections_per_host` from one host) and
+close one that does not complete the data-plane handshake (transport/handshake.py) within
+`data_header_timeout_s`; an authenticated tcp connection that sends no frame for
+`data_idle_timeout_s` is closed too (ucx: its endpoint is aborted).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     # A sender writes a frame header as soon as it connects or finishes the previous frame;
     # a connection silent for longer is closed (the sender reconnects when it next sends).
     data_header_timeout_s: float = 5.0
+    # An authenticated connection idle between transfers this long is closed; the sender
+    # reconnects (and shakes hands again) when it next sends.
+    data_idle_timeout_s: float = 30.0
     ttl_s: float | None = None
     admin_token: str = ""  # `status` / `shutdown` over the RPC socket need it
     log_level: str = "info"
@@ -73,6 +78,10 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
         if self.data_header_timeout_s <= 0:
             raise ValueError(
                 f"mempool.data_header_timeout_s must be > 0, got {self.data_header_timeout_s}"
+            )
+        if self.data_idle_timeout_s <= 0:
+            raise ValueError(
+                f"mempool.data_idle_timeout_s must be > 0, got {self.data_idle_timeout_s}"
             )
         kind, _, index = self.device.partition(":")
         if self.device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
@@ -101,4 +110,5 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             "max_connections": self.data_max_connections,
             "max_connections_per_host": self.data_max_connections_per_host,
             "header_timeout_s": self.data_header_timeout_s,
+            "between_frames_timeout_s": self.data_idle_timeout_s,
         }

@@ -106,13 +106,24 @@ def _make_transports(
         )
     options: dict[str, dict[str, Any]] = {
         "tcp": {**tcp_options, "host": data_host},
-        "ucx": {"advertise_host": data_host},
+        "ucx": {"advertise_host": data_host, **ucx_limits(tcp_options)},
         "gloo": {"advertise_host": data_host},
         "nccl": {"advertise_host": data_host},
     }
     return {
         name: make_transport(name, region, receiver_options=options.get(name)) for name in names
     }
+
+
+def ucx_limits(tcp_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The ucx receiver gets the tcp receiver's listener-wide connection limit and
+    deadlines (not the per-host one: ucxx does not tell a listener who connected)."""
+    names = {
+        "max_connections": "max_connections",
+        "header_timeout_s": "handshake_timeout_s",
+        "between_frames_timeout_s": "idle_timeout_s",
+    }
+    return {names[k]: v for k, v in tcp_options.items() if k in names}
 
 
 def failure_kind(exc: BaseException) -> ErrorKind:

@@ -8,6 +8,7 @@ import contextlib
 import itertools
 import os
 import socket
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from common.security import data_plane_key
 from services.mempool.region import HostRegion, ShmRegion
 from services.mempool.transport import (
     ChecksumMismatch,
@@ -36,6 +38,13 @@ from services.mempool.transport.frame import (
     FrameError,
     Header,
     Kind,
+)
+from services.mempool.transport.handshake import (
+    CHALLENGE_SIZE,
+    HELLO_SIZE,
+    PROOF_SIZE,
+    Initiator,
+    Responder,
 )
 from services.mempool.transport.shm import ShmReceiver, ShmSender
 from services.mempool.transport.tcp import TcpReceiver, TcpSender
@@ -282,8 +291,33 @@ async def test_shm_cancel_and_completion(dst: ShmRegion) -> None:
 
 
 def raw_connect(endpoint: dict[str, str]) -> socket.socket:
+    """A hand-written member peer: connected and through the handshake."""
     host, port = endpoint["tcp"].rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=5)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    shake_hands(sock)
+    return sock
+
+
+def shake_hands(sock: socket.socket, key: bytes | None = None) -> None:
+    """The sender's half of the data-plane handshake over `sock` (this process's key by
+    default); raises HandshakeError when the receiver does not prove it."""
+    initiator = Initiator(key or data_plane_key(), "tcp")
+    sock.sendall(initiator.hello())
+    challenge = bytearray()
+    while len(challenge) < CHALLENGE_SIZE:
+        part = sock.recv(CHALLENGE_SIZE - len(challenge))
+        assert part, "receiver closed the connection during the handshake"
+        challenge += part
+    sock.sendall(initiator.proof(bytes(challenge)))
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        part = sock.recv(size - len(buf))
+        assert part, "peer closed the connection"
+        buf += part
+    return bytes(buf)
 
 
 def fin(sock: socket.socket, tid: int) -> Header:
@@ -379,9 +413,21 @@ async def test_tcp_sender_gives_up_on_an_unreachable_peer(src: ShmRegion) -> Non
 
 
 async def test_tcp_sender_times_out_on_a_peer_that_stops_reading() -> None:
-    """A peer that accepts but never reads: send fails by its timeout, never hangs."""
+    """A member peer that accepts, shakes hands, then never reads: send fails by its
+    timeout, never hangs."""
     big = ShmRegion.create(1 << 20, 48)  # more than both sides' socket buffers hold
     listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def accept_and_stall() -> None:
+        conn, _ = listener.accept()
+        held.append(conn)
+        responder = Responder(data_plane_key(), "tcp")
+        conn.sendall(responder.challenge(recv_exactly(conn, HELLO_SIZE)))
+        responder.verify(recv_exactly(conn, PROOF_SIZE))
+
+    stall = threading.Thread(target=accept_and_stall, daemon=True)
+    stall.start()
     sender = TcpSender(retries=1)
     try:
         endpoint = {"tcp": f"127.0.0.1:{listener.getsockname()[1]}"}
@@ -391,6 +437,9 @@ async def test_tcp_sender_times_out_on_a_peer_that_stops_reading() -> None:
         assert time.monotonic() - start < 1.0 + 2.0
     finally:
         await sender.close()
+        stall.join(5)
+        for conn in held:
+            conn.close()
         listener.close()
         big.close()
 
@@ -429,6 +478,12 @@ async def test_ucx_cancel_stops_a_chunk_in_flight(dst: ShmRegion) -> None:
     host, port = endpoint["ucx"].rsplit(":", 1)
     ep = await ucxx.create_endpoint(host, int(port))
     try:
+        initiator = Initiator(data_plane_key(), "ucx")
+        await ep.send(np.frombuffer(bytearray(initiator.hello()), dtype=np.uint8))
+        challenge = np.empty(CHALLENGE_SIZE, dtype=np.uint8)
+        await ep.recv(challenge)
+        proof = initiator.proof(challenge.tobytes())
+        await ep.send(np.frombuffer(bytearray(proof), dtype=np.uint8))
         receiver.expect(1, [(4, 2)])
         header = Header(Kind.DATA, 1, 4, 2, 0, 2 * BLOCK).pack()
         await ep.send(np.frombuffer(bytearray(header), dtype=np.uint8))

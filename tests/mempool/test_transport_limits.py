@@ -167,6 +167,7 @@ def test_the_daemon_config_sets_the_limits() -> None:
         "max_connections": 64,
         "max_connections_per_host": 16,
         "header_timeout_s": 5.0,
+        "between_frames_timeout_s": 30.0,
     }
     assert defaults.rpc_max_message_bytes() >= defaults.tensor_memory_bytes
     with pytest.raises(ValueError, match="data_max_connections"):

@@ -1,11 +1,19 @@
 """KV block transports of the MemPool daemon: shm (same host), tcp, ucx (optional).
 
 See `base.py` for the interface and the invariants every transport keeps.
+
+Authentication: tcp, ucx and gloo (nccl) connections start with the mutual HMAC handshake
+of `handshake.py` (both ends prove the cluster key before a region byte moves). shm and
+cuda-ipc need none of their own: they are same-host only, the peer learns the segment's
+name / IPC handle only from a `Prepared` reply on the CURVE-authenticated control plane,
+and shm segments are created owner-only (file permissions), so only a member process of
+the same user can map them.
 """
 
 from services.mempool.transport.base import (
     ChecksumMismatch,
     CopyRun,
+    PeerNotMember,
     Receiver,
     Sender,
     TransferError,
@@ -22,6 +30,7 @@ from services.mempool.transport.registry import (
 __all__ = [
     "ChecksumMismatch",
     "CopyRun",
+    "PeerNotMember",
     "Receiver",
     "Sender",
     "TransferError",

@@ -90,6 +90,12 @@ class TransferRejected(TransferError):
     transfer was cancelled or is unknown there): retrying cannot help."""
 
 
+class PeerNotMember(TransferError):
+    """The data-plane peer failed the handshake (handshake.py): it did not prove the
+    cluster key, or did not answer it. Nothing but the greeting was sent; retrying cannot
+    help."""
+
+
 class ChecksumMismatch(TransferError):
     """The bytes that arrived do not match the checksum the sender computed."""
 

@@ -12,6 +12,26 @@ transfer, so the group only ever moves payload:
                                                               (claimed) or scratch (discarded)
     S: wait store[pair/a<seq>]              ◀── store ──  D: ACK (status, bytes received)
 
+Authentication (issue 12). Neither the TCPStore nor gloo's pair connections can be hooked,
+so the handshake of `handshake.py` runs over the store, before the group forms:
+
+    S: store[pair/hello] = HELLO            D: store[pair/challenge] = CHALLENGE
+    S: verifies D's MAC, store[pair/proof] = PROOF      D: verifies S's MAC
+    then both rendezvous the group; every manifest and ACK is sealed (HMAC) with the
+    session key both derived from the handshake (bound to its kind and sequence number).
+
+Covered: a sender rendezvouses a group, and so sends KV bytes, only with a receiver that
+proved the cluster key (a store of a non-member, e.g. an endpoint an attacker named, gets
+HELLO and nothing else: `PeerNotMember`, no retry). A receiver joins a group only with a
+sender that proved the key, and posts receives into its region only for manifests sealed
+by that sender. Not covered: the TCPStore server and gloo's own pair sockets stay
+unauthenticated and unencrypted. Anyone who reaches the store can read its keys (nonces,
+MACs, manifests: no key material, no KV bytes) and write keys (denial of service, e.g.
+hellos that make the receiver wait out `connect_timeout_s` per fake pair); an active
+attacker who rewrites the addresses gloo publishes in the store during a rendezvous could
+sit in the middle of a pair's payload stream. Transfers that must withstand that use
+``checksum=True`` (the receiver verifies the bytes) or tcp/ucx.
+
 Why the store for control: a posted receive cannot be interrupted (gloo's abort does not
 wake it, and a timed-out wait closes the pair), so the receiver posts receives only once a
 manifest says chunks are coming; while idle it waits on the store with a short timeout and
@@ -43,10 +63,11 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     CopyRun,
+    PeerNotMember,
     Sender,
     TransferError,
     TransferRejected,
@@ -55,10 +76,19 @@ from services.mempool.transport.base import (
     run_blocking,
 )
 from services.mempool.transport.frame import HEADER_SIZE, AckStatus, FrameError, Header, Kind
+from services.mempool.transport.handshake import (
+    HandshakeError,
+    Initiator,
+    Responder,
+    resolve_key,
+    seal,
+    unseal,
+)
 from services.mempool.transport.tcp import parse_address
 from services.mempool.transport.tracking import TrackedReceiver
 
 log = get_logger("mempool.collective")
+_throttled = Throttled(log)
 
 CHUNK_BYTES = 64 << 20
 # A discarded chunk is received into scratch of this size at most; a manifest announcing a
@@ -165,10 +195,11 @@ def _close_group(group: Any) -> None:
 class _Pair:
     """One sender's two-rank group, seen from either side."""
 
-    def __init__(self, prefix: str, store: Any, group: Any) -> None:
+    def __init__(self, prefix: str, store: Any, group: Any, session: bytes) -> None:
         self.prefix = prefix
         self.store = store
         self.group = group
+        self.session = session  # seals this pair's manifests and ACKs
         self.seq = 0
         self.broken = False
 
@@ -212,9 +243,12 @@ class CollectiveReceiver(TrackedReceiver):
         port: int = 0,
         advertise_host: str = "127.0.0.1",
         connect_timeout_s: float = 10.0,
+        key: bytes | None = None,
     ) -> None:
         self.backend.check(region)
         super().__init__(region)
+        self._key = key
+        self.failed_handshakes = 0
         self.port = port
         self.advertise_host = advertise_host
         self.connect_timeout_s = connect_timeout_s
@@ -228,6 +262,7 @@ class CollectiveReceiver(TrackedReceiver):
     async def start(self) -> dict[str, str]:
         if self._endpoint is not None:
             return self._endpoint
+        self._key = resolve_key(self._key)  # no key, no listener (SecurityError)
         self._start_table()
         self._store = await asyncio.to_thread(
             _store, self.advertise_host, self.port, master=True, timeout_s=self.connect_timeout_s
@@ -299,27 +334,57 @@ class CollectiveReceiver(TrackedReceiver):
         try:
             self.backend.enter_thread(self.region)
             store = self._client()
+            session = self._authenticate(store, prefix)
+            if session is None:
+                return
             group = self.backend.group(
                 PrefixStore(prefix_key(prefix), store), 1, self.connect_timeout_s
             )
         except Exception as e:
             log.warning("pair setup failed", transport=self.name, pair=prefix, error=str(e))
             return
-        pair = _Pair(prefix, store, group)
+        pair = _Pair(prefix, store, group, session)
         self._pairs.append(pair)
         try:
             while self._wait_key(store, pair.key("m", pair.seq)):
-                manifest = store.get(pair.key("m", pair.seq))
+                sealed = store.get(pair.key("m", pair.seq))
                 store.delete_key(pair.key("m", pair.seq))
+                if self._stop.is_set():
+                    break
+                # Only the authenticated sender says where the group's bytes go.
+                manifest = unseal(pair.session, "manifest", pair.seq, sealed)
                 transfer_id, status, received = self._receive(pair, manifest)
                 ack = Header(Kind.ACK, transfer_id, nbytes=received, status=status)
-                store.set(pair.key("a", pair.seq), ack.pack())
+                store.set(pair.key("a", pair.seq), seal(pair.session, "ack", pair.seq, ack.pack()))
                 pair.seq += 1
         except Exception as e:  # a broken pair (peer gone, timeout, bad manifest) ends here
             if not self._stop.is_set():
                 log.warning("pair closed", transport=self.name, pair=prefix, error=str(e))
         finally:
             _close_group(group)
+
+    def _authenticate(self, store: Any, prefix: str) -> bytes | None:
+        """The responder's half of the handshake over the store, within
+        `connect_timeout_s`: the pair's session key, or None (after a throttled warning)."""
+        assert self._key is not None
+        base = prefix_key(prefix)
+        responder = Responder(self._key, self.name)
+        try:
+            store.set(f"{base}/challenge", responder.challenge(store.get(f"{base}/hello")))
+            store.wait([f"{base}/proof"], datetime.timedelta(seconds=self.connect_timeout_s))
+            responder.verify(store.get(f"{base}/proof"))
+            return responder.session_key()
+        except Exception as e:  # HandshakeError, or the store's wait timing out
+            if not self._stop.is_set():
+                self.failed_handshakes += 1
+                _throttled.warning(
+                    f"{self.name}-handshake",
+                    "data-plane peer failed the handshake",
+                    transport=self.name,
+                    pair=prefix,
+                    error=str(e) if isinstance(e, HandshakeError) else "no proof in time",
+                )
+            return None
 
     def _receive(self, pair: _Pair, manifest: bytes) -> tuple[int, AckStatus, int]:
         table = self._require_table()
@@ -356,8 +421,10 @@ class CollectiveSender(Sender):
         chunk_bytes: int = CHUNK_BYTES,
         connect_timeout_s: float = 10.0,
         max_workers: int = 4,
+        key: bytes | None = None,
     ) -> None:
         super().__init__(retries)
+        self._key = key
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
         self.chunk_bytes = chunk_bytes
@@ -383,6 +450,7 @@ class CollectiveSender(Sender):
             raise ValueError(f"endpoint {dict(endpoint)} has no {self.name} address")
         self.backend.check(src)
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
+        self._key = resolve_key(self._key)  # no key, no transfer (SecurityError)
         deadline = time.monotonic() + timeout_s
         async with self._peer_turn(address, transfer_id, timeout_s):
             return await self._send_locked(
@@ -433,6 +501,11 @@ class CollectiveSender(Sender):
             except (TransferRejected, TransferTimeout):
                 self._drop(address)
                 raise
+            except HandshakeError as e:
+                self._drop(address)
+                raise PeerNotMember(
+                    f"data-plane peer {self.name}://{address} is not a cluster member: {e}"
+                ) from None
             except TransferError as e:
                 last_error = e
                 self._drop(address)
@@ -472,10 +545,23 @@ class CollectiveSender(Sender):
         socket.create_connection((host, port), timeout=timeout_s).close()
         store = _store(host, port, master=False, timeout_s=timeout_s)
         prefix = str(store.add("pairs", 1))
-        store.set(f"{prefix_key(prefix)}/hello", b"1")
+        session = self._handshake(store, prefix_key(prefix), timeout_s)
         group = self.backend.group(PrefixStore(prefix_key(prefix), store), 0, timeout_s)
-        pair = self._pairs[address] = _Pair(prefix, store, group)
+        pair = self._pairs[address] = _Pair(prefix, store, group, session)
         return pair
+
+    def _handshake(self, store: Any, base: str, timeout_s: float) -> bytes:
+        """The initiator's half over the store: nothing but HELLO and PROOF is written
+        before the receiver proved the key; returns the pair's session key."""
+        assert self._key is not None
+        initiator = Initiator(self._key, self.name)
+        store.set(f"{base}/hello", initiator.hello())
+        try:
+            store.wait([f"{base}/challenge"], datetime.timedelta(seconds=timeout_s))
+        except Exception:  # the store's wait raises on its timeout
+            raise HandshakeError("no answer to the handshake in time") from None
+        store.set(f"{base}/proof", initiator.proof(store.get(f"{base}/challenge")))
+        return initiator.session_key()
 
     def _transfer(
         self,
@@ -519,9 +605,8 @@ class CollectiveSender(Sender):
         seq = pair.seq
         pair.seq += 1
         left = deadline - time.monotonic()
-        pair.store.set(
-            pair.key("m", seq), _pack_manifest(transfer_id, [h for h, _ in chunks], left)
-        )
+        manifest = _pack_manifest(transfer_id, [h for h, _ in chunks], left)
+        pair.store.set(pair.key("m", seq), seal(pair.session, "manifest", seq, manifest))
         tensor = src.tensor()
         crc = 0
         total = 0
@@ -543,7 +628,7 @@ class CollectiveSender(Sender):
                 f"{self.name} transfer {transfer_id} to {address}: no ACK in time"
             )
         pair.store.wait([ack_key], datetime.timedelta(seconds=left))
-        ack = Header.unpack(pair.store.get(ack_key))
+        ack = Header.unpack(unseal(pair.session, "ack", seq, pair.store.get(ack_key)))
         pair.store.delete_key(ack_key)
         if ack.kind is not Kind.ACK or ack.transfer_id != transfer_id:
             raise FrameError(f"expected an ACK of transfer {transfer_id}, got {ack}")

@@ -8,14 +8,22 @@ dropped). A send ends with FIN; the receiver answers ACK once every earlier chun
 connection is processed, so `send` returning means the peer holds every byte (or the peer
 said why not, e.g. the transfer was cancelled).
 
+Authentication: every connection starts with the mutual handshake of `handshake.py`
+(HELLO, CHALLENGE, PROOF) under the receiver's `header_timeout_s`. The sender writes no frame
+before the receiver has proven the cluster key (a listener that is not a member gets the
+48-byte greeting and nothing else: `PeerNotMember`, no retry); the receiver reads no frame
+header before the sender has proven it (a failed handshake closes the connection at once,
+with a throttled warning).
+
 Threads and who writes what:
 - Receiver: one accept thread, one thread per connection. Only a connection thread holding
   a `Claim` writes into the region, and only into that claim's chunk. Connections are
   bounded, so threads are: at most `max_connections` at a time, `max_connections_per_host`
   from one peer host; the accept thread closes one over either limit at once, before it
-  costs a thread. A connection must deliver each frame header within `header_timeout_s`
-  of the previous frame (or of being accepted), so idle connections do not hold their
-  slot; the sender's cached connection is then found closed and replaced.
+  costs a thread. A connection must complete the handshake within `header_timeout_s` of
+  being accepted, then deliver each frame header within `between_frames_timeout_s` of the
+  previous frame, so idle connections do not hold their slot; the sender's cached
+  connection is then found closed and replaced.
 - Sender: the blocking send of a transfer runs in the sender's thread pool; it only reads the
   source region. One connection per peer, used by one transfer at a time (a per-peer lock);
   a stale or failed connection is replaced. Every blocking call has a kernel timeout
@@ -23,7 +31,7 @@ Threads and who writes what:
   `stall_timeout_s`, so a dead peer costs at most the timeout, never a hang. Kernel timeouts
   rather than Python socket timeouts: the latter poll() before every send/recv (~10% of the
   throughput on loopback). The receiver's connections likewise drop when a payload stalls
-  for `idle_timeout_s`, or a header for `header_timeout_s`; the sender notices a closed
+  for `idle_timeout_s`, or a header for `between_frames_timeout_s`; the sender notices a closed
   cached connection before reusing it.
 
 Cancellation: `TcpReceiver.cancel` deactivates the transfer, shuts down the connections that
@@ -52,10 +60,11 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     CopyRun,
+    PeerNotMember,
     Sender,
     TransferError,
     TransferRejected,
@@ -70,9 +79,19 @@ from services.mempool.transport.frame import (
     Header,
     Kind,
 )
+from services.mempool.transport.handshake import (
+    CHALLENGE_SIZE,
+    HELLO_SIZE,
+    PROOF_SIZE,
+    HandshakeError,
+    Initiator,
+    Responder,
+    resolve_key,
+)
 from services.mempool.transport.tracking import TrackedReceiver, TransferTable
 
 log = get_logger(__name__)
+_throttled = Throttled(log)
 
 CHUNK_BYTES = 4 << 20
 # Explicit SO_SNDBUF/SO_RCVBUF, or 0 to leave the kernel's autotuning on. Setting them turns
@@ -153,10 +172,12 @@ class TcpReceiver(TrackedReceiver):
         advertise_host: str | None = None,
         idle_timeout_s: float = 300.0,
         header_timeout_s: float = 5.0,
+        between_frames_timeout_s: float | None = None,
         max_connections: int = 64,
         max_connections_per_host: int = 16,
         buffer_bytes: int = SOCKET_BUFFER_BYTES,
         cancel_wait_s: float = 5.0,
+        key: bytes | None = None,
     ) -> None:
         if max_connections < 1 or max_connections_per_host < 1:
             raise ValueError("max_connections and max_connections_per_host must be >= 1")
@@ -168,11 +189,16 @@ class TcpReceiver(TrackedReceiver):
         self.advertise_host = advertise_host or host
         self.idle_timeout_s = idle_timeout_s
         self.header_timeout_s = header_timeout_s
+        # An authenticated connection may sit idle between frames this long (default: the
+        # header deadline, as before); an unauthenticated one gets header_timeout_s in all.
+        self.between_frames_timeout_s = between_frames_timeout_s or header_timeout_s
         self.max_connections = max_connections
         self.max_connections_per_host = max_connections_per_host
         self.buffer_bytes = buffer_bytes
         self.cancel_wait_s = cancel_wait_s
         self.refused_connections = 0  # closed at accept for being over a limit
+        self.failed_handshakes = 0  # closed for not proving the cluster key
+        self._key = key
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         # Under _conns_lock: the open connections, their threads, and how many per host.
@@ -185,6 +211,7 @@ class TcpReceiver(TrackedReceiver):
     async def start(self) -> dict[str, str]:
         if self._endpoint is not None:
             return self._endpoint
+        self._key = resolve_key(self._key)  # no key, no listener (SecurityError)
         self._start_table()
         listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -292,11 +319,14 @@ class TcpReceiver(TrackedReceiver):
         header_view = memoryview(header_buf)
         scratch = memoryview(bytearray(_SCRATCH_BYTES))
         try:
-            # The data-plane handshake (issue 12: HMAC over a receiver nonce with the cluster
-            # key) belongs here, as the connection's first exchange and under the same
-            # header deadline: a peer that fails it is closed before it can claim a byte.
+            # The connection's first exchange, under the header deadline: a peer that does
+            # not prove the key is closed before it can send a frame header, let alone claim
+            # a byte of the region.
+            if not self._authenticate(conn, peer):
+                return
             while not self._stopping.is_set():
-                if not _recv_header(conn, header_view, time.monotonic() + self.header_timeout_s):
+                wait = self.between_frames_timeout_s
+                if not _recv_header(conn, header_view, time.monotonic() + wait):
                     break
                 header = Header.unpack(header_buf)
                 if header.kind is Kind.DATA:
@@ -320,6 +350,39 @@ class TcpReceiver(TrackedReceiver):
                 else:
                     del self._per_host[peer[0]]
             conn.close()
+
+    def _authenticate(self, conn: socket.socket, peer: tuple[str, int]) -> bool:
+        """The responder's half of the handshake; False (after a throttled warning) when the
+        peer did not prove the key within `header_timeout_s`."""
+        assert self._key is not None
+        deadline = time.monotonic() + self.header_timeout_s
+        responder = Responder(self._key, "tcp")
+        try:
+            hello = bytearray(HELLO_SIZE)
+            if not _recv_header(conn, memoryview(hello), deadline):
+                raise HandshakeError("closed before its greeting")
+            _kernel_timeout(conn, socket.SO_SNDTIMEO, max(0.001, deadline - time.monotonic()))
+            conn.sendall(responder.challenge(bytes(hello)))
+            proof = bytearray(PROOF_SIZE)
+            if not _recv_header(conn, memoryview(proof), deadline):
+                raise HandshakeError("closed before its proof")
+            responder.verify(bytes(proof))
+            return True
+        except (HandshakeError, OSError) as e:
+            if self._stopping.is_set():
+                return False
+            with self._conns_lock:  # connection threads count concurrently
+                self.failed_handshakes += 1
+            # SO_RCVTIMEO expiring is EAGAIN (BlockingIOError), not TimeoutError.
+            timed_out = isinstance(e, TimeoutError | BlockingIOError)
+            why = "no handshake in time" if timed_out else str(e)
+            _throttled.warning(
+                "tcp-handshake",
+                "tcp data-plane peer failed the handshake",
+                peer=str(peer),
+                error=why,
+            )
+            return False
 
     def _receive_chunk(
         self, conn: socket.socket, table: TransferTable, header: Header, scratch: memoryview
@@ -363,6 +426,7 @@ class TcpSender(Sender):
         stall_timeout_s: float = 30.0,
         buffer_bytes: int = SOCKET_BUFFER_BYTES,
         max_concurrent: int = 8,
+        key: bytes | None = None,
     ) -> None:
         super().__init__(retries)
         if chunk_bytes <= 0:
@@ -371,6 +435,7 @@ class TcpSender(Sender):
         self.connect_timeout_s = connect_timeout_s
         self.stall_timeout_s = stall_timeout_s
         self.buffer_bytes = buffer_bytes
+        self._key = key
         self._peers: dict[str, _Peer] = {}
         self._peers_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_concurrent, thread_name_prefix="tcp-tx")
@@ -392,6 +457,7 @@ class TcpSender(Sender):
         if address is None:
             raise ValueError(f"endpoint {dict(endpoint)} has no tcp address")
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
+        self._key = resolve_key(self._key)  # no key, no transfer (SecurityError)
         deadline = time.monotonic() + timeout_s
         abandon = threading.Event()
         return await run_blocking(
@@ -460,6 +526,11 @@ class TcpSender(Sender):
                 sock = self._connection(peer, deadline)
                 crc = self._stream(sock, peer, transfer_id, src, runs, deadline, checksum, abandon)
                 return crc if checksum else None
+            except HandshakeError as e:
+                self._drop(peer)
+                raise PeerNotMember(
+                    f"data-plane peer tcp://{address} is not a cluster member: {e}"
+                ) from None
             except (OSError, FrameError) as e:
                 last_error = e
                 self._drop(peer)
@@ -490,11 +561,28 @@ class TcpSender(Sender):
             sock.connect((host, port))
             # From here on blocking, with kernel timeouts set per operation (see _op_timeout).
             sock.settimeout(None)
-        except OSError:
+            self._handshake(sock, min(deadline, time.monotonic() + self.connect_timeout_s))
+        except (OSError, HandshakeError):
             sock.close()
             raise
         peer.sock = sock
         return sock
+
+    def _handshake(self, sock: socket.socket, deadline: float) -> None:
+        """The initiator's half: nothing but HELLO and PROOF is written before the receiver
+        proved the key. A receiver that closes first (e.g. over its connection limit)
+        raises ConnectionResetError (retried); a wrong or missing answer HandshakeError."""
+        assert self._key is not None
+        initiator = Initiator(self._key, "tcp")
+        _kernel_timeout(sock, socket.SO_SNDTIMEO, max(0.001, deadline - time.monotonic()))
+        sock.sendall(initiator.hello())
+        challenge = bytearray(CHALLENGE_SIZE)
+        try:
+            if not _recv_header(sock, memoryview(challenge), deadline):
+                raise ConnectionResetError("receiver closed the connection during the handshake")
+        except (TimeoutError, BlockingIOError):
+            raise HandshakeError("no answer to the handshake in time") from None
+        sock.sendall(initiator.proof(bytes(challenge)))
 
     def _drop(self, peer: _Peer) -> None:
         if peer.sock is not None:

@@ -22,6 +22,17 @@ aborted reconnects, its resent data is discarded, and its FIN is answered with C
 If the process initialised ucxx itself in "thread" progress mode, `abort` still waits (up to
 `_ABORT_PERIOD_NS`) for the progress thread to close the endpoint.
 
+Authentication and limits: an endpoint's first messages are the handshake of
+`handshake.py` (HELLO, CHALLENGE, PROOF as three tag messages of fixed size), within the
+receiver's `handshake_timeout_s`. The sender sends no frame before the receiver proved the
+cluster key (`PeerNotMember` otherwise, no retry); the receiver posts no frame receive (so
+UCX writes nothing into the region) before the sender proved it; a failed handshake aborts
+the endpoint with a throttled warning. The receiver keeps at most `max_connections`
+endpoints (one over is aborted at once) and aborts one that sends no frame header for
+`idle_timeout_s`. Not covered: a per-host limit (ucxx does not tell the listener who
+connected), and what UCX itself does before our handler runs (its connection setup and
+peer-info exchange, bounded by ucxx's own connect timeout).
+
 Timeouts are `asyncio.wait_for` around connecting and around each attempt; an attempt that
 times out aborts its endpoint, which cancels its outstanding sends.
 """
@@ -40,10 +51,11 @@ import numpy as np
 import ucxx
 from ucxx.exceptions import UCXCanceled, UCXCloseError, UCXConnectionResetError, UCXError
 
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
 from services.mempool.region import Region
 from services.mempool.transport.base import (
     CopyRun,
+    PeerNotMember,
     Sender,
     TransferError,
     TransferRejected,
@@ -51,10 +63,20 @@ from services.mempool.transport.base import (
     check_runs,
 )
 from services.mempool.transport.frame import HEADER_SIZE, AckStatus, FrameError, Header, Kind
+from services.mempool.transport.handshake import (
+    CHALLENGE_SIZE,
+    HELLO_SIZE,
+    PROOF_SIZE,
+    HandshakeError,
+    Initiator,
+    Responder,
+    resolve_key,
+)
 from services.mempool.transport.tcp import parse_address
 from services.mempool.transport.tracking import TrackedReceiver, TransferTable
 
 log = get_logger(__name__)
+_throttled = Throttled(log)
 
 CHUNK_BYTES = 16 << 20
 # A discarded payload is received into scratch memory of this size at most; a DATA frame
@@ -88,16 +110,38 @@ def _init_ucx() -> None:
         )
 
 
+def _array(data: bytes) -> np.ndarray:
+    return np.frombuffer(bytearray(data), dtype=np.uint8)
+
+
 def _header_array(header: Header) -> np.ndarray:
-    return np.frombuffer(bytearray(header.pack()), dtype=np.uint8)
+    return _array(header.pack())
 
 
 class UcxReceiver(TrackedReceiver):
     name = "ucx"
     cancel_fences_writes = True
 
-    def __init__(self, region: Region, *, port: int = 0, advertise_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        region: Region,
+        *,
+        port: int = 0,
+        advertise_host: str = "127.0.0.1",
+        max_connections: int = 64,
+        handshake_timeout_s: float = 5.0,
+        idle_timeout_s: float = 30.0,
+        key: bytes | None = None,
+    ) -> None:
+        if max_connections < 1 or handshake_timeout_s <= 0 or idle_timeout_s <= 0:
+            raise ValueError("max_connections >= 1 and positive timeouts, please")
         super().__init__(region)
+        self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.refused_connections = 0
+        self.failed_handshakes = 0
+        self._key = key
         self.port = port
         self.advertise_host = advertise_host
         self._listener: Any = None
@@ -109,6 +153,7 @@ class UcxReceiver(TrackedReceiver):
     async def start(self) -> dict[str, str]:
         if self._endpoint is not None:
             return self._endpoint
+        self._key = resolve_key(self._key)  # no key, no listener (SecurityError)
         self._start_table()
         _init_ucx()
         self._listener = ucxx.create_listener(self._on_connect, port=self.port)
@@ -139,12 +184,20 @@ class UcxReceiver(TrackedReceiver):
         self._endpoint = None
 
     async def _on_connect(self, ep: Any) -> None:
+        if len(self._endpoints) >= self.max_connections:
+            self.refused_connections += 1
+            log.debug("ucx receiver refused a connection", limit="max_connections")
+            ep.abort(period=_ABORT_PERIOD_NS)
+            return
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
         self._endpoints.add(ep)
         try:
-            await self._serve(ep)
+            if await self._authenticate(ep):
+                await self._serve(ep)
+        except TimeoutError:
+            log.debug("ucx receiver closed an idle endpoint")
         except (UCXCanceled, UCXCloseError, UCXConnectionResetError):
             pass  # the sender closed its endpoint, or `cancel`/`close` aborted it
         except _FAILURES as e:
@@ -155,13 +208,39 @@ class UcxReceiver(TrackedReceiver):
             if not ep.closed:
                 ep.abort(period=_ABORT_PERIOD_NS)
 
+    async def _authenticate(self, ep: Any) -> bool:
+        """The responder's half of the handshake within `handshake_timeout_s`; False (after
+        a throttled warning) when the peer did not prove the key."""
+        assert self._key is not None
+        responder = Responder(self._key, "ucx")
+
+        async def exchange() -> None:
+            hello = np.empty(HELLO_SIZE, dtype=np.uint8)
+            await ep.recv(hello)
+            await ep.send(_array(responder.challenge(hello.tobytes())))
+            proof = np.empty(PROOF_SIZE, dtype=np.uint8)
+            await ep.recv(proof)
+            responder.verify(proof.tobytes())
+
+        try:
+            await asyncio.wait_for(exchange(), self.handshake_timeout_s)
+            return True
+        except (HandshakeError, TimeoutError, UCXError, OSError, FrameError) as e:
+            self.failed_handshakes += 1
+            why = "no handshake in time" if isinstance(e, TimeoutError) else str(e)
+            _throttled.warning(
+                "ucx-handshake", "ucx data-plane peer failed the handshake", error=why
+            )
+            return False
+
     async def _serve(self, ep: Any) -> None:
         table = self._require_table()
         header_buf = np.empty(HEADER_SIZE, dtype=np.uint8)
         # `cancel` may abort this endpoint while a payload receive is pending; ucxx then
         # cannot be called on it any more, so check before every frame.
         while not ep.closed:
-            await ep.recv(header_buf)
+            # Between frames only: a payload receive is bounded by the sender's deadline.
+            await asyncio.wait_for(ep.recv(header_buf), self.idle_timeout_s)
             header = Header.unpack(header_buf.data)
             if header.kind is Kind.DATA:
                 await self._receive_chunk(ep, table, header)
@@ -201,12 +280,14 @@ class UcxSender(Sender):
         *,
         chunk_bytes: int = CHUNK_BYTES,
         connect_timeout_s: float = 5.0,
+        key: bytes | None = None,
     ) -> None:
         super().__init__(retries)
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}]")
         self.chunk_bytes = chunk_bytes
         self.connect_timeout_s = connect_timeout_s
+        self._key = key
         self._endpoints: dict[str, Any] = {}
         self._closed = False
 
@@ -227,6 +308,7 @@ class UcxSender(Sender):
             raise ValueError(f"endpoint {dict(endpoint)} has no ucx address")
         host, port = parse_address(address)
         check_runs(src, [(run.src_block, run.num_blocks) for run in runs], "source")
+        self._key = resolve_key(self._key)  # no key, no transfer (SecurityError)
         deadline = time.monotonic() + timeout_s
         async with self._peer_turn(address, transfer_id, timeout_s):
             return await self._send_locked(
@@ -265,6 +347,11 @@ class UcxSender(Sender):
                     deadline - time.monotonic(),
                 )
                 return crc if checksum else None
+            except HandshakeError as e:
+                self._drop(address)
+                raise PeerNotMember(
+                    f"data-plane peer ucx://{address} is not a cluster member: {e}"
+                ) from None
             except asyncio.TimeoutError:
                 self._drop(address)
                 last_error = TimeoutError("deadline passed")
@@ -288,8 +375,26 @@ class UcxSender(Sender):
         self._drop(address)
         _init_ucx()
         ep = await ucxx.create_endpoint(host, port, connect_timeout=self.connect_timeout_s)
+        try:
+            await asyncio.wait_for(self._handshake(ep), self.connect_timeout_s)
+        except TimeoutError:
+            ep.abort(period=_ABORT_PERIOD_NS)
+            raise HandshakeError("no answer to the handshake in time") from None
+        except BaseException:
+            ep.abort(period=_ABORT_PERIOD_NS)
+            raise
         self._endpoints[address] = ep
         return ep
+
+    async def _handshake(self, ep: Any) -> None:
+        """The initiator's half: nothing but HELLO and PROOF goes out before the receiver
+        proved the key."""
+        assert self._key is not None
+        initiator = Initiator(self._key, "ucx")
+        await ep.send(_array(initiator.hello()))
+        challenge = np.empty(CHALLENGE_SIZE, dtype=np.uint8)
+        await ep.recv(challenge)
+        await ep.send(_array(initiator.proof(challenge.tobytes())))
 
     def _drop(self, address: str) -> None:
         ep = self._endpoints.pop(address, None)
