@@ -379,8 +379,9 @@ class GatewayClient:
                     f"pings unanswered)"
                 )
             elif silent >= beat:
+                waiting = list(self._queues)[: cp.MAX_PING_IDS]
                 with contextlib.suppress(Exception):  # a full queue: the silence tells
-                    await asyncio.wait_for(self._sock.send(cp.Ping()), beat)
+                    await asyncio.wait_for(self._sock.send(cp.Ping(waiting)), beat)
 
     def _gone(self, message: str) -> None:
         for q in self._queues.values():
@@ -400,6 +401,15 @@ class GatewayClient:
                 return  # closed
             self._heard_at = self._message_at = time.monotonic()
             if isinstance(msg, cp.Pong):
+                for crid in msg.unknown:
+                    queue = self._queues.get(crid)
+                    if queue is not None:
+                        queue.put_nowait(
+                            _Gone(
+                                f"gateway {self.address} does not know request {crid} "
+                                "(it was restarted, or the connection was re-made)"
+                            )
+                        )
                 continue
             if isinstance(msg, cp.SessionOpened | cp.SessionClosed):
                 if self._session_waiters:

@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from common.admin_client import admin_call
-from common.client import GatewayClient
+from common.client import GatewayClient, GatewayGone
 from common.mempool_client import MempoolClient
+from common.protocol import client as cp
 from common.sampling import SamplingParams
 from services.launcher.config import load
 from services.launcher.plan import stable_endpoints
@@ -137,3 +138,69 @@ async def test_stop_while_a_restart_is_pending(tmp_path: Path) -> None:
     print(f"\nstopped with a restart pending in {time.monotonic() - t0:.2f} s")
     assert cluster.restarts == 0 and not cluster.restarting()
     assert not any(c.alive for c in cluster.children.values())
+
+
+# What a client streaming through the cluster sees when each kind dies under it: the worker
+# or its daemon (the request's KV is gone) ends the stream with an error naming the
+# instance; the gateway, with GatewayGone from the client's own liveness check; the
+# scheduler is not on a running request's path, so the stream completes.
+OUTCOME = {
+    "colocated-0": "error naming the instance",
+    "colocated-0-mempool": "error naming the instance",
+    "gateway": "gateway gone",
+    "scheduler": "completed",
+}
+LONG = SamplingParams(max_tokens=900, ignore_eos=True)  # within 64 blocks of KV
+
+
+async def stream_until_killed(client: GatewayClient, kill: Any) -> tuple[str, float, str]:
+    """Stream a long request, kill after its first token; (outcome, seconds from the kill
+    to the outcome, what the client was told)."""
+    killed = 0.0
+    try:
+        async for item in client.stream(PROMPT, LONG):
+            if not killed and isinstance(item, cp.Chunk) and item.token_ids:
+                kill()
+                killed = time.monotonic()
+            if isinstance(item, cp.Final):
+                took = time.monotonic() - killed
+                if item.finish_reason == "error":
+                    return "error", took, item.error
+                return "completed", took, item.finish_reason
+    except GatewayGone as exc:
+        return "gateway gone", time.monotonic() - killed, str(exc)
+    raise AssertionError("the stream ended without a Final")
+
+
+@pytest.mark.parametrize("victim", list(OUTCOME))
+async def test_a_kill_mid_stream_gives_the_client_a_clear_outcome(
+    tmp_path: Path, victim: str
+) -> None:
+    stop = asyncio.Event()
+    async with Cluster(settings(tmp_path)) as cluster:
+        watching = asyncio.create_task(cluster.wait(stop))
+        # The client's own timeout is far above what any outcome may take: an outcome is
+        # the cluster's doing, never the client giving up.
+        client = GatewayClient(cluster.gateway, timeout_s=600)
+        try:
+            pid = cluster.children[victim].proc.pid
+            outcome, took, told = await stream_until_killed(
+                client, lambda: os.kill(pid, signal.SIGKILL)
+            )
+            expected = OUTCOME[victim]
+            if expected == "error naming the instance":
+                assert outcome == "error" and "colocated-0" in told, (outcome, told)
+            else:
+                assert outcome == expected, (outcome, told)
+            killed = time.monotonic() - took
+            await serve_again(client, deadline_s=60)
+            back = time.monotonic() - killed
+            await check_daemons(cluster)
+            print(
+                f"\n{victim}: client outcome '{outcome}' {took:.2f} s after SIGKILL "
+                f"({told[:80]}); serving again after {back:.2f} s"
+            )
+        finally:
+            client.close()
+            stop.set()
+            assert await watching == "stop requested"

@@ -46,9 +46,19 @@ class Cancel(msgspec.Struct, tag=True, frozen=True):
     request_id: str
 
 
-class Ping(msgspec.Struct, tag=True, frozen=True):
+class Ping(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Is the gateway there? Answered by a `Pong` from the gateway's own event loop, so
-    an answer proves the process is alive and serving, not only its TCP port."""
+    an answer proves the process is alive and serving, not only its TCP port.
+
+    `waiting`: the client's request ids still waiting for an answer (at most
+    `MAX_PING_IDS` are looked at). The `Pong` names those the gateway does not hold for
+    this client: a gateway restarted on the same address, or a connection re-made (a new
+    ZeroMQ identity), answers pings but can never finish those requests."""
+
+    waiting: list[str] = msgspec.field(default_factory=list)
+
+
+MAX_PING_IDS = 256
 
 
 ClientRequest = OpenSession | CloseSession | Complete | Cancel | Ping
@@ -85,8 +95,8 @@ class Final(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     instances: list[str] = msgspec.field(default_factory=list)
 
 
-class Pong(msgspec.Struct, tag=True, frozen=True):
-    pass
+class Pong(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    unknown: list[str] = msgspec.field(default_factory=list)  # of the Ping's `waiting`
 
 
 ClientReply = SessionOpened | SessionClosed | Chunk | Final | Pong

@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     from bench import engine as bench_engine
+    from bench import fuzz as bench_fuzz
     from bench import handoff as bench_handoff
     from bench import mempool as bench_mempool
     from bench import serve as bench_serve
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_mempool.add_parser(bench_sub)
     bench_serve.add_parser(bench_sub)
     bench_handoff.add_parser(bench_sub)
+    bench_fuzz.add_parser(bench_sub)
     return parser
 
 

@@ -194,6 +194,15 @@ class GatewayCore:
         self.pending[(peer, req.request_id)] = False
         self.inflight_of[peer] = self.inflight_of.get(peer, 0) + 1
 
+    def unknown_of(self, peer: bytes, client_request_ids: list[str]) -> list[str]:
+        """Those of `peer`'s request ids (the first `MAX_PING_IDS`) that are neither held
+        nor in flight here: their client waits for an answer that will never come."""
+        return [
+            crid
+            for crid in client_request_ids[: cp.MAX_PING_IDS]
+            if (peer, crid) not in self.by_client and (peer, crid) not in self.pending
+        ]
+
     def cancel_held(self, peer: bytes, client_request_id: str) -> bool:
         """Mark a held request cancelled (it is answered "abort" once unheld)."""
         key = (peer, client_request_id)

@@ -139,8 +139,8 @@ class GatewayService(ServiceShell):
             match msg:
                 case cp.Complete():
                     await self._complete(peer, msg)
-                case cp.Ping():
-                    await self._to_client(peer, cp.Pong())
+                case cp.Ping(waiting=waiting):
+                    await self._to_client(peer, cp.Pong(self.core.unknown_of(peer, waiting)))
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way

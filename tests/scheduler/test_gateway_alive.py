@@ -5,10 +5,8 @@ service's clock); a restarted one drops its predecessor's at its first word."""
 from __future__ import annotations
 
 from common.protocol import scheduler as sp
+from tests.scheduler.harness import Harness, until
 from tests.scheduler.helpers import heartbeat, prompt
-from tests.scheduler.test_service import Harness, harness, until
-
-__all__ = ["harness"]  # the fixture
 
 
 async def test_a_silent_or_restarted_gateway_loses_its_charges(harness: Harness) -> None:

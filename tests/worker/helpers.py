@@ -4,12 +4,17 @@ fixtures are suite-wide (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from common.protocol import worker as wp
+from common.sampling import SamplingParams
+from common.sockets import PullSocket, PushSocket
 from services.worker.engine import Engine, RequestOutput
 
 MakeEngine = Callable[..., Engine]
@@ -78,3 +83,41 @@ def save_reference(
                 p.normal_(0.0, 0.1)
     model.save_pretrained(folder, max_shard_size=shard_size)
     return model
+
+
+class Gateway:
+    """What the gateway does on this channel: push requests, collect each stream."""
+
+    def __init__(self, worker_address: str):
+        self.replies = PullSocket("tcp://127.0.0.1:0", wp.TokenChunk, bind=True)
+        self.requests = PushSocket(worker_address, wp.WorkerRequest, bind=False)  # type: ignore[arg-type]
+        self.streams: dict[str, list[wp.TokenChunk]] = {}
+
+    async def generate(self, rid: str, tokens: list[int], params: SamplingParams) -> None:
+        await self.requests.send(
+            wp.Generate(
+                request_id=rid, token_ids=tokens, params=params, reply_to=self.replies.address
+            )
+        )
+
+    async def collect(
+        self, rids: set[str], timeout_s: float = 60
+    ) -> dict[str, list[wp.TokenChunk]]:
+        pending = set(rids)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            chunk = await asyncio.wait_for(
+                self.replies.recv(), max(0.01, deadline - time.monotonic())
+            )
+            self.streams.setdefault(chunk.request_id, []).append(chunk)
+            if chunk.finished:
+                pending.discard(chunk.request_id)
+        return {rid: self.streams[rid] for rid in rids}
+
+    def close(self) -> None:
+        self.replies.close()
+        self.requests.close()
+
+
+def tokens(chunks: list[wp.TokenChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]

@@ -17,8 +17,7 @@ from common.admin_client import admin_call
 from common.mempool_client import MempoolClient
 from common.sampling import SamplingParams
 from tests.daemons import Launcher, SpawnDaemon, SpawnWorker
-from tests.worker.helpers import prompt
-from tests.worker.test_worker_service import Gateway, tokens
+from tests.worker.helpers import Gateway, prompt, tokens
 
 pytestmark = pytest.mark.integration
 

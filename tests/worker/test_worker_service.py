@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 
 import pytest
 import zmq
@@ -15,50 +14,11 @@ import zmq.asyncio
 
 from common.protocol import worker as wp
 from common.sampling import SamplingParams
-from common.sockets import PullSocket, PushSocket
 from tests.daemons import SpawnDaemon, SpawnWorker
 from tests.raw import raw_socket
-from tests.worker.helpers import MakeEngine, prompt, run_to_end
+from tests.worker.helpers import Gateway, MakeEngine, prompt, run_to_end, tokens
 
 pytestmark = pytest.mark.integration
-
-
-class Gateway:
-    """What the gateway does on this channel: push requests, collect each stream."""
-
-    def __init__(self, worker_address: str):
-        self.replies = PullSocket("tcp://127.0.0.1:0", wp.TokenChunk, bind=True)
-        self.requests = PushSocket(worker_address, wp.WorkerRequest, bind=False)  # type: ignore[arg-type]
-        self.streams: dict[str, list[wp.TokenChunk]] = {}
-
-    async def generate(self, rid: str, tokens: list[int], params: SamplingParams) -> None:
-        await self.requests.send(
-            wp.Generate(
-                request_id=rid, token_ids=tokens, params=params, reply_to=self.replies.address
-            )
-        )
-
-    async def collect(
-        self, rids: set[str], timeout_s: float = 60
-    ) -> dict[str, list[wp.TokenChunk]]:
-        pending = set(rids)
-        deadline = time.monotonic() + timeout_s
-        while pending:
-            chunk = await asyncio.wait_for(
-                self.replies.recv(), max(0.01, deadline - time.monotonic())
-            )
-            self.streams.setdefault(chunk.request_id, []).append(chunk)
-            if chunk.finished:
-                pending.discard(chunk.request_id)
-        return {rid: self.streams[rid] for rid in rids}
-
-    def close(self) -> None:
-        self.replies.close()
-        self.requests.close()
-
-
-def tokens(chunks: list[wp.TokenChunk]) -> list[int]:
-    return [t for c in chunks for t in c.token_ids]
 
 
 async def test_worker_serves_streams_with_the_reference_tokens(

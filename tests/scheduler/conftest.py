@@ -1,0 +1,3 @@
+"""The scheduler service fixture (`harness`) for every test in this folder."""
+
+from tests.scheduler.harness import harness  # noqa: F401
