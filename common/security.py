@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import os
 import stat
 import threading
@@ -157,6 +158,7 @@ _installed: _Installed | None = None
 _lock = threading.Lock()
 # Public-socket policies by ZAP domain: domain -> client-key check.
 _public_policies: dict[str, Callable[[bytes], bool]] = {}
+_public_sockets = itertools.count()
 
 
 def install(pair: KeyPair) -> None:
@@ -258,7 +260,8 @@ class PublicServer(SocketSecurity):
             raise ValueError("PublicServer is for the binding side")
         if installed_key() is None:
             raise SecurityError("a public CURVE socket needs the process's ZAP handler")
-        domain = f"{PUBLIC_DOMAIN}.{self.name}"
+        # One domain per socket: two public sockets of a process never share a policy.
+        domain = f"{PUBLIC_DOMAIN}.{self.name}.{next(_public_sockets)}"
         allowed = self.allowed_clients
         _public_policies[domain] = (lambda key: True) if allowed is None else allowed.__contains__
         sock.curve_publickey = self.pair.public

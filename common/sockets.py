@@ -69,7 +69,7 @@ import zmq.asyncio
 
 from common.codec import DecodeError, Decoder, FrameLike, encode
 from common.errors import ErrorKind, MemServeError, error_kind
-from common.logging import get_logger
+from common.logging import Throttled, get_logger
 from common.security import CLUSTER, SocketSecurity
 from common.service import TaskSet
 
@@ -82,6 +82,9 @@ Rep = TypeVar("Rep", bound=msgspec.Struct)
 R = TypeVar("R", bound=msgspec.Struct)
 
 log = get_logger(__name__)
+# A peer that floods bad messages must not flood the log: a few lines per kind per 10 s,
+# then one "suppressed" count (common/logging.py). Shared by every socket of the process.
+warn = Throttled(log, burst=5, interval_s=10.0)
 
 # Messages of the control and serving protocols are token lists and small structs: 16 MiB
 # holds a prompt of ~4M tokens as int32 bytes (the msgpack list form is at most 5 bytes a
@@ -349,13 +352,13 @@ class RpcServer(_Socket, Generic[Req, Rep]):
     ) -> None:
         if len(frames) < 2 or len(frames[1].bytes) != _ID_BYTES:
             # Without a request id the client could not match any reply.
-            log.warning("rpc request without a request id dropped", address=self.address)
+            warn.warning("no-id", "rpc request without a request id dropped", address=self.address)
             return
         peer, request_id = frames[0].bytes, frames[1].bytes
         try:
             request = self._decoder.decode(frames[2:])
         except DecodeError as e:
-            log.warning("malformed rpc request", address=self.address, error=str(e))
+            warn.warning("malformed", "malformed rpc request", address=self.address, error=str(e))
             await self._reply_error(
                 peer, request_id, f"malformed request: {e}", ErrorKind.BAD_REQUEST
             )
@@ -363,12 +366,15 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         try:
             body = encode(await handler(request))
         except Exception as e:
-            # A refused request (MemServeError) is routine: no traceback in the log.
-            log.warning(
+            # A refused request (MemServeError) is routine: no traceback in the log, and its
+            # own budget, so a flood of refusals cannot hide a real failure's traceback.
+            refused = isinstance(e, MemServeError)
+            warn.warning(
+                "handler-refused" if refused else "handler-failed",
                 "rpc handler failed",
                 address=self.address,
                 error=str(e),
-                exc_info=not isinstance(e, MemServeError),
+                exc_info=not refused,
             )
             await self._reply_error(peer, request_id, f"{type(e).__name__}: {e}", error_kind(e))
             return
@@ -387,7 +393,7 @@ class RpcServer(_Socket, Generic[Req, Rep]):
         try:
             await self._send([peer, request_id, kind, *body])
         except zmq.ZMQError as e:
-            log.warning("rpc reply not sent", address=self.address, error=str(e))
+            warn.warning("not-sent", "rpc reply not sent", address=self.address, error=str(e))
 
 
 class RpcClient(_Socket, Generic[Req, Rep]):
@@ -465,7 +471,7 @@ class RpcClient(_Socket, Generic[Req, Rep]):
 
     def _dispatch(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2:
-            log.warning("rpc reply without id and kind dropped", address=self.address)
+            warn.warning("no-kind", "rpc reply without id and kind dropped", address=self.address)
             return
         request_id, kind = frames[0].bytes, frames[1].bytes
         reply = self._pending.get(request_id)

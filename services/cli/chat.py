@@ -15,6 +15,7 @@ from typing import Any
 
 from common.cli_errors import fail
 from common.errors import InvalidRequestError, MemServeError
+from services.cli import gateway_keys
 from services.cli.generate import add_sampling_args, sampling
 
 
@@ -26,6 +27,7 @@ def add_parser(sub: Any) -> None:
         help="the gateway's client address (default: env MEMSERVE_GATEWAY_ADDRESS)",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
+    gateway_keys.add_arguments(p)
     p.add_argument("--show-stats", action="store_true", help="cached tokens and TTFT per turn")
     add_sampling_args(p)
     p.set_defaults(func=run)
@@ -43,7 +45,7 @@ async def _chat(args: argparse.Namespace) -> int:
     from common.client import GatewayClient, GatewayError
 
     params = sampling(args)
-    client = GatewayClient(args.gateway, timeout_s=args.timeout)
+    client = GatewayClient(args.gateway, timeout_s=args.timeout, **gateway_keys.client_kwargs(args))
     try:
         session = await client.open_session()
         interactive = sys.stdin.isatty()

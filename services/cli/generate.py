@@ -15,6 +15,7 @@ from common.model.config import ModelError
 from common.model.presets import resolve_model
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer, TokenizerError
+from services.cli import gateway_keys
 from services.worker.config import EngineConfig
 
 
@@ -27,6 +28,7 @@ def add_parser(sub: Any) -> None:
         help="a running cluster's gateway (tcp://host:port); without it, an in-process engine",
     )
     p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
+    gateway_keys.add_arguments(p)
     p.add_argument(
         "--retries",
         type=int,
@@ -106,7 +108,12 @@ async def _from_gateway(args: argparse.Namespace, params: SamplingParams) -> int
 
     if args.retries < 0:
         return fail(f"--retries must be >= 0, got {args.retries}")
-    client = GatewayClient(args.gateway, timeout_s=args.timeout, retries=args.retries)
+    client = GatewayClient(
+        args.gateway,
+        timeout_s=args.timeout,
+        retries=args.retries,
+        **gateway_keys.client_kwargs(args),
+    )
     try:
         async for text in client.generate(args.prompt, params):
             sys.stdout.write(text)

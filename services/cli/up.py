@@ -80,6 +80,8 @@ async def _up(settings: Any) -> int:
             f"  restarts  a crashed process, on its addresses "
             f"(backoff {c.restart_backoff_s:g}-{c.restart_backoff_max_s:g} s)"
         )
+    key = cluster.key_env.get("MEMSERVE_CLUSTER__KEY_FILE", "from MEMSERVE_CLUSTER__SECRET_KEY")
+    print(f"  key       {key}")
     print(f"  logs      {cluster.run_dir}/", flush=True)
     try:
         why = await cluster.wait(stop)

@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Coroutine
 from typing import Any
 
@@ -60,6 +61,8 @@ log = get_logger(__name__)
 
 # How long an Abort is remembered for a Continue that may still be on its way.
 _ABORT_MEMORY_S = 120.0
+# Reply and hand-off peers a worker keeps sockets for (gateways and decode workers).
+MAX_PEERS = 64
 # Missed daemon health checks in a row before the worker reports itself unhealthy.
 _DAEMON_STRIKES = 3
 
@@ -109,7 +112,9 @@ class WorkerService(ServiceShell):
         self.heartbeats: PushSocket[sp.Heartbeat] | None = None
         if cfg.scheduler:
             self.heartbeats = PushSocket(cfg.scheduler, sp.Heartbeat, bind=False)
-        self.peers: dict[str, PushSocket[Any]] = {}  # reply_to and decode workers, by address
+        # reply_to and decode workers, by address, least recently used first: at most
+        # MAX_PEERS sockets (each holds a file descriptor and a reconnecting connection).
+        self.peers: OrderedDict[str, PushSocket[Any]] = OrderedDict()
         self.aborted: dict[str, float] = {}
         self.started_at = time.time()
         self.incarnation = os.urandom(8).hex()  # this process: the scheduler refuses others
@@ -328,9 +333,16 @@ class WorkerService(ServiceShell):
 
     def _peer(self, address: str) -> PushSocket[Any]:
         sock = self.peers.get(address)
+        if sock is not None:
+            self.peers.move_to_end(address)
         if sock is None:
             sock = PushSocket(address, wp.TokenChunk | wp.WorkerRequest, bind=False)
             self.peers[address] = sock
+            if len(self.peers) > MAX_PEERS:
+                # The least recently used: a live stream sends every step, so this is a
+                # peer gone quiet (a finished request's gateway run, an unreachable one).
+                _, old = self.peers.popitem(last=False)
+                old.close()
         return sock
 
     # ------------------------------------------------------------- heartbeats
@@ -457,6 +469,7 @@ class WorkerService(ServiceShell):
                     "running_tokens": run_tokens,
                     "served": self.served,
                     "failed": self.failed,
+                    "peers": len(self.peers),
                 },
             )
         if req.command == "shutdown":

@@ -12,8 +12,10 @@ import pytest
 import zmq
 import zmq.asyncio
 
+from common.admin_client import admin_call
 from common.protocol import worker as wp
 from common.sampling import SamplingParams
+from services.worker.service import MAX_PEERS
 from tests.daemons import SpawnDaemon, SpawnWorker
 from tests.raw import raw_socket
 from tests.worker.helpers import Gateway, MakeEngine, prompt, run_to_end, tokens
@@ -70,3 +72,26 @@ async def test_worker_serves_streams_with_the_reference_tokens(
     assert check.ok, check.message
     st = await daemon.client.stats()
     assert st.client["device"] == 0 and st.pinned["device"] == 0, st
+
+
+async def test_unreachable_reply_addresses_hold_a_bounded_number_of_sockets(
+    spawn_daemon: SpawnDaemon, spawn_worker: SpawnWorker
+) -> None:
+    """Requests naming 100 reply addresses nobody listens on: the worker keeps at most
+    MAX_PEERS sockets (each a file descriptor and a reconnecting connection), and a
+    request with a live reply address is still served."""
+    daemon = await spawn_daemon("m0", device_blocks=64)
+    worker = await spawn_worker("w0", daemon.address, admin_token="t")
+    gw = Gateway(worker.endpoints["requests"])
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+    try:
+        for i in range(100):
+            await gw.requests.send(
+                wp.Generate(f"lost{i}", prompt(8, i), one, f"tcp://127.0.0.1:{40000 + i}")
+            )
+        await gw.generate("live", prompt(8, 1), one)
+        assert tokens((await gw.collect({"live"}))["live"])
+        status = await admin_call(worker.endpoints["control"], "t", "status")
+        assert status.ok and status.result["peers"] <= MAX_PEERS, status.result
+    finally:
+        gw.close()
