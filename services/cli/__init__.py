@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import fuzz as bench_fuzz
     from bench import handoff as bench_handoff
     from bench import mempool as bench_mempool
+    from bench import security as bench_security
     from bench import serve as bench_serve
 
     bench_engine.add_parser(bench_sub)
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_serve.add_parser(bench_sub)
     bench_handoff.add_parser(bench_sub)
     bench_fuzz.add_parser(bench_sub)
+    bench_security.add_parser(bench_sub)
     return parser
 
 
