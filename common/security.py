@@ -27,6 +27,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -163,13 +164,15 @@ _public_sockets = itertools.count()
 
 def install(pair: KeyPair) -> None:
     """Make ``pair`` this process's cluster key and start its ZAP handler. Installing the
-    same key again is a no-op; another key replaces it (sockets already made keep theirs)."""
+    same key again is a no-op; another one is refused (``SecurityError``): a process is a
+    member of one cluster, and a silent swap would lock it out of the peers it has."""
     global _installed
     with _lock:
         if _installed is not None and _installed.pid == os.getpid():
-            if _installed.pair == pair:
-                return
-            _installed.pair = pair
+            if _installed.pair != pair:
+                raise SecurityError(
+                    "this process already holds another cluster key (one cluster per process)"
+                )
             return
         # The context every socket comes from (common.sockets.get_context): ZAP is per context.
         handler = _ZapHandler(zmq.asyncio.Context.instance())
@@ -186,6 +189,23 @@ def uninstall() -> None:
         _installed = None
 
 
+def _ensure_handler() -> None:
+    """Keep the ZAP handler answering: a dead handler thread, or a process-wide context
+    that was replaced, would leave every new server socket refusing all (fail closed)."""
+    with _lock:
+        inst = _installed
+        if inst is None:
+            return
+        context = zmq.asyncio.Context.instance()
+        if inst.handler.is_alive() and inst.handler.context is context:
+            return
+        log.error("ZAP handler gone; starting another", alive=inst.handler.is_alive())
+        with contextlib.suppress(Exception):
+            inst.handler.stop()
+        inst.handler = _ZapHandler(context)
+        inst.handler.start()
+
+
 def installed_key() -> KeyPair | None:
     if _installed is None or _installed.pid != os.getpid():
         return None  # a forked child has no ZAP thread: it must install again
@@ -199,6 +219,7 @@ def cluster_key() -> KeyPair:
             "this process has no cluster key installed: a cluster socket cannot be made "
             "(services load it from [cluster] key_file / MEMSERVE_CLUSTER__*)"
         )
+    _ensure_handler()
     return pair
 
 
@@ -319,6 +340,7 @@ class _ZapHandler(threading.Thread):
 
     def __init__(self, context: zmq.Context[Any]) -> None:
         super().__init__(name="memserve-zap", daemon=True)
+        self.context = context
         self._sock: zmq.Socket[bytes] = context.socket(zmq.REP, socket_class=zmq.Socket)
         self._sock.linger = 0
         self._sock.bind(_ZAP_ENDPOINT)  # before start(): bound by the time install returns

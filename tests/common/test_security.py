@@ -249,3 +249,13 @@ async def test_without_a_zap_handler_every_client_is_refused() -> None:
             sock.close()
         finally:
             security.install(pair)
+
+
+def test_a_process_holds_one_cluster_key() -> None:
+    """Installing another key is refused: a silent swap would lock the process out of the
+    peers it already talks to (a launcher started from a member keeps that member's key)."""
+    held = security.cluster_key()
+    security.install(held)  # the same again: nothing happens
+    with pytest.raises(security.SecurityError, match="another cluster key"):
+        security.install(security.KeyPair.generate())
+    assert security.cluster_key() == held

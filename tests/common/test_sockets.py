@@ -11,8 +11,10 @@ import torch
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from common import sockets
 from common.codec import Decoder, encode
 from common.errors import ErrorKind
+from common.logging import Throttled
 from common.sockets import (
     CONTROL_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -186,6 +188,31 @@ async def test_malformed_request_gets_error_reply_and_server_keeps_serving() -> 
         wrong_type.close()
         server.close()
     await asyncio.wait_for(serving, 5)
+
+
+async def test_a_flood_of_malformed_requests_writes_a_few_warning_lines(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each malformed request is still answered, but the log gets the throttle's burst and
+    then silence (common.sockets.warn): a peer cannot flood the log."""
+    # A throttle of this test's own: the process-wide one may have spent its burst.
+    monkeypatch.setattr(sockets, "warn", Throttled(sockets.log, burst=3, interval_s=3600))
+    server = RpcServer(ANY_PORT, Double, Doubled)
+    serving = asyncio.create_task(server.serve(double))
+    raw = raw_socket(zmq.DEALER)
+    raw.connect(server.address)
+    try:
+        for i in range(40):
+            await raw.send_multipart([(i).to_bytes(8, "big"), b"\xc1garbage"])
+            reply = await asyncio.wait_for(raw.recv_multipart(), 5)
+            assert reply[1] == b"\x01"
+    finally:
+        raw.close()
+        server.close()
+    await asyncio.wait_for(serving, 5)
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).splitlines()
+    assert sum("malformed rpc request" in line for line in lines) == 3
 
 
 async def test_handler_exception_becomes_rpc_error() -> None:
