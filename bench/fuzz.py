@@ -166,18 +166,10 @@ async def fuzz_cluster(cluster: Any, messages: int, seed: int) -> dict[str, Any]
 async def unharmed(cluster: Any, reference: list[int] | None) -> dict[str, Any]:
     """Every process alive, a request served (with `reference`'s tokens when given), every
     daemon intact."""
-    from common.client import GatewayClient
     from common.mempool_client import MempoolClient
-    from common.sampling import SamplingParams
 
     dead = [iid for iid, c in cluster.children.items() if not c.alive]
-    client = GatewayClient(cluster.gateway, timeout_s=30)
-    try:
-        tokens = (
-            await client.complete([1, *range(40, 60)], SamplingParams(max_tokens=8))
-        ).token_ids
-    finally:
-        client.close()
+    tokens = await reference_tokens(cluster)
     intact: dict[str, str] = {}
     for iid, child in cluster.children.items():
         if child.spec.kind == "mempool":
@@ -195,27 +187,40 @@ async def unharmed(cluster: Any, reference: list[int] | None) -> dict[str, Any]:
     }
 
 
-async def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from common.client import GatewayClient
-    from common.sampling import SamplingParams
-    from services.launcher.config import load
-    from services.launcher.supervisor import Cluster
+PROMPT = [1, *range(40, 60)]
 
-    settings = load(
+
+def settings(mode: str, run_dir: str) -> Any:
+    """A small cluster of `mode`, not restarting what dies (a death must show)."""
+    from services.launcher.config import load
+
+    return load(
         None,
         {
-            "cluster": {"mode": args.mode, "run_dir": ".memserve/fuzz", "restart": False},
-            "mempool": {"device_blocks": 256, "tensor_memory_bytes": 1 << 20},
+            "cluster": {"mode": mode, "run_dir": run_dir, "restart": False},
+            "worker": {"engine": {"num_threads": 1}},
+            "mempool": {"device_blocks": 64, "tensor_memory_bytes": 1 << 20},
         },
     )
-    async with Cluster(settings) as cluster:
-        client = GatewayClient(cluster.gateway, timeout_s=30)
-        try:
-            reference = (
-                await client.complete([1, *range(40, 60)], SamplingParams(max_tokens=8))
-            ).token_ids
-        finally:
-            client.close()
+
+
+async def reference_tokens(cluster: Any) -> list[int]:
+    """The greedy tokens of `PROMPT` on the cluster before any fuzzing."""
+    from common.client import GatewayClient
+    from common.sampling import SamplingParams
+
+    client = GatewayClient(cluster.gateway, timeout_s=30)
+    try:
+        return (await client.complete(PROMPT, SamplingParams(max_tokens=8))).token_ids
+    finally:
+        client.close()
+
+
+async def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from services.launcher.supervisor import Cluster
+
+    async with Cluster(settings(args.mode, ".memserve/fuzz")) as cluster:
+        reference = await reference_tokens(cluster)
         sockets = await fuzz_cluster(cluster, args.messages, args.seed)
         after = await unharmed(cluster, reference)
     return {"mode": args.mode, "messages": args.messages, "sockets": sockets, "after": after}

@@ -15,9 +15,11 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Protocol
 
+from common import security
 from common.logging import get_logger, setup_logging
 from common.protocol.ready import Failed, Ready
 from common.ready import signal_ready
+from common.security import ClusterKeyConfig
 
 log = get_logger(__name__)
 
@@ -78,6 +80,12 @@ def _failure(task: asyncio.Task[None]) -> BaseException | None:
     if not task.done() or task.cancelled():
         return None
     return task.exception()
+
+
+def lock_process(key: ClusterKeyConfig) -> None:
+    """Install the cluster key `key` names, before the service makes any socket (raises
+    `SecurityError` when there is none, or it is unreadable)."""
+    security.install(security.load_key(key))
 
 
 def run_main(kind: str, log_level: str, main: Coroutine[Any, Any, None]) -> None:

@@ -10,32 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.fuzz import PEERS, fuzz_cluster, unharmed
-from common.client import GatewayClient
-from common.sampling import SamplingParams
-from services.launcher.config import load
+from bench.fuzz import PEERS, fuzz_cluster, reference_tokens, settings, unharmed
 from services.launcher.supervisor import Cluster
 
 pytestmark = pytest.mark.integration
 
 
 async def test_every_socket_survives_malformed_messages(tmp_path: Path) -> None:
-    settings = load(
-        None,
-        {
-            "cluster": {"mode": "pd-basic", "run_dir": str(tmp_path / "run"), "restart": False},
-            "worker": {"engine": {"num_threads": 1}},
-            "mempool": {"device_blocks": 64, "tensor_memory_bytes": 1 << 20},
-        },
-    )
-    async with Cluster(settings) as cluster:
-        client = GatewayClient(cluster.gateway, timeout_s=30)
-        try:
-            reference = (
-                await client.complete([1, *range(40, 60)], SamplingParams(max_tokens=8))
-            ).token_ids
-        finally:
-            client.close()
+    async with Cluster(settings("pd-basic", str(tmp_path / "run"))) as cluster:
+        reference = await reference_tokens(cluster)
         sockets = await fuzz_cluster(cluster, messages=200, seed=1)
         after = await unharmed(cluster, reference)
     kinds = {name.split(".")[1] for name in sockets}

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -223,3 +227,35 @@ async def test_an_outsider_generate_streams_nothing(cluster: Cluster) -> None:
             await member.send(wp.Generate("member-gen", PROMPT, ONE, replies.address, False))
             chunk: Any = await asyncio.wait_for(replies.recv(), 30)
             assert chunk.request_id == "member-gen" and not chunk.error
+
+
+def run_service(kind: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MEMSERVE_CLUSTER__")}
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", kind],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_a_service_without_a_key_refuses_to_start(tmp_path: Path) -> None:
+    done = run_service("mempool", {})
+    assert done.returncode == 1 and "no cluster key" in done.stderr, done.stderr[-500:]
+    loose = tmp_path / "cluster.key"
+    security.write_key_file(loose)
+    loose.chmod(0o644)
+    done = run_service("mempool", {"MEMSERVE_CLUSTER__KEY_FILE": str(loose)})
+    assert done.returncode == 1 and "chmod 600" in done.stderr, done.stderr[-500:]
+
+
+def test_a_gateway_off_loopback_refuses_to_serve_clients_plain() -> None:
+    done = run_service(
+        "gateway",
+        {
+            "MEMSERVE_CLUSTER__KEY_FILE": os.environ["MEMSERVE_CLUSTER__KEY_FILE"],
+            "MEMSERVE_GATEWAY__ADDRESS": "tcp://0.0.0.0:0",
+        },
+    )
+    assert done.returncode == 1 and "client_key_file" in done.stderr, done.stderr[-500:]

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
-from common import security
 from common.config import SharedFile, load_config
-from common.service_main import Service, run_main, run_service
+from common.service_main import Service, lock_process, run_main, run_service
 from services.mempool.config import MempoolConfig
 from services.mempool.service import MempoolDaemon
 
@@ -21,17 +20,10 @@ def load(path: str | None) -> MempoolConfig:
     return load_config(MempoolSettings, path).mempool.validate()
 
 
-def load_with_key(path: str | None) -> MempoolConfig:
-    """The service's table, after installing the cluster key the file or environment
-    names (every socket the service makes is locked with it)."""
-    settings = load_config(MempoolSettings, path)
-    cfg = settings.mempool.validate()
-    security.install(security.load_key(settings.cluster))
-    return cfg
-
-
 def main(config_path: str | None, ready_address: str | None = None) -> None:
-    cfg = load_with_key(config_path)
+    settings = load_config(MempoolSettings, config_path)
+    cfg = settings.mempool.validate()
+    lock_process(settings.cluster)  # every socket it makes is locked with this key
 
     async def start() -> tuple[Service, dict[str, str]]:
         daemon = MempoolDaemon(cfg)

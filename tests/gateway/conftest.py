@@ -1,5 +1,6 @@
-"""A real colocated instance for the gateway to serve from: a MemPool daemon and a worker
-process on it, with a stand-in scheduler that places every request there."""
+"""Fixtures of the gateway tests: a stand-in scheduler (`sched`), a stand-in colocated
+worker it places everything on (`worker`), and a real colocated instance (`cluster`): a
+MemPool daemon and a worker process on it, with a stand-in scheduler placing there."""
 
 from __future__ import annotations
 
@@ -10,7 +11,22 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.daemons import Daemon, Proc, SpawnDaemon, SpawnWorker
-from tests.gateway.harness import FakeScheduler
+from tests.gateway.harness import FakeScheduler, FakeWorker
+
+
+@pytest.fixture
+async def sched() -> AsyncIterator[FakeScheduler]:
+    s = FakeScheduler()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def worker(sched: FakeScheduler) -> AsyncIterator[FakeWorker]:
+    w = FakeWorker("w0")
+    sched.colocated(w)
+    yield w
+    w.close()
 
 
 @pytest.fixture

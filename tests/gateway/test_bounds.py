@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
 
 import pytest
 import zmq
@@ -34,21 +33,6 @@ from tests.raw import raw_socket
 pytestmark = pytest.mark.integration
 
 PARAMS = SamplingParams(max_tokens=8)
-
-
-@pytest.fixture
-async def sched() -> AsyncIterator[FakeScheduler]:
-    s = FakeScheduler()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def worker(sched: FakeScheduler) -> AsyncIterator[FakeWorker]:
-    w = FakeWorker("w0")
-    sched.colocated(w)
-    yield w
-    w.close()
 
 
 async def answer(w: FakeWorker, text: str = "ok") -> str:

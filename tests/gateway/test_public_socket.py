@@ -6,7 +6,6 @@ A client with the published server key is served; one without it, or unlisted, i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,21 +37,6 @@ def test_the_lock_follows_the_address(tmp_path: Path) -> None:
     assert lock.allowed_clients is None
     with pytest.raises(ValueError, match="client_curve"):
         GatewayConfig(client_curve="maybe").validate()
-
-
-@pytest.fixture
-async def sched() -> AsyncIterator[FakeScheduler]:
-    s = FakeScheduler()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
-async def worker(sched: FakeScheduler) -> AsyncIterator[FakeWorker]:
-    w = FakeWorker("w0")
-    sched.colocated(w)
-    yield w
-    w.close()
 
 
 async def answer(w: FakeWorker) -> None:

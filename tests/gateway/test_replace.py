@@ -33,13 +33,6 @@ PARAMS = SamplingParams(max_tokens=8)
 
 
 @pytest.fixture
-async def sched() -> AsyncIterator[FakeScheduler]:
-    s = FakeScheduler()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
 async def workers() -> AsyncIterator[tuple[FakeWorker, FakeWorker]]:
     a, b = FakeWorker("w0"), FakeWorker("w1")
     yield a, b

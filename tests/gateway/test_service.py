@@ -38,13 +38,6 @@ PARAMS = SamplingParams(max_tokens=8)
 
 
 @pytest.fixture
-async def sched() -> AsyncIterator[FakeScheduler]:
-    s = FakeScheduler()
-    yield s
-    await s.close()
-
-
-@pytest.fixture
 async def workers() -> AsyncIterator[tuple[FakeWorker, FakeWorker]]:
     a, b = FakeWorker("prefill-0"), FakeWorker("decode-0")
     yield a, b
