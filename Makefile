@@ -31,8 +31,10 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Two workers, a test file each at a time (module fixtures start once; ports are all bound
+# to 0 and files live in tmp folders, so files never clash): most tests wait on processes.
 unit: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
 

@@ -240,18 +240,21 @@ def run_service(kind: str, env: dict[str, str]) -> subprocess.CompletedProcess[s
     )
 
 
-def test_a_service_without_a_key_refuses_to_start(tmp_path: Path) -> None:
-    done = run_service("mempool", {})
+async def test_a_service_without_a_key_refuses_to_start(tmp_path: Path) -> None:
+    done = await asyncio.to_thread(run_service, "mempool", {})
     assert done.returncode == 1 and "no cluster key" in done.stderr, done.stderr[-500:]
     loose = tmp_path / "cluster.key"
     security.write_key_file(loose)
     loose.chmod(0o644)
-    done = run_service("mempool", {"MEMSERVE_CLUSTER__KEY_FILE": str(loose)})
+    done = await asyncio.to_thread(
+        run_service, "mempool", {"MEMSERVE_CLUSTER__KEY_FILE": str(loose)}
+    )
     assert done.returncode == 1 and "chmod 600" in done.stderr, done.stderr[-500:]
 
 
-def test_a_gateway_off_loopback_refuses_to_serve_clients_plain() -> None:
-    done = run_service(
+async def test_a_gateway_off_loopback_refuses_to_serve_clients_plain() -> None:
+    done = await asyncio.to_thread(
+        run_service,
         "gateway",
         {
             "MEMSERVE_CLUSTER__KEY_FILE": os.environ["MEMSERVE_CLUSTER__KEY_FILE"],
