@@ -114,6 +114,21 @@ class ClientBlocks:
         self._code[np.asarray(ids, dtype=np.intp)] = 0
         self._count -= len(ids)
 
+    # ------------------------------------------------------------ split mode
+    def split(self, g: int) -> None:
+        """Block b becomes sub-blocks b*g .. b*g+g-1, each owned as b was (see allocator)."""
+        self._code = np.repeat(self._code, g)
+        self._scratch = np.zeros(len(self._code), dtype=np.intp)
+        self._count *= g
+
+    def merge(self, g: int) -> None:
+        """Undo `split(g)`; the caller checked every aligned run of g has one owner."""
+        runs = self._code.reshape(-1, g)
+        assert (runs == runs[:, :1]).all(), "merge of sub-blocks with several owners"
+        self._code = runs[:, 0].copy()
+        self._scratch = np.zeros(len(self._code), dtype=np.intp)
+        self._count //= g
+
     def _code_of(self, owner: str) -> int:
         code = self._codes.get(owner)
         if code is not None:

@@ -167,6 +167,73 @@ class MemPool:
         except ValueError as exc:
             raise MemPoolError(str(exc)) from None
 
+    # ------------------------------------------------------- split mode (KunServe)
+    @property
+    def split_factor(self) -> int:
+        return self.alloc[Tier.DEVICE].split_factor
+
+    def split(self, g: int) -> None:
+        """Device blocks of L layers become g sub-blocks of L/g layers each, in place (see
+        `BlockAllocator.split`); client ownership carries over to every sub-block.
+
+        The device index is emptied first (its unpinned blocks are demoted or dropped) and
+        stays read-only while split: device inserts are refused and matches do not promote.
+        Refused, nothing changed, while a transfer uses device blocks or a match pins device
+        index blocks; refused after evicting when the device index could not be emptied."""
+        alloc = self.alloc[Tier.DEVICE]
+        if g < 1 or alloc.split_factor != 1:
+            raise MemPoolError(f"cannot split into {g}: split factor is {alloc.split_factor}")
+        if self.busy:
+            raise MemPoolError(f"cannot split: {len(self.busy)} device blocks in transfer")
+        if self.tree.pinned_blocks[Tier.DEVICE]:
+            raise MemPoolError(
+                f"cannot split: {self.tree.pinned_blocks[Tier.DEVICE]} device index blocks pinned"
+            )
+        while self.tree.num_blocks[Tier.DEVICE]:
+            if not self.evict(self.tree.num_blocks[Tier.DEVICE], Tier.DEVICE):
+                raise MemPoolError("cannot split: the device index could not be emptied")
+        alloc.split(g)
+        self.client[Tier.DEVICE].split(g)
+
+    def merge(self) -> None:
+        """Back to whole device blocks; refused, nothing changed, while a transfer uses
+        device blocks or unless every aligned run of sub-blocks is all free or all held by
+        one client (`BlockAllocator.merge`)."""
+        alloc, client = self.alloc[Tier.DEVICE], self.client[Tier.DEVICE]
+        if self.busy:
+            raise MemPoolError(f"cannot merge: {len(self.busy)} device blocks in transfer")
+        g = alloc.split_factor
+        try:
+            alloc.merge(client.get)
+        except ValueError as exc:
+            raise MemPoolError(str(exc)) from None
+        client.merge(g)
+
+    def alloc_aligned(self, n: int, owner: str = "") -> list[list[int]]:
+        """n whole blocks' worth of device sub-blocks (runs of `split_factor`, aligned), for
+        `owner`; refused (OutOfMemory), nothing allocated, when too few runs are free."""
+        try:
+            runs = self.alloc[Tier.DEVICE].allocate_aligned(n)
+        except ValueError as exc:
+            raise OutOfMemory(str(exc)) from None
+        self.client[Tier.DEVICE].give([b for run in runs for b in run], owner)
+        return runs
+
+    def shrink(self, target: int) -> list[int]:
+        """Lower the device ceiling to `target` (`BlockAllocator.shrink`); returns the
+        client blocks at or above it, for their owners to move. Index blocks above it go
+        when evicted; `pending_shrink` is empty once all of them are free."""
+        try:
+            live = self.alloc[Tier.DEVICE].shrink(target)
+        except ValueError as exc:
+            raise MemPoolError(str(exc)) from None
+        held = self.client[Tier.DEVICE].held(live)
+        return [b for b, h in zip(live, held, strict=True) if h]
+
+    @property
+    def pending_shrink(self) -> list[int]:
+        return self.alloc[Tier.DEVICE].pending_shrink
+
     def release_owner(self, owner: str) -> int:
         """Free every client block and drop every handle of `owner` (a client that died).
         Blocks a transfer is still using pass to `ORPHAN` and are freed when it ends."""
@@ -235,6 +302,8 @@ class MemPool:
         for i, node in enumerate(path):
             if node.tier == Tier.DEVICE:
                 continue
+            if self.split_factor != 1:  # the device index is read-only while split
+                return i
             n = node.num_blocks
             if not self._make_room(Tier.DEVICE, n, strict=False):
                 return i
@@ -268,6 +337,8 @@ class MemPool:
         With `pin_owner`, the indexed path is also pinned for that owner, as a `match` with
         `promote` would pin it (host-tier nodes are brought to the device; the pin ends
         where that is impossible): `handle` and `index_block_ids` are that pin's."""
+        if tier == Tier.DEVICE and self.split_factor != 1:
+            raise MemPoolError("the device index is read-only while split")
         data = as_token_bytes(tokens)
         bs = self.block_size
         ntok = len(data) // 4
@@ -513,6 +584,8 @@ class MemPool:
             return "unknown id"
         if self.alloc[tier].is_free(block):
             return "free"
+        if block in self.alloc[tier].retired_ids():
+            return "retired (above the shrink ceiling)"
         return "owned by the index"
 
     def stats(self) -> PoolStats:
@@ -536,7 +609,8 @@ class MemPool:
             index[node.tier].extend(node.blocks)
         for tier in Tier:
             alloc = self.alloc[tier]
-            free = alloc.free_ids()
+            alloc.check_integrity()
+            free = alloc.free_ids() | alloc.retired_ids()  # retired: free above the ceiling
             self.client[tier].check()
             client = set(self.client[tier])
             idx = index[tier]
