@@ -7,6 +7,9 @@ import itertools
 from typing import Any
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from services.mempool.pool import MemPool, MemPoolError, OutOfMemory
 from services.mempool.prompt_tree import Tier
@@ -144,3 +147,121 @@ def test_shrink_leaves_index_blocks_above_until_evicted() -> None:
     assert pool.evict(1) == 1
     assert pool.pending_shrink == [] and pool.alloc[Tier.DEVICE].capacity == 2
     pool.check_integrity()
+
+
+# ---------------------------------------------------------------- properties
+class PoolSplitMachine(RuleBasedStateMachine):
+    """Random alloc / free / cache / match / split / merge / aligned alloc / shrink / grow
+    against a model of device client ownership, with `check_integrity` after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool, _ = make_pool(device=6, host=3, device_max_blocks=10)
+        self.owner: dict[int, str] = {}
+        self.handles: list[int] = []
+
+    @rule(n=st.integers(0, 3), who=st.sampled_from("abc"))
+    def alloc(self, n: int, who: str) -> None:
+        try:
+            ids = self.pool.alloc_mem(n, owner=who)
+        except OutOfMemory:
+            return
+        self.owner.update(dict.fromkeys(ids, who))
+
+    @precondition(lambda self: self.owner)
+    @rule(data=st.data())
+    def free(self, data: st.DataObject) -> None:
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.owner)), unique=True))
+        self.pool.free_mem(ids)
+        for b in ids:
+            del self.owner[b]
+
+    @rule(tokens=st.lists(st.integers(0, 1), min_size=1, max_size=9))
+    def cache(self, tokens: list[int]) -> None:
+        try:
+            ids = self.pool.alloc_mem(-(-len(tokens) // BS), owner="req")
+        except OutOfMemory:
+            return
+        if self.pool.split_factor != 1:
+            refused(self.pool, lambda: self.pool.insert(tokens, ids), "read-only")
+            self.pool.free_mem(ids)
+            return
+        self.pool.insert(tokens, ids)
+
+    @rule(tokens=st.lists(st.integers(0, 1), min_size=4, max_size=9), promote=st.booleans())
+    def match(self, tokens: list[int], promote: bool) -> None:
+        m = self.pool.match(tokens, promote=promote)
+        if m.handle:
+            self.handles.append(m.handle)
+
+    @precondition(lambda self: self.handles)
+    @rule()
+    def release(self) -> None:
+        self.pool.release(self.handles.pop())
+
+    @rule(g=st.integers(0, 3))
+    def split(self, g: int) -> None:
+        pool = self.pool
+        if g < 1 or pool.split_factor != 1 or pool.tree.pinned_blocks[Tier.DEVICE]:
+            refused(pool, lambda: pool.split(g), "cannot split")
+            return
+        pool.split(g)
+        self.owner = {b * g + j: o for b, o in self.owner.items() for j in range(g)}
+
+    @rule()
+    def merge(self) -> None:
+        pool, g = self.pool, self.pool.split_factor
+        a = pool.alloc[Tier.DEVICE]
+        ok = g != 1 and not a.capacity % g and not a.ceiling % g
+        free, retired = a.free_ids(), a.retired_ids()
+        for s in range(0, a.capacity, g) if ok else ():
+            kinds = {
+                "f" if b in free else "r" if b in retired else self.owner[b]
+                for b in range(s, s + g)
+            }
+            ok = ok and len(kinds) == 1
+        if not ok:
+            refused(pool, pool.merge, "cannot merge")
+            return
+        pool.merge()
+        self.owner = {b // g: o for b, o in self.owner.items() if b % g == 0}
+
+    @rule(n=st.integers(0, 2), who=st.sampled_from("ab"))
+    def alloc_aligned(self, n: int, who: str) -> None:
+        try:
+            runs = self.pool.alloc_aligned(n, owner=who)
+        except OutOfMemory:
+            return
+        for run in runs:
+            self.owner.update(dict.fromkeys(run, who))
+
+    @rule(data=st.data())
+    def shrink(self, data: st.DataObject) -> None:
+        a = self.pool.alloc[Tier.DEVICE]
+        target = data.draw(st.integers(0, a.ceiling + 1))
+        if target > a.ceiling:
+            refused(self.pool, lambda: self.pool.shrink(target), "cannot shrink")
+            return
+        assert self.pool.shrink(target) == sorted(b for b in self.owner if b >= target)
+
+    @rule(data=st.data())
+    def grow(self, data: st.DataObject) -> None:
+        a = self.pool.alloc[Tier.DEVICE]
+        cap = data.draw(st.integers(a.ceiling, a.max_blocks + 1))
+        if cap > a.max_blocks:
+            refused(self.pool, lambda: self.pool.grow(cap), "can grow")
+            return
+        self.pool.grow(cap)
+
+    @invariant()
+    def consistent(self) -> None:
+        self.pool.check_integrity()
+        assert dict(self.pool.client[Tier.DEVICE].items()) == self.owner
+        if self.pool.split_factor != 1:
+            assert self.pool.tree.num_blocks[Tier.DEVICE] == 0
+
+
+PoolSplitMachine.TestCase.settings = settings(
+    max_examples=60, stateful_step_count=30, deadline=None
+)
+test_pool_split_machine = PoolSplitMachine.TestCase
