@@ -14,6 +14,11 @@ Every block of a tier is in exactly one state, and `check_integrity` proves it:
 A match pins the matched path until `release`; pinned blocks are never evicted or deleted.
 An allocation that cannot be met evicts unpinned index blocks, least recently used leaves
 first: device blocks are demoted to the host tier when it has room, else dropped.
+
+KunServe split mode (`split` / `merge`, device tier): blocks become sub-blocks of fewer
+layers in place, client ownership carrying over; the device index is emptied first and is
+read-only while split. `shrink` lowers the device ceiling; free blocks above it are
+'retired' (counted with the free ones by `check_integrity`) until the capacity drops.
 """
 
 from __future__ import annotations
