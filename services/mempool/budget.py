@@ -49,7 +49,9 @@ class MemoryBudget:
         `(budget - nbytes) // block_bytes`, never below the current capacity. Refused, with
         nothing changed, if the parameters and the current KV do not fit the budget."""
         if nbytes < 0:
-            raise BudgetError(f"parameter bytes must be >= 0, got {nbytes}", kind=ErrorKind.BAD_REQUEST)
+            raise BudgetError(
+                f"parameter bytes must be >= 0, got {nbytes}", kind=ErrorKind.BAD_REQUEST
+            )
         kv_bytes = current_capacity_blocks * self.block_bytes
         if nbytes + kv_bytes > self.budget:
             raise BudgetError(

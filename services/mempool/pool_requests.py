@@ -99,7 +99,9 @@ class PoolRequests:
         beside them (a report that does not fit is refused by `MemoryBudget`, unchanged)."""
         if self.budget is None:
             if req.nbytes < 0:
-                raise BudgetError(f"parameter bytes must be >= 0, got {req.nbytes}", kind=ErrorKind.BAD_REQUEST)
+                raise BudgetError(
+                    f"parameter bytes must be >= 0, got {req.nbytes}", kind=ErrorKind.BAD_REQUEST
+                )
             self._reported_params = req.nbytes
         else:
             current = self.pool.alloc[Tier.DEVICE].capacity

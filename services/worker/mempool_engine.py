@@ -148,7 +148,14 @@ class MempoolEngine(AsyncEngine):
                     else KVCache.from_buffer(layout, kv, n)
                 )
                 engine = Engine(model, cache, sized, BlockPool())
-            await _report_params(client, engine.model, mempool_address)
+            try:
+                await _report_params(client, engine.model, mempool_address)
+            except MemServeError:
+                del engine, kv  # views of the region: drop them before unmapping it
+                gc.collect()
+                with contextlib.suppress(BufferError):
+                    region.close()
+                raise
             out = cls(
                 engine,
                 client,
