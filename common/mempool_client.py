@@ -147,6 +147,11 @@ class MempoolClient:
     async def check_integrity(self) -> mp.IntegrityReply:
         return await self._ask(mp.CheckIntegrity(), mp.IntegrityReply)
 
+    async def set_params(self, nbytes: int) -> mp.BudgetReply:
+        """Report the worker's resident parameter bytes; refused (REFUSED) if they do not
+        fit the instance's budget beside its KV capacity."""
+        return await self._ask(mp.SetParams(nbytes), mp.BudgetReply)
+
     async def info(self) -> mp.InfoReply:
         return await self._ask(mp.Info(), mp.InfoReply)
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.codec import DTYPE_BYTES
+
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -84,6 +86,19 @@ class ModelConfig:
         """Final norm + lm_head (zero lm_head parameters when tied to the embedding)."""
         lm_head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.hidden_size + lm_head
+
+    def param_count(self) -> int:
+        """Parameters of the whole model: embedding, every layer, final norm and lm_head."""
+        return (
+            self.embed_param_count()
+            + self.num_layers * self.layer_param_count()
+            + self.head_param_count()
+        )
+
+    def param_bytes(self, dtype: str) -> int:
+        """Bytes of the whole model's parameters in `dtype` (a wire dtype name): an upper
+        bound of what any worker of this model holds (a pipeline stage holds fewer)."""
+        return self.param_count() * DTYPE_BYTES[dtype]
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], *, source: str = "config.json") -> ModelConfig:

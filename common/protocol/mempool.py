@@ -110,6 +110,15 @@ class Grow(msgspec.Struct, tag=True, frozen=True):
     device_blocks: int
 
 
+class SetParams(msgspec.Struct, tag=True, frozen=True):
+    """The worker's resident parameter bytes (at attach). With a budget the daemon sets its
+    KV capacity to `(budget - nbytes) // block_bytes` (grow only); a report that does not
+    fit beside the current KV is refused (REFUSED) and changes nothing. Answered by
+    `BudgetReply`."""
+
+    nbytes: int
+
+
 class ReleaseOwner(msgspec.Struct, tag=True, frozen=True):
     owner: str
 
@@ -231,6 +240,7 @@ MempoolRequest = (
     | Transfer
     | TransferWithInsert
     | Grow
+    | SetParams
     | ReleaseOwner
     | Evict
     | Stats
@@ -327,6 +337,17 @@ class StatsReply(msgspec.Struct, tag=True, frozen=True):
     # A fresh id per daemon process: a worker that sees it change knows its daemon was
     # restarted (its leases and region mapping are gone). "" from older daemons.
     incarnation: str = ""
+    budget_bytes: int = 0  # the instance's memory budget; 0: none (older daemons too)
+    param_bytes: int = 0  # resident parameter bytes (the worker's report, else an estimate)
+
+
+class BudgetReply(msgspec.Struct, tag=True, frozen=True):
+    """How the instance's memory is split: parameters + KV device tier <= budget."""
+
+    budget_bytes: int  # 0: no budget
+    param_bytes: int
+    device_blocks: int  # KV capacity after the call
+    block_bytes: int
 
 
 class IntegrityReply(msgspec.Struct, tag=True, frozen=True):
@@ -346,6 +367,8 @@ class InfoReply(msgspec.Struct, tag=True, frozen=True):
     events: str  # address of the KV-event PUB socket
     transports: list[str]
     incarnation: str = ""  # as in StatsReply
+    budget_bytes: int = 0  # as in StatsReply
+    param_bytes: int = 0  # as in StatsReply
 
 
 class IndexRun(msgspec.Struct, frozen=True, array_like=True):
@@ -400,6 +423,7 @@ MempoolReply = (
     | Prepared
     | Committed
     | StatsReply
+    | BudgetReply
     | IntegrityReply
     | InfoReply
     | IndexSnapshotReply

@@ -21,6 +21,13 @@ def add_parser(sub: Any) -> None:
     info.add_argument("model", help="embedded preset (tiny, small) or a Hugging Face folder")
     info.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     info.add_argument("--block-size", type=int, default=16)
+    info.add_argument(
+        "--budget-bytes",
+        type=int,
+        default=0,
+        help="an instance's memory budget (mempool.budget_bytes): print the KV that fits "
+        "beside the parameters",
+    )
     info.set_defaults(func=run)
 
 
@@ -36,9 +43,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, args.dtype)
     elem = torch.empty((), dtype=dtype).element_size()
     layout = KVLayout.for_model(cfg, args.block_size, dtype)
-    total = (
-        cfg.embed_param_count() + cfg.num_layers * cfg.layer_param_count() + cfg.head_param_count()
-    )
+    total = cfg.param_count()
     rows = [
         ("folder", str(folder)),
         ("architecture", cfg.architecture),
@@ -57,7 +62,22 @@ def run(args: argparse.Namespace) -> int:
         ("parameter bytes per layer", f"{cfg.layer_param_count() * elem:,}"),
         (f"KV bytes per block ({args.block_size} tokens)", f"{layout.bytes_per_block:,}"),
     ]
+    if args.budget_bytes < 0:
+        return fail(f"--budget-bytes must be >= 0, got {args.budget_bytes}")
+    blocks = max(0, args.budget_bytes - total * elem) // layout.bytes_per_block
+    if args.budget_bytes:
+        rows += [
+            ("budget bytes", f"{args.budget_bytes:,}"),
+            ("KV blocks in budget", f"{blocks:,}"),
+            ("KV tokens in budget", f"{blocks * args.block_size:,}"),
+            ("KV bytes in budget", f"{blocks * layout.bytes_per_block:,}"),
+        ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    if args.budget_bytes and not blocks:
+        return fail(
+            f"a budget of {args.budget_bytes:,} bytes holds no KV block beside "
+            f"{total * elem:,} parameter bytes"
+        )
     return 0

@@ -11,6 +11,14 @@ Limits on what peers can make the daemon hold: the control socket accepts frames
 close one that does not complete the data-plane handshake (transport/handshake.py) within
 `data_header_timeout_s`; an authenticated tcp connection that sends no frame for
 `data_idle_timeout_s` is closed too (ucx: its endpoint is aborted).
+
+Memory budget (KunServe, budget.py): `budget_bytes` > 0 gives the instance one budget B
+that its worker's resident parameters and the device tier share (invariant M:
+params + KV capacity <= B). The region then reserves `B // block_bytes` blocks and starts
+with `(B - P) // block_bytes`, P the whole model's parameter bytes from config.json (an
+upper bound: a pipeline stage holds fewer); the worker's `SetParams` at attach corrects P
+and grows the capacity. `device_blocks`, `device_memory_bytes` and `device_max_blocks`
+are then not used. 0 (the default): no budget, the device tier is sized as above.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import msgspec
 
 from common.kv_geometry import KVGeometry
 from common.sockets import DEFAULT_MAX_MESSAGE_BYTES
+from services.mempool.budget import MemoryBudget
 
 
 class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
@@ -36,6 +45,7 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     device_blocks: int | None = None
     device_memory_bytes: int = 256 * 1024 * 1024
     device_max_blocks: int | None = None
+    budget_bytes: int = 0  # > 0: params + KV device tier <= this (see above); 0: no budget
     # Commit and map the device blocks at start rather than at first touch (region.py).
     prefault: bool = True
     host_blocks: int = 0
@@ -67,6 +77,8 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError(f"mempool.block_size must be > 0, got {self.block_size}")
         if self.device_blocks is not None and self.device_blocks <= 0:
             raise ValueError(f"mempool.device_blocks must be > 0, got {self.device_blocks}")
+        if self.budget_bytes < 0:
+            raise ValueError(f"mempool.budget_bytes must be >= 0, got {self.budget_bytes}")
         if self.host_blocks < 0 or self.host_memory_bytes < 0 or self.tensor_memory_bytes < 0:
             raise ValueError("mempool host tier and tensor sizes must be >= 0")
         if not self.transports:
@@ -97,6 +109,19 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     def device_block_count(self, block_bytes: int) -> int:
         """Blocks of the device tier at start: `device_blocks`, else as many as fit."""
         return self.device_blocks or max(1, self.device_memory_bytes // block_bytes)
+
+    def memory_budget(self, block_bytes: int, param_bytes: int) -> MemoryBudget | None:
+        """The instance's budget with `param_bytes` of parameters expected (None without
+        one); refused if that leaves no room for one KV block."""
+        if not self.budget_bytes:
+            return None
+        budget = MemoryBudget(self.budget_bytes, param_bytes, block_bytes)
+        if budget.kv_capacity_blocks() < 1:
+            raise ValueError(
+                f"mempool.budget_bytes = {self.budget_bytes:,} leaves no room for one KV block "
+                f"({block_bytes:,} bytes) beside {param_bytes:,} parameter bytes"
+            )
+        return budget
 
     def rpc_max_message_bytes(self) -> int:
         """The largest frame the control socket accepts: a `PutTensor` carries its tensor as

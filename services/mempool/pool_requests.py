@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from common.errors import ErrorKind
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
+from services.mempool.budget import BudgetError, MemoryBudget
 from services.mempool.pool import MemPool, MemPoolError
 from services.mempool.prompt_tree import Tier, TreeEvent
 from services.mempool.region import ShmRegion
@@ -18,10 +19,23 @@ if TYPE_CHECKING:
 
 
 class PoolRequests:
-    def __init__(self, pool: MemPool, device: ShmRegion | CudaRegion, *, prefault: bool) -> None:
+    def __init__(
+        self,
+        pool: MemPool,
+        device: ShmRegion | CudaRegion,
+        *,
+        prefault: bool,
+        budget: MemoryBudget | None = None,
+    ) -> None:
         self.pool = pool
         self.device = device
         self.prefault = prefault
+        self.budget = budget  # None: no budget, capacity as configured
+        self._reported_params = 0  # without a budget: the worker's report, for display only
+
+    @property
+    def param_bytes(self) -> int:
+        return self.budget.param_bytes if self.budget else self._reported_params
 
     def alloc_mem(self, req: mp.AllocMem) -> mp.Blocks:
         return mp.Blocks(self.pool.alloc_mem(req.n, parse_tier(req.tier), req.owner))
@@ -75,13 +89,47 @@ class PoolRequests:
         return mp.Ok(self.pool.evict(req.n, parse_tier(req.tier)))
 
     def grow(self, req: mp.Grow) -> mp.Ok:
-        n = req.device_blocks
+        if self.budget is not None and (why := self.budget.check(req.device_blocks)):
+            raise BudgetError(f"grow to {req.device_blocks} blocks refused: {why}")
+        self._grow(req.device_blocks)
+        return mp.Ok(req.device_blocks)
+
+    def set_params(self, req: mp.SetParams) -> mp.BudgetReply:
+        """The worker's parameter bytes: with a budget, the KV capacity grows to what fits
+        beside them (a report that does not fit is refused by `MemoryBudget`, unchanged)."""
+        if self.budget is None:
+            if req.nbytes < 0:
+                raise BudgetError(
+                    f"parameter bytes must be >= 0, got {req.nbytes}", kind=ErrorKind.BAD_REQUEST
+                )
+            self._reported_params = req.nbytes
+        else:
+            current = self.pool.alloc[Tier.DEVICE].capacity
+            capacity = self.budget.set_params(req.nbytes, current)
+            if capacity > current:
+                self._grow(capacity)
+        return self.split()
+
+    def split(self) -> mp.BudgetReply:
+        return mp.BudgetReply(
+            budget_bytes=self.budget.budget if self.budget else 0,
+            param_bytes=self.param_bytes,
+            device_blocks=self.pool.alloc[Tier.DEVICE].capacity,
+            block_bytes=self.device.block_bytes,
+        )
+
+    def check_budget(self) -> str:
+        """Invariant M over the pool's device capacity: "" if it holds (or no budget)."""
+        if self.budget is None:
+            return ""
+        return self.budget.check(self.pool.alloc[Tier.DEVICE].capacity)
+
+    def _grow(self, n: int) -> None:
         self.pool.grow(n)  # first: it refuses a bad size before anything changes
         old = self.device.capacity_blocks
         self.device.grow(n)
         if self.prefault:
             self.device.populate(old, n - old)
-        return mp.Ok(n)
 
     def release_owner(self, req: mp.ReleaseOwner) -> mp.Ok:
         return mp.Ok(self.pool.release_owner(req.owner))

@@ -32,6 +32,8 @@ from typing import Any
 from common.auth import check_admin_token
 from common.errors import ErrorKind
 from common.logging import get_logger
+from common.model.config import ModelConfig
+from common.model.presets import resolve_model
 from common.protocol import kv_events as ev
 from common.protocol import mempool as mp
 from common.protocol.admin import AdminReply, AdminRequest
@@ -62,8 +64,14 @@ class MempoolDaemon(ServiceShell):
         super().__init__()
         self.cfg = cfg.validate()
         self.block_bytes = block_bytes or cfg.geometry().block_bytes
-        device = cfg.device_block_count(self.block_bytes)
-        max_blocks = max(device, cfg.device_max_blocks or device)
+        # With a budget it sizes the device tier: reserve what B could hold, start with
+        # what fits beside the model's parameters (the worker's SetParams corrects them).
+        budget = cfg.memory_budget(self.block_bytes, _expected_param_bytes(cfg))
+        if budget is not None:
+            device, max_blocks = budget.kv_capacity_blocks(), budget.max_blocks
+        else:
+            device = cfg.device_block_count(self.block_bytes)
+            max_blocks = max(device, cfg.device_max_blocks or device)
         host = cfg.host_blocks or cfg.host_memory_bytes // self.block_bytes
         self.memory = DaemonMemory(cfg, self.block_bytes, max_blocks, device, host)
         self.device = self.memory.device
@@ -102,7 +110,9 @@ class MempoolDaemon(ServiceShell):
         self.counters = TransferCounters()
         self.peers = Peers()
         self.incoming = IncomingTransfers(self.counters)
-        self.pool_requests = PoolRequests(self.pool, self.device, prefault=cfg.prefault)
+        self.pool_requests = PoolRequests(
+            self.pool, self.device, prefault=cfg.prefault, budget=budget
+        )
         shared = TransferShared(self.peers, self.incoming, self.counters, cfg.host_id)
         self.blocks = BlockTransfers(self.pool, self.kv_plane, shared, block_bytes=self.block_bytes)
         self.tensors = TensorTransfers(
@@ -129,6 +139,7 @@ class MempoolDaemon(ServiceShell):
             mp.Delete: pool.delete,
             mp.Evict: pool.evict,
             mp.Grow: pool.grow,
+            mp.SetParams: pool.set_params,
             mp.ReleaseOwner: pool.release_owner,
             # KV between daemons: sending side, then receiving side
             mp.Transfer: blocks.transfer,
@@ -165,6 +176,8 @@ class MempoolDaemon(ServiceShell):
             address=self.address,
             device_blocks=self.pool.alloc[Tier.DEVICE].capacity,
             block_bytes=self.block_bytes,
+            budget_bytes=self.cfg.budget_bytes,
+            param_bytes=self.pool_requests.param_bytes,
             transports=list(self.kv_plane.transports),
             incarnation=self.incarnation,
         )
@@ -306,6 +319,8 @@ class MempoolDaemon(ServiceShell):
             transfers_failed=self.counters.transfers_failed,
             pending_transfers=len(self.incoming),
             incarnation=self.incarnation,
+            budget_bytes=self.cfg.budget_bytes,
+            param_bytes=self.pool_requests.param_bytes,
         )
 
     def _check_integrity(self, req: mp.CheckIntegrity) -> mp.IntegrityReply:
@@ -314,6 +329,8 @@ class MempoolDaemon(ServiceShell):
             self.tensors.check_integrity()
         except AssertionError as exc:
             return mp.IntegrityReply(ok=False, message=str(exc))
+        if why := self.pool_requests.check_budget():
+            return mp.IntegrityReply(ok=False, message=why)
         return mp.IntegrityReply(ok=True)
 
     def _info(self, req: mp.Info) -> mp.InfoReply:
@@ -329,4 +346,13 @@ class MempoolDaemon(ServiceShell):
             events=self.events.address,
             transports=list(self.kv_plane.transports),
             incarnation=self.incarnation,
+            budget_bytes=self.cfg.budget_bytes,
+            param_bytes=self.pool_requests.param_bytes,
         )
+
+
+def _expected_param_bytes(cfg: MempoolConfig) -> int:
+    """The whole model's parameter bytes from its config.json (only read with a budget)."""
+    if not cfg.budget_bytes:
+        return 0
+    return ModelConfig.from_folder(resolve_model(cfg.model)).param_bytes(cfg.dtype)

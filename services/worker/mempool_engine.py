@@ -148,6 +148,14 @@ class MempoolEngine(AsyncEngine):
                     else KVCache.from_buffer(layout, kv, n)
                 )
                 engine = Engine(model, cache, sized, BlockPool())
+            try:
+                await _report_params(client, engine.model, mempool_address)
+            except MemServeError:
+                del engine, kv  # views of the region: drop them before unmapping it
+                gc.collect()
+                with contextlib.suppress(BufferError):
+                    region.close()
+                raise
             out = cls(
                 engine,
                 client,
@@ -337,6 +345,18 @@ class MempoolEngine(AsyncEngine):
             self.region.close()
         except BufferError:
             log.warning("the KV region is still referenced; it is unmapped at exit")
+
+
+async def _report_params(client: MempoolClient, model: Any, address: str) -> None:
+    """Tell the daemon our resident parameter bytes (its memory budget's other half); a
+    daemon whose budget cannot hold them beside its KV refuses, and so start-up fails."""
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        await client.set_params(nbytes)
+    except RpcError as exc:
+        raise MemServeError(
+            f"mempool {address} refused this worker's {nbytes:,} parameter bytes: {exc}"
+        ) from exc
 
 
 def _attach_region(info: mp.InfoReply) -> Region:
