@@ -34,6 +34,7 @@ import itertools
 import os
 import stat
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -232,11 +233,11 @@ def data_plane_key() -> bytes:
 # --- socket policies ------------------------------------------------------------------------
 
 
-class SocketSecurity:
+class SocketSecurity(ABC):
     """How a socket is locked; applied before it binds or connects."""
 
-    def apply(self, sock: zmq.Socket[Any], *, bind: bool) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def apply(self, sock: zmq.Socket[Any], *, bind: bool) -> None: ...
 
 
 @dataclass(frozen=True)
