@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import pytest
 
 from common.protocol import mempool as mp
@@ -32,26 +31,9 @@ from services.mempool.transport.handshake import (
 )
 from services.mempool.transport.tcp import TcpReceiver, TcpSender
 from tests.daemons import Daemon, SpawnDaemon
+from tests.mempool.regions import BLOCK, BLOCKS, WAIT_S
 
-BLOCK = 64 << 10
-BLOCKS = 8
-WAIT_S = 30.0  # generous bound for "eventually"; never a measured threshold
 OTHER_KEY = os.urandom(32)
-
-
-@pytest.fixture
-def src() -> Any:
-    region = ShmRegion.create(BLOCK, BLOCKS)
-    region.array[:] = np.random.default_rng(5).integers(1, 256, region.array.size, np.uint8)
-    yield region
-    region.close()
-
-
-@pytest.fixture
-def dst() -> Any:
-    region = ShmRegion.create(BLOCK, BLOCKS)
-    yield region
-    region.close()
 
 
 def untouched(region: ShmRegion) -> bool:

@@ -8,9 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
-import numpy as np
 import pytest
 
 from services.mempool.config import MempoolConfig
@@ -18,25 +16,7 @@ from services.mempool.region import ShmRegion
 from services.mempool.transport import CopyRun
 from services.mempool.transport.frame import HEADER_SIZE, Header, Kind
 from services.mempool.transport.tcp import TcpReceiver, TcpSender
-
-BLOCK = 64 << 10
-BLOCKS = 8
-WAIT_S = 30.0  # generous bound for "eventually"; never a measured threshold
-
-
-@pytest.fixture
-def src() -> Any:
-    region = ShmRegion.create(BLOCK, BLOCKS)
-    region.array[:] = np.random.default_rng(2).integers(0, 256, region.array.size, np.uint8)
-    yield region
-    region.close()
-
-
-@pytest.fixture
-def dst() -> Any:
-    region = ShmRegion.create(BLOCK, BLOCKS)
-    yield region
-    region.close()
+from tests.mempool.regions import BLOCK, WAIT_S
 
 
 def connect_from(endpoint: dict[str, str], source: str = "127.0.0.1") -> socket.socket:
