@@ -1,0 +1,175 @@
+"""The "elastic" channel (KunServe): the scheduler forms and dissolves pipeline groups of
+instances by control RPCs to their workers (the worker's control socket, which also
+answers `AdminRequest`), and the group's leader talks to its followers the same way.
+
+    memserve admin elastic drop a,b ──▶ scheduler
+        Prepare ──▶ every member (parallel)   member pauses: no step, nothing admitted
+            ◀── Ready                          (model, layers, budget: checked to agree)
+        Commit  ──▶ followers, then the leader
+            follower: export requests, drop params, split KV, lease it all, serve stage
+            ◀── FollowerCommitted (exported requests, sub-blocks held)
+            leader:   same, then adopt every exported request into its PipelineEngine
+            ◀── GroupServing
+        (any failure or timeout before the leader's commit: Abort ──▶ every member;
+         nothing was irreversible, each member resumes as it was)
+
+    memserve admin elastic restore G ──▶ scheduler ── Restore ──▶ leader
+        leader: pause, plan homes, copy each request's KV home (MemPool transfers and
+        local copies), Dissolve ──▶ each follower (adopt its requests), restore itself
+        ◀── Restored
+
+    a member died: Break ──▶ each survivor (group requests fail; restore from disk)
+
+Group member rank i holds layers [i*L/g, (i+1)*L/g); rank 0 is the leader and also keeps
+the embedding, final norm and lm_head. `epoch` increases with every group the scheduler
+forms; a member refuses a message of another group or epoch than the one it is in.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from common.sampling import SamplingParams
+
+
+class Member(msgspec.Struct, frozen=True, omit_defaults=True):
+    instance_id: str
+    rank: int
+    control: str  # the worker's control RPC
+    address: str  # the worker's request PULL
+    mempool: str  # its MemPool daemon's RPC
+    stage: str = ""  # the worker's stage PULL (from its `Ready`), where hidden states arrive
+
+
+class RequestState(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
+    """A request leaving one engine for another: everything needed to go on with it and
+    give the client exactly the tokens it would have had. Without KV (`block_ids` empty)
+    the adopting engine recomputes prompt + outputs (preemption semantics, same tokens);
+    with KV, `block_ids` are blocks the adopting worker owns holding the K/V of the first
+    `num_computed_tokens` tokens. `output_offset` is the number of output tokens already
+    streamed to `reply_to`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    params: SamplingParams
+    reply_to: str
+    generator_state: bytes = b""  # torch.Generator.get_state() of a sampled request
+    num_cached_tokens: int = 0
+    output_offset: int = 0
+    block_ids: list[int] = msgspec.field(default_factory=list)
+    num_computed_tokens: int = 0
+
+
+class Prepare(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Scheduler -> member: stop stepping and admitting (requests that arrive are queued),
+    answer `Ready`. A member that hears neither `Commit` nor `Abort` within `timeout_s`
+    resumes by itself."""
+
+    token: str
+    group_id: str
+    epoch: int
+    members: list[Member]
+    timeout_s: float = 5.0
+
+
+class Ready(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    instance_id: str
+    model: str
+    num_layers: int
+    param_bytes: int
+    budget_bytes: int
+    block_bytes: int  # of one full (all-layer) KV block
+    stage: str  # the stage PULL this worker bound for the group
+
+
+class Commit(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Scheduler -> member: form the group (members with their `stage` addresses). The
+    leader's commit carries what each follower answered."""
+
+    token: str
+    group_id: str
+    epoch: int
+    members: list[Member]
+    followers: list[FollowerCommitted] = msgspec.field(default_factory=list)
+
+
+class FollowerCommitted(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    instance_id: str
+    requests: list[RequestState]  # what it was serving, for the leader to adopt
+    num_blocks: int  # sub-blocks it holds for the group
+    param_bytes: int  # resident after the drop
+    freed_bytes: int  # parameters it dropped
+
+
+class GroupServing(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    group_id: str
+    num_blocks: int  # group blocks (one sub-block on every member each)
+    block_size: int
+    adopted: int  # requests taken over from the members
+    param_bytes: int
+    freed_bytes: int
+
+
+class Abort(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    token: str
+    group_id: str
+    epoch: int
+
+
+class Restore(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Scheduler -> leader: hand every request home and dissolve the group."""
+
+    token: str
+    group_id: str
+    epoch: int
+
+
+class Restored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    group_id: str
+    moved: int  # requests whose KV went home
+    recomputed: int  # requests sent home without KV (no room): recomputed there
+    moved_bytes: int
+    pause_s: float  # from the leader's last group step to the members serving alone
+
+
+class Dissolve(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> follower at restore (after the KV moves): copy `local_copies` (src, dst
+    sub-block ids in this member's region), keep the sub-blocks of `keep` (whole blocks,
+    in full-block ids), give back the rest, merge, reload the dropped parameters, and
+    adopt `requests` (their `block_ids` are among `keep`)."""
+
+    token: str
+    group_id: str
+    epoch: int
+    local_copies: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    keep: list[int] = msgspec.field(default_factory=list)
+    requests: list[RequestState] = msgspec.field(default_factory=list)
+
+
+class Break(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Scheduler -> surviving member: the group is broken (`reason`: a member died). The
+    leader fails the group's requests; every survivor restores its parameters from local
+    disk, gives the group's KV back and serves alone."""
+
+    token: str
+    group_id: str
+    epoch: int
+    reason: str
+
+
+class Done(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """A member's answer to `Abort`, `Dissolve` and `Break`."""
+
+    instance_id: str
+    param_bytes: int = 0
+
+
+class Refused(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """The member refuses (bad token, unknown or stale group, wrong state); nothing changed."""
+
+    error: str
+
+
+ElasticRequest = Prepare | Commit | Abort | Restore | Dissolve | Break
+ElasticReply = Ready | FollowerCommitted | GroupServing | Restored | Done | Refused
