@@ -100,6 +100,11 @@ class FollowerCommitted(msgspec.Struct, tag=True, frozen=True, omit_defaults=Tru
     num_blocks: int  # sub-blocks it holds for the group
     param_bytes: int  # resident after the drop
     freed_bytes: int  # parameters it dropped
+    # Its sub-block of each group block (group block k = table[k]; the leader uses the
+    # first `num_blocks` of the smallest), and its KV capacity in full blocks before the
+    # drop: what it takes back at the restore.
+    table: list[int] = msgspec.field(default_factory=list)
+    capacity_blocks: int = 0
 
 
 class GroupServing(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -133,16 +138,24 @@ class Restored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     pause_s: float  # from the leader's last group step to the members serving alone
 
 
-class Dissolve(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
-    """Leader -> follower at restore (after the KV moves): copy `local_copies` (src, dst
-    sub-block ids in this member's region), keep the sub-blocks of `keep` (whole blocks,
-    in full-block ids), give back the rest, merge, reload the dropped parameters, and
-    adopt `requests` (their `block_ids` are among `keep`)."""
+class CopyLocal(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> follower at restore: copy sub-blocks inside this member's KV, (src, dst)
+    in order (one round of the move home; the rounds' MemPool transfers are the leader's)."""
 
     token: str
     group_id: str
     epoch: int
-    local_copies: list[tuple[int, int]] = msgspec.field(default_factory=list)
+    copies: list[tuple[int, int]]
+
+
+class Dissolve(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> follower at restore (after the KV moves): keep the sub-blocks of `keep`
+    (whole blocks, in full-block ids), give back the rest, merge, reload the dropped
+    parameters, and adopt `requests` (their `block_ids` are among `keep`)."""
+
+    token: str
+    group_id: str
+    epoch: int
     keep: list[int] = msgspec.field(default_factory=list)
     requests: list[RequestState] = msgspec.field(default_factory=list)
 
@@ -159,7 +172,7 @@ class Break(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
 
 class Done(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
-    """A member's answer to `Abort`, `Dissolve` and `Break`."""
+    """A member's answer to `Abort`, `CopyLocal`, `Dissolve` and `Break`."""
 
     instance_id: str
     param_bytes: int = 0
@@ -171,5 +184,5 @@ class Refused(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     error: str
 
 
-ElasticRequest = Prepare | Commit | Abort | Restore | Dissolve | Break
+ElasticRequest = Prepare | Commit | Abort | Restore | CopyLocal | Dissolve | Break
 ElasticReply = Ready | FollowerCommitted | GroupServing | Restored | Done | Refused
