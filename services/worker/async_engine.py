@@ -23,6 +23,7 @@ from typing import Any
 from common.detokenizer import IncrementalDetokenizer
 from common.errors import InvalidRequestError
 from common.logging import get_logger
+from common.protocol.elastic import RequestState
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer
 from services.worker.engine import Engine, RequestOutput
@@ -50,6 +51,9 @@ class StreamOutput:
     # prefill): what `_on_finished` kept for the hand-off. The caller now owns it and must
     # end it (`KVConnector.send` or `finished_sending`).
     kv_transfer: KvTransfer | None = field(default=None, repr=False)
+    # The request left this engine (`export`) and goes on elsewhere: the stream ends here
+    # without a word to the client (the engine that adopted it streams the rest).
+    moved: bool = False
 
 
 @dataclass
@@ -68,6 +72,8 @@ class _Pending:
     borrowed: Any = None
     # What the caller's hooks need to know about this request (a worker's KV plan).
     context: Any = None
+    # A request taken over from another engine (`adopt`): admitted with its state.
+    adopted: RequestState | None = None
 
 
 class AsyncEngine:
@@ -88,6 +94,11 @@ class AsyncEngine:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         self._driver: asyncio.Task[None] | None = None
         self._ids = itertools.count()
+        # pause(): the driver parks between steps until resume() (a group forming or
+        # dissolving swaps the engine underneath); requests keep queueing meanwhile.
+        self._paused = False
+        self._parked = asyncio.Event()
+        self._resumed = asyncio.Event()
 
     async def generate(
         self,
@@ -124,6 +135,11 @@ class AsyncEngine:
         self._inbox.append(pending)
         self._ensure_driver()
         self._wake.set()
+        async for out in self._stream(pending):
+            yield out
+
+    async def _stream(self, pending: _Pending) -> AsyncIterator[StreamOutput]:
+        rid = pending.request_id
         try:
             while True:
                 out = await pending.queue.get()
@@ -137,9 +153,69 @@ class AsyncEngine:
             elif pending in self._inbox:  # left before admission: never start it
                 self._inbox.remove(pending)
 
+    async def adopt(self, state: RequestState, context: Any = None) -> AsyncIterator[StreamOutput]:
+        """Stream the rest of a request another engine exported (`Engine.adopt`): its
+        tokens so far are in `state`; only new tokens come out of this stream."""
+        pending = _Pending(
+            state.request_id,
+            list(state.prompt_token_ids),
+            state.params,
+            asyncio.Queue(),
+            None,
+            output_ids=list(state.output_token_ids),
+            context=context,
+            adopted=state,
+        )
+        self._inbox.append(pending)
+        self._ensure_driver()
+        self._wake.set()
+        async for out in self._stream(pending):
+            yield out
+
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
         self._wake.set()
+
+    async def pause(self) -> None:
+        """Return once no step runs and none will until `resume()`."""
+        self._paused = True
+        self._resumed.clear()
+        if self._driver is None or self._driver.done():
+            return
+        self._wake.set()
+        await self._parked.wait()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._resumed.set()
+        self._wake.set()
+
+    async def export(self, *, keep_kv: bool = False) -> list[tuple[RequestState, Any]]:
+        """While paused: every request leaves (running, waiting, then not yet admitted), as
+        (state, its hooks' context); each stream ends with a `moved` output. The caller
+        hands the states to the engine that goes on with them."""
+        assert self._paused, "export only while paused"
+        out: list[tuple[RequestState, Any]] = []
+        for state in self.engine.export_requests(keep_kv=keep_kv):
+            p = self._streams.pop(state.request_id, None)
+            if p is None:
+                continue
+            await self._exported(p)
+            p.queue.put_nowait(StreamOutput(state.request_id, [], finished=True, moved=True))
+            out.append((state, p.context))
+        inbox, self._inbox = self._inbox, []
+        for p in inbox:
+            state = p.adopted or RequestState(
+                request_id=p.request_id,
+                prompt_token_ids=p.prompt_ids,
+                output_token_ids=[],
+                params=p.params,
+                reply_to="",
+                generator_state=p.generator_state,
+            )
+            p.queue.put_nowait(StreamOutput(p.request_id, [], finished=True, moved=True))
+            out.append((state, p.context))
+        return out
 
     def fail_all(self, message: str) -> None:
         """End every request with `message` (between steps: the driver owns the engine)."""
@@ -161,13 +237,18 @@ class AsyncEngine:
     async def _drive(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            if self._paused:
+                self._parked.set()
+                await self._resumed.wait()
+                self._parked.clear()
+                continue
             # Clear before draining: a request queued while the hooks await (a match RPC)
             # sets the event again, so the wait below cannot miss it.
             self._wake.clear()
             await self._apply_inbox()
             if not self.engine.has_unfinished():
                 await self._on_idle()
-                if not (self._inbox or self._aborts or self._fail_message):
+                if not (self._inbox or self._aborts or self._fail_message or self._paused):
                     await self._wake.wait()
                 continue
             try:
@@ -219,6 +300,9 @@ class AsyncEngine:
     async def _on_idle(self) -> None:
         """Nothing to run: a chance to give resources back."""
 
+    async def _exported(self, p: _Pending) -> None:
+        """A request left this engine (`export`): undo what the hooks hold for it."""
+
     async def _fail_all(self, message: str) -> None:
         for rid, p in list(self._streams.items()):
             out = self.engine.abort(rid, FinishReason.ERROR)
@@ -238,14 +322,17 @@ class AsyncEngine:
             try:
                 if p.request_id in self._streams:
                     raise InvalidRequestError(f"request id {p.request_id!r} is already in use")
-                p.admission = await self._admit(p)
-                self.engine.add_request(
-                    p.request_id,
-                    p.prompt_ids,
-                    p.params,
-                    generator_state=p.generator_state,
-                    **p.admission,
-                )
+                if p.adopted is not None:
+                    self.engine.adopt(p.adopted)
+                else:
+                    p.admission = await self._admit(p)
+                    self.engine.add_request(
+                        p.request_id,
+                        p.prompt_ids,
+                        p.params,
+                        generator_state=p.generator_state,
+                        **p.admission,
+                    )
             except Exception as exc:  # refused, or the admission hook failed (daemon down)
                 with contextlib.suppress(Exception):
                     await self._refused(p)

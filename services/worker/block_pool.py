@@ -72,6 +72,19 @@ class BlockPool:
         self._free.extend(ids)
         self._free_set.update(ids)
 
+    def claim(self, ids: Iterable[int]) -> None:
+        """These blocks are allocated from now on: free ones leave the free list, unknown
+        ones join the pool (a lease that arrived holding a request's KV)."""
+        ids = list(ids)
+        bad = [i for i in ids if i in self._allocated]
+        if bad or len(set(ids)) != len(ids):
+            raise BlockPoolError(f"claim of blocks already allocated (or repeated): {bad or ids}")
+        free = [i for i in ids if i in self._free_set]
+        if free:
+            self._free_set.difference_update(free)
+            self._free = deque(b for b in self._free if b not in set(free))
+        self._allocated.update(ids)
+
     def take_free(self, n: int) -> list[int]:
         """Remove up to n free blocks from the pool (to give them back); the newest freed
         stay, so recently used KV is not the first to go."""

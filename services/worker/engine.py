@@ -25,6 +25,7 @@ import torch
 from common.errors import InvalidRequestError
 from common.model.config import ModelConfig
 from common.model.presets import resolve_model
+from common.protocol.elastic import RequestState
 from common.sampling import SamplingParams
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
@@ -183,6 +184,85 @@ class Engine:
         self.scheduler.add(req)
         return req
 
+    def adopt(self, state: RequestState) -> Request:
+        """Take over a request another engine exported (a group forming or dissolving):
+        its tokens so far, its generator state, and optionally its KV (`state.block_ids`,
+        owned by this engine from now on, holding `num_computed_tokens` tokens). Without
+        KV the request is recomputed (preemption semantics): same tokens either way."""
+        if state.request_id in self.requests:
+            raise InvalidRequestError(f"request id {state.request_id!r} is already in use")
+        params = state.params.validate()
+        prompt, outputs = list(state.prompt_token_ids), list(state.output_token_ids)
+        vocab = self.model_config.vocab_size
+        if not prompt or any(not 0 <= t < vocab for t in prompt + outputs):
+            raise InvalidRequestError(
+                "an adopted request needs a prompt of token ids in the vocabulary"
+            )
+        total = len(prompt) + len(outputs)
+        if total >= self.capacity_tokens:
+            raise InvalidRequestError(
+                f"request of {total} tokens does not fit the KV pool of {self.capacity_tokens} tokens"
+            )
+        blocks = list(state.block_ids)
+        computed = state.num_computed_tokens
+        if not 0 <= computed < total or computed > len(blocks) * self.block_size:
+            raise InvalidRequestError(
+                f"{len(blocks)} blocks cannot hold {computed} computed tokens of {total}"
+            )
+        if not params.greedy and outputs and not state.generator_state:
+            raise InvalidRequestError("a sampled request with outputs needs its generator state")
+        generator = make_generator(params, self._rng, state.generator_state)
+        self.pool.claim(blocks)
+        req = Request(
+            state.request_id,
+            prompt,
+            params,
+            output_token_ids=outputs,
+            owned_block_ids=blocks,
+            num_computed_tokens=computed,
+            generator=generator,
+        )
+        req.num_cached_tokens = state.num_cached_tokens
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def export_requests(self, *, keep_kv: bool = False) -> list[RequestState]:
+        """Every request leaves this engine (running first, then waiting, in order) with
+        its tokens and generator state. Without `keep_kv` its owned blocks go back to the
+        pool and the adopting engine recomputes it (see `adopt`); with `keep_kv` the state
+        names its blocks and computed tokens, and the blocks leave the pool with it (the
+        caller moves the KV). Borrowed blocks stay with their owner either way (the caller
+        releases them); a request holding some cannot keep its KV."""
+        reqs = list(self.scheduler.running) + list(self.scheduler.waiting)
+        states: list[RequestState] = []
+        for req in reqs:
+            self.scheduler.remove(req)
+            kept: list[int] = []
+            computed = 0
+            if keep_kv and not req.num_borrowed_blocks:
+                kept, computed = list(req.block_ids), req.num_computed_tokens
+                self.pool.disown(kept)
+                req.block_ids.clear()
+            else:
+                self.scheduler.release_owned(req)
+            del self.requests[req.request_id]
+            states.append(
+                RequestState(
+                    request_id=req.request_id,
+                    prompt_token_ids=list(req.prompt_token_ids),
+                    output_token_ids=list(req.output_token_ids),
+                    params=req.params,
+                    reply_to="",
+                    generator_state=generator_state(req.generator),
+                    num_cached_tokens=req.num_cached_tokens,
+                    output_offset=req.num_output_tokens,
+                    block_ids=kept,
+                    num_computed_tokens=computed,
+                )
+            )
+        return states
+
     def abort(
         self, request_id: str, reason: FinishReason = FinishReason.ABORT
     ) -> RequestOutput | None:
@@ -229,11 +309,14 @@ class Engine:
         result = self.runner.execute(sched.chunks)
         for c in sched.chunks:
             c.request.num_computed_tokens += c.num_tokens
+        return self._emit(result.sampled_requests, result.logits)
+
+    def _emit(self, reqs: list[Request], logits: torch.Tensor) -> list[RequestOutput]:
+        """Sample one token per request (rows of `logits`), check stops, build outputs."""
         outputs: list[RequestOutput] = []
-        if not result.sampled_requests:
+        if not reqs:
             return outputs
-        reqs = result.sampled_requests
-        tokens = sample(result.logits, [r.params for r in reqs], [r.generator for r in reqs])
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         for req, token in zip(reqs, tokens, strict=True):
             req.append_token(token)
             reason = self._check_stop(req, token)

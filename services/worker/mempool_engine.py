@@ -89,6 +89,11 @@ class MempoolEngine(AsyncEngine):
         self.on_fenced: Callable[[], None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.caching = caching  # the plan of requests that come without one
+        # In a KunServe group the engine's pool is fixed for the group's life (group
+        # blocks, not daemon blocks): nothing is leased per step or given back when idle,
+        # and nothing is cached. `group_lease` is what this worker holds at its daemon.
+        self.grouped = False
+        self.group_lease: list[int] = []
         self.keep_free_blocks = keep_free_blocks
         self.connector = MempoolConnector(
             client,
@@ -186,6 +191,8 @@ class MempoolEngine(AsyncEngine):
 
     async def _admit(self, p: _Pending) -> dict[str, Any]:
         plan = self._plan(p)
+        if self.grouped:
+            return {}
         prefix = p.borrowed = await self.connector.get_prefix(p.prompt_ids, plan)
         if not prefix.block_ids:
             return {"keep_blocks": plan.keep_blocks}
@@ -203,7 +210,12 @@ class MempoolEngine(AsyncEngine):
         if isinstance(prefix, KvPrefix):
             await self.connector.release_prefix(prefix)
 
+    async def _exported(self, p: _Pending) -> None:
+        await self._release_borrowed(p)
+
     async def _before_step(self) -> None:
+        if self.grouped:
+            return
         want = self.engine.scheduler.demand() - self.engine.pool.num_free
         if want > 0:
             await self._lease(want + _LEASE_SLACK)
@@ -240,6 +252,8 @@ class MempoolEngine(AsyncEngine):
             await self._release_borrowed(p)
 
     async def _on_idle(self) -> None:
+        if self.grouped:
+            return
         extra = self.engine.pool.num_free - self.keep_free_blocks
         if extra > 0:
             await self.client.free_mem(self.engine.pool.take_free(extra))
@@ -296,7 +310,10 @@ class MempoolEngine(AsyncEngine):
         await self._stop_watch()
         await self.connector.close()
         await super().close()
-        spare = self.engine.pool.take_free(self.engine.pool.num_free)
+        if self.grouped:
+            spare, self.group_lease = self.group_lease, []
+        else:
+            spare = self.engine.pool.take_free(self.engine.pool.num_free)
         try:
             if spare:
                 await self.client.call(mp.FreeMem(spare), timeout_s=_CLOSE_RPC_TIMEOUT_S)

@@ -46,6 +46,7 @@ from common.logging import get_logger
 from common.mempool_client import MempoolClient
 from common.modes import ROLES
 from common.net import advertise
+from common.protocol import elastic as el
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
@@ -54,6 +55,7 @@ from common.sockets import PullSocket, PushSocket, RpcServer
 from services.worker.async_engine import StreamOutput
 from services.worker.config import EngineConfig
 from services.worker.daemon_link import DaemonLink, LinkAction, LinkState
+from services.worker.elastic import ElasticMember
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
 from services.worker.mempool_engine import MempoolEngine
 
@@ -79,6 +81,10 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     control_address: str = "tcp://127.0.0.1:0"
     admin_token: str = ""
     transfer_timeout_s: float = 10.0
+    # KunServe groups: where this worker receives hidden states (bound while it is in a
+    # group), and how long the leader waits for a batch to come round the ring.
+    stage_address: str = "tcp://127.0.0.1:0"
+    stage_timeout_s: float = 10.0
     log_level: str = "info"
     engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
 
@@ -88,6 +94,10 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
         if not 0 < self.heartbeat_interval_s <= 60:
             raise ValueError(
                 f"worker.heartbeat_interval_s must be in (0, 60], got {self.heartbeat_interval_s}"
+            )
+        if not 0 < self.stage_timeout_s <= 3600:
+            raise ValueError(
+                f"worker.stage_timeout_s must be in (0, 3600], got {self.stage_timeout_s}"
             )
         if not 0 < self.transfer_timeout_s <= 3600:
             raise ValueError(
@@ -106,8 +116,8 @@ class WorkerService(ServiceShell):
         self.engine = engine
         self.events = events  # the daemon's KV-event PUB, for the scheduler
         self.requests = PullSocket(cfg.address, wp.WorkerRequest, bind=True)
-        self.control: RpcServer[AdminRequest, AdminReply] = RpcServer(
-            cfg.control_address, AdminRequest, AdminReply
+        self.control: RpcServer[Any, Any] = RpcServer(
+            cfg.control_address, AdminRequest | el.ElasticRequest, AdminReply | el.ElasticReply
         )
         self.heartbeats: PushSocket[sp.Heartbeat] | None = None
         if cfg.scheduler:
@@ -129,6 +139,10 @@ class WorkerService(ServiceShell):
         self.block_bytes = engine.engine.cache.layout.bytes_per_block
         self.served = 0
         self.failed = 0
+        # Where each live request streams to: a request leaving for a group's leader (or
+        # coming home from one) takes its reply address along.
+        self.routes: dict[str, str] = {}
+        self.elastic = ElasticMember(self)
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
@@ -151,7 +165,7 @@ class WorkerService(ServiceShell):
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """Requests and hand-offs, the control socket, and the daemon check with heartbeats
         (sent with a scheduler); serve() runs them until closed or an admin `shutdown`."""
-        return [self._serve_requests(), self.control.serve(self._admin), self._beat()]
+        return [self._serve_requests(), self.control.serve(self._control), self._beat()]
 
     async def _serve_requests(self) -> None:
         while True:
@@ -159,6 +173,11 @@ class WorkerService(ServiceShell):
                 msg = await self.requests.recv()
             except DecodeError as exc:
                 log.warning("malformed worker request dropped", error=str(exc))
+                continue
+            forward = self.elastic.forward_to
+            if forward and isinstance(msg, wp.Generate | wp.Abort):
+                # A follower serves no request of its own: its leader serves the group's.
+                await self._peer(forward).send(msg)
                 continue
             match msg:
                 case wp.Generate():
@@ -202,8 +221,11 @@ class WorkerService(ServiceShell):
             params = msgspec.structs.replace(params, max_tokens=1)
         out = self._peer(req.reply_to)
         offset = 0
+        self.routes[req.request_id] = req.reply_to
         try:
             async for chunk in self.engine.generate(req.token_ids, params, req.request_id, plan):
+                if chunk.moved:  # it goes on in a group (or back home): not ours to end
+                    return
                 if chunk.kv_transfer is not None:  # prefill done: the rest is decode's
                     await out.send(
                         wp.TokenChunk(
@@ -222,6 +244,8 @@ class WorkerService(ServiceShell):
             self.served += 1
         except Exception as exc:  # the stream must end with a final chunk, whatever broke
             await self._fail(out, req.request_id, exc, offset)
+        finally:
+            self.routes.pop(req.request_id, None)
 
     async def _hand_off(self, req: wp.Generate, first: StreamOutput, kv: KvTransfer) -> None:
         """Move the prompt's KV to the decode instance (the connector owns it until then),
@@ -271,6 +295,7 @@ class WorkerService(ServiceShell):
         )
         out = self._peer(req.reply_to)
         offset = req.output_offset
+        self.routes[req.request_id] = req.reply_to
         try:
             async for chunk in self.engine.generate(
                 req.token_ids,
@@ -279,6 +304,8 @@ class WorkerService(ServiceShell):
                 plan,
                 generator_state=req.generator_state,
             ):
+                if chunk.moved:
+                    return
                 await out.send(
                     self._chunk(
                         req.request_id,
@@ -292,6 +319,52 @@ class WorkerService(ServiceShell):
             self.served += 1
         except Exception as exc:
             await self._fail(out, req.request_id, exc, offset)
+        finally:
+            self.routes.pop(req.request_id, None)
+
+    def adopt(self, state: el.RequestState) -> None:
+        """Stream the rest of a request taken over from another worker (a group formed or
+        dissolved): first an empty chunk, so the gateway knows who serves it now, then
+        its new tokens from `output_offset` on."""
+        self._spawn(self._adopted(state))
+
+    async def _adopted(self, state: el.RequestState) -> None:
+        rid = state.request_id
+        out = self._peer(state.reply_to)
+        offset = state.output_offset
+        num_prompt = len(state.prompt_token_ids)
+        self.routes[rid] = state.reply_to
+        try:
+            await out.send(
+                wp.TokenChunk(
+                    request_id=rid,
+                    token_ids=[],
+                    num_prompt_tokens=num_prompt,
+                    num_cached_tokens=state.num_cached_tokens,
+                    offset=offset,
+                    instance_id=self.cfg.instance_id,
+                )
+            )
+            plan = KvPlan(cache=False)
+            async for chunk in self.engine.adopt(state, plan):
+                if chunk.moved:
+                    return
+                await out.send(
+                    self._chunk(
+                        rid,
+                        chunk,
+                        offset,
+                        num_prompt=num_prompt,
+                        num_cached=state.num_cached_tokens,
+                    )
+                )
+                offset += len(chunk.token_ids)
+            self.served += 1
+        except Exception as exc:
+            await self._fail(out, rid, exc, offset)
+        finally:
+            if self.routes.get(rid) == state.reply_to:
+                self.routes.pop(rid, None)
 
     def _chunk(
         self,
@@ -447,6 +520,11 @@ class WorkerService(ServiceShell):
         return self.engine.load()
 
     # ----------------------------------------------------------------- control
+    async def _control(self, req: Any) -> Any:
+        if isinstance(req, AdminRequest):
+            return await self._admin(req)
+        return await self.elastic.handle(req)
+
     async def _admin(self, req: AdminRequest) -> AdminReply:
         if not check_admin_token(req.token, self.cfg.admin_token):
             return AdminReply(False, error="bad admin token")
@@ -470,6 +548,7 @@ class WorkerService(ServiceShell):
                     "served": self.served,
                     "failed": self.failed,
                     "peers": len(self.peers),
+                    "elastic": self.elastic.status(),
                 },
             )
         if req.command == "shutdown":
@@ -486,6 +565,7 @@ class WorkerService(ServiceShell):
         """Hand-offs in flight are cancelled, then the engine gives its leased blocks back
         to the daemon and unmaps the region, then the sockets close."""
         await self.tasks.close(self.drain_s)
+        await self.elastic.close()
         await self.engine.close()
         self.close_sockets()
 

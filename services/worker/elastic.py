@@ -1,0 +1,537 @@
+"""A worker's part in KunServe pipeline groups: the elastic control messages
+(common/protocol/elastic.py) on its control socket.
+
+    solo ──Prepare──▶ prepared ──Commit──▶ leader (rank 0) | follower (rank > 0)
+      ▲                  │ Abort / timeout                     │ Restore (leader) /
+      └──────────────────┘                                     │ Dissolve (follower) / Break
+      └────────────────────────────────────────────────────────┘
+
+- prepared: the engine is paused between steps (requests keep queueing), the stage PULL
+  is bound; nothing is irreversible yet.
+- commit: every request leaves the engine (tokens + generator state; its KV is dropped and
+  recomputed in the group), the lease goes back, the layers this rank does not hold are
+  dropped (on followers the embedding, norm and head too), the daemon splits its blocks
+  into sub-blocks and grows KV into the freed memory, and the worker leases all of it.
+  A follower then serves its layer range on the ring; the leader runs a `PipelineEngine`
+  and adopts every member's requests, streaming them on from where they were.
+- restore (leader): drain the ring, plan each request's home (`plan_restore`), move the
+  KV into whole blocks at the homes (MemPool transfers between daemons, local copies
+  within one), then every member gives back the rest, shrinks, merges, reloads its layers
+  from the checkpoint on local disk and adopts its requests with their KV.
+- break (a member died): the leader fails the group's requests; every survivor restores
+  from local disk (never from a peer) and serves alone.
+
+Invariant: outside `solo` the worker serves no request of its own; a follower forwards the
+requests and aborts that reach it to the leader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import torch
+
+from common.auth import check_admin_token
+from common.errors import ErrorKind
+from common.logging import get_logger
+from common.mempool_client import MempoolClient
+from common.model.presets import resolve_model
+from common.net import advertise
+from common.protocol import elastic as el
+from common.protocol.stage import StageMessage
+from common.sockets import PullSocket, PushSocket, RpcClient, RpcError
+from services.worker.block_pool import BlockPool
+from services.worker.engine import Engine
+from services.worker.kv_cache import KVLayout
+from services.worker.pipeline.engine import PipelineEngine
+from services.worker.pipeline.homes import Copy, plan_restore
+from services.worker.pipeline.socket_ring import SocketRing, serve_stage
+from services.worker.pipeline.stage import StageServer
+from services.worker.pipeline.views import copy_sub_blocks, kv_view
+
+if TYPE_CHECKING:
+    from services.worker.service import WorkerService
+
+log = get_logger(__name__)
+
+_PEER_RPC_TIMEOUT_S = 30.0
+
+
+class ElasticError(RuntimeError):
+    pass
+
+
+class ElasticMember:
+    def __init__(self, service: WorkerService):
+        self.svc = service
+        self.state = "solo"
+        self.group_id = ""
+        self.epoch = 0
+        self.rank = -1
+        self.members: list[el.Member] = []
+        self.followers: list[el.FollowerCommitted] = []
+        self.table: list[int] = []
+        self.capacity_blocks = 0  # full blocks before the drop: what the restore gives back
+        self.stage_pull: PullSocket[StageMessage] | None = None
+        self.stage_push: PushSocket[StageMessage] | None = None
+        self.stage_task: asyncio.Task[None] | None = None
+        self.timer: asyncio.Task[None] | None = None
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self._lock = asyncio.Lock()  # one control message at a time
+
+    # ------------------------------------------------------------------ state
+    @property
+    def g(self) -> int:
+        return len(self.members)
+
+    @property
+    def forward_to(self) -> str:
+        """Where a follower sends the requests that reach it ("" = serve them here)."""
+        if self.state == "follower" and self.members:
+            return self.members[0].address
+        return ""
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "state": self.state,
+            "group": self.group_id,
+            "rank": self.rank,
+            "members": [m.instance_id for m in self.members],
+            "sub_blocks": len(self.table),
+        }
+
+    # ---------------------------------------------------------------- dispatch
+    async def handle(self, req: el.ElasticRequest) -> el.ElasticReply:
+        if not check_admin_token(req.token, self.svc.cfg.admin_token):
+            return el.Refused("bad admin token")
+        async with self._lock:
+            try:
+                match req:
+                    case el.Prepare():
+                        return await self._prepare(req)
+                    case el.Abort():
+                        return await self._abort(req)
+                    case el.Commit():
+                        return await self._commit(req)
+                    case el.Restore():
+                        return await self._restore(req)
+                    case el.CopyLocal():
+                        return self._copy_local(req)
+                    case el.Dissolve():
+                        return await self._dissolve(req)
+                    case el.Break():
+                        return await self._break(req)
+            except ElasticError as exc:
+                return el.Refused(str(exc))
+            except Exception as exc:
+                log.error(
+                    "elastic step failed", message=type(req).__name__, error=str(exc), exc_info=True
+                )
+                return el.Refused(
+                    f"{type(req).__name__} failed on {self.svc.cfg.instance_id}: {exc}"
+                )
+        return el.Refused(f"unknown elastic message {type(req).__name__}")
+
+    def _same_group(self, group_id: str, epoch: int, *states: str) -> None:
+        if self.state not in states:
+            raise ElasticError(
+                f"{self.svc.cfg.instance_id} is {self.state}"
+                + (f" in group {self.group_id}" if self.group_id else "")
+                + f", not {' or '.join(states)}"
+            )
+        if (group_id, epoch) != (self.group_id, self.epoch):
+            raise ElasticError(
+                f"{self.svc.cfg.instance_id} is in group {self.group_id} epoch {self.epoch}, "
+                f"not {group_id} epoch {epoch}"
+            )
+
+    # ----------------------------------------------------------------- prepare
+    async def _prepare(self, req: el.Prepare) -> el.ElasticReply:
+        svc = self.svc
+        if self.state != "solo":
+            raise ElasticError(
+                f"{svc.cfg.instance_id} is already {self.state} in group {self.group_id}"
+            )
+        if not svc.healthy:
+            raise ElasticError(f"{svc.cfg.instance_id} is not healthy")
+        ranks = sorted(m.rank for m in req.members)
+        mine = [m for m in req.members if m.instance_id == svc.cfg.instance_id]
+        if ranks != list(range(len(req.members))) or len(mine) != 1 or len(ranks) < 2:
+            raise ElasticError("a group needs ranks 0..g-1, g >= 2, this worker among them once")
+        engine = svc.engine.engine
+        layers = engine.model_config.num_layers
+        if layers % len(req.members):
+            raise ElasticError(f"{len(req.members)} members cannot share {layers} layers evenly")
+        info = await svc.engine.client.info()
+        if info.split != 1:
+            raise ElasticError(f"its daemon is already split ({info.split})")
+        await svc.engine.pause()
+        try:
+            self.stage_pull = PullSocket(svc.cfg.stage_address, StageMessage, bind=True)
+        except BaseException:
+            svc.engine.resume()
+            raise
+        self.state = "prepared"
+        self.group_id, self.epoch = req.group_id, req.epoch
+        self.members = sorted(req.members, key=lambda m: m.rank)
+        self.rank = mine[0].rank
+        self.timer = asyncio.create_task(self._expire(req.group_id, req.epoch, req.timeout_s))
+        log.info("prepared for a group", group=req.group_id, rank=self.rank)
+        return el.Ready(
+            instance_id=svc.cfg.instance_id,
+            model=engine.config.model,
+            num_layers=layers,
+            param_bytes=engine.model.param_bytes(),
+            budget_bytes=info.budget_bytes,
+            block_bytes=engine.cache.layout.bytes_per_block,
+            stage=advertise(self.stage_pull.address, svc.cfg.advertise_host),
+        )
+
+    async def _expire(self, group_id: str, epoch: int, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+        async with self._lock:
+            if self.state == "prepared" and (self.group_id, self.epoch) == (group_id, epoch):
+                log.warning("no commit in time: the group is off", group=group_id)
+                self._leave_prepared()
+
+    def _leave_prepared(self) -> None:
+        self._close_stage()
+        self._reset()
+        self.svc.engine.resume()
+
+    async def _abort(self, req: el.Abort) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "prepared")
+        if self.timer is not None:
+            self.timer.cancel()
+        self._leave_prepared()
+        return el.Done(self.svc.cfg.instance_id)
+
+    # ------------------------------------------------------------------ commit
+    async def _commit(self, req: el.Commit) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "prepared")
+        if self.timer is not None:
+            self.timer.cancel()
+        self.members = sorted(req.members, key=lambda m: m.rank)
+        if any(not m.stage for m in self.members):
+            raise ElasticError("every member needs its stage address (from Ready)")
+        if self.rank == 0 and len(req.followers) != self.g - 1:
+            raise ElasticError(
+                f"the leader needs {self.g - 1} follower commits, got {len(req.followers)}"
+            )
+        states, freed = await self._drop()
+        svc = self.svc
+        model = svc.engine.engine.model
+        raw = svc.engine.region.tensor()
+        if self.rank > 0:
+            self.state = "follower"
+            nxt = self.members[(self.rank + 1) % self.g]
+            stage = StageServer(
+                model,
+                kv_view(raw, self._full_layout, self.g),
+                torch.tensor(self.table, dtype=torch.long),
+                epoch=self.epoch,
+                last=self.rank == self.g - 1,
+            )
+            self.stage_push = PushSocket(nxt.stage, StageMessage, bind=False)
+            assert self.stage_pull is not None
+            self.stage_task = asyncio.create_task(
+                serve_stage(stage, self.stage_pull, self.stage_push, self.executor)
+            )
+            log.info("serving as a stage", group=self.group_id, rank=self.rank, freed=freed)
+            return el.FollowerCommitted(
+                instance_id=svc.cfg.instance_id,
+                requests=states,
+                num_blocks=len(self.table),
+                param_bytes=model.param_bytes(),
+                freed_bytes=freed,
+                table=self.table,
+                capacity_blocks=self.capacity_blocks,
+            )
+        self.state = "leader"
+        self.followers = sorted(
+            req.followers, key=lambda f: [m.instance_id for m in self.members].index(f.instance_id)
+        )
+        num_blocks = min([len(self.table)] + [f.num_blocks for f in self.followers])
+        inner = svc.engine.engine
+        self.stage_push = PushSocket(self.members[1].stage, StageMessage, bind=False)
+        assert self.stage_pull is not None
+        ring = SocketRing(asyncio.get_running_loop(), self.stage_push, self.stage_pull)
+        svc.engine.engine = PipelineEngine(
+            model,
+            kv_view(raw, self._full_layout, self.g),
+            inner.config,
+            table=torch.tensor(self.table, dtype=torch.long),
+            num_blocks=num_blocks,
+            g=self.g,
+            ring=ring,
+            epoch=self.epoch,
+            stage_timeout_s=svc.cfg.stage_timeout_s,
+        )
+        adopted = states + [s for f in self.followers for s in f.requests]
+        for state in adopted:
+            svc.adopt(state)
+        svc.engine.resume()
+        log.info("leading a group", group=self.group_id, blocks=num_blocks, adopted=len(adopted))
+        return el.GroupServing(
+            group_id=self.group_id,
+            num_blocks=num_blocks,
+            block_size=inner.block_size,
+            adopted=len(adopted),
+            param_bytes=model.param_bytes(),
+            freed_bytes=freed,
+        )
+
+    async def _drop(self) -> tuple[list[el.RequestState], int]:
+        """Export the requests, give the lease back, drop the layers this rank does not
+        hold, split the daemon's blocks and lease every sub-block. Returns the exported
+        requests (to be recomputed by the leader) and the parameter bytes freed."""
+        svc = self.svc
+        eng = svc.engine
+        inner = eng.engine
+        states = [
+            msgspec.structs.replace(s, reply_to=svc.routes[s.request_id])
+            for s, _ in await eng.export()
+            if s.request_id in svc.routes
+        ]
+        spare = inner.pool.take_free(inner.pool.num_free)
+        if spare:
+            await eng.client.free_mem(spare)
+        info = await eng.client.info()
+        self.capacity_blocks = info.device_blocks
+        per = inner.model_config.num_layers // self.g
+        lead = self.rank == 0
+        freed = inner.model.drop_layers(
+            range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
+        )
+        await eng.client.set_params(inner.model.param_bytes())
+        split = await eng.client.split(self.g, grow=True)
+        self.table = sorted(await _lease_all(eng.client, eng.owner, split.capacity_blocks))
+        eng.grouped = True
+        eng.group_lease = list(self.table)
+        return states, freed
+
+    @property
+    def _full_layout(self) -> KVLayout:
+        cfg = self.svc.engine.engine.model_config
+        eng = self.svc.engine.engine
+        return KVLayout.for_model(cfg, eng.block_size, eng.cache.layout.dtype)
+
+    # ----------------------------------------------------------------- restore
+    async def _restore(self, req: el.Restore) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "leader")
+        svc = self.svc
+        eng = svc.engine
+        pipeline = eng.engine
+        assert isinstance(pipeline, PipelineEngine)
+        t0 = time.monotonic()
+        await eng.pause()
+        loop = asyncio.get_running_loop()
+        for out in await loop.run_in_executor(eng._executor, pipeline.drain):
+            await eng._deliver(out)
+        states = [
+            msgspec.structs.replace(s, reply_to=svc.routes.get(s.request_id, s.reply_to))
+            for s, _ in await eng.export(keep_kv=True)
+        ]
+        n = pipeline.pool.num_blocks
+        tables = [self.table[:n]] + [f.table[:n] for f in self.followers]
+        caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
+        plan = plan_restore(
+            [
+                (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
+                for s in states
+            ],
+            tables,
+            caps,
+        )
+        moved_bytes = 0
+        for ops in plan.rounds:
+            moved_bytes += sum(await asyncio.gather(*self._round(ops, pipeline)))
+        homes: dict[int, list[el.RequestState]] = defaultdict(list)
+        for s in states:
+            home = plan.homes[s.request_id]
+            homes[home.member].append(
+                msgspec.structs.replace(
+                    s,
+                    block_ids=home.blocks,
+                    num_computed_tokens=s.num_computed_tokens if home.blocks else 0,
+                )
+            )
+        replies = await asyncio.gather(
+            *(
+                self._ask(
+                    m,
+                    el.Dissolve(
+                        svc.cfg.admin_token,
+                        self.group_id,
+                        self.epoch,
+                        plan.keep(m.rank),
+                        homes[m.rank],
+                    ),
+                )
+                for m in self.members[1:]
+            ),
+            return_exceptions=True,
+        )
+        await self._dissolve_local(plan.keep(0), homes[0])
+        failed = [str(r) for r in replies if isinstance(r, BaseException)]
+        if failed:
+            raise ElasticError(f"restore: a member did not dissolve: {'; '.join(failed)}")
+        return el.Restored(
+            group_id=req.group_id,
+            moved=plan.moved,
+            recomputed=plan.recomputed,
+            moved_bytes=moved_bytes,
+            pause_s=time.monotonic() - t0,
+        )
+
+    def _round(self, ops: list[Copy], pipeline: PipelineEngine) -> list[Any]:
+        """One round of the move home: the copies of each (source, destination) pair as
+        one local copy or one MemPool transfer, all pairs at once. Each returns bytes moved."""
+        pairs: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+        for c in ops:
+            pairs[(c.src_member, c.dst_member)].append((c.src, c.dst))
+        sub_bytes = pipeline.cache.layout.bytes_per_block
+        work: list[Any] = []
+        for (src, dst), copies in pairs.items():
+            if src == dst == 0:
+                copy_sub_blocks(pipeline.cache, copies)
+                work.append(_bytes(len(copies) * sub_bytes))
+            elif src == dst:
+                work.append(self._copy_at(src, copies, sub_bytes))
+            else:
+                work.append(self._transfer(src, dst, copies))
+        return work
+
+    async def _copy_at(self, rank: int, copies: list[tuple[int, int]], sub_bytes: int) -> int:
+        cfg = self.svc.cfg
+        await self._ask(
+            self.members[rank], el.CopyLocal(cfg.admin_token, self.group_id, self.epoch, copies)
+        )
+        return len(copies) * sub_bytes
+
+    async def _transfer(self, src: int, dst: int, copies: list[tuple[int, int]]) -> int:
+        client = MempoolClient(self.members[src].mempool)
+        try:
+            done = await client.transfer(
+                self.members[dst].mempool, [s for s, _ in copies], [d for _, d in copies]
+            )
+        finally:
+            client.close()
+        return done.nbytes
+
+    def _copy_local(self, req: el.CopyLocal) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "follower")
+        cache = kv_view(self.svc.engine.region.tensor(), self._full_layout, self.g)
+        copy_sub_blocks(cache, req.copies)
+        return el.Done(self.svc.cfg.instance_id)
+
+    async def _dissolve(self, req: el.Dissolve) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "follower")
+        await self._dissolve_local(req.keep, req.requests)
+        return el.Done(self.svc.cfg.instance_id, self.svc.engine.engine.model.param_bytes())
+
+    async def _dissolve_local(self, keep: list[int], requests: list[el.RequestState]) -> None:
+        """Give back every sub-block but those of `keep` (whole blocks), shrink and merge
+        the daemon, reload the dropped layers, serve alone, adopt `requests`."""
+        svc = self.svc
+        eng = svc.engine
+        g = self.g
+        full = self._full_layout
+        model = eng.engine.model
+        config = eng.engine.config
+        self._close_stage()
+        kept = {e * g + j for e in keep for j in range(g)}
+        rest = [b for b in eng.group_lease if b not in kept]
+        if rest:
+            await eng.client.free_mem(rest)
+        shrunk = await eng.client.shrink(self.capacity_blocks * g)
+        if shrunk.pending_shrink:
+            raise ElasticError(
+                f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
+            )
+        await eng.client.merge()
+        folder = resolve_model(config.model)
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, model.restore_layers, folder
+        )
+        await eng.client.set_params(model.param_bytes())
+        eng.engine = Engine(model, kv_view(eng.region.tensor(), full), config, BlockPool())
+        eng.grouped = False
+        eng.group_lease = []
+        for state in requests:
+            svc.adopt(state)
+        self._reset()
+        eng.resume()
+        log.info("serving alone again", adopted=len(requests), kept_blocks=len(keep))
+
+    # ------------------------------------------------------------------- break
+    async def _break(self, req: el.Break) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "leader", "follower", "prepared")
+        svc = self.svc
+        if self.state == "prepared":
+            if self.timer is not None:
+                self.timer.cancel()
+            self._leave_prepared()
+            return el.Done(svc.cfg.instance_id)
+        log.warning("group broken", group=self.group_id, reason=req.reason)
+        if self.state == "leader":
+            self._close_stage()  # a step waiting on the ring fails now, not at its timeout
+            await svc.engine.pause()
+            await svc.engine._fail_all(f"group {self.group_id} broke: {req.reason}")
+        await self._dissolve_local([], [])
+        return el.Done(svc.cfg.instance_id, svc.engine.engine.model.param_bytes())
+
+    # ---------------------------------------------------------------- helpers
+    async def _ask(self, member: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
+        client: RpcClient[Any, Any] = RpcClient(member.control, el.ElasticRequest, el.ElasticReply)
+        try:
+            reply = await client.call(msg, timeout_s=_PEER_RPC_TIMEOUT_S)
+        finally:
+            client.close()
+        if isinstance(reply, el.Refused):
+            raise ElasticError(f"{member.instance_id}: {reply.error}")
+        return reply
+
+    def _close_stage(self) -> None:
+        if self.stage_task is not None:
+            self.stage_task.cancel()
+            self.stage_task = None
+        for sock in (self.stage_pull, self.stage_push):
+            if sock is not None:
+                sock.close()
+        self.stage_pull = self.stage_push = None
+
+    def _reset(self) -> None:
+        self.state = "solo"
+        self.group_id, self.epoch, self.rank = "", 0, -1
+        self.members, self.followers, self.table = [], [], []
+        self.timer = None
+
+    async def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self._close_stage()
+        self.executor.shutdown(wait=False)
+
+
+async def _bytes(n: int) -> int:
+    return n
+
+
+async def _lease_all(client: MempoolClient, owner: str, capacity: int) -> list[int]:
+    """Every sub-block the daemon can give (halving the ask when some are held elsewhere)."""
+    ids: list[int] = []
+    n = capacity
+    while n > 0:
+        try:
+            ids.extend(await client.alloc_mem(n, owner=owner))
+        except RpcError as exc:
+            if exc.kind != ErrorKind.OUT_OF_MEMORY:
+                raise
+            n //= 2
+    return ids

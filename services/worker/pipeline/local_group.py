@@ -1,0 +1,159 @@
+"""A pipeline group inside one process: the members' engines, models and KV memory side
+by side, with drop and restore done by direct calls and tensor copies.
+
+The same steps as between processes (services/worker/elastic.py), without sockets: the
+reference for token identity (tests/worker/test_pipeline.py) and the in-process bench.
+
+    members[i].engine (full model, capacity C0 full blocks of a larger region)
+        drop(g):    export every request (tokens + generator, KV dropped), each member drops
+                    the layers it will not hold, its region is re-viewed in sub-blocks and
+                    grows by what the parameters freed (within the region), the leader's
+                    PipelineEngine adopts every request (they are recomputed)
+        restore():  drain, plan homes (`plan_restore`), copy each request's sub-blocks into
+                    whole blocks at its home, reload the dropped layers from the checkpoint,
+                    each member adopts its requests with their KV
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import torch
+
+from common.protocol.elastic import RequestState
+from services.worker.block_pool import BlockPool
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine, RequestOutput
+from services.worker.kv_cache import KVLayout
+from services.worker.model.llama import LlamaModel
+from services.worker.pipeline.engine import PipelineEngine
+from services.worker.pipeline.homes import RestorePlan, plan_restore
+from services.worker.pipeline.ring import LocalRing
+from services.worker.pipeline.stage import StageServer
+from services.worker.pipeline.views import kv_view, sub_layout
+
+
+@dataclass
+class LocalMember:
+    model: LlamaModel
+    raw: torch.Tensor  # the member's KV memory: 1-D uint8, a whole number of full blocks
+    capacity: int  # full blocks it serves with alone (the rest is what parameters occupy)
+    engine: Engine | None = None
+    table: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    freed_bytes: int = 0
+
+
+class LocalGroup:
+    def __init__(
+        self, members: list[LocalMember], layout: KVLayout, config: EngineConfig, folder: Path
+    ):
+        self.members = members
+        self.layout = layout
+        self.config = config
+        self.folder = folder  # the checkpoint the dropped layers come back from
+        self.leader: PipelineEngine | None = None
+        self.epoch = 0
+        self.last_plan: RestorePlan | None = None
+
+    def start(self) -> None:
+        """Every member serves alone on its first `capacity` full blocks."""
+        for m in self.members:
+            cache = kv_view(m.raw, self.layout)
+            m.engine = Engine(m.model, cache, self.config, BlockPool(m.capacity))
+
+    @property
+    def g(self) -> int:
+        return len(self.members)
+
+    def drop(self, *, shuffle: torch.Generator | None = None) -> PipelineEngine:
+        """Form the group (ranks in member order); `shuffle` permutes each member's table
+        (tests: group ids must never be taken for sub-block ids)."""
+        g = self.g
+        layers = self.layout.num_layers
+        if layers % g:
+            raise ValueError(f"{g} members cannot share {layers} layers evenly")
+        per = layers // g
+        sub = sub_layout(self.layout, g)
+        states: list[RequestState] = []
+        for m in self.members:
+            assert m.engine is not None
+            states.extend(m.engine.export_requests())
+            m.engine = None
+        self.epoch += 1
+        for rank, m in enumerate(self.members):
+            lead = rank == 0
+            m.freed_bytes = m.model.drop_layers(
+                range(rank * per, (rank + 1) * per), keep_embed=lead, keep_head=lead
+            )
+            most = m.raw.numel() // sub.bytes_per_block
+            n = min(most, m.capacity * g + m.freed_bytes // sub.bytes_per_block)
+            m.table = torch.randperm(n, generator=shuffle) if shuffle else torch.arange(n)
+        stages = [
+            StageServer(
+                m.model, kv_view(m.raw, self.layout, g), m.table, epoch=self.epoch, last=r == g - 1
+            )
+            for r, m in enumerate(self.members)
+            if r > 0
+        ]
+        head = self.members[0]
+        self.leader = PipelineEngine(
+            head.model,
+            kv_view(head.raw, self.layout, g),
+            self.config,
+            table=head.table,
+            num_blocks=min(len(m.table) for m in self.members),
+            g=g,
+            ring=LocalRing(stages),
+            epoch=self.epoch,
+        )
+        for state in states:
+            self.leader.adopt(state)
+        return self.leader
+
+    def restore(self) -> list[RequestOutput]:
+        """Dissolve: every request goes home with its KV where there is room (else it is
+        recomputed there), every member gets its full model back. Returns what the batches
+        in flight produced."""
+        leader = self.leader
+        assert leader is not None
+        g = self.g
+        outputs = leader.drain()
+        states = leader.export_requests(keep_kv=True)
+        n = leader.pool.num_blocks
+        tables = [m.table[:n].tolist() for m in self.members]
+        plan = plan_restore(
+            [
+                (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
+                for s in states
+            ],
+            tables,
+            [m.capacity for m in self.members],
+        )
+        views = [kv_view(m.raw, self.layout, g) for m in self.members]
+        for ops in plan.rounds:
+            for c in ops:
+                views[c.dst_member].tensor[c.dst].copy_(views[c.src_member].tensor[c.src])
+        self.leader = None
+        self.last_plan = plan
+        for m in self.members:
+            m.model.restore_layers(self.folder)
+            m.engine = Engine(
+                m.model, kv_view(m.raw, self.layout), self.config, BlockPool(m.capacity)
+            )
+        for s in states:
+            home = plan.homes[s.request_id]
+            engine = self.members[home.member].engine
+            assert engine is not None
+            # No room at home: no KV, recomputed there (same tokens).
+            engine.adopt(_with_kv(s, home.blocks, None if home.blocks else 0))
+        return outputs
+
+
+def _with_kv(state: RequestState, blocks: list[int], computed: int | None = None) -> RequestState:
+    return msgspec.structs.replace(
+        state,
+        block_ids=blocks,
+        num_computed_tokens=state.num_computed_tokens if computed is None else computed,
+    )

@@ -1,0 +1,164 @@
+"""A pipeline group in one process (KunServe): every request gets the single-engine
+reference tokens, greedy and seeded, when admitted before a drop, during a group, and
+across a restore; no block leaks anywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from common.model.presets import resolve_model
+from common.sampling import SamplingParams
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from services.worker.kv_cache import KVLayout
+from services.worker.model.loader import load_model
+from services.worker.pipeline.local_group import LocalGroup, LocalMember
+from services.worker.pipeline.views import kv_view
+from tests.worker.helpers import prompt, run_to_end
+
+CONFIG = EngineConfig(model="tiny", dtype="float32", block_size=4, max_num_batched_tokens=32)
+GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
+
+
+def seeded(seed: int) -> SamplingParams:
+    return SamplingParams(max_tokens=24, ignore_eos=True, temperature=0.9, top_k=40, seed=seed)
+
+
+REQUESTS = {
+    f"r{i}": (prompt(n, i), GREEDY if i % 2 else seeded(100 + i))
+    for i, n in enumerate([9, 30, 17, 5, 41, 12])
+}
+LATE = {f"late{i}": (prompt(n, 50 + i), seeded(7 + i)) for i, n in enumerate([11, 26])}
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    engine = Engine.from_config(EngineConfig(**{**_fields(CONFIG), "num_kv_blocks": 512}))
+    for rid, (p, params) in {**REQUESTS, **LATE}.items():
+        engine.add_request(rid, p, params)
+    return run_to_end(engine)
+
+
+def _fields(cfg: EngineConfig) -> dict[str, object]:
+    return {f: getattr(cfg, f) for f in cfg.__struct_fields__}
+
+
+def make_group(g: int, capacity: int = 24, region_blocks: int = 96) -> LocalGroup:
+    folder = resolve_model("tiny")
+    members = []
+    for _ in range(g):
+        model, cfg = load_model(folder, dtype=torch.float32)
+        layout = KVLayout.for_model(cfg, CONFIG.block_size, torch.float32)
+        raw = torch.zeros(region_blocks * layout.bytes_per_block, dtype=torch.uint8)
+        members.append(LocalMember(model, raw, capacity))
+    group = LocalGroup(members, layout, CONFIG, folder)
+    group.start()
+    return group
+
+
+def collect(into: dict[str, list[int]], outs: list) -> None:
+    for out in outs:
+        into.setdefault(out.request_id, []).extend(out.new_token_ids)
+
+
+def step_members(group: LocalGroup, into: dict[str, list[int]], steps: int) -> None:
+    for _ in range(steps):
+        for m in group.members:
+            assert m.engine is not None
+            collect(into, m.engine.step())
+
+
+def test_group_from_the_start_gives_reference_tokens(reference: dict[str, list[int]]) -> None:
+    group = make_group(2)
+    leader = group.drop(shuffle=torch.Generator().manual_seed(1))
+    for rid, (p, params) in REQUESTS.items():
+        leader.add_request(rid, p, params)
+    got: dict[str, list[int]] = {}
+    while leader.has_unfinished():
+        collect(got, leader.step())
+        leader.check_integrity()
+    assert got == {rid: reference[rid] for rid in REQUESTS}
+    assert leader.pool.num_free == leader.pool.num_blocks
+
+
+@pytest.mark.parametrize("g", [2, 4])
+def test_drop_mid_stream_then_restore_gives_reference_tokens(
+    reference: dict[str, list[int]], g: int
+) -> None:
+    group = make_group(g)
+    ids = list(REQUESTS)
+    for i, rid in enumerate(ids):  # spread over the members, as a scheduler would
+        engine = group.members[i % g].engine
+        assert engine is not None
+        engine.add_request(rid, *REQUESTS[rid])
+    got: dict[str, list[int]] = {}
+    step_members(group, got, 6)
+    assert any(got.values())  # some tokens were produced before the drop
+    leader = group.drop(shuffle=torch.Generator().manual_seed(g))
+    assert leader.capacity_tokens > group.members[0].capacity * CONFIG.block_size
+    for rid, (p, params) in LATE.items():  # admitted during the group
+        leader.add_request(rid, p, params)
+    for _ in range(14):
+        collect(got, leader.step())
+        leader.check_integrity()
+    assert leader.has_unfinished()
+    collect(got, group.restore())
+    assert group.last_plan is not None and group.last_plan.moved > 0
+    for m in group.members:
+        assert m.engine is not None
+        m.engine.check_integrity()
+    while any(m.engine is not None and m.engine.has_unfinished() for m in group.members):
+        step_members(group, got, 1)
+    assert got == reference
+    for m in group.members:
+        assert m.engine is not None
+        m.engine.check_integrity()
+        assert m.engine.pool.num_free == m.engine.pool.num_blocks
+        assert m.model.num_local_layers == m.model.cfg.num_layers
+
+
+def test_restore_without_room_recomputes_at_home(reference: dict[str, list[int]]) -> None:
+    group = make_group(2, capacity=16)
+    leader = group.drop()
+    for rid, (p, params) in REQUESTS.items():
+        leader.add_request(rid, p, params)
+    got: dict[str, list[int]] = {}
+    for _ in range(20):
+        collect(got, leader.step())
+    collect(got, group.restore())
+    plan = group.last_plan
+    assert plan is not None and plan.recomputed > 0 and plan.moved > 0
+    while any(m.engine is not None and m.engine.has_unfinished() for m in group.members):
+        step_members(group, got, 1)
+    assert got == {rid: reference[rid] for rid in REQUESTS}
+
+
+def test_abort_while_in_flight_frees_every_block() -> None:
+    group = make_group(2)
+    leader = group.drop()
+    for rid, (p, params) in REQUESTS.items():
+        leader.add_request(rid, p, params)
+    leader.step()
+    leader.step()
+    assert leader.in_flight == 2
+    for rid in list(REQUESTS)[:3]:
+        leader.abort(rid)
+    leader.check_integrity()
+    got: dict[str, list[int]] = {}
+    while leader.has_unfinished():
+        collect(got, leader.step())
+    assert set(got) <= set(list(REQUESTS)[3:]) | set(list(REQUESTS)[:3])
+    leader.check_integrity()
+    assert leader.pool.num_free == leader.pool.num_blocks
+
+
+def test_a_stage_refuses_a_batch_of_another_epoch() -> None:
+    group = make_group(2)
+    leader = group.drop()
+    stage = leader.ring.stages[0]  # type: ignore[attr-defined]
+    leader.add_request("a", *REQUESTS["r0"])
+    stage.epoch += 1
+    with pytest.raises(Exception, match="epoch"):
+        leader.step()
+    assert kv_view(group.members[0].raw, group.layout, 2).num_blocks > 0
