@@ -7,9 +7,23 @@ stored fused (one matmul each); the loader concatenates the checkpoint's tensors
 A model instance holds a contiguous range of decoder layers [first_layer, last_layer):
 the first stage embeds tokens, the last applies the final norm and the lm_head, and any
 stage maps hidden states to hidden states, so one model can be split across instances.
+
+KunServe's parameter drop (design: kunserve-plan.md sections 4.3, 8.2): a loaded model can
+give up the layers outside a sub-range, and its embedding / head, at run time
+(`drop_layers`), and take them back from its checkpoint folder (`restore_layers`). What a
+model can do is decided by what it holds (`has_embed`, `has_head`, the held range), never by
+how it was constructed.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +32,12 @@ from torch import nn
 from common.model.config import ModelConfig
 from services.worker.attention import AttentionMetadata, paged_attention
 from services.worker.kv_cache import KVCache
+from services.worker.model.checkpoint import Target, checkpoint_names, copy_tensors
 from services.worker.model.rope import RotaryEmbedding
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -105,6 +122,7 @@ class DecoderLayer(nn.Module):
         device: torch.device,
     ):
         super().__init__()
+        self.layer = layer  # index in the whole model; the cache index is the attention's
         window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.self_attn = Attention(cfg, local_index, window, dtype, device)
@@ -119,7 +137,12 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    """Decoder layers [first_layer, last_layer) of a Llama-family model; see module docstring."""
+    """Decoder layers [first_layer, last_layer) of a Llama-family model; see module docstring.
+
+    Invariants: `layers` holds exactly the held layers, in order; `layers[i]` is layer
+    `first_layer + i` and writes KV cache layer `i`; the head is present iff `norm` is
+    (plus `lm_head`, or `embed_tokens` when the weights are tied).
+    """
 
     def __init__(
         self,
@@ -141,54 +164,291 @@ class LlamaModel(nn.Module):
         self.device = dev
         self.first_layer = first_layer
         self.last_layer = last
-        self.is_first = first_layer == 0
-        self.is_last = last == cfg.num_layers
-        needs_embed = self.is_first or (self.is_last and cfg.tie_word_embeddings)
-        self.embed_tokens = (
-            _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=dev)
-            if needs_embed
-            else None
-        )
+        is_first, is_last = first_layer == 0, last == cfg.num_layers
+        needs_embed = is_first or (is_last and cfg.tie_word_embeddings)
+        self.embed_tokens: nn.Parameter | None = self._new_embed() if needs_embed else None
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, i, i - first_layer, dtype, dev) for i in range(first_layer, last)
         )
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, dev) if self.is_last else None
-        untied_head = self.is_last and not cfg.tie_word_embeddings
-        self.lm_head = (
-            _param(cfg.vocab_size, cfg.hidden_size, dtype=dtype, device=dev)
-            if untied_head
-            else None
-        )
+        self.norm: RMSNorm | None = self._new_norm() if is_last else None
+        untied_head = is_last and not cfg.tie_word_embeddings
+        self.lm_head: nn.Parameter | None = self._new_embed() if untied_head else None
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, dev)
+
+    def _new_embed(self) -> nn.Parameter:  # embed_tokens and lm_head have the same shape
+        return _param(
+            self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype, device=self.device
+        )
+
+    def _new_norm(self) -> RMSNorm:
+        return RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps, self.dtype, self.device)
 
     @property
     def num_local_layers(self) -> int:
         return self.last_layer - self.first_layer
 
+    @property
+    def is_first(self) -> bool:
+        """The held range starts at layer 0 (says nothing about the embedding: `has_embed`)."""
+        return self.first_layer == 0
+
+    @property
+    def is_last(self) -> bool:
+        """The held range ends at the last layer (says nothing about the head: `has_head`)."""
+        return self.last_layer == self.cfg.num_layers
+
+    @property
+    def has_embed(self) -> bool:
+        return self.embed_tokens is not None
+
+    @property
+    def has_head(self) -> bool:
+        if self.norm is None:
+            return False
+        head = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
+        return head is not None
+
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        if not self.is_first or self.embed_tokens is None:
-            raise RuntimeError("only the first stage embeds tokens")
+        if self.embed_tokens is None:
+            raise RuntimeError("this model holds no embedding (not a first stage, or dropped)")
         return F.embedding(token_ids, self.embed_tokens)
 
     def forward(
         self, hidden: torch.Tensor, meta: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
-        """Runs the local layers: hidden [T, hidden_size] -> [T, hidden_size]."""
+        """Runs the held layers: hidden [T, hidden_size] -> [T, hidden_size]."""
         rope = self.rope.lookup(meta.positions)
         for layer in self.layers:
             hidden = layer(hidden, rope, meta, cache)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.norm is None:
-            raise RuntimeError("only the last stage computes logits")
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if not self.has_head:
+            raise RuntimeError("this model holds no head (not a last stage, or dropped)")
+        assert self.norm is not None
+        head = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
         assert head is not None
         return F.linear(self.norm(hidden), head)
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
+    def checkpoint_names(self) -> Iterator[str]:
+        """What a checkpoint must supply for the parts this model holds."""
+        return checkpoint_names(
+            self.cfg,
+            range(self.first_layer, self.last_layer),
+            embed=self.embed_tokens is not None,
+            norm=self.norm is not None,
+            lm_head=self.lm_head is not None,
+        )
+
+    def checkpoint_target(self, name: str) -> Target | None:
+        """Where checkpoint tensor `name` goes: (our parameter, rows to fill), or None when
+        this model does not hold it."""
+        cfg = self.cfg
+        if name == "model.embed_tokens.weight":
+            return (self.embed_tokens, None) if self.embed_tokens is not None else None
+        if name == "lm_head.weight":
+            return (self.lm_head, None) if self.lm_head is not None else None
+        if name == "model.norm.weight":
+            return (self.norm.weight, None) if self.norm is not None else None
+        m = _LAYER.match(name)
+        if m is None:
+            return None
+        layer = int(m.group(1))
+        if not self.first_layer <= layer < self.last_layer:
+            return None
+        dec = cast(DecoderLayer, self.layers[layer - self.first_layer])
+        attn, mlp = dec.self_attn, dec.mlp
+        q, kv, i = cfg.q_size, cfg.kv_size, cfg.intermediate_size
+        qkv_rows = {
+            "q_proj": slice(0, q),
+            "k_proj": slice(q, q + kv),
+            "v_proj": slice(q + kv, q + 2 * kv),
+        }
+        rest = m.group(2)
+        parts = rest.split(".")
+        if rest == "input_layernorm.weight":
+            return dec.input_layernorm.weight, None
+        if rest == "post_attention_layernorm.weight":
+            return dec.post_attention_layernorm.weight, None
+        if len(parts) == 3 and parts[0] == "self_attn":
+            proj, kind = parts[1], parts[2]
+            if proj in qkv_rows:
+                target = attn.qkv_weight if kind == "weight" else attn.qkv_bias
+                return (target, qkv_rows[proj]) if target is not None else None
+            if proj == "o_proj":
+                target = attn.o_weight if kind == "weight" else attn.o_bias
+                return (target, None) if target is not None else None
+        if len(parts) == 3 and parts[0] == "mlp":
+            proj, kind = parts[1], parts[2]
+            rows = {"gate_proj": slice(0, i), "up_proj": slice(i, 2 * i)}
+            if proj in rows:
+                target = mlp.gate_up_weight if kind == "weight" else mlp.gate_up_bias
+                return (target, rows[proj]) if target is not None else None
+            if proj == "down_proj":
+                target = mlp.down_weight if kind == "weight" else mlp.down_bias
+                return (target, None) if target is not None else None
+        return None
+
+    def drop_layers(self, keep: range, *, keep_embed: bool, keep_head: bool) -> int:
+        """Free every held layer outside `keep` and, unless kept, the embedding and the
+        final norm + lm_head; return the parameter bytes freed.
+
+        `keep` must be a non-empty, step-1 sub-range of the held range; keeping the embedding
+        or head requires holding it, and keeping a tied head requires keeping the embedding
+        (it is the head). Bad input raises ValueError before anything changes. Afterwards
+        the held range is `keep` and KV cache layer `i` belongs to layer `keep.start + i`.
+
+        The freed tensors leave the process: their Parameters are emptied in place (so a
+        stray reference to a module keeps no storage), the modules are unlinked, and the
+        allocator is asked to hand the pages back (`_release_freed_memory`).
+        """
+        self._check_keep(keep, keep_embed=keep_embed, keep_head=keep_head)
+        before = self.param_bytes()
+        freed: list[nn.Parameter] = []
+        kept: list[DecoderLayer] = []
+        for module in self.layers:
+            layer = cast(DecoderLayer, module)
+            if layer.layer in keep:
+                kept.append(layer)
+            else:
+                freed.extend(layer.parameters())
+        if not keep_head:
+            if self.norm is not None:
+                freed.extend(self.norm.parameters())
+            self.norm = None
+            if self.lm_head is not None:
+                freed.append(self.lm_head)
+            self.lm_head = None
+        if not keep_embed and self.embed_tokens is not None:
+            freed.append(self.embed_tokens)
+            self.embed_tokens = None
+        for p in freed:
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self._set_layers(kept, keep.start, keep.stop)
+        del freed, kept
+        _release_freed_memory(self.device)
+        return before - self.param_bytes()
+
+    def _check_keep(self, keep: range, *, keep_embed: bool, keep_head: bool) -> None:
+        held = range(self.first_layer, self.last_layer)
+        if not isinstance(keep, range) or keep.step != 1 or len(keep) == 0:
+            raise ValueError(f"keep must be a non-empty range of step 1, got {keep!r}")
+        if not (held.start <= keep.start and keep.stop <= held.stop):
+            raise ValueError(
+                f"keep [{keep.start}, {keep.stop}) is not inside the held layers "
+                f"[{held.start}, {held.stop})"
+            )
+        if keep_embed and not self.has_embed:
+            raise ValueError("keep_embed: this model holds no embedding")
+        if keep_head and not self.has_head:
+            raise ValueError("keep_head: this model holds no head")
+        if keep_head and not keep_embed and self.cfg.tie_word_embeddings:
+            raise ValueError(
+                "tied word embeddings: the head is the embedding, keep_head needs keep_embed"
+            )
+
+    def _set_layers(self, layers: list[DecoderLayer], first: int, last: int) -> None:
+        assert [d.layer for d in layers] == list(range(first, last))
+        for d in layers:
+            d.self_attn.local_index = d.layer - first
+        self.layers = nn.ModuleList(layers)
+        self.first_layer, self.last_layer = first, last
+
+    def restore_layers(self, folder: Path) -> int:
+        """Back to the whole model: layers [0, num_layers), embedding, final norm, lm_head.
+
+        Loads only what is missing from the checkpoint in `folder` (the one the model was
+        loaded from); held tensors are kept as they are. Returns the parameter bytes loaded.
+        On a load error (ModelError) the model is left as it was before the call.
+        """
+        cfg = self.cfg
+        before = self.param_bytes()
+        saved = (
+            [cast(DecoderLayer, m) for m in self.layers],
+            self.first_layer,
+            self.last_layer,
+            self.embed_tokens,
+            self.norm,
+            self.lm_head,
+        )
+        held = {d.layer: d for d in saved[0]}
+        new_layers = [i for i in range(cfg.num_layers) if i not in held]
+        want_embed = self.embed_tokens is None
+        want_norm = self.norm is None
+        want_lm_head = self.lm_head is None and not cfg.tie_word_embeddings
+        names = set(
+            checkpoint_names(
+                cfg, new_layers, embed=want_embed, norm=want_norm, lm_head=want_lm_head
+            )
+        )
+        layers = [
+            held[i] if i in held else DecoderLayer(cfg, i, i, self.dtype, self.device)
+            for i in range(cfg.num_layers)
+        ]
+        if want_embed:
+            self.embed_tokens = self._new_embed()
+        if want_norm:
+            self.norm = self._new_norm()
+        if want_lm_head:
+            self.lm_head = self._new_embed()
+        self._set_layers(layers, 0, cfg.num_layers)
+        try:
+            copy_tensors(folder, self.checkpoint_target, names, only_expected=True)
+        except BaseException:
+            old_layers, first, last, self.embed_tokens, self.norm, self.lm_head = saved
+            self._set_layers(old_layers, first, last)
+            del layers
+            _release_freed_memory(self.device)
+            raise
+        return self.param_bytes() - before
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return cast(Callable[[int], int], libc.malloc_trim)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_freed_memory(device: torch.device) -> None:
+    """Make freed parameters' memory leave the process, not just the Python heap.
+
+    CPU: torch allocates tensors with glibc malloc. Chunks above the mmap threshold are
+    munmapped on free, but glibc raises that threshold (dynamically, up to 32 MiB) every time
+    it frees an mmapped chunk, and loading frees many checkpoint-sized temporaries; later
+    parameter-sized allocations (e.g. a restore) then come from the heap, and freeing heap
+    chunks gives nothing back to the OS. `malloc_trim(0)` returns every free whole page of
+    every arena (madvise(MADV_DONTNEED) inside the heap, not just its top), so the drop is
+    honest whichever way the tensors were allocated. CUDA: the caching allocator keeps
+    freed blocks for reuse; empty_cache hands them back to the driver.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
 
 def param_bytes_per_layer(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return cfg.layer_param_count() * torch.empty((), dtype=dtype).element_size()
+
+
+def stage_param_bytes(
+    cfg: ModelConfig, keep: range, *, embed: bool, head: bool, dtype: torch.dtype
+) -> int:
+    """Parameter bytes a stage holding layers `keep` (and the embedding / head when asked)
+    holds: `model.param_bytes()` after `drop_layers(keep, keep_embed=embed, keep_head=head)`.
+    A tied head is the embedding, so `head` counts it even without `embed`."""
+    count = len(keep) * cfg.layer_param_count()
+    if embed or (head and cfg.tie_word_embeddings):
+        count += cfg.embed_param_count()
+    if head:
+        count += cfg.head_param_count()
+    return count * torch.empty((), dtype=dtype).element_size()
