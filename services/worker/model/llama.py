@@ -233,7 +233,7 @@ class LlamaModel(nn.Module):
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
 
-    def checkpoint_names(self) -> Iterator[str]:
+    def held_checkpoint_names(self) -> Iterator[str]:
         """What a checkpoint must supply for the parts this model holds."""
         return checkpoint_names(
             self.cfg,

@@ -28,7 +28,7 @@ def load_weights(model: LlamaModel, folder: Path, *, only: Collection[str] | Non
     a restore after a parameter drop does); each must name a parameter the model holds, and
     the other parameters are left untouched. Without it every held parameter is loaded.
     """
-    expected = set(model.checkpoint_names())
+    expected = set(model.held_checkpoint_names())
     if only is None:
         copy_tensors(folder, model.checkpoint_target, expected)
         return
