@@ -310,7 +310,11 @@ class ElasticMember:
         )
         await eng.client.set_params(inner.model.param_bytes())
         split = await eng.client.split(self.g, grow=True)
-        self.table = sorted(await _lease_all(eng.client, eng.owner, split.capacity_blocks))
+        # Highest ids first: group blocks fill the lent memory before the ids this member
+        # takes back at the restore, which then stay free while the group's KV fits above.
+        self.table = sorted(
+            await _lease_all(eng.client, eng.owner, split.capacity_blocks), reverse=True
+        )
         eng.grouped = True
         eng.group_lease = list(self.table)
         return states, freed

@@ -224,7 +224,7 @@ class Engine:
         )
         req.num_cached_tokens = state.num_cached_tokens
         self.requests[req.request_id] = req
-        self.scheduler.add(req)
+        self.scheduler.add(req, front=bool(blocks))
         return req
 
     def export_requests(self, *, keep_kv: bool = False) -> list[RequestState]:

@@ -49,8 +49,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
-    def add(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add(self, request: Request, *, front: bool = False) -> None:
+        """Queue a request; `front`: ahead of every waiting one (a request that arrives
+        holding its KV must not wait behind one that cannot get memory, or its blocks
+        would be held by a request that cannot run)."""
+        if front:
+            self.waiting.appendleft(request)
+        else:
+            self.waiting.append(request)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

@@ -23,7 +23,6 @@ import msgspec
 import torch
 
 from common.protocol.elastic import RequestState
-from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput
 from services.worker.kv_cache import KVLayout
@@ -60,8 +59,8 @@ class LocalGroup:
     def start(self) -> None:
         """Every member serves alone on its first `capacity` full blocks."""
         for m in self.members:
-            cache = kv_view(m.raw, self.layout)
-            m.engine = Engine(m.model, cache, self.config, BlockPool(m.capacity))
+            cache = kv_view(m.raw, self.layout, num_blocks=m.capacity)
+            m.engine = Engine(m.model, cache, self.config)
 
     @property
     def g(self) -> int:
@@ -89,7 +88,9 @@ class LocalGroup:
             )
             most = m.raw.numel() // sub.bytes_per_block
             n = min(most, m.capacity * g + m.freed_bytes // sub.bytes_per_block)
-            m.table = torch.randperm(n, generator=shuffle) if shuffle else torch.arange(n)
+            # Group blocks come from the lent memory first (the top ids): the full blocks a
+            # member takes back at the restore stay free while the group's KV fits there.
+            m.table = torch.randperm(n, generator=shuffle) if shuffle else torch.arange(n).flip(0)
         stages = [
             StageServer(
                 m.model, kv_view(m.raw, self.layout, g), m.table, epoch=self.epoch, last=r == g - 1
@@ -139,9 +140,8 @@ class LocalGroup:
         self.last_plan = plan
         for m in self.members:
             m.model.restore_layers(self.folder)
-            m.engine = Engine(
-                m.model, kv_view(m.raw, self.layout), self.config, BlockPool(m.capacity)
-            )
+            cache = kv_view(m.raw, self.layout, num_blocks=m.capacity)
+            m.engine = Engine(m.model, cache, self.config)
         for s in states:
             home = plan.homes[s.request_id]
             engine = self.members[home.member].engine

@@ -39,10 +39,10 @@ class MicrobatchScheduler:
     def _tokens(self, part: Scheduler) -> int:
         return sum(r.num_tokens for r in part.running) + sum(r.num_tokens for r in part.waiting)
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, *, front: bool = False) -> None:
         i = min(range(len(self.parts)), key=lambda k: (self._tokens(self.parts[k]), k))
         self._part_of[request.request_id] = i
-        self.parts[i].add(request)
+        self.parts[i].add(request, front=front)
 
     def remove(self, request: Request) -> None:
         i = self._part_of.pop(request.request_id, None)

@@ -22,10 +22,14 @@ def sub_layout(full: KVLayout, g: int) -> KVLayout:
     )
 
 
-def kv_view(raw: torch.Tensor, full: KVLayout, g: int = 1) -> KVCache:
-    """Every block of `raw` in the layout of 1/g of the layers (g = 1: full blocks)."""
+def kv_view(
+    raw: torch.Tensor, full: KVLayout, g: int = 1, num_blocks: int | None = None
+) -> KVCache:
+    """The first `num_blocks` blocks (default: all) of `raw` in the layout of 1/g of the
+    layers (g = 1: full blocks)."""
     layout = sub_layout(full, g)
-    return KVCache.from_bytes(layout, raw, raw.numel() // layout.bytes_per_block)
+    n = raw.numel() // layout.bytes_per_block if num_blocks is None else num_blocks
+    return KVCache.from_bytes(layout, raw, n)
 
 
 def copy_sub_blocks(cache: KVCache, copies: Sequence[tuple[int, int]]) -> None:
