@@ -81,7 +81,9 @@ class SplitRequests:
                 f"not cover the pool's {alloc.capacity} of {alloc.max_blocks}"
             )
         if budget is not None and region.block_bytes != budget.unit_bytes:
-            return f"region blocks of {region.block_bytes} bytes, budget units of {budget.unit_bytes}"
+            return (
+                f"region blocks of {region.block_bytes} bytes, budget units of {budget.unit_bytes}"
+            )
         return ""
 
     def state(self) -> mp.SplitState:

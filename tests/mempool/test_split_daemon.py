@@ -93,7 +93,12 @@ async def test_split_over_rpc_grows_into_the_budget(spawn_daemon: SpawnDaemon) -
         whole.close()
 
     s = await d.client.split(2)  # grow=True: the half block the budget had left is added
-    assert (s.split, s.block_bytes, s.capacity_blocks, s.max_blocks) == (2, HALF, 17, 2 * info.device_max_blocks)
+    assert (s.split, s.block_bytes, s.capacity_blocks, s.max_blocks) == (
+        2,
+        HALF,
+        17,
+        2 * info.device_max_blocks,
+    )
     assert (s.budget_bytes, s.param_bytes, s.pending_shrink) == (budget, PARAMS, [])
     await intact(d)
     info = await d.client.info()
@@ -153,7 +158,9 @@ async def test_sub_blocks_move_between_daemons_split_alike(
         data = {s: rng.integers(0, 256, HALF, dtype=np.uint8).tobytes() for s in src}
         for s, payload in data.items():
             ra.blocks(s)[:] = payload
-        t = await a.client.transfer(b.address, src, [], transport=transport, owner="d", checksum=True)
+        t = await a.client.transfer(
+            b.address, src, [], transport=transport, owner="d", checksum=True
+        )
         assert t.transport == transport and t.nbytes == 3 * HALF and max(t.dst_ids) < 16
         for s, dst in zip(src, t.dst_ids, strict=True):
             assert bytes(rb.blocks(dst)) == data[s]
