@@ -152,6 +152,20 @@ class MempoolClient:
         fit the instance's budget beside its KV capacity."""
         return await self._ask(mp.SetParams(nbytes), mp.BudgetReply)
 
+    async def split(self, g: int, grow: bool = True) -> mp.SplitState:
+        """KunServe split mode: device blocks become g sub-blocks each (see `mp.Split`);
+        with `grow` and a budget, capacity grows into what the budget allows."""
+        return await self._ask(mp.Split(g, grow), mp.SplitState)
+
+    async def merge(self) -> mp.SplitState:
+        """Back to whole blocks; refused (REFUSED) while any aligned run is mixed."""
+        return await self._ask(mp.Merge(), mp.SplitState)
+
+    async def shrink(self, target: int) -> mp.SplitState:
+        """Lower the device ceiling to `target` (current units); `.pending_shrink` lists
+        the live ids above it."""
+        return await self._ask(mp.Shrink(target), mp.SplitState)
+
     async def info(self) -> mp.InfoReply:
         return await self._ask(mp.Info(), mp.InfoReply)
 

@@ -119,6 +119,34 @@ class SetParams(msgspec.Struct, tag=True, frozen=True):
     nbytes: int
 
 
+class Split(msgspec.Struct, tag=True, frozen=True):
+    """KunServe split mode: every device block of L layers becomes `g` sub-blocks of L/g
+    layers in place (block b -> sub-blocks b*g .. b*g+g-1, no copy); ids, capacity and
+    `block_bytes` are in sub-blocks from then on. `g` must divide the layer count (>= 2).
+    The device index is emptied first and stays read-only while split. With `grow` and a
+    budget, capacity then grows to the most the budget allows beside the current
+    parameters (send `SetParams` with what the worker kept first). Refused (nothing
+    changed) while already split or while transfers or pins hold device blocks. Answered
+    by `SplitState`."""
+
+    g: int
+    grow: bool = True
+
+
+class Merge(msgspec.Struct, tag=True, frozen=True):
+    """Back to whole blocks. Refused (REFUSED, nothing changed) unless the capacity and the
+    shrink ceiling are whole blocks and every aligned run of sub-blocks is all free or all
+    one client's. Answered by `SplitState`."""
+
+
+class Shrink(msgspec.Struct, tag=True, frozen=True):
+    """Lower the device ceiling to `target` (current units): ids >= target are never handed
+    out again; the capacity drops once they are all free. `SplitState.pending_shrink`
+    lists the live ids still above it (their owners move and free them)."""
+
+    target: int
+
+
 class ReleaseOwner(msgspec.Struct, tag=True, frozen=True):
     owner: str
 
@@ -241,6 +269,9 @@ MempoolRequest = (
     | TransferWithInsert
     | Grow
     | SetParams
+    | Split
+    | Merge
+    | Shrink
     | ReleaseOwner
     | Evict
     | Stats
@@ -339,6 +370,8 @@ class StatsReply(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""
     budget_bytes: int = 0  # the instance's memory budget; 0: none (older daemons too)
     param_bytes: int = 0  # resident parameter bytes (the worker's report, else an estimate)
+    split: int = 1  # device sub-blocks per whole block (KunServe split mode); 1: unsplit
+    block_bytes: int = 0  # bytes of one device block now (a sub-block while split)
 
 
 class BudgetReply(msgspec.Struct, tag=True, frozen=True):
@@ -350,6 +383,20 @@ class BudgetReply(msgspec.Struct, tag=True, frozen=True):
     block_bytes: int
 
 
+class SplitState(msgspec.Struct, tag=True, frozen=True):
+    """The device tier's split mode after a `Split`, `Merge` or `Shrink`: sizes in current
+    units (sub-blocks while split). `pending_shrink`: live ids at or above the ceiling of a
+    shrink not yet done (empty when none)."""
+
+    split: int
+    block_bytes: int
+    capacity_blocks: int
+    max_blocks: int
+    budget_bytes: int
+    param_bytes: int
+    pending_shrink: list[int] = msgspec.field(default_factory=list)
+
+
 class IntegrityReply(msgspec.Struct, tag=True, frozen=True):
     ok: bool
     message: str = ""
@@ -358,7 +405,7 @@ class IntegrityReply(msgspec.Struct, tag=True, frozen=True):
 class InfoReply(msgspec.Struct, tag=True, frozen=True):
     instance_id: str
     block_size: int
-    block_bytes: int
+    block_bytes: int  # one device block now: a sub-block of 1/split of the layers while split
     device_kind: str  # "shm" (CPU) or "cuda"
     device_name: str  # shm segment name, or the CUDA IPC handle in hex
     device_max_blocks: int
@@ -369,6 +416,7 @@ class InfoReply(msgspec.Struct, tag=True, frozen=True):
     incarnation: str = ""  # as in StatsReply
     budget_bytes: int = 0  # as in StatsReply
     param_bytes: int = 0  # as in StatsReply
+    split: int = 1  # as in StatsReply
 
 
 class IndexRun(msgspec.Struct, frozen=True, array_like=True):
@@ -424,6 +472,7 @@ MempoolReply = (
     | Committed
     | StatsReply
     | BudgetReply
+    | SplitState
     | IntegrityReply
     | InfoReply
     | IndexSnapshotReply

@@ -109,12 +109,16 @@ class IncomingBlocks(Incoming):
 
 
 class BlockTransfers(TransferHandler):
-    def __init__(
-        self, pool: MemPool, plane: DataPlane, shared: TransferShared, *, block_bytes: int
-    ):
+    def __init__(self, pool: MemPool, plane: DataPlane, shared: TransferShared):
         super().__init__(plane, shared)
         self.pool = pool
-        self.block_bytes = block_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """One device block now: read from the region at every leg, never cached, because
+        split mode (split_mode.py) changes it in place. Two daemons in different split
+        modes thus announce different sizes and the receiver refuses the transfer."""
+        return self.plane.region.block_bytes
 
     # ----------------------------------------------------------- sending side
     async def transfer(self, req: mp.Transfer) -> mp.Transferred:
@@ -212,8 +216,9 @@ class BlockTransfers(TransferHandler):
     def prepare(self, req: mp.PrepareReceive) -> mp.Prepared:
         if req.block_bytes and req.block_bytes != self.block_bytes:
             raise MemPoolError(
-                f"block size mismatch: sender {req.block_bytes} bytes, receiver {self.block_bytes}",
-                kind=ErrorKind.BAD_REQUEST,
+                f"block size mismatch: sender {req.block_bytes} bytes, receiver "
+                f"{self.block_bytes} (a different model, layer range or split mode)",
+                kind=ErrorKind.REFUSED,
             )
         name = self.plane.choose(req.transports, req.sender_host)
         tid = self.incoming.new_id()
@@ -253,7 +258,7 @@ class BlockTransfers(TransferHandler):
             transfer_id=tid,
             dst_ids=ids,
             transport=name,
-            endpoint=self.plane.endpoints[name],
+            endpoint=self.plane.endpoint(name),
             skip=len(skip_ids),
         )
 

@@ -12,6 +12,9 @@ as a cupy array and hand it to torch through `__cuda_array_interface__` (no copy
 Unlike tmpfs, cudaMalloc commits the whole reservation at once: `max_blocks` is device
 memory in use from the start, and `grow` only raises how much of it the allocator hands out.
 
+Split mode (`Region.set_split`, inherited) only re-views the allocation in smaller
+blocks: nothing is allocated or freed, so it needs no CUDA call and is never reached on CPU.
+
 Optional: needs cupy (the `cuda` extra) and a CUDA device; `cuda_available()` is the guard.
 Nothing here runs on a CPU-only machine (tests/mempool/test_cuda_region.py is gpu-marked).
 """

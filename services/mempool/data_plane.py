@@ -55,6 +55,12 @@ class DataPlane:
             await receiver.close()
             await sender.close()
 
+    def endpoint(self, transport: str) -> dict[str, str]:
+        """What a sender needs for one transfer over `transport`: the endpoint from start,
+        with the fields that follow the region's geometry read now (split mode changes
+        the block size in place; a sender must never use a stale one)."""
+        return {**self.endpoints[transport], **self.receiver(transport).geometry()}
+
     def receiver(self, transport: str) -> Receiver:
         return self.transports[transport][0]
 

@@ -151,6 +151,8 @@ class MemPool:
         return self._swap(ids, Tier.HOST, Tier.DEVICE)
 
     def _swap(self, ids: Sequence[int], src: Tier, dst: Tier) -> list[int]:
+        if self.split_factor != 1:  # host blocks are whole blocks, device ones sub-blocks
+            raise MemPoolError("swap between tiers is not available while split")
         self.check_client(ids, src)  # refuses blocks a transfer is using
         owners = self.client[src].owners(ids)
         self._make_room(dst, len(ids))

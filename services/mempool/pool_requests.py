@@ -91,7 +91,7 @@ class PoolRequests:
     def grow(self, req: mp.Grow) -> mp.Ok:
         if self.budget is not None and (why := self.budget.check(req.device_blocks)):
             raise BudgetError(f"grow to {req.device_blocks} blocks refused: {why}")
-        self._grow(req.device_blocks)
+        self.grow_to(req.device_blocks)
         return mp.Ok(req.device_blocks)
 
     def set_params(self, req: mp.SetParams) -> mp.BudgetReply:
@@ -107,10 +107,10 @@ class PoolRequests:
             current = self.pool.alloc[Tier.DEVICE].capacity
             capacity = self.budget.set_params(req.nbytes, current)
             if capacity > current:
-                self._grow(capacity)
-        return self.split()
+                self.grow_to(capacity)
+        return self.budget_state()
 
-    def split(self) -> mp.BudgetReply:
+    def budget_state(self) -> mp.BudgetReply:
         return mp.BudgetReply(
             budget_bytes=self.budget.budget if self.budget else 0,
             param_bytes=self.param_bytes,
@@ -124,12 +124,17 @@ class PoolRequests:
             return ""
         return self.budget.check(self.pool.alloc[Tier.DEVICE].capacity)
 
-    def _grow(self, n: int) -> None:
+    def grow_to(self, n: int) -> None:
+        """Device capacity `n` (current units) in the pool, then in the region, committing
+        the new range (`populate`) when the daemon prefaults. The region's capacity never
+        goes down (after a shrink or a merge it may be above the pool's): only a range it
+        did not cover yet is new."""
         self.pool.grow(n)  # first: it refuses a bad size before anything changes
         old = self.device.capacity_blocks
-        self.device.grow(n)
-        if self.prefault:
-            self.device.populate(old, n - old)
+        if n > old:
+            self.device.grow(n)
+            if self.prefault:
+                self.device.populate(old, n - old)
 
     def release_owner(self, req: mp.ReleaseOwner) -> mp.Ok:
         return mp.Ok(self.pool.release_owner(req.owner))

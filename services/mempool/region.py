@@ -49,6 +49,7 @@ class Region:
 
     kind = "base"
     on_host: ClassVar[bool] = True
+    split = 1  # sub-blocks per whole block (KunServe split mode, `set_split`)
 
     def __init__(self, buffer: memoryview, block_bytes: int, max_blocks: int, capacity_blocks: int):
         if block_bytes <= 0 or max_blocks <= 0:
@@ -86,6 +87,34 @@ class Region:
                 f"can grow from {self.capacity_blocks} up to {self.max_blocks} blocks, not to {capacity_blocks}"
             )
         self.capacity_blocks = capacity_blocks
+
+    def set_split(self, g: int) -> None:
+        """Re-view the same bytes as blocks of `1/g` of a whole block (split mode: block b is
+        sub-blocks b*g .. b*g+g-1), or back to whole blocks with g = 1. In place: every
+        holder of this object (a transport's receiver, the daemon) sees the new geometry.
+
+        `block_bytes * max_blocks` (the reservation's bytes) never changes. Merging back
+        rounds the capacity up to whole blocks (it then still covers every id handed out).
+        Refused (ValueError, nothing changed) from one split factor straight to another, or
+        when g does not divide the block bytes."""
+        if g < 1:
+            raise ValueError(f"split factor must be >= 1, got {g}")
+        if g == self.split:
+            return
+        if g != 1 and self.split != 1:
+            raise ValueError(f"region is split into {self.split}: merge before splitting into {g}")
+        if g != 1:
+            if self.block_bytes % g:
+                raise ValueError(f"{self.block_bytes}-byte blocks do not split into {g} parts")
+            self.block_bytes //= g
+            self.max_blocks *= g
+            self.capacity_blocks *= g
+        else:
+            s = self.split
+            self.block_bytes *= s
+            self.max_blocks //= s
+            self.capacity_blocks = -(-self.capacity_blocks // s)
+        self.split = g
 
     def blocks(self, first: int, count: int = 1) -> memoryview:
         """Bytes of blocks [first, first + count)."""
@@ -177,12 +206,20 @@ class ShmRegion(Region):
         """Map blocks [first, first + count) into this process now (tmpfs allocates any
         page nobody touched yet), so that writes to them take no page faults. Best effort:
         False where the kernel cannot (the pages then fault in on first touch)."""
-        global _POPULATE_WRITE
         count = min(count, self.max_blocks - first)
-        if _POPULATE_WRITE is None or count <= 0 or first < 0:
+        if count <= 0 or first < 0:
             return False
-        start = first * self.block_bytes // mmap.PAGESIZE * mmap.PAGESIZE
-        end = (first + count) * self.block_bytes
+        return self.populate_bytes(first * self.block_bytes, count * self.block_bytes)
+
+    def populate_bytes(self, offset: int, nbytes: int) -> bool:
+        """`populate` for bytes [offset, offset + nbytes) of the segment (a sender that
+        knows the destination's geometry from its endpoint, not from this mapping)."""
+        global _POPULATE_WRITE
+        nbytes = min(nbytes, len(self.array) - offset)
+        if _POPULATE_WRITE is None or nbytes <= 0 or offset < 0:
+            return False
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        end = offset + nbytes
         try:
             self.shm._mmap.madvise(_POPULATE_WRITE, start, end - start)  # type: ignore[attr-defined]
         except (OSError, ValueError, AttributeError):

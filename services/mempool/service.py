@@ -48,6 +48,7 @@ from services.mempool.pool import MemPool, MemPoolError
 from services.mempool.pool_requests import PoolRequests, wire_event
 from services.mempool.prompt_tree import Tier
 from services.mempool.send_leg import Peers, TransferShared
+from services.mempool.split_mode import SplitRequests
 from services.mempool.tensor_store import TensorStore
 from services.mempool.tensor_transfers import TensorTransfers
 from services.mempool.transfer_state import TransferCounters
@@ -113,8 +114,9 @@ class MempoolDaemon(ServiceShell):
         self.pool_requests = PoolRequests(
             self.pool, self.device, prefault=cfg.prefault, budget=budget
         )
+        self.split_mode = SplitRequests(self.pool_requests, cfg.geometry().num_layers)
         shared = TransferShared(self.peers, self.incoming, self.counters, cfg.host_id)
-        self.blocks = BlockTransfers(self.pool, self.kv_plane, shared, block_bytes=self.block_bytes)
+        self.blocks = BlockTransfers(self.pool, self.kv_plane, shared)
         self.tensors = TensorTransfers(
             TensorStore(self.memory.tensor_pages), self.tensor_plane, shared
         )
@@ -140,6 +142,9 @@ class MempoolDaemon(ServiceShell):
             mp.Evict: pool.evict,
             mp.Grow: pool.grow,
             mp.SetParams: pool.set_params,
+            mp.Split: self.split_mode.split,
+            mp.Merge: self.split_mode.merge,
+            mp.Shrink: self.split_mode.shrink,
             mp.ReleaseOwner: pool.release_owner,
             # KV between daemons: sending side, then receiving side
             mp.Transfer: blocks.transfer,
@@ -321,6 +326,8 @@ class MempoolDaemon(ServiceShell):
             incarnation=self.incarnation,
             budget_bytes=self.cfg.budget_bytes,
             param_bytes=self.pool_requests.param_bytes,
+            split=self.pool.split_factor,
+            block_bytes=self.device.block_bytes,
         )
 
     def _check_integrity(self, req: mp.CheckIntegrity) -> mp.IntegrityReply:
@@ -329,6 +336,8 @@ class MempoolDaemon(ServiceShell):
             self.tensors.check_integrity()
         except AssertionError as exc:
             return mp.IntegrityReply(ok=False, message=str(exc))
+        if why := self.split_mode.check():
+            return mp.IntegrityReply(ok=False, message=why)
         if why := self.pool_requests.check_budget():
             return mp.IntegrityReply(ok=False, message=why)
         return mp.IntegrityReply(ok=True)
@@ -337,7 +346,7 @@ class MempoolDaemon(ServiceShell):
         return mp.InfoReply(
             instance_id=self.cfg.instance_id,
             block_size=self.cfg.block_size,
-            block_bytes=self.block_bytes,
+            block_bytes=self.device.block_bytes,
             device_kind=self.device.kind,
             device_name=self.device.name,
             device_max_blocks=self.device.max_blocks,
@@ -348,6 +357,7 @@ class MempoolDaemon(ServiceShell):
             incarnation=self.incarnation,
             budget_bytes=self.cfg.budget_bytes,
             param_bytes=self.pool_requests.param_bytes,
+            split=self.pool.split_factor,
         )
 
 

@@ -140,6 +140,12 @@ class Receiver(ABC):
     async def start(self) -> dict[str, str]:
         """Start accepting data; returns the endpoint info a Sender needs (idempotent)."""
 
+    def geometry(self) -> dict[str, str]:
+        """Endpoint fields that describe the region's current block geometry, read anew
+        for every transfer (KunServe split mode changes it in place). Empty for transports
+        whose receiver places the bytes itself from the live region (tcp, ucx, gloo)."""
+        return {}
+
     @abstractmethod
     def expect(self, transfer_id: int, runs: list[tuple[int, int]]) -> None:
         """Register a transfer of `runs` (dst_block, num_blocks); data may arrive afterwards.

@@ -46,8 +46,11 @@ class CudaIpcReceiver(ShmReceiver):
         self._cancelled = set()
 
     async def start(self) -> dict[str, str]:
+        return {"cuda-ipc": self.cuda_region.name, **self.geometry()}
+
+    def geometry(self) -> dict[str, str]:
+        # Per transfer (split mode changes it); the sender copies in bytes from these.
         return {
-            "cuda-ipc": self.cuda_region.name,
             "cuda-ipc.block_bytes": str(self.region.block_bytes),
             "cuda-ipc.max_blocks": str(self.region.max_blocks),
         }

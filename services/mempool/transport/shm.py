@@ -1,6 +1,8 @@
 """Same-host transport: the sender copies straight into the receiver's shared-memory segment.
 
-The receiver's endpoint names its `ShmRegion` segment (plus its geometry). The sender maps
+The receiver's endpoint names its `ShmRegion` segment (plus its geometry, read anew for
+every transfer: KunServe split mode re-views the segment in smaller blocks in place, and
+the sender addresses it in bytes from the endpoint's geometry). The sender maps
 that segment once (attachments are cached per name and dropped in `close`) and copies each
 run from its source region into the destination region with numpy, in a worker thread
 (on the event loop itself for transfers of at most `inline_bytes`), in chunks of
@@ -85,8 +87,11 @@ class ShmReceiver(Receiver):
         self._cancelled: set[int] = set()
 
     async def start(self) -> dict[str, str]:
+        return {"shm": self.shm_region.name, **self.geometry()}
+
+    def geometry(self) -> dict[str, str]:
+        # Per transfer: the sender addresses our segment in these blocks.
         return {
-            "shm": self.shm_region.name,
             "shm.block_bytes": str(self.region.block_bytes),
             "shm.max_blocks": str(self.region.max_blocks),
         }
@@ -229,11 +234,11 @@ class ShmSender(Sender):
         with self._lock:
             cached = self._attached.get(name)
             if cached is not None and cached.inode == inode:
-                if (cached.region.block_bytes, cached.region.max_blocks) != (
-                    block_bytes,
-                    max_blocks,
-                ):
-                    raise ValueError(f"segment {name} changed geometry")
+                # The same segment may be viewed in other blocks now (split mode): the
+                # copy addresses it in bytes from the endpoint's geometry, so only its
+                # size must agree.
+                if cached.region.array.size != block_bytes * max_blocks:
+                    raise ValueError(f"segment {name} changed size")
                 return cached.region
             if cached is not None:
                 # D re-created the segment: the old mapping no longer reaches D. A copy
@@ -275,9 +280,9 @@ class ShmSender(Sender):
         crc = 0
         bb = block_bytes
         for run in runs:
-            dst.populate(run.dst_block, run.num_blocks)  # one call, not a fault per page
             src_start, dst_start = run.src_block * bb, run.dst_block * bb
             size = run.num_blocks * bb
+            dst.populate_bytes(dst_start, size)  # one call, not a fault per page
             for offset in range(0, size, self.chunk_bytes):
                 # The deadline check is what makes D's reuse rule (module docstring) safe.
                 if time.monotonic() >= deadline:
