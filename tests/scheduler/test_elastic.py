@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from common.protocol.elastic import FollowerCommitted, GroupServing, Ready, Restored
 from common.protocol.scheduler import Place
+from services.cli.admin import render
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import GlobalScheduler
 from services.scheduler.elastic import (
@@ -265,3 +266,21 @@ def test_elastic_status_is_answered_by_the_core_and_drop_by_the_service() -> Non
     assert not reply.ok and "elastic status | elastic drop ID,ID" in reply.error
     assert core.describe_instances(1.0)[1]["group"] == "g1"
     assert core.status(1.0)["groups"] == {SERVING: 1}
+
+
+def test_the_cli_prints_the_group_id_first_and_status_as_tables() -> None:
+    e = Elastic()
+    g = serving(e, ["w0", "w1"])
+    out = render("elastic", g.to_dict(), ["drop", "w0,w1"]).splitlines()
+    assert out[0] == "g1" and "members w0(0:0-2) w1(1:2-4), lent 1000 bytes" in out[1]
+    table = render("elastic", e.status(), ["status"]).splitlines()
+    assert table[0].split()[:5] == ["GROUP", "STATE", "EPOCH", "LEADER", "MEMBERS(RANK:LAYERS)"]
+    assert table[1].split()[:5] == ["g1", "SERVING", "1", "w0", "w0(0:0-2)"]
+    assert [line.split()[3] for line in table[4:]] == [
+        "prepare",
+        "ready",
+        "followers-committed",
+        "serving",
+    ]
+    assert render("elastic", {"restored": []}, ["restore", "all"]) == "nothing to restore"
+    assert render("elastic", {"groups": [], "events": []}, ["status"]) == "no groups"
