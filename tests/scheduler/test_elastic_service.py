@@ -244,3 +244,26 @@ async def test_a_members_death_breaks_the_group_and_break_reaches_the_survivor(
     admin = ["admin", "--address", harness.svc.admin_address, "--token", TOKEN]
     code, out, _ = await cli([*admin, "--json", "elastic", "status"])
     assert code == 0 and json.loads(out)["groups"][0]["state"] == "BROKEN"
+
+
+async def test_a_refused_leader_commit_or_restore_breaks_the_group(
+    harness: Harness, workers: Workers
+) -> None:
+    w0 = await workers.add("w0", refuse_on=("Commit",))
+    w1 = await workers.add("w1")
+    assert await refused(harness, "drop", "w0,w1") == (
+        "group g1 broken: leader commit failed: w0 refused: w0 will not Commit "
+        "(Break to w1; Abort to w0)"
+    )
+    assert workers.script.of("w1") == ["Prepare", "Commit", "Break"]
+    assert workers.script.of("w0")[-2:] == ["Commit", "Abort"] and not w0.received(Break)
+
+    w2 = await workers.add("w2", refuse_on=("Restore",))
+    w3 = await workers.add("w3")
+    assert (await elastic(harness, "drop", "w3,w2"))["group_id"] == "g2"
+    assert await refused(harness, "restore", "all") == (
+        "group g2 broken: restore failed: w2 refused: w2 will not Restore (Break to w2, w3)"
+    )
+    assert w2.received(Break) and w3.received(Break) and not w1.received(Restore)
+    states = {g["group_id"]: g["state"] for g in (await elastic(harness, "status"))["groups"]}
+    assert states == {"g1": "BROKEN", "g2": "BROKEN"}
