@@ -18,6 +18,10 @@ otherwise.
 | cache-stats |              | each daemon's stats and the cluster's hit rate           |
 | flush-cache |              | every daemon evicts every unpinned cached block         |
 | shutdown    |              | stop the cluster (workers, daemons, gateway, scheduler) |
+| elastic     | status       | pipeline groups: members, ranks, layers, lent bytes,     |
+|             |              | state, and the timeline of events (both clocks)          |
+| elastic     | drop ID,ID.. | form a group (lowest id leads); answers its id, figures |
+| elastic     | restore G|all| dissolve group G (or every serving group)              |
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ COMMANDS = (
     "cache-stats",
     "flush-cache",
     "shutdown",
+    "elastic",
 )
 
 

@@ -6,6 +6,10 @@ against a worker's, the gateway's or a MemPool daemon's control socket. The addr
 token come from the flags, else MEMSERVE_ADMIN_ADDRESS / MEMSERVE_ADMIN_TOKEN, else the
 `[scheduler]` table of --config (admin_address, admin_token). Exits 1 with one line on
 stderr when the call is refused, fails or times out.
+
+`elastic status` prints the pipeline groups and their timeline as tables, `elastic drop
+ID,ID[,...]` the new group's id on its first line, `elastic restore GROUP|all` what was
+restored; `--json` prints any result as JSON instead.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +58,14 @@ def add_parser(sub: Any) -> None:
         "[cluster] key_file of --config, or the key `memserve up` made in .memserve/run)",
     )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the reply")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("command", choices=COMMANDS)
-    p.add_argument("args", nargs="*", help="drain/undrain: INSTANCE_ID; policy: [NAME]")
+    p.add_argument(
+        "args",
+        nargs="*",
+        help="drain/undrain: INSTANCE_ID; policy: [NAME]; "
+        "elastic: status | drop ID,ID[,...] | restore GROUP|all",
+    )
     p.set_defaults(func=run)
 
 
@@ -69,7 +80,10 @@ def run(args: argparse.Namespace) -> int:
         return fail(str(exc))
     if not reply.ok:
         return fail(f"{args.command} refused by {address}: {reply.error}")
-    print(render(args.command, reply.result))
+    if args.json:
+        print(json.dumps(reply.result, indent=2, sort_keys=True, default=str))
+    else:
+        print(render(args.command, reply.result, args.args))
     return 0
 
 
@@ -160,8 +174,91 @@ _COLUMNS = (
 )
 
 
-def render(command: str, result: Any) -> str:
-    """`instances` as a table; anything else as indented JSON."""
+def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+
+
+def _members(group: dict[str, Any]) -> str:
+    """`w0(0:0-2) w1(1:2-4)`: each member (rank:first-last layers)."""
+    out = []
+    for m in group.get("members", []):
+        layers = m.get("layers") or []
+        span = f"{layers[0]}-{layers[1]}" if len(layers) == 2 else "?"
+        out.append(f"{m.get('instance_id')}({m.get('rank')}:{span})")
+    return " ".join(out)
+
+
+def render_elastic(sub: str, result: Any) -> str:
+    """`elastic status` as a groups table and a timeline, `drop` the group id first."""
+    if sub == "drop" and isinstance(result, dict):
+        return (
+            f"{result.get('group_id')}\n"
+            f"leader {result.get('leader')}, members {_members(result)}, "
+            f"lent {result.get('lent_bytes', 0)} bytes, {result.get('num_blocks', 0)} group "
+            f"blocks, {result.get('adopted', 0)} requests adopted"
+        )
+    if sub == "restore" and isinstance(result, dict):
+        done = result.get("restored", [])
+        if not done:
+            return "nothing to restore"
+        return "\n".join(
+            f"restored {r['group_id']} ({' '.join(r['members'])}): moved {r['moved']}, "
+            f"recomputed {r['recomputed']}, {r['moved_bytes']} bytes, pause {r['pause_s']:.3f} s"
+            for r in done
+        )
+    if sub == "status" and isinstance(result, dict):
+        groups = result.get("groups", [])
+        lines = ["no groups"] if not groups else []
+        if groups:
+            rows = [
+                [
+                    str(g.get("group_id")),
+                    str(g.get("state")),
+                    str(g.get("epoch")),
+                    str(g.get("leader")),
+                    _members(g),
+                    str(g.get("lent_bytes", 0)),
+                    str(g.get("num_blocks", 0)),
+                    _wall(g.get("formed_at", 0)),
+                    str(g.get("reason", "")),
+                ]
+                for g in groups
+            ]
+            header = ["GROUP", "STATE", "EPOCH", "LEADER", "MEMBERS(RANK:LAYERS)"]
+            header += ["LENT_BYTES", "BLOCKS", "FORMED", "REASON"]
+            lines = _grid(header, rows)
+        events = result.get("events", [])
+        if events:
+            rows = [
+                [
+                    _wall(e.get("wall", 0)),
+                    f"{e.get('at', 0):.3f}",
+                    str(e.get("group_id")),
+                    str(e.get("event")),
+                    json.dumps(e.get("detail", {}), sort_keys=True) if e.get("detail") else "",
+                ]
+                for e in events
+            ]
+            lines += ["", *_grid(["WALL", "MONOTONIC", "GROUP", "EVENT", "DETAIL"], rows)]
+        return "\n".join(lines)
+    return json.dumps(result, indent=2, sort_keys=True, default=str)
+
+
+def _wall(t: float) -> str:
+    if not t:
+        return "-"
+    ms = int((t % 1) * 1000)
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{ms:03d}"
+
+
+def render(command: str, result: Any, args: list[str] | None = None) -> str:
+    """`instances` and `elastic` as tables; anything else as indented JSON."""
+    if command == "elastic" and args:
+        return render_elastic(args[0], result)
     if command == "instances" and isinstance(result, list):
         if not result:
             return "no instances registered"
@@ -174,11 +271,5 @@ def render(command: str, result: Any) -> str:
             ]
             for r in result
         ]
-        header = [name for name, _ in _COLUMNS]
-        widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
-        lines = [
-            "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip()
-            for row in [header, *rows]
-        ]
-        return "\n".join(lines)
+        return "\n".join(_grid([name for name, _ in _COLUMNS], rows))
     return json.dumps(result, indent=2, sort_keys=True, default=str)

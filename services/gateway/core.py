@@ -30,6 +30,12 @@ Invariants:
   its first token is re-placed (`unplace`, then Place again avoiding the dead instances)
   at most `max_replacements` times, invisibly to its client; after its first token it
   fails with an error naming the instance (its output cannot be resumed elsewhere).
+* The gateway follows which instance streams each request (`follow`): a chunk from an
+  instance the request has no leg on (its pipeline group's leader took it over at a
+  drop, or its home member at a restore) moves the streaming leg there, same request
+  id, offsets going on; from then on the old instance's death no longer fails it and the
+  new one's does. A late chunk of the instance it just left (an offset before the move)
+  is consumed by offset and moves nothing back.
 * A Place or Release the scheduler did not answer is owed a Release (`owe_release`),
   sent once the scheduler answers again; at most MAX_OWED are remembered (the
   scheduler's own gateway-liveness and TTL cover the rest).
@@ -55,6 +61,7 @@ from services.gateway.stream import Leg, RequestStream
 
 DEFAULT_MAX_TOKENS = SamplingParams().max_tokens
 MAX_OWED = 10_000  # releases remembered while the scheduler does not answer
+MAX_ADDRESSES = 4096  # instances whose request address is remembered (from placements)
 
 
 @dataclass(eq=False)
@@ -71,6 +78,8 @@ class Request:
     # Instances it was taken off before its first token (dead or unreachable): never
     # placed there again.
     avoid: list[str] = field(default_factory=list)
+    # The instance its stream last moved away from, and the offset the move came at.
+    left: tuple[str, int] | None = None
 
     @property
     def placed(self) -> bool:
@@ -120,6 +129,8 @@ class GatewayCore:
         self.started_at = started_at
         self.owed: dict[str, None] = {}  # request ids owed a Release (insertion order)
         self.requests: dict[str, Request] = {}
+        # Instance id -> request address, from placements: where a moved leg's Abort goes.
+        self.addresses: dict[str, str] = {}
         self.by_client: dict[tuple[bytes, str], str] = {}
         # Requests that passed `check` and whose text is being tokenized: (peer, client
         # request id) -> cancelled meanwhile.
@@ -304,6 +315,7 @@ class GatewayCore:
     def placed(self, r: Request, p: sp.Placement) -> wp.Generate:
         """Record the placement's legs; return the `Generate` for its first worker."""
         r.stream.legs.append(Leg(p.instance_id, p.address))
+        self._learn(p.instance_id, p.address)
         if p.handoff is not None:
             r.stream.legs.append(Leg(p.handoff.instance_id, p.handoff.address))
             r.pd = True
@@ -317,6 +329,29 @@ class GatewayCore:
             handoff=p.handoff,
             fetch=p.fetch,
         )
+
+    def _learn(self, instance_id: str, address: str) -> None:
+        self.addresses.pop(instance_id, None)
+        self.addresses[instance_id] = address
+        while len(self.addresses) > MAX_ADDRESSES:
+            del self.addresses[next(iter(self.addresses))]
+
+    def follow(self, r: Request, chunk: wp.TokenChunk) -> Leg | None:
+        """Move `r`'s streaming leg to the instance `chunk` came from when `r` has no leg
+        there (a group took the request over, or gave it back home); return the leg it
+        left, or None when nothing moved. The streaming leg is the last one (a P/D
+        request's decode leg). A chunk of the instance `r` last left, from before the
+        move, is late: it moves nothing."""
+        iid = chunk.instance_id
+        legs = r.stream.legs
+        if not iid or not legs or r.has_leg_on(iid):
+            return None
+        if r.left is not None and r.left[0] == iid and chunk.offset < r.left[1]:
+            return None
+        old = legs[-1]
+        legs[-1] = Leg(iid, self.addresses.get(iid, ""))
+        r.left = (old.instance_id, chunk.offset)
+        return old
 
     def place_request(self, r: Request) -> sp.Place:
         return sp.Place(
@@ -354,6 +389,7 @@ class GatewayCore:
         old = r.rid
         live = [leg for leg in s.legs if leg.instance_id != dead]
         s.legs = []
+        r.left = None
         s.held.clear()
         s.num_cached_tokens = 0
         s.last_activity = now  # the silence watchdog starts afresh

@@ -240,7 +240,8 @@ class GatewayService(ServiceShell):
         old, live = self.core.unplace(r, dead, time.monotonic())
         log.info("placing a request again", request=old, now=r.rid, instance=dead, reason=why)
         for leg in live:
-            self.tasks.spawn(self._send_worker(leg.address, wp.Abort(old)))
+            if leg.address:
+                self.tasks.spawn(self._send_worker(leg.address, wp.Abort(old)))
         self.tasks.spawn(self._release(old, "all"))
 
     # ----------------------------------------------------------------- workers
@@ -256,6 +257,12 @@ class GatewayService(ServiceShell):
             r = requests.get(chunk.request_id)
             if r is None:
                 continue  # a late chunk of a request that already ended
+            if chunk.instance_id and not r.has_leg_on(chunk.instance_id):
+                left = self.core.follow(r, chunk)  # a group took it over, or gave it back
+                if left is not None:
+                    log.info(
+                        "request moved", request=r.rid, left=left.instance_id, now=chunk.instance_id
+                    )
             up = r.stream.accept(chunk, time.monotonic())
             if up.text or up.token_ids:
                 await self._to_client(
@@ -304,7 +311,7 @@ class GatewayService(ServiceShell):
             return
         if abort or final.finish_reason not in ("stop", "length"):
             for leg in r.stream.legs:
-                if leg.instance_id != dead:
+                if leg.instance_id != dead and leg.address:  # (a moved leg may have none)
                     self.tasks.spawn(self._send_worker(leg.address, wp.Abort(r.rid)))
         if r.placed:
             self.tasks.spawn(self._release(r.rid, "all"))

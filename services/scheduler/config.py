@@ -46,6 +46,10 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     attention_coeff: float = 1e-9  # seconds per token^2 (the a * x^2 * y attention term)
     transfer_bytes_per_s: float = 2e9
     min_fetch_tokens: int = 64
+    # `elastic drop`: how long members may take to answer Prepare (else Abort), and how
+    # long a Commit, Restore or Break may take.
+    elastic_prepare_timeout_s: float = 2.0
+    elastic_timeout_s: float = 10.0
     log_level: str = "info"
 
     def validate(self) -> SchedulerConfig:
@@ -83,6 +87,8 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
             "balance_rel_threshold",
             "prefill_tokens_per_s",
             "transfer_bytes_per_s",
+            "elastic_prepare_timeout_s",
+            "elastic_timeout_s",
         )
         for key in positive:
             if not getattr(self, key) > 0:

@@ -26,13 +26,19 @@ when that incarnation falls silent (no `GatewayAlive` for a few of its intervals
 later incarnation of the same gateway id appears, every charge it owns is taken back at
 once, as if released: a dead gateway never releases, and its requests died with it.
 
+Pipeline groups (elastic.py): a SERVING (or RESTORING) group is one placement target,
+its leader: the followers are no candidates of their own, the leader's candidate carries
+every member's charges, and its placements get `cache=False` (no context caching in a
+group: its KV is split across the members). A member that goes down breaks its group.
+
 Pure and synchronous: every time is the caller's monotonic `now`.
 """
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +62,7 @@ from common.protocol.scheduler import (
 )
 from common.protocol.worker import HandOff
 from services.scheduler.config import POLICIES, SchedulerConfig
+from services.scheduler.elastic import ACTIVE, Elastic
 from services.scheduler.gateways import GatewayTable, Incarnation
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
 from services.scheduler.policy import Candidate, CostModel, Policy, RequestInfo, make_policy
@@ -64,6 +71,8 @@ from services.scheduler.registry import ClaimRefusedError, Instance, Registry, R
 PHASES = ("prefill", "all")
 # Admin commands the asyncio shell runs itself (they talk to other processes).
 SERVICE_COMMANDS = ("cache-stats", "flush-cache", "shutdown")
+# `elastic` subcommands the shell runs (they talk to workers); `elastic status` is here.
+ELASTIC_SERVICE = ("drop", "restore")
 
 
 class NoInstanceError(MemServeError):
@@ -107,6 +116,9 @@ class GlobalScheduler:
         self.counters: Counter[str] = Counter()
         # Instances whose trees lost events and wait for a snapshot the shell fetches.
         self.want_snapshot: set[str] = set()
+        self.elastic = Elastic()
+        # The wall clock of elastic events only (the timeline shows both clocks).
+        self.wall_clock: Callable[[], float] = time.time
 
     # ----------------------------------------------------------- instances
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[InstanceEvent]:
@@ -138,7 +150,14 @@ class GlobalScheduler:
                 # Its daemon is gone and its KV with it: nothing there can be matched.
                 self.trees[inst.role].remove_instance(inst.instance_id)
                 events.append(InstanceDown(inst.instance_id, "unhealthy (lost its MemPool daemon)"))
+        self._groups_lose(events, now)
         return events
+
+    def _groups_lose(self, events: list[InstanceEvent], now: float) -> None:
+        """A member going down breaks its group (the shell sends the survivors Break)."""
+        for e in events:
+            if isinstance(e, InstanceDown):
+                self.elastic.on_instance_down(e.instance_id, e.reason, now, self.wall_clock())
 
     def on_kv_events(self, instance_id: str, batch: KvEventBatch, now: float) -> bool:
         """Apply a batch from `instance_id`'s daemon; False when the instance is unknown.
@@ -203,6 +222,7 @@ class GlobalScheduler:
         for rid in stale:
             self._take_back(rid, "all")
             self.counters["expired_charges"] += 1
+        self._groups_lose(events, now)
         return events
 
     def _forget(self, inst: Instance) -> None:
@@ -270,8 +290,13 @@ class GlobalScheduler:
         )
         first = choice.candidate
         self.counters[f"chose_{choice.reason}"] += 1
+        if self.elastic.leader_group(first.instance_id) is not None:
+            # A group: its KV is split over the members, so no context caching there.
+            cache = False
+            self.counters["group_placements"] += 1
         fetch = None
         if cache and self.cfg.fetch:
+            grouped = self._grouped()
             # Drained instances still hold their cache and their daemons still serve it.
             sources = [
                 i
@@ -280,6 +305,7 @@ class GlobalScheduler:
                 and i.healthy
                 and i.instance_id != first.instance_id
                 and i.instance_id not in avoid
+                and i.instance_id not in grouped
             ]
             fetch = self.cost.fetch(first, self._candidates(sources, prompt), n)
         cached = first.matched_tokens
@@ -347,9 +373,11 @@ class GlobalScheduler:
         return True
 
     def _need(self, role: str, avoid: frozenset[str] = frozenset()) -> list[Instance]:
+        """The eligible instances of `role` not avoided; a group counts once, as its leader."""
         eligible = self.registry.eligible(role)
-        if avoid:
-            eligible = [i for i in eligible if i.instance_id not in avoid]
+        hidden = self.elastic.hidden()
+        if avoid or hidden:
+            eligible = [i for i in eligible if i.instance_id not in avoid | hidden]
         if not eligible:
             others = [
                 f"{i.instance_id} ({self.registry.state(i)})"
@@ -366,18 +394,29 @@ class GlobalScheduler:
     def _candidates(
         self, instances: Sequence[Instance], prompt: PromptHashes | None
     ) -> list[Candidate]:
-        return [
-            Candidate(
-                i.instance_id,
-                i.charged_tokens,
-                self.trees[i.role].match(prompt, i.instance_id) if prompt is not None else 0,
-                i.kv_usage,
-                i.mempool,
-                i.block_size,
-                i.block_bytes,
+        out = []
+        for i in instances:
+            group = self.elastic.leader_group(i.instance_id)
+            if group is None:
+                load, usage = i.charged_tokens, i.kv_usage
+                matched = (
+                    self.trees[i.role].match(prompt, i.instance_id) if prompt is not None else 0
+                )
+            else:  # the whole group: every member's charges, the mean KV usage, no cache
+                members = [m for m in map(self.registry.get, group.members) if m is not None]
+                load = sum(m.charged_tokens for m in members)
+                usage = sum(m.kv_usage for m in members) / len(members)
+                matched = 0
+            out.append(
+                Candidate(
+                    i.instance_id, load, matched, usage, i.mempool, i.block_size, i.block_bytes
+                )
             )
-            for i in instances
-        ]
+        return out
+
+    def _grouped(self) -> set[str]:
+        """Members of active groups: their KV is not theirs alone (no fetch from them)."""
+        return {m for g in self.elastic.groups.values() if g.state in ACTIVE for m in g.members}
 
     def _instance(self, instance_id: str) -> Instance:
         inst = self.registry.get(instance_id)
@@ -446,7 +485,14 @@ class GlobalScheduler:
                     was = self.mode_name
                     self.set_mode(name)
                     return AdminReply(True, {"mode": name, "was": was})
-                case (("status" | "instances" | "drain" | "undrain" | "policy" | "mode"), _):
+                case "elastic", ["status"]:
+                    return AdminReply(True, self.elastic.status())
+                case "elastic", [sub, *_] if sub in ELASTIC_SERVICE:
+                    return AdminReply(False, error=f"elastic {sub} is run by the scheduler service")
+                case (
+                    ("status" | "instances" | "drain" | "undrain" | "policy" | "mode" | "elastic"),
+                    _,
+                ):
                     return AdminReply(
                         False, error=f"wrong arguments for {command}: {_USAGE[command]}"
                     )
@@ -481,6 +527,10 @@ class GlobalScheduler:
                 if tree.instances()
             },
             "resyncs": sum(tree.resyncs for tree in self.trees.values()),
+            "groups": {
+                state: n
+                for state, n in Counter(g.state for g in self.elastic.groups.values()).items()
+            },
             "counters": dict(sorted(self.counters.items())),
         }
 
@@ -496,6 +546,7 @@ class GlobalScheduler:
                 "kv_used_blocks": i.load.kv_used_blocks,
                 "kv_total_blocks": i.load.kv_total_blocks,
                 "cached_blocks": self.trees[i.role].num_blocks(i.instance_id),
+                "group": g.group_id if (g := self.elastic.group_of(i.instance_id)) else "",
                 "last_seen_s": round(now - i.last_seen, 3),
                 "address": i.address,
                 "mempool": i.mempool,
@@ -515,4 +566,5 @@ _USAGE = {
     "undrain": "undrain INSTANCE_ID",
     "policy": "policy [NAME]",
     "mode": f"mode [{'|'.join(MODES)}]",
+    "elastic": "elastic status | elastic drop ID,ID[,...] | elastic restore GROUP|all",
 }

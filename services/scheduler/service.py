@@ -7,6 +7,9 @@
     ticker ──▶ core.tick (silent instances dropped ──▶ InstanceDown, ReleaseOwner at its daemon)
     memserve admin ──AdminRequest (RPC)──▶ token check ──▶ core.admin, or cache-stats /
                                            flush-cache / shutdown, which talk to other processes
+    memserve admin elastic drop / restore ──▶ elastic_control.py ──Prepare/Commit/Restore──▶
+                                           workers' control sockets; Break to the survivors of
+                                           a group a member's death broke (after heartbeats, ticks)
 
 The shell's members follow the registry: after every heartbeat and tick, each registered
 incarnation has exactly one member, and the one KV-event SUB socket follows exactly the
@@ -51,7 +54,8 @@ from common.service import ServiceShell
 from common.sockets import PubSocket, PullSocket, RpcServer
 from services.scheduler import remote
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.core import GlobalScheduler
+from services.scheduler.core import ELASTIC_SERVICE, GlobalScheduler
+from services.scheduler.elastic_control import ElasticControl
 from services.scheduler.kv_feed import KvEventFeed
 from services.scheduler.registry import ClaimRefusedError, RegistryFullError
 
@@ -97,6 +101,13 @@ class SchedulerService(ServiceShell):
         self.clock = clock  # monotonic seconds; tests drive expiry with a fake one
         self.call_timeout_s = call_timeout_s
         self.core = GlobalScheduler(cfg)
+        self.elastic = ElasticControl(
+            self.core,
+            cfg.admin_token,
+            clock,
+            cfg.elastic_prepare_timeout_s,
+            cfg.elastic_timeout_s,
+        )
         self.started_at = time.time()
         self.members: dict[str, _Member] = {}
         self._by_events: dict[str, set[str]] = {}  # events address -> member ids
@@ -208,6 +219,7 @@ class SchedulerService(ServiceShell):
                 log.warning("heartbeat refused", error=str(exc))
                 continue
             await self._publish(events)
+            self._send_breaks()
             self._sync_members()
             if any(isinstance(e, sp.InstanceUp) for e in events):
                 # Registered, or healthy again (a new daemon, whose first batches the SUB
@@ -236,6 +248,7 @@ class SchedulerService(ServiceShell):
             await asyncio.sleep(interval)
             now = self.clock()
             await self._publish(self.core.tick(now))
+            self._send_breaks()
             self._sync_members()
             self._refetch_unconfirmed(now)
 
@@ -243,6 +256,10 @@ class SchedulerService(ServiceShell):
         for event in events:
             log.info("instance event", kind=type(event).__name__, **_fields(event))
             await self.events.publish(sp.INSTANCE_TOPIC, event)
+
+    def _send_breaks(self) -> None:
+        if self.core.elastic.breaks:
+            self.tasks.spawn(self.elastic.send_breaks())
 
     # -------------------------------------------------------- KV events
     def _sync_members(self) -> None:
@@ -391,6 +408,8 @@ class SchedulerService(ServiceShell):
                 )
             case "shutdown":
                 return await self._shutdown(req.token)
+            case "elastic" if req.args and req.args[0] in ELASTIC_SERVICE:
+                return await self.elastic.command(req.args)
         return self.core.admin(req.command, req.args, now)
 
     def _daemons(self) -> dict[str, str]:
