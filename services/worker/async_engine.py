@@ -180,10 +180,15 @@ class AsyncEngine:
         """Return once no step runs and none will until `resume()`."""
         self._paused = True
         self._resumed.clear()
-        if self._driver is None or self._driver.done():
+        driver = self._driver
+        if driver is None or driver.done():
             return
         self._wake.set()
-        await self._parked.wait()
+        parked = asyncio.ensure_future(self._parked.wait())
+        try:  # a driver that died (it never parks) must not hold the caller forever
+            await asyncio.wait({parked, driver}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            parked.cancel()
 
     def resume(self) -> None:
         self._paused = False

@@ -31,7 +31,7 @@ import asyncio
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import msgspec
 import torch
@@ -48,14 +48,26 @@ from common.sockets import PullSocket, PushSocket, RpcClient, RpcError
 from services.worker.block_pool import BlockPool
 from services.worker.engine import Engine
 from services.worker.kv_cache import KVLayout
+from services.worker.mempool_engine import MempoolEngine
 from services.worker.pipeline.engine import PipelineEngine
 from services.worker.pipeline.homes import Copy, plan_restore
 from services.worker.pipeline.socket_ring import SocketRing, serve_stage
 from services.worker.pipeline.stage import StageServer
 from services.worker.pipeline.views import copy_sub_blocks, kv_view
 
-if TYPE_CHECKING:
-    from services.worker.service import WorkerService
+
+class MemberHost(Protocol):
+    """What a group member needs of its worker (services/worker/service.py)."""
+
+    cfg: Any  # WorkerConfig: instance_id, admin_token, advertise_host, stage_*
+    engine: MempoolEngine
+    routes: dict[str, str]  # request id -> reply_to, for every request it streams
+
+    @property
+    def healthy(self) -> bool: ...
+
+    def adopt(self, state: el.RequestState) -> None: ...
+
 
 log = get_logger(__name__)
 
@@ -67,7 +79,7 @@ class ElasticError(RuntimeError):
 
 
 class ElasticMember:
-    def __init__(self, service: WorkerService):
+    def __init__(self, service: MemberHost):
         self.svc = service
         self.state = "solo"
         self.group_id = ""
@@ -531,7 +543,8 @@ async def _lease_all(client: MempoolClient, owner: str, capacity: int) -> list[i
     """Every sub-block the daemon can give (halving the ask when some are held elsewhere)."""
     ids: list[int] = []
     n = capacity
-    while n > 0:
+    while n > 0 and len(ids) < capacity:
+        n = min(n, capacity - len(ids))
         try:
             ids.extend(await client.alloc_mem(n, owner=owner))
         except RpcError as exc:

@@ -47,6 +47,10 @@ class SocketRing:
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise StageTimeout(f"stage 1 did not take a batch in {_SEND_TIMEOUT_S:g} s") from None
+        except concurrent.futures.CancelledError:
+            # The ring was closed under the send (the group broke). Raised as an ordinary
+            # error: a CancelledError would reach the engine's driver as its own cancellation.
+            raise StageTimeout("the ring closed while a batch was being sent") from None
 
     def recv(self, timeout_s: float) -> StageResult:
         fut = asyncio.run_coroutine_threadsafe(
@@ -58,6 +62,10 @@ class SocketRing:
             raise StageTimeout(
                 f"no result from the group's last stage within {timeout_s:g} s"
             ) from None
+        except concurrent.futures.CancelledError:
+            raise StageTimeout("the ring closed while waiting for a result") from None
+        except Exception as exc:  # the socket closed under the receive
+            raise StageTimeout(f"the ring failed: {exc}") from None
         if not isinstance(msg, StageResult):
             raise StageTimeout(f"the leader's stage socket got a {type(msg).__name__}")
         return msg

@@ -1,0 +1,270 @@
+"""KunServe across real processes: `memserve up --mode colocated --colocated 2` (2 MemPool
+daemons with a memory budget, 2 workers, scheduler, gateway), drop and restore commanded
+through the scheduler's admin socket.
+
+- Requests running before the drop, admitted during the group, and running across the
+  restore get exactly the single-process reference tokens, greedy and seeded; the group
+  holds more KV than the two instances did; afterwards both members hold their full
+  parameters again and every daemon passes check_integrity when idle.
+- A member that does not answer Prepare (SIGSTOPped): the drop is aborted, both serve as
+  before. A follower killed while grouped: the group's requests fail fast (never hang), the
+  group is broken, the leader restores from its checkpoint and serves alone with reference
+  tokens, its daemon intact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.admin_client import admin_call
+from common.client import GatewayClient
+from common.mempool_client import MempoolClient
+from common.protocol import client as cp
+from common.protocol.admin import AdminReply
+from common.sampling import SamplingParams
+from services.launcher.config import load
+from services.launcher.supervisor import Cluster
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from tests.daemons import assert_idle_and_intact
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token"
+TINY_PARAM_BYTES = 3_218_944
+BLOCK_BYTES = 32 * 1024  # tiny, block 16, fp32, all layers
+KV_BLOCKS = 96  # per instance alone: 1,536 tokens
+MEMBERS = ("colocated-0", "colocated-1")
+
+
+def settings(tmp_path: Path) -> Any:
+    return load(
+        None,
+        {
+            "cluster": {
+                "run_dir": str(tmp_path / "run"),
+                "admin_token": TOKEN,
+                "mode": "colocated",
+                "colocated": 2,
+                "restart": False,
+            },
+            "scheduler": {"heartbeat_timeout_s": 1.5},
+            "gateway": {"request_timeout_s": 30},
+            "worker": {
+                "heartbeat_interval_s": 0.25,
+                "stage_timeout_s": 3.0,
+                "engine": {"num_threads": 1},
+            },
+            "mempool": {
+                "budget_bytes": TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES,
+                "tensor_memory_bytes": 1 << 20,
+            },
+        },
+    )
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    import random
+
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
+
+
+def reference(requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
+    """Tokens of the single-process engine (seeded requests draw from their own seed)."""
+    engine = Engine.from_config(EngineConfig(model="tiny", num_kv_blocks=1024))
+    for rid, (p, params) in requests.items():
+        engine.add_request(rid, p, params)
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id].extend(o.new_token_ids)
+    return out
+
+
+async def admin(c: Cluster, command: str, *args: str) -> AdminReply:
+    return await admin_call(c.admin_address, TOKEN, command, args, timeout_s=60)
+
+
+class Stream:
+    """One request through the gateway, collected in the background."""
+
+    def __init__(self, client: GatewayClient, p: list[int], params: SamplingParams):
+        self.tokens: list[int] = []
+        self.final: cp.Final | None = None
+        self.task = asyncio.create_task(self._run(client, p, params))
+
+    async def _run(self, client: GatewayClient, p: list[int], params: SamplingParams) -> None:
+        async for item in client.stream(p, params):
+            if isinstance(item, cp.Chunk):
+                self.tokens.extend(item.token_ids)
+            else:
+                self.final = item
+
+
+async def until(cond: Any, timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def worker_status(c: Cluster, iid: str) -> dict[str, Any]:
+    reply = await admin_call(c.endpoints(iid)["control"], TOKEN, "status")
+    assert reply.ok, reply.error
+    return reply.result
+
+
+async def daemons_idle_and_intact(c: Cluster, ids: tuple[str, ...] = MEMBERS) -> None:
+    for iid in ids:
+        client = MempoolClient(c.endpoints(f"{iid}-mempool")["rpc"])
+        try:
+            await assert_idle_and_intact(client, iid)
+        finally:
+            client.close()
+
+
+LONG = 700
+
+
+def workload() -> dict[str, tuple[list[int], SamplingParams]]:
+    greedy = SamplingParams(max_tokens=LONG, ignore_eos=True)
+    return {
+        "a": (prompt(40, 1), greedy),
+        "b": (
+            prompt(33, 2),
+            SamplingParams(max_tokens=LONG, ignore_eos=True, temperature=0.8, top_k=50, seed=11),
+        ),
+        "c": (prompt(57, 3), greedy),
+        "d": (
+            prompt(21, 4),
+            SamplingParams(max_tokens=LONG, ignore_eos=True, temperature=1.0, seed=12),
+        ),
+        "late": (
+            prompt(30, 5),
+            SamplingParams(max_tokens=200, ignore_eos=True, temperature=0.7, seed=13),
+        ),
+        "after": (prompt(25, 6), SamplingParams(max_tokens=40, ignore_eos=True)),
+    }
+
+
+async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
+    work = workload()
+    ref = reference(work)
+    async with Cluster(settings(tmp_path)) as c:
+        client = GatewayClient(c.gateway, timeout_s=60)
+        try:
+            streams = {rid: Stream(client, *work[rid]) for rid in "abcd"}
+            await until(lambda: all(len(s.tokens) >= 30 for s in streams.values()), what="tokens")
+            dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
+            assert dropped.ok, dropped.error
+            gid = dropped.result["group_id"]
+            status = await admin(c, "elastic", "status")
+            (group,) = [g for g in status.result["groups"] if g["group_id"] == gid]
+            assert group["state"] == "SERVING"
+            assert [m["instance_id"] for m in group["members"]] == list(MEMBERS)
+            # A group block is a sub-block on each member: the group holds more tokens than
+            # the two instances together did, in the memory their parameters lent.
+            assert group["num_blocks"] > 2 * KV_BLOCKS
+            assert group["lent_bytes"] > 0
+            assert all(not s.task.done() for s in streams.values())  # the drop landed mid-stream
+            leader = await worker_status(c, MEMBERS[0])
+            assert leader["elastic"]["state"] == "leader"
+            streams["late"] = Stream(client, *work["late"])  # admitted during the group
+            before = {rid: len(s.tokens) for rid, s in streams.items()}
+            await until(
+                lambda: all(len(s.tokens) > before[r] + 20 for r, s in streams.items()),
+                what="tokens in the group",
+            )
+            restored = await admin(c, "elastic", "restore", gid)
+            assert restored.ok, restored.error
+            (r,) = restored.result["restored"]
+            assert r["moved"] + r["recomputed"] == len(streams)
+            for iid in MEMBERS:
+                assert (await worker_status(c, iid))["elastic"]["state"] == "solo"
+            await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 120)
+            for rid, s in streams.items():
+                assert s.final is not None and s.final.finish_reason == "length", (rid, s.final)
+                assert s.tokens == ref[rid], rid
+            after = await client.complete(*work["after"])
+            assert after.token_ids == ref["after"]
+            await asyncio.sleep(0.5)
+            await daemons_idle_and_intact(c)
+            for iid in MEMBERS:
+                info = MempoolClient(c.endpoints(f"{iid}-mempool")["rpc"])
+                try:
+                    got = await info.info()
+                finally:
+                    info.close()
+                assert got.split == 1 and got.param_bytes == TINY_PARAM_BYTES
+            events = [e["event"] for e in (await admin(c, "elastic", "status")).result["events"]]
+            assert "serving" in " ".join(events) and "dissolved" in " ".join(events)
+        finally:
+            client.close()
+
+
+async def test_a_member_that_does_not_prepare_aborts_and_a_dead_follower_breaks(
+    tmp_path: Path,
+) -> None:
+    work = workload()
+    ref = reference(work)
+    async with Cluster(settings(tmp_path)) as c:
+        client = GatewayClient(c.gateway, timeout_s=60)
+        try:
+            # A stopped member never answers Prepare: aborted, nothing changed.
+            follower = c.children[MEMBERS[1]].proc.pid
+            os.kill(follower, signal.SIGSTOP)
+            try:
+                refused = await admin(c, "elastic", "drop", ",".join(MEMBERS))
+            finally:
+                os.kill(follower, signal.SIGCONT)
+            assert not refused.ok and "aborted" in refused.error
+            for iid in MEMBERS:
+                assert (await worker_status(c, iid))["elastic"]["state"] == "solo"
+            done = await client.complete(*work["after"])
+            assert done.token_ids == ref["after"]
+
+            # A follower killed while grouped: its group's requests end with an error,
+            # fast; the leader serves alone again.
+            dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
+            assert dropped.ok, dropped.error
+            gid = dropped.result["group_id"]
+            streams = {rid: Stream(client, *work[rid]) for rid in "ab"}
+            await until(lambda: all(len(s.tokens) >= 10 for s in streams.values()), what="tokens")
+            os.kill(c.children[MEMBERS[1]].proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 30)
+            assert time.monotonic() - t0 < 15
+            for s in streams.values():
+                assert s.final is not None and s.final.finish_reason == "error"
+
+            async def broken() -> bool:
+                groups = (await admin(c, "elastic", "status")).result["groups"]
+                return any(g["group_id"] == gid and g["state"] == "BROKEN" for g in groups)
+
+            deadline = time.monotonic() + 15
+            while not await broken():
+                assert time.monotonic() < deadline, "the group was never marked broken"
+                await asyncio.sleep(0.1)
+            await until_solo(c, MEMBERS[0])
+            alone = await client.complete(*work["after"])
+            assert alone.token_ids == ref["after"]
+            assert alone.final.instances == [MEMBERS[0]]
+            await asyncio.sleep(0.5)
+            await daemons_idle_and_intact(c, (MEMBERS[0],))
+        finally:
+            client.close()
+
+
+async def until_solo(c: Cluster, iid: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (await worker_status(c, iid))["elastic"]["state"] != "solo":
+        assert time.monotonic() < deadline, f"{iid} never served alone again"
+        await asyncio.sleep(0.1)
