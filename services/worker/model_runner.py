@@ -94,7 +94,7 @@ class ModelRunner:
                 [c.request.num_computed_tokens + 1 for c in decodes], dtype=torch.long
             )
         if self.device.type != "cpu":
-            meta = _to_device(meta, self.device)
+            meta = to_device(meta, self.device)
         return ordered, token_ids, meta
 
     @torch.inference_mode()
@@ -118,7 +118,7 @@ class ModelRunner:
         return StepResult(sampled, logits.float())
 
 
-def _to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+def to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:
     def mv(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device, non_blocking=True)
 

@@ -549,6 +549,8 @@ class WorkerService(ServiceShell):
                     "failed": self.failed,
                     "peers": len(self.peers),
                     "elastic": self.elastic.status(),
+                    "rss_bytes": rss_bytes(),
+                    "param_bytes": self._param_bytes(),
                 },
             )
         if req.command == "shutdown":
@@ -560,6 +562,11 @@ class WorkerService(ServiceShell):
         return AdminReply(
             False, error=f"the worker answers status and shutdown, not {req.command!r}"
         )
+
+    def _param_bytes(self) -> int:
+        if self.engine.abandoned:
+            return 0
+        return int(self.engine.engine.model.param_bytes())
 
     async def close(self) -> None:
         """Hand-offs in flight are cancelled, then the engine gives its leased blocks back
@@ -577,6 +584,15 @@ class WorkerService(ServiceShell):
             self.heartbeats.close()
         for sock in self.peers.values():
             sock.close()
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux; 0 elsewhere): what a parameter drop lowers."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 async def _attach(cfg: WorkerConfig, model: Any = None) -> MempoolEngine:

@@ -73,7 +73,7 @@ class PipelineEngine(Engine):
         self.scheduler = MicrobatchScheduler(  # type: ignore[assignment]
             pool, self.block_size, g, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.table = table[:num_blocks].to(torch.long)
+        self.table = table[:num_blocks].to(dtype=torch.long, device=self.runner.device)
         self.g = g
         self.ring = ring
         self.epoch = epoch

@@ -12,6 +12,7 @@ import torch
 
 from common.protocol.stage import StageBatch
 from services.worker.attention import AttentionMetadata, PrefillSpan
+from services.worker.model_runner import to_device
 
 _EMPTY = torch.zeros((0,), dtype=torch.long)
 
@@ -26,6 +27,9 @@ def to_stage_batch(
     hidden: torch.Tensor,
 ) -> StageBatch:
     """`meta` in group ids (as built on the leader), with the hidden states for the next stage."""
+    # Tensors travel through host memory (the codec frames CPU tensors; on CUDA this is the
+    # host-staged hop, a no-op on CPU).
+    meta = _to_host(meta)
     tables = meta.decode_block_tables
     spans = [(p.q_start, p.q_len, p.ctx_len) for p in meta.prefills]
     ids = torch.cat([p.block_ids for p in meta.prefills]) if meta.prefills else _EMPTY
@@ -42,12 +46,35 @@ def to_stage_batch(
         prefill_spans=spans,
         prefill_block_ids=ids,
         return_rows=torch.tensor(return_rows, dtype=torch.long),
-        hidden=hidden,
+        hidden=hidden.cpu(),
     )
 
 
-def local_metadata(batch: StageBatch, table: torch.Tensor, block_size: int) -> AttentionMetadata:
-    """The batch's metadata with this stage's sub-block ids (`table[group id]`)."""
+def _to_host(meta: AttentionMetadata) -> AttentionMetadata:
+    if meta.slot_blocks.device.type == "cpu":
+        return meta
+    return AttentionMetadata(
+        slot_blocks=meta.slot_blocks.cpu(),
+        slot_offsets=meta.slot_offsets.cpu(),
+        positions=meta.positions.cpu(),
+        num_decodes=meta.num_decodes,
+        decode_block_tables=(
+            None if meta.decode_block_tables is None else meta.decode_block_tables.cpu()
+        ),
+        decode_ctx_lens=None if meta.decode_ctx_lens is None else meta.decode_ctx_lens.cpu(),
+        prefills=[
+            PrefillSpan(p.q_start, p.q_len, p.ctx_len, p.block_ids.cpu()) for p in meta.prefills
+        ],
+    )
+
+
+def local_metadata(
+    batch: StageBatch, table: torch.Tensor, block_size: int, device: torch.device | None = None
+) -> AttentionMetadata:
+    """The batch's metadata with this stage's sub-block ids (`table[group id]`), on
+    `device` (the stage's; default: where the batch is)."""
+    if device is not None and device.type != "cpu":
+        return to_device(local_metadata(batch, table, block_size), device)
     spans: list[PrefillSpan] = []
     start = 0
     for q_start, q_len, ctx_len in batch.prefill_spans:

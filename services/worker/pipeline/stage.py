@@ -41,9 +41,11 @@ class StageServer:
     def run(self, batch: StageBatch) -> StageBatch | StageResult:
         if batch.epoch != self.epoch:
             raise StaleBatch(f"batch of epoch {batch.epoch}, this stage serves {self.epoch}")
-        meta = local_metadata(batch, self.table, self.cache.layout.block_size)
-        hidden = self.model(batch.hidden, meta, self.cache)
+        device = self.model.device
+        meta = local_metadata(batch, self.table, self.cache.layout.block_size, device)
+        hidden = self.model(batch.hidden.to(device), meta, self.cache)
         self.batches += 1
         if self.last:
-            return StageResult(batch.epoch, batch.step, batch.mb, hidden[batch.return_rows])
-        return msgspec.structs.replace(batch, hidden=hidden)
+            rows = hidden[batch.return_rows.to(device)].cpu()
+            return StageResult(batch.epoch, batch.step, batch.mb, rows)
+        return msgspec.structs.replace(batch, hidden=hidden.cpu())
