@@ -161,11 +161,21 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
     async with Cluster(settings(tmp_path)) as c:
         client = GatewayClient(c.gateway, timeout_s=60)
         try:
+            # Bad commands: a clear error, nothing changes.
+            for args, why in [
+                (("drop", "colocated-0,nope"), "nope"),
+                (("drop", "colocated-0"), "2"),
+                (("restore", "g404"), "g404"),
+            ]:
+                bad = await admin(c, "elastic", *args)
+                assert not bad.ok and why in bad.error, (args, bad.error)
             streams = {rid: Stream(client, *work[rid]) for rid in "abcd"}
             await until(lambda: all(len(s.tokens) >= 30 for s in streams.values()), what="tokens")
             dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
             assert dropped.ok, dropped.error
             gid = dropped.result["group_id"]
+            again = await admin(c, "elastic", "drop", ",".join(MEMBERS))
+            assert not again.ok and "group" in again.error, again.error
             status = await admin(c, "elastic", "status")
             (group,) = [g for g in status.result["groups"] if g["group_id"] == gid]
             assert group["state"] == "SERVING"
@@ -177,6 +187,13 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             assert all(not s.task.done() for s in streams.values())  # the drop landed mid-stream
             leader = await worker_status(c, MEMBERS[0])
             assert leader["elastic"]["state"] == "leader"
+            budget = TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES
+            for iid in MEMBERS:  # `memserve admin status` of a daemon shows the split
+                st = await admin_call(c.endpoints(f"{iid}-mempool")["rpc"], TOKEN, "status")
+                assert st.ok and st.result["split"] == 2, st
+                assert st.result["param_bytes"] < TINY_PARAM_BYTES
+                assert KV_BLOCKS * BLOCK_BYTES < st.result["kv_bytes"]
+                assert st.result["param_bytes"] + st.result["kv_bytes"] <= budget
             streams["late"] = Stream(client, *work["late"])  # admitted during the group
             before = {rid: len(s.tokens) for rid, s in streams.items()}
             await until(

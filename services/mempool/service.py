@@ -255,6 +255,12 @@ class MempoolDaemon(ServiceShell):
                     "capacity": dict(st.capacity),
                     "free": dict(st.free),
                     "pending_transfers": len(self.incoming),
+                    # The instance's memory split (KunServe): parameters + KV <= budget.
+                    "budget_bytes": self.cfg.budget_bytes,
+                    "param_bytes": self.pool_requests.param_bytes,
+                    "kv_bytes": self.pool.alloc[Tier.DEVICE].capacity * self.device.block_bytes,
+                    "split": self.pool.split_factor,
+                    "block_bytes": self.device.block_bytes,
                 },
             )
         if req.command == "shutdown":
