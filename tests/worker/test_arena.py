@@ -68,3 +68,24 @@ def test_budgeted_gpu_daemon_allocates_the_budget() -> None:
     assert device_region_bytes(MempoolConfig(budget_bytes=budget), 4096, 10) == 10 * 4096
     with pytest.raises(ValueError, match="cannot hold"):  # refused before any CUDA call
         CudaRegion(0, 0, 4096, 10, 10, owner=False, nbytes=budget - 200)
+
+
+def test_tied_follower_drop_and_restore(tiny_folder: Path, tmp_path: Path) -> None:
+    """Tied word embeddings (one tensor is embedding and head): a follower drops it with its
+    layers, compaction closes the gap, restore gives back the loaded model."""
+    from services.worker.model.loader import load_model
+    from tests.worker.test_model_drop import tied_copy
+
+    folder = tied_copy(tiny_folder, tmp_path / "tied")
+    fresh, cfg = load_model(folder)
+    model, _ = load_model(folder)
+    arena = ParamArena(torch.zeros(model.param_bytes() + 4096, dtype=torch.uint8))
+    arena.place(model)
+    assert model.lm_head is None and arena.param_bytes == fresh.param_bytes()
+    bottom = arena.param_bottom
+    freed = model.drop_layers(range(2, cfg.num_layers), keep_embed=False, keep_head=False)
+    assert arena.compact(model) == bottom + freed
+    arena.check_integrity(model)
+    assert arena.restore(model, folder) == freed
+    arena.check_integrity(model)
+    arena_checks.assert_equal_params(model, fresh)

@@ -179,6 +179,7 @@ class ParamArena:
                     s.param.data = self.view(dst, s.nbytes, s.param.data)
                     s.offset = dst
                 top = dst
+        _release(self.buffer.device)  # the scratch, and the copies done before KV grows
         return self.param_bottom
 
     def restore_bytes(self, model: LlamaModel) -> int:
@@ -288,8 +289,12 @@ def _global_names(model: LlamaModel) -> list[str]:
 
 
 def _release(device: torch.device) -> None:
-    """Hand the model's replaced tensors back: torch's caching allocator keeps freed CUDA
-    blocks until asked (the arena's memory is the daemon's and is never freed here)."""
+    """Finish the copies and hand replaced tensors back. CUDA: synchronize, because the
+    daemon (another process) hands the freed range out as KV as soon as we report it, and
+    its writers do not order after our stream; then empty torch's caching allocator, which
+    keeps freed blocks (the model's old tensors, compaction scratch) until asked. The
+    arena's memory is the daemon's and is never freed here."""
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
