@@ -12,6 +12,12 @@ as a cupy array and hand it to torch through `__cuda_array_interface__` (no copy
 Unlike tmpfs, cudaMalloc commits the whole reservation at once: `max_blocks` is device
 memory in use from the start, and `grow` only raises how much of it the allocator hands out.
 
+With a memory budget B (`[mempool] budget_bytes`) the allocation is the instance arena
+(kunserve-plan.md §4.4, services/worker/model/arena.py): exactly B bytes, `nbytes`, which
+may exceed `max_blocks * block_bytes` by less than a block. KV blocks use its bottom, the
+worker packs its parameters at its top (it maps all B bytes: `attach(..., nbytes=B)`), so a
+parameter drop frees bytes the daemon hands out as KV. Device memory in use stays B.
+
 Split mode (`Region.set_split`, inherited) only re-views the allocation in smaller
 blocks: nothing is allocated or freed, so it needs no CUDA call and is never reached on CPU.
 
@@ -70,9 +76,13 @@ class CudaRegion(Region):
         capacity_blocks: int,
         *,
         owner: bool,
+        nbytes: int | None = None,
     ) -> None:
         if block_bytes <= 0 or max_blocks <= 0:
             raise ValueError("a region needs a positive block size and block count")
+        nbytes = block_bytes * max_blocks if nbytes is None else nbytes
+        if nbytes < block_bytes * max_blocks:
+            raise ValueError(f"{nbytes:,} bytes cannot hold {max_blocks} blocks of {block_bytes:,}")
         if not 0 < capacity_blocks <= max_blocks:
             raise ValueError(f"capacity {capacity_blocks} outside (0, {max_blocks}]")
         import cupy
@@ -84,7 +94,7 @@ class CudaRegion(Region):
         self.block_bytes = block_bytes
         self.max_blocks = max_blocks
         self.capacity_blocks = capacity_blocks
-        nbytes = block_bytes * max_blocks
+        self.nbytes = nbytes  # the whole allocation: the blocks, or the budget's arena
         # No host view of device memory: `blocks()` refuses, `host_view()` copies.
         self.buffer = memoryview(b"")
         self.array = np.empty(0, dtype=np.uint8)
@@ -105,22 +115,43 @@ class CudaRegion(Region):
 
     @classmethod
     def create(
-        cls, block_bytes: int, max_blocks: int, capacity_blocks: int | None, device: str
+        cls,
+        block_bytes: int,
+        max_blocks: int,
+        capacity_blocks: int | None,
+        device: str,
+        *,
+        nbytes: int | None = None,
     ) -> CudaRegion:
-        """Allocate and zero `max_blocks` blocks on `device` ('cuda' or 'cuda:N')."""
+        """Allocate and zero `max_blocks` blocks on `device` ('cuda' or 'cuda:N') as one
+        allocation of `nbytes` (default: exactly the blocks; with a budget: B)."""
         import cupy
 
         index = parse_device(device)
-        nbytes = block_bytes * max_blocks
+        nbytes = block_bytes * max_blocks if nbytes is None else nbytes
+        if nbytes < block_bytes * max_blocks:
+            raise ValueError(f"{nbytes:,} bytes cannot hold {max_blocks} blocks of {block_bytes:,}")
         with cupy.cuda.Device(index):
             ptr = cupy.cuda.runtime.malloc(nbytes)
             cupy.cuda.runtime.memset(ptr, 0, nbytes)
             cupy.cuda.runtime.deviceSynchronize()
-        return cls(ptr, index, block_bytes, max_blocks, capacity_blocks or max_blocks, owner=True)
+        return cls(
+            ptr,
+            index,
+            block_bytes,
+            max_blocks,
+            capacity_blocks or max_blocks,
+            owner=True,
+            nbytes=nbytes,
+        )
 
     @classmethod
-    def attach(cls, name: str, block_bytes: int, max_blocks: int) -> CudaRegion:
-        """Map the region another process created, from its `name`."""
+    def attach(
+        cls, name: str, block_bytes: int, max_blocks: int, *, nbytes: int | None = None
+    ) -> CudaRegion:
+        """Map the region another process created, from its `name`; `nbytes` (default: the
+        blocks) views more of the allocation: the whole arena B of a budgeted daemon
+        (`InfoReply.budget_bytes`), where the worker places its parameters."""
         import cupy
 
         index_text, _, handle_hex = name.partition(":")
@@ -131,7 +162,7 @@ class CudaRegion(Region):
             ptr = cupy.cuda.runtime.ipcOpenMemHandle(
                 bytes.fromhex(handle_hex), _IPC_LAZY_PEER_ACCESS
             )
-        return cls(ptr, index, block_bytes, max_blocks, max_blocks, owner=False)
+        return cls(ptr, index, block_bytes, max_blocks, max_blocks, owner=False, nbytes=nbytes)
 
     def tensor(self) -> torch.Tensor:
         assert self._tensor is not None, "region is closed"

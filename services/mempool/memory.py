@@ -70,4 +70,20 @@ def _create_device_region(
             f"mempool.device = {cfg.device!r}, but cupy sees no CUDA device here "
             "(install the `cuda` extra on a GPU machine, or use device = 'cpu')"
         )
-    return CudaRegion.create(block_bytes, max_blocks, capacity, cfg.device)
+    return CudaRegion.create(
+        block_bytes,
+        max_blocks,
+        capacity,
+        cfg.device,
+        nbytes=device_region_bytes(cfg, block_bytes, max_blocks),
+    )
+
+
+def device_region_bytes(cfg: MempoolConfig, block_bytes: int, max_blocks: int) -> int:
+    """Bytes of the device tier's allocation. On a GPU with a budget: B itself, the instance
+    arena (kunserve-plan.md §4.4) whose top holds the worker's parameters, one allocation
+    that KV and parameters share, so what a drop frees is device memory KV can use. Else
+    (or on CPU, where tmpfs commits only touched pages) just the blocks."""
+    if cfg.device != "cpu" and cfg.budget_bytes:
+        return max(cfg.budget_bytes, block_bytes * max_blocks)
+    return block_bytes * max_blocks

@@ -175,13 +175,19 @@ class LlamaModel(nn.Module):
         self.lm_head: nn.Parameter | None = self._new_embed() if untied_head else None
         self.rope = RotaryEmbedding(cfg, max_positions or cfg.max_position_embeddings, dtype, dev)
 
-    def _new_embed(self) -> nn.Parameter:  # embed_tokens and lm_head have the same shape
+    def _new_embed(self, device: torch.device | None = None) -> nn.Parameter:
+        # embed_tokens and lm_head have the same shape
         return _param(
-            self.cfg.vocab_size, self.cfg.hidden_size, dtype=self.dtype, device=self.device
+            self.cfg.vocab_size,
+            self.cfg.hidden_size,
+            dtype=self.dtype,
+            device=device or self.device,
         )
 
-    def _new_norm(self) -> RMSNorm:
-        return RMSNorm(self.cfg.hidden_size, self.cfg.rms_norm_eps, self.dtype, self.device)
+    def _new_norm(self, device: torch.device | None = None) -> RMSNorm:
+        return RMSNorm(
+            self.cfg.hidden_size, self.cfg.rms_norm_eps, self.dtype, device or self.device
+        )
 
     @property
     def num_local_layers(self) -> int:
@@ -357,14 +363,17 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(layers)
         self.first_layer, self.last_layer = first, last
 
-    def restore_layers(self, folder: Path) -> int:
+    def restore_layers(self, folder: Path, *, build_on: torch.device | None = None) -> int:
         """Back to the whole model: layers [0, num_layers), embedding, final norm, lm_head.
 
         Loads only what is missing from the checkpoint in `folder` (the one the model was
         loaded from); held tensors are kept as they are. Returns the parameter bytes loaded.
         On a load error (ModelError) the model is left as it was before the call.
+        `build_on` (default: the model's device) is where the new tensors are made; the
+        instance arena (arena.py) builds them on the host and copies them into its memory.
         """
         cfg = self.cfg
+        device = self.device if build_on is None else build_on
         before = self.param_bytes()
         saved = (
             [cast(DecoderLayer, m) for m in self.layers],
@@ -385,15 +394,15 @@ class LlamaModel(nn.Module):
             )
         )
         layers = [
-            held[i] if i in held else DecoderLayer(cfg, i, i, self.dtype, self.device)
+            held[i] if i in held else DecoderLayer(cfg, i, i, self.dtype, device)
             for i in range(cfg.num_layers)
         ]
         if want_embed:
-            self.embed_tokens = self._new_embed()
+            self.embed_tokens = self._new_embed(device)
         if want_norm:
-            self.norm = self._new_norm()
+            self.norm = self._new_norm(device)
         if want_lm_head:
-            self.lm_head = self._new_embed()
+            self.lm_head = self._new_embed(device)
         self._set_layers(layers, 0, cfg.num_layers)
         try:
             copy_tensors(folder, self.checkpoint_target, names, only_expected=True)
