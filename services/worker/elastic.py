@@ -320,8 +320,12 @@ class ElasticMember:
         freed = inner.model.drop_layers(
             range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
         )
-        await eng.client.set_params(inner.model.param_bytes())
+        if eng.arena is not None:  # GPU: the kept parameters move up, the gap is KV's
+            eng.arena.compact(inner.model)
+        await eng.client.set_params(_resident(eng, inner.model))
         split = await eng.client.split(self.g, grow=True)
+        if eng.arena is not None:
+            eng.arena.set_kv_bytes(split.capacity_blocks * split.block_bytes)
         # Highest ids first: group blocks fill the lent memory before the ids this member
         # takes back at the restore, which then stay free while the group's KV fits above.
         self.table = sorted(
@@ -470,12 +474,15 @@ class ElasticMember:
             raise ElasticError(
                 f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
             )
-        await eng.client.merge()
+        merged = await eng.client.merge()
         folder = resolve_model(config.model)
-        await asyncio.get_running_loop().run_in_executor(
-            self.executor, model.restore_layers, folder
-        )
-        await eng.client.set_params(model.param_bytes())
+        loop = asyncio.get_running_loop()
+        if eng.arena is not None:  # GPU: the parameters come back below the kept ones
+            eng.arena.set_kv_bytes(merged.capacity_blocks * merged.block_bytes)
+            await loop.run_in_executor(self.executor, eng.arena.restore, model, folder)
+        else:
+            await loop.run_in_executor(self.executor, model.restore_layers, folder)
+        await eng.client.set_params(_resident(eng, model))
         eng.engine = Engine(model, kv_view(eng.region.tensor(), full), config, BlockPool())
         eng.grouped = False
         eng.group_lease = []
@@ -533,6 +540,11 @@ class ElasticMember:
             self.timer.cancel()
         self._close_stage()
         self.executor.shutdown(wait=False)
+
+
+def _resident(eng: MempoolEngine, model: Any) -> int:
+    """What the parameters occupy in the budget: the arena's footprint on a GPU."""
+    return eng.arena.footprint if eng.arena is not None else int(model.param_bytes())
 
 
 async def _bytes(n: int) -> int:

@@ -53,6 +53,7 @@ from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput, resolve_dtype
 from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer, MempoolConnector
+from services.worker.model.arena import ParamArena, place_in_region
 from services.worker.request import FinishReason
 
 log = get_logger(__name__)
@@ -94,6 +95,8 @@ class MempoolEngine(AsyncEngine):
         # and nothing is cached. `group_lease` is what this worker holds at its daemon.
         self.grouped = False
         self.group_lease: list[int] = []
+        # On a GPU with a budget: the parameters live at the top of the daemon's region.
+        self.arena: ParamArena | None = None
         self.keep_free_blocks = keep_free_blocks
         self.connector = MempoolConnector(
             client,
@@ -153,8 +156,18 @@ class MempoolEngine(AsyncEngine):
                     else KVCache.from_buffer(layout, kv, n)
                 )
                 engine = Engine(model, cache, sized, BlockPool())
+            arena = None
+            if on_gpu and info.budget_bytes:
+                # One allocation for parameters and KV (docs/mempool.md, the instance
+                # arena): the parameters move to the top of the daemon's region, so a drop
+                # frees memory the daemon can lend to KV.
+                arena = place_in_region(
+                    engine.model, region.tensor(), info.device_blocks * info.block_bytes
+                )
             try:
-                await _report_params(client, engine.model, mempool_address)
+                await _report_params(
+                    client, engine.model, mempool_address, arena.footprint if arena else None
+                )
             except MemServeError:
                 del engine, kv  # views of the region: drop them before unmapping it
                 gc.collect()
@@ -172,6 +185,7 @@ class MempoolEngine(AsyncEngine):
                 transfer_timeout_s=transfer_timeout_s,
                 incarnation=info.incarnation,
             )
+            out.arena = arena
             out._watch = asyncio.create_task(out._watch_connection())
             return out
         except BaseException:
@@ -364,10 +378,14 @@ class MempoolEngine(AsyncEngine):
             log.warning("the KV region is still referenced; it is unmapped at exit")
 
 
-async def _report_params(client: MempoolClient, model: Any, address: str) -> None:
+async def _report_params(
+    client: MempoolClient, model: Any, address: str, nbytes: int | None = None
+) -> None:
     """Tell the daemon our resident parameter bytes (its memory budget's other half); a
-    daemon whose budget cannot hold them beside its KV refuses, and so start-up fails."""
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    daemon whose budget cannot hold them beside its KV refuses, and so start-up fails.
+    `nbytes`: what they occupy when that is not their sum (the arena's footprint)."""
+    if nbytes is None:
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     try:
         await client.set_params(nbytes)
     except RpcError as exc:
@@ -382,7 +400,12 @@ def _attach_region(info: mp.InfoReply) -> Region:
     if info.device_kind == "cuda":
         from services.mempool.cuda_region import CudaRegion
 
-        return CudaRegion.attach(info.device_name, info.block_bytes, info.device_max_blocks)
+        return CudaRegion.attach(
+            info.device_name,
+            info.block_bytes,
+            info.device_max_blocks,
+            nbytes=info.budget_bytes or None,  # with a budget: the whole arena
+        )
     return ShmRegion.attach(
         info.device_name,
         info.block_bytes,

@@ -20,8 +20,8 @@ from common.protocol.worker import TokenChunk
 from common.sampling import SamplingParams
 from services.gateway.core import GatewayCore, Request
 from services.gateway.stream import Leg
+from tests.gateway.core_helpers import A, admitted, core
 from tests.gateway.harness import FakeScheduler, FakeWorker, ids, running_gateway, until
-from tests.gateway.test_core import A, admitted, core
 
 
 def placed_on(c: GatewayCore, instance_id: str, rid: str = "1") -> Request:

@@ -6,14 +6,12 @@ from __future__ import annotations
 import pytest
 
 from common.errors import ErrorKind
-from common.kv_geometry import KVGeometry
-from common.model.config import ModelConfig
-from common.model.presets import resolve_model
 from common.protocol import mempool as mp
 from common.sockets import RpcError
 from services.mempool.budget import BudgetError, MemoryBudget
 from services.mempool.config import MempoolConfig
 from tests.daemons import SpawnDaemon
+from tests.mempool.helpers import tiny_sizes
 
 BB = 1000  # block bytes of the pure tests
 
@@ -58,12 +56,6 @@ def test_bad_budgets_are_refused() -> None:
     assert MempoolConfig().memory_budget(BB, 4_500) is None  # 0: no budget
     budget = cfg.memory_budget(BB, 3_000)
     assert budget is not None and budget.kv_capacity_blocks() == 2
-
-
-def tiny_sizes() -> tuple[int, int]:
-    """(parameter bytes, block bytes) of the tiny preset in float32, 16-token blocks."""
-    params = ModelConfig.from_folder(resolve_model("tiny")).param_bytes("float32")
-    return params, KVGeometry.for_model_name("tiny", 16, "float32").block_bytes
 
 
 def test_tiny_param_bytes_match_the_plan() -> None:

@@ -16,7 +16,7 @@ from common.sockets import RpcError
 from services.mempool.budget import BudgetError, MemoryBudget
 from services.mempool.region import ShmRegion
 from tests.daemons import Daemon, SpawnDaemon, assert_clean
-from tests.mempool.test_budget import tiny_sizes
+from tests.mempool.helpers import tiny_sizes
 
 PARAMS, BB = tiny_sizes()  # tiny preset: 4 layers, 32 KiB blocks
 HALF = BB // 2

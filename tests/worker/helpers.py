@@ -5,12 +5,14 @@ fixtures are suite-wide (tests/conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from common.protocol import worker as wp
 from common.sampling import SamplingParams
@@ -121,3 +123,16 @@ class Gateway:
 
 def tokens(chunks: list[wp.TokenChunk]) -> list[int]:
     return [t for c in chunks for t in c.token_ids]
+
+
+def tied_copy(src: Path, dst: Path) -> Path:
+    """`src` rewritten with tied word embeddings (no lm_head tensor)."""
+    dst.mkdir()
+    raw = json.loads((src / "config.json").read_text())
+    raw["tie_word_embeddings"] = True
+    (dst / "config.json").write_text(json.dumps(raw))
+    (dst / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
+    weights = load_file(str(src / "model.safetensors"))
+    del weights["lm_head.weight"]
+    save_file(weights, str(dst / "model.safetensors"))
+    return dst

@@ -74,7 +74,7 @@ def test_tied_follower_drop_and_restore(tiny_folder: Path, tmp_path: Path) -> No
     """Tied word embeddings (one tensor is embedding and head): a follower drops it with its
     layers, compaction closes the gap, restore gives back the loaded model."""
     from services.worker.model.loader import load_model
-    from tests.worker.test_model_drop import tied_copy
+    from tests.worker.helpers import tied_copy
 
     folder = tied_copy(tiny_folder, tmp_path / "tied")
     fresh, cfg = load_model(folder)

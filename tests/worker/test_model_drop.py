@@ -25,7 +25,7 @@ from services.worker.model.loader import load_model
 from services.worker.model_runner import ModelRunner
 from services.worker.request import Request
 from services.worker.scheduler import ScheduledChunk
-from tests.worker.helpers import prompt
+from tests.worker.helpers import prompt, tied_copy
 
 GREEDY = SamplingParams(max_tokens=8, ignore_eos=True)
 REPO = Path(__file__).resolve().parents[2]
@@ -67,19 +67,6 @@ def prefill_logits(model: LlamaModel, tokens: list[int]) -> torch.Tensor:
     runner = ModelRunner(model, cache)
     req = Request("r", tokens, GREEDY, owned_block_ids=[0, 1, 2, 3])
     return runner.execute([ScheduledChunk(req, len(tokens))]).logits
-
-
-def tied_copy(src: Path, dst: Path) -> Path:
-    """`src` rewritten with tied word embeddings (no lm_head tensor)."""
-    dst.mkdir()
-    raw = json.loads((src / "config.json").read_text())
-    raw["tie_word_embeddings"] = True
-    (dst / "config.json").write_text(json.dumps(raw))
-    (dst / "generation_config.json").write_bytes((src / "generation_config.json").read_bytes())
-    weights = load_file(str(src / "model.safetensors"))
-    del weights["lm_head.weight"]
-    save_file(weights, str(dst / "model.safetensors"))
-    return dst
 
 
 def test_two_stage_composition_matches_whole_model(tiny_folder: Path) -> None:
