@@ -222,13 +222,16 @@ class Bench:
         await asyncio.sleep(0.005)  # the drop's request leaves first
         probe = Stream(self.client, self.next_prompt(), self.opts.probe_tokens)
         group = await command
-        drop_s = time.perf_counter() - t0
+        done_at = time.perf_counter()
         final = await probe.done()
         return {
             "group_id": group["group_id"],
             "group": group,
-            "drop_s": drop_s,
+            "drop_s": done_at - t0,
             "ttft_from_drop_s": probe.first_at - t0,
+            # Routed to a member still serving alone (Prepare does not stop it): the
+            # request started there and the group adopted it.
+            "first_token_before_group": probe.first_at < done_at,
             "probe_gateway_ttft_s": final.ttft_s,
             "probe_instances": list(final.instances),
         }
@@ -365,6 +368,7 @@ def summarize(
         "drop": {
             "drop_s": _stats([d["drop_s"] for d in drops]),
             "ttft_from_drop_s": _stats([d["ttft_from_drop_s"] for d in drops]),
+            "first_token_before_group": sum(d["first_token_before_group"] for d in drops),
             "rounds": [{k: v for k, v in d.items() if k != "group"} for d in drops],
         },
         "restore": {
@@ -415,8 +419,15 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
     rows.append(["lent to KV MiB", "-", _mib(grp["lent_bytes"]), "-"])
     d, r = res["drop"], res["restore"]
     rows.append(["drop command s, med (min-max)", "-", _spread(d["drop_s"], 1, 2), "-"])
+    rows.append(["new request TTFT from drop s", "-", _spread(d["ttft_from_drop_s"], 1, 2), "-"])
+    early = d["first_token_before_group"]
     rows.append(
-        ["new request TTFT from drop s", "-", _spread(d["ttft_from_drop_s"], 1, 2), "-"]
+        [
+            "  of which first token before the group formed",
+            "-",
+            f"{early} of {d['drop_s']['n']}",
+            "-",
+        ]
     )
     rows.append(["restore command s", "-", _spread(r["restore_s"], 1, 2), "-"])
     rows.append(["restore pause (leader) s", "-", _spread(r["pause_s"], 1, 3), "-"])
