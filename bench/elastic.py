@@ -1,7 +1,7 @@
 """`memserve bench elastic`: what KunServe's parameter drop gives and costs, on one cluster
 of 2 colocated instances with a memory budget each (parameters + `--kv-mib` MiB of KV).
 
-    memserve bench elastic                       # small preset, ~2-3 min on 2 cores
+    memserve bench elastic                       # small preset, ~2 min on 2 cores
     memserve bench elastic --rounds 5 --kv-mib 64
 
 Rounds interleave the two sides so machine noise hits both alike: requests alone on an
@@ -15,7 +15,10 @@ Figures:
   token capacity (group blocks x block tokens) next to the two instances' sum; each
   worker's RSS before the drop, while grouped and after the restore;
 - the drop: the command's duration, and the new request's TTFT counted from the moment the
-  drop was sent (it queues while the group forms); median / min / max over the rounds;
+  drop was sent; median / min / max over the rounds. The request races the drop's Prepare:
+  when it reaches a member before Prepare pauses that member's engine, its first token
+  comes from that member alone and the group adopts it (counted apart); otherwise it
+  queues while the group forms (their TTFT is also given on its own);
 - the restore: the command's duration, the leader's pause (`pause_s`), requests moved home
   with their KV vs recomputed, bytes moved;
 - the pipeline's cost: TPOT (and TTFT) of the same request alone on an instance vs in the
@@ -48,7 +51,7 @@ MIB = 1 << 20
 class Options:
     model: str = "small"
     kv_mib: int = 32
-    rounds: int = 3  # drop / restore cycles
+    rounds: int = 4  # drop / restore cycles
     requests: int = 2  # single requests per side per round
     batch: int = 4  # concurrent requests of the batch case (0: none)
     across: int = 2  # requests running across each restore
@@ -62,7 +65,7 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser("elastic", help="KunServe parameter drop: memory, drop/restore, TPOT")
     p.add_argument("--model", default="small", help="preset (small: 8 layers, ~95 MB fp32)")
     p.add_argument("--kv-mib", type=int, default=32, help="KV MiB per instance beside params")
-    p.add_argument("--rounds", type=int, default=3, help="drop / restore cycles")
+    p.add_argument("--rounds", type=int, default=4, help="drop / restore cycles")
     p.add_argument("--requests", type=int, default=2, help="single requests per side per round")
     p.add_argument("--batch", type=int, default=4, help="concurrent requests, batch case (0: no)")
     p.add_argument("--across", type=int, default=2, help="requests running across a restore")
@@ -369,6 +372,10 @@ def summarize(
             "drop_s": _stats([d["drop_s"] for d in drops]),
             "ttft_from_drop_s": _stats([d["ttft_from_drop_s"] for d in drops]),
             "first_token_before_group": sum(d["first_token_before_group"] for d in drops),
+            # Only the probes that queued while the group formed (first token after it).
+            "ttft_from_drop_queued_s": _stats(
+                [d["ttft_from_drop_s"] for d in drops if not d["first_token_before_group"]]
+            ),
             "rounds": [{k: v for k, v in d.items() if k != "group"} for d in drops],
         },
         "restore": {
@@ -420,15 +427,10 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
     d, r = res["drop"], res["restore"]
     rows.append(["drop command s, med (min-max)", "-", _spread(d["drop_s"], 1, 2), "-"])
     rows.append(["new request TTFT from drop s", "-", _spread(d["ttft_from_drop_s"], 1, 2), "-"])
-    early = d["first_token_before_group"]
-    rows.append(
-        [
-            "  of which first token before the group formed",
-            "-",
-            f"{early} of {d['drop_s']['n']}",
-            "-",
-        ]
-    )
+    early = f"{d['first_token_before_group']} of {d['drop_s']['n']}"
+    rows.append(["  of which first token before the group formed", "-", early, "-"])
+    queued = _spread(d["ttft_from_drop_queued_s"], 1, 2)
+    rows.append(["  TTFT from drop of those that queued s", "-", queued, "-"])
     rows.append(["restore command s", "-", _spread(r["restore_s"], 1, 2), "-"])
     rows.append(["restore pause (leader) s", "-", _spread(r["pause_s"], 1, 3), "-"])
     rows.append(

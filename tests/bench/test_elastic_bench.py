@@ -51,7 +51,10 @@ def test_one_tiny_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert group["kv_tokens"] > group["instances_kv_tokens_before"] > 0
     assert group["lent_bytes"] > 0
     assert [m["instance_id"] for m in group["members"]] == list(MEMBERS)
-    assert res["drop"]["drop_s"]["n"] == 1 and res["drop"]["ttft_from_drop_s"]["median"] > 0
+    drop = res["drop"]
+    assert drop["drop_s"]["n"] == 1 and drop["ttft_from_drop_s"]["median"] > 0
+    early = drop["first_token_before_group"]  # the probe raced Prepare and won, or queued
+    assert early + drop["ttft_from_drop_queued_s"]["n"] == 1
     restore = res["restore"]
     assert restore["pause_s"]["n"] == 1 and restore["restore_s"]["median"] > 0
     assert restore["moved"] + restore["recomputed"] == restore["rounds"][0]["running"]
