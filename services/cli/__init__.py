@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     bench = sub.add_parser("bench", help="benchmarks that print and save figures")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from bench import elastic as bench_elastic
     from bench import engine as bench_engine
     from bench import fuzz as bench_fuzz
     from bench import handoff as bench_handoff
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_handoff.add_parser(bench_sub)
     bench_fuzz.add_parser(bench_sub)
     bench_security.add_parser(bench_sub)
+    bench_elastic.add_parser(bench_sub)
     return parser
 
 

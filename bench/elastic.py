@@ -1,0 +1,504 @@
+"""`memserve bench elastic`: what KunServe's parameter drop gives and costs, on one cluster
+of 2 colocated instances with a memory budget each (parameters + `--kv-mib` MiB of KV).
+
+    memserve bench elastic                       # small preset, ~2 min on 2 cores
+    memserve bench elastic --rounds 5 --kv-mib 64
+
+Rounds interleave the two sides so machine noise hits both alike: requests alone on an
+instance (solo), then `elastic drop colocated-0,colocated-1` with a new request sent right
+after it, requests in the group, then `elastic restore` with requests running across it.
+Figures:
+
+- memory, per instance: resident parameter bytes (worker status and daemon info) and the
+  KV capacity in tokens (daemon device blocks x block tokens: whole blocks before, sub-
+  blocks of half the layers while grouped), before the drop and while grouped; the group's
+  token capacity (group blocks x block tokens) next to the two instances' sum; each
+  worker's RSS before the drop, while grouped and after the restore;
+- the drop: the command's duration, and the new request's TTFT counted from the moment the
+  drop was sent; median / min / max over the rounds. The request races the drop's Prepare:
+  when it reaches a member before Prepare pauses that member's engine, its first token
+  comes from that member alone and the group adopts it (counted apart); otherwise it
+  queues while the group forms (their TTFT is also given on its own);
+- the restore: the command's duration, the leader's pause (`pause_s`), requests moved home
+  with their KV vs recomputed, bytes moved;
+- the pipeline's cost: TPOT (and TTFT) of the same request alone on an instance vs in the
+  group, medians side by side; and a batch of `--batch` concurrent requests (round 0).
+
+One table (metric | before/solo | after/group | ratio) is printed and saved as markdown
+beside the JSON (`--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import secrets
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.report import CpuMonitor, fmt, format_table, machine_info, write_json
+
+MEMBERS = ("colocated-0", "colocated-1")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Options:
+    model: str = "small"
+    kv_mib: int = 32
+    rounds: int = 4  # drop / restore cycles
+    requests: int = 2  # single requests per side per round
+    batch: int = 4  # concurrent requests of the batch case (0: none)
+    across: int = 2  # requests running across each restore
+    prompt_tokens: int = 64
+    max_tokens: int = 128
+    probe_tokens: int = 16  # the request sent right after the drop
+    run_dir: str = ""  # "" = a temporary folder
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("elastic", help="KunServe parameter drop: memory, drop/restore, TPOT")
+    p.add_argument("--model", default="small", help="preset (small: 8 layers, ~95 MB fp32)")
+    p.add_argument("--kv-mib", type=int, default=32, help="KV MiB per instance beside params")
+    p.add_argument("--rounds", type=int, default=4, help="drop / restore cycles")
+    p.add_argument("--requests", type=int, default=2, help="single requests per side per round")
+    p.add_argument("--batch", type=int, default=4, help="concurrent requests, batch case (0: no)")
+    p.add_argument("--across", type=int, default=2, help="requests running across a restore")
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens (ignore_eos)")
+    p.add_argument("--run-dir", default="", help="cluster logs (default: a temporary folder)")
+    p.add_argument("--out", default="results/bench_elastic.json", help="JSON (+ .md beside)")
+    p.set_defaults(func=run)
+
+
+def param_bytes(model: str) -> int:
+    """The whole model's fp32 parameter bytes, from its config.json."""
+    from common.model.config import ModelConfig
+    from common.model.presets import resolve_model
+
+    return ModelConfig.from_folder(Path(resolve_model(model))).param_bytes("float32")
+
+
+def settings(opts: Options, run_dir: str, token: str) -> Any:
+    from services.launcher.config import load
+
+    return load(
+        None,
+        {
+            "cluster": {
+                "run_dir": run_dir,
+                "admin_token": token,
+                "model": opts.model,
+                "mode": "colocated",
+                "colocated": len(MEMBERS),
+                "restart": False,
+            },
+            "gateway": {"request_timeout_s": 120},
+            "worker": {"engine": {"num_threads": 1}},
+            "mempool": {
+                "budget_bytes": param_bytes(opts.model) + opts.kv_mib * MIB,
+                "tensor_memory_bytes": 1 << 20,
+            },
+        },
+    )
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
+
+
+class Stream:
+    """One request through the gateway, collected in the background; `first_at`: when
+    its first token came (perf_counter)."""
+
+    def __init__(self, client: Any, p: list[int], max_tokens: int):
+        from common.sampling import SamplingParams
+
+        self.tokens = 0
+        self.first_at = 0.0
+        self.final: Any = None
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        self.task = asyncio.create_task(self._run(client, p, params))
+
+    async def _run(self, client: Any, p: list[int], params: Any) -> None:
+        from common.protocol import client as cp
+
+        async for item in client.stream(p, params):
+            if isinstance(item, cp.Chunk):
+                if not self.tokens and item.token_ids:
+                    self.first_at = time.perf_counter()
+                self.tokens += len(item.token_ids)
+            else:
+                self.final = item
+
+    async def done(self, timeout_s: float = 300.0) -> Any:
+        await asyncio.wait_for(self.task, timeout_s)
+        final = self.final
+        if final is None or final.finish_reason != "length":
+            raise RuntimeError(f"request ended badly: {final}")
+        return final
+
+
+class Bench:
+    def __init__(self, cluster: Any, client: Any, token: str, opts: Options):
+        self.c = cluster
+        self.client = client
+        self.token = token
+        self.opts = opts
+        self.seed = 0
+
+    def next_prompt(self) -> list[int]:
+        self.seed += 1  # a fresh prompt each time: no prefix-cache hit changes TTFT
+        return prompt(self.opts.prompt_tokens, self.seed)
+
+    async def admin(self, *args: str) -> dict[str, Any]:
+        from common.admin_client import admin_call
+
+        reply = await admin_call(self.c.admin_address, self.token, args[0], args[1:], 120)
+        if not reply.ok:
+            raise RuntimeError(f"admin {' '.join(args)}: {reply.error}")
+        return dict(reply.result)
+
+    async def worker_status(self, iid: str) -> dict[str, Any]:
+        from common.admin_client import admin_call
+
+        reply = await admin_call(self.c.endpoints(iid)["control"], self.token, "status")
+        if not reply.ok:
+            raise RuntimeError(f"{iid} status: {reply.error}")
+        return dict(reply.result)
+
+    async def daemon_info(self, iid: str) -> Any:
+        from common.mempool_client import MempoolClient
+
+        client = MempoolClient(self.c.endpoints(f"{iid}-mempool")["rpc"])
+        try:
+            return await client.info()
+        finally:
+            client.close()
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Per instance: worker status (params, RSS, elastic state) and daemon capacity."""
+        out: dict[str, Any] = {}
+        for iid in MEMBERS:
+            st = await self.worker_status(iid)
+            info = await self.daemon_info(iid)
+            out[iid] = {
+                "worker_param_bytes": st["param_bytes"],
+                "rss_bytes": st["rss_bytes"],
+                "elastic_state": st["elastic"]["state"],
+                "daemon_param_bytes": info.param_bytes,
+                "budget_bytes": info.budget_bytes,
+                "split": info.split,
+                "device_blocks": info.device_blocks,
+                "block_bytes": info.block_bytes,
+                "block_size": info.block_size,
+                "kv_tokens": info.device_blocks * info.block_size,
+            }
+        return out
+
+    async def single(self, n: int) -> list[Any]:
+        """`n` requests one after another, each alone: their Finals."""
+        out = []
+        for _ in range(n):
+            s = Stream(self.client, self.next_prompt(), self.opts.max_tokens)
+            out.append(await s.done())
+        return out
+
+    async def batch(self) -> list[Any]:
+        streams = [
+            Stream(self.client, self.next_prompt(), self.opts.max_tokens)
+            for _ in range(self.opts.batch)
+        ]
+        return [await s.done() for s in streams]
+
+    async def drop(self) -> dict[str, Any]:
+        """`elastic drop` and, right after it is sent, a new request: the command's
+        duration and that request's TTFT, both counted from the drop."""
+        t0 = time.perf_counter()
+        command = asyncio.create_task(self.admin("elastic", "drop", ",".join(MEMBERS)))
+        await asyncio.sleep(0.005)  # the drop's request leaves first
+        probe = Stream(self.client, self.next_prompt(), self.opts.probe_tokens)
+        group = await command
+        done_at = time.perf_counter()
+        final = await probe.done()
+        return {
+            "group_id": group["group_id"],
+            "group": group,
+            "drop_s": done_at - t0,
+            "ttft_from_drop_s": probe.first_at - t0,
+            # Routed to a member still serving alone (Prepare does not stop it): the
+            # request started there and the group adopted it.
+            "first_token_before_group": probe.first_at < done_at,
+            "probe_gateway_ttft_s": final.ttft_s,
+            "probe_instances": list(final.instances),
+        }
+
+    async def restore(self, gid: str) -> dict[str, Any]:
+        """`elastic restore` with `across` requests running: its duration and the
+        leader's report (pause, moved / recomputed, bytes moved)."""
+        streams = [
+            Stream(self.client, self.next_prompt(), self.opts.max_tokens)
+            for _ in range(self.opts.across)
+        ]
+        deadline = time.monotonic() + 120
+        while not all(s.tokens >= 8 for s in streams):
+            if time.monotonic() > deadline or any(s.task.done() for s in streams):
+                break
+            await asyncio.sleep(0.01)
+        running = sum(not s.task.done() for s in streams)
+        t0 = time.perf_counter()
+        result = await self.admin("elastic", "restore", gid)
+        restore_s = time.perf_counter() - t0
+        for s in streams:
+            await s.done()
+        (r,) = result["restored"]
+        return {
+            "restore_s": restore_s,
+            "pause_s": r["pause_s"],
+            "moved": r["moved"],
+            "recomputed": r["recomputed"],
+            "moved_bytes": r["moved_bytes"],
+            "running": running,
+        }
+
+
+def _stats(xs: list[float]) -> dict[str, float]:
+    if not xs:
+        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+async def measure(opts: Options) -> dict[str, Any]:
+    """Start the cluster, run the rounds, stop it: every figure (see the module doc)."""
+    from common.client import GatewayClient
+    from services.launcher.supervisor import Cluster
+
+    if opts.rounds < 1 or opts.requests < 1:
+        raise ValueError("rounds and requests must be >= 1")
+    token = secrets.token_hex(8)
+    with tempfile.TemporaryDirectory(prefix="memserve-elastic-") as tmp:
+        run_dir = opts.run_dir or tmp
+        async with Cluster(settings(opts, run_dir, token)) as cluster:
+            client = GatewayClient(cluster.gateway, timeout_s=120)
+            try:
+                return await _rounds(Bench(cluster, client, token, opts))
+            finally:
+                client.close()
+
+
+async def _rounds(b: Bench) -> dict[str, Any]:
+    opts = b.opts
+    warm = [Stream(b.client, b.next_prompt(), 16) for _ in MEMBERS]  # both instances
+    for s in warm:
+        await s.done()
+    before = await b.snapshot()
+    solo: list[Any] = []
+    group: list[Any] = []
+    solo_batch: list[Any] = []
+    group_batch: list[Any] = []
+    drops: list[dict[str, Any]] = []
+    restores: list[dict[str, Any]] = []
+    grouped: dict[str, Any] = {}
+    group_info: dict[str, Any] = {}
+    for r in range(opts.rounds):
+        solo += await b.single(opts.requests)
+        if r == 0 and opts.batch:
+            solo_batch = await b.batch()
+        d = await b.drop()
+        drops.append(d)
+        if r == 0:
+            grouped = await b.snapshot()
+            status = await b.admin("elastic", "status")
+            (group_info,) = [g for g in status["groups"] if g["group_id"] == d["group_id"]]
+        group += await b.single(opts.requests)
+        if r == 0 and opts.batch:
+            group_batch = await b.batch()
+        restores.append(await b.restore(d["group_id"]))
+    await asyncio.sleep(0.5)  # the restore's last reloads settle
+    after = await b.snapshot()
+    events = (await b.admin("elastic", "status")).get("events", [])
+    return summarize(
+        opts, before, grouped, after, group_info, drops, restores,
+        solo, group, solo_batch, group_batch, events,
+    )  # fmt: skip
+
+
+def _side(finals: list[Any]) -> dict[str, Any]:
+    return {
+        "tpot_ms": _stats([1e3 * f.tpot_s for f in finals]),
+        "ttft_ms": _stats([1e3 * f.ttft_s for f in finals]),
+        "instances": sorted({i for f in finals for i in f.instances}),
+    }
+
+
+def summarize(
+    opts: Options,
+    before: dict[str, Any],
+    grouped: dict[str, Any],
+    after: dict[str, Any],
+    group_info: dict[str, Any],
+    drops: list[dict[str, Any]],
+    restores: list[dict[str, Any]],
+    solo: list[Any],
+    group: list[Any],
+    solo_batch: list[Any],
+    group_batch: list[Any],
+    events: list[dict[str, Any]],
+) -> dict[str, Any]:
+    bs = int(group_info.get("block_size", 0))
+    return {
+        "options": asdict(opts),
+        "model_param_bytes": param_bytes(opts.model),
+        "budget_bytes": before[MEMBERS[0]]["budget_bytes"],
+        "instances": {
+            iid: {"before": before[iid], "grouped": grouped[iid], "after": after[iid]}
+            for iid in MEMBERS
+        },
+        "group": {
+            "members": group_info.get("members", []),
+            "num_blocks": group_info.get("num_blocks", 0),
+            "block_size": bs,
+            "lent_bytes": group_info.get("lent_bytes", 0),
+            "kv_tokens": int(group_info.get("num_blocks", 0)) * bs,
+            "instances_kv_tokens_before": sum(before[i]["kv_tokens"] for i in MEMBERS),
+        },
+        "drop": {
+            "drop_s": _stats([d["drop_s"] for d in drops]),
+            "ttft_from_drop_s": _stats([d["ttft_from_drop_s"] for d in drops]),
+            "first_token_before_group": sum(d["first_token_before_group"] for d in drops),
+            # Only the probes that queued while the group formed (first token after it).
+            "ttft_from_drop_queued_s": _stats(
+                [d["ttft_from_drop_s"] for d in drops if not d["first_token_before_group"]]
+            ),
+            "rounds": [{k: v for k, v in d.items() if k != "group"} for d in drops],
+        },
+        "restore": {
+            "restore_s": _stats([r["restore_s"] for r in restores]),
+            "pause_s": _stats([r["pause_s"] for r in restores]),
+            "moved": sum(r["moved"] for r in restores),
+            "recomputed": sum(r["recomputed"] for r in restores),
+            "moved_bytes": sum(r["moved_bytes"] for r in restores),
+            "rounds": restores,
+        },
+        "single": {"solo": _side(solo), "group": _side(group)},
+        "batch": {"size": opts.batch, "solo": _side(solo_batch), "group": _side(group_batch)},
+        "events": [e.get("event") for e in events],
+    }
+
+
+def _ratio(a: float, b: float) -> str:
+    return fmt(b / a, 2) if a and a == a and b == b else "-"
+
+
+def _mib(n: float) -> str:
+    return fmt(n / MIB, 1)
+
+
+def _spread(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    if not s["n"]:
+        return "-"
+    m, lo, hi = (scale * s[k] for k in ("median", "min", "max"))
+    return f"{m:,.{digits}f} ({lo:,.{digits}f}-{hi:,.{digits}f})"
+
+
+def table_rows(res: dict[str, Any]) -> list[list[str]]:
+    rows: list[list[str]] = []
+    for iid, st in res["instances"].items():
+        b, g, a = st["before"], st["grouped"], st["after"]
+        p0, p1 = b["worker_param_bytes"], g["worker_param_bytes"]
+        rows.append([f"{iid} params MiB", _mib(p0), _mib(p1), _ratio(p0, p1)])
+        k0, k1 = b["kv_tokens"], g["kv_tokens"]
+        rows.append(
+            [f"{iid} KV tokens (blocks / sub-blocks)", f"{k0:,}", f"{k1:,}", _ratio(k0, k1)]
+        )
+        r0, r1, r2 = b["rss_bytes"], g["rss_bytes"], a["rss_bytes"]
+        rows.append([f"{iid} RSS MiB (grouped)", _mib(r0), _mib(r1), _ratio(r0, r1)])
+        rows.append([f"{iid} RSS MiB (after restore)", _mib(r0), _mib(r2), _ratio(r0, r2)])
+    grp = res["group"]
+    k0, k1 = grp["instances_kv_tokens_before"], grp["kv_tokens"]
+    rows.append(["KV tokens: 2 instances vs group", f"{k0:,}", f"{k1:,}", _ratio(k0, k1)])
+    rows.append(["lent to KV MiB", "-", _mib(grp["lent_bytes"]), "-"])
+    d, r = res["drop"], res["restore"]
+    rows.append(["drop command s, med (min-max)", "-", _spread(d["drop_s"], 1, 2), "-"])
+    rows.append(["new request TTFT from drop s", "-", _spread(d["ttft_from_drop_s"], 1, 2), "-"])
+    early = f"{d['first_token_before_group']} of {d['drop_s']['n']}"
+    rows.append(["  of which first token before the group formed", "-", early, "-"])
+    queued = _spread(d["ttft_from_drop_queued_s"], 1, 2)
+    rows.append(["  TTFT from drop of those that queued s", "-", queued, "-"])
+    rows.append(["restore command s", "-", _spread(r["restore_s"], 1, 2), "-"])
+    rows.append(["restore pause (leader) s", "-", _spread(r["pause_s"], 1, 3), "-"])
+    rows.append(
+        [
+            "restore: moved / recomputed, MiB",
+            "-",
+            f"{r['moved']} / {r['recomputed']}, {_mib(r['moved_bytes'])}",
+            "-",
+        ]
+    )
+    for case in ("single", "batch"):
+        side = res[case]
+        if not side["solo"]["tpot_ms"]["n"]:
+            continue
+        label = "1 request" if case == "single" else f"batch of {res['batch']['size']}"
+        for metric in ("tpot_ms", "ttft_ms"):
+            s0, s1 = side["solo"][metric], side["group"][metric]
+            rows.append(
+                [
+                    f"{metric[:4].upper()} ms, {label} (median)",
+                    fmt(s0["median"], 1),
+                    fmt(s1["median"], 1),
+                    _ratio(s0["median"], s1["median"]),
+                ]
+            )
+    return rows
+
+
+HEADERS = ["metric", "before / solo", "after / group", "ratio"]
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from common.cli_errors import fail
+
+    opts = Options(
+        model=args.model,
+        kv_mib=args.kv_mib,
+        rounds=args.rounds,
+        requests=args.requests,
+        batch=args.batch,
+        across=args.across,
+        prompt_tokens=args.prompt_tokens,
+        max_tokens=args.max_tokens,
+        run_dir=args.run_dir,
+    )
+    if opts.rounds < 1 or opts.requests < 1 or opts.kv_mib < 1 or opts.batch < 0:
+        return fail("--rounds, --requests and --kv-mib must be >= 1, --batch >= 0")
+    print(
+        f"bench elastic: {opts.model}, 2 colocated instances, budget = params + "
+        f"{opts.kv_mib} MiB each, {opts.rounds} rounds"
+    )
+    monitor = CpuMonitor().start()
+    result = asyncio.run(measure(opts))
+    result["cpu"] = monitor.stop()
+    result["machine"] = machine_info()
+    rows = table_rows(result)
+    print(format_table(HEADERS, rows))
+    other = result["cpu"].get("other_cores")
+    if other is not None and other > 0.5:
+        print(f"warning: other processes used {other:.1f} cores meanwhile; timings are noisy")
+    out = write_json(Path(args.out), result)
+    md = out.with_suffix(".md")
+    md.write_text(markdown(rows))
+    print(f"saved {out} and {md}")
+    return 0

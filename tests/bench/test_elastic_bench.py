@@ -1,0 +1,74 @@
+"""`memserve bench elastic` on the tiny model, one round: every figure saved, in sane
+relations (no timing is judged): the drop lowers each instance's parameters and the group
+holds more KV tokens than the two instances did; the restore brings the parameters back;
+requests ran on both sides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.elastic import MEMBERS
+from services.cli import build_parser
+
+pytestmark = pytest.mark.integration
+
+
+def bench(*argv: str) -> int:
+    args = build_parser().parse_args(["bench", "elastic", *argv])
+    return int(args.func(args))
+
+
+def test_one_tiny_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "elastic.json"
+    argv = ["--model", "tiny", "--kv-mib", "2", "--rounds", "1", "--requests", "1"]
+    argv += [
+        "--batch",
+        "2",
+        "--across",
+        "1",
+        "--max-tokens",
+        "16",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
+    assert bench(*argv, "--out", str(out)) == 0
+    res = json.loads(out.read_text())
+    for iid in MEMBERS:
+        st = res["instances"][iid]
+        before, grouped, after = st["before"], st["grouped"], st["after"]
+        assert grouped["worker_param_bytes"] < before["worker_param_bytes"]
+        assert grouped["daemon_param_bytes"] < before["daemon_param_bytes"]
+        assert after["worker_param_bytes"] == before["worker_param_bytes"]
+        assert (before["split"], grouped["split"], after["split"]) == (1, 2, 1)
+        assert grouped["kv_tokens"] > before["kv_tokens"]  # sub-blocks: twice as many and more
+        assert before["elastic_state"] == after["elastic_state"] == "solo"
+        for phase in (before, grouped, after):
+            assert phase["rss_bytes"] > 0
+    group = res["group"]
+    assert group["kv_tokens"] > group["instances_kv_tokens_before"] > 0
+    assert group["lent_bytes"] > 0
+    assert [m["instance_id"] for m in group["members"]] == list(MEMBERS)
+    drop = res["drop"]
+    assert drop["drop_s"]["n"] == 1 and drop["ttft_from_drop_s"]["median"] > 0
+    early = drop["first_token_before_group"]  # the probe raced Prepare and won, or queued
+    assert early + drop["ttft_from_drop_queued_s"]["n"] == 1
+    restore = res["restore"]
+    assert restore["pause_s"]["n"] == 1 and restore["restore_s"]["median"] > 0
+    assert restore["moved"] + restore["recomputed"] == restore["rounds"][0]["running"]
+    for case in ("single", "batch"):
+        for side in ("solo", "group"):
+            assert res[case][side]["tpot_ms"]["median"] > 0
+    assert set(res["single"]["group"]["instances"]) <= set(MEMBERS)
+    assert "serving" in " ".join(res["events"])
+    printed = capsys.readouterr().out
+    assert "KV tokens: 2 instances vs group" in printed and "TPOT ms" in printed
+    assert out.with_suffix(".md").read_text().startswith("| metric |")
+
+
+def test_bad_rounds_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench("--rounds", "0", "--out", str(tmp_path / "x.json")) == 1
+    assert "--rounds" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
