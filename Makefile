@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 EXTRAS ?= test,bench,dev,ucx
 
-.PHONY: install demo test unit lint typecheck bench bench-baselines eval clean
+.PHONY: install demo test unit lint typecheck gpu-check bench bench-baselines eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ unit: install
 	$(BIN)/pytest -q -n 2 --dist loadfile
 
 test: lint typecheck unit
+
+# On a machine with an NVIDIA GPU: every CUDA path (the gpu-marked tests: CUDA regions and
+# cuda-ipc/nccl transfers, the engine on CUDA, the parameter arena of a KunServe drop), one
+# run. Installs the `cuda` extra (cupy, xformers) first.
+gpu-check: install
+	$(BIN)/pip install -q -e ".[$(EXTRAS),cuda]"
+	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+	$(BIN)/pytest -q -m gpu -rs -p no:cacheprovider tests
 
 bench: install
 	$(BIN)/memserve bench engine

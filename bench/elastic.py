@@ -418,8 +418,8 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
             [f"{iid} KV tokens (blocks / sub-blocks)", f"{k0:,}", f"{k1:,}", _ratio(k0, k1)]
         )
         r0, r1, r2 = b["rss_bytes"], g["rss_bytes"], a["rss_bytes"]
-        rows.append([f"{iid} RSS MiB (grouped)", _mib(r0), _mib(r1), _ratio(r0, r1)])
-        rows.append([f"{iid} RSS MiB (after restore)", _mib(r0), _mib(r2), _ratio(r0, r2)])
+        rows.append([f"{iid} private RSS MiB (grouped)", _mib(r0), _mib(r1), _ratio(r0, r1)])
+        rows.append([f"{iid} private RSS MiB (after restore)", _mib(r0), _mib(r2), _ratio(r0, r2)])
     grp = res["group"]
     k0, k1 = grp["instances_kv_tokens_before"], grp["kv_tokens"]
     rows.append(["KV tokens: 2 instances vs group", f"{k0:,}", f"{k1:,}", _ratio(k0, k1)])

@@ -65,6 +65,10 @@ class MempoolClient:
     async def release(self, handle: int) -> None:
         await self.call(mp.Release(handle))
 
+    async def chown(self, block_ids: list[int], owner: str, *, expect: str = "") -> int:
+        """Device client blocks pass to `owner` (only if `expect` holds them, when given)."""
+        return (await self._ask(mp.Chown(block_ids, owner, expect), mp.Ok)).count
+
     async def release_owner(self, owner: str) -> int:
         """Free every block and pin `owner` holds (a client that died); returns blocks freed."""
         return (await self._ask(mp.ReleaseOwner(owner), mp.Ok)).count

@@ -33,7 +33,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device; runs on GPU machines (make unit there)")
+    skip = pytest.mark.skip(reason="needs a CUDA device; runs on GPU machines (`make gpu-check`)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

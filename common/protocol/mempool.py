@@ -151,6 +151,15 @@ class ReleaseOwner(msgspec.Struct, tag=True, frozen=True):
     owner: str
 
 
+class Chown(msgspec.Struct, tag=True, frozen=True):
+    """Device client blocks pass to `owner` (with `expect`: only if that client holds them
+    all). Answered by `Ok(count)`."""
+
+    block_ids: list[int]
+    owner: str
+    expect: str = ""
+
+
 class Evict(msgspec.Struct, tag=True, frozen=True):
     n: int
     tier: int = 0
@@ -273,6 +282,7 @@ MempoolRequest = (
     | Merge
     | Shrink
     | ReleaseOwner
+    | Chown
     | Evict
     | Stats
     | CheckIntegrity

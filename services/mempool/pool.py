@@ -241,6 +241,25 @@ class MemPool:
     def pending_shrink(self) -> list[int]:
         return self.alloc[Tier.DEVICE].pending_shrink
 
+    def chown(self, ids: Sequence[int], owner: str, *, expect: str = "") -> int:
+        """Device client blocks `ids` pass to `owner` (a group taking a member's blocks,
+        or a home taking a request back); with `expect`, only if that client holds them
+        all. Refused (nothing changes) for ids that are not client blocks."""
+        if not owner:
+            raise InvalidBlocks("chown needs an owner")
+        ids = list(ids)
+        self.check_client(ids, Tier.DEVICE, in_use_ok=True)
+        if expect:
+            wrong = [
+                b
+                for b, o in zip(ids, self.client[Tier.DEVICE].owners(ids), strict=True)
+                if o != expect
+            ]
+            if wrong:
+                raise InvalidBlocks(f"blocks {wrong[:8]} are not held by {expect!r}")
+        self.client[Tier.DEVICE].give(ids, owner)
+        return len(ids)
+
     def release_owner(self, owner: str) -> int:
         """Free every client block and drop every handle of `owner` (a client that died).
         Blocks a transfer is still using pass to `ORPHAN` and are freed when it ends."""

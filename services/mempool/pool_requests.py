@@ -139,6 +139,9 @@ class PoolRequests:
     def release_owner(self, req: mp.ReleaseOwner) -> mp.Ok:
         return mp.Ok(self.pool.release_owner(req.owner))
 
+    def chown(self, req: mp.Chown) -> mp.Ok:
+        return mp.Ok(self.pool.chown(req.block_ids, req.owner, expect=req.expect))
+
 
 def parse_tier(value: int) -> Tier:
     try:

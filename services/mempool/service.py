@@ -146,6 +146,7 @@ class MempoolDaemon(ServiceShell):
             mp.Merge: self.split_mode.merge,
             mp.Shrink: self.split_mode.shrink,
             mp.ReleaseOwner: pool.release_owner,
+            mp.Chown: pool.chown,
             # KV between daemons: sending side, then receiving side
             mp.Transfer: blocks.transfer,
             mp.TransferWithInsert: blocks.transfer_with_insert,

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -37,20 +36,19 @@ import msgspec
 import torch
 
 from common.auth import check_admin_token
-from common.errors import ErrorKind
 from common.logging import get_logger
-from common.mempool_client import MempoolClient
 from common.model.presets import resolve_model
 from common.net import advertise
 from common.protocol import elastic as el
 from common.protocol.stage import StageMessage
-from common.sockets import PullSocket, PushSocket, RpcClient, RpcError
+from common.sockets import PullSocket, PushSocket, RpcClient
 from services.worker.block_pool import BlockPool
 from services.worker.engine import Engine
 from services.worker.kv_cache import KVLayout
 from services.worker.mempool_engine import MempoolEngine
 from services.worker.pipeline.engine import PipelineEngine
-from services.worker.pipeline.homes import Copy, plan_restore
+from services.worker.pipeline.homes import plan_restore
+from services.worker.pipeline.moves import homes_of, lease_all, move_home
 from services.worker.pipeline.socket_ring import SocketRing, serve_stage
 from services.worker.pipeline.stage import StageServer
 from services.worker.pipeline.views import copy_sub_blocks, kv_view
@@ -329,7 +327,7 @@ class ElasticMember:
         # Highest ids first: group blocks fill the lent memory before the ids this member
         # takes back at the restore, which then stay free while the group's KV fits above.
         self.table = sorted(
-            await _lease_all(eng.client, eng.owner, split.capacity_blocks), reverse=True
+            await lease_all(eng.client, eng.owner, split.capacity_blocks), reverse=True
         )
         eng.grouped = True
         eng.group_lease = list(self.table)
@@ -368,19 +366,8 @@ class ElasticMember:
             tables,
             caps,
         )
-        moved_bytes = 0
-        for ops in plan.rounds:
-            moved_bytes += sum(await asyncio.gather(*self._round(ops, pipeline)))
-        homes: dict[int, list[el.RequestState]] = defaultdict(list)
-        for s in states:
-            home = plan.homes[s.request_id]
-            homes[home.member].append(
-                msgspec.structs.replace(
-                    s,
-                    block_ids=home.blocks,
-                    num_computed_tokens=s.num_computed_tokens if home.blocks else 0,
-                )
-            )
+        moved_bytes = await move_home(plan, self.members, pipeline.cache, self._copy_at)
+        homes = homes_of(states, plan)
         replies = await asyncio.gather(
             *(
                 self._ask(
@@ -409,40 +396,9 @@ class ElasticMember:
             pause_s=time.monotonic() - t0,
         )
 
-    def _round(self, ops: list[Copy], pipeline: PipelineEngine) -> list[Any]:
-        """One round of the move home: the copies of each (source, destination) pair as
-        one local copy or one MemPool transfer, all pairs at once. Each returns bytes moved."""
-        pairs: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-        for c in ops:
-            pairs[(c.src_member, c.dst_member)].append((c.src, c.dst))
-        sub_bytes = pipeline.cache.layout.bytes_per_block
-        work: list[Any] = []
-        for (src, dst), copies in pairs.items():
-            if src == dst == 0:
-                copy_sub_blocks(pipeline.cache, copies)
-                work.append(_bytes(len(copies) * sub_bytes))
-            elif src == dst:
-                work.append(self._copy_at(src, copies, sub_bytes))
-            else:
-                work.append(self._transfer(src, dst, copies))
-        return work
-
-    async def _copy_at(self, rank: int, copies: list[tuple[int, int]], sub_bytes: int) -> int:
-        cfg = self.svc.cfg
-        await self._ask(
-            self.members[rank], el.CopyLocal(cfg.admin_token, self.group_id, self.epoch, copies)
-        )
-        return len(copies) * sub_bytes
-
-    async def _transfer(self, src: int, dst: int, copies: list[tuple[int, int]]) -> int:
-        client = MempoolClient(self.members[src].mempool)
-        try:
-            done = await client.transfer(
-                self.members[dst].mempool, [s for s, _ in copies], [d for _, d in copies]
-            )
-        finally:
-            client.close()
-        return done.nbytes
+    async def _copy_at(self, rank: int, copies: list[tuple[int, int]]) -> None:
+        msg = el.CopyLocal(self.svc.cfg.admin_token, self.group_id, self.epoch, copies)
+        await self._ask(self.members[rank], msg)
 
     def _copy_local(self, req: el.CopyLocal) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "follower")
@@ -545,22 +501,3 @@ class ElasticMember:
 def _resident(eng: MempoolEngine, model: Any) -> int:
     """What the parameters occupy in the budget: the arena's footprint on a GPU."""
     return eng.arena.footprint if eng.arena is not None else int(model.param_bytes())
-
-
-async def _bytes(n: int) -> int:
-    return n
-
-
-async def _lease_all(client: MempoolClient, owner: str, capacity: int) -> list[int]:
-    """Every sub-block the daemon can give (halving the ask when some are held elsewhere)."""
-    ids: list[int] = []
-    n = capacity
-    while n > 0 and len(ids) < capacity:
-        n = min(n, capacity - len(ids))
-        try:
-            ids.extend(await client.alloc_mem(n, owner=owner))
-        except RpcError as exc:
-            if exc.kind != ErrorKind.OUT_OF_MEMORY:
-                raise
-            n //= 2
-    return ids

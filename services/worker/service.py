@@ -587,12 +587,17 @@ class WorkerService(ServiceShell):
 
 
 def rss_bytes() -> int:
-    """This process's resident memory (Linux; 0 elsewhere): what a parameter drop lowers."""
+    """This process's private resident memory (Linux `RssAnon`; 0 elsewhere): where its
+    parameters live, and what a parameter drop lowers. The KV region is the daemon's shared
+    memory, which plain RSS would also count once touched: left out on purpose."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        return 0
+        pass
+    return 0
 
 
 async def _attach(cfg: WorkerConfig, model: Any = None) -> MempoolEngine:

@@ -273,3 +273,22 @@ async def test_bad_split_requests_get_clear_errors(spawn_daemon: SpawnDaemon) ->
     assert len(await d.client.alloc_mem(8, owner="w")) == 8  # still serving
     await d.client.release_owner("w")
     await assert_clean(d)
+
+
+@pytest.mark.integration
+async def test_chown_passes_blocks_to_a_group_and_back(spawn_daemon: SpawnDaemon) -> None:
+    d = await spawn_daemon("chown", device_blocks=8)
+    mine = await d.client.alloc_mem(3, owner="w0")
+    await d.client.split(2)
+    subs = [b * 2 + j for b in mine for j in range(2)]
+    await refused(d.client.chown(subs, "group:g1", expect="w1"), ErrorKind.BAD_REQUEST, "w1")
+    await refused(d.client.chown([15], "group:g1"), ErrorKind.BAD_REQUEST, "not allocated")
+    assert (await d.client.stats()).client["device"] == 6  # nothing changed
+    assert await d.client.chown(subs[:4], "group:g1", expect="w0") == 4
+    assert await d.client.release_owner("w0") == 2  # only what w0 still holds
+    assert await d.client.chown(subs[:2], "w1", expect="group:g1") == 2
+    assert await d.client.release_owner("group:g1") == 2
+    await intact(d)
+    assert await d.client.release_owner("w1") == 2
+    await d.client.merge()
+    await assert_clean(d)

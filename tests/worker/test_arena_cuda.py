@@ -2,8 +2,7 @@
 CUDA byte tensor, then the real thing: a budgeted daemon's CUDA region is one allocation of
 B bytes, the worker's parameters move into its top and KV grows to them.
 
-gpu-marked and skipped without CUDA. The skip names `make gpu-check`, the intended GPU
-entry point: that target does not exist yet (it is to run `pytest -m gpu` on a GPU box)."""
+gpu-marked and skipped without CUDA; `make gpu-check` runs them on a GPU machine."""
 
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
         not torch.cuda.is_available(),
-        reason="needs a CUDA device: run on a GPU machine with `make gpu-check` "
-        "(planned target, not in the Makefile yet; meanwhile `pytest -m gpu`)",
+        reason="needs a CUDA device: run on a GPU machine with `make gpu-check`",
     ),
 ]
 MIB = 1 << 20

@@ -7,17 +7,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from common.model.presets import resolve_model
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.kv_cache import KVLayout
-from services.worker.model.loader import load_model
-from services.worker.pipeline.local_group import LocalGroup, LocalMember
 from services.worker.pipeline.views import kv_view
 from tests.worker.helpers import prompt, run_to_end
+from tests.worker.pipeline_helpers import (
+    CONFIG,
+    collect,
+    finish_leader,
+    finish_members,
+    make_group,
+    step_members,
+)
 
-CONFIG = EngineConfig(model="tiny", dtype="float32", block_size=4, max_num_batched_tokens=32)
 GREEDY = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
@@ -44,51 +47,13 @@ def _fields(cfg: EngineConfig) -> dict[str, object]:
     return {f: getattr(cfg, f) for f in cfg.__struct_fields__}
 
 
-def make_group(g: int, capacity: int = 24, region_blocks: int = 96) -> LocalGroup:
-    folder = resolve_model("tiny")
-    members = []
-    for _ in range(g):
-        model, cfg = load_model(folder, dtype=torch.float32)
-        layout = KVLayout.for_model(cfg, CONFIG.block_size, torch.float32)
-        raw = torch.zeros(region_blocks * layout.bytes_per_block, dtype=torch.uint8)
-        members.append(LocalMember(model, raw, capacity))
-    group = LocalGroup(members, layout, CONFIG, folder)
-    group.start()
-    return group
-
-
-def collect(into: dict[str, list[int]], outs: list) -> None:
-    for out in outs:
-        into.setdefault(out.request_id, []).extend(out.new_token_ids)
-
-
-def step_members(group: LocalGroup, into: dict[str, list[int]], steps: int) -> None:
-    for _ in range(steps):
-        for m in group.members:
-            assert m.engine is not None
-            collect(into, m.engine.step())
-
-
-def finish_members(group: LocalGroup, into: dict[str, list[int]]) -> None:
-    """Step every member until all are idle (bounded: a stuck queue fails, never hangs)."""
-    for _ in range(1000):
-        if not any(m.engine is not None and m.engine.has_unfinished() for m in group.members):
-            return
-        step_members(group, into, 1)
-    raise AssertionError("members never finished their requests")
-
-
 def test_group_from_the_start_gives_reference_tokens(reference: dict[str, list[int]]) -> None:
     group = make_group(2)
     leader = group.drop(shuffle=torch.Generator().manual_seed(1))
     for rid, (p, params) in REQUESTS.items():
         leader.add_request(rid, p, params)
     got: dict[str, list[int]] = {}
-    for _ in range(1000):
-        if not leader.has_unfinished():
-            break
-        collect(got, leader.step())
-        leader.check_integrity()
+    finish_leader(leader, got)
     assert got == {rid: reference[rid] for rid in REQUESTS}
     assert leader.pool.num_free == leader.pool.num_blocks
 
@@ -157,10 +122,7 @@ def test_abort_while_in_flight_frees_every_block(reference: dict[str, list[int]]
         assert out is not None and out.finished
     leader.check_integrity()
     got: dict[str, list[int]] = {}
-    for _ in range(1000):
-        if not leader.has_unfinished():
-            break
-        collect(got, leader.step())
+    finish_leader(leader, got, check=False)
     assert not set(got) & set(aborted)  # their rows in flight were dropped
     assert got == {rid: reference[rid] for rid in list(REQUESTS)[3:]}
     leader.check_integrity()
