@@ -44,7 +44,7 @@ KV_BLOCKS = 96  # per instance alone: 1,536 tokens
 MEMBERS = ("colocated-0", "colocated-1")
 
 
-def settings(tmp_path: Path) -> Any:
+def settings(tmp_path: Path, *, restart: bool = False) -> Any:
     return load(
         None,
         {
@@ -53,7 +53,7 @@ def settings(tmp_path: Path) -> Any:
                 "admin_token": TOKEN,
                 "mode": "colocated",
                 "colocated": 2,
-                "restart": False,
+                "restart": restart,
             },
             "scheduler": {"heartbeat_timeout_s": 1.5},
             "gateway": {"request_timeout_s": 30},
@@ -227,12 +227,16 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             client.close()
 
 
-async def test_a_member_that_does_not_prepare_aborts_and_a_dead_follower_breaks(
-    tmp_path: Path,
-) -> None:
+async def test_faults_abort_a_drop_or_break_a_group_and_members_recover(tmp_path: Path) -> None:
+    """A member that does not answer Prepare aborts the drop; a killed follower, then a
+    killed leader, break their groups: requests fail fast, the survivor restores from its
+    checkpoint and serves alone, the dead one is restarted on its daemon (which it merges
+    back: that daemon was left split) and can join a group again."""
     work = workload()
     ref = reference(work)
-    async with Cluster(settings(tmp_path)) as c:
+    stop = asyncio.Event()
+    async with Cluster(settings(tmp_path, restart=True)) as c:
+        watching = asyncio.create_task(c.wait(stop))  # supervision: restarts the dead
         client = GatewayClient(c.gateway, timeout_s=60)
         try:
             # A stopped member never answers Prepare: aborted, nothing changed.
@@ -248,36 +252,58 @@ async def test_a_member_that_does_not_prepare_aborts_and_a_dead_follower_breaks(
             done = await client.complete(*work["after"])
             assert done.token_ids == ref["after"]
 
-            # A follower killed while grouped: its group's requests end with an error,
-            # fast; the leader serves alone again.
-            dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
-            assert dropped.ok, dropped.error
-            gid = dropped.result["group_id"]
-            streams = {rid: Stream(client, *work[rid]) for rid in "ab"}
-            await until(lambda: all(len(s.tokens) >= 10 for s in streams.values()), what="tokens")
-            os.kill(c.children[MEMBERS[1]].proc.pid, signal.SIGKILL)
-            t0 = time.monotonic()
-            await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 30)
-            assert time.monotonic() - t0 < 15
-            for s in streams.values():
-                assert s.final is not None and s.final.finish_reason == "error"
-
-            async def broken() -> bool:
-                groups = (await admin(c, "elastic", "status")).result["groups"]
-                return any(g["group_id"] == gid and g["state"] == "BROKEN" for g in groups)
-
-            deadline = time.monotonic() + 15
-            while not await broken():
-                assert time.monotonic() < deadline, "the group was never marked broken"
-                await asyncio.sleep(0.1)
-            await until_solo(c, MEMBERS[0])
-            alone = await client.complete(*work["after"])
-            assert alone.token_ids == ref["after"]
-            assert alone.final.instances == [MEMBERS[0]]
-            await asyncio.sleep(0.5)
-            await daemons_idle_and_intact(c, (MEMBERS[0],))
+            # The follower killed, then (in a new group) the leader.
+            for victim, survivor in ((MEMBERS[1], MEMBERS[0]), (MEMBERS[0], MEMBERS[1])):
+                await until_up(c, MEMBERS)
+                dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
+                assert dropped.ok, dropped.error
+                gid = dropped.result["group_id"]
+                streams = {rid: Stream(client, *work[rid]) for rid in "ab"}
+                await until(
+                    lambda ss=streams: all(len(s.tokens) >= 10 for s in ss.values()),  # type: ignore[misc]
+                    what="tokens",
+                )
+                pid = c.children[victim].proc.pid
+                os.kill(pid, signal.SIGKILL)
+                t0 = time.monotonic()
+                await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 30)
+                assert time.monotonic() - t0 < 15
+                for s in streams.values():
+                    assert s.final is not None and s.final.finish_reason == "error"
+                await until_group_state(c, gid, "BROKEN")
+                await until_solo(c, survivor)
+                alone = await client.complete(*work["after"])
+                assert alone.token_ids == ref["after"]
+                await until_up(c, MEMBERS)  # the victim restarted, merged its daemon
+                assert c.children[victim].proc.pid != pid
+                await asyncio.sleep(0.5)
+                await daemons_idle_and_intact(c)
+            assert c.restarts == 2
         finally:
             client.close()
+            stop.set()
+            await asyncio.wait_for(watching, 30)
+
+
+async def until_group_state(c: Cluster, gid: str, state: str, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        groups = (await admin(c, "elastic", "status")).result["groups"]
+        if any(g["group_id"] == gid and g["state"] == state for g in groups):
+            return
+        assert time.monotonic() < deadline, f"group {gid} never became {state}"
+        await asyncio.sleep(0.1)
+
+
+async def until_up(c: Cluster, ids: tuple[str, ...], timeout_s: float = 30.0) -> None:
+    """Every instance registered, up and serving alone (a restarted one too)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        rows = {r["instance_id"]: r for r in (await admin(c, "instances")).result}
+        if all(i in rows and rows[i]["state"] == "up" and not rows[i]["group"] for i in ids):
+            return
+        assert time.monotonic() < deadline, f"not all of {ids} came up: {rows}"
+        await asyncio.sleep(0.1)
 
 
 async def until_solo(c: Cluster, iid: str, timeout_s: float = 15.0) -> None:

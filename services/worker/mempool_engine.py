@@ -125,6 +125,8 @@ class MempoolEngine(AsyncEngine):
         client = MempoolClient(mempool_address)
         try:
             info = await client.info()
+            if info.split > 1:
+                info = await _unsplit(client, owner, info, config)
             on_gpu = config.device.startswith("cuda")
             if info.device_kind != ("cuda" if on_gpu else "shm"):
                 raise MemServeError(
@@ -376,6 +378,28 @@ class MempoolEngine(AsyncEngine):
             self.region.close()
         except BufferError:
             log.warning("the KV region is still referenced; it is unmapped at exit")
+
+
+async def _unsplit(
+    client: MempoolClient, owner: str, info: mp.InfoReply, config: EngineConfig
+) -> mp.InfoReply:
+    """The daemon is still split: an earlier run of this worker died in a KunServe group.
+    Give back what that run held, lower the capacity to whole blocks that fit beside the
+    full model's parameters, and merge; then this worker attaches as to any daemon."""
+    released = await client.release_owner(owner)
+    g = info.split
+    target = info.device_blocks // g * g
+    if info.budget_bytes:
+        dtype = str(resolve_dtype(config.dtype, config.device)).removeprefix("torch.")
+        params = ModelConfig.from_folder(resolve_model(config.model)).param_bytes(dtype)
+        full_block = info.block_bytes * g
+        target = min(target, max(0, info.budget_bytes - params) // full_block * g)
+    await client.shrink(target)
+    await client.merge()
+    log.warning(
+        "the daemon was left split by an earlier run; merged it back", split=g, released=released
+    )
+    return await client.info()
 
 
 async def _report_params(
