@@ -102,20 +102,28 @@ class ModelRunner:
         ordered, token_ids, meta = self.build_metadata(chunks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         hidden = self.model(self.model.embed(ids), meta, self.cache)
-        rows: list[int] = []
-        sampled: list[Request] = []
-        offset = 0
-        for c in ordered:
-            offset += c.num_tokens
-            if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens:
-                rows.append(offset - 1)
-                sampled.append(c.request)
+        rows, sampled = sampled_rows(ordered)
         logits = (
             self.model.compute_logits(hidden[rows])
             if rows
             else hidden.new_empty((0, self.model.cfg.vocab_size))
         )
         return StepResult(sampled, logits.float())
+
+
+def sampled_rows(ordered: list[ScheduledChunk]) -> tuple[list[int], list[Request]]:
+    """The rows of a step's flat batch (chunks in `ordered`, the metadata's order) whose
+    hidden states give logits: the last token of each chunk that completes its request's
+    known tokens; and those requests, in row order."""
+    rows: list[int] = []
+    sampled: list[Request] = []
+    offset = 0
+    for c in ordered:
+        offset += c.num_tokens
+        if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens:
+            rows.append(offset - 1)
+            sampled.append(c.request)
+    return rows, sampled
 
 
 def to_device(meta: AttentionMetadata, device: torch.device) -> AttentionMetadata:

@@ -33,6 +33,7 @@ from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput
 from services.worker.kv_cache import KVCache
 from services.worker.model.llama import LlamaModel
+from services.worker.model_runner import sampled_rows
 from services.worker.pipeline.metadata import remap, to_stage_batch
 from services.worker.pipeline.microbatch import MicrobatchScheduler
 from services.worker.pipeline.ring import Ring, StageTimeout
@@ -117,14 +118,7 @@ class PipelineEngine(Engine):
         ordered, token_ids, meta = self.runner.build_metadata(chunks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.runner.device)
         hidden = self.model(self.model.embed(ids), remap(meta, self.table), self.cache)
-        rows: list[int] = []
-        sampled: list[Request] = []
-        offset = 0
-        for c in ordered:
-            offset += c.num_tokens
-            if c.request.num_computed_tokens + c.num_tokens == c.request.num_tokens:
-                rows.append(offset - 1)
-                sampled.append(c.request)
+        rows, sampled = sampled_rows(ordered)
         self._steps += 1
         batch = to_stage_batch(
             meta, epoch=self.epoch, step=self._steps, mb=mb, return_rows=rows, hidden=hidden
