@@ -355,7 +355,7 @@ class ElasticMember:
             msgspec.structs.replace(s, reply_to=svc.routes.get(s.request_id, s.reply_to))
             for s, _ in await eng.export(keep_kv=True)
         ]
-        n = pipeline.pool.num_blocks
+        n = len(pipeline.table)  # group blocks (the pool shrank by what left with the requests)
         tables = [self.table[:n]] + [f.table[:n] for f in self.followers]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
         plan = plan_restore(

@@ -58,10 +58,11 @@ def test_group_from_the_start_gives_reference_tokens(reference: dict[str, list[i
     assert leader.pool.num_free == leader.pool.num_blocks
 
 
-@pytest.mark.parametrize("g", [2, 4])
+@pytest.mark.parametrize(("g", "exchange"), [(2, True), (4, True), (2, False)])
 def test_drop_mid_stream_then_restore_gives_reference_tokens(
-    reference: dict[str, list[int]], g: int
+    reference: dict[str, list[int]], g: int, exchange: bool
 ) -> None:
+    """Requests running at the drop keep their KV (exchange) or are recomputed."""
     group = make_group(g)
     ids = list(REQUESTS)
     for i, rid in enumerate(ids):  # spread over the members, as a scheduler would
@@ -71,8 +72,13 @@ def test_drop_mid_stream_then_restore_gives_reference_tokens(
     got: dict[str, list[int]] = {}
     step_members(group, got, 6)
     assert any(got.values())  # some tokens were produced before the drop
-    leader = group.drop(shuffle=torch.Generator().manual_seed(g))
+    leader = group.drop(exchange=exchange, shuffle=torch.Generator().manual_seed(g))
     assert leader.capacity_tokens > group.members[0].capacity * CONFIG.block_size
+    plan = group.last_exchange
+    assert plan is not None and not plan.recompute
+    assert len(plan.moves) == (len(REQUESTS) if exchange else 0)
+    if exchange:  # they go on from where they were: nothing to recompute
+        assert all(r.num_computed_tokens > 0 for r in leader.requests.values())
     for rid, (p, params) in LATE.items():  # admitted during the group
         leader.add_request(rid, p, params)
     for _ in range(14):

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.protocol.elastic import RequestState
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput
@@ -82,6 +83,25 @@ class PipelineEngine(Engine):
         self._next = 0
         self._steps = 0
         self._in_flight: list[_InFlight | None] = [None] * g
+
+    # ------------------------------------------------------------ exchange
+    def reserve(self, ids: list[int]) -> None:
+        """Group blocks that start taken: the blocks of requests whose KV is still being
+        exchanged, and the exchange's sources. Held as handed-out blocks (so the integrity
+        check counts them) until `adopt` gives them to their request or `unreserve` frees
+        them."""
+        self.pool.claim(ids)
+        self.handed_out.update(ids)
+
+    def unreserve(self, ids: list[int]) -> None:
+        self.release_blocks(ids)
+
+    def adopt(self, state: RequestState) -> Request:
+        """As `Engine.adopt`; a request whose exchange is done brings reserved blocks."""
+        reserved = [b for b in state.block_ids if b in self.handed_out]
+        if reserved:
+            self.unreserve(reserved)
+        return super().adopt(state)
 
     @property
     def capacity_tokens(self) -> int:

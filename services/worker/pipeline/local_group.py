@@ -28,6 +28,7 @@ from services.worker.engine import Engine, RequestOutput
 from services.worker.kv_cache import KVLayout
 from services.worker.model.llama import LlamaModel
 from services.worker.pipeline.engine import PipelineEngine
+from services.worker.pipeline.exchange import GroupTables, StaleRequest, build_tables, permute
 from services.worker.pipeline.homes import RestorePlan, plan_restore
 from services.worker.pipeline.ring import LocalRing
 from services.worker.pipeline.stage import StageServer
@@ -55,6 +56,7 @@ class LocalGroup:
         self.leader: PipelineEngine | None = None
         self.epoch = 0
         self.last_plan: RestorePlan | None = None
+        self.last_exchange: GroupTables | None = None
 
     def start(self) -> None:
         """Every member serves alone on its first `capacity` full blocks."""
@@ -66,9 +68,13 @@ class LocalGroup:
     def g(self) -> int:
         return len(self.members)
 
-    def drop(self, *, shuffle: torch.Generator | None = None) -> PipelineEngine:
-        """Form the group (ranks in member order); `shuffle` permutes each member's table
-        (tests: group ids must never be taken for sub-block ids)."""
+    def drop(
+        self, *, exchange: bool = True, shuffle: torch.Generator | None = None
+    ) -> PipelineEngine:
+        """Form the group (ranks in member order). With `exchange` the requests running
+        on the members keep their KV (each block's own layers stay in place, the others
+        are copied to the members that hold them now); without it they are recomputed.
+        `shuffle` permutes the group ids (tests: never mistake one for a sub-block id)."""
         g = self.g
         layers = self.layout.num_layers
         if layers % g:
@@ -76,42 +82,61 @@ class LocalGroup:
         per = layers // g
         sub = sub_layout(self.layout, g)
         states: list[RequestState] = []
-        for m in self.members:
+        stale: list[StaleRequest] = []
+        for rank, m in enumerate(self.members):
             assert m.engine is not None
-            states.extend(m.engine.export_requests())
+            for s in m.engine.export_requests(keep_kv=exchange):
+                states.append(s)
+                if s.block_ids:
+                    stale.append(StaleRequest(s.request_id, rank, tuple(s.block_ids)))
             m.engine = None
         self.epoch += 1
+        held: list[list[int]] = []
         for rank, m in enumerate(self.members):
             lead = rank == 0
             m.freed_bytes = m.model.drop_layers(
                 range(rank * per, (rank + 1) * per), keep_embed=lead, keep_head=lead
             )
             most = m.raw.numel() // sub.bytes_per_block
-            n = min(most, m.capacity * g + m.freed_bytes // sub.bytes_per_block)
-            # Group blocks come from the lent memory first (the top ids): the full blocks a
-            # member takes back at the restore stay free while the group's KV fits there.
-            m.table = torch.randperm(n, generator=shuffle) if shuffle else torch.arange(n).flip(0)
-        stages = [
-            StageServer(
-                m.model, kv_view(m.raw, self.layout, g), m.table, epoch=self.epoch, last=r == g - 1
+            held.append(
+                list(range(min(most, m.capacity * g + m.freed_bytes // sub.bytes_per_block)))
             )
+        plan = build_tables(held, stale, g)
+        if shuffle is not None:
+            plan = permute(plan, torch.randperm(plan.num_blocks, generator=shuffle).tolist())
+        self.last_exchange = plan
+        views = [kv_view(m.raw, self.layout, g) for m in self.members]
+        for move in plan.moves:  # in one process the exchange is a copy per sub-block
+            for src_m, src, dst_m, dst in move.copies:
+                views[dst_m].tensor[dst].copy_(views[src_m].tensor[src])
+        for m, table in zip(self.members, plan.tables, strict=True):
+            m.table = torch.tensor(table, dtype=torch.long)
+        stages = [
+            StageServer(m.model, views[r], m.table, epoch=self.epoch, last=r == g - 1)
             for r, m in enumerate(self.members)
             if r > 0
         ]
         head = self.members[0]
-        self.leader = PipelineEngine(
+        leader = self.leader = PipelineEngine(
             head.model,
-            kv_view(head.raw, self.layout, g),
+            views[0],
             self.config,
             table=head.table,
-            num_blocks=min(len(m.table) for m in self.members),
+            num_blocks=plan.num_blocks,
             g=g,
             ring=LocalRing(stages),
             epoch=self.epoch,
         )
+        leader.reserve(sorted(plan.held()))
+        moves = {mv.request_id: mv for mv in plan.moves}
         for state in states:
-            self.leader.adopt(state)
-        return self.leader
+            done = moves.get(state.request_id)
+            if done is None:  # recomputed in the group
+                leader.adopt(_with_kv(state, [], 0))
+                continue
+            leader.unreserve(done.reserved)
+            leader.adopt(_with_kv(state, done.group_blocks))
+        return leader
 
     def restore(self) -> list[RequestOutput]:
         """Dissolve: every request goes home with its KV where there is room (else it is
@@ -122,7 +147,7 @@ class LocalGroup:
         g = self.g
         outputs = leader.drain()
         states = leader.export_requests(keep_kv=True)
-        n = leader.pool.num_blocks
+        n = len(leader.table)  # group blocks (the pool shrank by what left with the requests)
         tables = [m.table[:n].tolist() for m in self.members]
         plan = plan_restore(
             [
