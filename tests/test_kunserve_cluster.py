@@ -187,6 +187,12 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             assert all(not s.task.done() for s in streams.values())  # the drop landed mid-stream
             leader = await worker_status(c, MEMBERS[0])
             assert leader["elastic"]["state"] == "leader"
+            # The four running requests keep their KV: live exchange, nothing recomputed.
+            deadline = time.monotonic() + 30
+            while (ex := (await worker_status(c, MEMBERS[0]))["elastic"]["exchange"])["pending"]:
+                assert time.monotonic() < deadline, ex
+                await asyncio.sleep(0.05)
+            assert ex["exchanged"] == 4 and ex["recomputed"] == 0 and ex["bytes"] > 0, ex
             budget = TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES
             for iid in MEMBERS:  # `memserve admin status` of a daemon shows the split
                 st = await admin_call(c.endpoints(f"{iid}-mempool")["rpc"], TOKEN, "status")

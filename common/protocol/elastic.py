@@ -92,19 +92,33 @@ class Commit(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     epoch: int
     members: list[Member]
     followers: list[FollowerCommitted] = msgspec.field(default_factory=list)
+    # Requests running at the drop keep their KV (live exchange); False: recomputed.
+    exchange: bool = True
 
 
 class FollowerCommitted(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     instance_id: str
-    requests: list[RequestState]  # what it was serving, for the leader to adopt
+    # What it was serving, for the leader to adopt; with the exchange, a request's
+    # `block_ids` are full blocks at this member that still hold its KV.
+    requests: list[RequestState]
     num_blocks: int  # sub-blocks it holds for the group
     param_bytes: int  # resident after the drop
     freed_bytes: int  # parameters it dropped
-    # Its sub-block of each group block (group block k = table[k]; the leader uses the
-    # first `num_blocks` of the smallest), and its KV capacity in full blocks before the
-    # drop: what it takes back at the restore.
+    # Every sub-block it holds (its requests' KV and the rest), from which the leader
+    # builds the group's tables; and its KV capacity in full blocks before the drop:
+    # what it takes back at the restore.
     table: list[int] = msgspec.field(default_factory=list)
     capacity_blocks: int = 0
+
+
+class StageTable(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> follower at the commit: its sub-block of each group block (`table[k]`);
+    the follower serves its layer range on the ring from then on."""
+
+    token: str
+    group_id: str
+    epoch: int
+    table: list[int]
 
 
 class GroupServing(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -114,6 +128,7 @@ class GroupServing(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     adopted: int  # requests taken over from the members
     param_bytes: int
     freed_bytes: int
+    exchanging: int = 0  # of them, requests whose KV moves now (live exchange)
 
 
 class Abort(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -172,7 +187,7 @@ class Break(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
 
 class Done(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
-    """A member's answer to `Abort`, `CopyLocal`, `Dissolve` and `Break`."""
+    """A member's answer to `Abort`, `StageTable`, `CopyLocal`, `Dissolve` and `Break`."""
 
     instance_id: str
     param_bytes: int = 0
@@ -184,5 +199,5 @@ class Refused(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     error: str
 
 
-ElasticRequest = Prepare | Commit | Abort | Restore | CopyLocal | Dissolve | Break
+ElasticRequest = Prepare | Commit | Abort | StageTable | Restore | CopyLocal | Dissolve | Break
 ElasticReply = Ready | FollowerCommitted | GroupServing | Restored | Done | Refused

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,6 +99,7 @@ class AsyncEngine:
         self._paused = False
         self._parked = asyncio.Event()
         self._resumed = asyncio.Event()
+        self._between: list[Callable[[], None]] = []  # run on the engine between steps
 
     async def generate(
         self,
@@ -174,6 +175,13 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
+        self._wake.set()
+
+    def call_between_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on the engine between two steps (before new requests are admitted):
+        the engine is only ever touched there, never while a step runs."""
+        self._between.append(fn)
+        self._ensure_driver()
         self._wake.set()
 
     async def pause(self) -> None:
@@ -253,7 +261,13 @@ class AsyncEngine:
             await self._apply_inbox()
             if not self.engine.has_unfinished():
                 await self._on_idle()
-                if not (self._inbox or self._aborts or self._fail_message or self._paused):
+                if not (
+                    self._inbox
+                    or self._aborts
+                    or self._fail_message
+                    or self._paused
+                    or self._between
+                ):
                     await self._wake.wait()
                 continue
             try:
@@ -322,6 +336,12 @@ class AsyncEngine:
             )
 
     async def _apply_inbox(self) -> None:
+        between, self._between = self._between, []
+        for fn in between:
+            try:
+                fn()
+            except Exception as exc:  # one bad action must not stop the driver
+                log.error("between-steps action failed", error=str(exc), exc_info=True)
         inbox, self._inbox = self._inbox, []
         for p in inbox:
             try:

@@ -47,6 +47,8 @@ from services.worker.engine import Engine
 from services.worker.kv_cache import KVLayout
 from services.worker.mempool_engine import MempoolEngine
 from services.worker.pipeline.engine import PipelineEngine
+from services.worker.pipeline.exchange import StaleRequest, build_tables
+from services.worker.pipeline.exchanger import Exchanger
 from services.worker.pipeline.homes import plan_restore
 from services.worker.pipeline.moves import homes_of, lease_all, move_home
 from services.worker.pipeline.socket_ring import SocketRing, serve_stage
@@ -85,7 +87,10 @@ class ElasticMember:
         self.rank = -1
         self.members: list[el.Member] = []
         self.followers: list[el.FollowerCommitted] = []
-        self.table: list[int] = []
+        self.held: list[int] = []  # every sub-block this member holds in the group
+        self.tables: list[list[int]] = []  # the leader's: each member's, by rank
+        self.exchanger: Exchanger | None = None
+        self.exchange_task: asyncio.Task[None] | None = None
         self.capacity_blocks = 0  # full blocks before the drop: what the restore gives back
         self.stage_pull: PullSocket[StageMessage] | None = None
         self.stage_push: PushSocket[StageMessage] | None = None
@@ -112,7 +117,8 @@ class ElasticMember:
             "group": self.group_id,
             "rank": self.rank,
             "members": [m.instance_id for m in self.members],
-            "sub_blocks": len(self.table),
+            "sub_blocks": len(self.held),
+            "exchange": self.exchanger.stats.to_dict() if self.exchanger else {},
         }
 
     # ---------------------------------------------------------------- dispatch
@@ -128,6 +134,8 @@ class ElasticMember:
                         return await self._abort(req)
                     case el.Commit():
                         return await self._commit(req)
+                    case el.StageTable():
+                        return await self._stage_table(req)
                     case el.Restore():
                         return await self._restore(req)
                     case el.CopyLocal():
@@ -233,81 +241,138 @@ class ElasticMember:
             raise ElasticError(
                 f"the leader needs {self.g - 1} follower commits, got {len(req.followers)}"
             )
-        states, freed = await self._drop()
+        states, freed = await self._drop(req.exchange)
         svc = self.svc
         model = svc.engine.engine.model
-        raw = svc.engine.region.tensor()
         if self.rank > 0:
-            self.state = "follower"
-            nxt = self.members[(self.rank + 1) % self.g]
-            stage = StageServer(
-                model,
-                kv_view(raw, self._full_layout, self.g),
-                torch.tensor(self.table, dtype=torch.long),
-                epoch=self.epoch,
-                last=self.rank == self.g - 1,
-            )
-            self.stage_push = PushSocket(nxt.stage, StageMessage, bind=False)
-            assert self.stage_pull is not None
-            self.stage_task = asyncio.create_task(
-                serve_stage(stage, self.stage_pull, self.stage_push, self.executor)
-            )
-            log.info("serving as a stage", group=self.group_id, rank=self.rank, freed=freed)
+            self.state = "follower"  # serves its layers once the leader sends its table
+            log.info("dropped as a follower", group=self.group_id, rank=self.rank, freed=freed)
             return el.FollowerCommitted(
                 instance_id=svc.cfg.instance_id,
                 requests=states,
-                num_blocks=len(self.table),
+                num_blocks=len(self.held),
                 param_bytes=model.param_bytes(),
                 freed_bytes=freed,
-                table=self.table,
+                table=self.held,
                 capacity_blocks=self.capacity_blocks,
             )
-        self.state = "leader"
-        self.followers = sorted(
-            req.followers, key=lambda f: [m.instance_id for m in self.members].index(f.instance_id)
+        return await self._lead(req, states, freed)
+
+    async def _lead(
+        self, req: el.Commit, own: list[el.RequestState], freed: int
+    ) -> el.GroupServing:
+        """The leader's commit: build the group's tables (every member's held sub-blocks
+        and running requests), hand each follower its table, start the pipeline engine,
+        adopt every request, and exchange the KV of those that keep it."""
+        svc = self.svc
+        names = [m.instance_id for m in self.members]
+        self.followers = sorted(req.followers, key=lambda f: names.index(f.instance_id))
+        by_rank = [own] + [f.requests for f in self.followers]
+        stale = [
+            StaleRequest(s.request_id, rank, tuple(s.block_ids))
+            for rank, states in enumerate(by_rank)
+            for s in states
+            if s.block_ids
+        ]
+        plan = build_tables([self.held] + [f.table for f in self.followers], stale, self.g)
+        self.tables = plan.tables
+        await asyncio.gather(
+            *(
+                self._ask(m, el.StageTable(svc.cfg.admin_token, self.group_id, self.epoch, t))
+                for m, t in zip(self.members[1:], plan.tables[1:], strict=True)
+            )
         )
-        num_blocks = min([len(self.table)] + [f.num_blocks for f in self.followers])
+        self.state = "leader"
+        model = svc.engine.engine.model
         inner = svc.engine.engine
         self.stage_push = PushSocket(self.members[1].stage, StageMessage, bind=False)
         assert self.stage_pull is not None
         ring = SocketRing(asyncio.get_running_loop(), self.stage_push, self.stage_pull)
-        svc.engine.engine = PipelineEngine(
+        pipeline = PipelineEngine(
             model,
-            kv_view(raw, self._full_layout, self.g),
+            kv_view(svc.engine.region.tensor(), self._full_layout, self.g),
             inner.config,
-            table=torch.tensor(self.table, dtype=torch.long),
-            num_blocks=num_blocks,
+            table=torch.tensor(plan.tables[0], dtype=torch.long),
+            num_blocks=plan.num_blocks,
             g=self.g,
             ring=ring,
             epoch=self.epoch,
             stage_timeout_s=svc.cfg.stage_timeout_s,
         )
-        adopted = states + [s for f in self.followers for s in f.requests]
-        for state in adopted:
-            svc.adopt(state)
+        pipeline.reserve(sorted(plan.held()))
+        svc.engine.engine = pipeline
+        states = {s.request_id: s for ss in by_rank for s in ss}
+        moving = {mv.request_id for mv in plan.moves}
+        for rid, state in states.items():
+            if rid not in moving:  # recomputed in the group
+                svc.adopt(msgspec.structs.replace(state, block_ids=[], num_computed_tokens=0))
+        self.exchanger = Exchanger(
+            plan.moves,
+            states,
+            self.members,
+            join=svc.adopt,
+            between_steps=svc.engine.call_between_steps,
+            unreserve=pipeline.unreserve,
+            stepped=svc.engine.stepped,
+            sub_bytes=pipeline.cache.layout.bytes_per_block,
+            timeout_s=svc.cfg.transfer_timeout_s,
+        )
+        self.exchange_task = asyncio.create_task(self.exchanger.run())
         svc.engine.resume()
-        log.info("leading a group", group=self.group_id, blocks=num_blocks, adopted=len(adopted))
+        log.info(
+            "leading a group",
+            group=self.group_id,
+            blocks=plan.num_blocks,
+            adopted=len(states),
+            exchanging=len(plan.moves),
+        )
         return el.GroupServing(
             group_id=self.group_id,
-            num_blocks=num_blocks,
+            num_blocks=plan.num_blocks,
             block_size=inner.block_size,
-            adopted=len(adopted),
+            adopted=len(states),
             param_bytes=model.param_bytes(),
             freed_bytes=freed,
+            exchanging=len(plan.moves),
         )
 
-    async def _drop(self) -> tuple[list[el.RequestState], int]:
-        """Export the requests, give the lease back, drop the layers this rank does not
+    async def _stage_table(self, req: el.StageTable) -> el.ElasticReply:
+        """A follower's table from its leader: serve its layer range on the ring."""
+        self._same_group(req.group_id, req.epoch, "follower")
+        if self.stage_task is not None:
+            raise ElasticError("this stage is already serving")
+        model = self.svc.engine.engine.model
+        stage = StageServer(
+            model,
+            kv_view(self.svc.engine.region.tensor(), self._full_layout, self.g),
+            torch.tensor(req.table, dtype=torch.long),
+            epoch=self.epoch,
+            last=self.rank == self.g - 1,
+        )
+        nxt = self.members[(self.rank + 1) % self.g]
+        self.stage_push = PushSocket(nxt.stage, StageMessage, bind=False)
+        assert self.stage_pull is not None
+        self.stage_task = asyncio.create_task(
+            serve_stage(stage, self.stage_pull, self.stage_push, self.executor)
+        )
+        log.info("serving as a stage", group=self.group_id, rank=self.rank)
+        return el.Done(self.svc.cfg.instance_id)
+
+    async def _drop(self, exchange: bool) -> tuple[list[el.RequestState], int]:
+        """Export the requests (with `exchange`, each keeps its full blocks here: they
+        stay leased), give the rest of the lease back, drop the layers this rank does not
         hold, split the daemon's blocks and lease every sub-block. Returns the exported
-        requests (to be recomputed by the leader) and the parameter bytes freed."""
+        requests and the parameter bytes freed; `self.held` lists every sub-block held."""
         svc = self.svc
         eng = svc.engine
         inner = eng.engine
-        states = [
-            msgspec.structs.replace(s, reply_to=svc.routes[s.request_id])
-            for s, _ in await eng.export()
-            if s.request_id in svc.routes
-        ]
+        states = []
+        for s, _ in await eng.export(keep_kv=exchange):
+            if s.request_id not in svc.routes:  # nowhere to stream it: let it go
+                if s.block_ids:
+                    await eng.client.free_mem(s.block_ids)
+                continue
+            states.append(msgspec.structs.replace(s, reply_to=svc.routes[s.request_id]))
         spare = inner.pool.take_free(inner.pool.num_free)
         if spare:
             await eng.client.free_mem(spare)
@@ -324,13 +389,12 @@ class ElasticMember:
         split = await eng.client.split(self.g, grow=True)
         if eng.arena is not None:
             eng.arena.set_kv_bytes(split.capacity_blocks * split.block_bytes)
-        # Highest ids first: group blocks fill the lent memory before the ids this member
-        # takes back at the restore, which then stay free while the group's KV fits above.
-        self.table = sorted(
-            await lease_all(eng.client, eng.owner, split.capacity_blocks), reverse=True
-        )
+        g = self.g
+        kept = [b * g + j for s in states for b in s.block_ids for j in range(g)]
+        leased = await lease_all(eng.client, eng.owner, split.capacity_blocks - len(kept))
+        self.held = sorted(kept + leased)
         eng.grouped = True
-        eng.group_lease = list(self.table)
+        eng.group_lease = list(self.held)
         return states, freed
 
     @property
@@ -346,6 +410,8 @@ class ElasticMember:
         eng = svc.engine
         pipeline = eng.engine
         assert isinstance(pipeline, PipelineEngine)
+        if self.exchange_task is not None:  # requests still exchanging join the group first
+            await self.exchange_task
         t0 = time.monotonic()
         await eng.pause()
         loop = asyncio.get_running_loop()
@@ -356,7 +422,7 @@ class ElasticMember:
             for s, _ in await eng.export(keep_kv=True)
         ]
         n = len(pipeline.table)  # group blocks (the pool shrank by what left with the requests)
-        tables = [self.table[:n]] + [f.table[:n] for f in self.followers]
+        tables = [t[:n] for t in self.tables]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
         plan = plan_restore(
             [
@@ -458,6 +524,7 @@ class ElasticMember:
             self._leave_prepared()
             return el.Done(svc.cfg.instance_id)
         log.warning("group broken", group=self.group_id, reason=req.reason)
+        self._stop_exchange()
         if self.state == "leader":
             self._close_stage()  # a step waiting on the ring fails now, not at its timeout
             await svc.engine.pause()
@@ -488,12 +555,18 @@ class ElasticMember:
     def _reset(self) -> None:
         self.state = "solo"
         self.group_id, self.epoch, self.rank = "", 0, -1
-        self.members, self.followers, self.table = [], [], []
+        self.members, self.followers, self.held, self.tables = [], [], [], []
+        self.exchanger = self.exchange_task = None
         self.timer = None
+
+    def _stop_exchange(self) -> None:
+        if self.exchange_task is not None:
+            self.exchange_task.cancel()
 
     async def close(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        self._stop_exchange()
         self._close_stage()
         self.executor.shutdown(wait=False)
 

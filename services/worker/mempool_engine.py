@@ -95,6 +95,7 @@ class MempoolEngine(AsyncEngine):
         # and nothing is cached. `group_lease` is what this worker holds at its daemon.
         self.grouped = False
         self.group_lease: list[int] = []
+        self.stepped = asyncio.Event()  # set as a group's leader starts each step
         # On a GPU with a budget: the parameters live at the top of the daemon's region.
         self.arena: ParamArena | None = None
         self.keep_free_blocks = keep_free_blocks
@@ -231,6 +232,7 @@ class MempoolEngine(AsyncEngine):
 
     async def _before_step(self) -> None:
         if self.grouped:
+            self.stepped.set()
             return
         want = self.engine.scheduler.demand() - self.engine.pool.num_free
         if want > 0:
