@@ -200,6 +200,13 @@ class AsyncEngine:
         (state, its hooks' context); each stream ends with a `moved` output. The caller
         hands the states to the engine that goes on with them."""
         assert self._paused, "export only while paused"
+        # Aborts that arrived while paused end their requests here: an aborted request
+        # must not leave to be adopted (and run to its end) elsewhere.
+        aborts, self._aborts = set(self._aborts), []
+        for rid in aborts:
+            ended = self.engine.abort(rid)
+            if ended is not None:
+                await self._deliver(ended)
         out: list[tuple[RequestState, Any]] = []
         for state in self.engine.export_requests(keep_kv=keep_kv):
             p = self._streams.pop(state.request_id, None)
@@ -210,6 +217,13 @@ class AsyncEngine:
             out.append((state, p.context))
         inbox, self._inbox = self._inbox, []
         for p in inbox:
+            if p.request_id in aborts:
+                p.queue.put_nowait(
+                    StreamOutput(
+                        p.request_id, [], finished=True, finish_reason=FinishReason.ABORT.value
+                    )
+                )
+                continue
             state = p.adopted or RequestState(
                 request_id=p.request_id,
                 prompt_token_ids=p.prompt_ids,
