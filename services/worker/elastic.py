@@ -91,6 +91,9 @@ class ElasticMember:
         self.stage_push: PushSocket[StageMessage] | None = None
         self.stage_task: asyncio.Task[None] | None = None
         self.timer: asyncio.Task[None] | None = None
+        # A follower forwards from its commit's export on: its engine stays paused until
+        # the group dissolves, so a request queued there would wait that long.
+        self.forwarding = False
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._lock = asyncio.Lock()  # one control message at a time
 
@@ -102,7 +105,7 @@ class ElasticMember:
     @property
     def forward_to(self) -> str:
         """Where a follower sends the requests that reach it ("" = serve them here)."""
-        if self.state == "follower" and self.members:
+        if (self.state == "follower" or self.forwarding) and self.members:
             return self.members[0].address
         return ""
 
@@ -233,6 +236,7 @@ class ElasticMember:
             raise ElasticError(
                 f"the leader needs {self.g - 1} follower commits, got {len(req.followers)}"
             )
+        self.forwarding = self.rank > 0
         states, freed = await self._drop()
         svc = self.svc
         model = svc.engine.engine.model
@@ -490,6 +494,7 @@ class ElasticMember:
         self.group_id, self.epoch, self.rank = "", 0, -1
         self.members, self.followers, self.table = [], [], []
         self.timer = None
+        self.forwarding = False
 
     async def close(self) -> None:
         if self.timer is not None:

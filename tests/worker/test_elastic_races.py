@@ -9,9 +9,13 @@ and run to its end elsewhere with nobody listening, holding KV all the while).
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
+from common.protocol import elastic as el
 from common.sampling import SamplingParams
 from services.worker.async_engine import AsyncEngine, StreamOutput
+from services.worker.elastic import ElasticMember
 from tests.worker.helpers import MakeEngine, prompt
 
 
@@ -45,3 +49,46 @@ async def test_abort_while_paused_is_not_exported(make_engine: MakeEngine) -> No
     assert queued and queued[-1].finished and not queued[-1].moved
     engine.check_integrity()
     assert engine.pool.num_free == engine.pool.num_blocks
+
+
+class _FakeEngine:
+    """A worker's engine at a follower's commit: records where the worker forwards new
+    requests at the moment it exports its own, then fails the commit there."""
+
+    def __init__(self, member: ElasticMember) -> None:
+        self.member = member
+        self.forward_at_export: str | None = None
+        self.engine = None  # the inner engine (not reached before the export)
+
+    async def export(self) -> list[Any]:
+        self.forward_at_export = self.member.forward_to
+        raise RuntimeError("commit stops here (test)")
+
+
+class _FakeService:
+    def __init__(self) -> None:
+        self.cfg = SimpleNamespace(instance_id="w1", admin_token="tok")
+        self.routes: dict[str, str] = {}
+        self.engine: Any = None
+
+
+async def test_follower_forwards_new_requests_from_its_export_at_commit() -> None:
+    """A request that reaches a follower after it exported its own at the commit (while
+    it drops layers, splits and leases) must go to the leader: the follower's engine stays
+    paused for the group's whole life, so a request queued there would wait until the
+    restore (or its gateway's timeout)."""
+    svc = _FakeService()
+    member = ElasticMember(svc)  # type: ignore[arg-type]
+    svc.engine = _FakeEngine(member)
+    members = [
+        el.Member("w0", 0, "tcp://c0", "tcp://leader-requests", "tcp://m0", "tcp://s0"),
+        el.Member("w1", 1, "tcp://c1", "tcp://w1-requests", "tcp://m1", "tcp://s1"),
+    ]
+    member.state, member.group_id, member.epoch = "prepared", "g1", 1
+    member.members, member.rank = members, 1
+    try:
+        reply = await member.handle(el.Commit("tok", "g1", 1, members))
+    finally:
+        await member.close()
+    assert isinstance(reply, el.Refused) and "commit stops here" in reply.error
+    assert svc.engine.forward_at_export == "tcp://leader-requests"
