@@ -66,6 +66,8 @@ class MemberHost(Protocol):
 
     def adopt(self, state: el.RequestState) -> None: ...
 
+    def fail_moved(self, state: el.RequestState, error: str) -> None: ...
+
 
 log = get_logger(__name__)
 
@@ -362,15 +364,22 @@ class ElasticMember:
         n = pipeline.pool.num_blocks
         tables = [self.table[:n]] + [f.table[:n] for f in self.followers]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
-        plan = plan_restore(
-            [
-                (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
-                for s in states
-            ],
-            tables,
-            caps,
-        )
-        moved_bytes = await move_home(plan, self.members, pipeline.cache, self._copy_at)
+        try:
+            plan = plan_restore(
+                [
+                    (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
+                    for s in states
+                ],
+                tables,
+                caps,
+            )
+            moved_bytes = await move_home(plan, self.members, pipeline.cache, self._copy_at)
+        except Exception as exc:
+            # Exported (their streams ended as moved) and no member has them yet: end them
+            # with an error now (the group breaks next) rather than leave them silent.
+            for s in states:
+                svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
+            raise
         homes = homes_of(states, plan)
         replies = await asyncio.gather(
             *(

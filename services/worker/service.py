@@ -328,6 +328,11 @@ class WorkerService(ServiceShell):
         its new tokens from `output_offset` on."""
         self._spawn(self._adopted(state))
 
+    def fail_moved(self, state: el.RequestState, error: str) -> None:
+        """End a request that left this engine (`export`) and that no engine took over."""
+        out = self._peer(state.reply_to)
+        self._spawn(self._fail(out, state.request_id, MemServeError(error), state.output_offset))
+
     async def _adopted(self, state: el.RequestState) -> None:
         rid = state.request_id
         out = self._peer(state.reply_to)

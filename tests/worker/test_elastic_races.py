@@ -9,13 +9,19 @@ and run to its end elsewhere with nobody listening, holding KV all the while).
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 from common.protocol import elastic as el
 from common.sampling import SamplingParams
 from services.worker.async_engine import AsyncEngine, StreamOutput
+from services.worker import elastic as elastic_mod
+from services.worker.block_pool import BlockPool
 from services.worker.elastic import ElasticMember
+from services.worker.pipeline.engine import PipelineEngine
 from tests.worker.helpers import MakeEngine, prompt
 
 
@@ -92,3 +98,79 @@ async def test_follower_forwards_new_requests_from_its_export_at_commit() -> Non
         await member.close()
     assert isinstance(reply, el.Refused) and "commit stops here" in reply.error
     assert svc.engine.forward_at_export == "tcp://leader-requests"
+
+
+class _LeaderEngine:
+    """A leader's async engine at a restore: one request leaves with its group blocks."""
+
+    def __init__(self, state: el.RequestState) -> None:
+        self.engine = PipelineEngine.__new__(PipelineEngine)  # only drain and pool are read
+        self.engine.drain = lambda: []  # type: ignore[method-assign]
+        self.engine.pool = BlockPool(4)
+        self.engine.cache = SimpleNamespace(layout=SimpleNamespace(bytes_per_block=64))  # type: ignore[assignment]
+        self._executor = ThreadPoolExecutor(max_workers=1)
+        self.state = state
+        self.paused = False
+
+    async def pause(self) -> None:
+        self.paused = True
+
+    async def _deliver(self, out: Any) -> None:
+        raise AssertionError("nothing was in flight")
+
+    async def export(self, *, keep_kv: bool = False) -> list[tuple[el.RequestState, Any]]:
+        assert keep_kv and self.paused
+        return [(self.state, None)]
+
+
+class _LeaderService(_FakeService):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cfg.instance_id = "w0"
+        self.failed: list[tuple[str, str]] = []
+
+    def fail_moved(self, state: el.RequestState, error: str) -> None:
+        self.failed.append((state.request_id, error))
+
+
+async def test_a_restore_that_fails_after_the_export_ends_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader exports every request (its stream ends as `moved`) before it moves the
+    KV home; if moving fails (a member's daemon died), nobody holds the requests any more:
+    each must get an error, not wait for its gateway's silence timeout."""
+
+    async def move_fails(*args: Any) -> int:
+        raise RuntimeError("a daemon went away")
+
+    monkeypatch.setattr(elastic_mod, "move_home", move_fails)
+    state = el.RequestState(
+        request_id="r1",
+        prompt_token_ids=[1, 2, 3],
+        output_token_ids=[4],
+        params=SamplingParams(max_tokens=8),
+        reply_to="tcp://gateway",
+        output_offset=1,
+        block_ids=[0],
+        num_computed_tokens=3,
+    )
+    svc = _LeaderService()
+    member = ElasticMember(svc)  # type: ignore[arg-type]
+    svc.engine = _LeaderEngine(state)
+    members = [
+        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
+        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
+    ]
+    member.state, member.group_id, member.epoch = "leader", "g1", 1
+    member.members, member.rank = members, 0
+    member.table, member.capacity_blocks = [7, 6, 5, 4], 1
+    member.followers = [
+        el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
+    ]
+    try:
+        reply = await member.handle(el.Restore("tok", "g1", 1))
+    finally:
+        await member.close()
+        svc.engine._executor.shutdown()
+    assert isinstance(reply, el.Refused) and "daemon went away" in reply.error
+    assert [rid for rid, _ in svc.failed] == ["r1"]
