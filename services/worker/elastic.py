@@ -239,7 +239,12 @@ class ElasticMember:
                 f"the leader needs {self.g - 1} follower commits, got {len(req.followers)}"
             )
         self.forwarding = self.rank > 0
-        states, freed = await self._drop()
+        try:
+            states, freed = await self._drop()
+        except Exception as exc:  # the followers' requests came to be adopted here
+            for s in (s for f in req.followers for s in f.requests):
+                self.svc.fail_moved(s, f"group {self.group_id} did not form: {exc}")
+            raise
         svc = self.svc
         model = svc.engine.engine.model
         raw = svc.engine.region.tensor()
@@ -314,20 +319,32 @@ class ElasticMember:
             for s, _ in await eng.export()
             if s.request_id in svc.routes
         ]
-        spare = inner.pool.take_free(inner.pool.num_free)
-        if spare:
-            await eng.client.free_mem(spare)
-        info = await eng.client.info()
-        self.capacity_blocks = info.device_blocks
-        per = inner.model_config.num_layers // self.g
-        lead = self.rank == 0
-        freed = inner.model.drop_layers(
-            range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
-        )
-        if eng.arena is not None:  # GPU: the kept parameters move up, the gap is KV's
-            eng.arena.compact(inner.model)
-        await eng.client.set_params(_resident(eng, inner.model))
-        split = await eng.client.split(self.g, grow=True)
+        try:
+            spare = inner.pool.take_free(inner.pool.num_free)
+            if spare:
+                await eng.client.free_mem(spare)
+            info = await eng.client.info()
+            self.capacity_blocks = info.device_blocks
+            per = inner.model_config.num_layers // self.g
+            lead = self.rank == 0
+            freed = inner.model.drop_layers(
+                range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
+            )
+            try:
+                if eng.arena is not None:  # GPU: the kept parameters move up, the gap is KV's
+                    eng.arena.compact(inner.model)
+                await eng.client.set_params(_resident(eng, inner.model))
+                split = await eng.client.split(self.g, grow=True)
+            except Exception:
+                # Not split: the commit fails and `Abort` resumes this member alone, so it
+                # must hold its whole model again (from local disk, as at a restore).
+                await self._reload(inner.model, inner.config)
+                raise
+        except Exception as exc:
+            # Their streams ended as moved and nobody will adopt them: end them now.
+            for s in states:
+                svc.fail_moved(s, f"group {self.group_id} did not form: {exc}")
+            raise
         if eng.arena is not None:
             eng.arena.set_kv_bytes(split.capacity_blocks * split.block_bytes)
         # Highest ids first: group blocks fill the lent memory before the ids this member
@@ -460,6 +477,17 @@ class ElasticMember:
         self._reset()
         eng.resume()
         log.info("serving alone again", adopted=len(requests), kept_blocks=len(keep))
+
+    async def _reload(self, model: Any, config: Any) -> None:
+        """The dropped layers back from the checkpoint on local disk, the daemon told."""
+        eng = self.svc.engine
+        folder = resolve_model(config.model)
+        loop = asyncio.get_running_loop()
+        if eng.arena is not None:
+            await loop.run_in_executor(self.executor, eng.arena.restore, model, folder)
+        else:
+            await loop.run_in_executor(self.executor, model.restore_layers, folder)
+        await eng.client.set_params(_resident(eng, model))
 
     # ------------------------------------------------------------------- break
     async def _break(self, req: el.Break) -> el.ElasticReply:

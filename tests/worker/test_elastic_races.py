@@ -21,6 +21,7 @@ from services.worker.async_engine import AsyncEngine, StreamOutput
 from services.worker import elastic as elastic_mod
 from services.worker.block_pool import BlockPool
 from services.worker.elastic import ElasticMember
+from services.worker.engine import Engine
 from services.worker.pipeline.engine import PipelineEngine
 from tests.worker.helpers import MakeEngine, prompt
 
@@ -173,4 +174,79 @@ async def test_a_restore_that_fails_after_the_export_ends_the_requests(
         await member.close()
         svc.engine._executor.shutdown()
     assert isinstance(reply, el.Refused) and "daemon went away" in reply.error
+    assert [rid for rid, _ in svc.failed] == ["r1"]
+
+
+class _SplitRefused:
+    """A member's daemon that refuses the split (a peer's transfer holds device blocks)."""
+
+    def __init__(self) -> None:
+        self.params: list[int] = []
+
+    async def free_mem(self, ids: list[int]) -> None:
+        pass
+
+    async def info(self) -> Any:
+        return SimpleNamespace(device_blocks=16, split=1)
+
+    async def set_params(self, n: int) -> None:
+        self.params.append(n)
+
+    async def split(self, g: int, *, grow: bool) -> Any:
+        raise RuntimeError("cannot split: 3 device blocks in transfer")
+
+
+class _CommittingEngine:
+    def __init__(self, engine: Engine, state: el.RequestState) -> None:
+        self.engine = engine
+        self.client = _SplitRefused()
+        self.arena = None
+        self.owner = "w1"
+        self.state = state
+        self.resumed = False
+
+    async def export(self) -> list[tuple[el.RequestState, Any]]:
+        return [(self.state, None)]
+
+    def resume(self) -> None:
+        self.resumed = True
+
+
+async def test_a_commit_that_fails_after_dropping_layers_serves_again_whole(
+    make_engine: MakeEngine,
+) -> None:
+    """A member whose commit fails after it dropped its layers (its daemon refused the
+    split) is told `Abort` and serves alone again: it must hold its whole model then, not
+    serve requests through half of its layers; the requests it exported must end."""
+    engine = make_engine(num_kv_blocks=16)
+    whole = engine.model.param_bytes()
+    layers = engine.model_config.num_layers
+    state = el.RequestState(
+        request_id="r1",
+        prompt_token_ids=[1, 2, 3],
+        output_token_ids=[],
+        params=SamplingParams(max_tokens=8),
+        reply_to="tcp://gateway",
+    )
+    svc = _LeaderService()
+    svc.cfg.instance_id = "w1"
+    svc.routes["r1"] = "tcp://gateway"
+    svc.engine = _CommittingEngine(engine, state)
+    member = ElasticMember(svc)  # type: ignore[arg-type]
+    members = [
+        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
+        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
+    ]
+    member.state, member.group_id, member.epoch = "prepared", "g1", 1
+    member.members, member.rank = members, 1
+    try:
+        reply = await member.handle(el.Commit("tok", "g1", 1, members))
+        assert isinstance(reply, el.Refused) and "cannot split" in reply.error
+        assert isinstance(await member.handle(el.Abort("tok", "g1", 1)), el.Done)
+    finally:
+        await member.close()
+    assert svc.engine.resumed and member.state == "solo"
+    assert engine.model.num_local_layers == layers
+    assert engine.model.param_bytes() == whole
+    assert svc.engine.client.params[-1] == whole
     assert [rid for rid, _ in svc.failed] == ["r1"]
