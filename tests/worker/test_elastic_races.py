@@ -17,8 +17,8 @@ import pytest
 
 from common.protocol import elastic as el
 from common.sampling import SamplingParams
-from services.worker.async_engine import AsyncEngine, StreamOutput
 from services.worker import elastic as elastic_mod
+from services.worker.async_engine import AsyncEngine, StreamOutput
 from services.worker.block_pool import BlockPool
 from services.worker.elastic import ElasticMember
 from services.worker.engine import Engine

@@ -12,6 +12,8 @@ blocks e_i below capacity[h]; keep(h) must list exactly those e-blocks.
 
 from __future__ import annotations
 
+from typing import Any
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,7 +21,7 @@ from services.worker.pipeline.homes import plan_restore
 
 
 @st.composite
-def groups(draw: st.DrawFn) -> tuple[list, list[list[int]], list[int]]:
+def groups(draw: st.DrawFn) -> tuple[list[Any], list[list[int]], list[int]]:
     g = draw(st.integers(2, 4))
     # Each member's pre-drop capacity (full blocks) and its grown capacity while split.
     capacity = [draw(st.integers(0, 6)) for _ in range(g)]
@@ -45,7 +47,9 @@ def groups(draw: st.DrawFn) -> tuple[list, list[list[int]], list[int]]:
 
 @settings(max_examples=400, deadline=None)
 @given(groups())
-def test_plan_restore_moves_every_request_whole_below_capacity(case) -> None:
+def test_plan_restore_moves_every_request_whole_below_capacity(
+    case: tuple[list[Any], list[list[int]], list[int]],
+) -> None:
     requests, tables, capacity = case
     g = len(tables)
     plan = plan_restore(requests, tables, capacity)
