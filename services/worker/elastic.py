@@ -414,7 +414,16 @@ class ElasticMember:
             ),
             return_exceptions=True,
         )
-        await self._dissolve_local(plan.keep(0), homes[0])
+        for m, r in zip(self.members[1:], replies, strict=True):
+            if isinstance(r, ElasticError):  # refused: it adopted none of its requests
+                for s in homes[m.rank]:
+                    svc.fail_moved(s, f"restore of group {self.group_id} failed: {r}")
+        try:
+            await self._dissolve_local(plan.keep(0), homes[0])
+        except Exception as exc:  # it fails before it adopts any of them
+            for s in homes[0]:
+                svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
+            raise
         failed = [str(r) for r in replies if isinstance(r, BaseException)]
         if failed:
             raise ElasticError(f"restore: a member did not dissolve: {'; '.join(failed)}")

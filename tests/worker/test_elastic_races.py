@@ -250,3 +250,56 @@ async def test_a_commit_that_fails_after_dropping_layers_serves_again_whole(
     assert engine.model.param_bytes() == whole
     assert svc.engine.client.params[-1] == whole
     assert [rid for rid, _ in svc.failed] == ["r1"]
+
+
+async def test_a_member_that_refuses_to_dissolve_has_its_requests_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At a restore a follower refuses `Dissolve` (it failed before adopting anything): the
+    requests homed there are nobody's, so they must end with an error now."""
+
+    async def moved(*args: Any) -> int:
+        return 0
+
+    monkeypatch.setattr(elastic_mod, "move_home", moved)
+    state = el.RequestState(
+        request_id="r1",
+        prompt_token_ids=[1, 2, 3],
+        output_token_ids=[4],
+        params=SamplingParams(max_tokens=8),
+        reply_to="tcp://gateway",
+        output_offset=1,
+        block_ids=[0],
+        num_computed_tokens=3,
+    )
+    svc = _LeaderService()
+    member = ElasticMember(svc)  # type: ignore[arg-type]
+    svc.engine = _LeaderEngine(state)
+    members = [
+        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
+        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
+    ]
+    member.state, member.group_id, member.epoch = "leader", "g1", 1
+    member.members, member.rank = members, 0
+    member.table, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.followers = [
+        el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
+    ]
+    dissolved: list[list[el.RequestState]] = []
+
+    async def ask(m: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
+        raise elastic_mod.ElasticError(f"{m.instance_id}: shrink refused")
+
+    async def dissolve_local(keep: list[int], requests: list[el.RequestState]) -> None:
+        dissolved.append(requests)
+
+    member._ask = ask  # type: ignore[method-assign]
+    member._dissolve_local = dissolve_local  # type: ignore[method-assign]
+    try:
+        reply = await member.handle(el.Restore("tok", "g1", 1))
+    finally:
+        await member.close()
+        svc.engine._executor.shutdown()
+    assert isinstance(reply, el.Refused) and "shrink refused" in reply.error
+    assert dissolved == [[]]  # the leader took none of them
+    assert [rid for rid, _ in svc.failed] == ["r1"]
