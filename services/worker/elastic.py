@@ -60,6 +60,7 @@ class MemberHost(Protocol):
     cfg: Any  # WorkerConfig: instance_id, admin_token, advertise_host, stage_*
     engine: MempoolEngine
     routes: dict[str, str]  # request id -> reply_to, for every request it streams
+    aborted: dict[str, float]  # request id -> when an abort for it arrived (recent ones)
 
     @property
     def healthy(self) -> bool: ...
@@ -67,6 +68,8 @@ class MemberHost(Protocol):
     def adopt(self, state: el.RequestState) -> None: ...
 
     def fail_moved(self, state: el.RequestState, error: str) -> None: ...
+
+    def forward_abort(self, request_id: str, address: str) -> None: ...
 
 
 log = get_logger(__name__)
@@ -96,6 +99,9 @@ class ElasticMember:
         # A follower forwards from its commit's export on: its engine stays paused until
         # the group dissolves, so a request queued there would wait that long.
         self.forwarding = False
+        # After a restore (leader): request id -> the request address of the member it
+        # went home to; the gateway aborts here until that member has spoken.
+        self.moved: dict[str, str] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._lock = asyncio.Lock()  # one control message at a time
 
@@ -110,6 +116,10 @@ class ElasticMember:
         if (self.state == "follower" or self.forwarding) and self.members:
             return self.members[0].address
         return ""
+
+    def abort_to(self, request_id: str) -> str:
+        """Where an abort for `request_id` goes ("" = here)."""
+        return self.forward_to or self.moved.get(request_id, "")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -185,6 +195,7 @@ class ElasticMember:
         info = await svc.engine.client.info()
         if info.split != 1:
             raise ElasticError(f"its daemon is already split ({info.split})")
+        self.moved = {}  # a new group: requests may move again (no abort may loop)
         await svc.engine.pause()
         try:
             self.stage_pull = PullSocket(svc.cfg.stage_address, StageMessage, bind=True)
@@ -398,6 +409,7 @@ class ElasticMember:
                 svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
             raise
         homes = homes_of(states, plan)
+        followers = self.members[1:]
         replies = await asyncio.gather(
             *(
                 self._ask(
@@ -410,11 +422,11 @@ class ElasticMember:
                         homes[m.rank],
                     ),
                 )
-                for m in self.members[1:]
+                for m in followers
             ),
             return_exceptions=True,
         )
-        for m, r in zip(self.members[1:], replies, strict=True):
+        for m, r in zip(followers, replies, strict=True):
             if isinstance(r, ElasticError):  # refused: it adopted none of its requests
                 for s in homes[m.rank]:
                     svc.fail_moved(s, f"restore of group {self.group_id} failed: {r}")
@@ -424,6 +436,15 @@ class ElasticMember:
             for s in homes[0]:
                 svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
             raise
+        self.moved = {
+            s.request_id: m.address
+            for m, r in zip(followers, replies, strict=True)
+            if not isinstance(r, BaseException)
+            for s in homes[m.rank]
+        }
+        for rid, address in self.moved.items():
+            if rid in svc.aborted:  # the abort came while it was moving home
+                svc.forward_abort(rid, address)
         failed = [str(r) for r in replies if isinstance(r, BaseException)]
         if failed:
             raise ElasticError(f"restore: a member did not dissolve: {'; '.join(failed)}")

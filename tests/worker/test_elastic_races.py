@@ -129,6 +129,11 @@ class _LeaderService(_FakeService):
         super().__init__()
         self.cfg.instance_id = "w0"
         self.failed: list[tuple[str, str]] = []
+        self.aborted: dict[str, float] = {}
+        self.forwarded: list[tuple[str, str]] = []
+
+    def forward_abort(self, request_id: str, address: str) -> None:
+        self.forwarded.append((request_id, address))
 
     def fail_moved(self, state: el.RequestState, error: str) -> None:
         self.failed.append((state.request_id, error))
@@ -303,3 +308,59 @@ async def test_a_member_that_refuses_to_dissolve_has_its_requests_ended(
     assert isinstance(reply, el.Refused) and "shrink refused" in reply.error
     assert dissolved == [[]]  # the leader took none of them
     assert [rid for rid, _ in svc.failed] == ["r1"]
+
+
+async def test_an_abort_for_a_request_gone_home_elsewhere_follows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway aborts at the instance it last heard from: after a restore that is the
+    leader until the request's new home speaks. An abort that reached the leader while
+    the request went home to another member (or that comes later) must reach that member,
+    or the request runs to its end there with nobody listening."""
+
+    async def moved(*args: Any) -> int:
+        return 0
+
+    monkeypatch.setattr(elastic_mod, "move_home", moved)
+    state = el.RequestState(
+        request_id="r1",
+        prompt_token_ids=[1, 2, 3],
+        output_token_ids=[4],
+        params=SamplingParams(max_tokens=8),
+        reply_to="tcp://gateway",
+        output_offset=1,
+        block_ids=[0],
+        num_computed_tokens=3,
+    )
+    svc = _LeaderService()
+    member = ElasticMember(svc)  # type: ignore[arg-type]
+    svc.engine = _LeaderEngine(state)
+    members = [
+        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
+        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
+    ]
+    member.state, member.group_id, member.epoch = "leader", "g1", 1
+    member.members, member.rank = members, 0
+    member.table, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.followers = [
+        el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
+    ]
+
+    async def ask(m: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
+        svc.aborted["r1"] = 0.0  # the client left while the request was moving home
+        return el.Done(m.instance_id)
+
+    async def dissolve_local(keep: list[int], requests: list[el.RequestState]) -> None:
+        member._reset()
+
+    member._ask = ask  # type: ignore[method-assign, assignment]
+    member._dissolve_local = dissolve_local  # type: ignore[method-assign]
+    try:
+        reply = await member.handle(el.Restore("tok", "g1", 1))
+    finally:
+        await member.close()
+        svc.engine._executor.shutdown()
+    assert isinstance(reply, el.Restored)
+    assert svc.forwarded == [("r1", "tcp://r1")]  # the abort that came meanwhile
+    assert member.abort_to("r1") == "tcp://r1"  # and any that comes later
+    assert member.abort_to("other") == ""
