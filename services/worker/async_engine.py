@@ -208,6 +208,13 @@ class AsyncEngine:
         (state, its hooks' context); each stream ends with a `moved` output. The caller
         hands the states to the engine that goes on with them."""
         assert self._paused, "export only while paused"
+        # Aborts that arrived while paused end their requests here: an aborted request
+        # must not leave to be adopted (and run to its end) elsewhere.
+        aborts, self._aborts = set(self._aborts), []
+        for rid in aborts:
+            ended = self.engine.abort(rid)
+            if ended is not None:
+                await self._deliver(ended)
         out: list[tuple[RequestState, Any]] = []
         for state in self.engine.export_requests(keep_kv=keep_kv):
             p = self._streams.pop(state.request_id, None)
@@ -218,6 +225,13 @@ class AsyncEngine:
             out.append((state, p.context))
         inbox, self._inbox = self._inbox, []
         for p in inbox:
+            if p.request_id in aborts:
+                p.queue.put_nowait(
+                    StreamOutput(
+                        p.request_id, [], finished=True, finish_reason=FinishReason.ABORT.value
+                    )
+                )
+                continue
             state = p.adopted or RequestState(
                 request_id=p.request_id,
                 prompt_token_ids=p.prompt_ids,
@@ -334,6 +348,26 @@ class AsyncEngine:
                     rid, [], finished=True, finish_reason=FinishReason.ERROR.value, error=message
                 )
             )
+
+    def fail_adopted_inbox(self, message: str) -> None:
+        """End every adopted request still waiting in the inbox (a group broke: the KV they
+        bring is gone), and drop the engine actions queued for them. New requests stay."""
+        self._between.clear()
+        keep: list[_Pending] = []
+        for p in self._inbox:
+            if p.adopted is None:
+                keep.append(p)
+                continue
+            p.queue.put_nowait(
+                StreamOutput(
+                    p.request_id,
+                    [],
+                    finished=True,
+                    finish_reason=FinishReason.ERROR.value,
+                    error=message,
+                )
+            )
+        self._inbox = keep
 
     async def _apply_inbox(self) -> None:
         between, self._between = self._between, []

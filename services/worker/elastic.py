@@ -28,6 +28,7 @@ requests and aborts that reach it to the leader.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
@@ -62,11 +63,16 @@ class MemberHost(Protocol):
     cfg: Any  # WorkerConfig: instance_id, admin_token, advertise_host, stage_*
     engine: MempoolEngine
     routes: dict[str, str]  # request id -> reply_to, for every request it streams
+    aborted: dict[str, float]  # request id -> when an abort for it arrived (recent ones)
 
     @property
     def healthy(self) -> bool: ...
 
     def adopt(self, state: el.RequestState) -> None: ...
+
+    def fail_moved(self, state: el.RequestState, error: str) -> None: ...
+
+    def forward_abort(self, request_id: str, address: str) -> None: ...
 
 
 log = get_logger(__name__)
@@ -96,6 +102,12 @@ class ElasticMember:
         self.stage_push: PushSocket[StageMessage] | None = None
         self.stage_task: asyncio.Task[None] | None = None
         self.timer: asyncio.Task[None] | None = None
+        # A follower forwards from its commit's export on: its engine stays paused until
+        # the group dissolves, so a request queued there would wait that long.
+        self.forwarding = False
+        # After a restore (leader): request id -> the request address of the member it
+        # went home to; the gateway aborts here until that member has spoken.
+        self.moved: dict[str, str] = {}
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._lock = asyncio.Lock()  # one control message at a time
 
@@ -107,9 +119,13 @@ class ElasticMember:
     @property
     def forward_to(self) -> str:
         """Where a follower sends the requests that reach it ("" = serve them here)."""
-        if self.state == "follower" and self.members:
+        if (self.state == "follower" or self.forwarding) and self.members:
             return self.members[0].address
         return ""
+
+    def abort_to(self, request_id: str) -> str:
+        """Where an abort for `request_id` goes ("" = here)."""
+        return self.forward_to or self.moved.get(request_id, "")
 
     def status(self) -> dict[str, Any]:
         return {
@@ -188,6 +204,7 @@ class ElasticMember:
         info = await svc.engine.client.info()
         if info.split != 1:
             raise ElasticError(f"its daemon is already split ({info.split})")
+        self.moved = {}  # a new group: requests may move again (no abort may loop)
         await svc.engine.pause()
         try:
             self.stage_pull = PullSocket(svc.cfg.stage_address, StageMessage, bind=True)
@@ -241,7 +258,13 @@ class ElasticMember:
             raise ElasticError(
                 f"the leader needs {self.g - 1} follower commits, got {len(req.followers)}"
             )
-        states, freed = await self._drop(req.exchange)
+        self.forwarding = self.rank > 0
+        try:
+            states, freed = await self._drop(req.exchange)
+        except Exception as exc:  # the followers' requests came to be adopted here
+            for s in (s for f in req.followers for s in f.requests):
+                self.svc.fail_moved(s, f"group {self.group_id} did not form: {exc}")
+            raise
         svc = self.svc
         model = svc.engine.engine.model
         if self.rank > 0:
@@ -373,20 +396,37 @@ class ElasticMember:
                     await eng.client.free_mem(s.block_ids)
                 continue
             states.append(msgspec.structs.replace(s, reply_to=svc.routes[s.request_id]))
-        spare = inner.pool.take_free(inner.pool.num_free)
-        if spare:
-            await eng.client.free_mem(spare)
-        info = await eng.client.info()
-        self.capacity_blocks = info.device_blocks
-        per = inner.model_config.num_layers // self.g
-        lead = self.rank == 0
-        freed = inner.model.drop_layers(
-            range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
-        )
-        if eng.arena is not None:  # GPU: the kept parameters move up, the gap is KV's
-            eng.arena.compact(inner.model)
-        await eng.client.set_params(_resident(eng, inner.model))
-        split = await eng.client.split(self.g, grow=True)
+        try:
+            spare = inner.pool.take_free(inner.pool.num_free)
+            if spare:
+                await eng.client.free_mem(spare)
+            info = await eng.client.info()
+            self.capacity_blocks = info.device_blocks
+            per = inner.model_config.num_layers // self.g
+            lead = self.rank == 0
+            freed = inner.model.drop_layers(
+                range(self.rank * per, (self.rank + 1) * per), keep_embed=lead, keep_head=lead
+            )
+            try:
+                if eng.arena is not None:  # GPU: the kept parameters move up, the gap is KV's
+                    eng.arena.compact(inner.model)
+                await eng.client.set_params(_resident(eng, inner.model))
+                split = await eng.client.split(self.g, grow=True)
+            except Exception:
+                # Not split: the commit fails and `Abort` resumes this member alone, so it
+                # must hold its whole model again (from local disk, as at a restore).
+                await self._reload(inner.model, inner.config)
+                raise
+        except Exception as exc:
+            # Their streams ended as moved and nobody will adopt them: end them now, and
+            # give back the KV they kept (whole blocks: the daemon is not split).
+            kept_blocks = [b for s in states for b in s.block_ids]
+            if kept_blocks:
+                with contextlib.suppress(Exception):
+                    await eng.client.free_mem(kept_blocks)
+            for s in states:
+                svc.fail_moved(s, f"group {self.group_id} did not form: {exc}")
+            raise
         if eng.arena is not None:
             eng.arena.set_kv_bytes(split.capacity_blocks * split.block_bytes)
         g = self.g
@@ -424,16 +464,24 @@ class ElasticMember:
         n = len(pipeline.table)  # group blocks (the pool shrank by what left with the requests)
         tables = [t[:n] for t in self.tables]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
-        plan = plan_restore(
-            [
-                (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
-                for s in states
-            ],
-            tables,
-            caps,
-        )
-        moved_bytes = await move_home(plan, self.members, pipeline.cache, self._copy_at)
+        try:
+            plan = plan_restore(
+                [
+                    (s.request_id, s.block_ids, len(s.prompt_token_ids) + len(s.output_token_ids))
+                    for s in states
+                ],
+                tables,
+                caps,
+            )
+            moved_bytes = await move_home(plan, self.members, pipeline.cache, self._copy_at)
+        except Exception as exc:
+            # Exported (their streams ended as moved) and no member has them yet: end them
+            # with an error now (the group breaks next) rather than leave them silent.
+            for s in states:
+                svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
+            raise
         homes = homes_of(states, plan)
+        followers = self.members[1:]
         replies = await asyncio.gather(
             *(
                 self._ask(
@@ -446,11 +494,29 @@ class ElasticMember:
                         homes[m.rank],
                     ),
                 )
-                for m in self.members[1:]
+                for m in followers
             ),
             return_exceptions=True,
         )
-        await self._dissolve_local(plan.keep(0), homes[0])
+        for m, r in zip(followers, replies, strict=True):
+            if isinstance(r, ElasticError):  # refused: it adopted none of its requests
+                for s in homes[m.rank]:
+                    svc.fail_moved(s, f"restore of group {self.group_id} failed: {r}")
+        try:
+            await self._dissolve_local(plan.keep(0), homes[0])
+        except Exception as exc:  # it fails before it adopts any of them
+            for s in homes[0]:
+                svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
+            raise
+        self.moved = {
+            s.request_id: m.address
+            for m, r in zip(followers, replies, strict=True)
+            if not isinstance(r, BaseException)
+            for s in homes[m.rank]
+        }
+        for rid, address in self.moved.items():
+            if rid in svc.aborted:  # the abort came while it was moving home
+                svc.forward_abort(rid, address)
         failed = [str(r) for r in replies if isinstance(r, BaseException)]
         if failed:
             raise ElasticError(f"restore: a member did not dissolve: {'; '.join(failed)}")
@@ -514,6 +580,17 @@ class ElasticMember:
         eng.resume()
         log.info("serving alone again", adopted=len(requests), kept_blocks=len(keep))
 
+    async def _reload(self, model: Any, config: Any) -> None:
+        """The dropped layers back from the checkpoint on local disk, the daemon told."""
+        eng = self.svc.engine
+        folder = resolve_model(config.model)
+        loop = asyncio.get_running_loop()
+        if eng.arena is not None:
+            await loop.run_in_executor(self.executor, eng.arena.restore, model, folder)
+        else:
+            await loop.run_in_executor(self.executor, model.restore_layers, folder)
+        await eng.client.set_params(_resident(eng, model))
+
     # ------------------------------------------------------------------- break
     async def _break(self, req: el.Break) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "leader", "follower", "prepared")
@@ -525,10 +602,15 @@ class ElasticMember:
             return el.Done(svc.cfg.instance_id)
         log.warning("group broken", group=self.group_id, reason=req.reason)
         self._stop_exchange()
+        if self.exchanger is not None:  # exported, never joined: end them
+            for state in self.exchanger.unjoined():
+                svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
         if self.state == "leader":
             self._close_stage()  # a step waiting on the ring fails now, not at its timeout
             await svc.engine.pause()
-            await svc.engine._fail_all(f"group {self.group_id} broke: {req.reason}")
+            why = f"group {self.group_id} broke: {req.reason}"
+            await svc.engine._fail_all(why)
+            svc.engine.fail_adopted_inbox(why)
         await self._dissolve_local([], [])
         return el.Done(svc.cfg.instance_id, svc.engine.engine.model.param_bytes())
 
@@ -558,6 +640,7 @@ class ElasticMember:
         self.members, self.followers, self.held, self.tables = [], [], [], []
         self.exchanger = self.exchange_task = None
         self.timer = None
+        self.forwarding = False
 
     def _stop_exchange(self) -> None:
         if self.exchange_task is not None:

@@ -175,6 +175,8 @@ class WorkerService(ServiceShell):
                 log.warning("malformed worker request dropped", error=str(exc))
                 continue
             forward = self.elastic.forward_to
+            if isinstance(msg, wp.Abort):  # also to where a restore sent the request
+                forward = self.elastic.abort_to(msg.request_id)
             if forward and isinstance(msg, wp.Generate | wp.Abort):
                 # A follower serves no request of its own: its leader serves the group's.
                 await self._peer(forward).send(msg)
@@ -327,6 +329,15 @@ class WorkerService(ServiceShell):
         dissolved): first an empty chunk, so the gateway knows who serves it now, then
         its new tokens from `output_offset` on."""
         self._spawn(self._adopted(state))
+
+    def forward_abort(self, request_id: str, address: str) -> None:
+        """An abort for a request that a restore sent home to the worker at `address`."""
+        self._spawn(self._peer(address).send(wp.Abort(request_id)))
+
+    def fail_moved(self, state: el.RequestState, error: str) -> None:
+        """End a request that left this engine (`export`) and that no engine took over."""
+        out = self._peer(state.reply_to)
+        self._spawn(self._fail(out, state.request_id, MemServeError(error), state.output_offset))
 
     async def _adopted(self, state: el.RequestState) -> None:
         rid = state.request_id

@@ -92,6 +92,7 @@ class Exchanger:
         self.sub_bytes = sub_bytes
         self.timeout_s = timeout_s
         self.stats = ExchangeStats(pending=len(self.pending))
+        self.moving: list[Move] = []  # the batch being copied
         self._bandwidth = 0.0  # bytes/s of the last batch
         self._last_step = 0.0
         self._step_s = 0.0  # time between the leader's last two steps
@@ -100,12 +101,18 @@ class Exchanger:
         try:
             while self.pending:
                 await self._turn()
-                batch = self._next_batch()
-                await self._move(batch)
+                self.moving = self._next_batch()
+                await self._move(self.moving)
+                self.moving = []
         finally:
             self.stats.done_at = time.monotonic()
-            for mv in self.pending:  # cancelled (the group broke): nothing joins
-                log.info("exchange cancelled", request_id=mv.request_id)
+            if self.pending or self.moving:  # cancelled (the group broke)
+                log.info("exchange cancelled", requests=len(self.pending) + len(self.moving))
+
+    def unjoined(self) -> list[el.RequestState]:
+        """Requests that have not joined the group (the exchange was cancelled): their
+        streams ended as moved, so their owner must end them."""
+        return [self.states[mv.request_id] for mv in (*self.moving, *self.pending)]
 
     async def _turn(self) -> None:
         """Wait for the leader to put a step on the ring (or a moment, when it is idle)."""
