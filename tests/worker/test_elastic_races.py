@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
 from common.protocol import elastic as el
 from common.sampling import SamplingParams
@@ -67,7 +68,7 @@ class _FakeEngine:
         self.forward_at_export: str | None = None
         self.engine = None  # the inner engine (not reached before the export)
 
-    async def export(self) -> list[Any]:
+    async def export(self, *, keep_kv: bool = False) -> list[Any]:
         self.forward_at_export = self.member.forward_to
         raise RuntimeError("commit stops here (test)")
 
@@ -108,6 +109,7 @@ class _LeaderEngine:
         self.engine = PipelineEngine.__new__(PipelineEngine)  # only drain and pool are read
         self.engine.drain = lambda: []  # type: ignore[method-assign]
         self.engine.pool = BlockPool(4)
+        self.engine.table = torch.arange(4)
         self.engine.cache = SimpleNamespace(layout=SimpleNamespace(bytes_per_block=64))  # type: ignore[assignment]
         self._executor = ThreadPoolExecutor(max_workers=1)
         self.state = state
@@ -169,7 +171,8 @@ async def test_a_restore_that_fails_after_the_export_ends_the_requests(
     ]
     member.state, member.group_id, member.epoch = "leader", "g1", 1
     member.members, member.rank = members, 0
-    member.table, member.capacity_blocks = [7, 6, 5, 4], 1
+    member.held, member.capacity_blocks = [7, 6, 5, 4], 1
+    member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
     member.followers = [
         el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
     ]
@@ -210,7 +213,7 @@ class _CommittingEngine:
         self.state = state
         self.resumed = False
 
-    async def export(self) -> list[tuple[el.RequestState, Any]]:
+    async def export(self, *, keep_kv: bool = False) -> list[tuple[el.RequestState, Any]]:
         return [(self.state, None)]
 
     def resume(self) -> None:
@@ -286,7 +289,8 @@ async def test_a_member_that_refuses_to_dissolve_has_its_requests_ended(
     ]
     member.state, member.group_id, member.epoch = "leader", "g1", 1
     member.members, member.rank = members, 0
-    member.table, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.held, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
     member.followers = [
         el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
     ]
@@ -341,7 +345,8 @@ async def test_an_abort_for_a_request_gone_home_elsewhere_follows_it(
     ]
     member.state, member.group_id, member.epoch = "leader", "g1", 1
     member.members, member.rank = members, 0
-    member.table, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.held, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
+    member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
     member.followers = [
         el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
     ]
