@@ -21,7 +21,7 @@ import asyncio
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,9 @@ from common.protocol import elastic as el
 from services.worker.pipeline.exchange import Move
 
 log = get_logger(__name__)
+
+# (source member, destination member, [(src sub-block, dst sub-block)]) -> bytes moved
+Transfer = Callable[[int, int, list[tuple[int, int]]], Awaitable[int]]
 
 MAX_BATCH = 8  # requests per batch (KunServe's public code)
 _IDLE_TURN_S = 0.05  # no step to wait for: go on after this long
@@ -78,10 +81,13 @@ class Exchanger:
         stepped: asyncio.Event,
         sub_bytes: int,
         timeout_s: float = 10.0,
+        transfer: Transfer | None = None,
     ):
         """`join(state)` adopts a request into the group (its blocks reserved or none);
         `unreserve(ids)` frees reserved group blocks, run through `between_steps`;
-        `stepped` is set whenever the leader starts a step."""
+        `stepped` is set whenever the leader starts a step; `transfer(src, dst, copies)`
+        moves sub-blocks between members and returns the bytes moved (default: a MemPool
+        transfer between their daemons)."""
         self.pending = list(moves)
         self.states = states
         self.members = members
@@ -91,6 +97,7 @@ class Exchanger:
         self.stepped = stepped
         self.sub_bytes = sub_bytes
         self.timeout_s = timeout_s
+        self.transfer = transfer or self._transfer
         self.stats = ExchangeStats(pending=len(self.pending))
         self.moving: list[Move] = []  # the batch being copied
         self._bandwidth = 0.0  # bytes/s of the last batch
@@ -148,7 +155,7 @@ class Exchanger:
         t0 = time.monotonic()
         try:
             moved = await asyncio.wait_for(
-                asyncio.gather(*(self._transfer(s, d, c) for (s, d), c in pairs.items())),
+                asyncio.gather(*(self.transfer(s, d, c) for (s, d), c in pairs.items())),
                 self.timeout_s,
             )
         except Exception as exc:  # a failed or late batch: recompute its requests

@@ -25,7 +25,7 @@ import torch
 from common.protocol.elastic import RequestState
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput
-from services.worker.kv_cache import KVLayout
+from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.model.llama import LlamaModel
 from services.worker.pipeline.engine import PipelineEngine
 from services.worker.pipeline.exchange import GroupTables, StaleRequest, build_tables, permute
@@ -57,6 +57,8 @@ class LocalGroup:
         self.epoch = 0
         self.last_plan: RestorePlan | None = None
         self.last_exchange: GroupTables | None = None
+        self.stale_states: dict[str, RequestState] = {}
+        self.views: list[KVCache] = []
 
     def start(self) -> None:
         """Every member serves alone on its first `capacity` full blocks."""
@@ -69,12 +71,19 @@ class LocalGroup:
         return len(self.members)
 
     def drop(
-        self, *, exchange: bool = True, shuffle: torch.Generator | None = None
+        self,
+        *,
+        exchange: bool = True,
+        shuffle: torch.Generator | None = None,
+        copy: bool = True,
     ) -> PipelineEngine:
         """Form the group (ranks in member order). With `exchange` the requests running
         on the members keep their KV (each block's own layers stay in place, the others
         are copied to the members that hold them now); without it they are recomputed.
-        `shuffle` permutes the group ids (tests: never mistake one for a sub-block id)."""
+        `shuffle` permutes the group ids (tests: never mistake one for a sub-block id).
+        `copy=False` leaves the exchange to the caller: the requests that keep their KV
+        are in `self.stale_states`, their blocks reserved, not yet adopted (`self.copy_kv`
+        moves one batch's sub-blocks)."""
         g = self.g
         layers = self.layout.num_layers
         if layers % g:
@@ -105,10 +114,10 @@ class LocalGroup:
         if shuffle is not None:
             plan = permute(plan, torch.randperm(plan.num_blocks, generator=shuffle).tolist())
         self.last_exchange = plan
-        views = [kv_view(m.raw, self.layout, g) for m in self.members]
-        for move in plan.moves:  # in one process the exchange is a copy per sub-block
-            for src_m, src, dst_m, dst in move.copies:
-                views[dst_m].tensor[dst].copy_(views[src_m].tensor[src])
+        views = self.views = [kv_view(m.raw, self.layout, g) for m in self.members]
+        if copy:
+            for move in plan.moves:  # in one process the exchange is a copy per sub-block
+                self.copy_kv(move.copies)
         for m, table in zip(self.members, plan.tables, strict=True):
             m.table = torch.tensor(table, dtype=torch.long)
         stages = [
@@ -129,14 +138,24 @@ class LocalGroup:
         )
         leader.reserve(sorted(plan.held()))
         moves = {mv.request_id: mv for mv in plan.moves}
+        self.stale_states = {}
         for state in states:
             done = moves.get(state.request_id)
             if done is None:  # recomputed in the group
                 leader.adopt(_with_kv(state, [], 0))
-                continue
-            leader.unreserve(done.reserved)
-            leader.adopt(_with_kv(state, done.group_blocks))
+            elif not copy:
+                self.stale_states[state.request_id] = state
+            else:
+                leader.unreserve(done.reserved)
+                leader.adopt(_with_kv(state, done.group_blocks))
         return leader
+
+    def copy_kv(self, copies: list[tuple[int, int, int, int]]) -> int:
+        """(src member, src sub, dst member, dst sub) copies between the members' KV;
+        returns the bytes copied."""
+        for src_m, src, dst_m, dst in copies:
+            self.views[dst_m].tensor[dst].copy_(self.views[src_m].tensor[src])
+        return len(copies) * self.views[0].layout.bytes_per_block
 
     def restore(self) -> list[RequestOutput]:
         """Dissolve: every request goes home with its KV where there is room (else it is
