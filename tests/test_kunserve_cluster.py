@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from common.admin_client import admin_call
@@ -238,7 +239,10 @@ async def test_faults_abort_a_drop_or_break_a_group_and_members_recover(tmp_path
     killed leader, break their groups: requests fail fast, the survivor restores from its
     checkpoint and serves alone, the dead one is restarted on its daemon (which it merges
     back: that daemon was left split) and can join a group again."""
-    work = workload()
+    work = {  # shorter: requests that survive a kill run to their end
+        rid: (p, msgspec.structs.replace(params, max_tokens=min(params.max_tokens, 150)))
+        for rid, (p, params) in workload().items()
+    }
     ref = reference(work)
     stop = asyncio.Event()
     async with Cluster(settings(tmp_path, restart=True)) as c:
@@ -258,24 +262,28 @@ async def test_faults_abort_a_drop_or_break_a_group_and_members_recover(tmp_path
             done = await client.complete(*work["after"])
             assert done.token_ids == ref["after"]
 
-            # The follower killed, then (in a new group) the leader.
+            # The follower killed, then (in a new group) the leader, right after the drop:
+            # the running requests' KV is being exchanged. Each request ends with an error
+            # or with its reference tokens, never hangs.
             for victim, survivor in ((MEMBERS[1], MEMBERS[0]), (MEMBERS[0], MEMBERS[1])):
                 await until_up(c, MEMBERS)
+                streams = {rid: Stream(client, *work[rid]) for rid in "abcd"}
+                await until(
+                    lambda ss=streams: all(len(s.tokens) >= 5 for s in ss.values()),  # type: ignore[misc]
+                    what="tokens",
+                )
                 dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS))
                 assert dropped.ok, dropped.error
                 gid = dropped.result["group_id"]
-                streams = {rid: Stream(client, *work[rid]) for rid in "ab"}
-                await until(
-                    lambda ss=streams: all(len(s.tokens) >= 10 for s in ss.values()),  # type: ignore[misc]
-                    what="tokens",
-                )
                 pid = c.children[victim].proc.pid
                 os.kill(pid, signal.SIGKILL)
                 t0 = time.monotonic()
                 await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 30)
                 assert time.monotonic() - t0 < 15
-                for s in streams.values():
-                    assert s.final is not None and s.final.finish_reason == "error"
+                for rid, s in streams.items():
+                    assert s.final is not None, rid
+                    if s.final.finish_reason != "error":
+                        assert s.tokens == ref[rid], rid
                 await until_group_state(c, gid, "BROKEN")
                 await until_solo(c, survivor)
                 alone = await client.complete(*work["after"])

@@ -72,6 +72,8 @@ class MemberHost(Protocol):
 
     def fail_moved(self, state: el.RequestState, error: str) -> None: ...
 
+    def announce(self, state: el.RequestState, instance_id: str) -> None: ...
+
     def forward_abort(self, request_id: str, address: str) -> None: ...
 
 
@@ -105,6 +107,7 @@ class ElasticMember:
         # A follower forwards from its commit's export on: its engine stays paused until
         # the group dissolves, so a request queued there would wait that long.
         self.forwarding = False
+        self.exported: list[el.RequestState] = []  # a follower's requests, sent to its leader
         # After a restore (leader): request id -> the request address of the member it
         # went home to; the gateway aborts here until that member has spoken.
         self.moved: dict[str, str] = {}
@@ -268,6 +271,12 @@ class ElasticMember:
         svc = self.svc
         model = svc.engine.engine.model
         if self.rank > 0:
+            # The leader serves them from now on: if it dies, the gateway must fail them
+            # (and a group that breaks fails them here: `_break`).
+            leader = self.members[0].instance_id
+            for state in states:
+                svc.announce(state, leader)
+            self.exported = states
             self.state = "follower"  # serves its layers once the leader sends its table
             log.info("dropped as a follower", group=self.group_id, rank=self.rank, freed=freed)
             return el.FollowerCommitted(
@@ -481,6 +490,9 @@ class ElasticMember:
                 svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
             raise
         homes = homes_of(states, plan)
+        for rank, moving in homes.items():  # a home that dies now must fail them
+            for state in moving:
+                svc.announce(state, self.members[rank].instance_id)
         followers = self.members[1:]
         replies = await asyncio.gather(
             *(
@@ -602,6 +614,8 @@ class ElasticMember:
             return el.Done(svc.cfg.instance_id)
         log.warning("group broken", group=self.group_id, reason=req.reason)
         self._stop_exchange()
+        for state in self.exported:  # gone with the group (the leader failed or died)
+            svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
         if self.exchanger is not None:  # exported, never joined: end them
             for state in self.exchanger.unjoined():
                 svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
@@ -641,6 +655,7 @@ class ElasticMember:
         self.exchanger = self.exchange_task = None
         self.timer = None
         self.forwarding = False
+        self.exported = []
 
     def _stop_exchange(self) -> None:
         if self.exchange_task is not None:

@@ -334,6 +334,20 @@ class WorkerService(ServiceShell):
         """An abort for a request that a restore sent home to the worker at `address`."""
         self._spawn(self._peer(address).send(wp.Abort(request_id)))
 
+    def announce(self, state: el.RequestState, instance_id: str) -> None:
+        """Tell the gateway that `instance_id` serves this request from now on (an empty
+        chunk at its offset): the death of that instance must fail it, wherever the
+        request is in the hand-over."""
+        chunk = wp.TokenChunk(
+            request_id=state.request_id,
+            token_ids=[],
+            num_prompt_tokens=len(state.prompt_token_ids),
+            num_cached_tokens=state.num_cached_tokens,
+            offset=state.output_offset,
+            instance_id=instance_id,
+        )
+        self._spawn(self._peer(state.reply_to).send(chunk))
+
     def fail_moved(self, state: el.RequestState, error: str) -> None:
         """End a request that left this engine (`export`) and that no engine took over."""
         out = self._peer(state.reply_to)
