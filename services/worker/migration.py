@@ -69,6 +69,14 @@ class Migration:
         self.migrated = 0
         self.arrived = 0
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "migrated": self.migrated,
+            "arrived": self.arrived,
+            "held_requests": len(self.held),
+            "held_blocks": sum(len(h.ids) for h in self.held.values()),
+        }
+
     async def handle(self, req: mg.MigrateRequest) -> mg.MigrateReply:
         if not check_admin_token(req.token, self.svc.cfg.admin_token):
             return mg.MigrateRefused("bad admin token")
@@ -111,7 +119,9 @@ class Migration:
             self._check_solo()
             if rid not in svc.engine.engine.requests or rid not in svc.routes:
                 raise MigrationError(f"{me} runs no request {rid!r}")
-            return await _SourceRun(svc, req).run()
+            reply = await _SourceRun(svc, req).run()
+            self.migrated += 1
+            return reply
 
     # ------------------------------------------------------------- destination
     async def _reserve(self, req: mg.Reserve) -> mg.MigrateReply:
@@ -123,6 +133,9 @@ class Migration:
             raise MigrationError(f"cannot reserve {req.n} blocks")
         held = self.held.setdefault(rid, _Held())
         ids = await self.svc.engine.client.alloc_mem(req.n, owner=self.svc.cfg.instance_id)
+        if self.held.get(rid) is not held:  # cancelled (or expired) while leasing
+            await self.svc.engine.client.free_mem(ids)
+            raise MigrationError(f"the migration of {rid!r} was cancelled")
         held.ids.extend(ids)
         if held.timer is not None:
             held.timer.cancel()
@@ -149,9 +162,7 @@ class Migration:
     async def _arrive(self, req: mg.Arrive) -> mg.MigrateReply:
         state, svc = req.state, self.svc
         rid = state.request_id
-        held = self.held.get(rid)
-        if held is None:
-            raise MigrationError(f"{svc.cfg.instance_id} holds no blocks for {rid!r}")
+        held = self.held.get(rid) or _Held()  # none reserved: a request without KV yet
         try:
             self._check_solo()
             if not set(state.block_ids) <= set(held.ids) or len(set(state.block_ids)) != len(
@@ -166,7 +177,7 @@ class Migration:
         except BaseException:
             await self._free_held(rid)
             raise
-        del self.held[rid]
+        self.held.pop(rid, None)
         if held.timer is not None:
             held.timer.cancel()
         spare = [b for b in held.ids if b not in set(state.block_ids)]
@@ -283,7 +294,8 @@ class _SourceRun:
     async def _copy(self, stage: Stage) -> None:
         need = self.plan.need(stage)
         if need:
-            reply = await self._call(mg.Reserve(self.req.token, self.rid, need))
+            hold_s = 3 * self.req.timeout_s  # a source gone quiet: the destination frees them
+            reply = await self._call(mg.Reserve(self.req.token, self.rid, need, hold_s))
             if not isinstance(reply, mg.Reserved) or len(reply.block_ids) != need:
                 raise MigrationError(_why(reply))
             self.plan.dst.extend(reply.block_ids)

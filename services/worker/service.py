@@ -556,6 +556,7 @@ class WorkerService(ServiceShell):
                     "failed": self.failed,
                     "peers": len(self.peers),
                     "elastic": self.elastic.status(),
+                    "migration": self.migration.status(),
                     "rss_bytes": rss_bytes(),
                     "param_bytes": self._param_bytes(),
                 },
