@@ -163,9 +163,7 @@ async def test_migrate_mid_stream_gives_reference_tokens_and_failures_are_clean(
             for name in "gs":
                 streams[name] = Stream(client, *work[name])
                 rids[name] = await placed(c, set(rids.values()))
-            await until(
-                lambda: all(len(s.tokens) >= 40 for s in streams.values()), what="tokens"
-            )
+            await until(lambda: all(len(s.tokens) >= 40 for s in streams.values()), what="tokens")
             results = {}
             for name, rid in rids.items():
                 src = await where(c, rid)

@@ -74,9 +74,7 @@ class MigrateControl:
             return AdminReply(False, error=found)
         src, control, destination = found
         msg = mg.Migrate(self.token, rid, destination, timeout_s=self.timeout_s)
-        client: RpcClient[mg.MigrateRequest, _Reply] = RpcClient(
-            control, mg.MigrateRequest, _Reply
-        )
+        client: RpcClient[mg.MigrateRequest, _Reply] = RpcClient(control, mg.MigrateRequest, _Reply)
         # Stages, the stop and the hand-over each wait at most timeout_s on a call.
         budget = 4 * (msg.max_stages + 2) * self.timeout_s
         try:

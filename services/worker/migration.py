@@ -338,4 +338,3 @@ def _why(reply: Any) -> str:
     if isinstance(reply, mg.MigrateRefused):
         return reply.error
     return f"unexpected reply {type(reply).__name__}"
-
