@@ -60,6 +60,10 @@ class Arrive(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
     token: str
     state: RequestState
+    # Wall clock (time.time()) after which the destination refuses: the source gives up
+    # waiting soon after and resumes the request itself, so a late Arrive must not start
+    # a second copy of it. 0 = no deadline. Assumes loosely synchronized clocks.
+    deadline: float = 0.0
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):

@@ -11,7 +11,9 @@ the destination's reserved blocks. The plan of the stages is migration_plan.py's
 Failure anywhere before `Arrived`: `Cancel` to the destination, resume; the request never
 left the source engine, so it goes on there unchanged. While a live stage's transfer reads
 the request's blocks, its end waits (`AsyncEngine.finish_gates`): a finishing request hands
-its blocks to the daemon's index, which refuses blocks a transfer is reading.
+its blocks to the daemon's index, which refuses blocks a transfer is reading. `Arrive`
+carries a deadline well inside the source's wait, so a destination that answers too late
+refuses it rather than run a second copy of a request the source resumed.
 
 A migration needs both workers solo (not in a KunServe group) and runs one at a time on a
 source (it pauses the source's engine at the end).
@@ -164,6 +166,8 @@ class Migration:
         rid = state.request_id
         held = self.held.get(rid) or _Held()  # none reserved: a request without KV yet
         try:
+            if req.deadline and time.time() > req.deadline:
+                raise MigrationError(f"Arrive of {rid!r} came after its deadline")
             self._check_solo()
             if not set(state.block_ids) <= set(held.ids) or len(set(state.block_ids)) != len(
                 state.block_ids
@@ -246,6 +250,8 @@ class _SourceRun:
             finally:
                 gate.set()
                 self.eng.finish_gates.pop(self.rid, None)
+        if self.svc.elastic.state != "solo":  # a group formed meanwhile: its pause, not ours
+            raise MigrationError(f"{self.svc.cfg.instance_id} joined a KunServe group")
         await self.eng.pause()
         paused = time.monotonic()
         try:
@@ -260,7 +266,8 @@ class _SourceRun:
                 reply_to=self.svc.routes[self.rid],
                 block_ids=self.plan.adopted_blocks(computed),
             )
-            reply = await self._call(mg.Arrive(self.req.token, state))
+            deadline = time.time() + 0.5 * self.req.timeout_s
+            reply = await self._call(mg.Arrive(self.req.token, state, deadline))
             if not isinstance(reply, mg.Arrived):
                 raise MigrationError(_why(reply))
             # Adopted there: from here on the request is the destination's.
