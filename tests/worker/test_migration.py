@@ -5,6 +5,8 @@ single-engine reference tokens; both engines pass check_integrity."""
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 
@@ -171,3 +173,55 @@ def test_export_request_keeps_kv_or_frees_it(make_engine: MakeEngine) -> None:
     engine.pool.add(blocks)  # the kept blocks come back (the caller moved their KV)
     run_to_end(engine)
     engine.check_integrity()
+
+
+# ------------------------------------------------------------- async engines
+async def test_export_one_moves_a_running_stream_and_gates_hold_its_end(
+    make_engine: MakeEngine,
+) -> None:
+    from services.worker.async_engine import AsyncEngine
+
+    ref_engine = make_engine(block_size=BS, num_kv_blocks=256)
+    for r, (p, params) in REQUESTS.items():
+        ref_engine.add_request(r, p, params)
+    ref = run_to_end(ref_engine)
+    src = AsyncEngine(make_engine(block_size=BS, num_kv_blocks=128))
+    dst = AsyncEngine(make_engine(block_size=BS, num_kv_blocks=128))
+    try:
+        got: dict[str, list[int]] = {r: [] for r in REQUESTS}
+        moved: list[bool] = []
+
+        async def run(rid: str) -> None:
+            async for out in src.generate(REQUESTS[rid][0], REQUESTS[rid][1], rid):
+                got[rid].extend(out.token_ids)
+                if out.moved:
+                    moved.append(True)
+
+        tasks = [asyncio.create_task(run(r)) for r in REQUESTS]
+        while len(got["s"]) < 10:
+            await asyncio.sleep(0.005)
+        # A gate holds the end of a request (here: "other", about to finish) until set.
+        gate = src.finish_gates["other"] = asyncio.Event()
+        await src.pause()
+        assert await src.export_one("nope") is None
+        state = await src.export_one("s", keep_kv=False)
+        assert state is not None and state.output_offset == len(state.output_token_ids)
+        src.resume()
+        async for out in dst.adopt(state):
+            got["s"].extend(out.token_ids)
+        assert moved == [True] and got["s"] == ref["s"]
+        for _ in range(3000):  # "other" finishes in the engine; its end waits on the gate
+            if "other" not in src.engine.requests:
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        assert "other" not in src.engine.requests and not tasks[2].done()
+        assert len(got["other"]) == len(ref["other"]) - 1  # the last token is held back
+        gate.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        assert got["g"] == ref["g"] and got["other"] == ref["other"]
+        src.engine.check_integrity()
+        dst.engine.check_integrity()
+    finally:
+        await src.close()
+        await dst.close()
