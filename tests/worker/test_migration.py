@@ -11,6 +11,7 @@ import msgspec
 import pytest
 
 from common.sampling import SamplingParams
+from services.worker.async_engine import AsyncEngine
 from services.worker.engine import Engine
 from services.worker.migration_plan import MigrationPlan, Stage
 from tests.worker.helpers import MakeEngine, prompt, run_to_end
@@ -179,8 +180,6 @@ def test_export_request_keeps_kv_or_frees_it(make_engine: MakeEngine) -> None:
 async def test_export_one_moves_a_running_stream_and_gates_hold_its_end(
     make_engine: MakeEngine,
 ) -> None:
-    from services.worker.async_engine import AsyncEngine
-
     ref_engine = make_engine(block_size=BS, num_kv_blocks=256)
     for r, (p, params) in REQUESTS.items():
         ref_engine.add_request(r, p, params)
