@@ -22,6 +22,10 @@ otherwise.
 |             |              | state, and the timeline of events (both clocks)          |
 | elastic     | drop ID,ID.. | form a group (lowest id leads); answers its id, figures |
 | elastic     | restore G|all| dissolve group G (or every serving group)              |
+| migrate     |              | every placed request and the instance it runs on        |
+| migrate     | RID INSTANCE | move running request RID, with its KV, to INSTANCE      |
+|             |              | while it decodes (Llumnix-style); answers stages,       |
+|             |              | blocks and bytes copied, pause time                     |
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ COMMANDS = (
     "flush-cache",
     "shutdown",
     "elastic",
+    "migrate",
 )
 
 

@@ -9,7 +9,8 @@ stderr when the call is refused, fails or times out.
 
 `elastic status` prints the pipeline groups and their timeline as tables, `elastic drop
 ID,ID[,...]` the new group's id on its first line, `elastic restore GROUP|all` what was
-restored; `--json` prints any result as JSON instead.
+restored; `migrate` where each placed request runs, `migrate RID INSTANCE` what the live
+migration copied and its pause; `--json` prints any result as JSON instead.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def add_parser(sub: Any) -> None:
         "args",
         nargs="*",
         help="drain/undrain: INSTANCE_ID; policy: [NAME]; "
-        "elastic: status | drop ID,ID[,...] | restore GROUP|all",
+        "elastic: status | drop ID,ID[,...] | restore GROUP|all; "
+        "migrate: [REQUEST_ID INSTANCE_ID]",
     )
     p.set_defaults(func=run)
 
@@ -248,6 +250,21 @@ def render_elastic(sub: str, result: Any) -> str:
     return json.dumps(result, indent=2, sort_keys=True, default=str)
 
 
+def render_migrate(result: dict[str, Any]) -> str:
+    """`migrate` lists where each placed request runs; `migrate RID INSTANCE` what moved."""
+    if "requests" in result:
+        placed = result["requests"]
+        if not placed:
+            return "no placed requests"
+        return "\n".join(_grid(["REQUEST", "INSTANCE"], [[r, i] for r, i in placed.items()]))
+    return (
+        f"migrated {result.get('request_id')} {result.get('src')} -> {result.get('dst')}: "
+        f"{result.get('stages')} stages ({result.get('live_stages')} live), "
+        f"{result.get('blocks')} blocks, {result.get('bytes')} bytes, "
+        f"pause {result.get('pause_ms')} ms, total {result.get('total_ms')} ms"
+    )
+
+
 def _wall(t: float) -> str:
     if not t:
         return "-"
@@ -259,6 +276,8 @@ def render(command: str, result: Any, args: list[str] | None = None) -> str:
     """`instances` and `elastic` as tables; anything else as indented JSON."""
     if command == "elastic" and args:
         return render_elastic(args[0], result)
+    if command == "migrate" and isinstance(result, dict):
+        return render_migrate(result)
     if command == "instances" and isinstance(result, list):
         if not result:
             return "no instances registered"

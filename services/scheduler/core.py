@@ -70,7 +70,7 @@ from services.scheduler.registry import ClaimRefusedError, Instance, Registry, R
 
 PHASES = ("prefill", "all")
 # Admin commands the asyncio shell runs itself (they talk to other processes).
-SERVICE_COMMANDS = ("cache-stats", "flush-cache", "shutdown")
+SERVICE_COMMANDS = ("cache-stats", "flush-cache", "shutdown", "migrate")
 # `elastic` subcommands the shell runs (they talk to workers); `elastic status` is here.
 ELASTIC_SERVICE = ("drop", "restore")
 
@@ -371,6 +371,29 @@ class GlobalScheduler:
         if not charge.legs:
             del self.charges[request_id]
         return True
+
+    def serving(self) -> dict[str, str]:
+        """Each placed request's streaming instance (its last leg): where it runs now."""
+        return {rid: c.legs[-1].instance_id for rid, c in self.charges.items() if c.legs}
+
+    def move_charge(self, request_id: str, src: str, dst: str) -> int:
+        """A request migrated: its legs on `src` now charge `dst`. Returns the legs moved."""
+        charge = self.charges.get(request_id)
+        to = self.registry.get(dst)
+        if charge is None or to is None:
+            return 0
+        moved = 0
+        for leg in charge.legs:
+            if leg.instance_id != src:
+                continue
+            old = self.registry.get(src)
+            if old is not None and old.epoch == leg.epoch:
+                old.charged_tokens -= leg.tokens
+            leg.instance_id, leg.epoch = dst, to.epoch
+            to.charged_tokens += leg.tokens
+            moved += 1
+        self.counters["migrations"] += bool(moved)
+        return moved
 
     def _need(self, role: str, avoid: frozenset[str] = frozenset()) -> list[Instance]:
         """The eligible instances of `role` not avoided; a group counts once, as its leader."""

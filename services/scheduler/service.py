@@ -57,6 +57,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import ELASTIC_SERVICE, GlobalScheduler
 from services.scheduler.elastic_control import ElasticControl
 from services.scheduler.kv_feed import KvEventFeed
+from services.scheduler.migrate_control import MigrateControl
 from services.scheduler.registry import ClaimRefusedError, RegistryFullError
 
 log = get_logger(__name__)
@@ -108,6 +109,7 @@ class SchedulerService(ServiceShell):
             cfg.elastic_prepare_timeout_s,
             cfg.elastic_timeout_s,
         )
+        self.migrate = MigrateControl(self.core, cfg.admin_token, cfg.elastic_timeout_s)
         self.started_at = time.time()
         self.members: dict[str, _Member] = {}
         self._by_events: dict[str, set[str]] = {}  # events address -> member ids
@@ -410,6 +412,8 @@ class SchedulerService(ServiceShell):
                 return await self._shutdown(req.token)
             case "elastic" if req.args and req.args[0] in ELASTIC_SERVICE:
                 return await self.elastic.command(req.args)
+            case "migrate":
+                return await self.migrate.command(req.args)
         return self.core.admin(req.command, req.args, now)
 
     def _daemons(self) -> dict[str, str]:

@@ -100,6 +100,9 @@ class AsyncEngine:
         self._parked = asyncio.Event()
         self._resumed = asyncio.Event()
         self._between: list[Callable[[], None]] = []  # run on the engine between steps
+        # A request whose blocks a live migration is reading (services/worker/migration.py):
+        # its end waits for the event, so its blocks are not handed on mid-transfer.
+        self.finish_gates: dict[str, asyncio.Event] = {}
 
     async def generate(
         self,
@@ -243,6 +246,22 @@ class AsyncEngine:
             p.queue.put_nowait(StreamOutput(p.request_id, [], finished=True, moved=True))
             out.append((state, p.context))
         return out
+
+    async def export_one(self, request_id: str, *, keep_kv: bool = False) -> RequestState | None:
+        """While paused: one admitted request leaves (`Engine.export_request`); its stream
+        ends with a `moved` output. None when it is not in the engine (finished, refused,
+        or not admitted yet)."""
+        assert self._paused, "export only while paused"
+        p = self._streams.get(request_id)
+        if p is None:
+            return None
+        state = self.engine.export_request(request_id, keep_kv=keep_kv)
+        if state is None:
+            return None
+        del self._streams[request_id]
+        await self._exported(p)
+        p.queue.put_nowait(StreamOutput(request_id, [], finished=True, moved=True))
+        return state
 
     def fail_all(self, message: str) -> None:
         """End every request with `message` (between steps: the driver owns the engine)."""
@@ -436,6 +455,9 @@ class AsyncEngine:
             if finished:
                 text += p.detok.finish()
         if finished:
+            gate = self.finish_gates.get(out.request_id)
+            if gate is not None:
+                await gate.wait()
             del self._streams[out.request_id]
             try:
                 transfer = await self._on_finished(p, final)

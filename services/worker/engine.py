@@ -263,6 +263,35 @@ class Engine:
             )
         return states
 
+    def export_request(self, request_id: str, *, keep_kv: bool) -> RequestState | None:
+        """One request leaves this engine, as in `export_requests` (a live migration);
+        None for an unknown id."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.remove(req)
+        kept: list[int] = []
+        computed = 0
+        if keep_kv and not req.num_borrowed_blocks:
+            kept, computed = list(req.block_ids), req.num_computed_tokens
+            self.pool.disown(kept)
+            req.block_ids.clear()
+        else:
+            self.scheduler.release_owned(req)
+        del self.requests[request_id]
+        return RequestState(
+            request_id=request_id,
+            prompt_token_ids=list(req.prompt_token_ids),
+            output_token_ids=list(req.output_token_ids),
+            params=req.params,
+            reply_to="",
+            generator_state=generator_state(req.generator),
+            num_cached_tokens=req.num_cached_tokens,
+            output_offset=req.num_output_tokens,
+            block_ids=kept,
+            num_computed_tokens=computed,
+        )
+
     def abort(
         self, request_id: str, reason: FinishReason = FinishReason.ABORT
     ) -> RequestOutput | None:

@@ -47,6 +47,7 @@ from common.mempool_client import MempoolClient
 from common.modes import ROLES
 from common.net import advertise
 from common.protocol import elastic as el
+from common.protocol import migrate as mg
 from common.protocol import scheduler as sp
 from common.protocol import worker as wp
 from common.protocol.admin import AdminReply, AdminRequest
@@ -58,6 +59,7 @@ from services.worker.daemon_link import DaemonLink, LinkAction, LinkState
 from services.worker.elastic import ElasticMember
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
 from services.worker.mempool_engine import MempoolEngine
+from services.worker.migration import Migration
 
 log = get_logger(__name__)
 
@@ -117,7 +119,9 @@ class WorkerService(ServiceShell):
         self.events = events  # the daemon's KV-event PUB, for the scheduler
         self.requests = PullSocket(cfg.address, wp.WorkerRequest, bind=True)
         self.control: RpcServer[Any, Any] = RpcServer(
-            cfg.control_address, AdminRequest | el.ElasticRequest, AdminReply | el.ElasticReply
+            cfg.control_address,
+            AdminRequest | el.ElasticRequest | mg.MigrateRequest,
+            AdminReply | el.ElasticReply | mg.MigrateReply,
         )
         self.heartbeats: PushSocket[sp.Heartbeat] | None = None
         if cfg.scheduler:
@@ -143,6 +147,7 @@ class WorkerService(ServiceShell):
         # coming home from one) takes its reply address along.
         self.routes: dict[str, str] = {}
         self.elastic = ElasticMember(self)
+        self.migration = Migration(self)
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
@@ -548,6 +553,8 @@ class WorkerService(ServiceShell):
     async def _control(self, req: Any) -> Any:
         if isinstance(req, AdminRequest):
             return await self._admin(req)
+        if isinstance(req, mg.Migrate | mg.Reserve | mg.Arrive | mg.Cancel):
+            return await self.migration.handle(req)
         return await self.elastic.handle(req)
 
     async def _admin(self, req: AdminRequest) -> AdminReply:
@@ -574,6 +581,7 @@ class WorkerService(ServiceShell):
                     "failed": self.failed,
                     "peers": len(self.peers),
                     "elastic": self.elastic.status(),
+                    "migration": self.migration.status(),
                     "rss_bytes": rss_bytes(),
                     "param_bytes": self._param_bytes(),
                 },
@@ -598,6 +606,7 @@ class WorkerService(ServiceShell):
         to the daemon and unmaps the region, then the sockets close."""
         await self.tasks.close(self.drain_s)
         await self.elastic.close()
+        await self.migration.close()
         await self.engine.close()
         self.close_sockets()
 

@@ -1,0 +1,232 @@
+"""Live migration across real processes: `memserve up --mode colocated --colocated 2`, a
+running request moved with its KV by `memserve admin migrate` through the scheduler.
+
+- Greedy and seeded requests migrated mid-stream get exactly the single-process reference
+  tokens, and the gateway's final lists both instances.
+- Bad commands (unknown request or instance, the instance it already runs on, wrong
+  arguments) get a clear error.
+- A destination that does not answer (SIGSTOPped): the migration fails within its
+  timeouts, never hangs; the request runs on at the source to its reference tokens; the
+  destination frees what it reserved once it runs again.
+- Afterwards both daemons pass check_integrity when idle and no worker holds reserved blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.admin_client import admin_call
+from common.client import GatewayClient
+from common.mempool_client import MempoolClient
+from common.protocol import client as cp
+from common.protocol.admin import AdminReply
+from common.sampling import SamplingParams
+from services.launcher.config import load
+from services.launcher.supervisor import Cluster
+from services.worker.config import EngineConfig
+from services.worker.engine import Engine
+from tests.daemons import assert_idle_and_intact
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token"
+MEMBERS = ("colocated-0", "colocated-1")
+CALL_TIMEOUT_S = 2.0
+
+
+def settings(tmp_path: Path) -> Any:
+    return load(
+        None,
+        {
+            "cluster": {
+                "run_dir": str(tmp_path / "run"),
+                "admin_token": TOKEN,
+                "mode": "colocated",
+                "colocated": 2,
+            },
+            "scheduler": {"heartbeat_timeout_s": 4.0, "elastic_timeout_s": CALL_TIMEOUT_S},
+            "gateway": {"request_timeout_s": 30},
+            "worker": {"heartbeat_interval_s": 0.25, "engine": {"num_threads": 1}},
+            "mempool": {"tensor_memory_bytes": 1 << 20},
+        },
+    )
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
+
+
+def workload() -> dict[str, tuple[list[int], SamplingParams]]:
+    return {
+        "g": (prompt(40, 1), SamplingParams(max_tokens=300, ignore_eos=True)),
+        "s": (
+            prompt(33, 2),
+            SamplingParams(max_tokens=300, ignore_eos=True, temperature=0.8, top_k=50, seed=11),
+        ),
+        "f": (
+            prompt(27, 3),
+            SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0, seed=12),
+        ),
+    }
+
+
+def reference(requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
+    engine = Engine.from_config(EngineConfig(model="tiny", num_kv_blocks=1024))
+    for rid, (p, params) in requests.items():
+        engine.add_request(rid, p, params)
+    out: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id].extend(o.new_token_ids)
+    return out
+
+
+async def admin(c: Cluster, command: str, *args: str) -> AdminReply:
+    return await admin_call(c.admin_address, TOKEN, command, args, timeout_s=60)
+
+
+class Stream:
+    def __init__(self, client: GatewayClient, p: list[int], params: SamplingParams):
+        self.tokens: list[int] = []
+        self.final: cp.Final | None = None
+        self.task = asyncio.create_task(self._run(client, p, params))
+
+    async def _run(self, client: GatewayClient, p: list[int], params: SamplingParams) -> None:
+        async for item in client.stream(p, params):
+            if isinstance(item, cp.Chunk):
+                self.tokens.extend(item.token_ids)
+            else:
+                self.final = item
+
+
+async def until(cond: Any, timeout_s: float = 30.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def placed(c: Cluster, known: set[str]) -> str:
+    """The scheduler's id of the one placed request not in `known`."""
+    deadline = time.monotonic() + 15
+    while True:
+        listing = await admin(c, "migrate")
+        assert listing.ok, listing.error
+        new = set(listing.result["requests"]) - known
+        if new:
+            (rid,) = new
+            return rid
+        assert time.monotonic() < deadline, "the request was never placed"
+        await asyncio.sleep(0.05)
+
+
+async def where(c: Cluster, rid: str) -> str:
+    listing = await admin(c, "migrate")
+    return str(listing.result["requests"][rid])
+
+
+def other(iid: str) -> str:
+    return MEMBERS[1 - MEMBERS.index(iid)]
+
+
+async def worker_status(c: Cluster, iid: str) -> dict[str, Any]:
+    reply = await admin_call(c.endpoints(iid)["control"], TOKEN, "status")
+    assert reply.ok, reply.error
+    return reply.result
+
+
+async def test_migrate_mid_stream_gives_reference_tokens_and_failures_are_clean(
+    tmp_path: Path,
+) -> None:
+    work = workload()
+    ref = reference(work)
+    async with Cluster(settings(tmp_path)) as c:
+        client = GatewayClient(c.gateway, timeout_s=60)
+        try:
+            bad = await admin(c, "migrate", "nope", MEMBERS[1])
+            assert not bad.ok and "nope" in bad.error, bad.error
+            bad = await admin(c, "migrate", "a", "b", "c")
+            assert not bad.ok and "REQUEST_ID INSTANCE_ID" in bad.error, bad.error
+
+            # Greedy and seeded, each moved to the other instance mid-stream.
+            streams: dict[str, Stream] = {}
+            rids: dict[str, str] = {}
+            for name in "gs":
+                streams[name] = Stream(client, *work[name])
+                rids[name] = await placed(c, set(rids.values()))
+            await until(lambda: all(len(s.tokens) >= 40 for s in streams.values()), what="tokens")
+            results = {}
+            for name, rid in rids.items():
+                src = await where(c, rid)
+                if name == "g":
+                    same = await admin(c, "migrate", rid, src)
+                    assert not same.ok and "already runs" in same.error, same.error
+                    unknown = await admin(c, "migrate", rid, "colocated-9")
+                    assert not unknown.ok and "colocated-9" in unknown.error
+                before = len(streams[name].tokens)
+                moved = await admin(c, "migrate", rid, other(src))
+                assert moved.ok, moved.error
+                r = moved.result
+                assert (r["src"], r["dst"]) == (src, other(src))
+                assert r["stages"] >= 1 and r["blocks"] > 0 and r["bytes"] > 0
+                assert r["output_tokens"] >= before
+                assert await where(c, rid) == other(src)  # the charge moved
+                assert not streams[name].task.done()  # mid-stream
+                results[name] = r
+            print("migrations:", results)
+            await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 60)
+            for name, s in streams.items():
+                assert s.final is not None and s.final.finish_reason == "length", s.final
+                assert s.tokens == ref[name], name
+                assert sorted(s.final.instances) == sorted(MEMBERS), s.final.instances
+
+            # A destination that does not answer: the request stays where it runs.
+            f = Stream(client, *work["f"])
+            rid = await placed(c, set(rids.values()))
+            await until(lambda: len(f.tokens) >= 20, what="tokens of f")
+            src = await where(c, rid)
+            dst = other(src)
+            pid = c.children[dst].proc.pid
+            os.kill(pid, signal.SIGSTOP)
+            t0 = time.monotonic()
+            try:
+                failed = await admin(c, "migrate", rid, dst)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert not failed.ok and dst in failed.error, failed.error
+            assert time.monotonic() - t0 < 20 * CALL_TIMEOUT_S
+            await asyncio.wait_for(f.task, 60)
+            assert f.final is not None and f.final.finish_reason == "length", f.final
+            assert f.tokens == ref["f"]
+            assert f.final.instances == [src]
+
+            for iid in MEMBERS:  # the destination freed what it reserved once running again
+                await until_freed(c, iid)
+            await asyncio.sleep(0.5)
+            for iid in MEMBERS:
+                mempool = MempoolClient(c.endpoints(f"{iid}-mempool")["rpc"])
+                try:
+                    await assert_idle_and_intact(mempool, iid)
+                finally:
+                    mempool.close()
+        finally:
+            client.close()
+
+
+async def until_freed(c: Cluster, iid: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = (await worker_status(c, iid))["migration"]
+        if st["held_blocks"] == 0 and st["held_requests"] == 0:
+            return
+        assert time.monotonic() < deadline, f"{iid} still holds reserved blocks: {st}"
+        await asyncio.sleep(0.1)
