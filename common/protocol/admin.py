@@ -22,6 +22,7 @@ otherwise.
 |             |              | state, and the timeline of events (both clocks)          |
 | elastic     | drop ID,ID.. | form a group (lowest id leads); answers its id, figures |
 | elastic     | restore G|all| dissolve group G (or every serving group)              |
+| elastic     | on | off     | the automatic controller (drop / restore from load)     |
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.service import SchedulerService
 from tests.scheduler.elastic_workers import FakeWorker, Script
 from tests.scheduler.harness import SUBSCRIBE_SETTLE_S, TOKEN, FakeClock, Harness, until
-from tests.scheduler.helpers import heartbeat
+from tests.scheduler.helpers import cli, heartbeat
 
 pytestmark = pytest.mark.integration
 
@@ -121,6 +121,11 @@ async def test_the_controller_drops_restores_and_falls_back_by_itself(auto: Harn
             "free_blocks": 50,
         }
         assert status["groups"] == [] and script.log == []
+        code, out, err = await cli(
+            ["admin", "--address", h.svc.admin_address, "--token", TOKEN, "elastic", "status"]
+        )
+        assert code == 0, err
+        assert "controller off: 2 of 2 votes needed" in out and "KV_USAGE" in out
 
         # On: a drop of the planner's pair, through the commanded drop's two phases.
         assert await elastic(h, "on") == {"controller": "on", "was": "off"}
@@ -137,7 +142,9 @@ async def test_the_controller_drops_restores_and_falls_back_by_itself(auto: Harn
 
         # The group's load falls far below half of what w0 and w1 held (200 blocks): no
         # restore within the cooldown, then one by itself.
+        monitor = h.svc.core.controller.monitor
         await beat(h, w0, load(10, 0, capacity=400))
+        await until(lambda: "g1" in monitor.status(h.clock())["groups"], "the monitor sees g1")
         await asyncio.sleep(0.2)  # many polls, all within the cooldown (the clock stands)
         assert not w0.received(Restore)
         h.clock.now += 10
@@ -148,7 +155,9 @@ async def test_the_controller_drops_restores_and_falls_back_by_itself(auto: Harn
         assert wanted == {"group": "g1", "used_blocks": 10, "held_blocks": 200}
         assert len(w0.received(Restore)) == 1
 
-        # Every instance full with more queued than any plan frees: the KV-centric fallback.
+        # Every instance full with more queued than any plan frees: the KV-centric fallback
+        # (once the monitor saw the group go, which starts a cooldown of its own).
+        await until(lambda: not monitor.status(h.clock())["groups"], "the monitor sees g1 go")
         h.clock.now += 10
         before = len((await elastic(h, "status"))["events"])
         for w in (w0, w1, w2):
