@@ -153,6 +153,19 @@ async def until_groups(c: Cluster, pred: Any, what: str, timeout_s: float = 60.0
         await asyncio.sleep(0.05)
 
 
+async def until_rows(c: Cluster, pred: Any, what: str, timeout_s: float = 30.0) -> None:
+    """Until `pred` holds of the scheduler's instance rows (by id)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reply = await admin(c, "instances")
+        assert reply.ok, reply.error
+        rows = {r["instance_id"]: r for r in reply.result}
+        if all(i in rows for i in MEMBERS) and pred(rows):
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {rows}"
+        await asyncio.sleep(0.05)
+
+
 async def test_a_burst_drops_and_restores_by_itself_with_reference_tokens(
     tmp_path: Path,
 ) -> None:
@@ -163,6 +176,10 @@ async def test_a_burst_drops_and_restores_by_itself_with_reference_tokens(
         try:
             status = await admin(c, "elastic", "status")
             assert status.ok and status.result["controller"]["on"] is True
+            # Alone, an instance's capacity is its daemon's (all of it KV: the budget).
+            await until_rows(
+                c, lambda r: all(r[i]["capacity_blocks"] == KV_BLOCKS for i in MEMBERS), "solo"
+            )
             burst = {rid: Stream(client, *work[rid]) for rid in work if rid.startswith("burst")}
             await until_groups(
                 c, lambda gs: any(g["state"] == "SERVING" for g in gs), "a drop by itself"
@@ -170,6 +187,16 @@ async def test_a_burst_drops_and_restores_by_itself_with_reference_tokens(
             (group,) = [g for g in (await timeline(c))[0] if g["state"] == "SERVING"]
             assert [m["instance_id"] for m in group["members"]] == list(MEMBERS)
             assert group["num_blocks"] > 2 * KV_BLOCKS
+            # Grouped, the leader reports the group's blocks and the follower nothing.
+            leader, follower = MEMBERS
+            await until_rows(
+                c,
+                lambda r: (
+                    r[leader]["capacity_blocks"] == group["num_blocks"]
+                    and r[follower]["capacity_blocks"] == r[follower]["used_blocks"] == 0
+                ),
+                "the group's figures in the heartbeats",
+            )
             # Sent while the group serves: admitted (and served with reference tokens).
             new = {rid: Stream(client, *work[rid]) for rid in ("new0", "new1")}
             streams = {**burst, **new}

@@ -552,6 +552,11 @@ class GlobalScheduler:
                 "running": i.load.running_requests,
                 "kv_used_blocks": i.load.kv_used_blocks,
                 "kv_total_blocks": i.load.kv_total_blocks,
+                # The elastic controller's signals, in the engine's blocks (a leader's: the
+                # group's; a follower's: 0).
+                "used_blocks": i.load.used_blocks,
+                "waiting_blocks": i.load.waiting_blocks,
+                "capacity_blocks": i.load.capacity_blocks,
                 "cached_blocks": self.trees[i.role].num_blocks(i.instance_id),
                 "group": g.group_id if (g := self.elastic.group_of(i.instance_id)) else "",
                 "last_seen_s": round(now - i.last_seen, 3),
