@@ -8,6 +8,8 @@ import dataclasses
 
 import pytest
 
+from services.scheduler.config import SchedulerConfig
+from services.scheduler.controller import thresholds
 from services.scheduler.monitor import Drop, GroupView, Load, Monitor, Restore, Thresholds
 
 T = Thresholds(
@@ -145,3 +147,20 @@ def test_unknown_pre_drop_capacity_never_restores_by_itself() -> None:
         view = GroupView("g1", ("a", "b"), 0.0, Load(used=0, capacity=400))
         assert m.poll(float(k), {}, [view]) is None
     assert m.status(6)["groups"]["g1"]["checks"]["fits"] is False
+
+
+def test_config_defaults_and_refusals() -> None:
+    cfg = SchedulerConfig()
+    assert thresholds(cfg) == Thresholds()  # KunServe's public code's defaults
+    assert (cfg.elastic_auto, cfg.elastic_poll_s, cfg.elastic_max_group) == (False, 0.1, 2)
+    for bad in (
+        {"elastic_restore_usage": 0.96},  # no hysteresis band
+        {"elastic_drop_usage": 1.5},
+        {"elastic_window": 0},
+        {"elastic_debounce": 0},
+        {"elastic_poll_s": 0},
+        {"elastic_cooldown_s": -1},
+        {"elastic_max_group": 1},
+    ):
+        with pytest.raises(ValueError, match="elastic_"):
+            SchedulerConfig(admin_token="t", **bad).validate()
