@@ -329,7 +329,9 @@ class MempoolEngine(AsyncEngine):
         sched = self.engine.scheduler
         capacity = self.engine.pool.num_blocks if self.grouped else daemon_capacity
         pending = [len(p.prompt_ids) for p in self._inbox if p.adopted is None]
-        return kv_load(sched.running, sched.waiting, pending, self.block_size, capacity)
+        # Copies first: a step may run in the executor thread meanwhile.
+        running, waiting = list(sched.running), list(sched.waiting)
+        return kv_load(running, waiting, pending, self.block_size, capacity)
 
     async def close(self) -> None:
         """Stop, give the leased blocks back (briefly: the daemon may be gone), unmap."""

@@ -546,7 +546,10 @@ class WorkerService(ServiceShell):
         engine is gone or the daemon did not answer."""
         if self.engine.abandoned or not self.healthy:
             return KvLoad()
-        return self.engine.kv_load(daemon_capacity, leader=self.elastic.state == "leader")
+        try:
+            return self.engine.kv_load(daemon_capacity, leader=self.elastic.state == "leader")
+        except RuntimeError:  # a queue changed under the read (a step in its thread): the
+            return KvLoad()  # heartbeat goes out anyway, the next one has the figures
 
     # ----------------------------------------------------------------- control
     async def _control(self, req: Any) -> Any:
