@@ -26,6 +26,7 @@ otherwise.
 | migrate     | RID INSTANCE | move running request RID, with its KV, to INSTANCE      |
 |             |              | while it decodes (Llumnix-style); answers stages,       |
 |             |              | blocks and bytes copied, pause time                     |
+| elastic     | on | off     | the automatic controller (drop / restore from load)     |
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ class InstanceLoad(msgspec.Struct, frozen=True, omit_defaults=True):
     running_tokens: int = 0  # tokens whose KV the running requests hold
     kv_used_blocks: int = 0
     kv_total_blocks: int = 0
+    # The elastic controller's signals (services/worker/load.py), in the engine's blocks
+    # (a group leader's: group blocks; a follower reports 0s, its leader speaks for it):
+    used_blocks: int = 0  # held by running requests
+    waiting_blocks: int = 0  # the waiting queue's remaining tokens need
+    capacity_blocks: int = 0  # usable: evictable cached blocks count as free
 
 
 class Heartbeat(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -46,6 +51,12 @@ class Heartbeat(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     load: InstanceLoad = msgspec.field(default_factory=InstanceLoad)
     healthy: bool = True  # False: the worker lost its daemon; do not place here
     incarnation: str = ""  # random per worker process (see above)
+    # What the elastic drop planner needs to know before any Prepare (services/scheduler/
+    # planner.py): instances group only with the same model, layers and budget.
+    model: str = ""
+    num_layers: int = 0
+    param_bytes: int = 0  # one full copy of the parameters
+    budget_bytes: int = 0  # its daemon's memory budget (0: none)
 
 
 class Place(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):

@@ -65,7 +65,7 @@ def add_parser(sub: Any) -> None:
         "args",
         nargs="*",
         help="drain/undrain: INSTANCE_ID; policy: [NAME]; "
-        "elastic: status | drop ID,ID[,...] | restore GROUP|all; "
+        "elastic: status | drop ID,ID[,...] | restore GROUP|all | on | off; "
         "migrate: [REQUEST_ID INSTANCE_ID]",
     )
     p.set_defaults(func=run)
@@ -246,6 +246,9 @@ def render_elastic(sub: str, result: Any) -> str:
                 for e in events
             ]
             lines += ["", *_grid(["WALL", "MONOTONIC", "GROUP", "EVENT", "DETAIL"], rows)]
+        ctl = result.get("controller")
+        if isinstance(ctl, dict):
+            lines += ["", *_controller(ctl)]
         return "\n".join(lines)
     return json.dumps(result, indent=2, sort_keys=True, default=str)
 
@@ -263,6 +266,30 @@ def render_migrate(result: dict[str, Any]) -> str:
         f"{result.get('blocks')} blocks, {result.get('bytes')} bytes, "
         f"pause {result.get('pause_ms')} ms, total {result.get('total_ms')} ms"
     )
+
+
+def _controller(ctl: dict[str, Any]) -> list[str]:
+    """The automatic controller: on or off, the cooldown, and the last poll's votes."""
+    poll = ctl.get("last_poll") or {}
+    head = (
+        f"controller {'on' if ctl.get('on') else 'off'}: "
+        f"{len(poll.get('voters', []))} of {poll.get('needed', '?')} votes needed, "
+        f"held {poll.get('streak', 0)} polls, cooldown {ctl.get('cooldown_left_s', 0):.1f} s"
+    )
+    rows = [
+        [
+            iid,
+            "yes" if v.get("vote") else "no",
+            f"{v.get('usage', 0):.2f}",
+            str(v.get("waiting_blocks", 0)),
+            str(v.get("free_blocks", 0)),
+        ]
+        for iid, v in sorted(poll.get("votes", {}).items())
+    ]
+    out = [head]
+    if rows:
+        out += _grid(["INSTANCE", "VOTE", "KV_USAGE", "WAITING_BLOCKS", "FREE_BLOCKS"], rows)
+    return out
 
 
 def _wall(t: float) -> str:

@@ -50,6 +50,19 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # long a Commit, Restore or Break may take.
     elastic_prepare_timeout_s: float = 2.0
     elastic_timeout_s: float = 10.0
+    # The elastic controller (monitor.py decides, planner.py picks the groups): drop and
+    # restore by itself from the heartbeats' KV signals; `memserve admin elastic on|off`.
+    # Defaults are KunServe's public code's (poll 0.1 s, 95% / 50%, 30 samples).
+    elastic_auto: bool = False
+    elastic_poll_s: float = 0.1  # how often votes are counted and groups checked
+    elastic_drop_usage: float = 0.95  # an instance votes at this KV usage (and a full queue)
+    elastic_restore_usage: float = 0.5  # a group restores when its KV fits this share of
+    # what its members held before the drop
+    elastic_window: int = 30  # samples over which a group's demand must be falling
+    elastic_debounce: int = 2  # consecutive polls the votes must hold
+    elastic_cooldown_s: float = 5.0  # no automatic action this soon after a drop or restore
+    elastic_min_group_s: float = 5.0  # a group younger than this never restores by itself
+    elastic_max_group: int = 2  # members of one group at most
     log_level: str = "info"
 
     def validate(self) -> SchedulerConfig:
@@ -89,6 +102,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
             "transfer_bytes_per_s",
             "elastic_prepare_timeout_s",
             "elastic_timeout_s",
+            "elastic_poll_s",
         )
         for key in positive:
             if not getattr(self, key) > 0:
@@ -96,6 +110,21 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
         for key in ("balance_abs_threshold_tokens", "attention_coeff", "min_fetch_tokens"):
             if getattr(self, key) < 0:
                 raise ValueError(f"scheduler.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("elastic_cooldown_s", "elastic_min_group_s"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"scheduler.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.elastic_restore_usage < self.elastic_drop_usage <= 1:
+            raise ValueError(
+                "scheduler.elastic_restore_usage < elastic_drop_usage must both be in (0, 1], "
+                f"got {self.elastic_restore_usage} and {self.elastic_drop_usage}"
+            )
+        for key in ("elastic_window", "elastic_debounce"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"scheduler.{key} must be >= 1, got {getattr(self, key)}")
+        if self.elastic_max_group < 2:
+            raise ValueError(
+                f"scheduler.elastic_max_group must be >= 2, got {self.elastic_max_group}"
+            )
         if not 0 <= self.cache_threshold <= 1:
             raise ValueError(
                 f"scheduler.cache_threshold must be in [0, 1], got {self.cache_threshold}"

@@ -62,6 +62,7 @@ from common.protocol.scheduler import (
 )
 from common.protocol.worker import HandOff
 from services.scheduler.config import POLICIES, SchedulerConfig
+from services.scheduler.controller import Controller
 from services.scheduler.elastic import ACTIVE, Elastic
 from services.scheduler.gateways import GatewayTable, Incarnation
 from services.scheduler.global_tree import GlobalPromptTree, PromptHashes
@@ -119,6 +120,8 @@ class GlobalScheduler:
         self.elastic = Elastic()
         # The wall clock of elastic events only (the timeline shows both clocks).
         self.wall_clock: Callable[[], float] = time.time
+        # The automatic drop / restore (`elastic on|off`); the shell polls it.
+        self.controller = Controller(cfg, self.registry, self.elastic, lambda: self.wall_clock())
 
     # ----------------------------------------------------------- instances
     def on_heartbeat(self, hb: Heartbeat, now: float) -> list[InstanceEvent]:
@@ -509,7 +512,11 @@ class GlobalScheduler:
                     self.set_mode(name)
                     return AdminReply(True, {"mode": name, "was": was})
                 case "elastic", ["status"]:
-                    return AdminReply(True, self.elastic.status())
+                    return AdminReply(
+                        True, {**self.elastic.status(), "controller": self.controller.status(now)}
+                    )
+                case "elastic", [("on" | "off") as switch]:
+                    return AdminReply(True, self.controller.set_enabled(switch == "on", now))
                 case "elastic", [sub, *_] if sub in ELASTIC_SERVICE:
                     return AdminReply(False, error=f"elastic {sub} is run by the scheduler service")
                 case (
@@ -568,6 +575,11 @@ class GlobalScheduler:
                 "running": i.load.running_requests,
                 "kv_used_blocks": i.load.kv_used_blocks,
                 "kv_total_blocks": i.load.kv_total_blocks,
+                # The elastic controller's signals, in the engine's blocks (a leader's: the
+                # group's; a follower's: 0).
+                "used_blocks": i.load.used_blocks,
+                "waiting_blocks": i.load.waiting_blocks,
+                "capacity_blocks": i.load.capacity_blocks,
                 "cached_blocks": self.trees[i.role].num_blocks(i.instance_id),
                 "group": g.group_id if (g := self.elastic.group_of(i.instance_id)) else "",
                 "last_seen_s": round(now - i.last_seen, 3),
@@ -589,5 +601,6 @@ _USAGE = {
     "undrain": "undrain INSTANCE_ID",
     "policy": "policy [NAME]",
     "mode": f"mode [{'|'.join(MODES)}]",
-    "elastic": "elastic status | elastic drop ID,ID[,...] | elastic restore GROUP|all",
+    "elastic": "elastic status | elastic drop ID,ID[,...] | elastic restore GROUP|all | "
+    "elastic on|off",
 }

@@ -41,6 +41,9 @@ PLACING = (SERVING, RESTORING)
 # The only role whose instances serve a whole request alone, so the only one grouped.
 GROUP_ROLE = "colocated"
 
+# The timeline's group column for the automatic controller's own events.
+CONTROLLER = "-"
+
 MAX_EVENTS = 512
 MAX_FINISHED = 64
 
@@ -337,6 +340,11 @@ class Elastic:
     def note(self, group: Group, name: str, now: float, wall: float, **detail: Any) -> None:
         """Record an event of the shell's (e.g. who a Break reached)."""
         self._event(group, name, now, wall, **detail)
+
+    def note_controller(self, name: str, now: float, wall: float, **detail: Any) -> None:
+        """Record an event of the automatic controller's (votes, a plan, a fallback); its
+        group column is CONTROLLER."""
+        self.events.append(Event(now, wall, CONTROLLER, name, detail))
 
     # ------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

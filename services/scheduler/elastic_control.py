@@ -40,6 +40,7 @@ from common.protocol.elastic import (
     Restored,
 )
 from common.sockets import RpcClient, RpcError, RpcTimeout
+from services.scheduler import monitor
 from services.scheduler.core import GlobalScheduler
 from services.scheduler.elastic import ElasticError, Group, parse_ids
 
@@ -84,8 +85,39 @@ class ElasticControl:
         return AdminReply(
             False,
             error="wrong arguments for elastic: elastic status | elastic drop ID,ID[,...] | "
-            "elastic restore GROUP|all",
+            "elastic restore GROUP|all | elastic on|off",
         )
+
+    # ------------------------------------------------------------- automatic
+    async def decide(self, decision: monitor.Decision) -> None:
+        """Run what the controller decided (controller.py) through the commanded drop and
+        restore; every outcome goes into the timeline, never an exception to the loop."""
+        controller, elastic = self.core.controller, self.core.elastic
+        try:
+            match decision:
+                case monitor.Drop():
+                    plan = controller.plan(decision, self.clock())
+                    for ids in plan.groups if plan is not None else []:
+                        try:
+                            group = await self.drop(",".join(ids))
+                            log.info("elastic controller: dropped", group=group["group_id"])
+                        except ElasticError as exc:
+                            elastic.note_controller(
+                                "auto-drop-failed", *self._now(), members=ids, error=str(exc)
+                            )
+                case monitor.Restore():
+                    try:
+                        await self.restore(decision.group_id)
+                        log.info("elastic controller: restored", group=decision.group_id)
+                    except ElasticError as exc:
+                        elastic.note_controller(
+                            "auto-restore-failed",
+                            *self._now(),
+                            group=decision.group_id,
+                            error=str(exc),
+                        )
+        finally:
+            controller.changed(self.clock())
 
     # ------------------------------------------------------------- drop
     async def drop(self, ids_text: str) -> dict[str, Any]:

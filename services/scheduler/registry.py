@@ -77,6 +77,11 @@ class Instance:
     healthy: bool = True
     load: InstanceLoad = field(default_factory=InstanceLoad)
     charged_tokens: int = 0  # placed and not yet released (see core.py)
+    # What the elastic drop planner groups by (fixed within an incarnation; "" / 0: not said).
+    model: str = ""
+    num_layers: int = 0
+    param_bytes: int = 0
+    budget_bytes: int = 0
 
     def addresses(self) -> tuple[str, str, str, str]:
         return (self.address, self.control, self.mempool, self.events)
@@ -157,6 +162,10 @@ class Registry:
             now,
             hb.healthy,
             hb.load,
+            model=hb.model,
+            num_layers=hb.num_layers,
+            param_bytes=hb.param_bytes,
+            budget_bytes=hb.budget_bytes,
         )
         self._instances[hb.instance_id] = inst
         return Seen(inst, new=True, replaced=old)

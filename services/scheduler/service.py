@@ -10,6 +10,8 @@
     memserve admin elastic drop / restore ──▶ elastic_control.py ──Prepare/Commit/Restore──▶
                                            workers' control sockets; Break to the survivors of
                                            a group a member's death broke (after heartbeats, ticks)
+    every elastic_poll_s ──▶ core.controller.poll (votes, groups) ──▶ a decision, while on ──▶
+                                           the same drop / restore (elastic_control.decide)
 
 The shell's members follow the registry: after every heartbeat and tick, each registered
 incarnation has exactly one member, and the one KV-event SUB socket follows exactly the
@@ -170,6 +172,7 @@ class SchedulerService(ServiceShell):
             self._recv_heartbeats(),
             self._tick(),
             self._recv_kv_events(),
+            self._elastic_controller(),
         ]
         if self.admin is not None:
             loops.append(self.admin.serve(self._admin))
@@ -253,6 +256,23 @@ class SchedulerService(ServiceShell):
             self._send_breaks()
             self._sync_members()
             self._refetch_unconfirmed(now)
+
+    async def _elastic_controller(self) -> None:
+        """Every `elastic_poll_s`: count the votes and check the groups (controller.py);
+        while the controller is on, run its decision. Skipped while a drop or restore (a
+        commanded one too) holds the lock: the monitor sees its outcome afterwards."""
+        while True:
+            await asyncio.sleep(self.cfg.elastic_poll_s)
+            if self.elastic.lock.locked():
+                continue
+            decision = self.core.controller.poll(self.clock())
+            if decision is None:
+                continue
+            try:
+                await self.elastic.decide(decision)
+            except Exception as exc:  # the loop outlives any one decision
+                log.exception("elastic controller: decision failed", error=str(exc))
+            self._send_breaks()
 
     async def _publish(self, events: list[sp.InstanceEvent]) -> None:
         for event in events:

@@ -53,6 +53,7 @@ from services.worker.config import EngineConfig
 from services.worker.engine import Engine, RequestOutput, resolve_dtype
 from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer, MempoolConnector
+from services.worker.load import KvLoad, kv_load
 from services.worker.model.arena import ParamArena, place_in_region
 from services.worker.request import FinishReason
 
@@ -320,6 +321,19 @@ class MempoolEngine(AsyncEngine):
         wait_tokens = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
         run_tokens = sum(r.num_computed_tokens for r in sched.running)
         return len(waiting) + len(self._inbox), len(sched.running), wait_tokens, run_tokens
+
+    def kv_load(self, daemon_capacity: int, leader: bool) -> KvLoad:
+        """The elastic controller's figures (services/worker/load.py): a solo engine's
+        capacity is its daemon's (`daemon_capacity`), a group leader's its group blocks;
+        a follower reports nothing (its leader does, for the group)."""
+        if self.grouped and not leader:
+            return KvLoad()
+        sched = self.engine.scheduler
+        capacity = self.engine.pool.num_blocks if self.grouped else daemon_capacity
+        pending = [len(p.prompt_ids) for p in self._inbox if p.adopted is None]
+        # Copies first: a step may run in the executor thread meanwhile.
+        running, waiting = list(sched.running), list(sched.waiting)
+        return kv_load(running, waiting, pending, self.block_size, capacity)
 
     async def close(self) -> None:
         """Stop, give the leased blocks back (briefly: the daemon may be gone), unmap."""

@@ -58,6 +58,7 @@ from services.worker.config import EngineConfig
 from services.worker.daemon_link import DaemonLink, LinkAction, LinkState
 from services.worker.elastic import ElasticMember
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
+from services.worker.load import KvLoad
 from services.worker.mempool_engine import MempoolEngine
 from services.worker.migration import Migration
 
@@ -148,12 +149,18 @@ class WorkerService(ServiceShell):
         self.routes: dict[str, str] = {}
         self.elastic = ElasticMember(self)
         self.migration = Migration(self)
+        # For the elastic drop planner (heartbeats): one full copy, at attach.
+        self.num_layers = engine.engine.model_config.num_layers
+        self.full_param_bytes = int(engine.engine.model.param_bytes())
+        self.budget_bytes = 0  # the daemon's (`create` reads it)
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
         engine = await _attach(cfg)
         info = await engine.client.info()
-        return cls(cfg, engine, info.events)
+        svc = cls(cfg, engine, info.events)
+        svc.budget_bytes = info.budget_bytes
+        return svc
 
     @property
     def healthy(self) -> bool:
@@ -462,6 +469,7 @@ class WorkerService(ServiceShell):
         cfg = self.cfg
         used, total = self.device_blocks
         waiting, running, wait_tokens, run_tokens = self._load()
+        kv = self._kv_load(total)
         await self.heartbeats.send(
             sp.Heartbeat(
                 cfg.instance_id,
@@ -473,9 +481,23 @@ class WorkerService(ServiceShell):
                 self.block_size,
                 self.block_bytes,
                 self.started_at,
-                sp.InstanceLoad(waiting, running, wait_tokens, run_tokens, used, total),
+                sp.InstanceLoad(
+                    waiting,
+                    running,
+                    wait_tokens,
+                    run_tokens,
+                    used,
+                    total,
+                    used_blocks=kv.used,
+                    waiting_blocks=kv.waiting,
+                    capacity_blocks=kv.capacity,
+                ),
                 self.healthy,
                 self.incarnation,
+                model=cfg.engine.model,
+                num_layers=self.num_layers,
+                param_bytes=self.full_param_bytes,
+                budget_bytes=self.budget_bytes,
             )
         )
 
@@ -548,6 +570,16 @@ class WorkerService(ServiceShell):
         if self.engine.abandoned:
             return 0, 0, 0, 0
         return self.engine.load()
+
+    def _kv_load(self, daemon_capacity: int) -> KvLoad:
+        """The elastic controller's signals (services/worker/load.py); 0s while the
+        engine is gone or the daemon did not answer."""
+        if self.engine.abandoned or not self.healthy:
+            return KvLoad()
+        try:
+            return self.engine.kv_load(daemon_capacity, leader=self.elastic.state == "leader")
+        except RuntimeError:  # a queue changed under the read (a step in its thread): the
+            return KvLoad()  # heartbeat goes out anyway, the next one has the figures
 
     # ----------------------------------------------------------------- control
     async def _control(self, req: Any) -> Any:
