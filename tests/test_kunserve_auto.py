@@ -61,11 +61,6 @@ def settings(tmp_path: Path) -> Any:
                 "policy": "round-robin",  # the burst splits evenly
                 "elastic_auto": True,
                 "elastic_drop_usage": 0.8,  # see the module docstring
-                # Restore once the group holds no KV: a restore that moves requests home
-                # can fail today (services/worker/elastic.py `_restore` reads the pool's
-                # size after the export shrank it: reported), and this test is about the
-                # controller, not the moves (tests/test_kunserve_cluster.py has those).
-                "elastic_restore_usage": 0.005,
                 "elastic_window": 5,
                 "elastic_cooldown_s": 1.0,
                 "elastic_min_group_s": 1.0,
