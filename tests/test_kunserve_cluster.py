@@ -230,6 +230,19 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
                 assert got.split == 1 and got.param_bytes == TINY_PARAM_BYTES
             events = [e["event"] for e in (await admin(c, "elastic", "status")).result["events"]]
             assert "serving" in " ".join(events) and "dissolved" in " ".join(events)
+
+            # `recompute`: a running request is recomputed in the group, same tokens.
+            again = Stream(client, *work["late"])
+            await until(lambda: len(again.tokens) >= 10, what="tokens")
+            dropped = await admin(c, "elastic", "drop", ",".join(MEMBERS), "recompute")
+            assert dropped.ok, dropped.error
+            ex = (await worker_status(c, MEMBERS[0]))["elastic"]["exchange"]
+            assert ex["exchanged"] == 0 and ex["pending"] == 0, ex
+            assert (await admin(c, "elastic", "restore", "all")).ok
+            await asyncio.wait_for(again.task, 60)
+            assert again.tokens == ref["late"]
+            await asyncio.sleep(0.5)
+            await daemons_idle_and_intact(c)
         finally:
             client.close()
 

@@ -21,6 +21,8 @@ otherwise.
 | elastic     | status       | pipeline groups: members, ranks, layers, lent bytes,     |
 |             |              | state, and the timeline of events (both clocks)          |
 | elastic     | drop ID,ID.. | form a group (lowest id leads); answers its id, figures |
+|             | [recompute]  | running requests keep their KV (live exchange) unless   |
+|             |              | `recompute` is given                                    |
 | elastic     | restore G|all| dissolve group G (or every serving group)              |
 | migrate     |              | every placed request and the instance it runs on        |
 | migrate     | RID INSTANCE | move running request RID, with its KV, to INSTANCE      |

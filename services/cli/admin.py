@@ -65,7 +65,7 @@ def add_parser(sub: Any) -> None:
         "args",
         nargs="*",
         help="drain/undrain: INSTANCE_ID; policy: [NAME]; "
-        "elastic: status | drop ID,ID[,...] | restore GROUP|all | on | off; "
+        "elastic: status | drop ID,ID[,...] [recompute] | restore GROUP|all | on | off; "
         "migrate: [REQUEST_ID INSTANCE_ID]",
     )
     p.set_defaults(func=run)

@@ -77,14 +77,19 @@ class ElasticControl:
         try:
             match list(args):
                 case ["drop", *ids] if ids:
-                    return AdminReply(True, await self.drop(",".join(ids)))
+                    # `recompute`: running requests are recomputed in the group instead of
+                    # keeping their KV (the kunserve-recompute ablation).
+                    exchange = "recompute" not in ids
+                    ids = [i for i in ids if i != "recompute"]
+                    return AdminReply(True, await self.drop(",".join(ids), exchange=exchange))
                 case ["restore", target]:
                     return AdminReply(True, await self.restore(target))
         except ElasticError as exc:
             return AdminReply(False, error=str(exc))
         return AdminReply(
             False,
-            error="wrong arguments for elastic: elastic status | elastic drop ID,ID[,...] | "
+            error="wrong arguments for elastic: elastic status | "
+            "elastic drop ID,ID[,...] [recompute] | "
             "elastic restore GROUP|all | elastic on|off",
         )
 
@@ -120,7 +125,7 @@ class ElasticControl:
             controller.changed(self.clock())
 
     # ------------------------------------------------------------- drop
-    async def drop(self, ids_text: str) -> dict[str, Any]:
+    async def drop(self, ids_text: str, *, exchange: bool = True) -> dict[str, Any]:
         async with self.lock:
             elastic, registry = self.core.elastic, self.core.registry
             ids = elastic.validate_drop(parse_ids(ids_text), registry)
@@ -154,7 +159,7 @@ class ElasticControl:
             staged = [
                 msgspec.structs.replace(m, stage=readies[m.instance_id].stage) for m in members
             ]
-            commit = Commit(self.token, gid, epoch, staged)
+            commit = Commit(self.token, gid, epoch, staged, exchange=exchange)
             replies = await self._each(controls, group.followers, commit, self.timeout_s)
             failed = _failures(replies, FollowerCommitted)
             if failed:
@@ -169,7 +174,7 @@ class ElasticControl:
             followers = [r for r in replies.values() if isinstance(r, FollowerCommitted)]
             elastic.followers_committed(group, followers, *self._now())
 
-            commit = Commit(self.token, gid, epoch, staged, followers=followers)
+            commit = Commit(self.token, gid, epoch, staged, followers=followers, exchange=exchange)
             replies = await self._each(controls, [group.leader], commit, self.timeout_s)
             failed = _failures(replies, GroupServing)
             if failed:
