@@ -78,6 +78,10 @@ class _FakeService:
         self.cfg = SimpleNamespace(instance_id="w1", admin_token="tok")
         self.routes: dict[str, str] = {}
         self.engine: Any = None
+        self.announced: list[tuple[str, str]] = []
+
+    def announce(self, state: el.RequestState, instance_id: str) -> None:
+        self.announced.append((state.request_id, instance_id))
 
 
 async def test_follower_forwards_new_requests_from_its_export_at_commit() -> None:
