@@ -21,6 +21,9 @@ POLICIES = ("locality", "least-load", "round-robin", "session")
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 
 
+STRATEGIES = ("kunserve", "migrate", "none")
+
+
 class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     instance_id: str = "scheduler"
     address: str = "tcp://127.0.0.1:0"  # Place / Release from gateways (RPC, bound)
@@ -63,6 +66,11 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     elastic_cooldown_s: float = 5.0  # no automatic action this soon after a drop or restore
     elastic_min_group_s: float = 5.0  # a group younger than this never restores by itself
     elastic_max_group: int = 2  # members of one group at most
+    # What the controller does when instances vote (their KV is full with a queue):
+    # kunserve (drop parameters into groups), migrate (Llumnix-style: move a running
+    # request from the fullest voter to the emptiest instance; the KV-centric baseline),
+    # none (only count votes).
+    elastic_strategy: str = "kunserve"
     log_level: str = "info"
 
     def validate(self) -> SchedulerConfig:
@@ -121,6 +129,11 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
         for key in ("elastic_window", "elastic_debounce"):
             if getattr(self, key) < 1:
                 raise ValueError(f"scheduler.{key} must be >= 1, got {getattr(self, key)}")
+        if self.elastic_strategy not in STRATEGIES:
+            raise ValueError(
+                f"scheduler.elastic_strategy must be one of {'|'.join(STRATEGIES)}, "
+                f"got {self.elastic_strategy!r}"
+            )
         if self.elastic_max_group < 2:
             raise ValueError(
                 f"scheduler.elastic_max_group must be >= 2, got {self.elastic_max_group}"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from services.scheduler.config import SchedulerConfig
@@ -61,6 +62,7 @@ class Controller:
         self.elastic = elastic
         self.wall_clock = wall_clock
         self.max_group = cfg.elastic_max_group
+        self.strategy = cfg.elastic_strategy
         self.monitor = Monitor(thresholds(cfg), enabled=cfg.elastic_auto)
 
     @property
@@ -161,6 +163,31 @@ class Controller:
         )
         return plan
 
+    def pick_migration(self, drop: Drop, serving: dict[str, str], now: float) -> Migration | None:
+        """The KV-centric answer to `drop` (strategy `migrate`): move the request placed
+        last on the fullest voter (`serving`: request -> instance, in placement order) to
+        the solo instance with the most free blocks, one that is not voting; None when
+        nothing can move (the timeline says so)."""
+        wall = self.wall_clock()
+        solo = {i.instance_id: i for i in self.solo()}
+        loads = {iid: load_of(i) for iid, i in solo.items()}
+        voters = sorted((v for v in drop.voters if v in loads), key=lambda v: (-loads[v].usage, v))
+        free = {iid: ld.free for iid, ld in loads.items() if iid not in drop.voters}
+        dst = max(free, key=lambda i: (free[i], i), default=None)
+        if not voters or dst is None or free[dst] <= 0:
+            self._fallback(now, wall, "no instance has free blocks to migrate into")
+            return None
+        src = voters[0]
+        on_src = [rid for rid, iid in serving.items() if iid == src]
+        if not on_src:
+            self._fallback(now, wall, f"no placed request runs on {src}")
+            return None
+        pick = Migration(on_src[-1], src, dst)
+        self.elastic.note_controller(
+            "migrate-plan", now, wall, request_id=pick.request_id, src=src, dst=dst
+        )
+        return pick
+
     def _fallback(self, now: float, wall: float, why: str, **detail: Any) -> None:
         self.elastic.note_controller(
             "fallback",
@@ -171,4 +198,16 @@ class Controller:
         )
 
     def status(self, now: float) -> dict[str, Any]:
-        return {"on": self.enabled, "max_group": self.max_group, **self.monitor.status(now)}
+        return {
+            "on": self.enabled,
+            "strategy": self.strategy,
+            "max_group": self.max_group,
+            **self.monitor.status(now),
+        }
+
+
+@dataclass(frozen=True)
+class Migration:
+    request_id: str
+    src: str
+    dst: str

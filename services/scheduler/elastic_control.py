@@ -17,7 +17,7 @@ instances. Every call has a timeout and every failure becomes the admin's error 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -67,6 +67,8 @@ class ElasticControl:
         self.prepare_timeout_s = prepare_timeout_s
         self.timeout_s = timeout_s  # Commit and Restore
         self.lock = asyncio.Lock()
+        # Strategy `migrate`: how to move a request (the scheduler's MigrateControl).
+        self.migrator: Callable[[str, str], Awaitable[AdminReply]] | None = None
 
     def _now(self) -> tuple[float, float]:
         return self.clock(), self.core.wall_clock()
@@ -100,6 +102,10 @@ class ElasticControl:
         controller, elastic = self.core.controller, self.core.elastic
         try:
             match decision:
+                case monitor.Drop() if controller.strategy == "none":
+                    pass  # votes are counted and shown, nothing else
+                case monitor.Drop() if controller.strategy == "migrate":
+                    await self._migrate(decision)
                 case monitor.Drop():
                     plan = controller.plan(decision, self.clock())
                     for ids in plan.groups if plan is not None else []:
@@ -123,6 +129,20 @@ class ElasticControl:
                         )
         finally:
             controller.changed(self.clock())
+
+    async def _migrate(self, decision: monitor.Drop) -> None:
+        """Strategy `migrate`: one request off the fullest voter (the KV-centric baseline)."""
+        controller, elastic = self.core.controller, self.core.elastic
+        pick = controller.pick_migration(decision, self.core.serving(), self.clock())
+        if pick is None or self.migrator is None:
+            return
+        reply = await self.migrator(pick.request_id, pick.dst)
+        if reply.ok:
+            elastic.note_controller("migrated", *self._now(), **reply.result)
+        else:
+            elastic.note_controller(
+                "migrate-failed", *self._now(), request_id=pick.request_id, error=reply.error
+            )
 
     # ------------------------------------------------------------- drop
     async def drop(self, ids_text: str, *, exchange: bool = True) -> dict[str, Any]:

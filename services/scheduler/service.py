@@ -112,6 +112,7 @@ class SchedulerService(ServiceShell):
             cfg.elastic_timeout_s,
         )
         self.migrate = MigrateControl(self.core, cfg.admin_token, cfg.elastic_timeout_s)
+        self.elastic.migrator = self.migrate.migrate
         self.started_at = time.time()
         self.members: dict[str, _Member] = {}
         self._by_events: dict[str, set[str]] = {}  # events address -> member ids
