@@ -17,32 +17,32 @@ part of the time, and this test must not depend on which heartbeat lands when.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from common.admin_client import admin_call
 from common.client import GatewayClient
 from common.mempool_client import MempoolClient
-from common.protocol import client as cp
-from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from tests.cluster_requests import (
+    BLOCK_BYTES,
+    MEMBERS,
+    TINY_PARAM_BYTES,
+    TOKEN,
+    Stream,
+    admin,
+    prompt,
+    reference,
+)
 from tests.daemons import assert_idle_and_intact
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-token"
-TINY_PARAM_BYTES = 3_218_944
-BLOCK_BYTES = 32 * 1024  # tiny, block 16, fp32, all layers
 KV_BLOCKS = 96  # per instance alone: 1,536 tokens
-MEMBERS = ("colocated-0", "colocated-1")
 BURST = 12  # requests, 6 per instance: 6 x 20 blocks > 96 at the end
 
 
@@ -79,11 +79,6 @@ def settings(tmp_path: Path) -> Any:
     )
 
 
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
-
-
 def workload() -> dict[str, tuple[list[int], SamplingParams]]:
     """The burst (every third seeded), then two requests sent while the group serves."""
     work: dict[str, tuple[list[int], SamplingParams]] = {}
@@ -100,38 +95,6 @@ def workload() -> dict[str, tuple[list[int], SamplingParams]]:
         SamplingParams(max_tokens=40, ignore_eos=True, temperature=0.7, seed=7),
     )
     return work
-
-
-def reference(requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
-    """Tokens of the single-process engine (seeded requests draw from their own seed)."""
-    engine = Engine.from_config(EngineConfig(model="tiny", num_kv_blocks=1024))
-    for rid, (p, params) in requests.items():
-        engine.add_request(rid, p, params)
-    out: dict[str, list[int]] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id].extend(o.new_token_ids)
-    return out
-
-
-class Stream:
-    """One request through the gateway, collected in the background."""
-
-    def __init__(self, client: GatewayClient, p: list[int], params: SamplingParams):
-        self.tokens: list[int] = []
-        self.final: cp.Final | None = None
-        self.task = asyncio.create_task(self._run(client, p, params))
-
-    async def _run(self, client: GatewayClient, p: list[int], params: SamplingParams) -> None:
-        async for item in client.stream(p, params):
-            if isinstance(item, cp.Chunk):
-                self.tokens.extend(item.token_ids)
-            else:
-                self.final = item
-
-
-async def admin(c: Cluster, command: str, *args: str) -> AdminReply:
-    return await admin_call(c.admin_address, TOKEN, command, args, timeout_s=60)
 
 
 async def timeline(c: Cluster) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 from pathlib import Path
@@ -23,22 +22,25 @@ from typing import Any
 
 import pytest
 
-from common.admin_client import admin_call
 from common.client import GatewayClient
 from common.mempool_client import MempoolClient
-from common.protocol import client as cp
-from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from services.worker.config import EngineConfig
-from services.worker.engine import Engine
+from tests.cluster_requests import (
+    MEMBERS,
+    TOKEN,
+    Stream,
+    admin,
+    prompt,
+    reference,
+    until,
+    worker_status,
+)
 from tests.daemons import assert_idle_and_intact
 
 pytestmark = pytest.mark.integration
 
-TOKEN = "test-token"
-MEMBERS = ("colocated-0", "colocated-1")
 CALL_TIMEOUT_S = 2.0
 
 
@@ -60,11 +62,6 @@ def settings(tmp_path: Path) -> Any:
     )
 
 
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
-
-
 def workload() -> dict[str, tuple[list[int], SamplingParams]]:
     return {
         "g": (prompt(40, 1), SamplingParams(max_tokens=300, ignore_eos=True)),
@@ -77,42 +74,6 @@ def workload() -> dict[str, tuple[list[int], SamplingParams]]:
             SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0, seed=12),
         ),
     }
-
-
-def reference(requests: dict[str, tuple[list[int], SamplingParams]]) -> dict[str, list[int]]:
-    engine = Engine.from_config(EngineConfig(model="tiny", num_kv_blocks=1024))
-    for rid, (p, params) in requests.items():
-        engine.add_request(rid, p, params)
-    out: dict[str, list[int]] = {rid: [] for rid in requests}
-    while engine.has_unfinished():
-        for o in engine.step():
-            out[o.request_id].extend(o.new_token_ids)
-    return out
-
-
-async def admin(c: Cluster, command: str, *args: str) -> AdminReply:
-    return await admin_call(c.admin_address, TOKEN, command, args, timeout_s=60)
-
-
-class Stream:
-    def __init__(self, client: GatewayClient, p: list[int], params: SamplingParams):
-        self.tokens: list[int] = []
-        self.final: cp.Final | None = None
-        self.task = asyncio.create_task(self._run(client, p, params))
-
-    async def _run(self, client: GatewayClient, p: list[int], params: SamplingParams) -> None:
-        async for item in client.stream(p, params):
-            if isinstance(item, cp.Chunk):
-                self.tokens.extend(item.token_ids)
-            else:
-                self.final = item
-
-
-async def until(cond: Any, timeout_s: float = 30.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def placed(c: Cluster, known: set[str]) -> str:
@@ -136,12 +97,6 @@ async def where(c: Cluster, rid: str) -> str:
 
 def other(iid: str) -> str:
     return MEMBERS[1 - MEMBERS.index(iid)]
-
-
-async def worker_status(c: Cluster, iid: str) -> dict[str, Any]:
-    reply = await admin_call(c.endpoints(iid)["control"], TOKEN, "status")
-    assert reply.ok, reply.error
-    return reply.result
 
 
 async def test_migrate_mid_stream_gives_reference_tokens_and_failures_are_clean(
