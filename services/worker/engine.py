@@ -235,40 +235,15 @@ class Engine:
         caller moves the KV). Borrowed blocks stay with their owner either way (the caller
         releases them); a request holding some cannot keep its KV."""
         reqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        states: list[RequestState] = []
-        for req in reqs:
-            self.scheduler.remove(req)
-            kept: list[int] = []
-            computed = 0
-            if keep_kv and not req.num_borrowed_blocks:
-                kept, computed = list(req.block_ids), req.num_computed_tokens
-                self.pool.disown(kept)
-                req.block_ids.clear()
-            else:
-                self.scheduler.release_owned(req)
-            del self.requests[req.request_id]
-            states.append(
-                RequestState(
-                    request_id=req.request_id,
-                    prompt_token_ids=list(req.prompt_token_ids),
-                    output_token_ids=list(req.output_token_ids),
-                    params=req.params,
-                    reply_to="",
-                    generator_state=generator_state(req.generator),
-                    num_cached_tokens=req.num_cached_tokens,
-                    output_offset=req.num_output_tokens,
-                    block_ids=kept,
-                    num_computed_tokens=computed,
-                )
-            )
-        return states
+        return [self._export(req, keep_kv) for req in reqs]
 
     def export_request(self, request_id: str, *, keep_kv: bool) -> RequestState | None:
         """One request leaves this engine, as in `export_requests` (a live migration);
         None for an unknown id."""
         req = self.requests.get(request_id)
-        if req is None:
-            return None
+        return None if req is None else self._export(req, keep_kv)
+
+    def _export(self, req: Request, keep_kv: bool) -> RequestState:
         self.scheduler.remove(req)
         kept: list[int] = []
         computed = 0
@@ -278,9 +253,9 @@ class Engine:
             req.block_ids.clear()
         else:
             self.scheduler.release_owned(req)
-        del self.requests[request_id]
+        del self.requests[req.request_id]
         return RequestState(
-            request_id=request_id,
+            request_id=req.request_id,
             prompt_token_ids=list(req.prompt_token_ids),
             output_token_ids=list(req.output_token_ids),
             params=req.params,
