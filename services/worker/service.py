@@ -68,6 +68,8 @@ log = get_logger(__name__)
 _ABORT_MEMORY_S = 120.0
 # Reply and hand-off peers a worker keeps sockets for (gateways and decode workers).
 MAX_PEERS = 64
+# How long a follower waits to hand a request to its leader before failing it.
+_FORWARD_TIMEOUT_S = 5.0
 # Missed daemon health checks in a row before the worker reports itself unhealthy.
 _DAEMON_STRIKES = 3
 
@@ -191,7 +193,9 @@ class WorkerService(ServiceShell):
                 forward = self.elastic.abort_to(msg.request_id)
             if forward and isinstance(msg, wp.Generate | wp.Abort):
                 # A follower serves no request of its own: its leader serves the group's.
-                await self._peer(forward).send(msg)
+                # In a task of its own: a leader that stopped reading (dead, its queue
+                # full) must not stall this loop.
+                self._spawn(self._forward(forward, msg))
                 continue
             match msg:
                 case wp.Generate():
@@ -201,6 +205,15 @@ class WorkerService(ServiceShell):
                 case wp.Abort(request_id=rid):
                     self._remember_abort(rid)
                     self.engine.abort(rid)
+
+    async def _forward(self, address: str, msg: wp.Generate | wp.Abort) -> None:
+        try:
+            await asyncio.wait_for(self._peer(address).send(msg), _FORWARD_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("could not forward to the leader", request_id=msg.request_id)
+            if isinstance(msg, wp.Generate):
+                err = MemServeError(f"the group's leader at {address} did not take the request")
+                await self._fail(self._peer(msg.reply_to), msg.request_id, err, 0)
 
     def _spawn(self, coro: Any) -> None:
         self.tasks.spawn(coro)
