@@ -73,6 +73,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens (ignore_eos)")
     p.add_argument("--run-dir", default="", help="cluster logs (default: a temporary folder)")
     p.add_argument("--out", default="results/bench_elastic.json", help="JSON (+ .md beside)")
+    p.add_argument(
+        "--phases",
+        default="rounds",
+        help="comma-separated: rounds (the figures above), exchange (exchange vs recompute "
+        "at a drop), auto (the automatic controller's timeline); or all",
+    )
+    x = p.add_argument_group("exchange phase (--model, --kv-mib as above)")
+    x.add_argument("--x-rounds", type=int, default=3, help="drops per case")
+    x.add_argument("--x-running", type=int, default=4, help="requests running at a drop")
+    x.add_argument("--x-prompt-tokens", type=int, default=256)
+    x.add_argument("--x-max-tokens", type=int, default=192)
+    a = p.add_argument_group("auto phase (its own model and budget)")
+    a.add_argument("--auto-model", default="tiny", help="preset the controller runs on")
+    a.add_argument("--auto-kv-mib", type=float, default=3.0, help="KV MiB per instance")
+    a.add_argument("--auto-burst", type=int, default=12, help="requests of the burst")
+    a.add_argument("--auto-burst-tokens", type=int, default=290, help="tokens per burst request")
+    a.add_argument("--auto-trickle", type=int, default=2, help="new requests at a time after")
     p.set_defaults(func=run)
 
 
@@ -84,28 +101,32 @@ def param_bytes(model: str) -> int:
     return ModelConfig.from_folder(Path(resolve_model(model))).param_bytes("float32")
 
 
-def settings(opts: Options, run_dir: str, token: str) -> Any:
+def settings(
+    opts: Options, run_dir: str, token: str, extra: dict[str, dict[str, Any]] | None = None
+) -> Any:
+    """The cluster: 2 colocated instances of `opts.model`, a budget of parameters +
+    `opts.kv_mib` each; `extra` adds or replaces keys section by section."""
     from services.launcher.config import load
 
-    return load(
-        None,
-        {
-            "cluster": {
-                "run_dir": run_dir,
-                "admin_token": token,
-                "model": opts.model,
-                "mode": "colocated",
-                "colocated": len(MEMBERS),
-                "restart": False,
-            },
-            "gateway": {"request_timeout_s": 120},
-            "worker": {"engine": {"num_threads": 1}},
-            "mempool": {
-                "budget_bytes": param_bytes(opts.model) + opts.kv_mib * MIB,
-                "tensor_memory_bytes": 1 << 20,
-            },
+    base: dict[str, dict[str, Any]] = {
+        "cluster": {
+            "run_dir": run_dir,
+            "admin_token": token,
+            "model": opts.model,
+            "mode": "colocated",
+            "colocated": len(MEMBERS),
+            "restart": False,
         },
-    )
+        "gateway": {"request_timeout_s": 120},
+        "worker": {"engine": {"num_threads": 1}},
+        "mempool": {
+            "budget_bytes": param_bytes(opts.model) + opts.kv_mib * MIB,
+            "tensor_memory_bytes": 1 << 20,
+        },
+    }
+    for section, keys in (extra or {}).items():
+        base[section] = {**base.get(section, {}), **keys}
+    return load(None, base)
 
 
 def prompt(n: int, seed: int) -> list[int]:
@@ -115,13 +136,14 @@ def prompt(n: int, seed: int) -> list[int]:
 
 class Stream:
     """One request through the gateway, collected in the background; `first_at`: when
-    its first token came (perf_counter)."""
+    its first token came, `arrivals`: when each chunk with tokens came (perf_counter)."""
 
     def __init__(self, client: Any, p: list[int], max_tokens: int):
         from common.sampling import SamplingParams
 
         self.tokens = 0
         self.first_at = 0.0
+        self.arrivals: list[float] = []
         self.final: Any = None
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
         self.task = asyncio.create_task(self._run(client, p, params))
@@ -131,8 +153,10 @@ class Stream:
 
         async for item in client.stream(p, params):
             if isinstance(item, cp.Chunk):
-                if not self.tokens and item.token_ids:
-                    self.first_at = time.perf_counter()
+                if item.token_ids:
+                    self.arrivals.append(time.perf_counter())
+                    if not self.tokens:
+                        self.first_at = self.arrivals[-1]
                 self.tokens += len(item.token_ids)
             else:
                 self.final = item
@@ -460,15 +484,18 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
 
 
 HEADERS = ["metric", "before / solo", "after / group", "ratio"]
+PHASES = ("rounds", "exchange", "auto")
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def markdown(rows: list[list[str]], headers: list[str] = HEADERS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench.elastic_auto import AutoOptions
+    from bench.elastic_exchange import ExchangeOptions
     from common.cli_errors import fail
 
     opts = Options(
@@ -482,23 +509,95 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         run_dir=args.run_dir,
     )
+    phases = PHASES if args.phases == "all" else tuple(args.phases.split(","))
+    if not phases or not set(phases) <= set(PHASES):
+        return fail(f"--phases: a comma-separated subset of {', '.join(PHASES)}, or all")
     if opts.rounds < 1 or opts.requests < 1 or opts.kv_mib < 1 or opts.batch < 0:
         return fail("--rounds, --requests and --kv-mib must be >= 1, --batch >= 0")
-    print(
-        f"bench elastic: {opts.model}, 2 colocated instances, budget = params + "
-        f"{opts.kv_mib} MiB each, {opts.rounds} rounds"
+    xo = ExchangeOptions(
+        rounds=args.x_rounds,
+        running=args.x_running,
+        prompt_tokens=args.x_prompt_tokens,
+        max_tokens=args.x_max_tokens,
     )
+    if xo.rounds < 1 or xo.running < 1 or xo.prompt_tokens < 1 or xo.max_tokens <= xo.warm_tokens:
+        return fail(f"--x-rounds, --x-running must be >= 1, --x-max-tokens > {xo.warm_tokens}")
+    ao = AutoOptions(
+        model=args.auto_model,
+        kv_mib=args.auto_kv_mib,
+        burst=args.auto_burst,
+        burst_tokens=args.auto_burst_tokens,
+        trickle=args.auto_trickle,
+    )
+    if ao.burst < 2 or ao.trickle < 1 or ao.kv_mib <= 0:
+        return fail("--auto-burst must be >= 2, --auto-trickle >= 1, --auto-kv-mib > 0")
     monitor = CpuMonitor().start()
-    result = asyncio.run(measure(opts))
+    result: dict[str, Any] = {"phases": list(phases)}
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    if "rounds" in phases:
+        print(
+            f"bench elastic: {opts.model}, 2 colocated instances, budget = params + "
+            f"{opts.kv_mib} MiB each, {opts.rounds} rounds"
+        )
+        result.update(asyncio.run(measure(opts)))
+        tables.append(("drop / restore rounds", HEADERS, table_rows(result)))
+        print(format_table(HEADERS, tables[-1][2]))
+    if "exchange" in phases:
+        tables += _exchange_phase(opts, xo, result)
+    if "auto" in phases:
+        tables += _auto_phase(opts, ao, result)
     result["cpu"] = monitor.stop()
     result["machine"] = machine_info()
-    rows = table_rows(result)
-    print(format_table(HEADERS, rows))
     other = result["cpu"].get("other_cores")
     if other is not None and other > 0.5:
         print(f"warning: other processes used {other:.1f} cores meanwhile; timings are noisy")
     out = write_json(Path(args.out), result)
     md = out.with_suffix(".md")
-    md.write_text(markdown(rows))
+    if phases == ("rounds",):
+        md.write_text(markdown(tables[0][2]))  # as before: one table
+    else:
+        md.write_text("\n".join(f"## {t}\n\n{markdown(rows, h)}" for t, h, rows in tables))
     print(f"saved {out} and {md}")
     return 0
+
+
+def _exchange_phase(
+    opts: Options, xo: Any, result: dict[str, Any]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    from bench.elastic_exchange import EXCHANGE_HEADERS, exchange_rows, measure_exchange
+
+    print(
+        f"bench elastic exchange: {opts.model}, params + {opts.kv_mib} MiB each, "
+        f"{xo.running} requests running ({xo.prompt_tokens} prompt, {xo.max_tokens} tokens), "
+        f"{xo.rounds} drops per case"
+    )
+    result["exchange"] = asyncio.run(measure_exchange(opts, xo))
+    rows = exchange_rows(result["exchange"])
+    print(format_table(EXCHANGE_HEADERS, rows))
+    return [("exchange vs recompute at the drop", EXCHANGE_HEADERS, rows)]
+
+
+def _auto_phase(
+    opts: Options, ao: Any, result: dict[str, Any]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    from bench.elastic_auto import (
+        AUTO_HEADERS,
+        TIMELINE_HEADERS,
+        auto_rows,
+        measure_auto,
+        timeline_rows,
+    )
+
+    print(
+        f"bench elastic auto: {ao.model}, params + {ao.kv_mib} MiB each, elastic_auto on, "
+        f"burst of {ao.burst} x {ao.burst_tokens} tokens, then {ao.trickle} at a time"
+    )
+    run_dir = f"{opts.run_dir}/auto" if opts.run_dir else ""
+    result["auto"] = asyncio.run(measure_auto(ao, run_dir))
+    rows, timeline = auto_rows(result["auto"]), timeline_rows(result["auto"])
+    print(format_table(AUTO_HEADERS, rows))
+    print(format_table(TIMELINE_HEADERS, timeline))
+    return [
+        ("automatic drop and restore", AUTO_HEADERS, rows),
+        ("the controller's timeline (t from the burst)", TIMELINE_HEADERS, timeline),
+    ]
