@@ -253,10 +253,12 @@ def auto_rows(res: dict[str, Any]) -> list[list[str]]:
     return [
         ["first votes -> drop prepare s", _s(res["votes_to_prepare_s"])],
         ["first votes -> group serving s", _s(res["votes_to_serving_s"])],
-        ["first votes -> first queued burst request's first token s",
+        ["first votes -> first token of a burst request queued until the drop s",
          _s(res["votes_to_first_queued_token_s"])],
         ["group serving -> first new request's first token s",
          _s(res["serving_to_first_new_token_s"])],
+        ["first votes -> first new request's first token s",
+         _s(res["votes_to_first_new_token_s"])],
         ["restore-wanted -> dissolved s", _s(res["restore_wanted_to_dissolved_s"])],
         ["requests running across the restore", str(a["requests"])],
         ["  their TPOT ms, median (max)",
@@ -276,7 +278,9 @@ TIMELINE_HEADERS = ["t s", "event", "group", "detail"]
 def _detail(d: dict[str, Any]) -> str:
     keep = ("voters", "groups", "took_s", "adopted", "num_blocks", "used_blocks",
             "held_blocks", "moved", "recomputed", "pause_s", "requests", "reason")  # fmt: skip
-    text = ", ".join(f"{k}={d[k]}" for k in keep if k in d)
+    text = ", ".join(
+        f"{k}={round(d[k], 3) if isinstance(d[k], float) else d[k]}" for k in keep if k in d
+    )
     return text[:70]
 
 
