@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.elastic import MEMBERS, MIB, Stream, _stats, param_bytes, prompt
+from bench.elastic_cluster import MEMBERS, MIB, Stream, _stats, param_bytes, prompt
 from bench.elastic_exchange import stall_s
 from bench.report import fmt
 

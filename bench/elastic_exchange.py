@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from bench.elastic import MEMBERS, MIB, Bench, Options, Stream, _stats, prompt, settings
+from bench.elastic_cluster import MEMBERS, MIB, Bench, Options, Stream, _stats, prompt, settings
 from bench.report import fmt
 
 CASES = ("exchange", "recompute")
