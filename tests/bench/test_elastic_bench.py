@@ -1,7 +1,8 @@
 """`memserve bench elastic` on the tiny model, one round: every figure saved, in sane
 relations (no timing is judged): the drop lowers each instance's parameters and the group
 holds more KV tokens than the two instances did; the restore brings the parameters back;
-requests ran on both sides."""
+requests ran on both sides. The exchange and auto phases likewise (fields present, the
+exchange case moved KV and the recompute case none, the timeline in order)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench.elastic import MEMBERS
+from bench.elastic_exchange import gap_before_s, stall_s
 from services.cli import build_parser
 
 pytestmark = pytest.mark.integration
@@ -118,3 +120,17 @@ def test_auto_phase_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert a["across_restore"]["requests"] >= 0
     printed = capsys.readouterr().out
     assert "restore-wanted -> dissolved s" in printed and "dissolved" in printed
+
+
+def test_bad_phases_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench("--phases", "rounds,bogus", "--out", str(tmp_path / "x.json")) == 1
+    assert "--phases" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_stall_is_the_largest_gap_around_the_drop() -> None:
+    arrivals = [0.0, 0.1, 0.2, 0.9, 1.0, 1.5, 1.6]
+    assert stall_s(arrivals, 0.25, 0.3) == pytest.approx(0.7)  # the gap spans the drop
+    assert stall_s(arrivals, 0.95, 1.2) == pytest.approx(0.5)  # starts before it returned
+    assert stall_s(arrivals, 2.0, 2.1) != stall_s(arrivals, 2.0, 2.1)  # ended before: nan
+    assert gap_before_s(arrivals, 0.25) == pytest.approx(0.1)
