@@ -229,6 +229,7 @@ def summarize_auto(
         "serving_to_first_new_token_s": new_first - serving,
         "votes_to_first_new_token_s": new_first - votes,
         "votes_to_first_queued_token_s": queued_first - votes,
+        "burst_queued_until_drop": len(queued),
         "restore_wanted_to_dissolved_s": dissolved - wanted,
         "across_restore": {
             "requests": len(across),
@@ -253,7 +254,9 @@ def auto_rows(res: dict[str, Any]) -> list[list[str]]:
     return [
         ["first votes -> drop prepare s", _s(res["votes_to_prepare_s"])],
         ["first votes -> group serving s", _s(res["votes_to_serving_s"])],
-        ["first votes -> first token of a burst request queued until the drop s",
+        ["burst requests whose first token came after the drop began",
+         f"{res['burst_queued_until_drop']} of {res['options']['burst']}"],
+        ["first votes -> the first of those first tokens s",
          _s(res["votes_to_first_queued_token_s"])],
         ["group serving -> first new request's first token s",
          _s(res["serving_to_first_new_token_s"])],
