@@ -10,8 +10,8 @@ the group has restored by itself, so some requests run across the restore.
 
 Figures (wall clock: the scheduler's events and the client's arrivals on one machine,
 relative to the burst's start): first `votes` -> the drop's `serving`; `serving` -> the
-first token of the first request sent after it, and of the first burst request that had
-queued (its first token after the drop began); `restore-wanted` -> `dissolved`; the TPOT
+first token of the first request sent after it; `votes` -> the first token of the first
+burst request that had queued until the group served it; `restore-wanted` -> `dissolved`; the TPOT
 of the requests running across the restore (first token before `restore-wanted`, last
 after `dissolved`) and their largest gap between tokens, beside the TPOT of the requests
 that ran wholly in the group. The controller's timeline is printed and saved.
@@ -189,7 +189,9 @@ def summarize_auto(
     )
     dissolved = _first(events, "dissolved", gid)
     new_first = wall(trickle[0].first_at) if trickle else float("nan")
-    queued = [wall(s.first_at) for s in burst if wall(s.first_at) > prepare]
+    # Admitted by the group: first token after it serves (one between Prepare and serving
+    # came from a member still stepping alone before its pause).
+    queued = [wall(s.first_at) for s in burst if wall(s.first_at) > serving]
     queued_first = min(queued) if queued else float("nan")
     across = [
         (s, f)
@@ -204,7 +206,10 @@ def summarize_auto(
     p_wanted, p_dissolved = perf0 + (wanted - wall0), perf0 + (dissolved - wall0)
     client = [
         {"wall": wall0, "event": "client: burst sent", "detail": {"requests": ao.burst}},
-        {"wall": queued_first, "event": "client: first queued burst request's first token"},
+        {
+            "wall": queued_first,
+            "event": "client: first token of a burst request the group admitted",
+        },
         {"wall": new_first, "event": "client: first new request's first token"},
         {"wall": wall(max(s.arrivals[-1] for s in burst)), "event": "client: burst's last token"},
     ]
@@ -229,7 +234,7 @@ def summarize_auto(
         "serving_to_first_new_token_s": new_first - serving,
         "votes_to_first_new_token_s": new_first - votes,
         "votes_to_first_queued_token_s": queued_first - votes,
-        "burst_queued_until_drop": len(queued),
+        "burst_first_served_by_group": len(queued),
         "restore_wanted_to_dissolved_s": dissolved - wanted,
         "across_restore": {
             "requests": len(across),
@@ -254,8 +259,8 @@ def auto_rows(res: dict[str, Any]) -> list[list[str]]:
     return [
         ["first votes -> drop prepare s", _s(res["votes_to_prepare_s"])],
         ["first votes -> group serving s", _s(res["votes_to_serving_s"])],
-        ["burst requests whose first token came after the drop began",
-         f"{res['burst_queued_until_drop']} of {res['options']['burst']}"],
+        ["burst requests first served by the group (queued until then)",
+         f"{res['burst_first_served_by_group']} of {res['options']['burst']}"],
         ["first votes -> the first of those first tokens s",
          _s(res["votes_to_first_queued_token_s"])],
         ["group serving -> first new request's first token s",
