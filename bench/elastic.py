@@ -26,39 +26,39 @@ Figures:
 
 One table (metric | before/solo | after/group | ratio) is printed and saved as markdown
 beside the JSON (`--out`).
+
+`--phases` selects what runs (default `rounds`: the above), each phase on its own cluster:
+`exchange` (bench/elastic_exchange.py: the client's stall of the requests running at a
+drop, their KV exchanged vs recomputed) and `auto` (bench/elastic_auto.py: the automatic
+controller, nothing commanded, and its timeline); `all` runs the three. With more than
+`rounds`, every table goes into the markdown under its own heading.
+
+    memserve bench elastic --phases exchange --x-rounds 3 --x-running 4
+    memserve bench elastic --phases auto --auto-model tiny --auto-kv-mib 3
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import secrets
-import statistics
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from bench.elastic_cluster import (  # noqa: F401 (MIB, prompt: re-exported)
+    MEMBERS,
+    MIB,
+    Bench,
+    Options,
+    Stream,
+    _stats,
+    param_bytes,
+    prompt,
+    settings,
+)
 from bench.report import CpuMonitor, fmt, format_table, machine_info, write_json
-
-MEMBERS = ("colocated-0", "colocated-1")
-MIB = 1 << 20
-
-
-@dataclass(frozen=True)
-class Options:
-    model: str = "small"
-    kv_mib: int = 32
-    rounds: int = 4  # drop / restore cycles
-    requests: int = 2  # single requests per side per round
-    batch: int = 4  # concurrent requests of the batch case (0: none)
-    across: int = 2  # requests running across each restore
-    prompt_tokens: int = 64
-    max_tokens: int = 128
-    probe_tokens: int = 16  # the request sent right after the drop
-    run_dir: str = ""  # "" = a temporary folder
 
 
 def add_parser(sub: Any) -> None:
@@ -73,205 +73,24 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-tokens", type=int, default=128, help="greedy tokens (ignore_eos)")
     p.add_argument("--run-dir", default="", help="cluster logs (default: a temporary folder)")
     p.add_argument("--out", default="results/bench_elastic.json", help="JSON (+ .md beside)")
-    p.set_defaults(func=run)
-
-
-def param_bytes(model: str) -> int:
-    """The whole model's fp32 parameter bytes, from its config.json."""
-    from common.model.config import ModelConfig
-    from common.model.presets import resolve_model
-
-    return ModelConfig.from_folder(Path(resolve_model(model))).param_bytes("float32")
-
-
-def settings(opts: Options, run_dir: str, token: str) -> Any:
-    from services.launcher.config import load
-
-    return load(
-        None,
-        {
-            "cluster": {
-                "run_dir": run_dir,
-                "admin_token": token,
-                "model": opts.model,
-                "mode": "colocated",
-                "colocated": len(MEMBERS),
-                "restart": False,
-            },
-            "gateway": {"request_timeout_s": 120},
-            "worker": {"engine": {"num_threads": 1}},
-            "mempool": {
-                "budget_bytes": param_bytes(opts.model) + opts.kv_mib * MIB,
-                "tensor_memory_bytes": 1 << 20,
-            },
-        },
+    p.add_argument(
+        "--phases",
+        default="rounds",
+        help="comma-separated: rounds (the figures above), exchange (exchange vs recompute "
+        "at a drop), auto (the automatic controller's timeline); or all",
     )
-
-
-def prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [1] + [rng.randrange(3, 259) for _ in range(n - 1)]
-
-
-class Stream:
-    """One request through the gateway, collected in the background; `first_at`: when
-    its first token came (perf_counter)."""
-
-    def __init__(self, client: Any, p: list[int], max_tokens: int):
-        from common.sampling import SamplingParams
-
-        self.tokens = 0
-        self.first_at = 0.0
-        self.final: Any = None
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
-        self.task = asyncio.create_task(self._run(client, p, params))
-
-    async def _run(self, client: Any, p: list[int], params: Any) -> None:
-        from common.protocol import client as cp
-
-        async for item in client.stream(p, params):
-            if isinstance(item, cp.Chunk):
-                if not self.tokens and item.token_ids:
-                    self.first_at = time.perf_counter()
-                self.tokens += len(item.token_ids)
-            else:
-                self.final = item
-
-    async def done(self, timeout_s: float = 300.0) -> Any:
-        await asyncio.wait_for(self.task, timeout_s)
-        final = self.final
-        if final is None or final.finish_reason != "length":
-            raise RuntimeError(f"request ended badly: {final}")
-        return final
-
-
-class Bench:
-    def __init__(self, cluster: Any, client: Any, token: str, opts: Options):
-        self.c = cluster
-        self.client = client
-        self.token = token
-        self.opts = opts
-        self.seed = 0
-
-    def next_prompt(self) -> list[int]:
-        self.seed += 1  # a fresh prompt each time: no prefix-cache hit changes TTFT
-        return prompt(self.opts.prompt_tokens, self.seed)
-
-    async def admin(self, *args: str) -> dict[str, Any]:
-        from common.admin_client import admin_call
-
-        reply = await admin_call(self.c.admin_address, self.token, args[0], args[1:], 120)
-        if not reply.ok:
-            raise RuntimeError(f"admin {' '.join(args)}: {reply.error}")
-        return dict(reply.result)
-
-    async def worker_status(self, iid: str) -> dict[str, Any]:
-        from common.admin_client import admin_call
-
-        reply = await admin_call(self.c.endpoints(iid)["control"], self.token, "status")
-        if not reply.ok:
-            raise RuntimeError(f"{iid} status: {reply.error}")
-        return dict(reply.result)
-
-    async def daemon_info(self, iid: str) -> Any:
-        from common.mempool_client import MempoolClient
-
-        client = MempoolClient(self.c.endpoints(f"{iid}-mempool")["rpc"])
-        try:
-            return await client.info()
-        finally:
-            client.close()
-
-    async def snapshot(self) -> dict[str, Any]:
-        """Per instance: worker status (params, RSS, elastic state) and daemon capacity."""
-        out: dict[str, Any] = {}
-        for iid in MEMBERS:
-            st = await self.worker_status(iid)
-            info = await self.daemon_info(iid)
-            out[iid] = {
-                "worker_param_bytes": st["param_bytes"],
-                "rss_bytes": st["rss_bytes"],
-                "elastic_state": st["elastic"]["state"],
-                "daemon_param_bytes": info.param_bytes,
-                "budget_bytes": info.budget_bytes,
-                "split": info.split,
-                "device_blocks": info.device_blocks,
-                "block_bytes": info.block_bytes,
-                "block_size": info.block_size,
-                "kv_tokens": info.device_blocks * info.block_size,
-            }
-        return out
-
-    async def single(self, n: int) -> list[Any]:
-        """`n` requests one after another, each alone: their Finals."""
-        out = []
-        for _ in range(n):
-            s = Stream(self.client, self.next_prompt(), self.opts.max_tokens)
-            out.append(await s.done())
-        return out
-
-    async def batch(self) -> list[Any]:
-        streams = [
-            Stream(self.client, self.next_prompt(), self.opts.max_tokens)
-            for _ in range(self.opts.batch)
-        ]
-        return [await s.done() for s in streams]
-
-    async def drop(self) -> dict[str, Any]:
-        """`elastic drop` and, right after it is sent, a new request: the command's
-        duration and that request's TTFT, both counted from the drop."""
-        t0 = time.perf_counter()
-        command = asyncio.create_task(self.admin("elastic", "drop", ",".join(MEMBERS)))
-        await asyncio.sleep(0.005)  # the drop's request leaves first
-        probe = Stream(self.client, self.next_prompt(), self.opts.probe_tokens)
-        group = await command
-        done_at = time.perf_counter()
-        final = await probe.done()
-        return {
-            "group_id": group["group_id"],
-            "group": group,
-            "drop_s": done_at - t0,
-            "ttft_from_drop_s": probe.first_at - t0,
-            # Routed to a member still serving alone (Prepare does not stop it): the
-            # request started there and the group adopted it.
-            "first_token_before_group": probe.first_at < done_at,
-            "probe_gateway_ttft_s": final.ttft_s,
-            "probe_instances": list(final.instances),
-        }
-
-    async def restore(self, gid: str) -> dict[str, Any]:
-        """`elastic restore` with `across` requests running: its duration and the
-        leader's report (pause, moved / recomputed, bytes moved)."""
-        streams = [
-            Stream(self.client, self.next_prompt(), self.opts.max_tokens)
-            for _ in range(self.opts.across)
-        ]
-        deadline = time.monotonic() + 120
-        while not all(s.tokens >= 8 for s in streams):
-            if time.monotonic() > deadline or any(s.task.done() for s in streams):
-                break
-            await asyncio.sleep(0.01)
-        running = sum(not s.task.done() for s in streams)
-        t0 = time.perf_counter()
-        result = await self.admin("elastic", "restore", gid)
-        restore_s = time.perf_counter() - t0
-        for s in streams:
-            await s.done()
-        (r,) = result["restored"]
-        return {
-            "restore_s": restore_s,
-            "pause_s": r["pause_s"],
-            "moved": r["moved"],
-            "recomputed": r["recomputed"],
-            "moved_bytes": r["moved_bytes"],
-            "running": running,
-        }
-
-
-def _stats(xs: list[float]) -> dict[str, float]:
-    if not xs:
-        return {"median": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
-    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
+    x = p.add_argument_group("exchange phase (--model, --kv-mib as above)")
+    x.add_argument("--x-rounds", type=int, default=3, help="drops per case")
+    x.add_argument("--x-running", type=int, default=4, help="requests running at a drop")
+    x.add_argument("--x-prompt-tokens", type=int, default=256)
+    x.add_argument("--x-max-tokens", type=int, default=192)
+    a = p.add_argument_group("auto phase (its own model and budget)")
+    a.add_argument("--auto-model", default="tiny", help="preset the controller runs on")
+    a.add_argument("--auto-kv-mib", type=float, default=3.0, help="KV MiB per instance")
+    a.add_argument("--auto-burst", type=int, default=12, help="requests of the burst")
+    a.add_argument("--auto-burst-tokens", type=int, default=290, help="tokens per burst request")
+    a.add_argument("--auto-trickle", type=int, default=2, help="new requests at a time after")
+    p.set_defaults(func=run)
 
 
 async def measure(opts: Options) -> dict[str, Any]:
@@ -460,15 +279,18 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
 
 
 HEADERS = ["metric", "before / solo", "after / group", "ratio"]
+PHASES = ("rounds", "exchange", "auto")
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+def markdown(rows: list[list[str]], headers: list[str] = HEADERS) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
 def run(args: argparse.Namespace) -> int:
+    from bench.elastic_auto import AutoOptions
+    from bench.elastic_exchange import ExchangeOptions
     from common.cli_errors import fail
 
     opts = Options(
@@ -482,23 +304,95 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         run_dir=args.run_dir,
     )
+    phases = PHASES if args.phases == "all" else tuple(args.phases.split(","))
+    if not phases or not set(phases) <= set(PHASES):
+        return fail(f"--phases: a comma-separated subset of {', '.join(PHASES)}, or all")
     if opts.rounds < 1 or opts.requests < 1 or opts.kv_mib < 1 or opts.batch < 0:
         return fail("--rounds, --requests and --kv-mib must be >= 1, --batch >= 0")
-    print(
-        f"bench elastic: {opts.model}, 2 colocated instances, budget = params + "
-        f"{opts.kv_mib} MiB each, {opts.rounds} rounds"
+    xo = ExchangeOptions(
+        rounds=args.x_rounds,
+        running=args.x_running,
+        prompt_tokens=args.x_prompt_tokens,
+        max_tokens=args.x_max_tokens,
     )
+    if xo.rounds < 1 or xo.running < 1 or xo.prompt_tokens < 1 or xo.max_tokens <= xo.warm_tokens:
+        return fail(f"--x-rounds, --x-running must be >= 1, --x-max-tokens > {xo.warm_tokens}")
+    ao = AutoOptions(
+        model=args.auto_model,
+        kv_mib=args.auto_kv_mib,
+        burst=args.auto_burst,
+        burst_tokens=args.auto_burst_tokens,
+        trickle=args.auto_trickle,
+    )
+    if ao.burst < 2 or ao.trickle < 1 or ao.kv_mib <= 0:
+        return fail("--auto-burst must be >= 2, --auto-trickle >= 1, --auto-kv-mib > 0")
     monitor = CpuMonitor().start()
-    result = asyncio.run(measure(opts))
+    result: dict[str, Any] = {"phases": list(phases)}
+    tables: list[tuple[str, list[str], list[list[str]]]] = []
+    if "rounds" in phases:
+        print(
+            f"bench elastic: {opts.model}, 2 colocated instances, budget = params + "
+            f"{opts.kv_mib} MiB each, {opts.rounds} rounds"
+        )
+        result.update(asyncio.run(measure(opts)))
+        tables.append(("drop / restore rounds", HEADERS, table_rows(result)))
+        print(format_table(HEADERS, tables[-1][2]))
+    if "exchange" in phases:
+        tables += _exchange_phase(opts, xo, result)
+    if "auto" in phases:
+        tables += _auto_phase(opts, ao, result)
     result["cpu"] = monitor.stop()
     result["machine"] = machine_info()
-    rows = table_rows(result)
-    print(format_table(HEADERS, rows))
     other = result["cpu"].get("other_cores")
     if other is not None and other > 0.5:
         print(f"warning: other processes used {other:.1f} cores meanwhile; timings are noisy")
     out = write_json(Path(args.out), result)
     md = out.with_suffix(".md")
-    md.write_text(markdown(rows))
+    if phases == ("rounds",):
+        md.write_text(markdown(tables[0][2]))  # as before: one table
+    else:
+        md.write_text("\n".join(f"## {t}\n\n{markdown(rows, h)}" for t, h, rows in tables))
     print(f"saved {out} and {md}")
     return 0
+
+
+def _exchange_phase(
+    opts: Options, xo: Any, result: dict[str, Any]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    from bench.elastic_exchange import EXCHANGE_HEADERS, exchange_rows, measure_exchange
+
+    print(
+        f"bench elastic exchange: {opts.model}, params + {opts.kv_mib} MiB each, "
+        f"{xo.running} requests running ({xo.prompt_tokens} prompt, {xo.max_tokens} tokens), "
+        f"{xo.rounds} drops per case"
+    )
+    result["exchange"] = asyncio.run(measure_exchange(opts, xo))
+    rows = exchange_rows(result["exchange"])
+    print(format_table(EXCHANGE_HEADERS, rows))
+    return [("exchange vs recompute at the drop", EXCHANGE_HEADERS, rows)]
+
+
+def _auto_phase(
+    opts: Options, ao: Any, result: dict[str, Any]
+) -> list[tuple[str, list[str], list[list[str]]]]:
+    from bench.elastic_auto import (
+        AUTO_HEADERS,
+        TIMELINE_HEADERS,
+        auto_rows,
+        measure_auto,
+        timeline_rows,
+    )
+
+    print(
+        f"bench elastic auto: {ao.model}, params + {ao.kv_mib} MiB each, elastic_auto on, "
+        f"burst of {ao.burst} x {ao.burst_tokens} tokens, then {ao.trickle} at a time"
+    )
+    run_dir = f"{opts.run_dir}/auto" if opts.run_dir else ""
+    result["auto"] = asyncio.run(measure_auto(ao, run_dir))
+    rows, timeline = auto_rows(result["auto"]), timeline_rows(result["auto"])
+    print(format_table(AUTO_HEADERS, rows))
+    print(format_table(TIMELINE_HEADERS, timeline))
+    return [
+        ("automatic drop and restore", AUTO_HEADERS, rows),
+        ("the controller's timeline (t from the burst)", TIMELINE_HEADERS, timeline),
+    ]
