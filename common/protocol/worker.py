@@ -98,3 +98,6 @@ class TokenChunk(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     error: str | None = None
     offset: int = 0  # index in the output of token_ids[0]
     instance_id: str = ""  # the worker that sent the chunk
+    # Set on a hand-over's first chunk (a KunServe group or a migration took the request,
+    # or gave it back): the request address of `instance_id`, where aborts go from now on.
+    address: str = ""

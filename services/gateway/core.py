@@ -349,6 +349,8 @@ class GatewayCore:
         if r.left is not None and r.left[0] == iid and chunk.offset < r.left[1]:
             return None
         old = legs[-1]
+        if chunk.address:
+            self._learn(iid, chunk.address)
         legs[-1] = Leg(iid, self.addresses.get(iid, ""))
         r.left = (old.instance_id, chunk.offset)
         return old

@@ -72,7 +72,7 @@ class MemberHost(Protocol):
 
     def fail_moved(self, state: el.RequestState, error: str) -> None: ...
 
-    def announce(self, state: el.RequestState, instance_id: str) -> None: ...
+    def announce(self, state: el.RequestState, instance_id: str, address: str) -> None: ...
 
     def forward_abort(self, request_id: str, address: str) -> None: ...
 
@@ -273,9 +273,9 @@ class ElasticMember:
         if self.rank > 0:
             # The leader serves them from now on: if it dies, the gateway must fail them
             # (and a group that breaks fails them here: `_break`).
-            leader = self.members[0].instance_id
+            leader = self.members[0]
             for state in states:
-                svc.announce(state, leader)
+                svc.announce(state, leader.instance_id, leader.address)
             self.exported = states
             self.state = "follower"  # serves its layers once the leader sends its table
             log.info("dropped as a follower", group=self.group_id, rank=self.rank, freed=freed)
@@ -492,7 +492,8 @@ class ElasticMember:
         homes = homes_of(states, plan)
         for rank, moving in homes.items():  # a home that dies now must fail them
             for state in moving:
-                svc.announce(state, self.members[rank].instance_id)
+                home = self.members[rank]
+                svc.announce(state, home.instance_id, home.address)
         followers = self.members[1:]
         replies = await asyncio.gather(
             *(

@@ -359,7 +359,7 @@ class WorkerService(ServiceShell):
         """An abort for a request that a restore sent home to the worker at `address`."""
         self._spawn(self._peer(address).send(wp.Abort(request_id)))
 
-    def announce(self, state: el.RequestState, instance_id: str) -> None:
+    def announce(self, state: el.RequestState, instance_id: str, address: str) -> None:
         """Tell the gateway that `instance_id` serves this request from now on (an empty
         chunk at its offset): the death of that instance must fail it, wherever the
         request is in the hand-over."""
@@ -370,6 +370,7 @@ class WorkerService(ServiceShell):
             num_cached_tokens=state.num_cached_tokens,
             offset=state.output_offset,
             instance_id=instance_id,
+            address=address,
         )
         self._spawn(self._peer(state.reply_to).send(chunk))
 
@@ -393,6 +394,7 @@ class WorkerService(ServiceShell):
                     num_cached_tokens=state.num_cached_tokens,
                     offset=offset,
                     instance_id=self.cfg.instance_id,
+                    address=self.address,
                 )
             )
             plan = KvPlan(cache=False)

@@ -63,9 +63,13 @@ def test_a_chunk_from_another_instance_moves_the_leg_and_late_ones_do_not() -> N
     r2 = placed_on(c, "w2", "2")
     assert c.follow(r2, TokenChunk(r2.rid, [1], instance_id="w2")) is None
     assert c.follow(r2, TokenChunk(r2.rid, [1])) is None
-    # An instance never placed on: the leg moves, with no address to abort it at.
+    # An instance never placed on: the leg moves, with no address to abort it at...
     assert c.follow(r2, TokenChunk(r2.rid, [], offset=1, instance_id="w9")) is not None
     assert r2.stream.legs == [Leg("w9", "")]
+    # ... unless the hand-over chunk names it (the worker that took it over says where).
+    handed = TokenChunk(r2.rid, [], offset=1, instance_id="w8", address="tcp://w8")
+    assert c.follow(r2, handed) == Leg("w9", "")
+    assert r2.stream.legs == [Leg("w8", "tcp://w8")] and c.addresses["w8"] == "tcp://w8"
 
 
 @pytest.fixture

@@ -80,7 +80,7 @@ class _FakeService:
         self.engine: Any = None
         self.announced: list[tuple[str, str]] = []
 
-    def announce(self, state: el.RequestState, instance_id: str) -> None:
+    def announce(self, state: el.RequestState, instance_id: str, address: str) -> None:
         self.announced.append((state.request_id, instance_id))
 
 
