@@ -145,17 +145,9 @@ class _LeaderService(_FakeService):
         self.failed.append((state.request_id, error))
 
 
-async def test_a_restore_that_fails_after_the_export_ends_the_requests(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The leader exports every request (its stream ends as `moved`) before it moves the
-    KV home; if moving fails (a member's daemon died), nobody holds the requests any more:
-    each must get an error, not wait for its gateway's silence timeout."""
-
-    async def move_fails(*args: Any) -> int:
-        raise RuntimeError("a daemon went away")
-
-    monkeypatch.setattr(elastic_mod, "move_home", move_fails)
+def _restoring_leader(capacity: int) -> tuple[_LeaderService, ElasticMember]:
+    """The leader (w0) of group g1 with w1, about to restore one request (r1, holding
+    group block 0); the leader takes back `capacity` full blocks, the follower 1."""
     state = el.RequestState(
         request_id="r1",
         prompt_token_ids=[1, 2, 3],
@@ -169,17 +161,32 @@ async def test_a_restore_that_fails_after_the_export_ends_the_requests(
     svc = _LeaderService()
     member = ElasticMember(svc)  # type: ignore[arg-type]
     svc.engine = _LeaderEngine(state)
-    members = [
+    member.state, member.group_id, member.epoch = "leader", "g1", 1
+    member.members = [
         el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
         el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
     ]
-    member.state, member.group_id, member.epoch = "leader", "g1", 1
-    member.members, member.rank = members, 0
-    member.held, member.capacity_blocks = [7, 6, 5, 4], 1
+    member.rank = 0
+    member.held, member.capacity_blocks = [7, 6, 5, 4], capacity
     member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
     member.followers = [
         el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
     ]
+    return svc, member
+
+
+async def test_a_restore_that_fails_after_the_export_ends_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The leader exports every request (its stream ends as `moved`) before it moves the
+    KV home; if moving fails (a member's daemon died), nobody holds the requests any more:
+    each must get an error, not wait for its gateway's silence timeout."""
+
+    async def move_fails(*args: Any) -> int:
+        raise RuntimeError("a daemon went away")
+
+    monkeypatch.setattr(elastic_mod, "move_home", move_fails)
+    svc, member = _restoring_leader(1)
     try:
         reply = await member.handle(el.Restore("tok", "g1", 1))
     finally:
@@ -274,30 +281,7 @@ async def test_a_member_that_refuses_to_dissolve_has_its_requests_ended(
         return 0
 
     monkeypatch.setattr(elastic_mod, "move_home", moved)
-    state = el.RequestState(
-        request_id="r1",
-        prompt_token_ids=[1, 2, 3],
-        output_token_ids=[4],
-        params=SamplingParams(max_tokens=8),
-        reply_to="tcp://gateway",
-        output_offset=1,
-        block_ids=[0],
-        num_computed_tokens=3,
-    )
-    svc = _LeaderService()
-    member = ElasticMember(svc)  # type: ignore[arg-type]
-    svc.engine = _LeaderEngine(state)
-    members = [
-        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
-        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
-    ]
-    member.state, member.group_id, member.epoch = "leader", "g1", 1
-    member.members, member.rank = members, 0
-    member.held, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
-    member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
-    member.followers = [
-        el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
-    ]
+    svc, member = _restoring_leader(0)  # no room at the leader
     dissolved: list[list[el.RequestState]] = []
 
     async def ask(m: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
@@ -330,30 +314,7 @@ async def test_an_abort_for_a_request_gone_home_elsewhere_follows_it(
         return 0
 
     monkeypatch.setattr(elastic_mod, "move_home", moved)
-    state = el.RequestState(
-        request_id="r1",
-        prompt_token_ids=[1, 2, 3],
-        output_token_ids=[4],
-        params=SamplingParams(max_tokens=8),
-        reply_to="tcp://gateway",
-        output_offset=1,
-        block_ids=[0],
-        num_computed_tokens=3,
-    )
-    svc = _LeaderService()
-    member = ElasticMember(svc)  # type: ignore[arg-type]
-    svc.engine = _LeaderEngine(state)
-    members = [
-        el.Member("w0", 0, "tcp://c0", "tcp://r0", "tcp://m0", "tcp://s0"),
-        el.Member("w1", 1, "tcp://c1", "tcp://r1", "tcp://m1", "tcp://s1"),
-    ]
-    member.state, member.group_id, member.epoch = "leader", "g1", 1
-    member.members, member.rank = members, 0
-    member.held, member.capacity_blocks = [7, 6, 5, 4], 0  # no room at the leader
-    member.tables = [[7, 6, 5, 4], [7, 6, 5, 4]]
-    member.followers = [
-        el.FollowerCommitted("w1", [], 4, 0, 0, table=[7, 6, 5, 4], capacity_blocks=1)
-    ]
+    svc, member = _restoring_leader(0)  # no room at the leader
 
     async def ask(m: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
         svc.aborted["r1"] = 0.0  # the client left while the request was moving home
