@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 from typing import Any
 
 from common.admin_client import admin_call
@@ -15,6 +16,7 @@ from common.mempool_client import MempoolClient
 from common.protocol import client as cp
 from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
+from services.launcher.config import load
 from services.launcher.supervisor import Cluster
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
@@ -26,6 +28,29 @@ TINY_PARAM_BYTES = 3_218_944
 BLOCK_BYTES = 32 * 1024  # tiny, block 16, fp32, all layers
 
 Workload = dict[str, tuple[list[int], SamplingParams]]
+
+
+def colocated_pair(tmp_path: Path, *, kv_blocks: int = 0, **sections: dict[str, Any]) -> Any:
+    """Launcher settings of 2 colocated `tiny` instances on loopback (1 torch thread per
+    worker); `kv_blocks` > 0 gives each a memory budget of the parameters plus that many
+    KV blocks; `sections` (cluster=..., scheduler=..., worker=...) override per table."""
+    shape: dict[str, dict[str, Any]] = {
+        "cluster": {
+            "run_dir": str(tmp_path / "run"),
+            "admin_token": TOKEN,
+            "mode": "colocated",
+            "colocated": 2,
+        },
+        "scheduler": {"heartbeat_timeout_s": 1.5},
+        "gateway": {"request_timeout_s": 30},
+        "worker": {"heartbeat_interval_s": 0.25, "engine": {"num_threads": 1}},
+        "mempool": {"tensor_memory_bytes": 1 << 20},
+    }
+    if kv_blocks:
+        shape["mempool"]["budget_bytes"] = TINY_PARAM_BYTES + kv_blocks * BLOCK_BYTES
+    for table, values in sections.items():
+        shape[table] = {**shape[table], **values}
+    return load(None, shape)
 
 
 def prompt(n: int, seed: int) -> list[int]:

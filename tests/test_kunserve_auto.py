@@ -26,15 +26,13 @@ import pytest
 from common.client import GatewayClient
 from common.mempool_client import MempoolClient
 from common.sampling import SamplingParams
-from services.launcher.config import load
 from services.launcher.supervisor import Cluster
 from tests.cluster_requests import (
-    BLOCK_BYTES,
     MEMBERS,
     TINY_PARAM_BYTES,
-    TOKEN,
     Stream,
     admin,
+    colocated_pair,
     prompt,
     reference,
 )
@@ -47,35 +45,20 @@ BURST = 12  # requests, 6 per instance: 6 x 20 blocks > 96 at the end
 
 
 def settings(tmp_path: Path) -> Any:
-    return load(
-        None,
-        {
-            "cluster": {
-                "run_dir": str(tmp_path / "run"),
-                "admin_token": TOKEN,
-                "mode": "colocated",
-                "colocated": 2,
-            },
-            "scheduler": {
-                "heartbeat_timeout_s": 1.5,
-                "policy": "round-robin",  # the burst splits evenly
-                "elastic_auto": True,
-                "elastic_drop_usage": 0.8,  # see the module docstring
-                "elastic_window": 5,
-                "elastic_cooldown_s": 1.0,
-                "elastic_min_group_s": 1.0,
-            },
-            "gateway": {"request_timeout_s": 60},
-            "worker": {
-                "heartbeat_interval_s": 0.1,
-                "stage_timeout_s": 3.0,
-                "engine": {"num_threads": 1},
-            },
-            "mempool": {
-                "budget_bytes": TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES,
-                "tensor_memory_bytes": 1 << 20,
-            },
+    return colocated_pair(
+        tmp_path,
+        kv_blocks=KV_BLOCKS,
+        scheduler={
+            "heartbeat_timeout_s": 1.5,
+            "policy": "round-robin",  # the burst splits evenly
+            "elastic_auto": True,
+            "elastic_drop_usage": 0.8,  # see the module docstring
+            "elastic_window": 5,
+            "elastic_cooldown_s": 1.0,
+            "elastic_min_group_s": 1.0,
         },
+        gateway={"request_timeout_s": 60},
+        worker={"heartbeat_interval_s": 0.1, "stage_timeout_s": 3.0, "engine": {"num_threads": 1}},
     )
 
 

@@ -28,7 +28,6 @@ from common.admin_client import admin_call
 from common.client import GatewayClient
 from common.mempool_client import MempoolClient
 from common.sampling import SamplingParams
-from services.launcher.config import load
 from services.launcher.supervisor import Cluster
 from tests.cluster_requests import (
     BLOCK_BYTES,
@@ -37,6 +36,7 @@ from tests.cluster_requests import (
     TOKEN,
     Stream,
     admin,
+    colocated_pair,
     daemons_idle_and_intact,
     prompt,
     reference,
@@ -50,28 +50,11 @@ KV_BLOCKS = 96  # per instance alone: 1,536 tokens
 
 
 def settings(tmp_path: Path, *, restart: bool = False) -> Any:
-    return load(
-        None,
-        {
-            "cluster": {
-                "run_dir": str(tmp_path / "run"),
-                "admin_token": TOKEN,
-                "mode": "colocated",
-                "colocated": 2,
-                "restart": restart,
-            },
-            "scheduler": {"heartbeat_timeout_s": 1.5},
-            "gateway": {"request_timeout_s": 30},
-            "worker": {
-                "heartbeat_interval_s": 0.25,
-                "stage_timeout_s": 3.0,
-                "engine": {"num_threads": 1},
-            },
-            "mempool": {
-                "budget_bytes": TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES,
-                "tensor_memory_bytes": 1 << 20,
-            },
-        },
+    return colocated_pair(
+        tmp_path,
+        kv_blocks=KV_BLOCKS,
+        cluster={"restart": restart},
+        worker={"heartbeat_interval_s": 0.25, "stage_timeout_s": 3.0, "engine": {"num_threads": 1}},
     )
 
 

@@ -25,13 +25,12 @@ import pytest
 from common.client import GatewayClient
 from common.mempool_client import MempoolClient
 from common.sampling import SamplingParams
-from services.launcher.config import load
 from services.launcher.supervisor import Cluster
 from tests.cluster_requests import (
     MEMBERS,
-    TOKEN,
     Stream,
     admin,
+    colocated_pair,
     prompt,
     reference,
     until,
@@ -45,20 +44,8 @@ CALL_TIMEOUT_S = 2.0
 
 
 def settings(tmp_path: Path) -> Any:
-    return load(
-        None,
-        {
-            "cluster": {
-                "run_dir": str(tmp_path / "run"),
-                "admin_token": TOKEN,
-                "mode": "colocated",
-                "colocated": 2,
-            },
-            "scheduler": {"heartbeat_timeout_s": 4.0, "elastic_timeout_s": CALL_TIMEOUT_S},
-            "gateway": {"request_timeout_s": 30},
-            "worker": {"heartbeat_interval_s": 0.25, "engine": {"num_threads": 1}},
-            "mempool": {"tensor_memory_bytes": 1 << 20},
-        },
+    return colocated_pair(
+        tmp_path, scheduler={"heartbeat_timeout_s": 4.0, "elastic_timeout_s": CALL_TIMEOUT_S}
     )
 
 

@@ -4,6 +4,7 @@ fixture the scheduler's service tests share."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,11 +65,9 @@ class Harness:
         return await self.admin.call(AdminRequest(token, command, list(args)), timeout_s=10)
 
 
-@pytest.fixture
-async def harness() -> AsyncIterator[Harness]:
-    clock = FakeClock()
-    # Expiry follows the fake clock; the real ticker runs every 50 ms.
-    cfg = SchedulerConfig(admin_token=TOKEN, heartbeat_timeout_s=0.2).validate()
+@contextlib.asynccontextmanager
+async def running(cfg: SchedulerConfig, clock: FakeClock) -> AsyncIterator[Harness]:
+    """A scheduler service on `cfg` and `clock`, with a client on each of its sockets."""
     svc = SchedulerService(cfg, clock=clock, call_timeout_s=0.3)
     serving = asyncio.create_task(svc.serve())
     h = Harness(
@@ -81,9 +80,19 @@ async def harness() -> AsyncIterator[Harness]:
         serving,
     )
     await asyncio.sleep(SUBSCRIBE_SETTLE_S)
-    yield h
-    for sock in (h.beats, h.rpc, h.admin, h.events):
-        sock.close()
-    serving.cancel()
-    await asyncio.gather(serving, return_exceptions=True)
-    await svc.close()
+    try:
+        yield h
+    finally:
+        for sock in (h.beats, h.rpc, h.admin, h.events):
+            sock.close()
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await svc.close()
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    # Expiry follows the fake clock; the real ticker runs every 50 ms.
+    cfg = SchedulerConfig(admin_token=TOKEN, heartbeat_timeout_s=0.2).validate()
+    async with running(cfg, FakeClock()) as h:
+        yield h

@@ -14,13 +14,10 @@ from typing import Any
 import pytest
 
 from common.protocol import scheduler as sp
-from common.protocol.admin import AdminReply, AdminRequest
 from common.protocol.elastic import Commit, Prepare, Restore
-from common.sockets import PushSocket, RpcClient, SubSocket
 from services.scheduler.config import SchedulerConfig
-from services.scheduler.service import SchedulerService
 from tests.scheduler.elastic_workers import FakeWorker, Script
-from tests.scheduler.harness import SUBSCRIBE_SETTLE_S, TOKEN, FakeClock, Harness, until
+from tests.scheduler.harness import TOKEN, FakeClock, Harness, running, until
 from tests.scheduler.helpers import cli, heartbeat
 
 pytestmark = pytest.mark.integration
@@ -39,24 +36,8 @@ async def auto() -> AsyncIterator[Harness]:
         elastic_cooldown_s=5.0,
         elastic_min_group_s=1.0,
     ).validate()
-    svc = SchedulerService(cfg, clock=clock, call_timeout_s=0.3)
-    serving = asyncio.create_task(svc.serve())
-    h = Harness(
-        svc,
-        clock,
-        PushSocket(svc.heartbeat_address, sp.Heartbeat, bind=False),
-        RpcClient(svc.address, sp.SchedulerRequest, sp.SchedulerReply),
-        RpcClient(svc.admin_address, AdminRequest, AdminReply),
-        SubSocket(svc.events_address, sp.InstanceEvent, bind=False, topics=[sp.INSTANCE_TOPIC]),
-        serving,
-    )
-    await asyncio.sleep(SUBSCRIBE_SETTLE_S)
-    yield h
-    for sock in (h.beats, h.rpc, h.admin, h.events):
-        sock.close()
-    serving.cancel()
-    await asyncio.gather(serving, return_exceptions=True)
-    await svc.close()
+    async with running(cfg, clock) as h:
+        yield h
 
 
 def load(used: int, waiting: int, capacity: int = 100, requests: int = 0) -> sp.InstanceLoad:
