@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,9 +27,9 @@ from typing import Any
 import msgspec
 
 from common.logging import get_logger
-from common.mempool_client import MempoolClient
 from common.protocol import elastic as el
 from services.worker.pipeline.exchange import Move
+from services.worker.pipeline.moves import by_pair, transfer
 
 log = get_logger(__name__)
 
@@ -148,10 +147,7 @@ class Exchanger:
         return batch
 
     async def _move(self, batch: list[Move]) -> None:
-        pairs: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-        for mv in batch:
-            for src_m, src, dst_m, dst in mv.copies:
-                pairs[(src_m, dst_m)].append((src, dst))
+        pairs = by_pair(c for mv in batch for c in mv.copies)
         t0 = time.monotonic()
         try:
             moved = await asyncio.wait_for(
@@ -189,14 +185,4 @@ class Exchanger:
         self.stats.stalls_s.append(time.monotonic() - self.stats.started_at)
 
     async def _transfer(self, src: int, dst: int, copies: list[tuple[int, int]]) -> int:
-        client = MempoolClient(self.members[src].mempool)
-        try:
-            done = await client.transfer(
-                self.members[dst].mempool,
-                [s for s, _ in copies],
-                [d for _, d in copies],
-                timeout_s=self.timeout_s,
-            )
-        finally:
-            client.close()
-        return done.nbytes
+        return await transfer(self.members, src, dst, copies, self.timeout_s)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import msgspec
 
@@ -22,7 +22,7 @@ from common.mempool_client import MempoolClient
 from common.protocol import elastic as el
 from common.sockets import RpcError
 from services.worker.kv_cache import KVCache
-from services.worker.pipeline.homes import Copy, RestorePlan
+from services.worker.pipeline.homes import RestorePlan
 from services.worker.pipeline.views import copy_sub_blocks
 
 # A follower's local copies: (rank, [(src, dst), ...]) -> done.
@@ -38,7 +38,9 @@ async def move_home(
     for ops in plan.rounds:
         work = [
             _pair(src, dst, copies, members, leader_kv, copy_at, sub_bytes)
-            for (src, dst), copies in _pairs(ops).items()
+            for (src, dst), copies in by_pair(
+                (c.src_member, c.src, c.dst_member, c.dst) for c in ops
+            ).items()
         ]
         moved += sum(await asyncio.gather(*work))
     return moved
@@ -62,11 +64,37 @@ def homes_of(
     return out
 
 
-def _pairs(ops: list[Copy]) -> dict[tuple[int, int], list[tuple[int, int]]]:
+def by_pair(
+    copies: Iterable[tuple[int, int, int, int]],
+) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """(src member, src sub, dst member, dst sub) copies grouped by member pair: each
+    pair's copies are one transfer."""
     pairs: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
-    for c in ops:
-        pairs[(c.src_member, c.dst_member)].append((c.src, c.dst))
+    for src_m, src, dst_m, dst in copies:
+        pairs[(src_m, dst_m)].append((src, dst))
     return pairs
+
+
+async def transfer(
+    members: Sequence[el.Member],
+    src: int,
+    dst: int,
+    copies: list[tuple[int, int]],
+    timeout_s: float = 30.0,
+) -> int:
+    """One MemPool transfer of sub-blocks from member `src`'s daemon into sub-blocks member
+    `dst` holds at its daemon (both split alike); returns the bytes moved."""
+    client = MempoolClient(members[src].mempool)
+    try:
+        done = await client.transfer(
+            members[dst].mempool,
+            [s for s, _ in copies],
+            [d for _, d in copies],
+            timeout_s=timeout_s,
+        )
+    finally:
+        client.close()
+    return done.nbytes
 
 
 async def _pair(
@@ -84,14 +112,7 @@ async def _pair(
     if src == dst:
         await copy_at(src, copies)
         return len(copies) * sub_bytes
-    client = MempoolClient(members[src].mempool)
-    try:
-        done = await client.transfer(
-            members[dst].mempool, [s for s, _ in copies], [d for _, d in copies]
-        )
-    finally:
-        client.close()
-    return done.nbytes
+    return await transfer(members, src, dst, copies)
 
 
 async def lease_all(client: MempoolClient, owner: str, capacity: int) -> list[int]:
