@@ -11,6 +11,11 @@ The last stage returns only the rows whose logits the leader samples (`return_ro
 
 Tensors travel as zero-copy frames (common/codec.py). Per hop, order is FIFO: a request's
 chunk is written into a stage's KV before that stage sees the request's next chunk.
+
+`copies` (group ids, (src, dst), in order) are KV moves every stage applies to its own
+sub-blocks before it runs the batch (a live restore relocating blocks out of the ids it
+retires). FIFO per hop makes them safe: every batch sent earlier, the one that last wrote
+`src` included, has run on the stage first, and every later batch sees `dst`.
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ class StageBatch(msgspec.Struct, tag=True, frozen=True, array_like=True):
     prefill_block_ids: torch.Tensor  # every chunk's group block table, concatenated
     return_rows: torch.Tensor  # [S] rows whose hidden state goes back to the leader
     hidden: torch.Tensor  # [T, H]
+    # (src, dst) group blocks, applied before the layers; a trailing default, so a batch
+    # from a sender without it decodes (empty costs one byte: array_like keeps it)
+    copies: list[tuple[int, int]] = []
 
 
 class StageResult(msgspec.Struct, tag=True, frozen=True, array_like=True):

@@ -8,6 +8,11 @@ The pool's membership can change: a standalone engine owns every block of its KV
 (`BlockPool(num_blocks)`), while a worker leases blocks from its MemPool daemon (`add`),
 gives unused ones back (`take_free`) and hands finished requests' blocks to the daemon's
 index (`disown`).
+
+Retiring (a live restore): `retire(keep)` narrows the pool to the ids in `keep` for good.
+Free ids outside it leave at once, allocated ones leave when they are freed (they are never
+on the free list again, so never handed out); `retired()` lists what left. An id claimed
+back (a lease arriving with KV) rejoins as allocated and leaves again when freed.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ class BlockPool:
         self._free: deque[int] = deque(range(num_blocks))
         self._free_set: set[int] = set(self._free)
         self._allocated: set[int] = set()
+        self._keep: frozenset[int] | None = None  # None: no retire, every id may be free
+        self._retired: set[int] = set()
+
+    def _kept(self, block_id: int) -> bool:
+        return self._keep is None or block_id in self._keep
 
     @property
     def num_blocks(self) -> int:
@@ -60,8 +70,15 @@ class BlockPool:
                 f"free of blocks that are not allocated (or repeated): {bad or ids}"
             )
         self._allocated.difference_update(ids)
-        self._free.extend(ids)
-        self._free_set.update(ids)
+        self._shelve(ids)
+
+    def _shelve(self, ids: list[int]) -> None:
+        """Free ids go on the free list, or leave the pool when they are retired."""
+        back = [i for i in ids if self._kept(i)]
+        if len(back) < len(ids):
+            self._retired.update(i for i in ids if not self._kept(i))
+        self._free.extend(back)
+        self._free_set.update(back)
 
     def add(self, ids: Iterable[int]) -> None:
         """New free blocks (leased from the MemPool daemon)."""
@@ -69,8 +86,8 @@ class BlockPool:
         known = [i for i in ids if i in self._free_set or i in self._allocated]
         if known or len(set(ids)) != len(ids):
             raise BlockPoolError(f"blocks already in the pool (or repeated): {known or ids}")
-        self._free.extend(ids)
-        self._free_set.update(ids)
+        self._retired.difference_update(ids)
+        self._shelve(ids)
 
     def claim(self, ids: Iterable[int]) -> None:
         """These blocks are allocated from now on: free ones leave the free list, unknown
@@ -82,7 +99,9 @@ class BlockPool:
         free = [i for i in ids if i in self._free_set]
         if free:
             self._free_set.difference_update(free)
-            self._free = deque(b for b in self._free if b not in set(free))
+            gone = set(free)
+            self._free = deque(b for b in self._free if b not in gone)
+        self._retired.difference_update(ids)
         self._allocated.update(ids)
 
     def take_free(self, n: int) -> list[int]:
@@ -100,11 +119,37 @@ class BlockPool:
             raise BlockPoolError(f"disown of blocks that are not allocated: {bad}")
         self._allocated.difference_update(ids)
 
+    def retire(self, keep: Iterable[int]) -> list[int]:
+        """From now on only ids in `keep` are handed out (a later call replaces `keep`;
+        what already left stays out). Free ids outside it leave now (returned);
+        allocated ones leave when freed."""
+        self._keep = frozenset(keep)
+        gone = [b for b in self._free if b not in self._keep]
+        if gone:
+            out = set(gone)
+            self._free = deque(b for b in self._free if b not in out)
+            self._free_set.difference_update(out)
+            self._retired.update(out)
+        return gone
+
+    @property
+    def keep(self) -> frozenset[int] | None:
+        """The ids the pool is narrowed to (None: no retire)."""
+        return self._keep
+
+    def retired(self) -> frozenset[int]:
+        """Ids that left the pool by a retire (never free or allocated here again, unless
+        claimed back)."""
+        return frozenset(self._retired)
+
     def is_free(self, block_id: int) -> bool:
         return block_id in self._free_set
 
     def is_allocated(self, block_id: int) -> bool:
         return block_id in self._allocated
+
+    def free_ids(self) -> frozenset[int]:
+        return frozenset(self._free_set)
 
     def allocated(self) -> frozenset[int]:
         return frozenset(self._allocated)

@@ -62,14 +62,12 @@ class Attention(nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
-        local_index: int,
         window: int | None,
         dtype: torch.dtype,
         device: torch.device,
     ):
         super().__init__()
         self.cfg = cfg
-        self.local_index = local_index
         self.window = window
         self.scale = cfg.head_dim**-0.5
         qkv = cfg.q_size + 2 * cfg.kv_size
@@ -79,8 +77,15 @@ class Attention(nn.Module):
         self.o_bias = _param(cfg.hidden_size, dtype=dtype, device=device) if cfg.o_bias else None
 
     def forward(
-        self, x: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: KVCache
+        self,
+        x: torch.Tensor,
+        rope: Rope,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        cache_layer: int,
     ) -> torch.Tensor:
+        """`cache_layer`: the KV cache layer this call reads and writes (chosen per call
+        by the model: the module itself holds no cache index)."""
         cfg = self.cfg
         t = x.shape[0]
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
@@ -89,7 +94,7 @@ class Attention(nn.Module):
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = RotaryEmbedding.apply(q, k, *rope)
-        out = paged_attention(q, k, v, cache, self.local_index, meta, self.scale, self.window)
+        out = paged_attention(q, k, v, cache, cache_layer, meta, self.scale, self.window)
         return F.linear(out.reshape(t, cfg.q_size), self.o_weight, self.o_bias)
 
 
@@ -117,22 +122,26 @@ class DecoderLayer(nn.Module):
         self,
         cfg: ModelConfig,
         layer: int,
-        local_index: int,
         dtype: torch.dtype,
         device: torch.device,
     ):
         super().__init__()
-        self.layer = layer  # index in the whole model; the cache index is the attention's
+        self.layer = layer  # index in the whole model; never changes
         window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, local_index, window, dtype, device)
+        self.self_attn = Attention(cfg, window, dtype, device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
         self.mlp = MLP(cfg, dtype, device)
 
     def forward(
-        self, h: torch.Tensor, rope: Rope, meta: AttentionMetadata, cache: KVCache
+        self,
+        h: torch.Tensor,
+        rope: Rope,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        cache_layer: int,
     ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache)
+        h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache, cache_layer)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -140,8 +149,17 @@ class LlamaModel(nn.Module):
     """Decoder layers [first_layer, last_layer) of a Llama-family model; see module docstring.
 
     Invariants: `layers` holds exactly the held layers, in order; `layers[i]` is layer
-    `first_layer + i` and writes KV cache layer `i`; the head is present iff `norm` is
-    (plus `lm_head`, or `embed_tokens` when the weights are tied).
+    `first_layer + i`; the head is present iff `norm` is (plus `lm_head`, or
+    `embed_tokens` when the weights are tied). A layer module never changes once built:
+    which KV cache layer it writes is decided per `forward` call (`layers` argument), so
+    `drop_layers` / `restore_layers` only add or unlink modules.
+
+    Concurrency (live restore): `restore_layers` may run in one thread while another runs
+    `forward(..., layers=R)` with R inside the range held before the restore. The forward
+    reads `self.layers` once and touches only the modules of R, which the restore keeps
+    as they are (it builds and loads new modules for the layers outside the held range,
+    and holds no lock the forward needs). A forward with `layers=None` during a restore
+    is not covered: it may see layers whose weights are still loading.
     """
 
     def __init__(
@@ -168,7 +186,7 @@ class LlamaModel(nn.Module):
         needs_embed = is_first or (is_last and cfg.tie_word_embeddings)
         self.embed_tokens: nn.Parameter | None = self._new_embed() if needs_embed else None
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, i - first_layer, dtype, dev) for i in range(first_layer, last)
+            DecoderLayer(cfg, i, dtype, dev) for i in range(first_layer, last)
         )
         self.norm: RMSNorm | None = self._new_norm() if is_last else None
         untied_head = is_last and not cfg.tie_word_embeddings
@@ -191,6 +209,7 @@ class LlamaModel(nn.Module):
 
     @property
     def num_local_layers(self) -> int:
+        """How many layers this model holds."""
         return self.last_layer - self.first_layer
 
     @property
@@ -220,12 +239,37 @@ class LlamaModel(nn.Module):
         return F.embedding(token_ids, self.embed_tokens)
 
     def forward(
-        self, hidden: torch.Tensor, meta: AttentionMetadata, cache: KVCache
+        self,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        cache: KVCache,
+        layers: range | None = None,
     ) -> torch.Tensor:
-        """Runs the held layers: hidden [T, hidden_size] -> [T, hidden_size]."""
+        """Runs the held layers in `layers` (default: every held layer):
+        hidden [T, hidden_size] -> [T, hidden_size]. Layer i reads and writes KV cache
+        layer `i - layers.start`, so `cache` holds exactly those layers (a full model can
+        serve as the stage of a sub-range, on that stage's sub-block view).
+
+        `layers` must be a non-empty step-1 range inside the held layers (ValueError)."""
+        held = list(self.layers)  # one read: a concurrent restore swaps in a new list
+        first = cast(DecoderLayer, held[0]).layer
+        if layers is None:
+            layers = range(first, first + len(held))
+        elif (
+            not isinstance(layers, range)
+            or layers.step != 1
+            or len(layers) == 0
+            or layers.start < first
+            or layers.stop > first + len(held)
+        ):
+            raise ValueError(
+                f"layers {layers!r} is not a non-empty range inside the held layers "
+                f"[{first}, {first + len(held)})"
+            )
         rope = self.rope.lookup(meta.positions)
-        for layer in self.layers:
-            hidden = layer(hidden, rope, meta, cache)
+        for i in layers:
+            layer = cast(DecoderLayer, held[i - first])
+            hidden = layer(hidden, rope, meta, cache, i - layers.start)
         return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -305,7 +349,8 @@ class LlamaModel(nn.Module):
         `keep` must be a non-empty, step-1 sub-range of the held range; keeping the embedding
         or head requires holding it, and keeping a tied head requires keeping the embedding
         (it is the head). Bad input raises ValueError before anything changes. Afterwards
-        the held range is `keep` and KV cache layer `i` belongs to layer `keep.start + i`.
+        the held range is `keep` and (by default) `forward` writes layer `keep.start + i`
+        into KV cache layer `i`.
 
         The freed tensors leave the process: their Parameters are emptied in place (so a
         stray reference to a module keeps no storage), the modules are unlinked, and the
@@ -358,8 +403,6 @@ class LlamaModel(nn.Module):
 
     def _set_layers(self, layers: list[DecoderLayer], first: int, last: int) -> None:
         assert [d.layer for d in layers] == list(range(first, last))
-        for d in layers:
-            d.self_attn.local_index = d.layer - first
         self.layers = nn.ModuleList(layers)
         self.first_layer, self.last_layer = first, last
 
@@ -394,7 +437,7 @@ class LlamaModel(nn.Module):
             )
         )
         layers = [
-            held[i] if i in held else DecoderLayer(cfg, i, i, self.dtype, device)
+            held[i] if i in held else DecoderLayer(cfg, i, self.dtype, device)
             for i in range(cfg.num_layers)
         ]
         if want_embed:

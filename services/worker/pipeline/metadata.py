@@ -25,6 +25,7 @@ def to_stage_batch(
     mb: int,
     return_rows: list[int],
     hidden: torch.Tensor,
+    copies: list[tuple[int, int]] | None = None,
 ) -> StageBatch:
     """`meta` in group ids (as built on the leader), with the hidden states for the next stage."""
     # Tensors travel through host memory (the codec frames CPU tensors; on CUDA this is the
@@ -47,6 +48,7 @@ def to_stage_batch(
         prefill_block_ids=ids,
         return_rows=torch.tensor(return_rows, dtype=torch.long),
         hidden=hidden.cpu(),
+        copies=list(copies or []),
     )
 
 
@@ -93,6 +95,11 @@ def local_metadata(
         decode_ctx_lens=batch.decode_ctx_lens if decodes else None,
         prefills=spans,
     )
+
+
+def local_copies(copies: list[tuple[int, int]], table: torch.Tensor) -> list[tuple[int, int]]:
+    """Group-id copies (src, dst) as this stage's sub-block ids."""
+    return [(int(table[s]), int(table[d])) for s, d in copies]
 
 
 def remap(meta: AttentionMetadata, table: torch.Tensor) -> AttentionMetadata:

@@ -4,6 +4,12 @@ Pure and synchronous (the follower's shell owns the sockets, the leader calls it
 stage inline): `run(batch)` returns the batch for the next hop, or the `StageResult` the
 last stage sends back to the leader. Batches of another epoch are refused: a group that
 was dissolved and formed again must never write into the new group's KV.
+
+A stage runs a fixed layer range (`layers`, default: every layer its model holds), so a
+model may hold more than it serves: during a live restore the follower's model loads its
+missing layers in another thread while this stage keeps running its own (see
+`LlamaModel`'s concurrency invariant). A batch's `copies` move KV between this stage's
+sub-blocks before the layers run (blocks leaving a retired id).
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ import torch
 from common.protocol.stage import StageBatch, StageResult
 from services.worker.kv_cache import KVCache
 from services.worker.model.llama import LlamaModel
-from services.worker.pipeline.metadata import local_metadata
+from services.worker.pipeline.metadata import local_copies, local_metadata
+from services.worker.pipeline.views import copy_sub_blocks
 
 
 class StaleBatch(RuntimeError):
@@ -23,14 +30,31 @@ class StaleBatch(RuntimeError):
 
 class StageServer:
     def __init__(
-        self, model: LlamaModel, cache: KVCache, table: torch.Tensor, *, epoch: int, last: bool
+        self,
+        model: LlamaModel,
+        cache: KVCache,
+        table: torch.Tensor,
+        *,
+        epoch: int,
+        last: bool,
+        layers: range | None = None,
     ):
-        """`table[group id]` = this stage's sub-block id; `last`: returns results to the leader."""
-        if cache.layout.num_layers != model.num_local_layers:
+        """`table[group id]` = this stage's sub-block id; `last`: returns results to the
+        leader; `layers`: the layers this stage runs (default: the model's held range),
+        KV cache layer i holding layer `layers.start + i`."""
+        if layers is None:
+            layers = range(model.first_layer, model.last_layer)
+        if not model.first_layer <= layers.start < layers.stop <= model.last_layer:
             raise ValueError(
-                f"stage KV holds {cache.layout.num_layers} layers, its model {model.num_local_layers}"
+                f"stage layers {layers!r} outside the model's [{model.first_layer}, "
+                f"{model.last_layer})"
+            )
+        if cache.layout.num_layers != len(layers):
+            raise ValueError(
+                f"stage KV holds {cache.layout.num_layers} layers, the stage runs {len(layers)}"
             )
         self.model = model
+        self.layers = layers
         self.cache = cache
         self.table = table
         self.epoch = epoch
@@ -42,8 +66,10 @@ class StageServer:
         if batch.epoch != self.epoch:
             raise StaleBatch(f"batch of epoch {batch.epoch}, this stage serves {self.epoch}")
         device = self.model.device
+        if batch.copies:
+            copy_sub_blocks(self.cache, local_copies(batch.copies, self.table))
         meta = local_metadata(batch, self.table, self.cache.layout.block_size, device)
-        hidden = self.model(batch.hidden.to(device), meta, self.cache)
+        hidden = self.model(batch.hidden.to(device), meta, self.cache, layers=self.layers)
         self.batches += 1
         if self.last:
             rows = hidden[batch.return_rows.to(device)].cpu()
