@@ -81,7 +81,7 @@ def test_two_stage_composition_matches_whole_model(tiny_folder: Path) -> None:
     assert (follower.first_layer, follower.last_layer, len(follower.layers)) == (half, L, L - half)
     assert leader.has_embed and leader.has_head
     assert not follower.has_embed and not follower.has_head
-    assert [d.layer for d in follower.layers] == list(range(half, L))  # type: ignore[union-attr]
+    assert [d.layer for d in follower.layers] == list(range(half, L))
     with pytest.raises(RuntimeError, match="no embedding"):
         follower.embed(torch.tensor([3]))
     with pytest.raises(RuntimeError, match="no head"):
@@ -144,7 +144,7 @@ def test_restore_gives_back_the_loaded_model(tiny_folder: Path, tmp_path: Path, 
         True,
         True,
     )
-    assert [d.layer for d in model.layers] == list(range(cfg.num_layers))  # type: ignore[union-attr]
+    assert [d.layer for d in model.layers] == list(range(cfg.num_layers))
     # Held tensors were not reloaded: same storage as before the restore.
     assert {n: v for n, v in snapshot(model).items() if n in kept} == kept
     now, ref = dict(model.named_parameters()), dict(fresh.named_parameters())

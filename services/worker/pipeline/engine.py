@@ -141,6 +141,16 @@ class PipelineEngine(Engine):
             return 0
         return sum(b not in keep for b in self.pool.allocated())
 
+    def in_flight_ids(self) -> set[str]:
+        """Requests with a batch in flight (a park of one waits for its return)."""
+        return {
+            c.request.request_id
+            for f in self._in_flight
+            if f is not None
+            for c in f.chunks
+            if self.requests.get(c.request.request_id) is c.request
+        }
+
     def park(self, request_ids: list[str]) -> None:
         """Each named request leaves the engine as soon as no batch of it is in flight (at
         once, or when its batch comes back, after its sampled token is emitted and before
