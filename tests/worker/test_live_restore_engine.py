@@ -320,3 +320,50 @@ def test_block_pool_retire_narrows_the_pool_for_good() -> None:
     pool.free([4, 2, 3])
     assert pool.retired() == {0, 2, 4, 6} and pool.free_ids() == {3}
     assert held == [0, 1, 2, 3]
+
+
+def test_group_serves_while_every_member_restores_its_layers(
+    reference: dict[str, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every member's `restore_layers` runs in a thread and pauses with the missing layers
+    linked in but empty; the group keeps stepping meanwhile (leader and stages run the
+    ranges they held), then the loads finish and the group goes on: reference tokens."""
+    group, leader, got = _group_with_requests(2, 4)
+    linked = [threading.Event() for _ in group.members]
+    go = threading.Event()
+    real_copy = llama_module.copy_tensors
+    waiting = iter(linked)
+    lock = threading.Lock()
+
+    def paused_copy(*args: Any, **kwargs: Any) -> None:
+        with lock:
+            mine = next(waiting)
+        mine.set()
+        assert go.wait(60)
+        real_copy(*args, **kwargs)
+
+    monkeypatch.setattr(llama_module, "copy_tensors", paused_copy)
+    errors: list[BaseException] = []
+
+    def restore(model: Any) -> None:
+        try:
+            model.restore_layers(group.folder)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=restore, args=(m.model,)) for m in group.members]
+    for t in threads:
+        t.start()
+    try:
+        assert all(e.wait(60) for e in linked)
+        assert all(m.model.num_local_layers == m.model.cfg.num_layers for m in group.members)
+        for _ in range(6):
+            collect(got, leader.step())
+            leader.check_integrity()
+    finally:
+        go.set()
+        for t in threads:
+            t.join(60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    finish_leader(leader, got)
+    assert got == reference

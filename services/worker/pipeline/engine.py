@@ -34,6 +34,8 @@ Live restore primitives (the group keeps serving while requests go home in batch
   after this one (FIFO per hop). `outside_live()` counts what is still to move.
 - `park(ids)`: a request leaves as soon as no batch of it is in flight, exported with its
   KV (`take_parked`); its group blocks stay reserved (handed out) until `unreserve`.
+- The leader runs the layers it held at construction (`layers`), like every stage, so
+  its model's `restore_layers` may run in another thread meanwhile (`LlamaModel`).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ class PipelineEngine(Engine):
             pool, self.block_size, g, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.table = table[:num_blocks].to(dtype=torch.long, device=self.runner.device)
+        # The leader's layers, fixed at the drop: its model may load the others in another
+        # thread (a live restore) while the group keeps serving.
+        self.layers = range(model.first_layer, model.last_layer)
         self.g = g
         self.ring = ring
         self.epoch = epoch
@@ -265,7 +270,9 @@ class PipelineEngine(Engine):
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.runner.device)
         if copies:
             copy_sub_blocks(self.cache, local_copies(copies, self.table))
-        hidden = self.model(self.model.embed(ids), remap(meta, self.table), self.cache)
+        hidden = self.model(
+            self.model.embed(ids), remap(meta, self.table), self.cache, layers=self.layers
+        )
         rows, sampled = sampled_rows(ordered)
         self._steps += 1
         batch = to_stage_batch(
