@@ -138,7 +138,8 @@ async def _rounds(b: Bench) -> dict[str, Any]:
         group += await b.single(opts.requests)
         if r == 0 and opts.batch:
             group_batch = await b.batch()
-        restores.append(await b.restore(d["group_id"]))
+        # Live and paused restores alternate: both figures from one run, side by side.
+        restores.append(await b.restore(d["group_id"], "live" if r % 2 == 0 else "pause"))
     await asyncio.sleep(0.5)  # the restore's last reloads settle
     after = await b.snapshot()
     events = (await b.admin("elastic", "status")).get("events", [])
@@ -200,6 +201,20 @@ def summarize(
         "restore": {
             "restore_s": _stats([r["restore_s"] for r in restores]),
             "pause_s": _stats([r["pause_s"] for r in restores]),
+            "by_how": {
+                how: {
+                    key: _stats([r[key] for r in restores if r.get("how") == how])
+                    for key in (
+                        "restore_s",
+                        "pause_s",
+                        "stall_max_s",
+                        "tpot_before_ms",
+                        "tpot_during_ms",
+                        "max_gap_ms",
+                    )
+                }
+                for how in ("live", "pause")
+            },
             "moved": sum(r["moved"] for r in restores),
             "recomputed": sum(r["recomputed"] for r in restores),
             "moved_bytes": sum(r["moved_bytes"] for r in restores),
@@ -250,8 +265,25 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
     rows.append(["  of which first token before the group formed", "-", early, "-"])
     queued = _spread(d["ttft_from_drop_queued_s"], 1, 2)
     rows.append(["  TTFT from drop of those that queued s", "-", queued, "-"])
-    rows.append(["restore command s", "-", _spread(r["restore_s"], 1, 2), "-"])
-    rows.append(["restore pause (leader) s", "-", _spread(r["pause_s"], 1, 3), "-"])
+    for how, st in r.get("by_how", {}).items():
+        if not st["restore_s"]["n"]:
+            continue
+        rows.append([f"restore ({how}) command s", "-", _spread(st["restore_s"], 1, 3), "-"])
+        rows.append([f"restore ({how}) pause (leader) s", "-", _spread(st["pause_s"], 1, 3), "-"])
+        if how == "live":
+            wait = _spread(st["stall_max_s"], 1e3, 1)
+            rows.append(["restore (live) longest batch wait ms", "-", wait, "-"])
+        t0, t1 = st["tpot_before_ms"]["median"], st["tpot_during_ms"]["median"]
+        rows.append(
+            [
+                f"restore ({how}) TPOT before -> during ms",
+                fmt(t0, 1),
+                fmt(t1, 1),
+                _ratio(t0, t1),
+            ]
+        )
+        gap = _spread(st["max_gap_ms"], 1, 1)
+        rows.append([f"restore ({how}) largest token gap ms", "-", gap, "-"])
     rows.append(
         [
             "restore: moved / recomputed, MiB",

@@ -200,9 +200,11 @@ class Bench:
             "probe_instances": list(final.instances),
         }
 
-    async def restore(self, gid: str) -> dict[str, Any]:
-        """`elastic restore` with `across` requests running: its duration and the
-        leader's report (pause, moved / recomputed, bytes moved)."""
+    async def restore(self, gid: str, how: str = "live") -> dict[str, Any]:
+        """`elastic restore GID live|pause` with `across` requests running: its duration,
+        the leader's report (pause, moved / recomputed, bytes moved, the live batches) and
+        what the running requests saw: their mean time per token and largest gap between
+        tokens while it ran, and their mean time per token before it."""
         streams = [
             Stream(self.client, self.next_prompt(), self.opts.max_tokens)
             for _ in range(self.opts.across)
@@ -214,19 +216,43 @@ class Bench:
             await asyncio.sleep(0.01)
         running = sum(not s.task.done() for s in streams)
         t0 = time.perf_counter()
-        result = await self.admin("elastic", "restore", gid)
-        restore_s = time.perf_counter() - t0
+        result = await self.admin("elastic", "restore", gid, how)
+        t1 = time.perf_counter()
         for s in streams:
             await s.done()
         (r,) = result["restored"]
+        during, before = _gaps(streams, t0, t1)
         return {
-            "restore_s": restore_s,
+            "how": how,
+            "restore_s": t1 - t0,
             "pause_s": r["pause_s"],
             "moved": r["moved"],
             "recomputed": r["recomputed"],
             "moved_bytes": r["moved_bytes"],
+            "moved_live": r.get("moved_live", 0),
+            "batches": r.get("batches", 0),
+            "stall_max_s": r.get("stall_max_s", 0.0),
+            "fallback": r.get("fallback", ""),
             "running": running,
+            "tpot_during_ms": 1e3 * statistics.fmean(during) if during else float("nan"),
+            "max_gap_ms": 1e3 * max(during) if during else float("nan"),
+            "tpot_before_ms": 1e3 * statistics.fmean(before) if before else float("nan"),
         }
+
+
+def _gaps(streams: list[Stream], t0: float, t1: float) -> tuple[list[float], list[float]]:
+    """Per-token gaps of `streams` (a chunk's gap spread over its tokens is not known, so
+    one gap per chunk) that end inside [t0, t1] plus the first one after it (the one a
+    pause stretches), and those that end before t0."""
+    during: list[float] = []
+    before: list[float] = []
+    for s in streams:
+        pairs = list(zip(s.arrivals, s.arrivals[1:], strict=False))
+        before += [b - a for a, b in pairs if b < t0]
+        inside = [b - a for a, b in pairs if t0 <= b <= t1]
+        after = [b - a for a, b in pairs if b > t1][:1]
+        during += inside + after
+    return during, before
 
 
 def _stats(xs: list[float]) -> dict[str, float]:

@@ -3,7 +3,8 @@ daemons with a memory budget, 2 workers, scheduler, gateway), drop and restore c
 through the scheduler's admin socket.
 
 - Requests running before the drop, admitted during the group, and running across the
-  restore get exactly the single-process reference tokens, greedy and seeded; the group
+  restore (live: they go home in batches while the group serves the rest; and paused)
+  get exactly the single-process reference tokens, greedy and seeded; the group
   holds more KV than the two instances did; afterwards both members hold their full
   parameters again and every daemon passes check_integrity when idle.
 - A member that does not answer Prepare (SIGSTOPped): the drop is aborted, both serve as
@@ -136,7 +137,10 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             restored = await admin(c, "elastic", "restore", gid)
             assert restored.ok, restored.error
             (r,) = restored.result["restored"]
-            assert r["moved"] + r["recomputed"] == len(streams)
+            assert r["moved"] + r["recomputed"] == len(streams), str(r)
+            # Live: every request went home in batches while the group served the rest.
+            assert r["live"] and r["fallback"] == "", r
+            assert r["moved_live"] == len(streams) and r["batches"] >= 1, r
             for iid in MEMBERS:
                 assert (await worker_status(c, iid))["elastic"]["state"] == "solo"
             await asyncio.wait_for(asyncio.gather(*(s.task for s in streams.values())), 120)
@@ -164,7 +168,10 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             assert dropped.ok, dropped.error
             ex = (await worker_status(c, MEMBERS[0]))["elastic"]["exchange"]
             assert ex["exchanged"] == 0 and ex["pending"] == 0, ex
-            assert (await admin(c, "elastic", "restore", "all")).ok
+            paused = await admin(c, "elastic", "restore", "all", "pause")  # the pause restore
+            assert paused.ok, paused.error
+            (r,) = paused.result["restored"]
+            assert not r["live"] and r["moved"] == 1, r
             await asyncio.wait_for(again.task, 60)
             assert again.tokens == ref["late"]
             await asyncio.sleep(0.5)

@@ -14,7 +14,11 @@ answers `AdminRequest`), and the group's leader talks to its followers the same 
          nothing was irreversible, each member resumes as it was)
 
     memserve admin elastic restore G ──▶ scheduler ── Restore ──▶ leader
-        leader: pause, plan homes, copy each request's KV home (MemPool transfers and
+        live (default): the group keeps serving; HomeOpen ──▶ the home (rank 1): it takes
+        its parameters back beside its stage; batches of requests go home, each by
+        HomeTake (whole blocks, its own sub-blocks copied) ──▶ home, MemPool transfers of
+        the other members' sub-blocks, HomeAdopt ──▶ home; then, as below, for what is left
+        pause: pause, plan homes, copy each request's KV home (MemPool transfers and
         local copies), Dissolve ──▶ each follower (adopt its requests), restore itself
         ◀── Restored
 
@@ -138,11 +142,15 @@ class Abort(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
 
 class Restore(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
-    """Scheduler -> leader: hand every request home and dissolve the group."""
+    """Scheduler -> leader: hand every request home and dissolve the group. `live`: while
+    the group keeps serving, in batches (services/worker/live_restore.py); what is left
+    at `live_timeout_s` (or whatever does not fit) goes home in one pause."""
 
     token: str
     group_id: str
     epoch: int
+    live: bool = False
+    live_timeout_s: float = 5.0
 
 
 class Restored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -151,6 +159,12 @@ class Restored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     recomputed: int  # requests sent home without KV (no room): recomputed there
     moved_bytes: int
     pause_s: float  # from the leader's last group step to the members serving alone
+    live: bool = False  # a live restore ran (`moved_live` of `moved` went home in batches)
+    moved_live: int = 0
+    batches: int = 0
+    stall_max_s: float = 0.0  # longest time a batch's requests waited (parked -> adopted)
+    duration_s: float = 0.0  # from the Restore to the Restored
+    fallback: str = ""  # why (part of) a live restore paused instead
 
 
 class CopyLocal(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -161,6 +175,47 @@ class CopyLocal(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     group_id: str
     epoch: int
     copies: list[tuple[int, int]]
+
+
+class HomeOpen(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> the home of a live restore (rank 1): no group block uses this member's
+    sub-blocks at or above its pre-drop capacity, nor whole blocks [0, home_blocks). Give
+    the ones above back, shrink, take the full parameters back (from local disk, beside
+    the stage it keeps serving) and run requests alone on whole blocks [0, home_blocks)."""
+
+    token: str
+    group_id: str
+    epoch: int
+    home_blocks: int
+
+
+class HomeTake(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> home: these requests (parked: no batch of theirs in flight; `block_ids`
+    are group blocks) come home. Reserve whole blocks for each, copy this member's own
+    sub-blocks into them; the reply lists them (the other members' sub-blocks follow as
+    MemPool transfers, then `HomeAdopt`)."""
+
+    token: str
+    group_id: str
+    epoch: int
+    requests: list[RequestState]
+
+
+class HomeBlocks(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    instance_id: str
+    blocks: list[list[int]]  # whole blocks per request of the HomeTake, in order
+
+
+class HomeAdopt(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """Leader -> home: adopt `requests` (their `block_ids` are the whole blocks the
+    HomeTake reserved, now holding their KV); `release` gives reserved blocks back (a
+    batch that failed on the way)."""
+
+    token: str
+    group_id: str
+    epoch: int
+    requests: list[RequestState] = msgspec.field(default_factory=list)
+    release: list[int] = msgspec.field(default_factory=list)
 
 
 class Dissolve(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
@@ -187,7 +242,8 @@ class Break(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 
 
 class Done(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
-    """A member's answer to `Abort`, `StageTable`, `CopyLocal`, `Dissolve` and `Break`."""
+    """A member's answer to `Abort`, `StageTable`, `CopyLocal`, `HomeOpen`, `HomeAdopt`,
+    `Dissolve` and `Break`."""
 
     instance_id: str
     param_bytes: int = 0
@@ -199,5 +255,17 @@ class Refused(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     error: str
 
 
-ElasticRequest = Prepare | Commit | Abort | StageTable | Restore | CopyLocal | Dissolve | Break
-ElasticReply = Ready | FollowerCommitted | GroupServing | Restored | Done | Refused
+ElasticRequest = (
+    Prepare
+    | Commit
+    | Abort
+    | StageTable
+    | Restore
+    | CopyLocal
+    | HomeOpen
+    | HomeTake
+    | HomeAdopt
+    | Dissolve
+    | Break
+)
+ElasticReply = Ready | FollowerCommitted | GroupServing | Restored | HomeBlocks | Done | Refused

@@ -210,6 +210,14 @@ def render_elastic(sub: str, result: Any) -> str:
         return "\n".join(
             f"restored {r['group_id']} ({' '.join(r['members'])}): moved {r['moved']}, "
             f"recomputed {r['recomputed']}, {r['moved_bytes']} bytes, pause {r['pause_s']:.3f} s"
+            + (
+                f"; live: {r.get('moved_live', 0)} home in {r.get('batches', 0)} batches, "
+                f"longest wait {r.get('stall_max_s', 0.0):.3f} s, "
+                f"{r.get('duration_s', 0.0):.3f} s in all"
+                + (f" (paused for the rest: {r['fallback']})" if r.get("fallback") else "")
+                if r.get("live")
+                else ""
+            )
             for r in done
         )
     if sub == "status" and isinstance(result, dict):

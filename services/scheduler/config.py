@@ -53,6 +53,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # long a Commit, Restore or Break may take.
     elastic_prepare_timeout_s: float = 2.0
     elastic_timeout_s: float = 10.0
+    # A restore runs live (requests go home in batches while the group serves the rest;
+    # what is left after half of elastic_timeout_s goes home in one pause) unless false.
+    elastic_restore_live: bool = True
     # The elastic controller (monitor.py decides, planner.py picks the groups): drop and
     # restore by itself from the heartbeats' KV signals; `memserve admin elastic on|off`.
     # Defaults are KunServe's public code's (poll 0.1 s, 95% / 50%, 30 samples).

@@ -310,6 +310,12 @@ class Elastic:
             recomputed=restored.recomputed,
             moved_bytes=restored.moved_bytes,
             pause_s=restored.pause_s,
+            live=restored.live,
+            moved_live=restored.moved_live,
+            batches=restored.batches,
+            stall_max_s=restored.stall_max_s,
+            duration_s=restored.duration_s,
+            fallback=restored.fallback,
         )
         self._prune()
 

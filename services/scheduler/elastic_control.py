@@ -60,12 +60,14 @@ class ElasticControl:
         clock: Callable[[], float],
         prepare_timeout_s: float,
         timeout_s: float,
+        restore_live: bool = True,
     ) -> None:
         self.core = core
         self.token = token
         self.clock = clock  # monotonic (the core's)
         self.prepare_timeout_s = prepare_timeout_s
         self.timeout_s = timeout_s  # Commit and Restore
+        self.restore_live = restore_live
         self.lock = asyncio.Lock()
         # Strategy `migrate`: how to move a request (the scheduler's MigrateControl).
         self.migrator: Callable[[str, str], Awaitable[AdminReply]] | None = None
@@ -84,15 +86,17 @@ class ElasticControl:
                     exchange = "recompute" not in ids
                     ids = [i for i in ids if i != "recompute"]
                     return AdminReply(True, await self.drop(",".join(ids), exchange=exchange))
-                case ["restore", target]:
-                    return AdminReply(True, await self.restore(target))
+                case ["restore", target, *how] if how in ([], ["pause"], ["live"]):
+                    # `pause`: the whole group stops while every request goes home at once.
+                    live = self.restore_live if not how else how == ["live"]
+                    return AdminReply(True, await self.restore(target, live=live))
         except ElasticError as exc:
             return AdminReply(False, error=str(exc))
         return AdminReply(
             False,
             error="wrong arguments for elastic: elastic status | "
             "elastic drop ID,ID[,...] [recompute] | "
-            "elastic restore GROUP|all | elastic on|off",
+            "elastic restore GROUP|all [live|pause] | elastic on|off",
         )
 
     # ------------------------------------------------------------- automatic
@@ -261,7 +265,10 @@ class ElasticControl:
         raise ElasticError(f"group {gid} broken: {reason} ({'; '.join(told) or 'nobody told'})")
 
     # ------------------------------------------------------------- restore
-    async def restore(self, target: str) -> dict[str, Any]:
+    async def restore(self, target: str, *, live: bool | None = None) -> dict[str, Any]:
+        """Every request of each group goes home; `live` (default: `restore_live`) while
+        the group keeps serving, the rest after half the timeout in one pause."""
+        live = self.restore_live if live is None else live
         async with self.lock:
             elastic = self.core.elastic
             groups = elastic.resolve_restore(target)
@@ -271,7 +278,9 @@ class ElasticControl:
                 gid = group.group_id
                 elastic.restoring(group, *self._now())
                 controls = self._controls(group.members)
-                msg = Restore(self.token, gid, group.epoch)
+                msg = Restore(
+                    self.token, gid, group.epoch, live=live, live_timeout_s=self.timeout_s / 2
+                )
                 replies = await self._each(controls, [group.leader], msg, self.timeout_s)
                 reply = replies[group.leader]
                 if isinstance(reply, Restored):
@@ -284,6 +293,12 @@ class ElasticControl:
                             "recomputed": reply.recomputed,
                             "moved_bytes": reply.moved_bytes,
                             "pause_s": reply.pause_s,
+                            "live": reply.live,
+                            "moved_live": reply.moved_live,
+                            "batches": reply.batches,
+                            "stall_max_s": reply.stall_max_s,
+                            "duration_s": reply.duration_s,
+                            "fallback": reply.fallback,
                         }
                     )
                     continue

@@ -110,6 +110,7 @@ class SchedulerService(ServiceShell):
             clock,
             cfg.elastic_prepare_timeout_s,
             cfg.elastic_timeout_s,
+            restore_live=cfg.elastic_restore_live,
         )
         self.migrate = MigrateControl(self.core, cfg.admin_token, cfg.elastic_timeout_s)
         self.elastic.migrator = self.migrate.migrate

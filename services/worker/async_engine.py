@@ -18,7 +18,7 @@ import itertools
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from common.detokenizer import IncrementalDetokenizer
 from common.errors import InvalidRequestError
@@ -31,6 +31,8 @@ from services.worker.kv_connector import KvTransfer
 from services.worker.request import FinishReason
 
 log = get_logger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -187,6 +189,19 @@ class AsyncEngine:
         self._ensure_driver()
         self._wake.set()
 
+    async def run_between_steps(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the engine between two steps (as `call_between_steps`); its result."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+
+        self.call_between_steps(run)
+        return await fut
+
     async def pause(self) -> None:
         """Return once no step runs and none will until `resume()`."""
         self._paused = True
@@ -262,6 +277,16 @@ class AsyncEngine:
         await self._exported(p)
         p.queue.put_nowait(StreamOutput(request_id, [], finished=True, moved=True))
         return state
+
+    async def hand_over(self, request_id: str) -> bool:
+        """A request that left the engine inside a step (a pipeline's `park`) goes on
+        elsewhere: its stream ends with a `moved` output. False when it has no stream here."""
+        p = self._streams.pop(request_id, None)
+        if p is None:
+            return False
+        await self._exported(p)
+        p.queue.put_nowait(StreamOutput(request_id, [], finished=True, moved=True))
+        return True
 
     def fail_all(self, message: str) -> None:
         """End every request with `message` (between steps: the driver owns the engine)."""

@@ -14,10 +14,13 @@
   into sub-blocks and grows KV into the freed memory, and the worker leases all of it.
   A follower then serves its layer range on the ring; the leader runs a `PipelineEngine`
   and adopts every member's requests, streaming them on from where they were.
-- restore (leader): drain the ring, plan each request's home (`plan_restore`), move the
-  KV into whole blocks at the homes (MemPool transfers between daemons, local copies
-  within one), then every member gives back the rest, shrinks, merges, reloads its layers
-  from the checkpoint on local disk and adopts its requests with their KV.
+- restore (leader): live (services/worker/live_restore.py), requests go home in batches
+  to rank 1 (the *home*, which took its parameters back beside its stage) while the group
+  keeps serving; then, for whatever is left, the pause restore: drain the ring, plan each
+  request's home (`plan_restore`), move the KV into whole blocks at the homes (MemPool
+  transfers between daemons, local copies within one), then every member gives back the
+  rest, shrinks, merges, reloads its layers from the checkpoint on local disk and adopts
+  its requests with their KV (the home keeps its engine and merges under it).
 - break (a member died): the leader fails the group's requests; every survivor restores
   from local disk (never from a peer) and serves alone.
 
@@ -46,6 +49,7 @@ from common.sockets import PullSocket, PushSocket, RpcClient
 from services.worker.block_pool import BlockPool
 from services.worker.engine import Engine
 from services.worker.kv_cache import KVLayout
+from services.worker.live_restore import HOME, LiveRestore
 from services.worker.mempool_engine import MempoolEngine
 from services.worker.pipeline.engine import PipelineEngine
 from services.worker.pipeline.exchange import StaleRequest, build_tables
@@ -111,6 +115,13 @@ class ElasticMember:
         # After a restore (leader): request id -> the request address of the member it
         # went home to; the gateway aborts here until that member has spoken.
         self.moved: dict[str, str] = {}
+        # A live restore's home (rank 1): its solo engine on whole blocks [0, home_blocks)
+        # beside the stage it still serves, and the blocks a HomeTake reserved there.
+        self.home: Engine | None = None
+        self.home_blocks = 0
+        self.home_reserved: set[int] = set()
+        self.stage_table: list[int] = []  # a follower's sub-block of each group block
+        self.full_param_bytes = 0  # the whole model's, before the drop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._lock = asyncio.Lock()  # one control message at a time
 
@@ -128,6 +139,8 @@ class ElasticMember:
 
     def abort_to(self, request_id: str) -> str:
         """Where an abort for `request_id` goes ("" = here)."""
+        if self.home is not None and request_id in self.home.requests:
+            return ""  # at home here (a live restore)
         return self.forward_to or self.moved.get(request_id, "")
 
     def status(self) -> dict[str, Any]:
@@ -159,6 +172,12 @@ class ElasticMember:
                         return await self._restore(req)
                     case el.CopyLocal():
                         return self._copy_local(req)
+                    case el.HomeOpen():
+                        return await self._home_open(req)
+                    case el.HomeTake():
+                        return await self._home_take(req)
+                    case el.HomeAdopt():
+                        return await self._home_adopt(req)
                     case el.Dissolve():
                         return await self._dissolve(req)
                     case el.Break():
@@ -374,12 +393,15 @@ class ElasticMember:
         if self.stage_task is not None:
             raise ElasticError("this stage is already serving")
         model = self.svc.engine.engine.model
+        self.stage_table = list(req.table)
         stage = StageServer(
             model,
             kv_view(self.svc.engine.region.tensor(), self._full_layout, self.g),
             torch.tensor(req.table, dtype=torch.long),
             epoch=self.epoch,
             last=self.rank == self.g - 1,
+            # Fixed: a live restore brings the other layers back while this stage serves.
+            layers=range(model.first_layer, model.last_layer),
         )
         nxt = self.members[(self.rank + 1) % self.g]
         self.stage_push = PushSocket(nxt.stage, StageMessage, bind=False)
@@ -411,6 +433,7 @@ class ElasticMember:
                 await eng.client.free_mem(spare)
             info = await eng.client.info()
             self.capacity_blocks = info.device_blocks
+            self.full_param_bytes = _resident(eng, inner.model)
             per = inner.model_config.num_layers // self.g
             lead = self.rank == 0
             freed = inner.model.drop_layers(
@@ -461,6 +484,11 @@ class ElasticMember:
         assert isinstance(pipeline, PipelineEngine)
         if self.exchange_task is not None:  # requests still exchanging join the group first
             await self.exchange_task
+        t_start = time.monotonic()
+        live = None
+        if req.live:
+            live = LiveRestore(self, pipeline, deadline=t_start + req.live_timeout_s)
+            await live.run()
         t0 = time.monotonic()
         await eng.pause()
         loop = asyncio.get_running_loop()
@@ -469,10 +497,12 @@ class ElasticMember:
         states = [
             msgspec.structs.replace(s, reply_to=svc.routes.get(s.request_id, s.reply_to))
             for s, _ in await eng.export(keep_kv=True)
-        ]
+        ] + (live.leftover if live is not None else [])
         n = len(pipeline.table)  # group blocks (the pool shrank by what left with the requests)
         tables = [t[:n] for t in self.tables]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
+        if live is not None and live.opened:
+            caps[HOME] = 0  # its whole blocks serve the requests already home
         try:
             plan = plan_restore(
                 [
@@ -515,13 +545,14 @@ class ElasticMember:
             if isinstance(r, ElasticError):  # refused: it adopted none of its requests
                 for s in homes[m.rank]:
                     svc.fail_moved(s, f"restore of group {self.group_id} failed: {r}")
+        moved_live = dict(self.moved)  # requests a live restore sent home
         try:
             await self._dissolve_local(plan.keep(0), homes[0])
         except Exception as exc:  # it fails before it adopts any of them
             for s in homes[0]:
                 svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
             raise
-        self.moved = {
+        self.moved = moved_live | {
             s.request_id: m.address
             for m, r in zip(followers, replies, strict=True)
             if not isinstance(r, BaseException)
@@ -533,12 +564,20 @@ class ElasticMember:
         failed = [str(r) for r in replies if isinstance(r, BaseException)]
         if failed:
             raise ElasticError(f"restore: a member did not dissolve: {'; '.join(failed)}")
+        done = time.monotonic()
+        stats = live.stats if live is not None else None
         return el.Restored(
             group_id=req.group_id,
-            moved=plan.moved,
+            moved=plan.moved + (stats.moved if stats else 0),
             recomputed=plan.recomputed,
-            moved_bytes=moved_bytes,
-            pause_s=time.monotonic() - t0,
+            moved_bytes=moved_bytes + (stats.moved_bytes if stats else 0),
+            pause_s=done - t0,
+            live=live is not None,
+            moved_live=stats.moved if stats else 0,
+            batches=stats.batches if stats else 0,
+            stall_max_s=stats.stall_max_s if stats else 0.0,
+            duration_s=done - t_start,
+            fallback=stats.fallback if stats else "",
         )
 
     async def _copy_at(self, rank: int, copies: list[tuple[int, int]]) -> None:
@@ -551,8 +590,123 @@ class ElasticMember:
         copy_sub_blocks(cache, req.copies)
         return el.Done(self.svc.cfg.instance_id)
 
+    # ------------------------------------------------------- live restore: the home
+    async def _home_open(self, req: el.HomeOpen) -> el.ElasticReply:
+        """Give back the sub-blocks above the pre-drop capacity (the leader saw to it that
+        the group uses none), shrink, take the whole model back from local disk while the
+        stage keeps serving (its layer range is fixed, `StageServer.layers`), and run a
+        solo engine on whole blocks [0, home_blocks) beside it."""
+        self._same_group(req.group_id, req.epoch, "follower")
+        svc = self.svc
+        eng = svc.engine
+        if eng.arena is not None:
+            raise ElasticError("a live restore runs on CPU members only")
+        if self.home is not None:
+            raise ElasticError(f"{svc.cfg.instance_id} is already the home")
+        if not 0 < req.home_blocks <= self.capacity_blocks:
+            raise ElasticError(
+                f"home region of {req.home_blocks} blocks outside (0, {self.capacity_blocks}]"
+            )
+        ceiling = self.capacity_blocks * self.g
+        above = [b for b in self.held if b >= ceiling]
+        if above:
+            await eng.client.free_mem(above)
+        self.held = [b for b in self.held if b < ceiling]
+        eng.group_lease = list(self.held)
+        shrunk = await eng.client.shrink(ceiling)
+        if shrunk.pending_shrink:
+            raise ElasticError(
+                f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
+            )
+        model = eng.engine.model
+        config = eng.engine.config
+        await eng.client.set_params(self.full_param_bytes)  # the budget first, then the pages
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, model.restore_layers, resolve_model(config.model))
+        await eng.client.set_params(_resident(eng, model))
+        full = kv_view(eng.region.tensor(), self._full_layout)
+        self.home = Engine(model, full, config, BlockPool(req.home_blocks))
+        self.home_blocks = req.home_blocks
+        eng.engine = self.home
+        eng.resume()
+        log.info("home of a live restore", group=self.group_id, blocks=req.home_blocks)
+        return el.Done(svc.cfg.instance_id, model.param_bytes())
+
+    async def _home_take(self, req: el.HomeTake) -> el.ElasticReply:
+        """Reserve whole blocks for each request and copy this member's own sub-blocks of
+        their group blocks into them (parked at the leader: nothing writes them now)."""
+        self._same_group(req.group_id, req.epoch, "follower")
+        home = self._home()
+        sizes = [len(s.block_ids) for s in req.requests]
+        need = sum(sizes)
+
+        def take() -> list[int]:
+            if home.pool.num_free < need:
+                raise ElasticError(
+                    f"the home has {home.pool.num_free} free blocks, the batch needs {need}"
+                )
+            return home.reserve_free(need)
+
+        ids = await self.svc.engine.run_between_steps(take)
+        self.home_reserved.update(ids)
+        blocks, i = [], 0
+        for n in sizes:
+            blocks.append(ids[i : i + n])
+            i += n
+        g, rank = self.g, self.rank
+        table = self.stage_table
+        copies = [
+            (table[k], e * g + rank)
+            for s, es in zip(req.requests, blocks, strict=True)
+            for k, e in zip(s.block_ids, es, strict=True)
+        ]
+        copy_sub_blocks(kv_view(self.svc.engine.region.tensor(), self._full_layout, g), copies)
+        return el.HomeBlocks(self.svc.cfg.instance_id, blocks)
+
+    async def _home_adopt(self, req: el.HomeAdopt) -> el.ElasticReply:
+        self._same_group(req.group_id, req.epoch, "follower")
+        home = self._home()
+        if req.release:
+            release = [b for b in req.release if b in self.home_reserved]
+            await self.svc.engine.run_between_steps(lambda: home.unreserve(release))
+            self.home_reserved.difference_update(release)
+        for state in req.requests:  # `Engine.adopt` takes its reserved blocks
+            self.home_reserved.difference_update(state.block_ids)
+            self.svc.adopt(state)
+        return el.Done(self.svc.cfg.instance_id)
+
+    def _home(self) -> Engine:
+        if self.home is None:
+            raise ElasticError(f"{self.svc.cfg.instance_id} is not the home of a live restore")
+        return self.home
+
+    async def _dissolve_home(self, requests: list[el.RequestState]) -> None:
+        """The home leaves the group: its engine goes on as it is (whole model, whole
+        blocks [0, home_blocks)); the daemon merges under it."""
+        svc = self.svc
+        eng = svc.engine
+        home = self._home()
+        self._close_stage()
+        if self.home_reserved:  # a batch that never arrived (the leader died on the way)
+            stale = sorted(self.home_reserved)
+            await eng.run_between_steps(lambda: home.unreserve(stale))
+        keep = set(range(self.home_blocks * self.g))
+        rest = [b for b in self.held if b not in keep]
+        if rest:
+            await eng.client.free_mem(rest)
+        await eng.client.merge()
+        eng.grouped = False  # leases and gives back whole blocks as any solo engine
+        eng.group_lease = []
+        for state in requests:
+            svc.adopt(state)
+        self._reset()
+        log.info("home: serving alone", adopted=len(requests), requests=len(home.requests))
+
     async def _dissolve(self, req: el.Dissolve) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "follower")
+        if self.home is not None:
+            await self._dissolve_home(req.requests)
+            return el.Done(self.svc.cfg.instance_id, self.svc.engine.engine.model.param_bytes())
         await self._dissolve_local(req.keep, req.requests)
         return el.Done(self.svc.cfg.instance_id, self.svc.engine.engine.model.param_bytes())
 
@@ -615,8 +769,10 @@ class ElasticMember:
             return el.Done(svc.cfg.instance_id)
         log.warning("group broken", group=self.group_id, reason=req.reason)
         self._stop_exchange()
+        at_home = self.home.requests if self.home is not None else {}
         for state in self.exported:  # gone with the group (the leader failed or died)
-            svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
+            if state.request_id not in at_home:
+                svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
         if self.exchanger is not None:  # exported, never joined: end them
             for state in self.exchanger.unjoined():
                 svc.fail_moved(state, f"group {self.group_id} broke: {req.reason}")
@@ -626,6 +782,9 @@ class ElasticMember:
             why = f"group {self.group_id} broke: {req.reason}"
             await svc.engine._fail_all(why)
             svc.engine.fail_adopted_inbox(why)
+        if self.home is not None:  # its requests at home go on
+            await self._dissolve_home([])
+            return el.Done(svc.cfg.instance_id, svc.engine.engine.model.param_bytes())
         await self._dissolve_local([], [])
         return el.Done(svc.cfg.instance_id, svc.engine.engine.model.param_bytes())
 
@@ -657,6 +816,10 @@ class ElasticMember:
         self.timer = None
         self.forwarding = False
         self.exported = []
+        self.home = None
+        self.home_blocks = 0
+        self.home_reserved = set()
+        self.stage_table = []
 
     def _stop_exchange(self) -> None:
         if self.exchange_task is not None:

@@ -212,6 +212,9 @@ class Engine:
         if not params.greedy and outputs and not state.generator_state:
             raise InvalidRequestError("a sampled request with outputs needs its generator state")
         generator = make_generator(params, self._rng, state.generator_state)
+        reserved = [b for b in blocks if b in self.handed_out]
+        if reserved:  # reserved for it (`reserve`) while its KV was on the way
+            self.unreserve(reserved)
         self.pool.claim(blocks)
         req = Request(
             state.request_id,
@@ -276,6 +279,22 @@ class Engine:
             return None
         self.scheduler.remove(req)
         return self._finish(req, reason, [])
+
+    def reserve(self, ids: Sequence[int]) -> None:
+        """Blocks taken for KV on its way here (a request adopted once its KV arrived):
+        held as handed-out blocks, so the integrity check counts them, until `adopt` gives
+        them to their request or `unreserve` frees them."""
+        self.pool.claim(ids)
+        self.handed_out.update(ids)
+
+    def reserve_free(self, n: int) -> list[int]:
+        """`reserve` n free blocks of the pool's choosing."""
+        ids = self.pool.allocate(n)
+        self.handed_out.update(ids)
+        return ids
+
+    def unreserve(self, ids: Sequence[int]) -> None:
+        self.release_blocks(ids)
 
     def release_blocks(self, block_ids: Sequence[int]) -> None:
         """Give back blocks that a keep_blocks request handed over."""

@@ -32,7 +32,7 @@ def test_one_tiny_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         "--across",
         "1",
         "--max-tokens",
-        "16",
+        "64",
         "--run-dir",
         str(tmp_path / "run"),
     ]
@@ -59,7 +59,12 @@ def test_one_tiny_round(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert early + drop["ttft_from_drop_queued_s"]["n"] == 1
     restore = res["restore"]
     assert restore["pause_s"]["n"] == 1 and restore["restore_s"]["median"] > 0
-    assert restore["moved"] + restore["recomputed"] == restore["rounds"][0]["running"]
+    (rnd,) = restore["rounds"]
+    assert rnd["how"] == "live"  # the first round's restore is live (they alternate)
+    # A request may end in the group while the live restore makes room: at most those.
+    assert restore["moved"] + restore["recomputed"] <= rnd["running"]
+    assert rnd["moved_live"] <= restore["moved"]
+    assert restore["by_how"]["live"]["restore_s"]["n"] == 1
     for case in ("single", "batch"):
         for side in ("solo", "group"):
             assert res[case][side]["tpot_ms"]["median"] > 0

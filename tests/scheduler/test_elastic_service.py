@@ -124,11 +124,19 @@ async def test_drop_forms_a_group_placements_go_to_its_leader_and_restore_dissol
                 "recomputed": 0,
                 "moved_bytes": 4096,
                 "pause_s": 0.01,
+                "live": False,
+                "moved_live": 0,
+                "batches": 0,
+                "stall_max_s": 0.0,
+                "duration_s": 0.0,
+                "fallback": "",
             }
         ]
     }
     [restore] = w0.received(Restore)
     assert (restore.group_id, restore.epoch) == ("g1", 1) and not w1.received(Restore)
+    # Live by default, the rest paused after half the timeout.
+    assert restore.live and restore.live_timeout_s > 0
     status = await elastic(harness, "status")
     assert status["groups"][0]["state"] == "DISSOLVED"
     assert [e["event"] for e in status["events"]][-2:] == ["restoring", "dissolved"]

@@ -108,25 +108,6 @@ class PipelineEngine(Engine):
         self._to_park: dict[str, Request] = {}  # in flight when named: park on its return
         self._parked: list[RequestState] = []
 
-    # ------------------------------------------------------------ exchange
-    def reserve(self, ids: list[int]) -> None:
-        """Group blocks that start taken: the blocks of requests whose KV is still being
-        exchanged, and the exchange's sources. Held as handed-out blocks (so the integrity
-        check counts them) until `adopt` gives them to their request or `unreserve` frees
-        them."""
-        self.pool.claim(ids)
-        self.handed_out.update(ids)
-
-    def unreserve(self, ids: list[int]) -> None:
-        self.release_blocks(ids)
-
-    def adopt(self, state: RequestState) -> Request:
-        """As `Engine.adopt`; a request whose exchange is done brings reserved blocks."""
-        reserved = [b for b in state.block_ids if b in self.handed_out]
-        if reserved:
-            self.unreserve(reserved)
-        return super().adopt(state)
-
     # ------------------------------------------------------------ live restore
     def retire(self, keep: set[int]) -> None:
         """Only group blocks in `keep` are handed out from now on: free ones outside it
