@@ -329,7 +329,7 @@ class ElasticMember:
         self.tables = plan.tables
         await asyncio.gather(
             *(
-                self._ask(m, el.StageTable(svc.cfg.admin_token, self.group_id, self.epoch, t))
+                self.ask(m, el.StageTable(svc.cfg.admin_token, self.group_id, self.epoch, t))
                 for m, t in zip(self.members[1:], plan.tables[1:], strict=True)
             )
         )
@@ -527,7 +527,7 @@ class ElasticMember:
         followers = self.members[1:]
         replies = await asyncio.gather(
             *(
-                self._ask(
+                self.ask(
                     m,
                     el.Dissolve(
                         svc.cfg.admin_token,
@@ -582,7 +582,7 @@ class ElasticMember:
 
     async def _copy_at(self, rank: int, copies: list[tuple[int, int]]) -> None:
         msg = el.CopyLocal(self.svc.cfg.admin_token, self.group_id, self.epoch, copies)
-        await self._ask(self.members[rank], msg)
+        await self.ask(self.members[rank], msg)
 
     def _copy_local(self, req: el.CopyLocal) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "follower")
@@ -789,7 +789,7 @@ class ElasticMember:
         return el.Done(svc.cfg.instance_id, svc.engine.engine.model.param_bytes())
 
     # ---------------------------------------------------------------- helpers
-    async def _ask(self, member: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
+    async def ask(self, member: el.Member, msg: el.ElasticRequest) -> el.ElasticReply:
         client: RpcClient[Any, Any] = RpcClient(member.control, el.ElasticRequest, el.ElasticReply)
         try:
             reply = await client.call(msg, timeout_s=_PEER_RPC_TIMEOUT_S)

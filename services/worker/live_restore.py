@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import msgspec
 
@@ -40,8 +40,23 @@ from services.worker.pipeline.engine import PipelineEngine
 from services.worker.pipeline.home_plan import HomePlan, plan_home
 from services.worker.pipeline.moves import by_pair, transfer
 
-if TYPE_CHECKING:
-    from services.worker.elastic import ElasticMember
+
+class Leader(Protocol):
+    """What the live restore needs of the leader's `ElasticMember` (elastic.py)."""
+
+    svc: Any  # its MemberHost: engine, routes, aborted, adopt/announce/fail_moved/...
+    group_id: str
+    epoch: int
+    members: list[el.Member]
+    followers: list[el.FollowerCommitted]
+    tables: list[list[int]]  # each member's sub-block of every group block, by rank
+    moved: dict[str, str]  # request id -> request address of the member it went home to
+
+    @property
+    def g(self) -> int: ...
+
+    async def ask(self, member: el.Member, msg: el.ElasticRequest) -> el.ElasticReply: ...
+
 
 log = get_logger(__name__)
 
@@ -68,7 +83,7 @@ class LiveStats:
 
 
 class LiveRestore:
-    def __init__(self, member: ElasticMember, pipeline: PipelineEngine, deadline: float):
+    def __init__(self, member: Leader, pipeline: PipelineEngine, deadline: float):
         self.m = member
         self.svc = member.svc
         self.pipeline = pipeline
@@ -91,7 +106,7 @@ class LiveRestore:
                 raise LiveRestoreFailed("the group's KV does not fit beside a home region")
             await self._until(lambda: self.pipeline.outside_live() == 0, "room at the home")
             home = self.m.members[HOME]
-            await self.m._ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
+            await self.m.ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
             self.opened = True
             self.stats.home_open_s = time.monotonic() - t0
             log.info(
@@ -153,14 +168,14 @@ class LiveRestore:
         home = self.m.members[HOME]
         group_blocks = [b for s in states for b in s.block_ids]
         try:
-            reply = await self.m._ask(home, self._msg(el.HomeTake, requests=states))
+            reply = await self.m.ask(home, self._msg(el.HomeTake, requests=states))
             assert isinstance(reply, el.HomeBlocks)
             blocks = reply.blocks
             try:
                 moved = await self._copy_home(states, blocks)
             except Exception:
                 release = [b for bs in blocks for b in bs]
-                await self.m._ask(home, self._msg(el.HomeAdopt, release=release))
+                await self.m.ask(home, self._msg(el.HomeAdopt, release=release))
                 raise
         except Exception:
             # Still whole in their group blocks (reserved here): the pause restore takes them.
@@ -172,7 +187,7 @@ class LiveRestore:
         for s in at_home:  # the home's death must fail them from now on
             self.svc.announce(s, home.instance_id, home.address)
         try:
-            await self.m._ask(home, self._msg(el.HomeAdopt, requests=at_home))
+            await self.m.ask(home, self._msg(el.HomeAdopt, requests=at_home))
         except Exception as exc:  # refused (nothing adopted) or the home is gone
             for s in at_home:
                 self.svc.fail_moved(s, f"live restore of group {self.m.group_id}: {exc}")
