@@ -1,0 +1,91 @@
+"""Preemption by swap on a worker: a victim's KV moves to its MemPool daemon's host tier
+and back (SwapOut / SwapIn), tokens equal a run without preemption, and when idle neither
+the engine nor the daemon holds a block; without host room the worker recomputes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.sampling import SamplingParams
+from services.worker.config import EngineConfig
+from services.worker.mempool_engine import MempoolEngine
+from tests.daemons import SpawnDaemon
+from tests.worker.helpers import MakeEngine, prompt, run_to_end
+
+pytestmark = pytest.mark.integration
+PARAMS = [
+    SamplingParams(max_tokens=24, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0.8, seed=3, ignore_eos=True),
+    SamplingParams(max_tokens=24, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0.9, seed=5, ignore_eos=True),
+]
+PROMPTS = [prompt(30, 40 + i) for i in range(4)]
+
+
+async def run_all(worker: MempoolEngine) -> list[list[int]]:
+    async def one(p: list[int], params: SamplingParams) -> list[int]:
+        outs = [o async for o in worker.generate(p, params)]
+        assert outs[-1].finished and outs[-1].error is None, outs[-1]
+        return [t for o in outs for t in o.token_ids]
+
+    return list(await asyncio.gather(*(one(p, s) for p, s in zip(PROMPTS, PARAMS, strict=True))))
+
+
+def reference(make_engine: MakeEngine) -> list[list[int]]:
+    roomy = make_engine(num_kv_blocks=64)
+    out = []
+    for i, (p, params) in enumerate(zip(PROMPTS, PARAMS, strict=True)):
+        roomy.add_request(str(i), p, params)
+        out.append(run_to_end(roomy)[str(i)])
+    return out
+
+
+async def run_on_small_daemon(
+    spawn_daemon: SpawnDaemon, name: str, host_blocks: int, host_free: int
+) -> tuple[list[list[int]], dict[str, int]]:
+    """Run the 4 requests on a daemon of 9 device blocks (they need 16 of 16 tokens) with
+    only `host_free` host blocks free (the others held by someone else)."""
+    daemon = await spawn_daemon(name, device_blocks=9, host_blocks=host_blocks)
+    held = await daemon.client.alloc_mem(host_blocks - host_free, tier=1, owner="someone-else")
+    worker = await MempoolEngine.connect(
+        EngineConfig(model="tiny", preemption_mode="swap"),
+        daemon.address,
+        owner=name,
+        caching=False,
+    )
+    try:
+        got = await run_all(worker)
+        stats = worker.engine.preemption_stats()
+        worker.engine.check_integrity()
+        assert not worker.engine.requests
+        assert not worker.engine.scheduler.host_garbage
+    finally:
+        await worker.close()
+    await daemon.client.free_mem(held, tier=1)
+    check = await daemon.client.check_integrity()
+    assert check.ok, check.message
+    st = await daemon.client.stats()
+    assert st.client["device"] == 0 and st.client["host"] == 0, st
+    return got, stats
+
+
+async def test_swap_through_the_host_tier(
+    spawn_daemon: SpawnDaemon, make_engine: MakeEngine
+) -> None:
+    got, stats = await run_on_small_daemon(spawn_daemon, "swap-w0", 32, host_free=32)
+    assert got == reference(make_engine)
+    assert stats["swap_outs"] > 0 and stats["swap_ins"] == stats["swap_outs"]
+    assert stats["recomputes"] == 0 and stats["swap_fallbacks"] == 0
+    assert stats["swapped_out_blocks"] == stats["swapped_in_blocks"] > 0
+
+
+async def test_a_full_host_tier_falls_back_to_recompute(
+    spawn_daemon: SpawnDaemon, make_engine: MakeEngine
+) -> None:
+    # One free host block: every victim holds at least 2 (a 30-token prompt).
+    got, stats = await run_on_small_daemon(spawn_daemon, "swap-w1", 16, host_free=1)
+    assert got == reference(make_engine)
+    assert stats["swap_outs"] == stats["swap_ins"] == 0
+    assert stats["swap_fallbacks"] == stats["recomputes"] > 0
