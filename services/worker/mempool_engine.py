@@ -240,6 +240,7 @@ class MempoolEngine(AsyncEngine):
 
     async def _exported(self, p: _Pending) -> None:
         await self._release_borrowed(p)
+        await self._free_host_garbage()  # one that left while swapped: before the engine may go
 
     async def _before_step(self) -> None:
         if self.grouped:
@@ -283,7 +284,8 @@ class MempoolEngine(AsyncEngine):
         sched = self.engine.swapper()
         if sched is not None and sched.host_garbage:
             garbage, sched.host_garbage = sched.host_garbage, []
-            await self.client.free_mem(garbage, tier=_HOST_TIER)
+            if not (self.fenced or self.abandoned):  # else that daemon's memory is gone
+                await self.client.free_mem(garbage, tier=_HOST_TIER)
 
     async def _lease(self, n: int) -> None:
         # Ask for less when the daemon cannot give it all (everything else pinned or in

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from common.protocol.elastic import RequestState
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.mempool_engine import MempoolEngine
@@ -89,3 +90,73 @@ async def test_a_full_host_tier_falls_back_to_recompute(
     assert got == reference(make_engine)
     assert stats["swap_outs"] == stats["swap_ins"] == 0
     assert stats["swap_fallbacks"] == stats["recomputes"] > 0
+
+
+async def test_requests_leave_while_swapped_and_go_on_elsewhere(
+    spawn_daemon: SpawnDaemon, make_engine: MakeEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Export (a group forming, a migration) while a request is swapped: it leaves without
+    KV, its host blocks are freed at once, and adopted again it gives the same tokens."""
+    daemon = await spawn_daemon("swap-w2", device_blocks=9, host_blocks=32)
+    worker = await MempoolEngine.connect(
+        EngineConfig(model="tiny", preemption_mode="swap"),
+        daemon.address,
+        owner="swap-w2",
+        caching=False,
+    )
+    sched = worker.engine.swapper()
+    assert sched is not None
+    moving: list[asyncio.Future[list[tuple[RequestState, object]]]] = []
+    swapped_when_exported: list[str] = []
+
+    async def export_all() -> list[tuple[RequestState, object]]:
+        await worker.pause()
+        # Swapped, or coming back (device blocks reserved): its KV is on the host either way.
+        swapped_when_exported.extend(r.request_id for r in [*sched.swapped, *sched.swapping_in])
+        moved = await worker.export()
+        st = await daemon.client.stats()
+        assert st.client["host"] == 0, st
+        worker.resume()
+        return moved
+
+    swap = worker._swap
+
+    async def swap_then_export() -> None:
+        await swap()
+        if sched.swapped and not moving:  # the next pause comes right after this step
+            moving.append(asyncio.ensure_future(export_all()))
+
+    monkeypatch.setattr(worker, "_swap", swap_then_export)
+    try:
+
+        async def first_part(i: int) -> list[int]:
+            outs = [o async for o in worker.generate(PROMPTS[i], PARAMS[i], request_id=str(i))]
+            assert outs[-1].moved, outs[-1]
+            return [t for o in outs for t in o.token_ids]
+
+        before = await asyncio.gather(*(first_part(i) for i in range(4)))
+        moved = await moving[0]
+        assert swapped_when_exported and len(moved) == 4
+
+        async def rest(state: RequestState) -> list[int]:
+            assert not state.block_ids
+            outs = [o async for o in worker.adopt(state)]
+            assert outs[-1].finished and outs[-1].error is None, outs[-1]
+            return [t for o in outs for t in o.token_ids]
+
+        after = dict(
+            zip(
+                [s.request_id for s, _ in moved],
+                await asyncio.gather(*(rest(s) for s, _ in moved)),
+                strict=True,
+            )
+        )
+        got = [before[i] + after[str(i)] for i in range(4)]
+        worker.engine.check_integrity()
+    finally:
+        await worker.close()
+    assert got == reference(make_engine)
+    check = await daemon.client.check_integrity()
+    assert check.ok, check.message
+    st = await daemon.client.stats()
+    assert st.client["device"] == 0 and st.client["host"] == 0, st
