@@ -206,7 +206,7 @@ class Scheduler:
 
     def _schedule_swap_ins(self, out: SchedulerOutput) -> None:
         """Reserve device blocks for swapped requests, head first, while they fit (with
-        room for their next token) and seats are left; the copies come before the next step."""
+        room for their next chunk) and seats are left; the copies come before the next step."""
         while self.swapped and len(self.running) + len(self.swapping_in) < self.max_num_seqs:
             req = self.swapped[0]
             if not self.pool.can_allocate(self._swap_in_need(req)):
@@ -219,9 +219,11 @@ class Scheduler:
             out.swap_in.append(req)
 
     def _swap_in_need(self, req: Request) -> int:
-        """Device blocks a swapped request needs to come back and compute one more token."""
+        """Device blocks a swapped request needs to come back and run its next chunk (a
+        request that could come back but not run would only be swapped out again)."""
         computed = self.swapped_kv[req.request_id].num_computed_tokens
-        return -(-(computed + 1) // self.block_size) - req.num_borrowed_blocks
+        n = min(req.num_tokens - computed, self.max_num_batched_tokens)
+        return -(-(computed + n) // self.block_size) - req.num_borrowed_blocks
 
     def demand(self) -> int:
         """Blocks the next `schedule()` would allocate if memory were unlimited: what a

@@ -4,9 +4,15 @@ back before waiting ones; a full host buffer falls back to recompute; nothing le
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
 import pytest
+import torch
 
 from common.sampling import SamplingParams
+from services.worker.async_engine import AsyncEngine, StreamOutput, _Pending
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
 from tests.worker.helpers import MakeEngine, prompt, run_to_end
@@ -58,23 +64,32 @@ def test_swapped_requests_give_uninterrupted_tokens(
 
 
 def test_swap_restores_the_kv_bytes(make_engine: MakeEngine) -> None:
-    engine = make_engine(num_kv_blocks=16, block_size=4, preemption_mode="swap")
-    req = engine.add_request("r", prompt(13, 3), GREEDY)
-    engine.step()  # prefill: 13 tokens in 4 blocks
+    engine = make_engine(num_kv_blocks=8, block_size=4, preemption_mode="swap")
+    short = SamplingParams(max_tokens=8, ignore_eos=True)
+    engine.add_request("a", prompt(13, 1), short)
+    engine.add_request("b", prompt(13, 2), short)  # 4 blocks each: b goes when a needs a 5th
     sched = engine.scheduler
-    before = engine.cache.tensor[req.owned_block_ids].clone()
-    sched.running.remove(req)
-    sched._preempt(req, type(sched.schedule())())  # as schedule() does for a victim
-    engine.swap_locally()
-    assert req in sched.swapped and not req.block_ids and req.num_computed_tokens == 0
-    engine.cache.tensor.zero_()  # whatever the device blocks held is gone
+    while not sched.swapping_out:
+        engine.step()
+    victim = sched.swapping_out[0]
+    assert victim.request_id == "b" and victim not in sched.running
+    before, computed = (
+        engine.cache.tensor[victim.owned_block_ids].clone(),
+        victim.num_computed_tokens,
+    )
+    engine.swap_locally()  # what the next step() starts with
+    assert victim in sched.swapped and not victim.block_ids and victim.num_computed_tokens == 0
     engine.check_integrity()
-    out = sched.schedule()
-    assert out.swap_in == [req] and not out.chunks  # comes back before the next step
+    while not sched.swapping_in:  # a runs on in b's blocks; b comes back when a is done
+        engine.step()
+    assert "a" not in engine.requests
     engine.swap_locally()
-    assert req.num_computed_tokens == 13 and req in sched.running
-    assert engine.cache.tensor[req.owned_block_ids].equal(before)
+    assert victim in sched.running and victim.num_computed_tokens == computed
+    assert torch.equal(engine.cache.tensor[victim.owned_block_ids], before)
     engine.check_integrity()
+    run_to_end(engine)
+    stats = engine.preemption_stats()
+    assert (stats["swap_outs"], stats["swap_ins"], stats["swapped_in_blocks"]) == (1, 1, 4)
 
 
 def test_a_full_host_buffer_falls_back_to_recompute(
@@ -151,3 +166,34 @@ def test_preemption_mode_is_validated() -> None:
         EngineConfig(preemption_mode="swapp").validate()
     with pytest.raises(ValueError, match="num_swap_blocks"):
         EngineConfig(num_swap_blocks=-1).validate()
+
+
+async def test_a_swapped_request_that_cannot_come_back_fails_not_hangs(
+    make_engine: MakeEngine,
+) -> None:
+    """Memory held outside the queues (a finished request's kept blocks) leaves no room for
+    a swapped request: after the stall timeout it fails, as a waiting request would."""
+
+    class KeepingX(AsyncEngine):
+        async def _admit(self, p: _Pending) -> dict[str, Any]:
+            return {"keep_blocks": p.request_id == "x"}
+
+    engine = make_engine(num_kv_blocks=8, block_size=4, preemption_mode="swap")
+    shell = KeepingX(engine, stall_timeout_s=0.2)
+    short = SamplingParams(max_tokens=8, ignore_eos=True)
+    try:
+        x, r = await asyncio.gather(
+            *(collect(shell.generate(prompt(13, i), short, rid)) for i, rid in enumerate("xr"))
+        )
+    finally:
+        await shell.close()
+    assert x[-1].finish_reason == "length" and x[-1].output is not None
+    assert r[-1].finish_reason == "error" and "not enough free KV memory" in (r[-1].error or "")
+    assert engine.preemption_stats()["swap_outs"] == 1
+    assert engine.swap_space is not None and engine.swap_space.num_used == 0
+    engine.release_blocks(x[-1].output.block_ids)
+    engine.check_integrity()
+
+
+async def collect(stream: AsyncIterator[StreamOutput]) -> list[StreamOutput]:
+    return [o async for o in stream]
