@@ -63,8 +63,11 @@ def test_swapped_requests_give_uninterrupted_tokens(
     assert tight.pool.num_free == tight.pool.num_blocks
 
 
-def test_swap_restores_the_kv_bytes(make_engine: MakeEngine) -> None:
-    engine = make_engine(num_kv_blocks=8, block_size=4, preemption_mode="swap")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_swap_restores_the_kv_bytes(make_engine: MakeEngine, device: str) -> None:
+    engine = make_engine(
+        num_kv_blocks=8, block_size=4, preemption_mode="swap", device=device, dtype="float32"
+    )
     short = SamplingParams(max_tokens=8, ignore_eos=True)
     engine.add_request("a", prompt(13, 1), short)
     engine.add_request("b", prompt(13, 2), short)  # 4 blocks each: b goes when a needs a 5th
