@@ -32,7 +32,11 @@ then reports back (`swap_out_done` / `swap_out_refused`, `swap_in_done` /
                                not yet holding the KV)          restored)
 
 A victim's device blocks are freed only once its KV is copied out, i.e. for the next step:
-the request that needed them waits one step. Invariants: a request is in exactly one of
+the request that needed them waits one step. (vLLM frees them at once and copies before
+the forward pass; a worker's host tier is its daemon's, reached by RPC, which cannot run
+inside a synchronous step, and deferring on every engine keeps one code path.) A swapped
+request comes back only when its next chunk fits too, so it is not swapped out again at
+once. Invariants: a request is in exactly one of
 `running`, `waiting`, `swapping_out`, `swapped`, `swapping_in`; a request in `swapped` or
 `swapping_in` has its host copy in `swapped_kv` and a computed count at its borrowed
 prefix (its reserved blocks hold nothing yet), so every reader of `block_ids` /
