@@ -262,7 +262,9 @@ class MempoolEngine(AsyncEngine):
             except RpcError as exc:
                 if exc.kind not in _SWAP_REFUSALS:
                     raise
-                log.info("swap-out refused; recomputing", request_id=req.request_id, error=str(exc))
+                log.debug(
+                    "swap-out refused; recomputing", request_id=req.request_id, error=str(exc)
+                )
                 sched.swap_out_refused(req)
                 continue
             sched.swap_out_done(req, host, disown=True)
