@@ -160,3 +160,40 @@ async def test_requests_leave_while_swapped_and_go_on_elsewhere(
     assert check.ok, check.message
     st = await daemon.client.stats()
     assert st.client["device"] == 0 and st.client["host"] == 0, st
+
+
+async def test_swap_with_a_cached_prefix(
+    spawn_daemon: SpawnDaemon, make_engine: MakeEngine
+) -> None:
+    """Requests that borrow a cached prefix (pinned in the daemon's index) swap only the
+    blocks they own; the prefix stays on the device, and the tokens stay the same."""
+    daemon = await spawn_daemon("swap-w3", device_blocks=12, host_blocks=32)
+    worker = await MempoolEngine.connect(
+        EngineConfig(model="tiny", preemption_mode="swap"), daemon.address, owner="swap-w3"
+    )
+    shared = prompt(33, 77)  # its 2 whole blocks go to the index
+    prompts = [shared + prompt(14, 80 + i) for i in range(4)]  # 5 blocks each with outputs
+    greedy = SamplingParams(max_tokens=24, ignore_eos=True)
+    try:
+        [o async for o in worker.generate(shared, SamplingParams(max_tokens=1))]
+
+        async def one(p: list[int]) -> tuple[list[int], int]:
+            outs = [o async for o in worker.generate(p, greedy)]
+            assert outs[-1].finished and outs[-1].error is None, outs[-1]
+            return [t for o in outs for t in o.token_ids], outs[-1].num_cached_tokens
+
+        results = await asyncio.gather(*(one(p) for p in prompts))
+        stats = worker.engine.preemption_stats()
+        worker.engine.check_integrity()
+    finally:
+        await worker.close()
+    roomy = make_engine(num_kv_blocks=64)
+    for i, p in enumerate(prompts):
+        roomy.add_request(str(i), p, greedy)
+        assert results[i][0] == run_to_end(roomy)[str(i)], i
+    assert all(cached == 32 for _, cached in results)
+    assert stats["swap_outs"] > 0 and stats["swap_ins"] == stats["swap_outs"]
+    check = await daemon.client.check_integrity()
+    assert check.ok, check.message
+    st = await daemon.client.stats()
+    assert st.client["device"] == 0 and st.client["host"] == 0 and st.pinned["device"] == 0, st
