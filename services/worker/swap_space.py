@@ -56,7 +56,7 @@ class HostSwapSpace:
             )
         host_ids = self._pool.allocate(len(block_ids))
         src = torch.tensor(list(block_ids), dtype=torch.long, device=cache.tensor.device)
-        self._host(cache.tensor)[torch.tensor(host_ids)] = cache.tensor[src].cpu()
+        self._host(cache.tensor)[torch.tensor(host_ids, dtype=torch.long)] = cache.tensor[src].cpu()
         return host_ids
 
     def swap_in(self, cache: KVCache, host_ids: Sequence[int], block_ids: Sequence[int]) -> None:
