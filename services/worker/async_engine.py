@@ -337,7 +337,7 @@ class AsyncEngine:
                 log.error("engine step failed; ending every request", error=str(exc), exc_info=True)
                 await self._fail_all(f"engine error: {type(exc).__name__}: {exc}")
                 continue
-            if outputs or self.engine.scheduler.running:
+            if outputs or self.engine.scheduler.running or self.engine.swaps_pending():
                 self._stalled_since = None
                 continue
             # Nothing fits (memory held elsewhere): wait for a change instead of spinning,
@@ -346,8 +346,10 @@ class AsyncEngine:
             self._stalled_since = self._stalled_since or now
             if now - self._stalled_since > self.stall_timeout_s:
                 self._stalled_since = None
-                head = self.engine.scheduler.waiting[0]
-                failed = self.engine.abort(head.request_id, FinishReason.ERROR)
+                head = self.engine.stalled_head()
+                failed = (
+                    None if head is None else self.engine.abort(head.request_id, FinishReason.ERROR)
+                )
                 if failed is not None:
                     await self._deliver(
                         failed,

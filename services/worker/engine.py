@@ -11,6 +11,13 @@ and never reaches the queues, so one bad request cannot disturb the others.
 Block accounting: every pool block is free, owned by a live request, or handed to the
 caller with a finished request that asked to keep its blocks (until `release_blocks`).
 `check_integrity()` proves it.
+
+Preemption by swap (`preemption_mode = "swap"`): the scheduler marks requests to swap out
+and in (services/worker/scheduler.py), and the copies are done between steps by the owner
+of the host tier. An engine over its own pool owns a host buffer (`swap_space`) and copies
+at the start of each `step()`; an engine over a leased pool (a worker's) has none, and its
+shell swaps through the MemPool daemon's host tier before each step (`MempoolEngine`).
+Either way the scheduling decisions are the same.
 """
 
 from __future__ import annotations
@@ -35,7 +42,8 @@ from services.worker.model.loader import load_model
 from services.worker.model_runner import ModelRunner
 from services.worker.request import FinishReason, Request, RequestStatus
 from services.worker.sampler import generator_state, make_generator, sample
-from services.worker.scheduler import Scheduler
+from services.worker.scheduler import PreemptionStats, Scheduler
+from services.worker.swap_space import HostSwapSpace, SwapSpaceFull
 
 
 @dataclass
@@ -67,15 +75,27 @@ class Engine:
         self, model: LlamaModel, cache: KVCache, config: EngineConfig, pool: BlockPool | None = None
     ):
         """`pool` defaults to every block of `cache`; a worker passes an empty pool and
-        leases blocks into it from its MemPool daemon."""
+        leases blocks into it from its MemPool daemon (whose host tier then holds what a
+        preemption by swap moves out: this engine has no `swap_space` of its own)."""
         self.config = config.validate()
         self.model = model
         self.model_config: ModelConfig = model.cfg
         self.cache = cache
         self.block_size = cache.layout.block_size
+        self.swap_space: HostSwapSpace | None = None
+        if pool is None and config.preemption_mode == "swap":
+            layout = cache.layout
+            n = config.num_swap_blocks
+            self.swap_space = HostSwapSpace(
+                layout, layout.num_blocks_for(config.swap_space_bytes) if n is None else n
+            )
         self.pool = BlockPool(cache.num_blocks) if pool is None else pool
         self.scheduler = Scheduler(
-            self.pool, self.block_size, config.max_num_seqs, config.max_num_batched_tokens
+            self.pool,
+            self.block_size,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            preemption_mode=config.preemption_mode,
         )
         self.runner = ModelRunner(model, cache)
         limit = model.cfg.max_position_embeddings
@@ -237,14 +257,25 @@ class Engine:
         names its blocks and computed tokens, and the blocks leave the pool with it (the
         caller moves the KV). Borrowed blocks stay with their owner either way (the caller
         releases them); a request holding some cannot keep its KV."""
-        reqs = list(self.scheduler.running) + list(self.scheduler.waiting)
-        return [self._export(req, keep_kv) for req in reqs]
+        sched = self.scheduler
+        reqs = list(sched.running) + list(sched.waiting)
+        swapping = self.swapper()
+        if swapping is not None:  # swapped ones after the running, before the waiting
+            queued = swapping.swapping_out + swapping.swapping_in + list(swapping.swapped)
+            reqs = list(sched.running) + queued + list(sched.waiting)
+        out = [self._export(req, keep_kv) for req in reqs]
+        self._settle_host_garbage()
+        return out
 
     def export_request(self, request_id: str, *, keep_kv: bool) -> RequestState | None:
         """One request leaves this engine, as in `export_requests` (a live migration);
         None for an unknown id."""
         req = self.requests.get(request_id)
-        return None if req is None else self._export(req, keep_kv)
+        if req is None:
+            return None
+        state = self._export(req, keep_kv)
+        self._settle_host_garbage()
+        return state
 
     def _export(self, req: Request, keep_kv: bool) -> RequestState:
         self.scheduler.remove(req)
@@ -278,6 +309,7 @@ class Engine:
         if req is None:
             return None
         self.scheduler.remove(req)
+        self._settle_host_garbage()
         return self._finish(req, reason, [])
 
     def reserve(self, ids: Sequence[int]) -> None:
@@ -324,8 +356,71 @@ class Engine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
+    # ---------------------------------------------------------------------- swap
+    def swapper(self) -> Scheduler | None:
+        """The scheduler when it preempts by swap (the swap queues and reports live
+        there), else None (recompute, or a pipeline leader's microbatch scheduler)."""
+        s = self.scheduler
+        return s if isinstance(s, Scheduler) and s.preemption_mode == "swap" else None
+
+    def swaps_pending(self) -> bool:
+        """Swap copies wait for the next step (a step that only marked swaps made progress)."""
+        s = self.swapper()
+        return s is not None and s.swaps_pending
+
+    def stalled_head(self) -> Request | None:
+        """The request the next step would start first if memory allowed: the head of the
+        swapped queue (they come back first), else of the waiting queue."""
+        s = self.swapper()
+        if s is not None and s.swapped:
+            return s.swapped[0]
+        return self.scheduler.waiting[0] if self.scheduler.waiting else None
+
+    def swap_locally(self) -> None:
+        """Do the swaps the scheduler marked, with this engine's host buffer: copy out (host
+        full: recompute instead), copy in, free the host blocks of requests that left."""
+        sched, space = self.swapper(), self.swap_space
+        if sched is None or space is None:
+            return
+        for req in list(sched.swapping_out):
+            try:
+                host = space.swap_out(self.cache, req.owned_block_ids)
+            except SwapSpaceFull:
+                sched.swap_out_refused(req)
+                continue
+            sched.swap_out_done(req, host, disown=False)
+        for req in list(sched.swapping_in):
+            space.swap_in(
+                self.cache, sched.swapped_kv[req.request_id].host_block_ids, req.owned_block_ids
+            )
+            sched.swap_in_done(req)
+        self._settle_host_garbage()
+
+    def _settle_host_garbage(self) -> None:
+        sched, space = self.swapper(), self.swap_space
+        if sched is not None and space is not None and sched.host_garbage:
+            garbage, sched.host_garbage = sched.host_garbage, []
+            space.free(garbage)
+
+    def preemption_stats(self) -> dict[str, int]:
+        """Preemptions so far, by kind, with the swapped blocks in bytes too."""
+        stats = getattr(self.scheduler, "stats", None) or PreemptionStats()
+        block_bytes = self.cache.layout.bytes_per_block
+        return {
+            "preemptions": stats.preemptions,
+            "recomputes": stats.recomputes,
+            "swap_outs": stats.swap_outs,
+            "swap_ins": stats.swap_ins,
+            "swapped_out_blocks": stats.swapped_out_blocks,
+            "swapped_in_blocks": stats.swapped_in_blocks,
+            "swapped_out_bytes": stats.swapped_out_blocks * block_bytes,
+            "swapped_in_bytes": stats.swapped_in_blocks * block_bytes,
+            "swap_fallbacks": stats.swap_fallbacks,
+        }
+
     # ---------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        self.swap_locally()
         sched = self.scheduler.schedule()
         if not sched.chunks:
             return []
@@ -409,3 +504,39 @@ class Engine:
             f"leak: allocated {len(allocated)}, owned {len(owned)}, handed out {len(self.handed_out)}"
         )
         assert self.pool.num_free + len(allocated) == self.pool.num_blocks
+        self._check_swaps()
+
+    def _check_swaps(self) -> None:
+        """Every live request is in exactly one queue; a swapped one owns no device block
+        (one coming back owns as many as it has host blocks), its computed count is its
+        borrowed prefix, and the host blocks are each one request's (all of the host
+        buffer's used blocks, for an engine with one)."""
+        sched = self.swapper()
+        if sched is None:
+            return
+        queues = [
+            *sched.running,
+            *sched.waiting,
+            *sched.swapping_out,
+            *sched.swapped,
+            *sched.swapping_in,
+        ]
+        ids = [r.request_id for r in queues]
+        assert sorted(ids) == sorted(self.requests), "a request is in no queue or in two"
+        assert set(sched.swapped_kv) == {r.request_id for r in [*sched.swapped, *sched.swapping_in]}
+        host: list[int] = list(sched.host_garbage)
+        for req in [*sched.swapped, *sched.swapping_in]:
+            kv = sched.swapped_kv[req.request_id]
+            host.extend(kv.host_block_ids)
+            owned = len(req.owned_block_ids)
+            assert owned == (len(kv.host_block_ids) if req in sched.swapping_in else 0), req
+            assert req.num_computed_tokens == req.num_borrowed_blocks * self.block_size, req
+            assert (
+                kv.num_computed_tokens
+                <= (req.num_borrowed_blocks + len(kv.host_block_ids)) * self.block_size
+            ), req
+        assert len(host) == len(set(host)), "a host block is held twice"
+        if self.swap_space is not None:
+            assert self.swap_space.num_used == len(host), (
+                f"host swap space: {self.swap_space.num_used} used, {len(host)} held"
+            )

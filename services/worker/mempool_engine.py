@@ -16,7 +16,13 @@ Around each request:
 - at the end: `insert` the request's KV (prompt + output, whole blocks) into the daemon's
   index, which takes the blocks (freeing duplicates and the partial tail), then release the
   pin; the engine disowns those blocks;
-- when idle: give leased blocks above `keep_free_blocks` back, so the daemon can use them.
+- when idle: give leased blocks above `keep_free_blocks` back, so the daemon can use them;
+- preemption by swap (`preemption_mode = "swap"`): before each step, before leasing, do
+  the swaps the scheduler marked through the daemon's host tier: `swap_out` a victim's
+  blocks (the daemon copies them to host blocks and frees the device ones; a refusal,
+  e.g. the host tier full, falls back to recompute), and for a request coming back give
+  the blocks reserved for it back and `swap_in` (the daemon picks the device blocks);
+  host blocks of requests that ended while swapped are freed.
 
 Each request carries a `KvPlan` (from the worker shell; the scheduler's caching mode
 decides it), and everything about its KV outside the engine (the prefix found or fetched
@@ -55,7 +61,7 @@ from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer, MempoolConnector
 from services.worker.load import KvLoad, kv_load
 from services.worker.model.arena import ParamArena, place_in_region
-from services.worker.request import FinishReason
+from services.worker.request import FinishReason, Request
 
 log = get_logger(__name__)
 
@@ -64,6 +70,10 @@ log = get_logger(__name__)
 _LEASE_SLACK = 8
 # Giving blocks back at close: a dead daemon must not hold up a worker's exit.
 _CLOSE_RPC_TIMEOUT_S = 1.0
+_HOST_TIER = 1
+# A swap-out the daemon refuses (host tier full or absent, blocks in a transfer): the
+# victim is recomputed instead. Anything else (the daemon gone) fails the step.
+_SWAP_REFUSALS = (ErrorKind.OUT_OF_MEMORY, ErrorKind.BAD_REQUEST, ErrorKind.REFUSED)
 
 
 class MempoolEngine(AsyncEngine):
@@ -230,14 +240,54 @@ class MempoolEngine(AsyncEngine):
 
     async def _exported(self, p: _Pending) -> None:
         await self._release_borrowed(p)
+        await self._free_host_garbage()  # one that left while swapped: before the engine may go
 
     async def _before_step(self) -> None:
         if self.grouped:
             self.stepped.set()
             return
+        await self._swap()
         want = self.engine.scheduler.demand() - self.engine.pool.num_free
         if want > 0:
             await self._lease(want + _LEASE_SLACK)
+
+    async def _swap(self) -> None:
+        """The scheduler's swaps, through the daemon's host tier (see the module docstring)."""
+        sched = self.engine.swapper()
+        if sched is None:
+            return
+        for req in list(sched.swapping_out):
+            try:
+                host = await self.client.swap_out(list(req.owned_block_ids))
+            except RpcError as exc:
+                if exc.kind not in _SWAP_REFUSALS:
+                    raise
+                log.debug(
+                    "swap-out refused; recomputing", request_id=req.request_id, error=str(exc)
+                )
+                sched.swap_out_refused(req)
+                continue
+            sched.swap_out_done(req, host, disown=True)
+        for req in list(sched.swapping_in):
+            reserved = sched.take_swap_in_blocks(req)
+            if reserved:  # room at the daemon for the swap-in (the pool shrinks, then grows back)
+                await self.client.free_mem(reserved)
+            try:
+                blocks = await self.client.swap_in(sched.swapped_kv[req.request_id].host_block_ids)
+            except RpcError as exc:
+                if exc.kind != ErrorKind.OUT_OF_MEMORY:
+                    raise
+                sched.swap_in_refused(req)  # memory went elsewhere meanwhile: later
+                continue
+            sched.swap_in_done(req, blocks)
+        await self._free_host_garbage()
+
+    async def _free_host_garbage(self) -> None:
+        sched = self.engine.swapper()
+        if sched is not None and sched.host_garbage:
+            garbage, sched.host_garbage = sched.host_garbage, []
+            if not (self.fenced or self.abandoned):  # else that daemon's memory is gone
+                await self.client.free_mem(garbage, tier=_HOST_TIER)
 
     async def _lease(self, n: int) -> None:
         # Ask for less when the daemon cannot give it all (everything else pinned or in
@@ -273,6 +323,7 @@ class MempoolEngine(AsyncEngine):
     async def _on_idle(self) -> None:
         if self.grouped:
             return
+        await self._free_host_garbage()
         extra = self.engine.pool.num_free - self.keep_free_blocks
         if extra > 0:
             await self.client.free_mem(self.engine.pool.take_free(extra))
@@ -317,7 +368,7 @@ class MempoolEngine(AsyncEngine):
     def load(self) -> tuple[int, int, int, int]:
         """(waiting requests, running requests, waiting tokens, running tokens)."""
         sched = self.engine.scheduler
-        waiting = list(sched.waiting)
+        waiting = list(sched.waiting) + self._swapped()
         wait_tokens = sum(r.num_tokens - r.num_computed_tokens for r in waiting)
         run_tokens = sum(r.num_computed_tokens for r in sched.running)
         return len(waiting) + len(self._inbox), len(sched.running), wait_tokens, run_tokens
@@ -332,8 +383,17 @@ class MempoolEngine(AsyncEngine):
         capacity = self.engine.pool.num_blocks if self.grouped else daemon_capacity
         pending = [len(p.prompt_ids) for p in self._inbox if p.adopted is None]
         # Copies first: a step may run in the executor thread meanwhile.
-        running, waiting = list(sched.running), list(sched.waiting)
+        running, waiting = list(sched.running), list(sched.waiting) + self._swapped()
         return kv_load(running, waiting, pending, self.block_size, capacity)
+
+    def _swapped(self) -> list[Request]:
+        """Requests whose KV is (or goes) off the device: they wait for blocks to come back
+        into (a swapped request holds only its borrowed prefix, so `blocks_needed` counts
+        all it needs)."""
+        sched = self.engine.swapper()
+        if sched is None:
+            return []
+        return [*sched.swapping_out, *sched.swapped, *sched.swapping_in]
 
     async def close(self) -> None:
         """Stop, give the leased blocks back (briefly: the daemon may be gone), unmap."""
@@ -349,6 +409,12 @@ class MempoolEngine(AsyncEngine):
         try:
             if spare:
                 await self.client.call(mp.FreeMem(spare), timeout_s=_CLOSE_RPC_TIMEOUT_S)
+            sched = self.engine.swapper()
+            if sched is not None and sched.host_garbage:
+                garbage, sched.host_garbage = sched.host_garbage, []
+                await self.client.call(
+                    mp.FreeMem(garbage, _HOST_TIER), timeout_s=_CLOSE_RPC_TIMEOUT_S
+                )
         except (RpcError, TimeoutError) as exc:
             log.warning("could not return blocks to the mempool", error=str(exc))
         self.client.close()
