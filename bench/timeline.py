@@ -115,7 +115,7 @@ def summarize_timeline(
     def t(e: Mapping[str, Any]) -> float:
         return round(float(e["wall"]) - t0_wall, 4)
 
-    timeline = [
+    timeline: list[dict[str, Any]] = [
         {
             "t_s": t(e),
             "event": str(e["event"]),
@@ -125,7 +125,7 @@ def summarize_timeline(
         for e in sorted(events, key=lambda e: float(e["wall"]))
     ]
     end_s = end_wall - t0_wall
-    gids = list(dict.fromkeys(e["group"] for e in timeline if e["group"]))
+    gids: list[str] = list(dict.fromkeys(e["group"] for e in timeline if e["group"]))
     groups = [_group(gid, timeline, end_s, exchange.get(gid) or {}) for gid in gids]
     count = {name: sum(e["event"] == name for e in timeline) for name in _COUNTED}
     served = [g for g in groups if g["serving_s"] is not None]
@@ -149,8 +149,10 @@ def summarize_timeline(
     }
 
 
-_COUNTED = ("serving", "aborted", "broken", "dissolved", "fallback", "migrated")
-_COUNTED += ("migrate-failed", "votes")
+_COUNTED = (
+    *("serving", "aborted", "broken", "dissolved"),
+    *("fallback", "migrated", "migrate-failed", "votes"),
+)
 
 
 def _group(
