@@ -143,6 +143,9 @@ def summarize_timeline(
         "votes": count["votes"],
         "exchanged_requests": sum(int(g["exchange"].get("exchanged", 0)) for g in served),
         "exchanged_bytes": sum(int(g["exchange"].get("bytes", 0)) for g in served),
+        # Requests running at a drop that the group recomputed instead (no exchange, or a
+        # failed or late batch).
+        "drop_recomputed_requests": sum(int(g["exchange"].get("recomputed", 0)) for g in served),
         "exchange_stall_s_max": max(stalls) if stalls else None,
         "restore_moved_bytes": sum(int(g["restore"].get("moved_bytes", 0)) for g in served),
         "group_s": round(sum(g["lifetime_s"] or 0.0 for g in served), 4),

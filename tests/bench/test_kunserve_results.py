@@ -128,7 +128,7 @@ EVENTS = [
 
 
 def test_the_timeline_gives_each_groups_drop_lifetime_exchange_and_restore() -> None:
-    exchange = {"g1": {"exchanged": 6, "bytes": 2 * MIB, "stall_s_max": 0.2}}
+    exchange = {"g1": {"exchanged": 6, "recomputed": 1, "bytes": 2 * MIB, "stall_s_max": 0.2}}
     e = summarize_timeline(EVENTS, T0, T0 + 20.0, exchange)
     assert [x["t_s"] for x in e["timeline"]][:2] == [3.0, 3.1]
     assert e["timeline"][0]["group"] == ""  # the controller's
@@ -145,6 +145,7 @@ def test_the_timeline_gives_each_groups_drop_lifetime_exchange_and_restore() -> 
     assert g2["dissolved_s"] is None and g2["restore"] == {}
     assert (e["drops"], e["restores"], e["votes"], e["migrations"]) == (2, 1, 1, 0)
     assert e["exchanged_bytes"] == 2 * MIB and e["exchanged_requests"] == 6
+    assert e["drop_recomputed_requests"] == 1
     assert e["exchange_stall_s_max"] == 0.2 and e["group_s"] == pytest.approx(14.3)
 
 
@@ -189,6 +190,6 @@ def test_the_markdown_section_has_both_tables_and_the_ratios() -> None:
     md = markdown(doc)
     assert "#### burst: KunServe modes" in md and "6.0 MiB" in md
     assert "| kunserve | 10 | 0 |" in md and "TTFT p999 ms" in md
-    assert "| kunserve | 2 | 1 | 0 | 0 | 0.50 | 6.8, 7.5+ | 6 | 1.0 |" in md
+    assert "| kunserve | 2 | 1 | 0 | 0 | 0.50 | 6.8, 7.5+ | 6 / 0 | 1.0 |" in md
     assert "20.0x lower (paper 12.7-72.2x lower)" in md
     assert markdown({"runs": [run("colocated", 1.0)]}) == ""
