@@ -83,6 +83,8 @@ class Shape:
         `extra` (--cluster-set) is applied last, table by table."""
         cluster: dict[str, Any] = {"model": model, "policy": self.policy, "run_dir": run_dir}
         if self.kunserve:
+            # Caching on, as `memserve up` runs colocated: every mode alike (the burst's
+            # prompts are fresh, so it changes no hit; a recomputed request may hit its own).
             cluster |= {"mode": "colocated", "caching": True, "colocated": self.colocated}
             tables = kunserve_overrides(KUNSERVE_MODES[self.mode], self.budget_bytes)
             base = {
