@@ -5,20 +5,23 @@ and routing policy, side by side.
     memserve bench serve --workload docs --modes pd-caching-3 --prefill 3 \\
         --policies locality,session,least-load,round-robin
     memserve bench serve --gateway tcp://host:5800 --workload agent   # a running cluster
-    memserve bench serve --workload reasoning --arrival spike:24:2:5 --rate 0.5 \
-        --sessions 40 --budget-mib 124 --modes dp-recompute,dp-migrate,kunserve
+    memserve bench serve --workload reasoning --arrival spike:24:2:5 --rate 0.5 \\
+        --sessions 40 --budget-mib 123 --modes dp-recompute,dp-migrate,kunserve
 
 Workloads are seeded (bench/workloads/): chat (ShareGPT-like), docs (LooGLE-like), agent
 (ReAct-like), reasoning (single turns with long answers), or a trace file (sharegpt,
 burstgpt with --trace); arrivals Poisson, Gamma, on/off or a spike over a steady base.
-KunServe's modes (bench/kunserve_modes.py: dp-recompute, dp-swap, dp-migrate, kunserve,
-kunserve-recompute, kunserve-norestore) run colocated with --budget-mib per instance;
-their runs add the elastic timeline, a latency and an elastic table, the P99 TTFT ratios
-beside the paper's, and two PNGs (TTFT over arrival time with the groups shaded; P99 bars). Each configuration runs on
-a fresh cluster started by `memserve up`'s launcher (bench/experiment.py). Figures per run:
+Each configuration runs on a fresh cluster started by `memserve up`'s launcher
+(bench/experiment.py). Figures per run:
 mean / p99 TTFT, TPOT and JCT, cache hit rate; and the caching, disaggregation and routing
 gains next to the papers' (bench/paper.py). Results go to --out-dir as JSON, CSV, a
 markdown table and PNG plots (bench/results.py, bench/plots.py).
+
+KunServe's modes (bench/kunserve_modes.py: dp-recompute, dp-swap, dp-migrate, kunserve,
+kunserve-recompute, kunserve-norestore) run colocated with --budget-mib per instance; their
+runs add the elastic timeline, a latency and an elastic table, the P99 TTFT ratios beside
+the paper's, and two PNGs (TTFT over arrival time with the groups shaded; P99 bars).
+--cluster-set SECTION.KEY=VALUE sets a key of every cluster (any mode).
 
 --gateway-figures adds, on the first colocated cluster, the gateway's added latency and the
 request rates the gateway and the scheduler sustain (bench/gateway_figures.py).
@@ -129,8 +132,8 @@ def build_workload(args: argparse.Namespace) -> Any:
             raise ValueError(f"--output-len must be >= 1, got {args.output_len}")
         if args.workload not in ("chat", "reasoning"):
             raise ValueError(f"--output-len: workload {args.workload} has no answer lengths")
-        overrides |= {"answer_tokens_mean": str(args.output_len), "answer_tokens_sigma": "0"}
-        overrides["answer_tokens_max"] = str(max(args.output_len, 1))
+        n = str(args.output_len)
+        overrides |= {"answer_tokens_mean": n, "answer_tokens_sigma": "0", "answer_tokens_max": n}
     tokenizer = None
     if args.workload == "sharegpt" and args.model not in ("tiny", "small"):
         from common.tokenizer import Tokenizer
