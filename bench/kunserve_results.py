@@ -104,7 +104,7 @@ def latency_row(run: Mapping[str, Any]) -> list[str]:
 ELASTIC_HEADERS = (
     "mode", "drops", "restores", "migrations", "fallbacks", "drop s (max)",
     "group lifetime s", "exchanged / recomputed req", "exchanged MiB", "exchange stall ms (max)",
-    "restore pause ms (max)",
+    "restore s (max)", "restore pause ms (max)",
 )  # fmt: skip
 
 
@@ -132,6 +132,7 @@ def elastic_row(run: Mapping[str, Any]) -> list[str]:
         f"{fmt(e.get('exchanged_requests'))} / {fmt(e.get('drop_recomputed_requests'))}",
         fmt(num(e.get("exchanged_bytes")) / MIB, 1) if e else "-",
         fmt(1e3 * num(e.get("exchange_stall_s_max")), 1),
+        fmt(_max([g.get("restore_s") for g in groups]), 2),
         fmt(1e3 * _max(pauses), 1),
     ]
 

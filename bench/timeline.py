@@ -6,8 +6,8 @@ requests exchanged, bytes, the leader's stall from commit to join; kept by the l
 until the restore, so the last sample of a group is its final word). One last read when
 the replay ends. `summarize_timeline` (pure) turns the events into:
 
-- per group: members, drop (prepare -> serving) seconds, when it served, was wanted back,
-  dissolved or broke, its lifetime (serving -> dissolved / broken / the replay's end,
+- per group: members, drop (prepare -> serving) and restore (restoring -> dissolved)
+  seconds, when it served, was wanted back, dissolved or broke, its lifetime (serving -> dissolved / broken / the replay's end,
   `open` when it outlived the replay), requests adopted, bytes lent, the exchange's
   figures and the restore's (requests moved / recomputed, bytes moved, pause);
 - totals: drops, aborts, breaks, restores, fallbacks, migrations, votes, exchanged bytes
@@ -192,6 +192,7 @@ def _group(
         "drop_s": _nan_none(serving - prepare),
         "restore_wanted_s": _nan_none(wanted),
         "restoring_s": _nan_none(at("restoring")),
+        "restore_s": _nan_none(dissolved - at("restoring")),
         "dissolved_s": _nan_none(dissolved),
         "broken_s": _nan_none(broken),
         "aborted": any(e["event"] == "aborted" for e in own),

@@ -139,6 +139,7 @@ def test_the_timeline_gives_each_groups_drop_lifetime_exchange_and_restore() -> 
         10.4
     )
     assert g1["lifetime_s"] == pytest.approx(6.8) and not g1["open"]
+    assert g1["restore_s"] == pytest.approx(0.3)
     assert g1["restore"] == {"moved": 3, "recomputed": 1, "moved_bytes": MIB, "pause_s": 0.05}
     assert g1["exchange"]["exchanged"] == 6 and g1["adopted"] == 8
     assert g2["open"] and g2["lifetime_s"] == pytest.approx(7.5)  # to the replay's end
@@ -190,6 +191,6 @@ def test_the_markdown_section_has_both_tables_and_the_ratios() -> None:
     md = markdown(doc)
     assert "#### burst: KunServe modes" in md and "6.0 MiB" in md
     assert "| kunserve | 10 | 0 |" in md and "TTFT p999 ms" in md
-    assert "| kunserve | 2 | 1 | 0 | 0 | 0.50 | 6.8, 7.5+ | 6 / 0 | 1.0 |" in md
+    assert "| kunserve | 2 | 1 | 0 | 0 | 0.50 | 6.8, 7.5+ | 6 / 0 | 1.0 | 0.0 | 0.30 | 50.0 |" in md
     assert "20.0x lower (paper 12.7-72.2x lower)" in md
     assert markdown({"runs": [run("colocated", 1.0)]}) == ""
