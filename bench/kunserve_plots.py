@@ -45,7 +45,7 @@ def _spike(experiment: Experiment) -> tuple[float, float] | None:
 def plot_ttft_timeline(experiment: Experiment, path: str | Path) -> Path:
     runs = kunserve_runs(list(experiment.get("runs") or []))
     n = max(1, len(runs))
-    fig, axes = plt.subplots(n, 1, figsize=(8, 2.4 * n + 0.8), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(n, 1, figsize=(9.5, 2.4 * n + 0.8), sharex=True, squeeze=False)
     spike = _spike(experiment)
     for ax, run in zip(axes[:, 0], runs or [{}], strict=True):
         xs, ys, failed = _points(run)
@@ -79,7 +79,8 @@ def plot_ttft_timeline(experiment: Experiment, path: str | Path) -> Path:
         ax.set_title(str(run.get("label", "no KunServe-mode run")), fontsize="small")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="x-small", loc="upper left")
+            # Outside the axes: the points near the run's start stay visible.
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes[-1, 0].set_xlabel("arrival time (s from the replay's start)")
     fig.suptitle(_title(experiment, "TTFT over arrival time"))
     fig.tight_layout()
