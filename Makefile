@@ -56,7 +56,8 @@ bench-baselines: install
 	$(BIN)/pip install -q --no-deps "sglang==0.5.23"
 
 # The evaluation of docs/benchmarks.md: MemServe's three comparisons on this machine
-# (~35 minutes on 2 cores). Results land in results/serve/ (JSON, CSV, markdown, PNG).
+# (~35 minutes on 2 cores), then KunServe's modes under a spike (dp-swap joins them once
+# the worker can swap). Results land in results/serve/ (JSON, CSV, markdown, PNG).
 # Rates keep the caching runs below saturation; a failed request does not stop the rest.
 SERVE := $(BIN)/memserve bench serve --out-dir results/serve --no-progress
 eval: install
@@ -69,6 +70,9 @@ eval: install
 	-$(SERVE) --name routing --workload docs --sessions 32 --rate 0.5 --scale 0.25 \
 		--modes pd-caching-3 --prefill 3 --decode 1 \
 		--policies locality,session,least-load,round-robin
+	-$(SERVE) --name kunserve --workload reasoning --sessions 40 --rate 0.5 \
+		--arrival spike:24:2:10 --scale 0.25 --budget-mib 123 --policies round-robin \
+		--modes dp-recompute,dp-migrate,kunserve,kunserve-recompute,kunserve-norestore
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

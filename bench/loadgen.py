@@ -31,6 +31,7 @@ from bench.workloads.model import Session, Workload
 class LoadResult:
     records: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
+    started_wall: float = 0.0  # time.time() when the replay started (sent_s counts from it)
     interrupted: bool = False
     unsent: int = 0  # requests of the workload never sent (bounds, stop, a failed turn)
 
@@ -74,6 +75,7 @@ class LoadClient:
         bar = _bar(total, workload.name) if self.progress else None
         client = GatewayClient(self.address, timeout_s=self.timeout_s)
         self._t0 = time.perf_counter()
+        self.result.started_wall = time.time()
         tasks = [asyncio.create_task(self._session(client, s, bar)) for s in workload.sessions]
         everything = asyncio.gather(*tasks, return_exceptions=True)
         try:

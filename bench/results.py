@@ -31,12 +31,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.report import fmt, latency_summary_ms, ratio
+from bench.report import fmt, latency_summary_ms, percentile, ratio
 
 Experiment = Mapping[str, Any]
 
 LATENCIES = ("ttft", "tpot", "jct")
 LATENCY_STATS = ("mean_ms", "p50_ms", "p99_ms", "max_ms")  # keys of latency_summary_ms
+# summarize() adds "p999_ms" (the tail KunServe reports): after them in the summary CSV.
 COMPARED = {  # comparison metric -> (latency, statistic)
     "ttft_mean": ("ttft", "mean_ms"),
     "ttft_p99": ("ttft", "p99_ms"),
@@ -111,9 +112,15 @@ def summarize(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "wall_s": wall_s,
         "rps": ratio(len(ok), wall_s),
         "output_tok_s": ratio(_total(ok, "output"), wall_s),
-        **{lat: latency_summary_ms(_finite(ok, f"{lat}_s")) for lat in LATENCIES},
+        **{lat: _latency(_finite(ok, f"{lat}_s")) for lat in LATENCIES},
         "hit_rate": _total(ok, "cached") / prompt if prompt else 0.0,
     }
+
+
+def _latency(seconds: list[float]) -> dict[str, float]:
+    out = latency_summary_ms(seconds)
+    out["p999_ms"] = 1e3 * percentile(seconds, 99.9) if seconds else math.nan
+    return out
 
 
 def stat(summary: Mapping[str, Any], latency: str, key: str) -> float:

@@ -2,10 +2,11 @@
 
 - model.py: Turn, Session, Workload (the data every load client reads), WorkloadError,
   prompt_lengths and fit_context (the max_context rule);
-- arrivals.py: when sessions start (poisson, gamma, onoff, trace) and parse_arrival;
+- arrivals.py: when sessions start (poisson, gamma, onoff, spike, trace) and parse_arrival;
 - sampling.py: what the generators share (common config knobs, length and turn-count
   draws, assembly into a Workload);
-- chat.py, docs.py, agent.py: ShareGPT-like, LooGLE-like and ReAct-like generators;
+- chat.py, docs.py, agent.py, reasoning.py: ShareGPT-like, LooGLE-like, ReAct-like and
+  chain-of-thought-like (single turn, long answers) generators;
 - traces.py: ShareGPT JSON and BurstGPT CSV loaders, TraceError;
 - registry.py: workloads by name, build().
 
@@ -15,7 +16,15 @@ Same (name, config, seed) → equal Workload; token ids are byte-level tokenizer
 from __future__ import annotations
 
 from bench.workloads.agent import AgentConfig
-from bench.workloads.arrivals import Arrival, gamma, onoff, parse_arrival, poisson, trace
+from bench.workloads.arrivals import (
+    Arrival,
+    gamma,
+    onoff,
+    parse_arrival,
+    poisson,
+    spike,
+    trace,
+)
 from bench.workloads.chat import ChatConfig
 from bench.workloads.docs import DocsConfig
 from bench.workloads.model import (
@@ -26,6 +35,7 @@ from bench.workloads.model import (
     fit_context,
     prompt_lengths,
 )
+from bench.workloads.reasoning import ReasoningConfig
 from bench.workloads.registry import WORKLOADS, build, known_names, make_config
 from bench.workloads.traces import (
     TraceError,
@@ -41,6 +51,7 @@ __all__ = [
     "Arrival",
     "ChatConfig",
     "DocsConfig",
+    "ReasoningConfig",
     "Session",
     "TraceError",
     "Turn",
@@ -59,5 +70,6 @@ __all__ = [
     "poisson",
     "prompt_lengths",
     "sharegpt_workload",
+    "spike",
     "trace",
 ]

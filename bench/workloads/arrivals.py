@@ -8,10 +8,16 @@ non-decreasing times; later sessions follow after n-1 gaps:
   ChatGPT/GPT-4 request gaps with Gamma distributions of this kind;
 - onoff(rate, on_s, off_s): Poisson at `rate` during on periods of on_s seconds, nothing
   during the off periods of off_s seconds that follow each (a burst trace);
+- spike(rate, n, within_s, at_s): steady plus a spike (KunServe's bursts): the last n of
+  the sessions arrive uniformly at random within [at_s, at_s + within_s], the others are
+  Poisson at `rate` from 0 (the base load around it); merged in time order. Needs at
+  least n sessions; the spike keeps its time (it does not move to 0 when nothing else
+  comes first);
 - trace(times): recorded times (e.g. a BurstGPT CSV's timestamps), sorted, shifted to 0.
-A rate of 0 or inf means "all at once": every session arrives at 0.
+A rate of 0 or inf means "all at once": every session (spike: every base session) arrives at 0.
 
-`parse_arrival` reads the command-line form: "poisson", "gamma:CV", "onoff:ON:OFF".
+`parse_arrival` reads the command-line form: "poisson", "gamma:CV", "onoff:ON:OFF",
+"spike:N:S:T".
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from typing import Any
 
 from bench.workloads.model import WorkloadError
 
-KINDS = ("poisson", "gamma", "onoff", "trace")
-SPEC_HELP = "expected 'poisson', 'gamma:CV' or 'onoff:ON_S:OFF_S'"
+KINDS = ("poisson", "gamma", "onoff", "spike", "trace")
+SPEC_HELP = "expected 'poisson', 'gamma:CV', 'onoff:ON_S:OFF_S' or 'spike:N:WITHIN_S:AT_S'"
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,9 @@ class Arrival:
     cv: float = 1.0  # gamma only: coefficient of variation of the gaps
     on_s: float = 0.0  # onoff only
     off_s: float = 0.0  # onoff only
+    spike_n: int = 0  # spike only: sessions in the spike
+    spike_within_s: float = 0.0  # spike only: they arrive within this many seconds
+    spike_at_s: float = 0.0  # spike only: from this time on
     trace_times: tuple[float, ...] = field(default=(), repr=False)  # trace only, sorted
 
     def __post_init__(self) -> None:
@@ -50,10 +59,19 @@ class Arrival:
             raise WorkloadError(
                 f"onoff arrivals: need on_s > 0 and off_s >= 0, got on_s={self.on_s} off_s={self.off_s}"
             )
+        if self.kind == "spike" and not (
+            self.spike_n >= 1
+            and 0 <= self.spike_within_s < math.inf
+            and 0 <= self.spike_at_s < math.inf
+        ):
+            raise WorkloadError(
+                "spike arrivals: need N >= 1 sessions, WITHIN_S >= 0 and AT_S >= 0, got "
+                f"N={self.spike_n} WITHIN_S={self.spike_within_s} AT_S={self.spike_at_s}"
+            )
 
     @property
     def all_at_once(self) -> bool:
-        return self.kind != "trace" and (self.rate == 0 or math.isinf(self.rate))
+        return self.kind not in ("trace", "spike") and (self.rate == 0 or math.isinf(self.rate))
 
     def times(self, n: int, rng: random.Random) -> list[float]:
         """Arrival times of n sessions, starting at 0, non-decreasing."""
@@ -61,6 +79,8 @@ class Arrival:
             return []
         if self.kind == "trace":
             return self._trace_times(n)
+        if self.kind == "spike":
+            return self._spike_times(n, rng)
         if self.all_at_once:
             return [0.0] * n
         times = [0.0]
@@ -78,9 +98,28 @@ class Arrival:
             out["cv"] = self.cv
         elif self.kind == "onoff":
             out.update(on_s=self.on_s, off_s=self.off_s)
+        elif self.kind == "spike":
+            out.update(n=self.spike_n, within_s=self.spike_within_s, at_s=self.spike_at_s)
         elif self.kind == "trace":
             out["trace_len"] = len(self.trace_times)
         return out
+
+    def spike_window(self) -> tuple[float, float] | None:
+        """[at_s, at_s + within_s] of a spike process, None for the others."""
+        if self.kind != "spike":
+            return None
+        return self.spike_at_s, self.spike_at_s + self.spike_within_s
+
+    def _spike_times(self, n: int, rng: random.Random) -> list[float]:
+        if n < self.spike_n:
+            raise WorkloadError(
+                f"spike arrivals: {self.spike_n} sessions in the spike, only {n} in the workload"
+            )
+        # The spike first, then the base, from one stream: the same seed gives the same
+        # times, and the spike's times do not depend on the base's rate or count.
+        spike = [self.spike_at_s + self.spike_within_s * rng.random() for _ in range(self.spike_n)]
+        base = Arrival("poisson", self.rate).times(n - self.spike_n, rng)
+        return sorted(base + spike)
 
     def _gap(self, rng: random.Random) -> float:
         if self.kind == "gamma":
@@ -116,6 +155,10 @@ def onoff(rate: float, on_s: float, off_s: float) -> Arrival:
     return Arrival("onoff", rate, on_s=on_s, off_s=off_s)
 
 
+def spike(rate: float, n: int, within_s: float, at_s: float) -> Arrival:
+    return Arrival("spike", rate, spike_n=n, spike_within_s=within_s, spike_at_s=at_s)
+
+
 def trace(times: Iterable[float]) -> Arrival:
     """Recorded arrival times; `rate` is set to the trace's mean rate, for information only."""
     ts = tuple(sorted(float(t) for t in times))
@@ -128,7 +171,8 @@ def trace(times: Iterable[float]) -> Arrival:
 
 
 def parse_arrival(spec: str, rate: float) -> Arrival:
-    """'poisson' | 'gamma:CV' | 'onoff:ON_S:OFF_S' at `rate` sessions per second."""
+    """'poisson' | 'gamma:CV' | 'onoff:ON_S:OFF_S' | 'spike:N:WITHIN_S:AT_S' at `rate`
+    sessions per second (spike: the base rate around the spike)."""
     kind, *args = spec.strip().lower().split(":")
     if kind == "poisson":
         _expect_args(spec, args, 0)
@@ -139,6 +183,14 @@ def parse_arrival(spec: str, rate: float) -> Arrival:
     if kind == "onoff":
         _expect_args(spec, args, 2)
         return onoff(rate, _number(spec, "ON_S", args[0]), _number(spec, "OFF_S", args[1]))
+    if kind == "spike":
+        _expect_args(spec, args, 3)
+        n = _number(spec, "N", args[0])
+        if not n.is_integer():
+            raise WorkloadError(f"arrival {spec!r}: N {args[0]!r} is not a whole number")
+        return spike(
+            rate, int(n), _number(spec, "WITHIN_S", args[1]), _number(spec, "AT_S", args[2])
+        )
     if kind == "trace":
         raise WorkloadError(
             "arrival 'trace' replays recorded timestamps: use workload burstgpt with trace=PATH"

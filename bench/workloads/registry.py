@@ -1,7 +1,7 @@
 """Workloads by name, for command lines and results files: `build("docs", sessions=200,
 rate=4, arrival="gamma:3", overrides={"num_docs": 16})`.
 
-Synthetic generators ("chat", "docs", "agent") take overrides of any field of their config;
+Synthetic generators ("chat", "docs", "agent", "reasoning") take overrides of any field of their config;
 override values may be strings (as a command line gives them) and are converted to the
 field's type. `scale` and `max_context` are build() arguments, not overrides. Trace
 workloads ("sharegpt", "burstgpt") need trace=PATH and take no overrides; "burstgpt" with
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import agent, chat, docs
+from bench.workloads import agent, chat, docs, reasoning
 from bench.workloads.arrivals import Arrival, parse_arrival
 from bench.workloads.model import Workload, WorkloadError
 from bench.workloads.sampling import GenConfig
@@ -34,6 +34,9 @@ WORKLOADS: dict[str, Generator] = {
     "chat": Generator(chat.ChatConfig, chat.generate, "ShareGPT-like multi-turn chat"),
     "docs": Generator(docs.DocsConfig, docs.generate, "LooGLE-like QA over shared documents"),
     "agent": Generator(agent.AgentConfig, agent.generate, "ReAct-like agent, shared prompt"),
+    "reasoning": Generator(
+        reasoning.ReasoningConfig, reasoning.generate, "single turns, long answers (bursts)"
+    ),
 }
 TRACE_WORKLOADS = {
     "sharegpt": "ShareGPT conversations from a JSON file (trace=PATH)",
@@ -60,7 +63,8 @@ def build(
     tokenizer: TextEncoder | None = None,
 ) -> Workload:
     """A seeded workload of `sessions` sessions arriving at `rate` per second by the
-    `arrival` process ('poisson', 'gamma:CV', 'onoff:ON_S:OFF_S'; 'trace' for burstgpt).
+    `arrival` process ('poisson', 'gamma:CV', 'onoff:ON_S:OFF_S', 'spike:N:WITHIN_S:AT_S';
+    'trace' for burstgpt).
     `tokenizer` encodes ShareGPT text; None means the embedded models' byte tokenizer."""
     if name not in WORKLOADS and name not in TRACE_WORKLOADS:
         raise WorkloadError(f"unknown workload {name!r}; known: {', '.join(known_names())}")

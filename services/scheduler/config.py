@@ -74,6 +74,13 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     # request from the fullest voter to the emptiest instance; the KV-centric baseline),
     # none (only count votes).
     elastic_strategy: str = "kunserve"
+    # Ablations of the automatic drop and restore (the commanded ones are unaffected):
+    # exchange false: the running requests are recomputed in the group instead of keeping
+    # their KV (`kunserve-recompute`, Commit.exchange); restore false: a group is never
+    # restored by the controller, only by `memserve admin elastic restore`
+    # (`kunserve-norestore`).
+    elastic_exchange: bool = True
+    elastic_restore: bool = True
     log_level: str = "info"
 
     def validate(self) -> SchedulerConfig:

@@ -63,6 +63,8 @@ class Controller:
         self.wall_clock = wall_clock
         self.max_group = cfg.elastic_max_group
         self.strategy = cfg.elastic_strategy
+        self.exchange = cfg.elastic_exchange  # Commit.exchange of an automatic drop
+        self.restore = cfg.elastic_restore  # False: groups are never restored by the controller
         self.monitor = Monitor(thresholds(cfg), enabled=cfg.elastic_auto)
 
     @property
@@ -89,7 +91,9 @@ class Controller:
         groups = []
         for g in self.elastic.groups.values():
             leader = self.registry.get(g.leader)
-            if g.state == SERVING and leader is not None:
+            # Without automatic restores the monitor never sees a group, so it never wants
+            # one restored (and its cooldown is not restarted by a restore it may not run).
+            if g.state == SERVING and leader is not None and self.restore:
                 groups.append(GroupView(g.group_id, tuple(g.members), g.began_at, load_of(leader)))
         decision = self.monitor.poll(now, solo, groups)
         wall = self.wall_clock()
@@ -201,6 +205,8 @@ class Controller:
         return {
             "on": self.enabled,
             "strategy": self.strategy,
+            "exchange": self.exchange,
+            "restore": self.restore,
             "max_group": self.max_group,
             **self.monitor.status(now),
         }

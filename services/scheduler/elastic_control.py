@@ -114,7 +114,7 @@ class ElasticControl:
                     plan = controller.plan(decision, self.clock())
                     for ids in plan.groups if plan is not None else []:
                         try:
-                            group = await self.drop(",".join(ids))
+                            group = await self.drop(",".join(ids), exchange=controller.exchange)
                             log.info("elastic controller: dropped", group=group["group_id"])
                         except ElasticError as exc:
                             elastic.note_controller(

@@ -99,7 +99,7 @@ async def test_replays_sessions_in_order_at_their_arrival_times(gateway: Scripte
     for turns in by_session.values():
         assert [ids[-1] for ids in turns] == [10, 11, 12]
     # Open loop: sessions 1 and 2 started 0.3 s after session 0, together.
-    first = {}
+    first: dict[str, float] = {}
     for at, sid, _ in gateway.log:
         first.setdefault(sid, at)
     starts = sorted(first.values())

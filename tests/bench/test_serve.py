@@ -13,33 +13,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.bench.serve_cli import bench, finished
 from tests.procs import children_of, gone
 
 pytestmark = pytest.mark.integration
 
 TINY = ["--model", "tiny", "--colocated", "1", "--warmup", "1", "--no-progress"]
-
-
-async def bench(*args: str, cwd: Path) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "services.cli", "bench", "serve", *args),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
-    )
-
-
-async def finished(proc: asyncio.subprocess.Process, timeout_s: float) -> tuple[str, str]:
-    out, err = await asyncio.wait_for(proc.communicate(), timeout_s)
-    return out.decode(), err.decode()
 
 
 async def test_a_tiny_experiment_writes_every_format(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ from bench.workloads import (
 from bench.workloads.registry import WORKLOADS
 from common.tokenizer import Tokenizer, build_byte_tokenizer
 
-GENERATORS = ["chat", "docs", "agent"]
+GENERATORS = ["chat", "docs", "agent", "reasoning"]
 HUGE = 1 << 30  # a max_context that never cuts, to see the configured distributions
 
 
