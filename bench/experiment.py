@@ -86,14 +86,21 @@ class Shape:
             # Caching on, as `memserve up` runs colocated: every mode alike (the burst's
             # prompts are fresh, so it changes no hit; a recomputed request may hit its own).
             cluster |= {"mode": "colocated", "caching": True, "colocated": self.colocated}
-            tables = kunserve_overrides(KUNSERVE_MODES[self.mode], self.budget_bytes)
-            base = {
-                "cluster": cluster,
-                "gateway": {"request_timeout_s": timeout_s},
-                "scheduler": {"fetch": fetch, **tables["scheduler"]},
-                "worker": {"engine": {"num_threads": 1}, **tables["worker"]},
-                "mempool": {**tables["mempool"], "tensor_memory_bytes": 1 << 20},
-            }
+            from bench.elastic_cluster import param_bytes
+
+            tables = kunserve_overrides(
+                KUNSERVE_MODES[self.mode], self.budget_bytes, param_bytes=param_bytes(model)
+            )
+            base = merged(
+                {
+                    "cluster": cluster,
+                    "gateway": {"request_timeout_s": timeout_s},
+                    "scheduler": {"fetch": fetch},
+                    "worker": {"engine": {"num_threads": 1}},
+                    "mempool": {"tensor_memory_bytes": 1 << 20},
+                },
+                tables,
+            )
             return merged(base, extra or {})
         if self.colocated_mode:
             mode = SERVING_MODES[self.mode]

@@ -13,9 +13,10 @@ them beside the caching modes of common/modes.py.
 
 Equal memory: every instance gets `[mempool] budget_bytes` = the budget; the baselines
 never drop, so their KV is the budget less the parameters; KunServe starts the same and
-lends the parameters it drops. `dp-swap` sets `[worker] preemption_mode = "swap"`, a key
-the worker has only once the engine's swap path is built: without it the mode is refused
-before any cluster starts. Pure: no processes, no sockets.
+lends the parameters it drops. `dp-swap` sets `[worker.engine] preemption_mode = "swap"`
+and gives each daemon a host tier (`SWAP_HOST_FACTOR` x the budget's KV, host DRAM being
+plentiful, as InferCept assumes) for preempted requests' KV. Pure: no processes, no
+sockets.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ KUNSERVE_MODES: dict[str, ElasticMode] = {
 # tests/test_kunserve_auto.py). Baselines get the same (their controller only counts).
 SCHEDULER_DEFAULTS: dict[str, Any] = {"elastic_drop_usage": 0.8}
 WORKER_DEFAULTS: dict[str, Any] = {"heartbeat_interval_s": 0.1}
+SWAP_HOST_FACTOR = 4  # dp-swap: host tier = 4 x the device KV of the budget
 
 
 def is_kunserve_mode(name: str) -> bool:
@@ -93,29 +95,25 @@ def budget_bytes(model: str, budget_mib: float | None, kv_mib: float) -> tuple[i
     return budget, params
 
 
-def check_swap_supported() -> None:
-    """ValueError unless the worker config has `preemption_mode` (the swap path)."""
-    from services.worker.service import WorkerConfig
-
-    if "preemption_mode" not in WorkerConfig.__struct_fields__:
-        raise ValueError(
-            "mode dp-swap needs the worker's swap preemption ([worker] preemption_mode = "
-            '"swap"), which this build does not have yet; run the other modes'
-        )
-
-
 def overrides(
-    mode: ElasticMode, budget: int, extra: dict[str, dict[str, Any]] | None = None
+    mode: ElasticMode,
+    budget: int,
+    extra: dict[str, dict[str, Any]] | None = None,
+    *,
+    param_bytes: int = 0,
 ) -> dict[str, dict[str, Any]]:
     """The scheduler, worker and mempool tables of a cluster in `mode` (the cluster table
-    is the caller's); `extra` (--cluster-set) overrides them key by key, last."""
+    is the caller's); `extra` (--cluster-set) overrides them key by key, last.
+    `param_bytes`: the model's, to size dp-swap's host tier from the budget's KV."""
     worker: dict[str, Any] = dict(WORKER_DEFAULTS)
+    mempool: dict[str, Any] = {"budget_bytes": budget}
     if mode.preemption != "recompute":
-        worker["preemption_mode"] = mode.preemption
+        worker["engine"] = {"preemption_mode": mode.preemption}
+        mempool["host_memory_bytes"] = SWAP_HOST_FACTOR * max(budget - param_bytes, 0)
     out = {
         "scheduler": {**SCHEDULER_DEFAULTS, **mode.scheduler()},
         "worker": worker,
-        "mempool": {"budget_bytes": budget},
+        "mempool": mempool,
     }
     return merged(out, extra or {})
 

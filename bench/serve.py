@@ -42,7 +42,6 @@ from bench.experiment import ALL_MODES, MODES, Experiment, Options, Shape, shape
 from bench.kunserve_modes import (
     MIB,
     budget_bytes,
-    check_swap_supported,
     is_kunserve_mode,
     parse_cluster_set,
 )
@@ -211,13 +210,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _budget(args: argparse.Namespace, modes: list[str]) -> int:
     """The KunServe modes' budget per instance in bytes (0 when none runs); ValueError
-    for one too small, or dp-swap without the worker's swap path."""
+    for one too small."""
     if not any(is_kunserve_mode(m) for m in modes):
         if args.budget_mib is not None:
             raise ValueError("--budget-mib is for the KunServe modes (none given in --modes)")
         return 0
-    if "dp-swap" in modes:
-        check_swap_supported()
     budget, params = budget_bytes(args.model, args.budget_mib, args.kv_mib)
     print(
         f"budget per instance {budget / MIB:.1f} MiB: parameters {params / MIB:.1f} MiB, "

@@ -629,6 +629,7 @@ class WorkerService(ServiceShell):
                     "peers": len(self.peers),
                     "elastic": self.elastic.status(),
                     "migration": self.migration.status(),
+                    "preemption": self.engine.engine.preemption_stats(),
                     "rss_bytes": rss_bytes(),
                     "param_bytes": self._param_bytes(),
                 },

@@ -14,8 +14,9 @@ from bench.experiment import Shape, shapes
 from bench.kunserve_modes import (
     KUNSERVE_MODES,
     MIB,
+    SWAP_HOST_FACTOR,
     budget_bytes,
-    check_swap_supported,
+    overrides,
     parse_cluster_set,
 )
 from bench.kunserve_results import kunserve_figures, markdown, ratio_words
@@ -44,7 +45,7 @@ def test_every_mode_has_the_same_budget_and_colocated_instances() -> None:
     ("mode", "scheduler", "worker"),
     [
         ("dp-recompute", {"elastic_auto": False}, {}),
-        ("dp-swap", {"elastic_auto": False}, {"preemption_mode": "swap"}),
+        ("dp-swap", {"elastic_auto": False}, {}),
         ("dp-migrate", {"elastic_auto": True, "elastic_strategy": "migrate"}, {}),
         (
             "kunserve",
@@ -61,8 +62,12 @@ def test_each_mode_maps_to_its_keys(
     t = tables(mode)
     assert scheduler.items() <= t["scheduler"].items()
     assert worker.items() <= t["worker"].items()
-    if mode != "dp-swap":
-        assert "preemption_mode" not in t["worker"]
+    swap = mode == "dp-swap"
+    assert t["worker"]["engine"].get("preemption_mode", "recompute") == (
+        "swap" if swap else "recompute"
+    )
+    assert t["worker"]["engine"]["num_threads"] == 1
+    assert ("host_memory_bytes" in t["mempool"]) == swap
 
 
 def test_cluster_set_goes_last_table_by_table() -> None:
@@ -99,14 +104,13 @@ def test_the_budget_must_hold_the_parameters_and_a_block() -> None:
         budget_bytes("tiny", 2, 512)
 
 
-def test_dp_swap_is_refused_until_the_worker_has_swap() -> None:
-    from services.worker.service import WorkerConfig
+def test_dp_swap_swaps_into_a_host_tier_sized_by_the_budget() -> None:
+    t = overrides(KUNSERVE_MODES["dp-swap"], 10 * MIB, param_bytes=4 * MIB)
+    assert t["worker"]["engine"] == {"preemption_mode": "swap"}
+    assert t["mempool"]["host_memory_bytes"] == SWAP_HOST_FACTOR * 6 * MIB
+    from services.worker.config import EngineConfig
 
-    if "preemption_mode" in WorkerConfig.__struct_fields__:
-        check_swap_supported()  # the swap path has landed: the mode runs
-    else:
-        with pytest.raises(ValueError, match="dp-swap needs the worker's swap preemption"):
-            check_swap_supported()
+    EngineConfig(preemption_mode="swap").validate()  # the key exists and takes "swap"
 
 
 def event(wall: float, name: str, gid: str = "-", **detail: Any) -> dict[str, Any]:

@@ -4,8 +4,8 @@ clusters of the tiny model, 2 colocated instances with a small budget each):
 - a small spike through dp-recompute and kunserve writes every format, the timeline and
   P99 plots included; the kunserve run's controller dropped into a group by itself and
   its timeline says when;
-- an unknown mode, a budget below the parameters, a spike that does not parse, dp-swap
-  before the worker can swap: one clear error naming it, no cluster started.
+- an unknown mode, a budget below the parameters, a spike that does not parse: one clear
+  error naming it, no cluster started.
 """
 
 from __future__ import annotations
