@@ -3,8 +3,9 @@ daemons with a memory budget, 2 workers, scheduler, gateway), drop and restore c
 through the scheduler's admin socket.
 
 - Requests running before the drop, admitted during the group, and running across the
-  restore (live: they go home in batches while the group serves the rest; and paused)
-  get exactly the single-process reference tokens, greedy and seeded; the group
+  restore (live: they go home in batches while the group serves the rest; paused; and a
+  live restore without room, which pauses instead) get exactly the single-process
+  reference tokens, greedy and seeded; the group
   holds more KV than the two instances did; afterwards both members hold their full
   parameters again and every daemon passes check_integrity when idle.
 - A member that does not answer Prepare (SIGSTOPped): the drop is aborted, both serve as
@@ -174,6 +175,20 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             assert not r["live"] and r["moved"] == 1, r
             await asyncio.wait_for(again.task, 60)
             assert again.tokens == ref["late"]
+
+            # A live restore without room for the group's KV beside its copy at the home
+            # (it needs ~3/2 of it below the home's ceiling) pauses instead: same tokens.
+            assert (await admin(c, "elastic", "drop", ",".join(MEMBERS))).ok
+            full = {rid: Stream(client, *work[rid]) for rid in "abcd"}
+            await until(lambda: all(len(s.tokens) >= 300 for s in full.values()), what="tokens")
+            restored = await admin(c, "elastic", "restore", "all")
+            assert restored.ok, restored.error
+            (r,) = restored.result["restored"]
+            assert r["live"] and "does not fit" in r["fallback"], r
+            assert r["moved_live"] == 0 and r["moved"] + r["recomputed"] == 4, r
+            await asyncio.wait_for(asyncio.gather(*(s.task for s in full.values())), 120)
+            for rid, st in full.items():
+                assert st.tokens == ref[rid], rid
             await asyncio.sleep(0.5)
             await daemons_idle_and_intact(c)
         finally:

@@ -290,7 +290,7 @@ async def test_a_member_that_refuses_to_dissolve_has_its_requests_ended(
     async def dissolve_local(keep: list[int], requests: list[el.RequestState]) -> None:
         dissolved.append(requests)
 
-    member._ask = ask  # type: ignore[method-assign, assignment]
+    member.ask = ask  # type: ignore[method-assign, assignment]
     member._dissolve_local = dissolve_local  # type: ignore[method-assign]
     try:
         reply = await member.handle(el.Restore("tok", "g1", 1))
@@ -323,7 +323,7 @@ async def test_an_abort_for_a_request_gone_home_elsewhere_follows_it(
     async def dissolve_local(keep: list[int], requests: list[el.RequestState]) -> None:
         member._reset()
 
-    member._ask = ask  # type: ignore[method-assign, assignment]
+    member.ask = ask  # type: ignore[method-assign, assignment]
     member._dissolve_local = dissolve_local  # type: ignore[method-assign]
     try:
         reply = await member.handle(el.Restore("tok", "g1", 1))
