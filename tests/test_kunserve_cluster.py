@@ -176,8 +176,9 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             await asyncio.wait_for(again.task, 60)
             assert again.tokens == ref["late"]
 
-            # A live restore without room for the group's KV beside its copy at the home
-            # (it needs ~3/2 of it below the home's ceiling) pauses instead: same tokens.
+            # A live restore without room for the group's KV beside the next batch at the
+            # home (all but full: 4 x ~22 of the home's 96 blocks) pauses for the rest:
+            # same tokens.
             assert (await admin(c, "elastic", "drop", ",".join(MEMBERS))).ok
             full = {rid: Stream(client, *work[rid]) for rid in "abcd"}
             await until(lambda: all(len(s.tokens) >= 300 for s in full.values()), what="tokens")
@@ -185,7 +186,7 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
             assert restored.ok, restored.error
             (r,) = restored.result["restored"]
             assert r["live"] and "does not fit" in r["fallback"], r
-            assert r["moved_live"] == 0 and r["moved"] + r["recomputed"] == 4, r
+            assert r["moved_live"] < 4 and r["moved"] + r["recomputed"] == 4, r
             await asyncio.wait_for(asyncio.gather(*(s.task for s in full.values())), 120)
             for rid, st in full.items():
                 assert st.tokens == ref[rid], rid

@@ -181,7 +181,9 @@ class HomeOpen(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     """Leader -> the home of a live restore (rank 1): no group block uses this member's
     sub-blocks at or above its pre-drop capacity, nor whole blocks [0, home_blocks). Give
     the ones above back, shrink, take the full parameters back (from local disk, beside
-    the stage it keeps serving) and run requests alone on whole blocks [0, home_blocks)."""
+    the stage it keeps serving) and run requests alone on whole blocks [0, home_blocks).
+    Sent again with a larger `home_blocks` (the group shrank and moved up): the home's
+    region grows to it."""
 
     token: str
     group_id: str
@@ -204,6 +206,7 @@ class HomeTake(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 class HomeBlocks(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     instance_id: str
     blocks: list[list[int]]  # whole blocks per request of the HomeTake, in order
+    free: int = 0  # whole blocks still free at the home after these
 
 
 class HomeAdopt(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):

@@ -601,12 +601,12 @@ class ElasticMember:
         eng = svc.engine
         if eng.arena is not None:
             raise ElasticError("a live restore runs on CPU members only")
-        if self.home is not None:
-            raise ElasticError(f"{svc.cfg.instance_id} is already the home")
         if not 0 < req.home_blocks <= self.capacity_blocks:
             raise ElasticError(
                 f"home region of {req.home_blocks} blocks outside (0, {self.capacity_blocks}]"
             )
+        if self.home is not None:
+            return await self._home_grow(req.home_blocks)
         ceiling = self.capacity_blocks * self.g
         above = [b for b in self.held if b >= ceiling]
         if above:
@@ -632,6 +632,17 @@ class ElasticMember:
         log.info("home of a live restore", group=self.group_id, blocks=req.home_blocks)
         return el.Done(svc.cfg.instance_id, model.param_bytes())
 
+    async def _home_grow(self, home_blocks: int) -> el.ElasticReply:
+        """The leader moved the group's tail up: whole blocks up to `home_blocks` are free
+        of group KV now and join the home's pool."""
+        home = self._home()
+        old = self.home_blocks
+        if home_blocks <= old:
+            raise ElasticError(f"the home region has {old} blocks already, not fewer")
+        await self.svc.engine.run_between_steps(lambda: home.pool.add(range(old, home_blocks)))
+        self.home_blocks = home_blocks
+        return el.Done(self.svc.cfg.instance_id, home.model.param_bytes())
+
     async def _home_take(self, req: el.HomeTake) -> el.ElasticReply:
         """Reserve whole blocks for each request and copy this member's own sub-blocks of
         their group blocks into them (parked at the leader: nothing writes them now)."""
@@ -647,7 +658,7 @@ class ElasticMember:
                 )
             return home.reserve_free(need)
 
-        ids = await self.svc.engine.run_between_steps(take)
+        ids, free = await self.svc.engine.run_between_steps(lambda: (take(), home.pool.num_free))
         self.home_reserved.update(ids)
         blocks, i = [], 0
         for n in sizes:
@@ -661,7 +672,7 @@ class ElasticMember:
             for k, e in zip(s.block_ids, es, strict=True)
         ]
         copy_sub_blocks(kv_view(self.svc.engine.region.tensor(), self._full_layout, g), copies)
-        return el.HomeBlocks(self.svc.cfg.instance_id, blocks)
+        return el.HomeBlocks(self.svc.cfg.instance_id, blocks, free)
 
     async def _home_adopt(self, req: el.HomeAdopt) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "follower")

@@ -5,7 +5,8 @@ batches; the leader drives it (the member side is in elastic.py).
               [0, home_blocks) for requests at home, the tail below its pre-drop
               capacity for the group) and retires every other group block; live ones
               move into the tail by copies riding the ring (`PipelineEngine.retire`):
-              nobody waits.
+              nobody waits. As batches leave, the group needs less: the cut moves up the
+              same way when the home runs short (HomeOpen again, a larger region).
     params    HomeOpen: the home gives back its sub-blocks above the ceiling, shrinks,
               reloads its dropped layers from local disk beside the stage it keeps
               serving, and runs a solo engine on whole blocks [0, home_blocks).
@@ -65,11 +66,16 @@ T = TypeVar("T")
 HOME = 1  # the rank whose daemon takes the requests home
 BATCH = 8  # requests per batch (KunServe's restore_batch_size)
 _POLL_S = 0.005
+_MARGIN = 4  # whole blocks the home's own requests may take between two batches
 
 
 class LiveRestoreFailed(RuntimeError):
     """The live part cannot go on (no room, a refusal, the deadline); the pause restore
     takes what is left."""
+
+
+class NoRoom(LiveRestoreFailed):
+    """No cut of the home's memory holds both the group's KV and the next batch."""
 
 
 @dataclass
@@ -89,6 +95,8 @@ class LiveRestore:
         self.pipeline = pipeline
         self.deadline = deadline  # monotonic
         self.stats = LiveStats()
+        self.home_blocks = 0  # the home's region, whole blocks [0, home_blocks)
+        self.home_free = 0  # of it, free after the last batch (the home said)
         self.opened = False  # the home runs its solo engine (the pause restore must know)
         # Parked and handed over, never adopted at the home: the pause restore takes them
         # (their group blocks stay reserved in the pipeline until then).
@@ -101,21 +109,24 @@ class LiveRestore:
         try:
             if self.svc.engine.arena is not None:
                 raise LiveRestoreFailed("a live restore runs on CPU members only")
-            plan = await self._between(self._retire)
-            if plan is None:
-                raise LiveRestoreFailed("the group's KV does not fit beside a home region")
-            await self._until(lambda: self.pipeline.outside_live() == 0, "room at the home")
             home = self.m.members[HOME]
-            await self.m.ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
-            self.opened = True
-            self.stats.home_open_s = time.monotonic() - t0
-            log.info(
-                "live restore: the home serves", home=home.instance_id, blocks=plan.home_blocks
-            )
+            limit = BATCH
             while True:
-                ids = await self._between(self._pick)
+                ids, size = await self._between(partial(self._pick, limit))
                 if not ids:
                     break
+                if size > self.home_free:  # (and first of all) the cut moves up
+                    try:
+                        await self._grow(size - self.home_free)
+                    except NoRoom:
+                        if limit == 1:
+                            raise
+                        limit //= 2  # tight: smaller batches need less room at once
+                        continue
+                    if not self.opened:
+                        self.opened = True
+                        self.stats.home_open_s = time.monotonic() - t0
+                        log.info("live restore: the home serves", home=home.instance_id)
                 await self._batch(ids)
         except LiveRestoreFailed as exc:
             self.stats.fallback = str(exc)
@@ -126,23 +137,37 @@ class LiveRestore:
         return self.stats
 
     # ------------------------------------------------------------- steps
-    def _retire(self) -> HomePlan | None:
+    async def _grow(self, more: int) -> None:
+        """At least `more` whole blocks more for the home: a new cut with the group's
+        need now, the group blocks below it moved up, then the home told."""
+        plan = await self._between(partial(self._replan, self.home_blocks + more))
+        if plan is None:
+            raise NoRoom("the group's KV does not fit beside the home's next batch")
+        await self._until(lambda: self.pipeline.outside_live() == 0, "room at the home")
+        home = self.m.members[HOME]
+        await self.m.ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
+        self.home_free += plan.home_blocks - self.home_blocks
+        self.home_blocks = plan.home_blocks
+
+    def _replan(self, min_home: int) -> HomePlan | None:
         p = self.pipeline
         m = self.m
         live = p.pool.num_allocated  # reserved blocks included
-        need = live + len(p.requests) + BATCH  # each may grow by a block meanwhile
-        plan = plan_home(
-            m.tables[HOME][: len(p.table)], m.followers[HOME - 1].capacity_blocks, m.g, need
-        )
+        need = live + len(p.requests) + _MARGIN  # each may grow by a block meanwhile
+        capacity = m.followers[HOME - 1].capacity_blocks
+        plan = plan_home(m.tables[HOME][: len(p.table)], capacity, m.g, need, min_home)
         if plan is not None:
             p.retire(set(plan.keep))
         return plan
 
-    def _pick(self) -> list[str]:
-        """The next batch: running requests first (their KV moves), then waiting ones."""
+    def _pick(self, limit: int) -> tuple[list[str], int]:
+        """The next batch of at most `limit` (running requests first: their KV moves,
+        then waiting ones) and the whole blocks it needs at the home, with room for each
+        to grow by one."""
         sched = self.pipeline.scheduler
-        order = [r.request_id for r in sched.running] + [r.request_id for r in sched.waiting]
-        return order[:BATCH]
+        reqs = (list(sched.running) + list(sched.waiting))[:limit]
+        size = sum(len(r.block_ids) + 1 for r in reqs) + _MARGIN
+        return [r.request_id for r in reqs], size
 
     async def _batch(self, ids: list[str]) -> None:
         p = self.pipeline
@@ -171,6 +196,7 @@ class LiveRestore:
             reply = await self.m.ask(home, self._msg(el.HomeTake, requests=states))
             assert isinstance(reply, el.HomeBlocks)
             blocks = reply.blocks
+            self.home_free = reply.free
             try:
                 moved = await self._copy_home(states, blocks)
             except Exception:

@@ -629,7 +629,7 @@ class WorkerService(ServiceShell):
                     "peers": len(self.peers),
                     "elastic": self.elastic.status(),
                     "migration": self.migration.status(),
-                    "preemption": self.engine.engine.preemption_stats(),
+                    "preemption": self._preemption(),
                     "rss_bytes": rss_bytes(),
                     "param_bytes": self._param_bytes(),
                 },
@@ -643,6 +643,10 @@ class WorkerService(ServiceShell):
         return AdminReply(
             False, error=f"the worker answers status and shutdown, not {req.command!r}"
         )
+
+    def _preemption(self) -> dict[str, int]:
+        engine = getattr(self.engine, "engine", None)  # none while the daemon is away
+        return engine.preemption_stats() if engine is not None else {}
 
     def _param_bytes(self) -> int:
         if self.engine.abandoned:

@@ -8,9 +8,13 @@ sub-blocks below the ceiling are cut in two: whole blocks `[0, home_blocks)` for
 requests at home, and the tail `[home_blocks*g, capacity*g)` for the group, which from
 then on may only use the group blocks k whose sub-block at h lies in the tail (`keep`).
 
+The cut moves up as requests go home: each batch frees its group blocks in the tail, a
+new plan with the group's smaller need gives the home more whole blocks (the group
+blocks below the new cut move up first).
+
 Invariants of a plan: every k in `keep` maps into the tail; `len(keep) >= need` (the
-group's live blocks and what they may grow by fit there) and `home_blocks >= need` (every
-one of them fits at home as a whole block). None when no cut satisfies both.
+group's live blocks and what they may grow by fit there) and `home_blocks >= min_home`
+(the next batch fits at home). None when no cut satisfies both.
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ class HomePlan:
     keep: frozenset[int]  # group blocks the group may still use
 
 
-def plan_home(table: Sequence[int], capacity: int, g: int, need: int) -> HomePlan | None:
+def plan_home(
+    table: Sequence[int], capacity: int, g: int, need: int, min_home: int
+) -> HomePlan | None:
     """`table[k]`: the home's sub-block of group block k; `capacity`: its whole blocks
-    before the drop; `need`: group blocks live now plus room to grow. The largest home
-    region whose tail still holds `need` group blocks."""
-    if g < 2 or capacity <= 0 or need < 0:
-        raise ValueError(f"bad home plan input: g={g}, capacity={capacity}, need={need}")
+    before the drop; `need`: group blocks live now plus room to grow; `min_home`: whole
+    blocks the home needs. The largest home region whose tail still holds `need` group
+    blocks."""
+    if g < 2 or capacity <= 0 or need < 0 or min_home < 0:
+        raise ValueError(
+            f"bad home plan input: g={g}, capacity={capacity}, need={need}, min_home={min_home}"
+        )
     ceiling = capacity * g
     below = sorted(s for s in table if s < ceiling)
     # With home_blocks = e, the tail holds the sub-blocks >= e*g; try the largest e first.
@@ -38,7 +47,7 @@ def plan_home(table: Sequence[int], capacity: int, g: int, need: int) -> HomePla
         start = e * g
         in_tail = sum(1 for s in below if s >= start)
         if in_tail >= need:
-            if e < need:
+            if e < min_home:
                 return None  # a smaller home region only has less room for the requests
             keep = frozenset(k for k, s in enumerate(table) if start <= s < ceiling)
             return HomePlan(e, keep)
