@@ -34,19 +34,20 @@ def _points(run: Mapping[str, Any]) -> tuple[list[float], list[float], list[floa
     return xs, ys, failed
 
 
-def _spike(experiment: Experiment) -> tuple[float, float] | None:
+def _spikes(experiment: Experiment) -> list[tuple[float, float]]:
     arrival = ((experiment.get("workload") or {}).get("params") or {}).get("arrival") or {}
     if arrival.get("kind") != "spike":
-        return None
-    at = num(arrival.get("at_s"))
-    return at, at + num(arrival.get("within_s"))
+        return []
+    at, within = num(arrival.get("at_s")), num(arrival.get("within_s"))
+    every = num(arrival.get("every_s", 0))
+    return [(at + b * every, at + b * every + within) for b in range(int(arrival.get("bursts", 1)))]
 
 
 def plot_ttft_timeline(experiment: Experiment, path: str | Path) -> Path:
     runs = kunserve_runs(list(experiment.get("runs") or []))
     n = max(1, len(runs))
     fig, axes = plt.subplots(n, 1, figsize=(9.5, 2.4 * n + 0.8), sharex=True, squeeze=False)
-    spike = _spike(experiment)
+    spikes = _spikes(experiment)
     for ax, run in zip(axes[:, 0], runs or [{}], strict=True):
         xs, ys, failed = _points(run)
         ax.scatter(xs, ys, s=8, label="TTFT of a request")
@@ -55,8 +56,8 @@ def plot_ttft_timeline(experiment: Experiment, path: str | Path) -> Path:
             ax.scatter(failed, [top] * len(failed), marker="x", color="red", label="failed")
         if wants_log_axis(ys):
             ax.set_yscale("log")
-        if spike is not None:
-            ax.axvspan(*spike, color="gray", alpha=0.12, label="spike arrivals")
+        for b, (start, stop) in enumerate(spikes):
+            ax.axvspan(start, stop, color="gray", alpha=0.12, label=None if b else "spike arrivals")
         elastic = run.get("elastic") or {}
         end = num((run.get("summary") or {}).get("wall_s"))
         for i, g in enumerate(elastic.get("groups") or []):

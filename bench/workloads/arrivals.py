@@ -8,16 +8,17 @@ non-decreasing times; later sessions follow after n-1 gaps:
   ChatGPT/GPT-4 request gaps with Gamma distributions of this kind;
 - onoff(rate, on_s, off_s): Poisson at `rate` during on periods of on_s seconds, nothing
   during the off periods of off_s seconds that follow each (a burst trace);
-- spike(rate, n, within_s, at_s): steady plus a spike (KunServe's bursts): the last n of
-  the sessions arrive uniformly at random within [at_s, at_s + within_s], the others are
-  Poisson at `rate` from 0 (the base load around it); merged in time order. Needs at
-  least n sessions; the spike keeps its time (it does not move to 0 when nothing else
+- spike(rate, n, within_s, at_s, bursts=1, every_s=0): steady plus spikes (KunServe's
+  bursts): n sessions arrive uniformly at random within [at_s, at_s + within_s], and
+  again every `every_s` seconds for `bursts` spikes in all; the others are Poisson at
+  `rate` from 0 (the base load around them); merged in time order. Needs at least
+  n * bursts sessions; a spike keeps its time (it does not move to 0 when nothing else
   comes first);
 - trace(times): recorded times (e.g. a BurstGPT CSV's timestamps), sorted, shifted to 0.
 A rate of 0 or inf means "all at once": every session (spike: every base session) arrives at 0.
 
 `parse_arrival` reads the command-line form: "poisson", "gamma:CV", "onoff:ON:OFF",
-"spike:N:S:T".
+"spike:N:S:T" or "spike:N:S:T:BURSTS:EVERY_S".
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from typing import Any
 from bench.workloads.model import WorkloadError
 
 KINDS = ("poisson", "gamma", "onoff", "spike", "trace")
-SPEC_HELP = "expected 'poisson', 'gamma:CV', 'onoff:ON_S:OFF_S' or 'spike:N:WITHIN_S:AT_S'"
+SPEC_HELP = (
+    "expected 'poisson', 'gamma:CV', 'onoff:ON_S:OFF_S' or 'spike:N:WITHIN_S:AT_S[:BURSTS:EVERY_S]'"
+)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class Arrival:
     spike_n: int = 0  # spike only: sessions in the spike
     spike_within_s: float = 0.0  # spike only: they arrive within this many seconds
     spike_at_s: float = 0.0  # spike only: from this time on
+    spike_bursts: int = 1  # spike only: how many spikes
+    spike_every_s: float = 0.0  # spike only: from one spike's start to the next's
     trace_times: tuple[float, ...] = field(default=(), repr=False)  # trace only, sorted
 
     def __post_init__(self) -> None:
@@ -67,6 +72,14 @@ class Arrival:
             raise WorkloadError(
                 "spike arrivals: need N >= 1 sessions, WITHIN_S >= 0 and AT_S >= 0, got "
                 f"N={self.spike_n} WITHIN_S={self.spike_within_s} AT_S={self.spike_at_s}"
+            )
+        if self.kind == "spike" and not (
+            self.spike_bursts >= 1
+            and (self.spike_bursts == 1 or self.spike_within_s < self.spike_every_s < math.inf)
+        ):
+            raise WorkloadError(
+                "spike arrivals: need BURSTS >= 1 and, for more than one, WITHIN_S < EVERY_S, "
+                f"got BURSTS={self.spike_bursts} EVERY_S={self.spike_every_s}"
             )
 
     @property
@@ -100,25 +113,33 @@ class Arrival:
             out.update(on_s=self.on_s, off_s=self.off_s)
         elif self.kind == "spike":
             out.update(n=self.spike_n, within_s=self.spike_within_s, at_s=self.spike_at_s)
+            if self.spike_bursts > 1:
+                out.update(bursts=self.spike_bursts, every_s=self.spike_every_s)
         elif self.kind == "trace":
             out["trace_len"] = len(self.trace_times)
         return out
 
-    def spike_window(self) -> tuple[float, float] | None:
-        """[at_s, at_s + within_s] of a spike process, None for the others."""
+    def spike_windows(self) -> list[tuple[float, float]]:
+        """[start, start + within_s] of each spike of a spike process ([] for the others)."""
         if self.kind != "spike":
-            return None
-        return self.spike_at_s, self.spike_at_s + self.spike_within_s
+            return []
+        starts = (self.spike_at_s + b * self.spike_every_s for b in range(self.spike_bursts))
+        return [(t, t + self.spike_within_s) for t in starts]
 
     def _spike_times(self, n: int, rng: random.Random) -> list[float]:
-        if n < self.spike_n:
+        total = self.spike_n * self.spike_bursts
+        if n < total:
             raise WorkloadError(
-                f"spike arrivals: {self.spike_n} sessions in the spike, only {n} in the workload"
+                f"spike arrivals: {total} sessions in the spikes, only {n} in the workload"
             )
-        # The spike first, then the base, from one stream: the same seed gives the same
-        # times, and the spike's times do not depend on the base's rate or count.
-        spike = [self.spike_at_s + self.spike_within_s * rng.random() for _ in range(self.spike_n)]
-        base = Arrival("poisson", self.rate).times(n - self.spike_n, rng)
+        # The spikes first, then the base, from one stream: the same seed gives the same
+        # times, and the spikes' times do not depend on the base's rate or count.
+        spike = [
+            start + self.spike_within_s * rng.random()
+            for start, _ in self.spike_windows()
+            for _ in range(self.spike_n)
+        ]
+        base = Arrival("poisson", self.rate).times(n - total, rng)
         return sorted(base + spike)
 
     def _gap(self, rng: random.Random) -> float:
@@ -155,8 +176,18 @@ def onoff(rate: float, on_s: float, off_s: float) -> Arrival:
     return Arrival("onoff", rate, on_s=on_s, off_s=off_s)
 
 
-def spike(rate: float, n: int, within_s: float, at_s: float) -> Arrival:
-    return Arrival("spike", rate, spike_n=n, spike_within_s=within_s, spike_at_s=at_s)
+def spike(
+    rate: float, n: int, within_s: float, at_s: float, bursts: int = 1, every_s: float = 0.0
+) -> Arrival:
+    return Arrival(
+        "spike",
+        rate,
+        spike_n=n,
+        spike_within_s=within_s,
+        spike_at_s=at_s,
+        spike_bursts=bursts,
+        spike_every_s=every_s,
+    )
 
 
 def trace(times: Iterable[float]) -> Arrival:
@@ -184,12 +215,17 @@ def parse_arrival(spec: str, rate: float) -> Arrival:
         _expect_args(spec, args, 2)
         return onoff(rate, _number(spec, "ON_S", args[0]), _number(spec, "OFF_S", args[1]))
     if kind == "spike":
-        _expect_args(spec, args, 3)
-        n = _number(spec, "N", args[0])
-        if not n.is_integer():
-            raise WorkloadError(f"arrival {spec!r}: N {args[0]!r} is not a whole number")
+        if len(args) != 5:
+            _expect_args(spec, args, 3)
+        n = _whole(spec, "N", args[0])
+        bursts, every = (_whole(spec, "BURSTS", args[3]), args[4]) if len(args) == 5 else (1, "0")
         return spike(
-            rate, int(n), _number(spec, "WITHIN_S", args[1]), _number(spec, "AT_S", args[2])
+            rate,
+            n,
+            _number(spec, "WITHIN_S", args[1]),
+            _number(spec, "AT_S", args[2]),
+            bursts,
+            _number(spec, "EVERY_S", every),
         )
     if kind == "trace":
         raise WorkloadError(
@@ -213,3 +249,10 @@ def _number(spec: str, what: str, text: str) -> float:
     if not math.isfinite(value):
         raise WorkloadError(f"arrival {spec!r}: {what} {text!r} must be finite")
     return value
+
+
+def _whole(spec: str, name: str, text: str) -> int:
+    n = _number(spec, name, text)
+    if not n.is_integer():
+        raise WorkloadError(f"arrival {spec!r}: {name} {text!r} is not a whole number")
+    return int(n)

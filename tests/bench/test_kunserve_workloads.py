@@ -75,6 +75,10 @@ def test_the_command_line_form_and_its_record() -> None:
         ("spike:0:2:5", "N >= 1"),
         ("spike:10:-1:5", "WITHIN_S >= 0"),
         ("spike:10:1:inf", "AT_S 'inf' must be finite"),
+        ("spike:10:1:5:2", "takes 3 parameter"),
+        ("spike:10:1:5:1.5:20", "BURSTS '1.5' is not a whole number"),
+        ("spike:10:2:5:2:1", "WITHIN_S < EVERY_S"),
+        ("spike:10:2:5:0:20", "BURSTS >= 1"),
     ],
 )
 def test_a_bad_spike_spec_is_named(spec: str, message: str) -> None:
@@ -83,8 +87,20 @@ def test_a_bad_spike_spec_is_named(spec: str, message: str) -> None:
 
 
 def test_a_spike_larger_than_the_workload_is_refused() -> None:
-    with pytest.raises(WorkloadError, match="24 sessions in the spike, only 10"):
+    with pytest.raises(WorkloadError, match="24 sessions in the spikes, only 10"):
         build("reasoning", sessions=10, rate=1.0, arrival="spike:24:2:5")
+
+
+def test_two_bursts_each_match_the_spec() -> None:
+    process = parse_arrival("spike:6:1:5:2:20", 0.5)
+    assert process == spike(0.5, 6, 1.0, 5.0, bursts=2, every_s=20.0)
+    assert process.spike_windows() == [(5.0, 6.0), (25.0, 26.0)]
+    times = process.times(20, random.Random(4))
+    assert times == process.times(20, random.Random(4))  # deterministic for a seed
+    assert sum(5.0 <= t <= 6.0 for t in times) >= 6 and sum(25.0 <= t <= 26.0 for t in times) >= 6
+    assert process.as_dict()["bursts"] == 2 and process.as_dict()["every_s"] == 20.0
+    with pytest.raises(WorkloadError, match="12 sessions in the spikes, only 10"):
+        process.times(10, random.Random(0))
 
 
 def test_reasoning_is_single_turns_with_long_answers() -> None:
