@@ -51,10 +51,16 @@ pytestmark = pytest.mark.integration
 KV_BLOCKS = 96  # per instance alone: 1,536 tokens
 
 
+# Half a block more than KV_BLOCKS: a budget that is no whole number of blocks (as a
+# user's is), so a split daemon's capacity can be an odd number of sub-blocks.
+BUDGET = TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES + BLOCK_BYTES // 2
+
+
 def settings(tmp_path: Path, *, restart: bool = False) -> Any:
     return colocated_pair(
         tmp_path,
         kv_blocks=KV_BLOCKS,
+        mempool={"budget_bytes": BUDGET, "tensor_memory_bytes": 1 << 20},
         cluster={"restart": restart},
         worker={"heartbeat_interval_s": 0.25, "stage_timeout_s": 3.0, "engine": {"num_threads": 1}},
     )
@@ -122,7 +128,7 @@ async def test_drop_and_restore_give_reference_tokens(tmp_path: Path) -> None:
                 assert time.monotonic() < deadline, ex
                 await asyncio.sleep(0.05)
             assert ex["exchanged"] == 4 and ex["recomputed"] == 0 and ex["bytes"] > 0, ex
-            budget = TINY_PARAM_BYTES + KV_BLOCKS * BLOCK_BYTES
+            budget = BUDGET
             for iid in MEMBERS:  # `memserve admin status` of a daemon shows the split
                 st = await admin_call(c.endpoints(f"{iid}-mempool")["rpc"], TOKEN, "status")
                 assert st.ok and st.result["split"] == 2, st

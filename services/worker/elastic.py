@@ -705,6 +705,12 @@ class ElasticMember:
         rest = [b for b in self.held if b not in keep]
         if rest:
             await eng.client.free_mem(rest)
+            self.held = [b for b in self.held if b in keep]  # a retry must not free them again
+        # Whole blocks again: the parameters' report at HomeOpen may have grown the KV by
+        # a sub-block that is no whole block's (the budget is no multiple of one).
+        shrunk = await eng.client.shrink(self.capacity_blocks * self.g)
+        if shrunk.pending_shrink:
+            raise ElasticError(f"sub-blocks {shrunk.pending_shrink[:8]} live above the ceiling")
         await eng.client.merge()
         eng.grouped = False  # leases and gives back whole blocks as any solo engine
         eng.group_lease = []
