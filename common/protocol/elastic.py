@@ -165,6 +165,8 @@ class Restored(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     stall_max_s: float = 0.0  # longest time a batch's requests waited (parked -> adopted)
     duration_s: float = 0.0  # from the Restore to the Restored
     fallback: str = ""  # why (part of) a live restore paused instead
+    home: str = ""  # the live restore's home (instance id)
+    home_requests: list[tuple[str, int]] = msgspec.field(default_factory=list)  # (id, tokens)
 
 
 class CopyLocal(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):

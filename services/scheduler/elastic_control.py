@@ -285,6 +285,7 @@ class ElasticControl:
                 reply = replies[group.leader]
                 if isinstance(reply, Restored):
                     elastic.dissolved(group, reply, *self._now())
+                    rebalanced = await self._rebalance(group.leader, reply)
                     restored.append(
                         {
                             "group_id": gid,
@@ -299,6 +300,7 @@ class ElasticControl:
                             "stall_max_s": reply.stall_max_s,
                             "duration_s": reply.duration_s,
                             "fallback": reply.fallback,
+                            "rebalanced": rebalanced,
                         }
                     )
                     continue
@@ -310,6 +312,30 @@ class ElasticControl:
                 done = ", ".join(r["group_id"] for r in restored)
                 raise ElasticError("; ".join(errors) + (f"; restored {done}" if done else ""))
             return {"restored": restored}
+
+    async def _rebalance(self, leader: str, reply: Restored) -> int:
+        """A live restore sent its requests to one home: migrate (Llumnix-style, live)
+        the largest of them back to the leader while that evens out their tokens, so both
+        instances serve again. Returns how many moved; a failed move only costs balance."""
+        if not reply.home_requests or not reply.home:
+            return 0
+        for rid, _ in reply.home_requests:  # placed on the group: they run at the home now
+            self.core.move_charge(rid, leader, reply.home)
+        if self.migrator is None:
+            return 0
+        at_home = sum(t for _, t in reply.home_requests)
+        at_leader = 0
+        moved = 0
+        for rid, tokens in sorted(reply.home_requests, key=lambda r: -r[1]):
+            if at_leader + tokens > at_home - tokens:
+                continue
+            done = await self.migrator(rid, leader)
+            if done.ok:
+                at_home, at_leader, moved = at_home - tokens, at_leader + tokens, moved + 1
+        self.core.elastic.note_controller(
+            "rebalanced", *self._now(), home=reply.home, leader=leader, moved=moved
+        )
+        return moved
 
     # ------------------------------------------------------------- breaks
     async def send_breaks(self) -> None:

@@ -120,6 +120,7 @@ class ElasticMember:
         self.home: Engine | None = None
         self.home_blocks = 0
         self.home_reserved: set[int] = set()
+        self.home_pending: dict[str, el.RequestState] = {}  # HomeTake'n, not yet adopted
         self.stage_table: list[int] = []  # a follower's sub-block of each group block
         self.full_param_bytes = 0  # the whole model's, before the drop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
@@ -139,8 +140,8 @@ class ElasticMember:
 
     def abort_to(self, request_id: str) -> str:
         """Where an abort for `request_id` goes ("" = here)."""
-        if self.home is not None and request_id in self.home.requests:
-            return ""  # at home here (a live restore)
+        if self.home is not None and request_id in self.svc.routes:
+            return ""  # at home here, or being adopted here (a live restore)
         return self.forward_to or self.moved.get(request_id, "")
 
     def status(self) -> dict[str, Any]:
@@ -490,14 +491,22 @@ class ElasticMember:
             live = LiveRestore(self, pipeline, deadline=t_start + req.live_timeout_s)
             await live.run()
         t0 = time.monotonic()
-        await eng.pause()
-        loop = asyncio.get_running_loop()
-        for out in await loop.run_in_executor(eng._executor, pipeline.drain):
-            await eng._deliver(out)
-        states = [
-            msgspec.structs.replace(s, reply_to=svc.routes.get(s.request_id, s.reply_to))
-            for s, _ in await eng.export(keep_kv=True)
-        ] + (live.leftover if live is not None else [])
+        leftover = live.leftover if live is not None else []
+        try:
+            await eng.pause()
+            loop = asyncio.get_running_loop()
+            for out in await loop.run_in_executor(eng._executor, pipeline.drain):
+                await eng._deliver(out)
+            if live is not None:  # parked while the drain brought their batches back
+                await live.hand_over(pipeline.take_parked())
+            states = [
+                msgspec.structs.replace(s, reply_to=svc.routes.get(s.request_id, s.reply_to))
+                for s, _ in await eng.export(keep_kv=True)
+            ] + leftover
+        except Exception as exc:  # left the engine on their way home: end them now
+            for s in leftover:
+                svc.fail_moved(s, f"restore of group {self.group_id} failed: {exc}")
+            raise
         n = len(pipeline.table)  # group blocks (the pool shrank by what left with the requests)
         tables = [t[:n] for t in self.tables]
         caps = [self.capacity_blocks] + [f.capacity_blocks for f in self.followers]
@@ -546,6 +555,7 @@ class ElasticMember:
                 for s in homes[m.rank]:
                     svc.fail_moved(s, f"restore of group {self.group_id} failed: {r}")
         moved_live = dict(self.moved)  # requests a live restore sent home
+        home_id = self.members[HOME].instance_id  # (the members are forgotten below)
         try:
             await self._dissolve_local(plan.keep(0), homes[0])
         except Exception as exc:  # it fails before it adopts any of them
@@ -578,6 +588,8 @@ class ElasticMember:
             stall_max_s=stats.stall_max_s if stats else 0.0,
             duration_s=done - t_start,
             fallback=stats.fallback if stats else "",
+            home=home_id if stats and stats.moved else "",
+            home_requests=stats.home_requests if stats else [],
         )
 
     async def _copy_at(self, rank: int, copies: list[tuple[int, int]]) -> None:
@@ -625,7 +637,9 @@ class ElasticMember:
         await loop.run_in_executor(None, model.restore_layers, resolve_model(config.model))
         await eng.client.set_params(_resident(eng, model))
         full = kv_view(eng.region.tensor(), self._full_layout)
-        self.home = Engine(model, full, config, BlockPool(req.home_blocks))
+        # Recompute only: its blocks are the group's lease, no daemon swaps them meanwhile.
+        solo = msgspec.structs.replace(config, preemption_mode="recompute")
+        self.home = Engine(model, full, solo, BlockPool(req.home_blocks))
         self.home_blocks = req.home_blocks
         eng.engine = self.home
         eng.resume()
@@ -660,6 +674,7 @@ class ElasticMember:
 
         ids, free = await self.svc.engine.run_between_steps(lambda: (take(), home.pool.num_free))
         self.home_reserved.update(ids)
+        self.home_pending.update({s.request_id: s for s in req.requests})
         blocks, i = [], 0
         for n in sizes:
             blocks.append(ids[i : i + n])
@@ -677,12 +692,14 @@ class ElasticMember:
     async def _home_adopt(self, req: el.HomeAdopt) -> el.ElasticReply:
         self._same_group(req.group_id, req.epoch, "follower")
         home = self._home()
-        if req.release:
+        if req.release:  # the batch failed on its way: the leader keeps its requests
             release = [b for b in req.release if b in self.home_reserved]
             await self.svc.engine.run_between_steps(lambda: home.unreserve(release))
             self.home_reserved.difference_update(release)
+            self.home_pending.clear()
         for state in req.requests:  # `Engine.adopt` takes its reserved blocks
             self.home_reserved.difference_update(state.block_ids)
+            self.home_pending.pop(state.request_id, None)
             self.svc.adopt(state)
         return el.Done(self.svc.cfg.instance_id)
 
@@ -701,6 +718,10 @@ class ElasticMember:
         if self.home_reserved:  # a batch that never arrived (the leader died on the way)
             stale = sorted(self.home_reserved)
             await eng.run_between_steps(lambda: home.unreserve(stale))
+            self.home_reserved = set()
+        for state in self.home_pending.values():  # announced here, never adopted
+            svc.fail_moved(state, f"group {self.group_id}: its leader did not finish the move")
+        self.home_pending = {}
         keep = set(range(self.home_blocks * self.g))
         rest = [b for b in self.held if b not in keep]
         if rest:
@@ -836,6 +857,7 @@ class ElasticMember:
         self.home = None
         self.home_blocks = 0
         self.home_reserved = set()
+        self.home_pending = {}
         self.stage_table = []
 
     def _stop_exchange(self) -> None:

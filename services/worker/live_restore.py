@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
@@ -86,6 +86,7 @@ class LiveStats:
     stall_max_s: float = 0.0
     fallback: str = ""
     home_open_s: float = 0.0  # from the Restore until the home serves alone beside its stage
+    home_requests: list[tuple[str, int]] = field(default_factory=list)  # (id, tokens) home
 
 
 class LiveRestore:
@@ -112,6 +113,7 @@ class LiveRestore:
             home = self.m.members[HOME]
             limit = BATCH
             while True:
+                self._check_deadline("the requests to go home")
                 ids, size = await self._between(partial(self._pick, limit))
                 if not ids:
                     break
@@ -144,7 +146,11 @@ class LiveRestore:
         if plan is None:
             raise NoRoom("the group's KV does not fit beside the home's next batch")
         await self._until(lambda: self.pipeline.outside_live() == 0, "room at the home")
+        # The last relocation copies (and a write of an aborted request into a block that
+        # left) may still be on their way round the ring: wait until they have landed.
+        await self._settle("the relocation copies")
         home = self.m.members[HOME]
+        self.opened = True  # from the first HomeOpen on (a lost reply included)
         await self.m.ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
         self.home_free += plan.home_blocks - self.home_blocks
         self.home_blocks = plan.home_blocks
@@ -175,21 +181,23 @@ class LiveRestore:
         t0 = time.monotonic()
         parked: list[el.RequestState] = []
         waiting = set(ids)
-        while waiting:
-            got, gone = await self._between(partial(_take_parked, p, frozenset(waiting)))
-            parked.extend(got)
-            waiting -= {s.request_id for s in got} | gone
-            if waiting:
-                self._check_deadline("requests to park")
-                await asyncio.sleep(_POLL_S)
+        try:
+            while waiting:
+                got, gone = await self._between(partial(_take_parked, p, frozenset(waiting)))
+                parked.extend(got)
+                waiting -= {s.request_id for s in got} | gone
+                if waiting:
+                    self._check_deadline("requests to park")
+                    await asyncio.sleep(_POLL_S)
+            # A request that was not in flight parks at once, but a copy relocating one of
+            # its blocks may still ride a batch of its microbatch: let those land first.
+            await self._settle("the batch's copies")
+        except BaseException:
+            await self.hand_over(parked)  # the rest park during the pause's drain
+            raise
         if not parked:
             return
-        states = [
-            msgspec.structs.replace(s, reply_to=self.svc.routes.get(s.request_id, s.reply_to))
-            for s in parked
-        ]
-        for s in states:
-            await self.svc.engine.hand_over(s.request_id)
+        states = await self.hand_over(parked, keep=False)
         home = self.m.members[HOME]
         group_blocks = [b for s in states for b in s.block_ids]
         try:
@@ -224,6 +232,9 @@ class LiveRestore:
             self.m.moved[s.request_id] = home.address
             if s.request_id in self.svc.aborted:  # the abort came while it was on its way
                 self.svc.forward_abort(s.request_id, home.address)
+        self.stats.home_requests += [
+            (s.request_id, len(s.prompt_token_ids) + len(s.output_token_ids)) for s in at_home
+        ]
         self.stats.moved += len(at_home)
         self.stats.batches += 1
         self.stats.moved_bytes += moved
@@ -242,12 +253,39 @@ class LiveRestore:
             if j != HOME
         )
         pairs = by_pair(ops)
+        # Every transfer ends before a failure counts: the home may only release the
+        # blocks once nothing writes into them any more.
         done = await asyncio.gather(
-            *(transfer(self.m.members, src, dst, copies) for (src, dst), copies in pairs.items())
+            *(transfer(self.m.members, src, dst, copies) for (src, dst), copies in pairs.items()),
+            return_exceptions=True,
         )
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:
+            raise failed[0]
         sub_bytes = self.pipeline.cache.layout.bytes_per_block
         own = sum(len(s.block_ids) for s in states) * sub_bytes  # the home's local copies
-        return sum(done) + own
+        return sum(d for d in done if isinstance(d, int)) + own
+
+    async def hand_over(
+        self, parked: list[el.RequestState], *, keep: bool = True
+    ) -> list[el.RequestState]:
+        """Parked requests leave the leader's streams (ended as moved), with their reply
+        address; `keep`: into `leftover`, for the pause restore (their group blocks stay
+        reserved until then)."""
+        states = [
+            msgspec.structs.replace(s, reply_to=self.svc.routes.get(s.request_id, s.reply_to))
+            for s in parked
+        ]
+        for s in states:
+            await self.svc.engine.hand_over(s.request_id)
+        if keep:
+            self.leftover.extend(states)
+        return states
+
+    async def _settle(self, what: str) -> None:
+        p = self.pipeline
+        mark = await self._between(lambda: p.launched)
+        await self._until(lambda: p.settled(mark), what)
 
     # ------------------------------------------------------------- helpers
     def _msg(self, cls: Callable[..., T], **fields: Any) -> T:

@@ -130,6 +130,7 @@ async def test_drop_forms_a_group_placements_go_to_its_leader_and_restore_dissol
                 "stall_max_s": 0.0,
                 "duration_s": 0.0,
                 "fallback": "",
+                "rebalanced": 0,
             }
         ]
     }

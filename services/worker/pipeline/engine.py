@@ -216,7 +216,19 @@ class PipelineEngine(Engine):
 
     @property
     def capacity_tokens(self) -> int:
-        return self.pool.num_blocks * self.block_size
+        # The group's size, not the pool's: a live restore's retire shrinks the pool for a
+        # while, and a prompt that fits the group must not be refused meanwhile.
+        return len(self.table) * self.block_size
+
+    @property
+    def launched(self) -> int:
+        """Batches launched so far (each one's step number is its count)."""
+        return self._steps
+
+    def settled(self, step: int) -> bool:
+        """Every batch up to `step` came back: each stage has applied its copies and
+        written its KV (the last stage returns a batch after every stage ran it)."""
+        return all(f is None or f.step > step for f in self._in_flight)
 
     @property
     def in_flight(self) -> int:
