@@ -10,7 +10,8 @@ Pure: no matplotlib (bench/kunserve_plots.py draws), documents read back from JS
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from bench.kunserve_modes import is_kunserve_mode
@@ -53,7 +54,104 @@ def kunserve_figures(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "paper": list(paper) if paper else None,
             }
         )
-    return {"ratios": ratios}
+    return {"ratios": ratios, "tpot_phases": tpot_phases(by_mode)}
+
+
+AFTER_S = 5.0  # the issue's bound: TPOT back to the baseline's within 5 s after a restore
+
+
+def tpot_phases(by_mode: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each KunServe-mode run with a group: the median TPOT of the requests that
+    decoded mostly while its first group served, and of those that started decoding more
+    than AFTER_S after it dissolved, beside every baseline's requests in the same windows
+    (same seeded workload: the same requests, by session and turn)."""
+    baselines = {m: r for m, r in by_mode.items() if m.startswith("dp-")}
+    out = []
+    for mode, run in by_mode.items():
+        groups = (run.get("elastic") or {}).get("groups") or []
+        if not mode.startswith("kunserve") or not groups:
+            continue
+        g = groups[0]
+        start = num(g.get("serving_s"))
+        stop = num(g.get("dissolved_s"))
+        if not math.isfinite(start):
+            continue
+        end = stop if math.isfinite(stop) else math.inf
+        grouped = _keys(run, partial(_mostly_within, start=start, end=end))
+        after_t = stop + AFTER_S
+        after = _keys(run, partial(_starts_after, t=after_t)) if math.isfinite(stop) else set()
+        row: dict[str, Any] = {
+            "mode": mode,
+            "window_s": [start, stop if math.isfinite(stop) else None],
+            "grouped_ms": _median_tpot(run, grouped),
+            "after_ms": _median_tpot(run, after),
+            "baselines": {
+                b: {"grouped_ms": _median_tpot(r, grouped), "after_ms": _median_tpot(r, after)}
+                for b, r in baselines.items()
+            },
+        }
+        out.append(row)
+    return out
+
+
+def _mostly_within(a: float, b: float, *, start: float, end: float) -> bool:
+    """Decode span [a, b] lies more than half inside [start, end]."""
+    return max(0.0, min(b, end) - max(a, start)) > 0.5 * (b - a)
+
+
+def _starts_after(a: float, b: float, *, t: float) -> bool:
+    return a >= t
+
+
+def _decode_span(rec: Mapping[str, Any]) -> tuple[float, float]:
+    sent = num(rec.get("sent_s"))
+    return sent + num(rec.get("ttft_s")), sent + num(rec.get("jct_s"))
+
+
+def _keys(run: Mapping[str, Any], keep: Callable[[float, float], bool]) -> set[tuple[str, int]]:
+    """(session, turn) of the requests of `run` whose decode span [a, b] passes `keep`."""
+    out = set()
+    for rec in run.get("records") or []:
+        a, b = _decode_span(rec)
+        if rec.get("error") or not (math.isfinite(a) and math.isfinite(b)) or b <= a:
+            continue
+        if keep(a, b):
+            out.add((str(rec.get("session")), int(rec.get("turn", 0))))
+    return out
+
+
+def _median_tpot(run: Mapping[str, Any], keys: set[tuple[str, int]]) -> float:
+    xs = sorted(
+        1e3 * num(rec.get("tpot_s"))
+        for rec in run.get("records") or []
+        if (str(rec.get("session")), int(rec.get("turn", 0))) in keys
+        and math.isfinite(num(rec.get("tpot_s")))
+    )
+    if not xs:
+        return math.nan
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def tpot_phase_lines(phases: Sequence[Mapping[str, Any]]) -> list[str]:
+    lines = []
+    for p in phases:
+        for base, b in (p.get("baselines") or {}).items():
+            g, bg = num(p.get("grouped_ms")), num(b.get("grouped_ms"))
+            a, ba = num(p.get("after_ms")), num(b.get("after_ms"))
+            lines.append(
+                f"TPOT of the requests {p['mode']} served in its group, median: "
+                f"{fmt(g, 1)} ms vs {fmt(bg, 1)} ms in {base} ({_rel(g, bg)}); "
+                f"of those starting > {AFTER_S:g} s after the restore: "
+                f"{fmt(a, 1)} vs {fmt(ba, 1)} ms ({_rel(a, ba)})"
+            )
+    return lines
+
+
+def _rel(x: float, base: float) -> str:
+    if not (math.isfinite(x) and math.isfinite(base)) or base <= 0:
+        return "n/a"
+    return f"{100 * (x / base - 1):+.0f}%"
 
 
 def paper_text(paper: Sequence[float] | None) -> str:
@@ -159,4 +257,8 @@ def markdown(experiment: Experiment) -> str:
     if ratios:
         out.append("")
         out.extend(f"- {ratio_line(r)}" for r in ratios)
+    phases = (experiment.get("kunserve") or {}).get("tpot_phases") or []
+    if phases:
+        out.append("")
+        out.extend(f"- {line}" for line in tpot_phase_lines(phases))
     return "\n".join(out) + "\n"

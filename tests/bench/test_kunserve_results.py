@@ -19,7 +19,7 @@ from bench.kunserve_modes import (
     overrides,
     parse_cluster_set,
 )
-from bench.kunserve_results import kunserve_figures, markdown, ratio_words
+from bench.kunserve_results import kunserve_figures, markdown, ratio_words, tpot_phase_lines
 from bench.timeline import summarize_timeline
 
 BUDGET = 6 * MIB
@@ -198,3 +198,43 @@ def test_the_markdown_section_has_both_tables_and_the_ratios() -> None:
     assert "| kunserve | 2 | 1 | 0 | 0 | 0.50 | 6.8, 7.5+ | 6 / 0 | 1.0 | 0.0 | 0.30 | 50.0 |" in md
     assert "20.0x lower (paper 12.7-72.2x lower)" in md
     assert markdown({"runs": [run("colocated", 1.0)]}) == ""
+
+
+def test_tpot_in_the_group_and_after_the_restore_beside_the_baseline() -> None:
+    def rec(session: str, start: float, decode_s: float, tpot_ms: float) -> dict[str, Any]:
+        return {
+            "session": session,
+            "turn": 0,
+            "sent_s": start,
+            "ttft_s": 0.1,
+            "jct_s": 0.1 + decode_s,
+            "tpot_s": tpot_ms / 1e3,
+            "error": "",
+        }
+
+    group = {"serving_s": 10.0, "dissolved_s": 30.0}
+    kun = {
+        "mode": "kunserve",
+        "elastic": {"groups": [group]},
+        "records": [
+            rec("before", 0.0, 5.0, 10.0),  # decodes before the group
+            rec("in", 12.0, 10.0, 30.0),  # all of it in the group
+            rec("half", 25.0, 20.0, 99.0),  # mostly after it: neither
+            rec("after", 40.0, 5.0, 12.0),  # starts > 5 s after the restore
+        ],
+    }
+    base = {
+        "mode": "dp-migrate",
+        "records": [
+            rec("before", 0.0, 5.0, 10.0),
+            rec("in", 12.0, 11.0, 20.0),
+            rec("half", 25.0, 20.0, 50.0),
+            rec("after", 40.0, 5.0, 10.0),
+        ],
+    }
+    (phase,) = kunserve_figures([base, kun])["tpot_phases"]
+    assert phase["grouped_ms"] == pytest.approx(30.0) and phase["after_ms"] == pytest.approx(12.0)
+    b = phase["baselines"]["dp-migrate"]
+    assert b["grouped_ms"] == pytest.approx(20.0) and b["after_ms"] == pytest.approx(10.0)
+    (line,) = tpot_phase_lines([phase])
+    assert "30.0 ms vs 20.0 ms in dp-migrate (+50%)" in line and "12.0 vs 10.0 ms (+20%)" in line
