@@ -56,8 +56,8 @@ bench-baselines: install
 	$(BIN)/pip install -q --no-deps "sglang==0.5.23"
 
 # The evaluation of docs/benchmarks.md: MemServe's three comparisons on this machine
-# (~35 minutes on 2 cores), then KunServe's modes under a spike (dp-swap joins them once
-# the worker can swap). Results land in results/serve/ (JSON, CSV, markdown, PNG).
+# (~35 minutes on 2 cores), then KunServe's modes under one spike and under two (~10
+# minutes). Results land in results/serve/ (JSON, CSV, markdown, PNG).
 # Rates keep the caching runs below saturation; a failed request does not stop the rest.
 SERVE := $(BIN)/memserve bench serve --out-dir results/serve --no-progress
 eval: install
@@ -70,9 +70,15 @@ eval: install
 	-$(SERVE) --name routing --workload docs --sessions 32 --rate 0.5 --scale 0.25 \
 		--modes pd-caching-3 --prefill 3 --decode 1 \
 		--policies locality,session,least-load,round-robin
-	-$(SERVE) --name kunserve --workload reasoning --sessions 40 --rate 0.5 \
+	-$(SERVE) --name spike-small --workload reasoning --sessions 40 --rate 0.5 \
 		--arrival spike:24:2:10 --scale 0.25 --budget-mib 123 --policies round-robin \
-		--modes dp-recompute,dp-migrate,kunserve,kunserve-recompute,kunserve-norestore
+		--modes dp-recompute,dp-swap,dp-migrate,kunserve,kunserve-recompute,kunserve-norestore
+	-$(SERVE) --name two-bursts-small --workload reasoning --sessions 56 --rate 0.3 \
+		--arrival spike:24:2:8:2:50 --scale 0.25 --budget-mib 123 --policies round-robin \
+		--modes dp-migrate,kunserve,kunserve-norestore
+	-$(SERVE) --name routing-many --workload docs --set num_docs=2 --sessions 240 --rate 2 \
+		--scale 0.25 --modes pd-caching-3 --prefill 3 --decode 1 \
+		--policies locality,session,least-load
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
