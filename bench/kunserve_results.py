@@ -202,7 +202,7 @@ def latency_row(run: Mapping[str, Any]) -> list[str]:
 ELASTIC_HEADERS = (
     "mode", "drops", "restores", "migrations", "fallbacks", "drop s (max)",
     "group lifetime s", "exchanged / recomputed req", "exchanged MiB", "exchange stall ms (max)",
-    "restore s (max)", "restore pause ms (max)",
+    "restore s (max)", "restore pause ms (max)", "bubble % per stage",
 )  # fmt: skip
 
 
@@ -232,6 +232,12 @@ def elastic_row(run: Mapping[str, Any]) -> list[str]:
         fmt(1e3 * num(e.get("exchange_stall_s_max")), 1),
         fmt(_max([g.get("restore_s") for g in groups]), 2),
         fmt(1e3 * _max(pauses), 1),
+        "; ".join(
+            " / ".join(fmt(100 * num(b), 0) for b in (g.get("bubble") or {}).values())
+            for g in groups
+            if g.get("bubble")
+        )
+        or "-",
     ]
 
 

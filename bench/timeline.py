@@ -73,20 +73,31 @@ class TimelineSampler:
         self.controller = dict(st.get("controller") or {})
         for g in self.groups:
             if g.get("state") == "SERVING":
-                figures = await self._leader_exchange(str(g.get("leader", "")))
-                if figures:
-                    self.exchange[str(g["group_id"])] = figures
+                gid = str(g["group_id"])
+                leader = await self._elastic_status(str(g.get("leader", "")))
+                figures = dict(leader.get("exchange") or {})
+                stages = {}  # each member's stage: busy and elapsed seconds (bubbles)
+                for m in g.get("members") or []:
+                    iid = str(m.get("instance_id", ""))
+                    st = leader if iid == g.get("leader") else await self._elastic_status(iid)
+                    if st.get("stage"):
+                        stages[iid] = dict(st["stage"])
+                if figures or stages:
+                    self.exchange[gid] = {**self.exchange.get(gid, {}), **figures}
+                    if stages:
+                        self.exchange[gid]["stages"] = stages
 
-    async def _leader_exchange(self, leader: str) -> dict[str, Any]:
+    async def _elastic_status(self, iid: str) -> dict[str, Any]:
+        """A worker's `elastic` status ({} when it does not answer)."""
         from common.admin_client import admin_call
 
-        if not leader:
+        if not iid:
             return {}
-        control = self.cluster.endpoints(leader)["control"]
+        control = self.cluster.endpoints(iid)["control"]
         reply = await admin_call(control, self.cluster.admin_token, "status", timeout_s=5.0)
         if not reply.ok:
             return {}
-        return dict((reply.result.get("elastic") or {}).get("exchange") or {})
+        return dict(reply.result.get("elastic") or {})
 
     def summary(self, t0_wall: float, end_wall: float) -> dict[str, Any]:
         out = summarize_timeline(self.events, t0_wall, end_wall, self.exchange)
@@ -96,6 +107,17 @@ class TimelineSampler:
         if self.errors:
             out["sampler_errors"] = self.errors
         return out
+
+
+def bubbles(stages: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Each stage's bubble ratio, 1 - busy / elapsed, from its last figures while the
+    group served (members in rank order as the status lists them)."""
+    out = {}
+    for iid, st in stages.items():
+        busy, elapsed = float(st.get("busy_s", 0.0)), float(st.get("elapsed_s", 0.0))
+        if elapsed > 0:
+            out[iid] = round(max(0.0, 1.0 - busy / elapsed), 4)
+    return out
 
 
 def _nan_none(x: float) -> float | None:
@@ -198,6 +220,7 @@ def _group(
         "aborted": any(e["event"] == "aborted" for e in own),
         "open": is_open,
         "lifetime_s": _nan_none(round(lifetime, 4)),
+        "bubble": bubbles(exchange.get("stages") or {}),
         "adopted": served.get("adopted"),
         "freed_bytes": served.get("freed_bytes"),
         "exchange": dict(exchange),

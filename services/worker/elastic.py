@@ -122,6 +122,7 @@ class ElasticMember:
         self.home_reserved: set[int] = set()
         self.home_pending: dict[str, el.RequestState] = {}  # HomeTake'n, not yet adopted
         self.stage_table: list[int] = []  # a follower's sub-block of each group block
+        self.stage_server: StageServer | None = None
         self.full_param_bytes = 0  # the whole model's, before the drop
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._lock = asyncio.Lock()  # one control message at a time
@@ -152,7 +153,16 @@ class ElasticMember:
             "members": [m.instance_id for m in self.members],
             "sub_blocks": len(self.held),
             "exchange": self.exchanger.stats.to_dict() if self.exchanger else {},
+            "stage": self._stage_busy(),
         }
+
+    def _stage_busy(self) -> dict[str, float]:
+        """This member's stage: batches, busy and elapsed seconds (bubble = the rest)."""
+        if self.state == "leader" and isinstance(self.svc.engine.engine, PipelineEngine):
+            return self.svc.engine.engine.busy()
+        if self.state == "follower" and self.stage_server is not None:
+            return self.stage_server.busy()
+        return {}
 
     # ---------------------------------------------------------------- dispatch
     async def handle(self, req: el.ElasticRequest) -> el.ElasticReply:
@@ -395,7 +405,7 @@ class ElasticMember:
             raise ElasticError("this stage is already serving")
         model = self.svc.engine.engine.model
         self.stage_table = list(req.table)
-        stage = StageServer(
+        stage = self.stage_server = StageServer(
             model,
             kv_view(self.svc.engine.region.tensor(), self._full_layout, self.g),
             torch.tensor(req.table, dtype=torch.long),
@@ -859,6 +869,7 @@ class ElasticMember:
         self.home_reserved = set()
         self.home_pending = {}
         self.stage_table = []
+        self.stage_server = None
 
     def _stop_exchange(self) -> None:
         if self.exchange_task is not None:

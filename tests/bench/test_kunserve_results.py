@@ -19,8 +19,14 @@ from bench.kunserve_modes import (
     overrides,
     parse_cluster_set,
 )
-from bench.kunserve_results import kunserve_figures, markdown, ratio_words, tpot_phase_lines
-from bench.timeline import summarize_timeline
+from bench.kunserve_results import (
+    elastic_row,
+    kunserve_figures,
+    markdown,
+    ratio_words,
+    tpot_phase_lines,
+)
+from bench.timeline import bubbles, summarize_timeline
 
 BUDGET = 6 * MIB
 
@@ -238,3 +244,16 @@ def test_tpot_in_the_group_and_after_the_restore_beside_the_baseline() -> None:
     assert b["grouped_ms"] == pytest.approx(20.0) and b["after_ms"] == pytest.approx(10.0)
     (line,) = tpot_phase_lines([phase])
     assert "30.0 ms vs 20.0 ms in dp-migrate (+50%)" in line and "12.0 vs 10.0 ms (+20%)" in line
+
+
+def test_each_stages_bubble_is_what_it_did_not_run() -> None:
+    stages = {
+        "w0": {"busy_s": 6.0, "elapsed_s": 10.0},
+        "w1": {"busy_s": 9.0, "elapsed_s": 10.0},
+        "w2": {"busy_s": 1.0, "elapsed_s": 0.0},  # no time yet: no figure
+    }
+    assert bubbles(stages) == {"w0": 0.4, "w1": 0.1}
+    elastic = summarize_timeline(EVENTS, T0, T0 + 20.0, {"g1": {"stages": stages}})
+    assert elastic["groups"][0]["bubble"] == {"w0": 0.4, "w1": 0.1}
+    row = elastic_row(run("kunserve", 100.0, elastic))
+    assert row[-1].startswith("40 / 10")

@@ -10,6 +10,7 @@ import torch
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
+from services.worker.pipeline.ring import LocalRing
 from services.worker.pipeline.views import kv_view
 from tests.worker.helpers import prompt, run_to_end
 from tests.worker.pipeline_helpers import (
@@ -56,6 +57,11 @@ def test_group_from_the_start_gives_reference_tokens(reference: dict[str, list[i
     finish_leader(leader, got)
     assert got == {rid: reference[rid] for rid in REQUESTS}
     assert leader.pool.num_free == leader.pool.num_blocks
+    # Every stage counts its busy time (the bubble is the rest): the leader's steps less
+    # their waits on the ring, each follower's batches.
+    assert isinstance(leader.ring, LocalRing)
+    for busy in [leader.busy()] + [st.busy() for st in leader.ring.stages]:
+        assert busy["batches"] > 0 and 0 < busy["busy_s"] <= busy["elapsed_s"], busy
 
 
 @pytest.mark.parametrize(("g", "exchange"), [(2, True), (4, True), (2, False)])

@@ -40,6 +40,7 @@ Live restore primitives (the group keeps serving while requests go home in batch
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -105,6 +106,9 @@ class PipelineEngine(Engine):
         self._next = 0
         self._steps = 0
         self._in_flight: list[_InFlight | None] = [None] * g
+        self._busy_s = 0.0
+        self._waited = 0.0
+        self._started = time.monotonic()
         self._to_park: dict[str, Request] = {}  # in flight when named: park on its return
         self._parked: list[RequestState] = []
 
@@ -238,13 +242,26 @@ class PipelineEngine(Engine):
         return self.scheduler.has_work() or self.in_flight > 0
 
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
+        waited = self._waited
         mb = self._next
         self._next = (mb + 1) % self.g
         outputs = self._complete(mb) if self._in_flight[mb] is not None else []
         sched = self.scheduler.parts[mb].schedule()  # type: ignore[attr-defined]
         if sched.chunks:
             self._launch(mb, sched.chunks)
+        # Busy: the step less its wait on the ring (the leader stage's bubble).
+        self._busy_s += time.perf_counter() - t0 - (self._waited - waited)
         return outputs
+
+    def busy(self) -> dict[str, float]:
+        """As `StageServer.busy`, for the leader's stage (its steps less their waits on
+        the ring; idle time between steps counts as bubble too)."""
+        return {
+            "batches": self._steps,
+            "busy_s": self._busy_s,
+            "elapsed_s": time.monotonic() - self._started,
+        }
 
     def drain(self) -> list[RequestOutput]:
         """Wait for every batch in flight and return what they produced (before a restore)."""
@@ -291,7 +308,11 @@ class PipelineEngine(Engine):
         flight = self._in_flight[mb]
         assert flight is not None
         self._in_flight[mb] = None
-        result = self.ring.recv(self.stage_timeout_s)
+        t0 = time.perf_counter()
+        try:
+            result = self.ring.recv(self.stage_timeout_s)
+        finally:
+            self._waited += time.perf_counter() - t0
         if result.error:
             raise StageTimeout(f"stage failed step {result.step}: {result.error}")
         if result.step != flight.step or result.mb != mb:

@@ -14,6 +14,8 @@ sub-blocks before the layers run (blocks leaving a retired id).
 
 from __future__ import annotations
 
+import time
+
 import msgspec
 import torch
 
@@ -60,11 +62,29 @@ class StageServer:
         self.epoch = epoch
         self.last = last
         self.batches = 0
+        self.busy_s = 0.0  # time spent running batches (the rest is this stage's bubble)
+        self.started = time.monotonic()
+
+    def busy(self) -> dict[str, float]:
+        """Batches run, seconds busy and seconds since the stage started (bubble ratio =
+        1 - busy / elapsed)."""
+        return {
+            "batches": self.batches,
+            "busy_s": self.busy_s,
+            "elapsed_s": time.monotonic() - self.started,
+        }
 
     @torch.inference_mode()
     def run(self, batch: StageBatch) -> StageBatch | StageResult:
         if batch.epoch != self.epoch:
             raise StaleBatch(f"batch of epoch {batch.epoch}, this stage serves {self.epoch}")
+        t0 = time.perf_counter()
+        try:
+            return self._run(batch)
+        finally:
+            self.busy_s += time.perf_counter() - t0
+
+    def _run(self, batch: StageBatch) -> StageBatch | StageResult:
         device = self.model.device
         if batch.copies:
             copy_sub_blocks(self.cache, local_copies(batch.copies, self.table))
