@@ -114,6 +114,7 @@ async def test_drop_forms_a_group_placements_go_to_its_leader_and_restore_dissol
     assert "g1" in out and "SERVING" in out and "w0(0:0-2) w1(1:2-4)" in out
 
     assert await refused(harness, "restore", "g7") == "unknown group 'g7' (serving: g1)"
+    assert "restore GROUP|all [live|pause]" in await refused(harness, "restore", "g1", "soon")
     restored = await elastic(harness, "restore", "g1")
     assert restored == {
         "restored": [
