@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
@@ -629,17 +630,7 @@ class ElasticMember:
             )
         if self.home is not None:
             return await self._home_grow(req.home_blocks)
-        ceiling = self.capacity_blocks * self.g
-        above = [b for b in self.held if b >= ceiling]
-        if above:
-            await eng.client.free_mem(above)
-        self.held = [b for b in self.held if b < ceiling]
-        eng.group_lease = list(self.held)
-        shrunk = await eng.client.shrink(ceiling)
-        if shrunk.pending_shrink:
-            raise ElasticError(
-                f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
-            )
+        await self._shrink_keeping(range(self.capacity_blocks * self.g))
         model = eng.engine.model
         config = eng.engine.config
         await eng.client.set_params(self.full_param_bytes)  # the budget first, then the pages
@@ -732,16 +723,9 @@ class ElasticMember:
         for state in self.home_pending.values():  # announced here, never adopted
             svc.fail_moved(state, f"group {self.group_id}: its leader did not finish the move")
         self.home_pending = {}
-        keep = set(range(self.home_blocks * self.g))
-        rest = [b for b in self.held if b not in keep]
-        if rest:
-            await eng.client.free_mem(rest)
-            self.held = [b for b in self.held if b in keep]  # a retry must not free them again
-        # Whole blocks again: the parameters' report at HomeOpen may have grown the KV by
-        # a sub-block that is no whole block's (the budget is no multiple of one).
-        shrunk = await eng.client.shrink(self.capacity_blocks * self.g)
-        if shrunk.pending_shrink:
-            raise ElasticError(f"sub-blocks {shrunk.pending_shrink[:8]} live above the ceiling")
+        # Shrinking again matters: the parameters' report at HomeOpen may have grown the KV
+        # by a sub-block that is no whole block's (the budget is no multiple of one).
+        await self._shrink_keeping(range(self.home_blocks * self.g))
         await eng.client.merge()
         eng.grouped = False  # leases and gives back whole blocks as any solo engine
         eng.group_lease = []
@@ -768,15 +752,7 @@ class ElasticMember:
         model = eng.engine.model
         config = eng.engine.config
         self._close_stage()
-        kept = {e * g + j for e in keep for j in range(g)}
-        rest = [b for b in eng.group_lease if b not in kept]
-        if rest:
-            await eng.client.free_mem(rest)
-        shrunk = await eng.client.shrink(self.capacity_blocks * g)
-        if shrunk.pending_shrink:
-            raise ElasticError(
-                f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
-            )
+        await self._shrink_keeping({e * g + j for e in keep for j in range(g)})
         merged = await eng.client.merge()
         folder = resolve_model(config.model)
         loop = asyncio.get_running_loop()
@@ -794,6 +770,23 @@ class ElasticMember:
         self._reset()
         eng.resume()
         log.info("serving alone again", adopted=len(requests), kept_blocks=len(keep))
+
+    async def _shrink_keeping(self, keep: Collection[int]) -> None:
+        """Give back every sub-block this member holds but those in `keep` and lower its
+        daemon's ceiling to the pre-drop capacity (in sub-blocks): what a member does
+        before it takes its parameters back or merges. Idempotent (a retry frees nothing
+        twice)."""
+        eng = self.svc.engine
+        rest = [b for b in eng.group_lease if b not in keep]
+        if rest:
+            await eng.client.free_mem(rest)
+            eng.group_lease = [b for b in eng.group_lease if b in keep]
+            self.held = list(eng.group_lease)
+        shrunk = await eng.client.shrink(self.capacity_blocks * self.g)
+        if shrunk.pending_shrink:
+            raise ElasticError(
+                f"sub-blocks {shrunk.pending_shrink[:8]} still live above the ceiling"
+            )
 
     async def _reload(self, model: Any, config: Any) -> None:
         """The dropped layers back from the checkpoint on local disk, the daemon told."""
