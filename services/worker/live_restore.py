@@ -85,7 +85,6 @@ class LiveStats:
     moved_bytes: int = 0
     stall_max_s: float = 0.0
     fallback: str = ""
-    home_open_s: float = 0.0  # from the Restore until the home serves alone beside its stage
     home_requests: list[tuple[str, int]] = field(default_factory=list)  # (id, tokens) home
 
 
@@ -106,11 +105,9 @@ class LiveRestore:
     async def run(self) -> LiveStats:
         """Every request that can goes home live; raises nothing (the reason the rest
         needs a pause is in `stats.fallback`)."""
-        t0 = time.monotonic()
         try:
             if self.svc.engine.arena is not None:
                 raise LiveRestoreFailed("a live restore runs on CPU members only")
-            home = self.m.members[HOME]
             limit = BATCH
             while True:
                 self._check_deadline("the requests to go home")
@@ -125,10 +122,6 @@ class LiveRestore:
                             raise
                         limit //= 2  # tight: smaller batches need less room at once
                         continue
-                    if not self.opened:
-                        self.opened = True
-                        self.stats.home_open_s = time.monotonic() - t0
-                        log.info("live restore: the home serves", home=home.instance_id)
                 await self._batch(ids)
         except LiveRestoreFailed as exc:
             self.stats.fallback = str(exc)
@@ -150,8 +143,11 @@ class LiveRestore:
         # left) may still be on their way round the ring: wait until they have landed.
         await self._settle("the relocation copies")
         home = self.m.members[HOME]
+        first = not self.opened
         self.opened = True  # from the first HomeOpen on (a lost reply included)
         await self.m.ask(home, self._msg(el.HomeOpen, home_blocks=plan.home_blocks))
+        if first:
+            log.info("live restore: the home serves", home=home.instance_id)
         self.home_free += plan.home_blocks - self.home_blocks
         self.home_blocks = plan.home_blocks
 
