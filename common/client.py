@@ -219,10 +219,13 @@ class GatewayClient:
         params: SamplingParams | None = None,
         session_id: str = "",
         request_id: str | None = None,
+        *,
+        route_key: str = "",
     ) -> AsyncGenerator[cp.Chunk | cp.Final, None]:
         """The raw messages: every `Chunk` (text and token ids) as it arrives, then the
-        `Final`, which is not raised on error. Closing it early cancels the request."""
-        return self._stream(prompt, params, session_id, request_id)
+        `Final`, which is not raised on error. Closing it early cancels the request.
+        `route_key`: a routing hint without session history (`Complete.route_key`)."""
+        return self._stream(prompt, params, session_id, request_id, route_key)
 
     async def _stream(
         self,
@@ -230,6 +233,7 @@ class GatewayClient:
         params: SamplingParams | None,
         session_id: str,
         request_id: str | None,
+        route_key: str = "",
     ) -> AsyncGenerator[cp.Chunk | cp.Final, None]:
         """The request's chunks, then its Final; sent again (under `rid~N`) while the
         gateway is gone before the first token, at most `retries` times."""
@@ -248,7 +252,7 @@ class GatewayClient:
                 if attempt and not await self._answers():
                     continue  # still silent: this try was spent waiting for it
                 try:
-                    one = self._attempt(arid, prompt, params, session_id)
+                    one = self._attempt(arid, prompt, params, session_id, route_key)
                     async with contextlib.aclosing(one):
                         async for msg in one:
                             if isinstance(msg, cp.Chunk) and (msg.token_ids or msg.text):
@@ -291,6 +295,7 @@ class GatewayClient:
         prompt: str | list[int],
         params: SamplingParams | None,
         session_id: str,
+        route_key: str = "",
     ) -> AsyncGenerator[cp.Chunk | cp.Final, None]:
         """One try: its chunks, then its Final. Left before the Final: sends Cancel."""
         self._ensure_router()
@@ -307,6 +312,7 @@ class GatewayClient:
                     token_ids=ids,
                     params=params or SamplingParams(),
                     session_id=session_id,
+                    route_key=route_key,
                 )
             )
             while True:

@@ -40,6 +40,10 @@ class Complete(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     token_ids: list[int] | None = None
     params: SamplingParams = msgspec.field(default_factory=SamplingParams)
     session_id: str = ""
+    # A routing hint without a session's history (the HTTP API's `user` / X-Session-Id:
+    # each request carries its whole conversation): the scheduler's session policy keeps
+    # requests with one key on one instance. Bounded like the ids (`max_id_bytes`).
+    route_key: str = ""
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

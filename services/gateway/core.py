@@ -73,6 +73,7 @@ class Request:
     peer: bytes  # the client's ROUTER identity
     stream: RequestStream
     session_id: str = ""
+    route_key: str = ""  # routes like a session, without its history (Complete.route_key)
     pd: bool = False  # prefill and decode on different instances (Placement.handoff)
     prefill_released: bool = False  # Release(phase="prefill") sent
     # Instances it was taken off before its first token (dead or unreachable): never
@@ -150,6 +151,8 @@ class GatewayCore:
             return self._refuse(req, f"request_id longer than {self.max_id_bytes} bytes", "")
         if _utf8_len(req.session_id, self.max_id_bytes) > self.max_id_bytes:
             return self._refuse(req, f"session_id longer than {self.max_id_bytes} bytes")
+        if _utf8_len(req.route_key, self.max_id_bytes) > self.max_id_bytes:
+            return self._refuse(req, f"route_key longer than {self.max_id_bytes} bytes")
         key = (peer, req.request_id)
         if key in self.by_client or key in self.pending:
             return self._refuse(req, f"request id {req.request_id!r} is already in flight")
@@ -260,6 +263,7 @@ class GatewayCore:
         detok = IncrementalDetokenizer(self.tokenizer, ids, req.params.stop)
         r = Request(rid, peer, RequestStream(req.request_id, ids, req.params, detok, now))
         r.session_id = req.session_id
+        r.route_key = req.route_key
         self.requests[rid] = r
         self.by_client[(peer, req.request_id)] = rid
         self.inflight_of[peer] = self.inflight_of.get(peer, 0) + 1
@@ -360,7 +364,8 @@ class GatewayCore:
             r.rid,
             r.stream.prompt_ids,
             max_tokens=r.stream.params.max_tokens,
-            session_id=r.session_id,
+            # The scheduler's session policy keys on this: a session, else the hint.
+            session_id=r.session_id or r.route_key,
             gateway=self.gateway_id,
             gateway_started_at=self.started_at,
             avoid=list(r.avoid),
