@@ -110,7 +110,11 @@ def write_hf_folder(src: Path, dest: Path) -> None:
     (dest / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
     (dest / "gguf_source.json").write_text(
         json.dumps(
-            {"file": src.name, "converter_version": CONVERTER_VERSION, "name": meta.get("general.name")},
+            {
+                "file": src.name,
+                "converter_version": CONVERTER_VERSION,
+                "name": meta.get("general.name"),
+            },
             indent=2,
         )
     )
@@ -123,7 +127,9 @@ def _open(src: Path) -> GGUFReader:
     try:
         return GGUFReader(src)
     except Exception as exc:  # gguf raises ValueError, struct / numpy errors on bad bytes
-        raise ModelError(f"{src}: not a readable GGUF file: {exc}") from None
+        raise ModelError(
+            f"{src}: not a readable GGUF file (truncated or corrupt?): {exc}"
+        ) from None
 
 
 def read_metadata(reader: GGUFReader, src: Path) -> dict[str, Any]:
@@ -166,8 +172,7 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, Any], src: Path) -> dict[
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise ModelError(
-            f"{src}: unsupported GGUF architecture general.architecture={arch!r} "
-            "(supported: llama)"
+            f"{src}: unsupported GGUF architecture general.architecture={arch!r} (supported: llama)"
         )
 
     def need(key: str) -> int:
@@ -235,6 +240,16 @@ def _hf_name(gguf_name: str, layers: int) -> str | None:
     return None
 
 
+def _gguf_name(hf_name: str) -> str:
+    """The GGUF name of a transformers tensor name (for messages)."""
+    top = {v: k for k, v in _TOP_TENSORS.items()}
+    if hf_name in top:
+        return top[hf_name]
+    layer, _, suffix = hf_name.removeprefix("model.layers.").partition(".")
+    gguf_suffix = {v: k for k, v in _LAYER_TENSORS.items()}[suffix]
+    return f"blk.{layer}.{gguf_suffix}"
+
+
 def _expected_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     q = config["num_attention_heads"] * config["head_dim"]
@@ -275,8 +290,12 @@ def _check_tensors(tensors: dict[str, ReaderTensor], config: dict[str, Any], src
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if shape != expected[hf]:
             raise ModelError(
-                f"{src}: tensor {name} has shape {shape}, expected {expected[hf]} from the "
-                "metadata"
+                f"{src}: tensor {name} has shape {shape}, expected {expected[hf]} from the metadata"
+            )
+        if int(t.data.nbytes) != int(t.n_bytes):
+            raise ModelError(
+                f"{src}: tensor {name} has {t.data.nbytes} of its {t.n_bytes} bytes "
+                "(truncated file?)"
             )
         if not _dequantizable(t.tensor_type):
             kind = GGMLQuantizationType(t.tensor_type).name
@@ -284,14 +303,12 @@ def _check_tensors(tensors: dict[str, ReaderTensor], config: dict[str, Any], src
         placed.add(hf)
     missing = sorted(set(expected) - placed)
     if missing:
-        by_hf = {v: k for k, v in _TOP_TENSORS.items()}
-        shown = [by_hf.get(m, m) for m in missing[:5]]
+        shown = [_gguf_name(m) for m in missing[:5]]
         raise ModelError(f"{src}: GGUF lacks {len(missing)} tensor(s): {', '.join(shown)}")
 
 
 def _dequantizable(kind: Any) -> bool:
-    from gguf import GGMLQuantizationType
-    from gguf import quants
+    from gguf import GGMLQuantizationType, quants
 
     if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
         return True

@@ -110,21 +110,19 @@ def build_tokenizer(meta: Mapping[str, Any]) -> tuple[Tokenizer, dict[str, Any]]
     bad = [m for m in merges if len(m) != 2]
     if bad:
         raise ModelError(f"GGUF merge {' '.join(bad[0])!r} is not a pair of tokens")
-    tok = Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False)  # type: ignore[arg-type]
-    )
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=None, fuse_unk=False))
     tok.pre_tokenizer = _pre_tokenizer(str(meta.get("tokenizer.ggml.pre", "default")))
     tok.decoder = decoders.ByteLevel()
 
     types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [])
     control = [
         AddedToken(t, normalized=False, special=True)
-        for t, kind_ in zip(tokens, types)
+        for t, kind_ in zip(tokens, types, strict=False)
         if kind_ == _CONTROL and set(t) <= letters
     ]
     user = [
         AddedToken(t, normalized=False, special=False)
-        for t, kind_ in zip(tokens, types)
+        for t, kind_ in zip(tokens, types, strict=False)
         if kind_ == _USER_DEFINED and t in vocab
     ]
     tok.add_special_tokens(control)

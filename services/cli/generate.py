@@ -37,7 +37,9 @@ def add_parser(sub: Any) -> None:
         "first token; a dead gateway is noticed in about 3 s whatever --timeout says",
     )
     p.add_argument(
-        "--model", default="tiny", help="embedded preset (tiny, small) or a Hugging Face folder"
+        "--model",
+        default="tiny",
+        help="preset (tiny, small, smollm2), a .gguf file or a Hugging Face folder",
     )
     add_sampling_args(p)
     p.add_argument("--dtype", default="auto")

@@ -1,8 +1,12 @@
-"""`memserve model info PATH|PRESET`: what a checkpoint is and what it costs in memory."""
+"""`memserve model info PATH|PRESET`: what a checkpoint is and what it costs in memory;
+`memserve model prepare PRESET|FILE.gguf`: write a preset's folder or convert a GGUF into
+the model cache now (`make install` prepares smollm2), and print the folder."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from typing import Any
 
 import torch
@@ -13,12 +17,17 @@ from common.model.presets import resolve_model
 from services.worker.kv_cache import KVLayout
 from services.worker.model.loader import checkpoint_files
 
+MODEL_HELP = (
+    "embedded preset (tiny, small), packaged preset (smollm2), a .gguf file (converted "
+    "into the model cache once) or a Hugging Face folder"
+)
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("model", help="inspect a model")
     msub = p.add_subparsers(dest="model_command", required=True)
     info = msub.add_parser("info", help="print a model's shape and memory figures")
-    info.add_argument("model", help="embedded preset (tiny, small) or a Hugging Face folder")
+    info.add_argument("model", help=MODEL_HELP)
     info.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     info.add_argument("--block-size", type=int, default=16)
     info.add_argument(
@@ -29,6 +38,24 @@ def add_parser(sub: Any) -> None:
         "beside the parameters",
     )
     info.set_defaults(func=run)
+    prepare = msub.add_parser(
+        "prepare", help="write a preset or convert a .gguf file into the model cache"
+    )
+    prepare.add_argument("model", help=MODEL_HELP)
+    prepare.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        folder = resolve_model(args.model)
+        ModelConfig.from_folder(folder)  # a plain folder: check it is one we can serve
+        checkpoint_files(folder)
+    except ModelError as exc:
+        return fail(str(exc))
+    print(folder)
+    print(f"ready in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

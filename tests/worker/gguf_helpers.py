@@ -52,7 +52,9 @@ def vocabulary() -> tuple[list[str], list[int], list[str]]:
 
 def _permute(w: np.ndarray, heads: int) -> np.ndarray:
     # llama.cpp's convert_hf_to_gguf.py `permute`: rotary halves -> interleaved pairs.
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
 
 
 def write_tiny_gguf(
@@ -63,10 +65,11 @@ def write_tiny_gguf(
     add_bos: bool = False,
     layers: int = 2,
     seed: int = 0,
+    drop: str = "",
 ) -> Path:
     """Write the GGUF: hidden 64, 4 heads (2 kv), ffn 128; token_embd and the attention
     matrices in Q8_0, the MLP of layer 0 in Q4_1 (when gguf can quantize it), the rest F32.
-    Without `tied`, an `output.weight` too."""
+    Without `tied`, an `output.weight` too. The tensor named `drop` is left out."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -105,6 +108,8 @@ def write_tiny_gguf(
     w.add_chat_template(CHATML)
 
     def put(name: str, data: np.ndarray, qtype: Q = Q.F32) -> None:
+        if name == drop:
+            return
         if qtype != Q.F32:
             try:
                 quantized = gguf.quants.quantize(data, qtype)
