@@ -6,6 +6,8 @@ llama.cpp's permuted q/k rows; a bad file gets one clear ModelError."""
 from __future__ import annotations
 
 import re
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import torch
 
 from common.chat_template import ChatTemplate
 from common.detokenizer import IncrementalDetokenizer
+from common.model import gguf as gguf_module
 from common.model import presets
 from common.model.config import ModelConfig, ModelError
 from common.model.gguf import convert_gguf
@@ -145,8 +148,26 @@ def test_conversion_is_cached_and_named_by_the_file(tmp_path: Path) -> None:
     other = write_tiny_gguf(tmp_path / "b.gguf", seed=1)  # same size, other weights
     second = convert_gguf(other, root=tmp_path / "cache")
     assert second != folder
-    names = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir())
+    names = sorted(p.name for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir())
     assert names == sorted([folder.name, second.name]), "no temporary folder is left behind"
+
+
+def test_processes_starting_together_convert_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_tiny_gguf(tmp_path / "a.gguf")
+    calls: list[Path] = []
+    real_write = gguf_module.write_hf_folder
+
+    def counting_write(src: Path, dest: Path) -> None:
+        calls.append(dest)
+        time.sleep(0.2)  # long enough that the others arrive while it writes
+        real_write(src, dest)
+
+    monkeypatch.setattr(gguf_module, "write_hf_folder", counting_write)
+    with ThreadPoolExecutor(4) as pool:
+        folders = set(pool.map(lambda _: convert_gguf(path, root=tmp_path / "c"), range(4)))
+    assert len(folders) == 1 and len(calls) == 1
 
 
 def test_resolve_model_converts_a_gguf_path(
@@ -167,9 +188,10 @@ def test_truncated_file(tmp_path: Path, keep: int) -> None:
     bad.write_bytes(data[:keep])
     with pytest.raises(ModelError, match=r"cut\.gguf: not a readable GGUF file|truncated"):
         convert_gguf(bad, root=tmp_path / "cache")
-    assert not (tmp_path / "cache" / "models").exists() or not any(
-        (tmp_path / "cache" / "models").iterdir()
-    ), "nothing is published for a bad file"
+    models = tmp_path / "cache" / "models"
+    assert not models.exists() or not [p for p in models.iterdir() if p.is_dir()], (
+        "nothing is published for a bad file"
+    )
 
 
 def test_not_a_gguf_file(tmp_path: Path) -> None:
