@@ -96,7 +96,12 @@ def write_hf_folder(src: Path, dest: Path) -> None:
     meta = read_metadata(reader, src)
     tensors = {t.name: t for t in reader.tensors}
     config = hf_config(meta, tensors, src)
-    tokenizer, tok_config = build_tokenizer(meta)
+    try:
+        tokenizer, tok_config = build_tokenizer(meta)
+    except ModelError as exc:
+        raise ModelError(f"{src}: {exc}") from None
+    except Exception as exc:  # the tokenizers library raises plain Exceptions
+        raise ModelError(f"{src}: cannot build the tokenizer: {exc}") from None
     if tokenizer.get_vocab_size(with_added_tokens=True) > config["vocab_size"]:
         raise ModelError(
             f"{src}: the tokenizer has {tokenizer.get_vocab_size()} tokens, more than the "

@@ -66,6 +66,7 @@ def write_tiny_gguf(
     layers: int = 2,
     seed: int = 0,
     drop: str = "",
+    tokenizer_model: str = "gpt2",
 ) -> Path:
     """Write the GGUF: hidden 64, 4 heads (2 kv), ffn 128; token_embd and the attention
     matrices in Q8_0, the MLP of layer 0 in Q4_1 (when gguf can quantize it), the rest F32.
@@ -95,7 +96,7 @@ def write_tiny_gguf(
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(vocab)
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_tokenizer_pre("smollm")
     w.add_token_list(tokens)
     w.add_token_types(types)

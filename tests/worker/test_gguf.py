@@ -250,3 +250,9 @@ def test_cli_model_prepare_and_info(
     code, out, err = _cli(capsys, "model", "prepare", str(bad))
     assert (code, out) == (1, "")
     assert err.count("\n") == 1 and "bad.gguf: not a readable GGUF file" in err
+
+
+def test_unsupported_tokenizer_is_named(tmp_path: Path) -> None:
+    path = write_tiny_gguf(tmp_path / "spm.gguf", tokenizer_model="llama")  # sentencepiece
+    with pytest.raises(ModelError, match=r"spm\.gguf: unsupported GGUF tokenizer.*'llama'"):
+        convert_gguf(path, root=tmp_path / "cache")
