@@ -192,6 +192,11 @@ def hf_config(meta: dict[str, Any], tensors: dict[str, Any], src: Path) -> dict[
     layers = need("block_count")
     kv_heads = int(meta.get("llama.attention.head_count_kv") or heads)
     head_dim = int(meta.get("llama.attention.key_length") or hidden // heads)
+    value_dim = int(meta.get("llama.attention.value_length") or head_dim)
+    if value_dim != head_dim:
+        raise ModelError(
+            f"{src}: attention.value_length {value_dim} differs from key_length {head_dim}"
+        )
     rotary = int(meta.get("llama.rope.dimension_count") or head_dim)
     if rotary != head_dim:
         raise ModelError(
