@@ -12,9 +12,9 @@ from typing import Any
 import httpx
 
 from common.admin_client import admin_call
+from common.mempool_client import MempoolClient
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from common.mempool_client import MempoolClient
 from tests.daemons import assert_idle_and_intact
 
 TOKEN = "test-token"

@@ -8,7 +8,6 @@ cancelled at the gateway, the daemon's blocks come back), and the errors' OpenAI
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import httpx
 import openai
