@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from common.chat_template import ChatTemplate
 from common.client import GatewayClient, GatewayClosed, GatewayGone, GatewayTimeout
@@ -105,6 +106,47 @@ class Relay:
         self._task.cancel()
 
 
+async def _collect(
+    first: cp.Chunk | cp.Final, relay: Relay
+) -> tuple[list[str], list[int], cp.Final]:
+    """A whole answer: its texts, token ids and Final."""
+    texts: list[str] = []
+    ids: list[int] = []
+    item = first
+    while isinstance(item, cp.Chunk):
+        texts.append(item.text)
+        ids.extend(item.token_ids)
+        item = await relay.next()
+    texts.append(item.text)
+    return texts, ids, item
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the HTTP client disconnects (the body was read already, so the only
+    message left to receive is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Stream(StreamingResponse):
+    """Closes its relay when the response ends, however it ends. A client that hung up
+    while an event was being sent leaves the event generator suspended at its `yield`
+    (Starlette cancels the send, not the generator), and a generator caught in a
+    reference cycle is finalized only by a later garbage collection: the request would
+    run on to its last token. `relay.close()` does not await, so no cancellation can
+    interrupt it."""
+
+    def __init__(self, relay: Relay, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.close()
+
+
 def _transport_error(exc: Exception) -> ApiError:
     if isinstance(exc, GatewayTimeout):
         return ApiError(504, f"the gateway did not answer in time: {exc}", "server_error")
@@ -163,7 +205,7 @@ class Handlers:
                 if isinstance(job.prompt, str)
                 else await asyncio.to_thread(self.s.tokenizer.decode, job.prompt)
             )
-        return await self._run(job)
+        return await self._run(job, request)
 
     async def chat(self, request: Request) -> Response:
         self._authorize(request)
@@ -184,9 +226,9 @@ class Handlers:
             )
         if not job.prompt:
             raise core.bad("the rendered prompt is empty", "messages")
-        return await self._run(job)
+        return await self._run(job, request)
 
-    async def _run(self, job: core.Job) -> Response:
+    async def _run(self, job: core.Job, request: Request) -> Response:
         model = self.s.limits.model_name
         relay = Relay(
             self.s.client.stream(job.prompt, job.params, request_id=job.id, route_key=job.route_key)
@@ -203,27 +245,31 @@ class Handlers:
             relay.close()
             raise core.gateway_error(first)
         if job.stream:
-            return StreamingResponse(
+            return _Stream(
+                relay,
                 self._events(job, model, first, relay),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
+        # A client that leaves before the answer cancels the request, as when streaming.
+        collect = asyncio.create_task(_collect(first, relay))
+        gone = asyncio.create_task(_disconnected(request))
         try:
-            texts: list[str] = []
-            ids: list[int] = []
-            item = first
-            while isinstance(item, cp.Chunk):
-                texts.append(item.text)
-                ids.extend(item.token_ids)
-                item = await relay.next()
+            await asyncio.wait([collect, gone], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():
+                collect.cancel()
+            relay.close()
+        if not collect.done() or collect.cancelled():
+            return Response(status_code=499)  # nobody reads it: the client is gone
+        try:
+            texts, ids, final = collect.result()
         except (GatewayGone, GatewayTimeout, GatewayClosed) as exc:
             raise _transport_error(exc) from None
-        finally:
-            relay.close()
-        if item.finish_reason in ("error", "abort"):
-            raise core.gateway_error(item)
-        texts.append(item.text)
-        return json_response(core.response(job, model, "".join(texts), ids, item))
+        if final.finish_reason in ("error", "abort"):
+            raise core.gateway_error(final)
+        return json_response(core.response(job, model, "".join(texts), ids, final))
 
     async def _events(
         self, job: core.Job, model: str, first: cp.Chunk | cp.Final, relay: Relay

@@ -29,6 +29,9 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     gateway: str = "tcp://127.0.0.1:5900"  # the gateway's client address
     gateway_server_key: str = ""  # Z85: the gateway's published CURVE key ("" = plain)
     gateway_client_key_file: str = ""  # this client's pair, for a gateway listing clients
+    # Times a request that found the gateway gone before its first token is sent again
+    # (once the gateway answers again, e.g. restarted by its supervisor).
+    gateway_retries: int = 1
     model: str = "tiny"  # tokenizer, context length and chat template come from it
     served_model_name: str = ""  # the `model` clients name ("" = `model`)
     chat_template: str = ""  # a .jinja file or the template's text ("" = the model's own)
@@ -74,6 +77,8 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
         for name in ("max_body_bytes", "default_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"api.{name} must be > 0, got {getattr(self, name)}")
+        if self.gateway_retries < 0:
+            raise ValueError(f"api.gateway_retries must be >= 0, got {self.gateway_retries}")
         if self.max_tokens < 0:
             raise ValueError(f"api.max_tokens must be >= 0, got {self.max_tokens}")
         if not 0 < self.request_timeout_s <= 86_400:

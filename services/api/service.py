@@ -132,6 +132,7 @@ def build(cfg: ApiConfig) -> ApiService:
         timeout_s=cfg.request_timeout_s,
         server_key=cfg.gateway_server_key or None,
         client_key=client_key,
+        retries=cfg.gateway_retries,
     )
     limits = Limits(
         model_name=cfg.model_name,

@@ -293,3 +293,20 @@ async def test_disconnect_cancels_the_request(
     after = await aclient.completions.create(model="tiny", prompt="still there?", max_tokens=2)
     assert after.usage is not None and after.usage.completion_tokens == 2
     assert (await gateway_status(cluster))["inflight"] == 0
+
+
+@MODULE_LOOP
+async def test_a_client_that_leaves_a_whole_answer_cancels_it(cluster: Cluster) -> None:
+    """Not streamed: nothing is sent until the answer is whole, so the client's read
+    timeout makes it hang up first; the API notices and cancels at the gateway."""
+    served = (await until_gateway_idle(cluster))["served"]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 4000, "ignore_eos": True}
+    async with httpx.AsyncClient(
+        base_url=str(cluster.http), timeout=httpx.Timeout(30, read=1)
+    ) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(
+                "/v1/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+            )
+    assert (await until_gateway_idle(cluster))["served"] == served
+    await all_idle_and_intact(cluster)
