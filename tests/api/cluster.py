@@ -26,14 +26,17 @@ CHATML = (
 
 
 def cluster_settings(
-    tmp_path: Path, cluster: dict[str, Any], api: dict[str, Any] | None = None
+    tmp_path: Path,
+    cluster: dict[str, Any],
+    api: dict[str, Any] | None = None,
+    gateway: dict[str, Any] | None = None,
 ) -> Any:
     return load(
         None,
         {
             "cluster": {"run_dir": str(tmp_path / "run"), "admin_token": TOKEN, **cluster},
             "scheduler": {"heartbeat_timeout_s": 1.5},
-            "gateway": {"request_timeout_s": 20, "alive_interval_s": 0.25},
+            "gateway": {"request_timeout_s": 20, "alive_interval_s": 0.25, **(gateway or {})},
             "worker": {"heartbeat_interval_s": 0.25, "engine": {"num_threads": 1}},
             "mempool": {"device_blocks": 256, "tensor_memory_bytes": 1 << 20},
             "api": {"api_key": API_KEY, "chat_template": CHATML, **(api or {})},

@@ -2,7 +2,7 @@
 decode instance, their MemPool daemons, scheduler, gateway and the api process, started
 once for the module): greedy tokens equal the single-process engine's through prefill and
 decode, a streamed chat with usage, a repeated prompt found in the cache, a disconnect
-mid-stream frees every block, and /ready turns 503 while the decode role has no instance
+mid-stream frees every block, a gateway at its `max_inflight` gives 429, and /ready turns 503 while the decode role has no instance
 that takes requests (drained), and 200 again after."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from tests.api.cluster import (
     API_KEY,
     TOKEN,
     all_idle_and_intact,
+    assert_error_shape,
     cluster_settings,
     until_gateway_idle,
     until_ready,
@@ -33,7 +34,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     tmp = tmp_path_factory.mktemp("api-pd")
     shape = {"mode": "pd-caching-3", "prefill": 1, "decode": 1}
-    async with Cluster(cluster_settings(tmp, shape)) as c:
+    # One request at a time: a second one is refused as overloaded (429).
+    async with Cluster(cluster_settings(tmp, shape, gateway={"max_inflight": 1})) as c:
         assert c.http is not None
         await until_ready(c.http)
         yield c
@@ -88,6 +90,12 @@ async def test_disconnect_frees_every_block(aclient: openai.AsyncOpenAI, cluster
     async for chunk in stream:
         if chunk.choices and chunk.choices[0].delta.content:
             break
+    # The gateway holds one request at most (max_inflight = 1): a second is refused.
+    with pytest.raises(openai.RateLimitError) as refused:
+        await aclient.completions.create(model="tiny", prompt="me too", max_tokens=1)
+    assert refused.value.status_code == 429
+    error = assert_error_shape(refused.value.response.json())
+    assert error["code"] == "overloaded" and "overloaded" in error["message"]
     await stream.close()
     assert (await until_gateway_idle(cluster))["served"] == served
     await all_idle_and_intact(cluster)
