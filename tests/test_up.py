@@ -46,6 +46,7 @@ async def start_up(tmp_path: Path, mode: str) -> tuple[Process, str, list[int]]:
         "MEMSERVE_CLUSTER__ADMIN_TOKEN": "up-token",
         "MEMSERVE_GATEWAY__ADDRESS": "tcp://127.0.0.1:0",
         "MEMSERVE_SCHEDULER__ADMIN_ADDRESS": "tcp://127.0.0.1:0",
+        "MEMSERVE_API__ADDRESS": "http://127.0.0.1:0",
         "MEMSERVE_MEMPOOL__DEVICE_MEMORY_BYTES": str(8 << 20),
     }
     proc = await memserve_up(ROOT / "deploy" / "local.toml", env=env, cwd=tmp_path)
