@@ -9,19 +9,16 @@ Every error is the OpenAI shape `{"error": {"message", "type", "param", "code"}}
 awaited before the response starts, so a refusal (bad prompt, overload) gets its status
 code even when streaming; after that an error is an SSE `error` event, then `[DONE]`.
 
-Each request's gateway stream is read by a task of its own (`Relay`): when the HTTP
-client disconnects, Starlette cancels the handler under anyio, whose cancellation repeats
-at every await in its scope; the relay's task is cancelled once, plainly, so its stream's
-`Cancel` reliably reaches the gateway (and the workers free the request's blocks).
+Each request's gateway stream is read by a task of its own (relay.py), so that a client
+that disconnects reliably cancels its request at the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -29,9 +26,8 @@ import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
 
 from common.chat_template import ChatTemplate
 from common.client import GatewayClient, GatewayClosed, GatewayGone, GatewayTimeout
@@ -43,6 +39,7 @@ from services.api import protocol as op
 from services.api.core import ApiError, Limits
 from services.api.metrics import CONTENT_TYPE, ApiMetrics, MetricsMiddleware
 from services.api.openapi import document
+from services.api.relay import Relay, RelayedStream, collect, disconnected
 
 log = get_logger(__name__)
 
@@ -77,74 +74,6 @@ def sse(obj: Any) -> bytes:
 
 
 DONE = b"data: [DONE]\n\n"
-
-
-class Relay:
-    """Reads one gateway stream in a task of its own (see the module's docstring);
-    `next()` gives its messages in order, then raises what the stream raised."""
-
-    def __init__(self, stream: AsyncGenerator[cp.Chunk | cp.Final, None]) -> None:
-        self._queue: asyncio.Queue[cp.Chunk | cp.Final | BaseException] = asyncio.Queue()
-        self._task = asyncio.create_task(self._pump(stream))
-
-    async def _pump(self, stream: AsyncGenerator[cp.Chunk | cp.Final, None]) -> None:
-        try:
-            async with contextlib.aclosing(stream):
-                async for msg in stream:
-                    self._queue.put_nowait(msg)
-        except Exception as exc:
-            self._queue.put_nowait(exc)
-
-    async def next(self) -> cp.Chunk | cp.Final:
-        item = await self._queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        """Leaving before the Final cancels the request at the gateway."""
-        self._task.cancel()
-
-
-async def _collect(
-    first: cp.Chunk | cp.Final, relay: Relay
-) -> tuple[list[str], list[int], cp.Final]:
-    """A whole answer: its texts, token ids and Final."""
-    texts: list[str] = []
-    ids: list[int] = []
-    item = first
-    while isinstance(item, cp.Chunk):
-        texts.append(item.text)
-        ids.extend(item.token_ids)
-        item = await relay.next()
-    texts.append(item.text)
-    return texts, ids, item
-
-
-async def _disconnected(request: Request) -> None:
-    """Returns when the HTTP client disconnects (the body was read already, so the only
-    message left to receive is the disconnect)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-class _Stream(StreamingResponse):
-    """Closes its relay when the response ends, however it ends. A client that hung up
-    while an event was being sent leaves the event generator suspended at its `yield`
-    (Starlette cancels the send, not the generator), and a generator caught in a
-    reference cycle is finalized only by a later garbage collection: the request would
-    run on to its last token. `relay.close()` does not await, so no cancellation can
-    interrupt it."""
-
-    def __init__(self, relay: Relay, content: AsyncIterator[bytes], **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
-        self.relay = relay
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.relay.close()
 
 
 def _transport_error(exc: Exception) -> ApiError:
@@ -245,26 +174,26 @@ class Handlers:
             relay.close()
             raise core.gateway_error(first)
         if job.stream:
-            return _Stream(
+            return RelayedStream(
                 relay,
                 self._events(job, model, first, relay),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         # A client that leaves before the answer cancels the request, as when streaming.
-        collect = asyncio.create_task(_collect(first, relay))
-        gone = asyncio.create_task(_disconnected(request))
+        whole = asyncio.create_task(collect(first, relay))
+        gone = asyncio.create_task(disconnected(request))
         try:
-            await asyncio.wait([collect, gone], return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([whole, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not collect.done():
-                collect.cancel()
+            if not whole.done():
+                whole.cancel()
             relay.close()
-        if not collect.done() or collect.cancelled():
+        if not whole.done() or whole.cancelled():
             return Response(status_code=499)  # nobody reads it: the client is gone
         try:
-            texts, ids, final = collect.result()
+            texts, ids, final = whole.result()
         except (GatewayGone, GatewayTimeout, GatewayClosed) as exc:
             raise _transport_error(exc) from None
         if final.finish_reason in ("error", "abort"):
