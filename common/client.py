@@ -120,6 +120,7 @@ class GatewayClient:
         self._queues: dict[str, asyncio.Queue[Any]] = {}
         # Session replies carry no request id: the gateway answers them in order.
         self._session_waiters: list[asyncio.Future[Any]] = []
+        self._status_waiters: list[asyncio.Future[cp.StatusReport]] = []  # in order, too
         self._router: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         # When the gateway was last heard from (any message), or when a call began waiting
@@ -163,6 +164,23 @@ class GatewayClient:
         finally:
             with contextlib.suppress(ValueError):
                 self._session_waiters.remove(fut)
+
+    # ---------------------------------------------------------------- status
+    async def status(self, timeout_s: float | None = None) -> cp.StatusReport:
+        """Whether the cluster can serve, as the gateway knows it (`cp.StatusReport`);
+        an answer at all proves the gateway is alive. Raises `GatewayTimeout` after
+        `timeout_s` (default: the client's) without one."""
+        self._ensure_router()
+        fut: asyncio.Future[cp.StatusReport] = asyncio.get_running_loop().create_future()
+        self._status_waiters.append(fut)
+        try:
+            await self._sock.send(cp.Status())
+            return await asyncio.wait_for(fut, timeout_s or self.timeout_s)
+        except TimeoutError:
+            raise GatewayTimeout(f"no status from the gateway at {self.address}") from None
+        finally:
+            with contextlib.suppress(ValueError):
+                self._status_waiters.remove(fut)
 
     # ---------------------------------------------------------------- requests
     async def generate(
@@ -417,6 +435,12 @@ class GatewayClient:
                             )
                         )
                 continue
+            if isinstance(msg, cp.StatusReport):
+                if self._status_waiters:
+                    waiter = self._status_waiters.pop(0)
+                    if not waiter.done():
+                        waiter.set_result(msg)
+                continue
             if isinstance(msg, cp.SessionOpened | cp.SessionClosed):
                 if self._session_waiters:
                     fut = self._session_waiters.pop(0)
@@ -440,7 +464,7 @@ class GatewayClient:
             self._watch.cancel()
         for q in self._queues.values():
             q.put_nowait(_CLOSED)
-        for fut in self._session_waiters:
+        for fut in [*self._session_waiters, *self._status_waiters]:
             if not fut.done():
                 fut.set_exception(GatewayClosed(f"the client of {self.address} is closed"))
         self._sock.close()

@@ -224,3 +224,4 @@ class SharedFile(msgspec.Struct, forbid_unknown_fields=True):
     gateway: dict[str, Any] = msgspec.field(default_factory=dict)
     worker: dict[str, Any] = msgspec.field(default_factory=dict)
     mempool: dict[str, Any] = msgspec.field(default_factory=dict)
+    api: dict[str, Any] = msgspec.field(default_factory=dict)

@@ -75,7 +75,12 @@ def test_procfile_and_cluster_files_load(monkeypatch: pytest.MonkeyPatch) -> Non
     assert gw.scheduler == sched.address and gw.scheduler_events == sched.events_address
     assert load_worker(shared).scheduler == sched.heartbeat_address
     assert load(shared).model == load_worker(shared).engine.model
+    from services.api.__main__ import load as load_api
+
+    api = load_api(shared)
+    assert api.gateway == gw.address and api.model == gw.model
     cluster = load_cluster(str(ROOT / "deploy" / "local.toml"))
+    assert cluster.api["enabled"] is True
     assert cluster.cluster.mode == "pd-caching-3" and cluster.cluster.roles() == [
         "prefill",
         "decode",

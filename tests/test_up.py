@@ -46,6 +46,7 @@ async def start_up(tmp_path: Path, mode: str) -> tuple[Process, str, list[int]]:
         "MEMSERVE_CLUSTER__ADMIN_TOKEN": "up-token",
         "MEMSERVE_GATEWAY__ADDRESS": "tcp://127.0.0.1:0",
         "MEMSERVE_SCHEDULER__ADMIN_ADDRESS": "tcp://127.0.0.1:0",
+        "MEMSERVE_API__ADDRESS": "http://127.0.0.1:0",
         "MEMSERVE_MEMPOOL__DEVICE_MEMORY_BYTES": str(8 << 20),
     }
     proc = await memserve_up(ROOT / "deploy" / "local.toml", env=env, cwd=tmp_path)
@@ -74,8 +75,9 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert f"kv        {(8 << 20) // block_bytes} blocks of 16 tokens per instance" in text
         m = re.search(r"gateway\s+(tcp://\S+)", text)
         assert m is not None, text
-        # scheduler, gateway, one prefill and one decode worker, a daemon for each worker
-        assert len(spawned) == 6, text
+        # scheduler, gateway, api, one prefill and one decode worker, a daemon for each worker
+        assert len(spawned) == 7, text
+        assert re.search(r"http\s+http://127\.0\.0\.1:\d+\s+\(OpenAI API", text), text
 
         async with GatewayClient(m.group(1), timeout_s=30) as client:
             done = await client.complete("Hello", SamplingParams(max_tokens=6, ignore_eos=True))
@@ -94,7 +96,7 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
 async def test_a_killed_launcher_leaves_no_process_behind(tmp_path: Path) -> None:
     proc, text, spawned = await start_up(tmp_path, "colocated")
-    assert len(spawned) == 4, text  # scheduler, gateway, a worker and its daemon
+    assert len(spawned) == 5, text  # scheduler, gateway, api, a worker and its daemon
     proc.kill()  # no chance to stop them: they notice they were orphaned, and stop
     await proc.wait()
     # A generous bound (two test workers share 2 cores): the check is that nothing stays.

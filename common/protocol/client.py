@@ -9,6 +9,8 @@
       Cancel(request_id) ────────────────▶   (the request ends with a Final "abort")
       Ping ──────────────────────────────▶
                   ◀─────────────────────── Pong   (the client's liveness check)
+      Status ────────────────────────────▶
+                  ◀─────────────────────── StatusReport   (can the cluster serve?)
 
 Every `Complete` gets exactly one `Final`, whatever happens (bad input, overload, a dead
 worker): an error is reported there, never by silence. A request inside a session is the
@@ -65,7 +67,13 @@ class Ping(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
 MAX_PING_IDS = 256
 
 
-ClientRequest = OpenSession | CloseSession | Complete | Cancel | Ping
+class Status(msgspec.Struct, tag=True, frozen=True):
+    """Can the cluster serve? Answered by a `StatusReport` from what the gateway last
+    heard from the scheduler (its `GatewayKnown`, every `alive_interval_s`): nothing here
+    waits on the scheduler."""
+
+
+ClientRequest = OpenSession | CloseSession | Complete | Cancel | Ping | Status
 
 
 class SessionOpened(msgspec.Struct, tag=True, frozen=True):
@@ -103,4 +111,17 @@ class Pong(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
     unknown: list[str] = msgspec.field(default_factory=list)  # of the Ping's `waiting`
 
 
-ClientReply = SessionOpened | SessionClosed | Chunk | Final | Pong
+class StatusReport(msgspec.Struct, tag=True, frozen=True, omit_defaults=True):
+    """`scheduler_ok`: the scheduler answered the gateway recently (within a few alive
+    intervals); `instances`: per role, the instances that may take placements, as the
+    scheduler last said; `needs`: the roles the current mode places on. `ready`: the
+    scheduler is reachable and every needed role has an instance; else `reason` says why."""
+
+    ready: bool
+    scheduler_ok: bool = False
+    instances: dict[str, int] = msgspec.field(default_factory=dict)
+    needs: list[str] = msgspec.field(default_factory=list)
+    reason: str = ""
+
+
+ClientReply = SessionOpened | SessionClosed | Chunk | Final | Pong | StatusReport

@@ -117,9 +117,13 @@ class Released(msgspec.Struct, tag=True, frozen=True):
 
 class GatewayKnown(msgspec.Struct, tag=True, frozen=True):
     """The answer to `GatewayAlive`. `current`: False when a later incarnation of that id
-    is known (this one is stale: its charges were dropped)."""
+    is known (this one is stale: its charges were dropped). `instances`: per role, the
+    instances that may take placements now (healthy, not drained); `needs`: the roles the
+    current mode places on (each needs at least one for the cluster to serve)."""
 
     current: bool = True
+    instances: dict[str, int] = msgspec.field(default_factory=dict)
+    needs: list[str] = msgspec.field(default_factory=list)
 
 
 SchedulerReply = Placement | Released | GatewayKnown

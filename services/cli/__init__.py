@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import engine as bench_engine
     from bench import fuzz as bench_fuzz
     from bench import handoff as bench_handoff
+    from bench import http as bench_http
     from bench import mempool as bench_mempool
     from bench import security as bench_security
     from bench import serve as bench_serve
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_fuzz.add_parser(bench_sub)
     bench_security.add_parser(bench_sub)
     bench_elastic.add_parser(bench_sub)
+    bench_http.add_parser(bench_sub)
     return parser
 
 

@@ -23,6 +23,7 @@ SERVICES = {
     ),
     "scheduler": ("services.scheduler.__main__", "run the global scheduler", "[scheduler]"),
     "gateway": ("services.gateway.__main__", "run the gateway (client protocol)", "[gateway]"),
+    "api": ("services.api.__main__", "run the OpenAI-compatible HTTP API", "[api]"),
 }
 
 

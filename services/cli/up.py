@@ -65,9 +65,11 @@ async def _up(settings: Any) -> int:
     waiting.cancel()
     start.result()
     c = settings.cluster
-    roles = ", ".join(f"{i}" for i in cluster.children if i not in ("scheduler", "gateway"))
+    roles = ", ".join(f"{i}" for i in cluster.children if i not in ("scheduler", "gateway", "api"))
     print(f"memserve cluster up: mode {c.mode}, policy {c.policy}, model {c.model}", flush=True)
     print(f"  gateway   {cluster.gateway}   (memserve chat --gateway {cluster.gateway})")
+    if cluster.http:
+        print(f"  http      {cluster.http}   (OpenAI API: /v1/chat/completions)")
     print(f"  admin     {cluster.admin_address}   token {cluster.admin_token}")
     print(f"  instances {roles}")
     geometry, blocks = kv_capacity(settings)

@@ -51,6 +51,7 @@ from common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore, Request
 from services.gateway.public import client_socket_security
+from services.gateway.readiness import status_report
 from services.gateway.sessions import Sessions
 
 log = get_logger(__name__)
@@ -103,6 +104,9 @@ class GatewayService(ServiceShell):
         )
         # By the worker's request address.
         self.workers: dict[str, PushSocket[wp.WorkerRequest]] = {}
+        # The scheduler's last answer to GatewayAlive, and when (a client's Status).
+        self.known: sp.GatewayKnown | None = None
+        self.known_at = 0.0
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -141,6 +145,10 @@ class GatewayService(ServiceShell):
                     await self._complete(peer, msg)
                 case cp.Ping(waiting=waiting):
                     await self._to_client(peer, cp.Pong(self.core.unknown_of(peer, waiting)))
+                case cp.Status():
+                    now, interval = time.monotonic(), self.cfg.alive_interval_s
+                    report = status_report(self.known, self.known_at, now, interval)
+                    await self._to_client(peer, report)
                 case cp.Cancel(request_id=crid):
                     r = self.core.lookup(peer, crid)
                     if r is not None:  # else it already ended: its Final is on its way
@@ -333,13 +341,15 @@ class GatewayService(ServiceShell):
         alive = sp.GatewayAlive(self.cfg.instance_id, self.started_at, interval)
         while True:
             try:
-                await self.scheduler.call(alive, timeout_s=max(interval, 1.0))
+                known = await self.scheduler.call(alive, timeout_s=max(interval, 1.0))
             except TimeoutError:
                 pass
             except RpcError as exc:  # it answered, if only with an error (an older one)
                 log.debug("GatewayAlive refused", error=str(exc))
                 self._send_owed()
             else:
+                if isinstance(known, sp.GatewayKnown):
+                    self.known, self.known_at = known, time.monotonic()
                 self._send_owed()
             await asyncio.sleep(interval)
 

@@ -1,5 +1,5 @@
 """The cluster file of `memserve up` (deploy/local.toml): a `[cluster]` table for the shape,
-plus `[scheduler]`, `[gateway]`, `[worker]` (and `[worker.engine]`) and `[mempool]` tables
+plus `[scheduler]`, `[gateway]`, `[worker]` (and `[worker.engine]`), `[mempool]` and `[api]` tables
 passed as they are to every process of that kind (each process validates its own).
 
 Environment: MEMSERVE_CLUSTER__MODE=pd-basic, MEMSERVE_WORKER__ENGINE__NUM_THREADS=2, ...
@@ -87,6 +87,9 @@ class ClusterSettings(msgspec.Struct, forbid_unknown_fields=True):
     gateway: dict[str, Any] = msgspec.field(default_factory=dict)
     worker: dict[str, Any] = msgspec.field(default_factory=dict)
     mempool: dict[str, Any] = msgspec.field(default_factory=dict)
+    # The OpenAI HTTP API process: `enabled = false` leaves it out; the rest is its
+    # `[api]` table (services/api/config.py).
+    api: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 def kv_capacity(settings: ClusterSettings) -> tuple[KVGeometry, int]:

@@ -4,6 +4,7 @@
     stage 1: one MemPool daemon per worker          (they need nothing)
     stage 2: workers                                (their daemon's RPC, the scheduler)
     stage 3: gateway                                (the scheduler)
+    stage 4: api (OpenAI HTTP; `[api] enabled`)     (the gateway's client address)
 
 Addresses are not fixed in advance: every socket binds port 0 unless the cluster file
 names it, and `links` say which endpoint of an earlier process fills which setting once
@@ -21,7 +22,7 @@ from services.launcher.config import ClusterSettings
 
 @dataclass
 class ProcSpec:
-    kind: str  # scheduler | mempool | worker | gateway
+    kind: str  # scheduler | mempool | worker | gateway | api
     instance_id: str
     stage: int
     settings: dict[str, Any]
@@ -108,6 +109,17 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
             {"scheduler": ("scheduler", "rpc"), "scheduler_events": ("scheduler", "events")},
         )
     )
+    api = dict(settings.api)
+    if api.pop("enabled", True):
+        specs.append(
+            ProcSpec(
+                "api",
+                "api",
+                4,
+                {"address": f"http://{c.host}:0", **api, "model": c.model},
+                {"gateway": ("gateway", "clients")},
+            )
+        )
     return specs
 
 
@@ -122,6 +134,7 @@ REBIND: dict[str, dict[str, str]] = {
     "mempool": {"rpc": "control_address", "events": "events_address"},
     "worker": {"requests": "address", "control": "control_address"},
     "gateway": {"clients": "address", "replies": "reply_address", "control": "control_address"},
+    "api": {"http": "address"},
 }
 
 

@@ -74,6 +74,12 @@ class Cluster:
         return self.children["gateway"].endpoints["clients"]
 
     @property
+    def http(self) -> str | None:
+        """The OpenAI HTTP API's base URL (None when `[api] enabled = false`)."""
+        api = self.children.get("api")
+        return api.endpoints.get("http") if api is not None else None
+
+    @property
     def admin_address(self) -> str:
         return self.children["scheduler"].endpoints["admin"]
 

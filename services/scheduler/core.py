@@ -247,7 +247,10 @@ class GlobalScheduler:
     # ----------------------------------------------------------- gateways
     def on_gateway_alive(self, msg: GatewayAlive, now: float) -> GatewayKnown:
         """A gateway incarnation's sign of life; a later one drops the earlier's charges."""
-        return GatewayKnown(self._gateway_seen(msg.gateway, msg.started_at, now, msg.interval_s))
+        current = self._gateway_seen(msg.gateway, msg.started_at, now, msg.interval_s)
+        counts = {role: len(self.registry.eligible(role)) for role in ROLES}
+        needs = list(Mode.of(self.cfg.mode, self.cfg.caching).roles)
+        return GatewayKnown(current, counts, needs)
 
     def _gateway_seen(
         self, gateway: str, started_at: float, now: float, interval_s: float | None = None

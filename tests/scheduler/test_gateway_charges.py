@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from common.protocol.scheduler import GatewayAlive, GatewayKnown, Place, Release, Released
+from common.protocol.scheduler import GatewayAlive, Place, Release, Released
 from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import GlobalScheduler, NoInstanceError
 from services.scheduler.gateways import GatewayTable, Seen
@@ -45,7 +45,7 @@ def test_a_silent_gateway_loses_its_charges_and_no_one_elses() -> None:
     # gw-b keeps saying it is alive; gw-a died. Its timeout: max(5 x 1 s, 3 x 2 s) = 6 s.
     for t in range(1, 8):
         up(s, "w0", now=float(t))
-        assert s.on_gateway_alive(GatewayAlive("gw-b", 100.0, 1.0), float(t)) == GatewayKnown()
+        assert s.on_gateway_alive(GatewayAlive("gw-b", 100.0, 1.0), float(t)).current
         s.tick(float(t))
     assert set(s.charges) == {"b1", "old"} and load(s, "w0") == 2 * 48
     assert s.counters["silent_gateways"] == 1 and s.counters["dropped_gateway_charges"] == 1
@@ -75,7 +75,7 @@ def test_a_stale_incarnation_evicts_nobody() -> None:
     s = scheduler(mode="colocated", caching=False)
     up(s, "w0")
     s.place(place("new", started_at=200.0), now=0.0)
-    assert s.on_gateway_alive(GatewayAlive("gw", 100.0), 0.1) == GatewayKnown(current=False)
+    assert not s.on_gateway_alive(GatewayAlive("gw", 100.0), 0.1).current
     s.place(place("old", started_at=100.0), now=0.2)
     assert set(s.charges) == {"new", "old"} and load(s, "w0") == 96
     assert s.charges["old"].gateway is None  # not owned: TTL only
