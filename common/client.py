@@ -189,11 +189,13 @@ class GatewayClient:
         params: SamplingParams | None = None,
         session_id: str = "",
         request_id: str | None = None,
+        *,
+        route_key: str = "",
     ) -> AsyncIterator[str]:
         """Stream text chunks; raises `GatewayError` if the request fails (an abort the
         caller did not ask for ends the stream quietly: see `last_final`). The request's
         `Final` (timings, cached tokens) is in `last_final` afterwards."""
-        stream = self._stream(prompt, params, session_id, request_id)
+        stream = self._stream(prompt, params, session_id, request_id, route_key)
         async with contextlib.aclosing(stream):  # an early exit cancels at once
             async for item in stream:
                 if isinstance(item, cp.Chunk):
@@ -212,12 +214,14 @@ class GatewayClient:
         params: SamplingParams | None = None,
         session_id: str = "",
         request_id: str | None = None,
+        *,
+        route_key: str = "",
     ) -> Completion:
         """The whole answer at once (raises `GatewayError` on failure)."""
         texts: list[str] = []
         ids: list[int] = []
         final: cp.Final | None = None
-        stream = self._stream(prompt, params, session_id, request_id)
+        stream = self._stream(prompt, params, session_id, request_id, route_key)
         async with contextlib.aclosing(stream):
             async for item in stream:
                 if isinstance(item, cp.Chunk):

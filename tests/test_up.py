@@ -7,9 +7,11 @@ behind; a bad config is one error line and exit 1."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
+import stat
 import sys
 from asyncio.subprocess import Process
 from pathlib import Path
@@ -70,7 +72,20 @@ async def stopped(proc: Process) -> None:
 async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     proc, text, spawned = await start_up(tmp_path, "pd-caching-3")
     try:
-        assert "memserve cluster up: mode pd-caching-3" in text and "token up-token" in text
+        assert "memserve cluster up: mode pd-caching-3" in text
+        # The admin token is never printed: it is in the 0600 state file clients read.
+        assert "up-token" not in text
+        state = tmp_path / "run" / "cluster.json"
+        assert stat.S_IMODE(state.stat().st_mode) == 0o600
+        assert json.loads(state.read_text())["admin_token"] == "up-token"
+        status = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "services.cli", "admin", "--json", "status"),
+            stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "MEMSERVE_RUN_DIR": str(tmp_path / "run")},
+            cwd=tmp_path,
+        )
+        out, _ = await asyncio.wait_for(status.communicate(), 60)
+        assert status.returncode == 0 and "prefill-0" in out.decode()  # found without flags
         block_bytes = KVGeometry.for_model_name("tiny", 16, "float32").block_bytes
         assert f"kv        {(8 << 20) // block_bytes} blocks of 16 tokens per instance" in text
         m = re.search(r"gateway\s+(tcp://\S+)", text)
@@ -89,6 +104,7 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert proc.returncode == 0
         assert "memserve cluster stopped" in out.decode()
         assert all(gone(pid) for pid in spawned)
+        assert not state.exists()
     finally:
         await stopped(proc)
 

@@ -4,7 +4,9 @@ send one admin command (common/protocol/admin.py) and print its result.
 The scheduler's admin socket serves every command; `status` (and `shutdown`) also work
 against a worker's, the gateway's or a MemPool daemon's control socket. The address and
 token come from the flags, else MEMSERVE_ADMIN_ADDRESS / MEMSERVE_ADMIN_TOKEN, else the
-`[scheduler]` table of --config (admin_address, admin_token). Exits 1 with one line on
+`[scheduler]` table of --config (admin_address, admin_token), else the state file of the
+local cluster `memserve up` started (services/cli/local_cluster.py; `--cluster RUN_DIR`
+when it is not in ./.memserve/run). Exits 1 with one line on
 stderr when the call is refused, fails or times out.
 
 `elastic status` prints the pipeline groups and their timeline as tables, `elastic drop
@@ -20,7 +22,6 @@ import asyncio
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 from common import security
@@ -29,7 +30,7 @@ from common.cli_errors import fail
 from common.net import advertise
 from common.protocol.admin import COMMANDS, AdminReply, AdminRequest
 from common.sockets import RpcError, RpcTimeout
-from services.launcher.config import DEFAULT_RUN_DIR
+from services.cli import local_cluster
 from services.launcher.keys import KEY_FILE_NAME
 
 try:
@@ -53,6 +54,12 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--token", default=None, help="the cluster's admin token")
     p.add_argument("--config", default=None, help="TOML file with a [scheduler] table")
     p.add_argument(
+        "--cluster",
+        default=None,
+        help="run directory of a local `memserve up` (default: env MEMSERVE_RUN_DIR, "
+        "else .memserve/run)",
+    )
+    p.add_argument(
         "--key-file",
         default=None,
         help="the cluster key file (else MEMSERVE_CLUSTER__KEY_FILE / __SECRET_KEY, "
@@ -73,8 +80,8 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        address, token = resolve(args.address, args.token, args.config)
-        install_key(args.key_file, args.config)
+        address, token = resolve(args.address, args.token, args.config, args.cluster)
+        install_key(args.key_file, args.config, args.cluster)
         reply = asyncio.run(
             call(address, AdminRequest(token, args.command, args.args), args.timeout)
         )
@@ -89,23 +96,34 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve(address: str | None, token: str | None, config: str | None) -> tuple[str, str]:
-    """The admin address and token: flags, then the environment, then the config file."""
+def resolve(
+    address: str | None, token: str | None, config: str | None, cluster: str | None = None
+) -> tuple[str, str]:
+    """The admin address and token: flags, then the environment, then the config file,
+    then the local cluster's state file."""
     address = address or os.environ.get("MEMSERVE_ADMIN_ADDRESS") or None
     token = token or os.environ.get("MEMSERVE_ADMIN_TOKEN") or None
     if (address is None or token is None) and config:
         table = _scheduler_table(config)
         address = address or table.get("admin_address") or None
         token = token or table.get("admin_token") or None
+    hint = ""
+    if address is None or token is None:
+        try:
+            state = local_cluster.read(cluster)
+            address = address or state.admin_address
+            token = token or state.admin_token
+        except local_cluster.StateError as exc:
+            hint = f" ({exc})"
     if address is None:
         raise AdminCliError(
-            "no admin address: pass --address, set MEMSERVE_ADMIN_ADDRESS, or give --config "
-            "with [scheduler] admin_address"
+            "no admin address: pass --address, set MEMSERVE_ADMIN_ADDRESS, give --config "
+            f"with [scheduler] admin_address, or start a local cluster{hint}"
         )
     if token is None:
         raise AdminCliError(
-            "no admin token: pass --token, set MEMSERVE_ADMIN_TOKEN, or give --config "
-            "with [scheduler] admin_token"
+            "no admin token: pass --token, set MEMSERVE_ADMIN_TOKEN, give --config "
+            f"with [scheduler] admin_token, or start a local cluster{hint}"
         )
     if address.startswith("tcp://") and address.rpartition(":")[2] in ("0", "*"):
         raise AdminCliError(
@@ -114,7 +132,7 @@ def resolve(address: str | None, token: str | None, config: str | None) -> tuple
     return advertise(address), token
 
 
-def install_key(key_file: str | None, config: str | None) -> None:
+def install_key(key_file: str | None, config: str | None, cluster: str | None = None) -> None:
     """Make this process a cluster member for the call: the admin sockets are locked."""
     env = os.environ
     source = security.ClusterKeyConfig(
@@ -123,7 +141,7 @@ def install_key(key_file: str | None, config: str | None) -> None:
     )
     if source.key_file is None and source.secret_key is None:
         table = _table(config, "cluster") if config else {}
-        fallback = Path(DEFAULT_RUN_DIR) / KEY_FILE_NAME
+        fallback = local_cluster.run_dir(cluster) / KEY_FILE_NAME
         source.key_file = table.get("key_file") or (str(fallback) if fallback.exists() else None)
     try:
         security.install(security.load_key(source))

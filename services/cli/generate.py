@@ -1,5 +1,6 @@
 """`memserve generate "prompt"`: stream a completion, from a running cluster
-(`--gateway ADDR`, or env MEMSERVE_GATEWAY_ADDRESS) or from an in-process engine (`--model`)."""
+(`--gateway ADDR`, env MEMSERVE_GATEWAY_ADDRESS, or `--gateway` alone for the local cluster
+`memserve up` started) or from an in-process engine (`--model`)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from common.model.config import ModelError
 from common.model.presets import resolve_model
 from common.sampling import SamplingParams
 from common.tokenizer import Tokenizer, TokenizerError
-from services.cli import gateway_keys
+from services.cli import gateway_keys, local_cluster
 from services.worker.config import EngineConfig
+
+LOCAL = "local"  # `--gateway` without an address: the local cluster's
 
 
 def add_parser(sub: Any) -> None:
@@ -24,9 +27,13 @@ def add_parser(sub: Any) -> None:
     p.add_argument("prompt")
     p.add_argument(
         "--gateway",
+        nargs="?",
+        const=LOCAL,
         default=os.environ.get("MEMSERVE_GATEWAY_ADDRESS", ""),
-        help="a running cluster's gateway (tcp://host:port); without it, an in-process engine",
+        help="a running cluster's gateway (tcp://host:port; `--gateway` alone: the local "
+        "cluster `memserve up` started); without it, an in-process engine",
     )
+    p.add_argument("--cluster", default=None, help="run directory of a local `memserve up`")
     p.add_argument("--timeout", type=float, default=60.0, help="gateway silence limit (s)")
     gateway_keys.add_arguments(p)
     p.add_argument(
@@ -75,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     if args.gateway:
         try:
             params.validate()
-        except InvalidRequestError as exc:
+            if args.gateway == LOCAL:
+                args.gateway = local_cluster.read(args.cluster).gateway
+        except (InvalidRequestError, local_cluster.StateError) as exc:
             return fail(str(exc))
         return asyncio.run(_from_gateway(args, params))
     from services.worker.async_engine import AsyncEngine

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 from typing import Any
 
 from common.cli_errors import fail
 from common.config import ConfigError
 from common.ready import StartupError
+from services.cli import local_cluster
 
 
 def add_parser(sub: Any) -> None:
@@ -70,7 +72,9 @@ async def _up(settings: Any) -> int:
     print(f"  gateway   {cluster.gateway}   (memserve chat --gateway {cluster.gateway})")
     if cluster.http:
         print(f"  http      {cluster.http}   (OpenAI API: /v1/chat/completions)")
-    print(f"  admin     {cluster.admin_address}   token {cluster.admin_token}")
+    state = local_cluster.write(cluster.run_dir, _state(settings, cluster))
+    # The token is a secret: it goes to the 0600 state file, never to the terminal.
+    print(f"  admin     {cluster.admin_address}   (token in {state})")
     print(f"  instances {roles}")
     geometry, blocks = kv_capacity(settings)
     print(
@@ -85,9 +89,26 @@ async def _up(settings: Any) -> int:
     key = cluster.key_env.get("MEMSERVE_CLUSTER__KEY_FILE", "from MEMSERVE_CLUSTER__SECRET_KEY")
     print(f"  key       {key}")
     print(f"  logs      {cluster.run_dir}/", flush=True)
+    print(f"  clients   memserve admin status | memserve chat   (they read {state})", flush=True)
     try:
         why = await cluster.wait(stop)
     finally:
+        local_cluster.remove(cluster.run_dir)
         await cluster.stop()
     print(f"memserve cluster stopped ({why})", flush=True)
     return 0
+
+
+def _state(settings: Any, cluster: Any) -> local_cluster.LocalCluster:
+    """What `memserve admin` / `chat` / `generate` need to find this cluster."""
+    endpoints = [child.endpoints for child in cluster.children.values()]
+    return local_cluster.LocalCluster(
+        pid=os.getpid(),
+        gateway=cluster.gateway,
+        admin_address=cluster.admin_address,
+        admin_token=cluster.admin_token,
+        model=settings.cluster.model,
+        mode=settings.cluster.mode,
+        http=cluster.http or "",
+        metrics=[e["metrics"] for e in endpoints if "metrics" in e],
+    )

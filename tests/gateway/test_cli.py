@@ -6,15 +6,20 @@ second turn is served from the cache."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
+import shutil
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
 from common.client import GatewayClient
+from common.model.presets import resolve_model
 from common.sampling import SamplingParams
+from common.tokenizer import Tokenizer
 from tests.daemons import Daemon, Launcher, Proc
 from tests.gateway.harness import TOK, TOKEN, FakeScheduler, admin, idle_and_intact, reference
 
@@ -125,4 +130,43 @@ async def test_chat_keeps_a_conversation_served_from_the_cache(
     st = await admin(gw.endpoints["control"], "status")
     # The chat closed its session on /quit.
     assert (st.result["served"], st.result["sessions"]) == (2, 0)
+    await idle_and_intact(daemon)
+
+
+CHATML = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+async def test_chat_renders_the_models_chat_template(
+    gateway: tuple[Proc, Daemon], tmp_path: Path
+) -> None:
+    """With a template, each turn is the whole conversation rendered by it (no gateway
+    session), routed alike, and its earlier turns come from the cache."""
+    gw, daemon = gateway
+    model = tmp_path / "tiny-chat"
+    shutil.copytree(resolve_model("tiny"), model)
+    (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    first, second = "Hello there, first turn of a templated chat.", "And a second."
+    rc, out, err = await memserve(
+        *("chat", "--gateway", gw.endpoints["clients"], "--model", str(model)),
+        *("--system", "Be brief.", "--show-stats", "--max-tokens", "6", "--ignore-eos"),
+        stdin=f"{first}\n{second}\n",
+    )
+    assert rc == 0, err
+    stats = [
+        (int(p), int(c))
+        for p, c in re.findall(r"\[prompt (\d+) tokens, cached (\d+), ttft [\d.]+ ms", out)
+    ]
+    assert len(stats) == 2, out
+    (p1, c1), (p2, c2) = stats
+    tok = Tokenizer.from_folder(model)
+    rendered = f"<|system|>Be brief.</s><|user|>{first}</s><|assistant|>"
+    assert p1 == len(tok.encode(rendered))  # the template's text, as the gateway tokenizes it
+    # Turn 2: turn 1, its answer (6 tokens), the new turn.
+    assert p1 + len(tok.encode(f"</s><|user|>{second}</s><|assistant|>")) <= p2
+    assert c1 == 0 and c2 >= p1 // 16 * 16 > 0
+    st = await admin(gw.endpoints["control"], "status")
+    assert (st.result["served"], st.result["sessions"]) == (2, 0)  # no session was opened
     await idle_and_intact(daemon)

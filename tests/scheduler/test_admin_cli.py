@@ -47,6 +47,7 @@ def test_missing_or_unusable_settings_say_what_to_set(
 ) -> None:
     monkeypatch.delenv("MEMSERVE_ADMIN_ADDRESS", raising=False)
     monkeypatch.delenv("MEMSERVE_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("MEMSERVE_RUN_DIR", str(tmp_path))  # no local cluster there
     with pytest.raises(AdminCliError, match="no admin address: pass --address"):
         resolve(None, "t", None)
     with pytest.raises(AdminCliError, match="no admin token: pass --token"):
