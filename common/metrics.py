@@ -5,7 +5,7 @@
 
 Each service builds one `Metrics` (a prometheus_client `Collector` in a `CollectorRegistry`
 of its own, never the global default registry: several services may share a process in
-tests) and serves it with prometheus_client's own HTTP server (`MetricsServer`), in a
+tests) and serves it with prometheus_client's WSGI app (`MetricsServer`), in a
 thread, on the service's `metrics_address` ("127.0.0.1:0" by default: loopback, any port;
 "" turns it off). The URL it bound is the service's `metrics` endpoint in its `Ready`.
 
@@ -29,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import math
+import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -238,14 +241,31 @@ class Metrics(Collector):
 
 
 class MetricsServer:
-    """prometheus_client's HTTP server for one registry, in a daemon thread, on
-    `address` ("host:port"; port 0 = any). `url` is where it serves /metrics (a wildcard
-    host is advertised as `advertise_host`, else loopback). `close()` stops it and frees
-    the port."""
+    """prometheus_client's WSGI app for one registry (`make_wsgi_app`), served by a
+    threading WSGI server in a daemon thread on `address` ("host:port"; port 0 = any).
+    `url` is where it serves /metrics (a wildcard host is advertised as `advertise_host`,
+    else loopback). `close()` stops it and frees the port.
+
+    Always the text format (0.0.4): prometheus_client's OpenMetrics writer (0.26) turns
+    the colons of sample names into underscores ("memserve_..."), and Prometheus asks for
+    OpenMetrics first; the text format keeps the names as registered."""
 
     def __init__(self, registry: CollectorRegistry, address: str, advertise_host: str = "") -> None:
         host, port = split_address(address)
-        self._server, self._thread = start_http_server(port, host, registry)
+        app = make_wsgi_app(registry)
+
+        def text_only(environ: dict[str, Any], start_response: Any) -> Any:
+            environ.pop("HTTP_ACCEPT", None)
+            return app(environ, start_response)
+
+        server_class = _V6Server if ":" in host else _Server
+        self._server = make_server(
+            host, port, text_only, server_class=server_class, handler_class=_Quiet
+        )
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+        self._thread.start()
         bound = self._server.server_address[1]
         wildcard = ("", "0.0.0.0", "*", "::")
         if advertise_host in wildcard:
@@ -259,6 +279,19 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5.0)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds close() up
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape on stderr (the service logs JSON there)."""
 
 
 def split_address(address: str) -> tuple[str, int]:
