@@ -297,9 +297,16 @@ class _Quiet(WSGIRequestHandler):
 def split_address(address: str) -> tuple[str, int]:
     """ "host:port" (or "[v6]:port") -> (host, port); ValueError naming what is wrong."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"metrics_address must be host:port, got {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    v6 = host.startswith("[") and host.endswith("]")
+    if (
+        not sep
+        or not port.isdigit()
+        or not 0 <= int(port) <= 65535
+        or "/" in host
+        or (":" in host and not v6)
+    ):
+        raise ValueError(f"metrics_address must be host:port (no scheme), got {address!r}")
+    return (host[1:-1] if v6 else host) or "0.0.0.0", int(port)
 
 
 def serve(metrics: Metrics, address: str, advertise_host: str = "") -> MetricsServer | None:

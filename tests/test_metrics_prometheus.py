@@ -120,9 +120,7 @@ async def test_the_dashboard_queries_only_exported_metrics(served: Served) -> No
     for _, _, url in targets(served.cluster):
         exported |= exported_names(await asyncio.to_thread(scrape, url))
     model = json.loads(DASHBOARD.read_text())
-    exprs = [
-        t["expr"] for p in model["panels"] for t in p.get("targets", []) if t.get("expr")
-    ]
+    exprs = [t["expr"] for p in model["panels"] for t in p.get("targets", []) if t.get("expr")]
     used = {m for e in exprs for m in re.findall(r"memserve:[A-Za-z0-9_:]+", e)}
     assert len(used) >= 15, used
     assert used <= exported, sorted(used - exported)
@@ -195,9 +193,7 @@ async def test_prometheus_scrapes_every_process(
                 active = api(base, "/api/v1/targets")["activeTargets"]
             except OSError:
                 return None  # not listening yet
-            ok = len(active) == len(cluster.children) and all(
-                t["health"] == "up" for t in active
-            )
+            ok = len(active) == len(cluster.children) and all(t["health"] == "up" for t in active)
             return active if ok else None
 
         active = await until("every target up", all_up)
