@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "deploy" / "grafana" / "memserve.json"
 DEVICE_BLOCKS = 64
 SHARED = [1, *range(40, 88)]  # 49 tokens: three whole blocks for the second turn to hit
-PROMPTS = [SHARED + [7, 8, 9], SHARED + [7, 8, 9], [1, *range(100, 130)]]
+PROMPTS = [[*SHARED, 7, 8, 9], [*SHARED, 7, 8, 9], [1, *range(100, 130)]]
 PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
 # Labels an exported sample may carry; anything else (a request id, a prompt) is a leak.
 ALLOWED_LABELS = {
