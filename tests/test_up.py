@@ -76,6 +76,9 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         assert m is not None, text
         # scheduler, gateway, one prefill and one decode worker, a daemon for each worker
         assert len(spawned) == 6, text
+        scrape = tmp_path / "run" / "prometheus.yml"
+        assert f"metrics   6 targets, scrape config {scrape}" in text
+        assert scrape.read_text().count("- targets: [") == 6
 
         async with GatewayClient(m.group(1), timeout_s=30) as client:
             done = await client.complete("Hello", SamplingParams(max_tokens=6, ignore_eos=True))
