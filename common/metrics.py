@@ -117,19 +117,19 @@ class Counter(_Instrument):
 
 class FollowedCounter(Counter):
     """A counter that follows a running total kept elsewhere (a status field): each
-    `follow(total)` adds what the total grew by; a total that went down (its owner was
-    rebuilt, e.g. an engine re-attached) starts counting again from there, so the
-    exported counter never goes down."""
+    `follow(total)` adds what the total grew by. A total of a new `generation` (its owner
+    was rebuilt: an engine re-attached, a new exchange began), or one that went down,
+    counts from 0 again, so the exported counter never goes down."""
 
     def __init__(self, name: str, doc: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name, doc, labels)
-        self._last: dict[Labels, float] = {}
+        self._last: dict[Labels, tuple[object, float]] = {}
 
-    def follow(self, total: float, **labels: str) -> None:
+    def follow(self, total: float, generation: object = None, **labels: str) -> None:
         key = self._key(labels)
-        last = self._last.get(key, 0.0)
-        self._last[key] = total
-        grown = total - last if total >= last else total
+        was, last = self._last.get(key, (generation, 0.0))
+        self._last[key] = (generation, total)
+        grown = total - last if was == generation and total >= last else total
         if grown > 0:
             self.inc(grown, **labels)
 

@@ -10,6 +10,7 @@ the prompt tokens whose KV was found cached (at the daemon, or arrived by a fetc
 from __future__ import annotations
 
 from common.metrics import Metrics
+from services.worker.pipeline.exchanger import ExchangeStats
 
 
 class WorkerMetrics(Metrics):
@@ -38,6 +39,14 @@ class WorkerMetrics(Metrics):
         self.healthy = self.gauge(
             "memserve:worker_healthy", "1 while the worker is attached to a live daemon."
         )
+        self.exchanged = self.followed(
+            "memserve:kunserve_exchanged_requests_total",
+            "KunServe: requests whose KV this member exchanged live at a drop.",
+        )
+        self.exchanged_bytes = self.followed(
+            "memserve:kunserve_exchanged_bytes_total",
+            "KunServe: KV bytes this member exchanged live at a drop.",
+        )
         self.grouped = self.gauge(
             "memserve:kunserve_member",
             "1 while this worker is in a KunServe pipeline group, by its part in it.",
@@ -52,16 +61,22 @@ class WorkerMetrics(Metrics):
         self,
         load: tuple[int, int, int, int],
         device_blocks: tuple[int, int],
-        preemptions: int,
+        preemptions: tuple[int, str],
         healthy: bool,
         elastic_state: str,
+        exchange: ExchangeStats | None,
     ) -> None:
+        """`preemptions`: the engine's total and its engine's generation (a re-attached
+        engine counts from 0); `exchange`: the current exchange's figures, if any."""
         waiting, running, _, _ = load
         self.waiting.set(waiting)
         self.running.set(running)
         used, total = device_blocks
         self.kv_usage.set(used / total if total else 0.0)
-        self.preemptions.follow(preemptions)
+        self.preemptions.follow(preemptions[0], preemptions[1])
+        if exchange is not None:
+            self.exchanged.follow(exchange.exchanged, exchange.started_at)
+            self.exchanged_bytes.follow(exchange.nbytes, exchange.started_at)
         self.healthy.set(1.0 if healthy else 0.0)
         grouped = elastic_state in ("leader", "follower")
         self.grouped.replace([({"state": elastic_state}, 1.0)] if grouped else [])

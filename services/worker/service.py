@@ -206,9 +206,15 @@ class WorkerService(ServiceShell):
         ]
 
     def _refresh_metrics(self) -> None:
-        preempted = self._preemption().get("preemptions", 0)
+        preempted = (self._preemption().get("preemptions", 0), self.engine.incarnation)
+        ex = self.elastic.exchanger
         self.metrics.refresh(
-            self._load(), self.device_blocks, preempted, self.healthy, self.elastic.state
+            self._load(),
+            self.device_blocks,
+            preempted,
+            self.healthy,
+            self.elastic.state,
+            ex.stats if ex is not None else None,
         )
 
     async def _serve_requests(self) -> None:

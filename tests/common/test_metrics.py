@@ -6,8 +6,12 @@ launcher writes, and a restart's pinned metrics port."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,6 +49,7 @@ def test_instruments_export_what_they_counted() -> None:
     total = m.followed("memserve:swaps_total", "swaps")
     for t in (3, 5, 2, 4):  # 2: its owner was rebuilt and counts from 0 again
         total.follow(t)
+    total.follow(6, generation="next")  # a new owner: all 6 are new
     server = serve(m, "127.0.0.1:0")
     assert server is not None
     try:
@@ -64,7 +69,7 @@ def test_instruments_export_what_they_counted() -> None:
     }
     assert buckets == {"0.1": 2, "1.0": 3, "+Inf": 4}  # le is inclusive, cumulative
     assert samples[("memserve:wait_seconds_sum", (r,))] == pytest.approx(3.65)
-    assert samples[("memserve:swaps_total", (r,))] == 5 + 4  # never went down
+    assert samples[("memserve:swaps_total", (r,))] == 5 + 4 + 6  # never went down
     assert got["memserve:done"].type == "counter"
 
 
@@ -79,6 +84,25 @@ def test_instruments_refuse_bad_names_labels_and_decrements() -> None:
         c.inc(-1, tier="device")
     with pytest.raises(ValueError, match="twice"):
         m.counter("memserve:x", "again")
+
+
+def test_a_multiprocess_dir_in_the_environment_changes_nothing(tmp_path: Path) -> None:
+    """prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, here naming a
+    folder that does not exist) is not used: a process still serves its own values."""
+    code = (
+        "from common.metrics import Metrics, serve\n"
+        "import urllib.request\n"
+        "m = Metrics(); m.counter('memserve:x_total', 'x').inc(3)\n"
+        "s = serve(m, '127.0.0.1:0'); assert s is not None\n"
+        "print(urllib.request.urlopen(s.url).read().decode()); s.close()\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "absent")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "memserve:x_total 3.0" in out.stdout
+    assert not (tmp_path / "absent").exists()
 
 
 def test_addresses() -> None:
