@@ -93,7 +93,8 @@ class Counter(_Instrument):
 
     def __init__(self, name: str, doc: str, labels: Sequence[str] = ()) -> None:
         super().__init__(name.removesuffix("_total"), doc, labels)
-        self._values: dict[Labels, float] = {}
+        # Unlabelled: the series exists at 0 from the start (a rate() needs its first point).
+        self._values: dict[Labels, float] = {} if self.labels else {(): 0.0}
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
         if amount < 0:
@@ -175,6 +176,9 @@ class Histogram(_Instrument):
         self.bounds = sorted(float(b) for b in buckets)
         self._counts: dict[Labels, list[int]] = {}  # per bucket, then the +Inf overflow
         self._sums: dict[Labels, float] = {}
+        if not self.labels:  # the series exists, empty, from the start
+            self._counts[()] = [0] * (len(self.bounds) + 1)
+            self._sums[()] = 0.0
 
     def observe(self, value: float, **labels: str) -> None:
         if math.isnan(value):
