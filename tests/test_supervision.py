@@ -22,6 +22,7 @@ from common.client import GatewayClient, GatewayGone
 from common.mempool_client import MempoolClient
 from common.protocol import client as cp
 from common.sampling import SamplingParams
+from services.launcher import scrape
 from services.launcher.config import load
 from services.launcher.plan import stable_endpoints
 from services.launcher.supervisor import Cluster
@@ -175,6 +176,12 @@ async def test_a_kill_mid_stream_gives_a_clear_outcome_and_the_cluster_heals(
                 await asyncio.sleep(0.05)
             assert cluster.restarts == 1 and cluster.children[victim].alive
             assert stable_endpoints(kind, cluster.endpoints(victim)) == endpoints
+            # Its /metrics is back on the port it had, and the scrape config names it.
+            assert "metrics" in endpoints
+            assert cluster.endpoints(victim)["metrics"].split("/")[2] in str(
+                cluster.metrics_targets()
+            )
+            assert cluster.scrape_config.read_text() == scrape.render(cluster.metrics_targets())
             assert not watching.done()
             if victim == "colocated-0-mempool":  # its worker re-attached, not restarted
                 assert cluster.children["colocated-0"].proc.pid == worker_pid

@@ -93,6 +93,9 @@ async def test_up_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
         # scheduler, gateway, api, one prefill and one decode worker, a daemon for each worker
         assert len(spawned) == 7, text
         assert re.search(r"http\s+http://127\.0\.0\.1:\d+\s+\(OpenAI API", text), text
+        scrape = tmp_path / "run" / "prometheus.yml"
+        assert f"metrics   7 targets, scrape config {scrape}" in text  # the api's /metrics too
+        assert scrape.read_text().count("- targets: [") == 7
 
         async with GatewayClient(m.group(1), timeout_s=30) as client:
             done = await client.complete("Hello", SamplingParams(max_tokens=6, ignore_eos=True))

@@ -88,6 +88,8 @@ async def _up(settings: Any) -> int:
         )
     key = cluster.key_env.get("MEMSERVE_CLUSTER__KEY_FILE", "from MEMSERVE_CLUSTER__SECRET_KEY")
     print(f"  key       {key}")
+    n = len(cluster.metrics_targets())
+    print(f"  metrics   {n} targets, scrape config {cluster.scrape_config}")
     print(f"  logs      {cluster.run_dir}/", flush=True)
     print(f"  clients   memserve admin status | memserve chat   (they read {state})", flush=True)
     try:

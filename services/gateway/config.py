@@ -23,6 +23,7 @@ from __future__ import annotations
 import msgspec
 
 from common.config import SharedFile
+from common.metrics import check_address
 
 # A token of a real BPE vocabulary averages about 4 bytes of English; twice that leaves room
 # for long tokens (runs of spaces, code) while still bounding what the tokenizer is given.
@@ -38,6 +39,9 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     scheduler: str = "tcp://127.0.0.1:5800"  # the scheduler's placement RPC
     scheduler_events: str = ""  # the scheduler's instance-event PUB ("" = not followed)
     control_address: str = "tcp://127.0.0.1:0"
+    # Prometheus /metrics over HTTP (common/metrics.py): host:port, "" = off. Loopback by
+    # default; elsewhere it exposes counts only (no prompts, no ids, no secrets).
+    metrics_address: str = "127.0.0.1:0"
     # The client socket's lock (services/gateway/public.py): auto | on | off.
     client_curve: str = "auto"
     client_key_file: str = ""  # the gateway's own CURVE pair for clients (not the cluster key)
@@ -73,6 +77,7 @@ class GatewayConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"gateway.{name} must be > 0, got {getattr(self, name)}")
+        check_address("gateway.metrics_address", self.metrics_address)
         if self.client_curve not in ("auto", "on", "off"):
             raise ValueError(f"gateway.client_curve must be auto|on|off, got {self.client_curve!r}")
         if self.replace_attempts < 0:

@@ -30,6 +30,7 @@ from typing import Any
 from common.auth import check_admin_token
 from common.codec import DecodeError
 from common.logging import Throttled, get_logger
+from common.metrics import refresh_every, serve
 from common.net import advertise
 from common.protocol import client as cp
 from common.protocol import scheduler as sp
@@ -50,6 +51,7 @@ from common.sockets import (
 from common.tokenizer import Tokenizer
 from services.gateway.config import GatewayConfig
 from services.gateway.core import GatewayCore, Request
+from services.gateway.metrics import GatewayMetrics
 from services.gateway.public import client_socket_security
 from services.gateway.readiness import status_report
 from services.gateway.sessions import Sessions
@@ -107,6 +109,8 @@ class GatewayService(ServiceShell):
         # The scheduler's last answer to GatewayAlive, and when (a client's Status).
         self.known: sp.GatewayKnown | None = None
         self.known_at = 0.0
+        self.metrics = GatewayMetrics()
+        self.metrics_server = serve(self.metrics, cfg.metrics_address, cfg.advertise_host)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -114,6 +118,7 @@ class GatewayService(ServiceShell):
             "clients": advertise(self.clients.address, self.cfg.advertise_host),
             "replies": self.core.reply_to,
             "control": self.control.address,
+            **({"metrics": self.metrics_server.url} if self.metrics_server else {}),
         }
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
@@ -124,6 +129,7 @@ class GatewayService(ServiceShell):
             self._watchdog(),
             self._keep_alive(),
             self.control.serve(self._admin),
+            refresh_every(lambda: self.metrics.refresh(len(self.core.requests))),
         ]
         if self.events is not None:
             loops.append(self._serve_events())
@@ -188,6 +194,7 @@ class GatewayService(ServiceShell):
         admitted = refusal or self.core.admit(peer, msg, time.monotonic())
         if isinstance(admitted, cp.Final):
             self.warn.warning("refused", "request refused", error=admitted.error[:200])
+            self.metrics.refused()
             await self._to_client(peer, admitted)
         else:
             self.tasks.spawn(self._dispatch(admitted))
@@ -207,6 +214,7 @@ class GatewayService(ServiceShell):
         admitted = self.core.admit(peer, msg, time.monotonic(), (ids, bos))
         if isinstance(admitted, cp.Final):
             self.warn.warning("refused", "request refused", error=admitted.error[:200])
+            self.metrics.refused()
             await self._to_client(peer, admitted)
         else:
             await self._dispatch(admitted)
@@ -317,6 +325,7 @@ class GatewayService(ServiceShell):
         tell the client (unless it is gone)."""
         if self.core.finish(r.rid, final, time.monotonic()) is None:
             return
+        self.metrics.finished(final, r.stream.handoff_gap_s if r.pd else None)
         if abort or final.finish_reason not in ("stop", "length"):
             for leg in r.stream.legs:
                 if leg.instance_id != dead and leg.address:  # (a moved leg may have none)
@@ -446,6 +455,8 @@ class GatewayService(ServiceShell):
             self.events.close()
         for w in self.workers.values():
             w.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
 
 def build(cfg: GatewayConfig) -> GatewayService:

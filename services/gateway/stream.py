@@ -56,6 +56,9 @@ class RequestStream:
         # Instances whose tokens the client got, in order: a P/D request that ends at its
         # first token (max_tokens 1, eos) never reaches its decode leg.
         self.served_by: list[str] = []
+        # The first token to the first one from a second instance (in P/D: the hand-off
+        # from prefill to decode, as the client sees it); None until that happens.
+        self.handoff_gap_s: float | None = None
         self.finished = False
 
     def accept(self, chunk: wp.TokenChunk, now: float) -> Update:
@@ -95,6 +98,8 @@ class RequestStream:
         if new:
             if c.instance_id and c.instance_id not in self.served_by:
                 self.served_by.append(c.instance_id)
+                if len(self.served_by) == 2 and self.first_at is not None:
+                    self.handoff_gap_s = now - self.first_at
             if self.first_at is None:
                 self.first_at = now
                 out.first_token = True

@@ -30,6 +30,11 @@ class ProcSpec:
     links: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
+# Every process serves /metrics on loopback, any port, unless its kind's table says
+# otherwise (e.g. metrics_address = "0.0.0.0:0" for a Prometheus on another host; "" = off).
+METRICS = "127.0.0.1:0"
+
+
 def any_port(host: str) -> str:
     return f"tcp://{host}:0"
 
@@ -47,6 +52,7 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
                 "heartbeat_address": host,
                 "events_address": host,
                 "admin_address": host,
+                "metrics_address": METRICS,
                 **settings.scheduler,
                 "mode": c.mode,
                 "caching": c.caching,
@@ -69,6 +75,7 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
                     "control_address": host,
                     "events_address": host,
                     "data_host": c.host,
+                    "metrics_address": METRICS,
                     **settings.mempool,
                     "model": c.model,
                     "admin_token": admin_token,
@@ -85,6 +92,7 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
                 {
                     "address": host,
                     "control_address": host,
+                    "metrics_address": METRICS,
                     **worker,
                     "role": role,
                     "admin_token": admin_token,
@@ -102,6 +110,7 @@ def plan(settings: ClusterSettings, admin_token: str) -> list[ProcSpec]:
                 "address": any_port(c.host),
                 "reply_address": host,
                 "control_address": host,
+                "metrics_address": METRICS,
                 **settings.gateway,
                 "model": c.model,
                 "admin_token": admin_token,
@@ -130,11 +139,17 @@ REBIND: dict[str, dict[str, str]] = {
         "heartbeats": "heartbeat_address",
         "events": "events_address",
         "admin": "admin_address",
+        "metrics": "metrics_address",
     },
-    "mempool": {"rpc": "control_address", "events": "events_address"},
-    "worker": {"requests": "address", "control": "control_address"},
-    "gateway": {"clients": "address", "replies": "reply_address", "control": "control_address"},
-    "api": {"http": "address"},
+    "mempool": {"rpc": "control_address", "events": "events_address", "metrics": "metrics_address"},
+    "worker": {"requests": "address", "control": "control_address", "metrics": "metrics_address"},
+    "gateway": {
+        "clients": "address",
+        "replies": "reply_address",
+        "control": "control_address",
+        "metrics": "metrics_address",
+    },
+    "api": {"http": "address"},  # its /metrics is on the same port
 }
 
 
@@ -146,7 +161,7 @@ def pinned(spec: ProcSpec, endpoints: dict[str, str]) -> dict[str, Any]:
     for endpoint, key in REBIND.get(spec.kind, {}).items():
         value, bound = settings.get(key), endpoints.get(endpoint)
         if isinstance(value, str) and value.endswith(":0") and bound:
-            port = bound.rsplit(":", 1)[1]
+            port = bound.rsplit(":", 1)[1].split("/", 1)[0]  # (an http URL has a path)
             settings[key] = f"{value[:-2]}:{port}"
     return settings
 

@@ -30,6 +30,7 @@ from common.admin_client import admin_call
 from common.logging import get_logger
 from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
+from services.launcher import scrape
 from services.launcher.config import ClusterSettings
 from services.launcher.keys import prepare_key
 from services.launcher.plan import ProcSpec, env_for, pinned, plan, stable_endpoints
@@ -92,6 +93,18 @@ class Cluster:
     def endpoints(self, instance_id: str) -> dict[str, str]:
         return self.children[instance_id].endpoints
 
+    @property
+    def scrape_config(self) -> Path:
+        """Prometheus's scrape config of this cluster (services/launcher/scrape.py)."""
+        return self.run_dir / scrape.FILE_NAME
+
+    def metrics_targets(self) -> list[tuple[str, str, str]]:
+        """(host:port, instance id, kind) of every child serving /metrics."""
+        return scrape.targets((i, c.spec.kind, c.endpoints) for i, c in self.children.items())
+
+    def write_scrape_config(self) -> None:
+        scrape.write(self.scrape_config, scrape.render(self.metrics_targets()))
+
     async def start(self) -> Cluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.waiter = ReadyWaiter()
@@ -108,6 +121,7 @@ class Cluster:
                 )
                 for instance, report in ready.items():
                     self.children[instance].endpoints = dict(report.endpoints)
+            self.write_scrape_config()
         except BaseException as exc:
             if isinstance(exc, StartupError):
                 exc.args = (f"{exc}; logs in {self.run_dir}",)
@@ -236,6 +250,7 @@ class Cluster:
         child.endpoints = endpoints
         child.started = time.monotonic()
         self.restarts += 1
+        self.write_scrape_config()  # (its port is pinned; a changed one is followed too)
         log.info(
             "process restarted",
             instance=instance,

@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 
 from common.kv_geometry import KVGeometry
+from common.metrics import check_address
 from common.sockets import DEFAULT_MAX_MESSAGE_BYTES
 from services.mempool.budget import MemoryBudget
 
@@ -54,6 +55,9 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
     tensor_memory_bytes: int = 256 * 1024 * 1024
     control_address: str = "tcp://127.0.0.1:0"
     events_address: str = "tcp://127.0.0.1:0"
+    # Prometheus /metrics over HTTP (common/metrics.py): host:port, "" = off (loopback by
+    # default; elsewhere it exposes counts only).
+    metrics_address: str = "127.0.0.1:0"
     # Where same-host peers are recognised (shm transfers); other hosts use tcp or ucx.
     host_id: str = msgspec.field(default_factory=socket.gethostname)
     transports: list[str] = msgspec.field(default_factory=lambda: ["shm", "tcp"])
@@ -95,6 +99,7 @@ class MempoolConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tr
             raise ValueError(
                 f"mempool.data_idle_timeout_s must be > 0, got {self.data_idle_timeout_s}"
             )
+        check_address("mempool.metrics_address", self.metrics_address)
         kind, _, index = self.device.partition(":")
         if self.device != "cpu" and (kind != "cuda" or (index and not index.isdigit())):
             raise ValueError(

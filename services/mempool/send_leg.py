@@ -137,5 +137,6 @@ async def send_leg(
         raise MemPoolError(
             f"{leg.what} failed: {type(exc).__name__}: {exc}", kind=failure_kind(exc)
         ) from None
-    counters.bytes_sent += done.nbytes
-    return Sent(prep, done, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    counters.sent(prep.transport, done.nbytes, seconds)
+    return Sent(prep, done, seconds)

@@ -32,6 +32,7 @@ from typing import Any
 from common.auth import check_admin_token
 from common.errors import ErrorKind
 from common.logging import get_logger
+from common.metrics import MetricsServer, refresh_every, serve
 from common.model.config import ModelConfig
 from common.model.presets import resolve_model
 from common.protocol import kv_events as ev
@@ -44,6 +45,7 @@ from services.mempool.config import MempoolConfig
 from services.mempool.data_plane import DataPlane
 from services.mempool.incoming import IncomingTransfers
 from services.mempool.memory import DaemonMemory
+from services.mempool.metrics import MempoolMetrics
 from services.mempool.pool import MemPool, MemPoolError
 from services.mempool.pool_requests import PoolRequests, wire_event
 from services.mempool.prompt_tree import Tier
@@ -123,6 +125,8 @@ class MempoolDaemon(ServiceShell):
         self._handlers = self._handler_table()
         self._seq = itertools.count()
         self.started_at = time.time()
+        self.metrics = MempoolMetrics()
+        self.metrics_server: MetricsServer | None = None  # bound by start()
         self.incarnation = secrets.token_hex(8)  # tells a worker this process from an earlier one
 
     def _handler_table(self) -> dict[type, Callable[[Any], Any]]:
@@ -177,6 +181,8 @@ class MempoolDaemon(ServiceShell):
         await self.tensor_plane.start()
         await self._publish([ev.AllCleared()])
         self.tasks.spawn(self._housekeep())
+        self.tasks.spawn(refresh_every(self._refresh_metrics))
+        self.metrics_server = serve(self.metrics, self.cfg.metrics_address, self.cfg.data_host)
         log.info(
             "mempool ready",
             address=self.address,
@@ -191,7 +197,11 @@ class MempoolDaemon(ServiceShell):
             "rpc": self.address,
             "events": self.events.address,
             self.device.kind: self.device.name,
+            **({"metrics": self.metrics_server.url} if self.metrics_server else {}),
         }
+
+    def _refresh_metrics(self) -> None:
+        self.metrics.refresh(self.pool.stats(), self.counters)
 
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """The RPC socket: serve() runs it until closed or told to `shutdown`."""
@@ -201,6 +211,9 @@ class MempoolDaemon(ServiceShell):
         self.server.close()
         self.events.close()
         self.peers.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
 
     async def close(self) -> None:
         """Housekeeping stops, the sockets close, then the data planes and the memory."""

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from common.errors import ErrorKind
@@ -125,3 +125,12 @@ class TransferCounters:
     bytes_sent: int = 0
     bytes_received: int = 0
     transfers_failed: int = 0
+    # Per transport (shm, tcp, ...), the sending side: bytes moved and seconds the legs
+    # took (prepare to commit), so bytes / seconds is the bandwidth a leg saw.
+    sent_bytes: dict[str, int] = field(default_factory=dict)
+    sent_seconds: dict[str, float] = field(default_factory=dict)
+
+    def sent(self, transport: str, nbytes: int, seconds: float) -> None:
+        self.bytes_sent += nbytes
+        self.sent_bytes[transport] = self.sent_bytes.get(transport, 0) + nbytes
+        self.sent_seconds[transport] = self.sent_seconds.get(transport, 0.0) + seconds

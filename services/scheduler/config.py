@@ -15,6 +15,7 @@ from __future__ import annotations
 import msgspec
 
 from common.config import SharedFile
+from common.metrics import check_address
 from common.modes import BASE_MODES
 
 POLICIES = ("locality", "least-load", "round-robin", "session")
@@ -30,6 +31,9 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
     heartbeat_address: str = "tcp://127.0.0.1:0"  # worker heartbeats (PULL, bound)
     events_address: str = "tcp://127.0.0.1:0"  # InstanceUp / Down / ClusterShutdown (PUB)
     admin_address: str = "tcp://127.0.0.1:0"  # `memserve admin` (RPC); "" turns it off
+    # Prometheus /metrics over HTTP (common/metrics.py): host:port, "" = off (loopback by
+    # default; elsewhere it exposes counts only).
+    metrics_address: str = "127.0.0.1:0"
     admin_allow_remote: bool = False  # the admin socket may bind beyond loopback
     admin_token: str = ""  # from the config file or MEMSERVE_SCHEDULER__ADMIN_TOKEN
     mode: str = "colocated"  # colocated | pd-basic | pd-caching-1 | pd-caching-2 | pd-caching-3
@@ -89,6 +93,7 @@ class SchedulerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=
         for key in ("address", "heartbeat_address", "events_address"):
             if not getattr(self, key):
                 raise ValueError(f"scheduler.{key} must not be empty")
+        check_address("scheduler.metrics_address", self.metrics_address)
         if self.mode not in BASE_MODES:
             raise ValueError(
                 f"scheduler.mode must be one of {'|'.join(BASE_MODES)}, got {self.mode!r}"

@@ -47,6 +47,7 @@ from typing import Any
 from common.codec import DecodeError
 from common.logging import Throttled, get_logger
 from common.mempool_client import MempoolClient
+from common.metrics import refresh_every, serve
 from common.net import advertise
 from common.protocol import kv_events as ev
 from common.protocol import scheduler as sp
@@ -59,6 +60,7 @@ from services.scheduler.config import SchedulerConfig
 from services.scheduler.core import ELASTIC_SERVICE, GlobalScheduler
 from services.scheduler.elastic_control import ElasticControl
 from services.scheduler.kv_feed import KvEventFeed
+from services.scheduler.metrics import SchedulerMetrics
 from services.scheduler.migrate_control import MigrateControl
 from services.scheduler.registry import ClaimRefusedError, RegistryFullError
 
@@ -134,6 +136,9 @@ class SchedulerService(ServiceShell):
             self.admin: RpcServer[AdminRequest, AdminReply] | None = None
             if cfg.admin_address:
                 self.admin = RpcServer(cfg.admin_address, AdminRequest, AdminReply)
+                opened.append(self.admin)
+            self.metrics = SchedulerMetrics()
+            self.metrics_server = serve(self.metrics, cfg.metrics_address)
         except BaseException:
             for sock in opened:
                 sock.close()
@@ -164,6 +169,8 @@ class SchedulerService(ServiceShell):
         }
         if self.admin is not None:
             out["admin"] = self.admin_address
+        if self.metrics_server is not None:
+            out["metrics"] = self.metrics_server.url
         return out
 
     # ------------------------------------------------------------- serving
@@ -175,6 +182,7 @@ class SchedulerService(ServiceShell):
             self._tick(),
             self._recv_kv_events(),
             self._elastic_controller(),
+            refresh_every(lambda: self.metrics.refresh(self.core)),
         ]
         if self.admin is not None:
             loops.append(self.admin.serve(self._admin))
@@ -193,16 +201,25 @@ class SchedulerService(ServiceShell):
         self.events.close()
         if self.admin is not None:
             self.admin.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
     async def _handle(self, req: sp.SchedulerRequest) -> sp.SchedulerReply:
         match req:
             case sp.Place():
-                return self.core.place(req, self.clock())
+                placement = self.core.place(req, self.clock())
+                self._count(placement)
+                return placement
             case sp.Release():
                 return self.core.release(req)
             case sp.GatewayAlive():
                 return self.core.on_gateway_alive(req, self.clock())
         raise TypeError(f"unsupported request {type(req).__name__}")
+
+    def _count(self, p: sp.Placement) -> None:
+        first = self.core.registry.get(p.instance_id)
+        decode = self.core.registry.get(p.handoff.instance_id) if p.handoff else None
+        self.metrics.placed(p, first.role if first else "unknown", decode.role if decode else None)
 
     async def _recv_heartbeats(self) -> None:
         while True:

@@ -26,10 +26,6 @@ def main(config_path: str | None, ready_address: str | None = None) -> None:
 
     async def start() -> tuple[Service, dict[str, str]]:
         service = await WorkerService.create(cfg)
-        return service, {
-            "requests": service.address,
-            "control": service.control_address,
-            "mempool": cfg.mempool,
-        }
+        return service, service.endpoints
 
     run_main("worker", cfg.log_level, run_service("worker", cfg.instance_id, start, ready_address))

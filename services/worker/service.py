@@ -44,6 +44,7 @@ from common.codec import DecodeError
 from common.errors import MemServeError
 from common.logging import get_logger
 from common.mempool_client import MempoolClient
+from common.metrics import check_address, refresh_every, serve
 from common.modes import ROLES
 from common.net import advertise
 from common.protocol import elastic as el
@@ -60,6 +61,7 @@ from services.worker.elastic import ElasticMember
 from services.worker.kv_connector import KvPlan, KvPrefix, KvTransfer
 from services.worker.load import KvLoad
 from services.worker.mempool_engine import MempoolEngine
+from services.worker.metrics import WorkerMetrics
 from services.worker.migration import Migration
 
 log = get_logger(__name__)
@@ -84,6 +86,9 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     scheduler: str = ""  # the scheduler's heartbeat PULL; "" = standalone (no heartbeats)
     heartbeat_interval_s: float = 0.5
     control_address: str = "tcp://127.0.0.1:0"
+    # Prometheus /metrics over HTTP (common/metrics.py): host:port, "" = off (loopback by
+    # default; elsewhere it exposes counts only).
+    metrics_address: str = "127.0.0.1:0"
     admin_token: str = ""
     transfer_timeout_s: float = 10.0
     # KunServe groups: where this worker receives hidden states (bound while it is in a
@@ -108,6 +113,7 @@ class WorkerConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
             raise ValueError(
                 f"worker.transfer_timeout_s must be in (0, 3600], got {self.transfer_timeout_s}"
             )
+        check_address("worker.metrics_address", self.metrics_address)
         self.engine.validate()
         return self
 
@@ -155,6 +161,8 @@ class WorkerService(ServiceShell):
         self.num_layers = engine.engine.model_config.num_layers
         self.full_param_bytes = int(engine.engine.model.param_bytes())
         self.budget_bytes = 0  # the daemon's (`create` reads it)
+        self.metrics = WorkerMetrics(cfg.instance_id, cfg.role, cfg.engine.model)
+        self.metrics_server = serve(self.metrics, cfg.metrics_address, cfg.advertise_host)
 
     @classmethod
     async def create(cls, cfg: WorkerConfig) -> WorkerService:
@@ -176,10 +184,38 @@ class WorkerService(ServiceShell):
     def control_address(self) -> str:
         return self.control.address
 
+    @property
+    def endpoints(self) -> dict[str, str]:
+        out = {
+            "requests": self.address,
+            "control": self.control_address,
+            "mempool": self.cfg.mempool,
+        }
+        if self.metrics_server is not None:
+            out["metrics"] = self.metrics_server.url
+        return out
+
     def loops(self) -> list[Coroutine[Any, Any, None]]:
         """Requests and hand-offs, the control socket, and the daemon check with heartbeats
         (sent with a scheduler); serve() runs them until closed or an admin `shutdown`."""
-        return [self._serve_requests(), self.control.serve(self._control), self._beat()]
+        return [
+            self._serve_requests(),
+            self.control.serve(self._control),
+            self._beat(),
+            refresh_every(self._refresh_metrics),
+        ]
+
+    def _refresh_metrics(self) -> None:
+        preempted = (self._preemption().get("preemptions", 0), self.engine.incarnation)
+        ex = self.elastic.exchanger
+        self.metrics.refresh(
+            self._load(),
+            self.device_blocks,
+            preempted,
+            self.healthy,
+            self.elastic.state,
+            ex.stats if ex is not None else None,
+        )
 
     async def _serve_requests(self) -> None:
         while True:
@@ -249,8 +285,12 @@ class WorkerService(ServiceShell):
         out = self._peer(req.reply_to)
         offset = 0
         self.routes[req.request_id] = req.reply_to
+        counted = False
         try:
             async for chunk in self.engine.generate(req.token_ids, params, req.request_id, plan):
+                if not counted and chunk.num_prompt_tokens:  # the first output: admitted
+                    counted = True
+                    self.metrics.prefix(chunk.num_prompt_tokens, chunk.num_cached_tokens)
                 if chunk.moved:  # it goes on in a group (or back home): not ours to end
                     return
                 if chunk.kv_transfer is not None:  # prefill done: the rest is decode's
@@ -670,6 +710,8 @@ class WorkerService(ServiceShell):
             self.heartbeats.close()
         for sock in self.peers.values():
             sock.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
 
 def rss_bytes() -> int:

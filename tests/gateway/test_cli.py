@@ -60,7 +60,7 @@ async def gateway(
             "admin_token": TOKEN,
         },
     )
-    assert set(gw.endpoints) == {"clients", "replies", "control"}
+    assert set(gw.endpoints) == {"clients", "replies", "control", "metrics"}
     yield gw, daemon
 
 

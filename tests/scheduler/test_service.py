@@ -231,7 +231,7 @@ async def test_kv_events_of_a_real_daemon_keep_the_tree_exact(
 async def test_scheduler_process_serves_admin_until_shutdown(launcher: Launcher) -> None:
     proc = await launcher.start("scheduler", "scheduler", {"admin_token": TOKEN})
     ep = proc.endpoints
-    assert set(ep) == {"rpc", "heartbeats", "events", "admin"}
+    assert set(ep) == {"rpc", "heartbeats", "events", "admin", "metrics"}
     beats = PushSocket(ep["heartbeats"], sp.Heartbeat, bind=False)
     try:
         await beats.send(heartbeat("w0"))
