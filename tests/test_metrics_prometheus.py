@@ -38,7 +38,7 @@ PARAMS = SamplingParams(max_tokens=6, ignore_eos=True)
 # Labels an exported sample may carry; anything else (a request id, a prompt) is a leak.
 ALLOWED_LABELS = {
     *("instance_id", "role", "model_name", "finished_reason", "tier", "state"),
-    *("transport", "policy", "kind", "le"),
+    *("transport", "policy", "kind", "le", "route", "status"),
 }
 # What each kind must export (a family name, as the parser names it).
 MUST = {
@@ -46,6 +46,7 @@ MUST = {
     "worker": {"memserve:kv_cache_usage_perc", "memserve:prefix_cache_hits"},
     "mempool": {"memserve:mempool_blocks", "memserve:mempool_transfer_bytes"},
     "scheduler": {"memserve:scheduler_placements", "memserve:kunserve_groups"},
+    "api": {"memserve:http_requests", "memserve:http_request_duration_seconds"},
 }
 
 
