@@ -40,6 +40,11 @@ ALL_MODES = MODES + list(KUNSERVE_MODES)
 POLICIES = ["locality", "least-load", "round-robin", "session"]
 
 
+# The replays speak the gateway's protocol: no HTTP API process beside it (one fewer
+# process on the cores being measured). `extra={"api": {"enabled": True}}` adds it.
+NO_HTTP: dict[str, Any] = {"enabled": False}
+
+
 @dataclass(frozen=True)
 class Shape:
     """One cluster configuration."""
@@ -98,6 +103,7 @@ class Shape:
                     "scheduler": {"fetch": fetch},
                     "worker": {"engine": {"num_threads": 1}},
                     "mempool": {"tensor_memory_bytes": 1 << 20},
+                    "api": NO_HTTP,
                 },
                 tables,
             )
@@ -113,6 +119,7 @@ class Shape:
             "scheduler": {"fetch": fetch},
             "worker": {"engine": {"num_threads": 1}},
             "mempool": {"device_memory_bytes": kv_mib << 20, "tensor_memory_bytes": 1 << 20},
+            "api": NO_HTTP,
         }
         return merged(base, extra or {})
 

@@ -21,6 +21,7 @@ from typing import Any
 from common.chat_template import ChatTemplate, ChatTemplateError
 from common.cli_errors import fail
 from common.errors import InvalidRequestError, MemServeError
+from common.tokenizer import Tokenizer
 from services.cli import gateway_keys, local_cluster
 from services.cli.generate import add_sampling_args, sampling
 
@@ -57,13 +58,18 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_chat(args, gateway, template))
 
 
-def _template(model: str) -> ChatTemplate | None:
+def _template(model: str) -> tuple[ChatTemplate, Tokenizer] | None:
+    """The model's chat template and tokenizer (None: it has no template)."""
     from common.model.presets import resolve_model
 
-    return ChatTemplate.from_folder(resolve_model(model))
+    folder = resolve_model(model)
+    template = ChatTemplate.from_folder(folder)
+    return (template, Tokenizer.from_folder(folder)) if template else None
 
 
-async def _chat(args: argparse.Namespace, gateway: str, template: ChatTemplate | None) -> int:
+async def _chat(
+    args: argparse.Namespace, gateway: str, template: tuple[ChatTemplate, Tokenizer] | None
+) -> int:
     from common.client import GatewayClient, GatewayError
 
     params = sampling(args)
@@ -85,14 +91,17 @@ async def _chat(args: argparse.Namespace, gateway: str, template: ChatTemplate |
             if not line.strip():
                 continue
             line = line.rstrip("\n")
-            prompt = line
+            prompt: str | list[int] = line
             if template:
                 turn = [*messages, {"role": "user", "content": line}]
                 try:
-                    prompt = template.render(turn, add_generation_prompt=True)
+                    text = template[0].render(turn, add_generation_prompt=True)
                 except ChatTemplateError as exc:
                     sys.stderr.write(f"error: {exc}\n")
                     continue
+                # As the HTTP API does (and transformers): the template writes its own
+                # special tokens, the tokenizer adds none, so both paths share a cache.
+                prompt = template[1].encode(text, add_special_tokens=False)
             answer: list[str] = []
             try:
                 async for text in client.generate(prompt, params, session, route_key=key):

@@ -61,7 +61,7 @@ def test_no_5xx_and_openai_errors(cluster: Cluster) -> None:
 
             @given(case=operation.as_strategy(generation_mode=mode))
             @settings(
-                max_examples=50,
+                max_examples=20,
                 deadline=None,
                 database=None,
                 suppress_health_check=list(HealthCheck),

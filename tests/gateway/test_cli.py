@@ -163,9 +163,11 @@ async def test_chat_renders_the_models_chat_template(
     (p1, c1), (p2, c2) = stats
     tok = Tokenizer.from_folder(model)
     rendered = f"<|system|>Be brief.</s><|user|>{first}</s><|assistant|>"
-    assert p1 == len(tok.encode(rendered))  # the template's text, as the gateway tokenizes it
+    # The template's text, its specials written by the template alone (as over HTTP).
+    assert p1 == len(tok.encode(rendered, add_special_tokens=False))
     # Turn 2: turn 1, its answer (6 tokens), the new turn.
-    assert p1 + len(tok.encode(f"</s><|user|>{second}</s><|assistant|>")) <= p2
+    turn = f"</s><|user|>{second}</s><|assistant|>"
+    assert p1 + len(tok.encode(turn, add_special_tokens=False)) <= p2
     assert c1 == 0 and c2 >= p1 // 16 * 16 > 0
     st = await admin(gw.endpoints["control"], "status")
     assert (st.result["served"], st.result["sessions"]) == (2, 0)  # no session was opened
