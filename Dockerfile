@@ -11,7 +11,7 @@
 #
 # --shm-size: each instance's MemPool puts its KV blocks in a /dev/shm segment (about 144 MiB
 # per instance with deploy/local.toml, two instances); Docker's default 64 MiB /dev/shm is
-# too small, and the first request then kills the prefill worker (SIGBUS) and gets a 503.
+# too small: the daemons then refuse to start, naming the free space and this flag.
 ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 

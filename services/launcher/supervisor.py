@@ -105,6 +105,17 @@ class Cluster:
     def write_scrape_config(self) -> None:
         scrape.write(self.scrape_config, scrape.render(self.metrics_targets()))
 
+    def _last_line(self, instance: str, limit: int = 400) -> str:
+        """The last non-empty line of `instance`'s log (at most `limit` characters)."""
+        try:
+            with open(self.run_dir / f"{instance}.log", "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+                tail = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        return lines[-1][:limit] if lines else ""
+
     async def start(self) -> Cluster:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.waiter = ReadyWaiter()
@@ -124,7 +135,11 @@ class Cluster:
             self.write_scrape_config()
         except BaseException as exc:
             if isinstance(exc, StartupError):
-                exc.args = (f"{exc}; logs in {self.run_dir}",)
+                # A process that died before reporting says why only in its log: its last
+                # line (a traceback's error, or the last structured record) goes along.
+                words = [f"{i}: {self._last_line(i)}" for i in exc.dead if self._last_line(i)]
+                last = "".join(f"\n  {w}" for w in words)
+                exc.args = (f"{exc}; logs in {self.run_dir}{last}",)
             await self.stop()
             raise
         return self

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import mmap
+import os
 import sys
 from multiprocessing import resource_tracker, shared_memory
 from typing import TYPE_CHECKING, ClassVar
@@ -179,6 +180,7 @@ class ShmRegion(Region):
         prefault: bool = False,
     ) -> ShmRegion:
         """A new segment of `max_blocks`; `prefault` populates the first `capacity_blocks`."""
+        _check_room(block_bytes * (capacity_blocks or max_blocks))
         shm = shared_memory.SharedMemory(name=name, create=True, size=block_bytes * max_blocks)
         _CREATED.add(shm.name)
         region = cls(shm, block_bytes, max_blocks, capacity_blocks or max_blocks, owner=True)
@@ -251,3 +253,24 @@ def copy_blocks(src: Region, src_first: int, dst: Region, dst_first: int, count:
     dst.tensor()[dst_first * bb : (dst_first + count) * bb].copy_(
         src.tensor()[src_first * bb : (src_first + count) * bb]
     )
+
+
+SHM_DIR = "/dev/shm"
+
+
+def _check_room(nbytes: int, folder: str = SHM_DIR) -> None:
+    """Refuse a segment whose capacity the shared-memory filesystem cannot hold: segments
+    are sparse, so an undersized /dev/shm (a container's default is 64 MiB) would only
+    show later, as a SIGBUS when a block is first written. Best effort: others' untouched
+    pages are not counted as used."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:  # no /dev/shm (not Linux): nothing to judge
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise MemoryError(
+            f"{folder} has {free / 2**20:.0f} MiB free but this KV region needs "
+            f"{nbytes / 2**20:.0f} MiB: enlarge it (e.g. `docker run --shm-size=1g`) or "
+            "lower mempool.device_memory_bytes"
+        )
