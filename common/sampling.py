@@ -8,9 +8,13 @@ import msgspec
 
 from common.errors import InvalidRequestError
 
+SAMPLING_EPS = 1e-5
+
 
 class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
-    """Greedy when `temperature == 0`. `top_k = 0` and `top_p = 1` disable those filters.
+    """Greedy when `temperature` is below `SAMPLING_EPS` (0 included: a smaller one would
+    scale the logits to inf, and is greedy in effect anyway; vLLM draws the same line).
+    `top_k = 0` and `top_p = 1` disable those filters.
 
     `seed` makes sampling reproducible per request; `stop` strings end generation (the match
     is not part of the output); `stop_token_ids` end it too (the token is kept, like eos);
@@ -28,7 +32,7 @@ class SamplingParams(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=T
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < SAMPLING_EPS
 
     def validate(self) -> SamplingParams:
         """Raise `InvalidRequestError` naming the first bad value; return self when valid."""

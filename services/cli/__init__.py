@@ -8,11 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import setup_logging
-from services.cli import admin, chat, demo, generate, keys, model_info, service, up
+from services.cli import service
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="memserve", description=__doc__)
+    from services.cli import admin, chat, demo, generate, keys, model_info, up
+
     sub = parser.add_subparsers(dest="command", required=True)
     generate.add_parser(sub)
     model_info.add_parser(sub)
@@ -44,8 +46,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def service_parser() -> argparse.ArgumentParser:
+    """Only the service sub-commands: what `memserve up` starts (every process of a
+    cluster) parses without importing the tools' modules (torch among them: ~2 s of a
+    gateway's, scheduler's or api's start)."""
+    parser = argparse.ArgumentParser(prog="memserve", description=__doc__)
+    service.add_parsers(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = service_parser() if argv[:1] and argv[0] in service.SERVICES else build_parser()
+    args = parser.parse_args(argv)
     # Readable logs for people at a terminal; services switch to JSON when they start.
     setup_logging("cli", json=False, level=os.environ.get("MEMSERVE_LOG_LEVEL", "warning"))
     try:

@@ -9,13 +9,9 @@ import sys
 import time
 from typing import Any
 
-import torch
-
 from common.cli_errors import fail
 from common.model.config import ModelConfig, ModelError
 from common.model.presets import resolve_model
-from services.worker.kv_cache import KVLayout
-from services.worker.model.loader import checkpoint_files
 
 MODEL_HELP = (
     "embedded preset (tiny, small), packaged preset (smollm2), a .gguf file (converted "
@@ -46,6 +42,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
+    from services.worker.model.loader import checkpoint_files
+
     started = time.perf_counter()
     try:
         folder = resolve_model(args.model)
@@ -59,6 +57,12 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    # torch only here: every service process starts through this CLI, most never need it.
+    import torch
+
+    from services.worker.kv_cache import KVLayout
+    from services.worker.model.loader import checkpoint_files
+
     try:
         folder = resolve_model(args.model)
         if not folder.is_dir():

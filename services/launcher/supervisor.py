@@ -105,6 +105,14 @@ class Cluster:
     def write_scrape_config(self) -> None:
         scrape.write(self.scrape_config, scrape.render(self.metrics_targets()))
 
+    def explain(self, exc: StartupError) -> None:
+        """Add where the logs are to `exc`, and for each process that died before
+        reporting, the last line of its log: it says why only there (a traceback's
+        error, or its last structured record)."""
+        words = [f"{i}: {self._last_line(i)}" for i in exc.dead if self._last_line(i)]
+        last = "".join(f"\n  {w}" for w in words)
+        exc.args = (f"{exc}; logs in {self.run_dir}{last}",)
+
     def _last_line(self, instance: str, limit: int = 400) -> str:
         """The last non-empty line of `instance`'s log (at most `limit` characters)."""
         try:
@@ -135,11 +143,7 @@ class Cluster:
             self.write_scrape_config()
         except BaseException as exc:
             if isinstance(exc, StartupError):
-                # A process that died before reporting says why only in its log: its last
-                # line (a traceback's error, or the last structured record) goes along.
-                words = [f"{i}: {self._last_line(i)}" for i in exc.dead if self._last_line(i)]
-                last = "".join(f"\n  {w}" for w in words)
-                exc.args = (f"{exc}; logs in {self.run_dir}{last}",)
+                self.explain(exc)
             await self.stop()
             raise
         return self

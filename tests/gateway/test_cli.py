@@ -98,8 +98,9 @@ async def test_generate_streams_from_the_gateway_process(gateway: tuple[Proc, Da
 
 
 async def test_chat_keeps_a_conversation_served_from_the_cache(
-    gateway: tuple[Proc, Daemon],
+    gateway: tuple[Proc, Daemon], tmp_path: Path
 ) -> None:
+    """Plain lines in a gateway session; then (same gateway) a chat template."""
     gw, daemon = gateway
     too_long = "x" * 5000  # refused; the chat goes on with its history unchanged
     turns = f"Hello there, this is the first turn of our chat.\n\n{too_long}\nAnd the second one.\n/quit\n"
@@ -131,6 +132,7 @@ async def test_chat_keeps_a_conversation_served_from_the_cache(
     # The chat closed its session on /quit.
     assert (st.result["served"], st.result["sessions"]) == (2, 0)
     await idle_and_intact(daemon)
+    await _chat_with_a_template(gw, daemon, tmp_path, served=2)
 
 
 CHATML = (
@@ -139,12 +141,9 @@ CHATML = (
 )
 
 
-async def test_chat_renders_the_models_chat_template(
-    gateway: tuple[Proc, Daemon], tmp_path: Path
-) -> None:
+async def _chat_with_a_template(gw: Proc, daemon: Daemon, tmp_path: Path, served: int) -> None:
     """With a template, each turn is the whole conversation rendered by it (no gateway
     session), routed alike, and its earlier turns come from the cache."""
-    gw, daemon = gateway
     model = tmp_path / "tiny-chat"
     shutil.copytree(resolve_model("tiny"), model)
     (model / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
@@ -170,5 +169,6 @@ async def test_chat_renders_the_models_chat_template(
     assert p1 + len(tok.encode(turn, add_special_tokens=False)) <= p2
     assert c1 == 0 and c2 >= p1 // 16 * 16 > 0
     st = await admin(gw.endpoints["control"], "status")
-    assert (st.result["served"], st.result["sessions"]) == (2, 0)  # no session was opened
+    # Two more served, and no session was opened.
+    assert (st.result["served"], st.result["sessions"]) == (served + 2, 0)
     await idle_and_intact(daemon)

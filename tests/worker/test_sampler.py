@@ -69,6 +69,15 @@ def test_greedy_rows_take_the_argmax() -> None:
     assert sample(logits, [SamplingParams(), SamplingParams()], [None, None]) == [1, 0]
 
 
+def test_a_vanishing_temperature_is_greedy_not_nan() -> None:
+    """1.5e-261 (found by the HTTP API's fuzzing) would scale the logits to inf."""
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 1.0]])
+    tiny = SamplingParams(temperature=1.4948726443938312e-261, seed=1)
+    assert tiny.validate().greedy
+    g = torch.Generator().manual_seed(1)
+    assert sample(logits, [tiny, tiny], [g, g]) == [1, 0]
+
+
 def test_seeded_sampling_is_reproducible_across_batches(make_engine: MakeEngine) -> None:
     params = SamplingParams(
         max_tokens=24, temperature=1.0, top_k=50, top_p=0.95, seed=1234, ignore_eos=True
