@@ -111,3 +111,15 @@ async def daemons_idle_and_intact(c: Cluster, ids: tuple[str, ...] = MEMBERS) ->
             await assert_idle_and_intact(client, iid)
         finally:
             client.close()
+
+
+async def all_idle_and_intact(c: Cluster) -> None:
+    """Every live MemPool daemon of `c`: no pin held, check_integrity passes."""
+    for iid, child in c.children.items():
+        if child.spec.kind != "mempool" or not child.alive:
+            continue
+        client = MempoolClient(child.endpoints["rpc"])
+        try:
+            await assert_idle_and_intact(client, iid)
+        finally:
+            client.close()

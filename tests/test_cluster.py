@@ -26,12 +26,11 @@ import pytest
 
 from common.admin_client import admin_call
 from common.client import GatewayClient, GatewayError
-from common.mempool_client import MempoolClient
 from common.protocol.admin import AdminReply
 from common.sampling import SamplingParams
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from tests.daemons import assert_idle_and_intact
+from tests.cluster_requests import all_idle_and_intact
 from tests.gateway.harness import reference
 
 pytestmark = pytest.mark.integration
@@ -74,17 +73,6 @@ async def until_uncharged(cluster: Cluster, timeout_s: float = 15.0) -> None:
     while any(r["charged_tokens"] for r in (await admin(cluster, "instances")).result):
         assert time.monotonic() < deadline, "charges never released"
         await asyncio.sleep(0.1)
-
-
-async def all_idle_and_intact(cluster: Cluster) -> None:
-    for iid, child in cluster.children.items():
-        if child.spec.kind != "mempool" or not child.alive:
-            continue
-        client = MempoolClient(child.endpoints["rpc"])
-        try:
-            await assert_idle_and_intact(client, iid)
-        finally:
-            client.close()
 
 
 def tiny_prompt(n: int, seed: int) -> list[int]:

@@ -12,10 +12,8 @@ from typing import Any
 import httpx
 
 from common.admin_client import admin_call
-from common.mempool_client import MempoolClient
 from services.launcher.config import load
 from services.launcher.supervisor import Cluster
-from tests.daemons import assert_idle_and_intact
 
 TOKEN = "test-token"
 API_KEY = "sk-memserve-test"
@@ -69,18 +67,6 @@ async def until_ready(base: str, want: int = 200, timeout_s: float = 20.0) -> di
                 return dict(r.json())
             assert time.monotonic() < deadline, f"/ready stayed {r.status_code}: {r.text}"
             await asyncio.sleep(0.1)
-
-
-async def all_idle_and_intact(c: Cluster) -> None:
-    """Every live MemPool daemon: no pin held, check_integrity passes."""
-    for iid, child in c.children.items():
-        if child.spec.kind != "mempool" or not child.alive:
-            continue
-        client = MempoolClient(child.endpoints["rpc"])
-        try:
-            await assert_idle_and_intact(client, iid)
-        finally:
-            client.close()
 
 
 def assert_error_shape(body: Any) -> dict[str, Any]:

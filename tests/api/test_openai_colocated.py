@@ -18,14 +18,13 @@ from common.sampling import SamplingParams
 from services.launcher.supervisor import Cluster
 from tests.api.cluster import (
     API_KEY,
-    all_idle_and_intact,
     assert_error_shape,
     cluster_settings,
     gateway_status,
     until_gateway_idle,
     until_ready,
 )
-from tests.cluster_requests import prompt, reference
+from tests.cluster_requests import all_idle_and_intact, prompt, reference
 
 pytestmark = pytest.mark.integration
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")  # the cluster's loop

@@ -19,13 +19,12 @@ from services.launcher.supervisor import Cluster
 from tests.api.cluster import (
     API_KEY,
     TOKEN,
-    all_idle_and_intact,
     assert_error_shape,
     cluster_settings,
     until_gateway_idle,
     until_ready,
 )
-from tests.cluster_requests import prompt, reference
+from tests.cluster_requests import all_idle_and_intact, prompt, reference
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

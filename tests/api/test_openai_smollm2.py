@@ -20,7 +20,8 @@ from common.tokenizer import Tokenizer
 from services.launcher.supervisor import Cluster
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from tests.api.cluster import API_KEY, all_idle_and_intact, cluster_settings, until_ready
+from tests.api.cluster import API_KEY, cluster_settings, until_ready
+from tests.cluster_requests import all_idle_and_intact
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")

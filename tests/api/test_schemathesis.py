@@ -20,12 +20,12 @@ from schemathesis import GenerationMode
 from services.launcher.supervisor import Cluster
 from tests.api.cluster import (
     API_KEY,
-    all_idle_and_intact,
     assert_error_shape,
     cluster_settings,
     until_gateway_idle,
     until_ready,
 )
+from tests.cluster_requests import all_idle_and_intact
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")  # the cluster's loop
