@@ -31,10 +31,6 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    # Files that start processes first, quick in-process files last: under `-n 2 --dist
-    # loadfile` a long file collected last runs alone on one core while the other idles.
-    heavy = {i.path for i in items if "integration" in i.keywords or "slow" in i.keywords}
-    items.sort(key=lambda i: i.path not in heavy)  # stable: each file keeps its order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; runs on GPU machines (`make gpu-check`)")
