@@ -4,8 +4,9 @@ A step's tokens are laid out flat, decodes first, then one span per prefill chun
 
     tokens: [ d0 d1 ... d(D-1) | p0: q_len tokens | p1: q_len tokens | ... ]
 
-Decodes (one query token each) run as one batched SDPA over keys gathered from their block
-tables and padded to the longest context; each prefill chunk runs on its own with a causal
+Decodes (one query token each) run through the step's ops (kernels/ops.py): this machine's
+kernel reads each sequence's KV blocks in place; the torch code runs one batched SDPA over
+keys gathered from the block tables and padded to the longest context. Each prefill chunk runs on its own with a causal
 mask offset by the tokens already in the cache (chunked prefill, cached prefixes). A chunk
 with nothing cached attends only to its own fresh K/V, so it skips the gather.
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from services.worker.kernels.ops import TorchOps, gather_blocks
 from services.worker.kv_cache import KVCache
 
 try:  # optional, CUDA only: xformers has no CPU kernels
@@ -74,25 +76,19 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    ops: TorchOps,
 ) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Writes k/v into the cache, returns [T, Hq, D]."""
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Writes k/v into the cache, returns
+    [T, Hq, D]. `ops` does the cache write and the decodes' attention (kernels/ops.py)."""
     k_cache, v_cache = cache.layer(layer)
-    k_cache[meta.slot_blocks, meta.slot_offsets] = k
-    v_cache[meta.slot_blocks, meta.slot_offsets] = v
+    ops.write_kv(k_cache, v_cache, k, v, meta)
     block_size = cache.layout.block_size
-    out = torch.empty_like(q)
     nd = meta.num_decodes
+    if nd and not meta.prefills:
+        return ops.decode_attention(q, k_cache, v_cache, meta, scale, window)
+    out = torch.empty_like(q)
     if nd:
-        assert meta.decode_block_tables is not None
-        table = meta.decode_block_tables
-        kd = _gather(k_cache, table).transpose(1, 2)  # [D, Hkv, L, Dh]
-        vd = _gather(v_cache, table).transpose(1, 2)
-        qd = q[:nd].unsqueeze(2)  # [D, Hq, 1, Dh]
-        mask = meta.decode_mask(block_size, window)
-        od = F.scaled_dot_product_attention(
-            qd, kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        out[:nd] = od.squeeze(2)
+        out[:nd] = ops.decode_attention(q[:nd], k_cache, v_cache, meta, scale, window)
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
         out[s:e] = _prefill_span(
@@ -116,8 +112,8 @@ def _prefill_span(
     if fresh:
         keys, values = k, v
     else:
-        keys = _gather(k_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
-        values = _gather(v_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
+        keys = gather_blocks(k_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
+        values = gather_blocks(v_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
     if fresh and window is None:
         if _xformers_fmha is not None and q.is_cuda:
             return _xformers_causal(q, keys, values, scale)
@@ -129,15 +125,6 @@ def _prefill_span(
     if window is not None:
         mask &= kpos > qpos - window
     return _sdpa(q, keys, values, mask, scale)
-
-
-def _gather(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """cache [num_blocks, block_size, H, D] (a strided per-layer view), table [B, W] ->
-    [B, W * block_size, H, D]. index_select copies whole blocks; advanced indexing on the
-    strided view would copy element by element (several times slower)."""
-    b, w = table.shape
-    rows = cache.index_select(0, table.reshape(-1))
-    return rows.view(b, w * cache.shape[1], cache.shape[2], cache.shape[3])
 
 
 def _sdpa(

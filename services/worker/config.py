@@ -16,6 +16,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     tier and back. A worker swaps through its MemPool daemon's host tier (`mempool.
     host_blocks`); a standalone engine into a host buffer of `num_swap_blocks` blocks, else
     as many as fit in `swap_space_bytes` (allocated on the first swap-out).
+
+    `kernels`: run float32 CPU models on this machine's compiled kernels (fused norms,
+    rotary, SiLU-and-mul, paged decode attention: services/worker/kernels/); false, or a
+    machine where they cannot be built, runs the same model in plain torch.
     """
 
     model: str = "tiny"
@@ -34,6 +38,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     preemption_mode: str = "recompute"  # recompute | swap
     num_swap_blocks: int | None = None
     swap_space_bytes: int = 1024 * 1024 * 1024
+    kernels: bool = True
 
     def validate(self) -> EngineConfig:
         for name in (

@@ -121,7 +121,11 @@ class Engine:
         dtype = resolve_dtype(config.dtype, config.device)
         folder: Path = resolve_model(config.model)
         model, cfg = load_model(
-            folder, dtype=dtype, device=config.device, max_positions=config.max_model_len
+            folder,
+            dtype=dtype,
+            device=config.device,
+            max_positions=config.max_model_len,
+            kernels=config.kernels,
         )
         layout = KVLayout.for_model(cfg, config.block_size, dtype)
         n = config.num_kv_blocks or layout.num_blocks_for(config.kv_cache_memory_bytes)

@@ -1,5 +1,6 @@
 """Our model against transformers on the same weights: logits within 1e-4 (float32) and
-identical greedy continuations of 32 tokens, for every supported architecture."""
+identical greedy continuations of 32 tokens, for every supported architecture, on this
+machine's kernels and on the plain torch code."""
 
 from __future__ import annotations
 
@@ -73,11 +74,13 @@ def test_logits_match_transformers(reference: tuple[str, Path, torch.nn.Module])
     assert diff <= 1e-4, f"{name}: max abs logit difference {diff}"
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 def test_greedy_continuation_matches_transformers(
-    reference: tuple[str, Path, torch.nn.Module],
+    reference: tuple[str, Path, torch.nn.Module], kernels: bool
 ) -> None:
+    """Both ways the engine can run a float32 CPU model (services/worker/kernels/ops.py)."""
     name, folder, hf = reference
-    engine = _engine(folder)
+    engine = _engine(folder, kernels=kernels)
     engine.add_request("r", PROMPT, SamplingParams(max_tokens=32, ignore_eos=True))
     ours = run_to_end(engine)["r"]
     with torch.inference_mode():

@@ -31,11 +31,10 @@ from torch import nn
 
 from common.model.config import ModelConfig
 from services.worker.attention import AttentionMetadata, paged_attention
+from services.worker.kernels.ops import RopeStep, TorchOps, select_ops
 from services.worker.kv_cache import KVCache
 from services.worker.model.checkpoint import Target, checkpoint_names, copy_tensors
 from services.worker.model.rope import RotaryEmbedding
-
-Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin of a step's positions
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -46,16 +45,20 @@ def _param(*shape: int, dtype: torch.dtype, device: torch.device) -> nn.Paramete
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, size: int, eps: float, dtype: torch.dtype, device: torch.device, ops: TorchOps
+    ):
         super().__init__()
         self.weight = _param(size, dtype=dtype, device=device)
         self.eps = eps
+        self.ops = ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32 like transformers, cast back before the weight multiply.
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual += x (in place), then the norm of the new residual."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -65,9 +68,11 @@ class Attention(nn.Module):
         window: int | None,
         dtype: torch.dtype,
         device: torch.device,
+        ops: TorchOps,
     ):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops
         self.window = window
         self.scale = cfg.head_dim**-0.5
         qkv = cfg.q_size + 2 * cfg.kv_size
@@ -79,7 +84,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: Rope,
+        rope: RopeStep,
         meta: AttentionMetadata,
         cache: KVCache,
         cache_layer: int,
@@ -88,21 +93,21 @@ class Attention(nn.Module):
         by the model: the module itself holds no cache index)."""
         cfg = self.cfg
         t = x.shape[0]
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((cfg.q_size, cfg.kv_size, cfg.kv_size), dim=-1)
         q = q.view(t, cfg.num_heads, cfg.head_dim)
         k = k.view(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = RotaryEmbedding.apply(q, k, *rope)
-        out = paged_attention(q, k, v, cache, cache_layer, meta, self.scale, self.window)
-        return F.linear(out.reshape(t, cfg.q_size), self.o_weight, self.o_bias)
+        q, k = self.ops.rotary(q, k, qkv, rope)
+        out = paged_attention(q, k, v, cache, cache_layer, meta, self.scale, self.window, self.ops)
+        return self.ops.linear(out.reshape(t, cfg.q_size), self.o_weight, self.o_bias)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device, ops: TorchOps):
         super().__init__()
         i = cfg.intermediate_size
-        self.intermediate = i
+        self.ops = ops
         self.gate_up_weight = _param(2 * i, cfg.hidden_size, dtype=dtype, device=device)
         self.gate_up_bias = _param(2 * i, dtype=dtype, device=device) if cfg.mlp_bias else None
         self.down_weight = _param(cfg.hidden_size, i, dtype=dtype, device=device)
@@ -111,10 +116,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(
-            self.intermediate, dim=-1
-        )
-        return F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        gate_up = self.ops.linear(x, self.gate_up_weight, self.gate_up_bias)
+        return self.ops.linear(self.ops.silu_and_mul(gate_up), self.down_weight, self.down_bias)
 
 
 class DecoderLayer(nn.Module):
@@ -124,25 +127,39 @@ class DecoderLayer(nn.Module):
         layer: int,
         dtype: torch.dtype,
         device: torch.device,
+        ops: TorchOps,
     ):
         super().__init__()
         self.layer = layer  # index in the whole model; never changes
         window = cfg.sliding_windows[layer] if cfg.sliding_windows else None
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.self_attn = Attention(cfg, window, dtype, device)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype, device)
-        self.mlp = MLP(cfg, dtype, device)
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, ops)
+        self.self_attn = Attention(cfg, window, dtype, device, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, ops)
+        self.mlp = MLP(cfg, dtype, device, ops)
 
     def forward(
         self,
         h: torch.Tensor,
-        rope: Rope,
+        residual: torch.Tensor | None,
+        rope: RopeStep,
         meta: AttentionMetadata,
         cache: KVCache,
         cache_layer: int,
-    ) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), rope, meta, cache, cache_layer)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' `h += attn(norm(h)); h += mlp(norm(h))`, with the residual stream
+        kept apart (vLLM's form): takes the previous layer's MLP output `h` and the stream
+        before it was added (None for the first layer: `h` is the stream), returns this
+        layer's MLP output and the stream it has not been added to yet. The adds happen in
+        the norms, in place on `residual`, with the same bits as the plain form."""
+        if residual is None:
+            residual = h.clone()  # updated in place from here on; the caller's `h` is not
+            x = self.input_layernorm(h)
+        else:
+            x = self.input_layernorm.add_forward(h, residual)
+        h = self.self_attn(x, rope, meta, cache, cache_layer)
+        x = self.post_attention_layernorm.add_forward(h, residual)
+        return self.mlp(x), residual
 
 
 class LlamaModel(nn.Module):
@@ -171,6 +188,7 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
         max_positions: int | None = None,
+        kernels: bool = True,
     ):
         super().__init__()
         last = cfg.num_layers if last_layer is None else last_layer
@@ -180,13 +198,16 @@ class LlamaModel(nn.Module):
         self.cfg = cfg
         self.dtype = dtype
         self.device = dev
+        # The elementwise and attention work: this machine's kernels where they apply
+        # (float32 on the CPU, `kernels`), else torch (services/worker/kernels/ops.py).
+        self.ops = select_ops(dev, dtype, kernels)
         self.first_layer = first_layer
         self.last_layer = last
         is_first, is_last = first_layer == 0, last == cfg.num_layers
         needs_embed = is_first or (is_last and cfg.tie_word_embeddings)
         self.embed_tokens: nn.Parameter | None = self._new_embed() if needs_embed else None
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, dtype, dev) for i in range(first_layer, last)
+            DecoderLayer(cfg, i, dtype, dev, self.ops) for i in range(first_layer, last)
         )
         self.norm: RMSNorm | None = self._new_norm() if is_last else None
         untied_head = is_last and not cfg.tie_word_embeddings
@@ -204,7 +225,7 @@ class LlamaModel(nn.Module):
 
     def _new_norm(self, device: torch.device | None = None) -> RMSNorm:
         return RMSNorm(
-            self.cfg.hidden_size, self.cfg.rms_norm_eps, self.dtype, device or self.device
+            self.cfg.hidden_size, self.cfg.rms_norm_eps, self.dtype, device or self.device, self.ops
         )
 
     @property
@@ -266,11 +287,13 @@ class LlamaModel(nn.Module):
                 f"layers {layers!r} is not a non-empty range inside the held layers "
                 f"[{first}, {first + len(held)})"
             )
-        rope = self.rope.lookup(meta.positions)
+        rope = self.ops.rope_for_step(self.rope.cos, self.rope.sin, meta.positions)
+        h, residual = hidden, None
         for i in layers:
             layer = cast(DecoderLayer, held[i - first])
-            hidden = layer(hidden, rope, meta, cache, i - layers.start)
-        return hidden
+            h, residual = layer(h, residual, rope, meta, cache, i - layers.start)
+        assert residual is not None
+        return residual.add_(h)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if not self.has_head:
@@ -278,7 +301,7 @@ class LlamaModel(nn.Module):
         assert self.norm is not None
         head = self.embed_tokens if self.cfg.tie_word_embeddings else self.lm_head
         assert head is not None
-        return F.linear(self.norm(hidden), head)
+        return self.ops.linear(self.norm(hidden), head)
 
     def param_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())
@@ -376,6 +399,7 @@ class LlamaModel(nn.Module):
         if not keep_embed and self.embed_tokens is not None:
             freed.append(self.embed_tokens)
             self.embed_tokens = None
+        self.ops.forget(freed)
         for p in freed:
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         self._set_layers(kept, keep.start, keep.stop)
@@ -437,7 +461,7 @@ class LlamaModel(nn.Module):
             )
         )
         layers = [
-            held[i] if i in held else DecoderLayer(cfg, i, self.dtype, device)
+            held[i] if i in held else DecoderLayer(cfg, i, self.dtype, device, self.ops)
             for i in range(cfg.num_layers)
         ]
         if want_embed:

@@ -46,6 +46,7 @@ def load_model(
     first_layer: int = 0,
     last_layer: int | None = None,
     max_positions: int | None = None,
+    kernels: bool = True,
 ) -> tuple[LlamaModel, ModelConfig]:
     path = Path(folder)
     if not path.is_dir():
@@ -58,6 +59,7 @@ def load_model(
         dtype=dtype or torch.float32,
         device=device,
         max_positions=max_positions,
+        kernels=kernels,
     )
     load_weights(model, path)
     return model.eval(), cfg

@@ -35,7 +35,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding:
-    """Holds `cos`/`sin` tables of shape [max_positions, head_dim] in the model dtype."""
+    """Holds `cos`/`sin` tables of shape [max_positions, head_dim] in the model dtype (applied
+    by the model's ops: services/worker/kernels/ops.py)."""
 
     def __init__(
         self, cfg: ModelConfig, max_positions: int, dtype: torch.dtype, device: torch.device
@@ -46,19 +47,3 @@ class RotaryEmbedding:
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = emb.cos().to(dtype=dtype, device=device)
         self.sin = emb.sin().to(dtype=dtype, device=device)
-
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for a step's positions, [T, 1, D]: looked up once, used by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
-
-    @staticmethod
-    def apply(
-        q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D], cos/sin from `lookup` -> rotated (q, k)."""
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

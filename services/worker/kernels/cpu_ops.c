@@ -1,0 +1,183 @@
+/* MemServe's CPU kernels (float32), called through ctypes by services/worker/kernels/ops.py.
+
+   Built once per machine by build.py with `cc -O3 -march=native -fopenmp -ffp-contract=off`.
+   -ffp-contract=off keeps a*b+c as two roundings, as torch's elementwise kernels do, so the
+   elementwise kernels (rotary, residual add) give torch's bits. The reductions (RMSNorm's
+   sum of squares, attention's dot products and softmax) sum in another order than torch's
+   and may differ in the last bits, like any two attention implementations.
+
+   Layouts (row-major, strides in elements):
+     KV cache of one layer: block b, slot o, kv head h at  base + b*block_stride + (o*H + h)*D,
+       i.e. [num_blocks, block_size, H, D] with an arbitrary block stride (the engine's
+       cache interleaves layers and K/V inside a block).
+     qkv: [T, row] rows, q heads at column 0, k heads at q_cols, v heads at q_cols + kv_cols.
+
+   Threads: OpenMP. torch's wheel ships libgomp with the soname libgomp.so.1 and loads it
+   first, so these loops share torch's thread pool instead of starting a second one (two
+   spinning pools on two cores would take turns stalling each other). */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+static inline float hsum8(v8 a) {
+    return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+    if (n >= 8) {
+        v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (; i + 8 <= n; i += 8) acc += *(const v8 *)(a + i) * *(const v8 *)(b + i);
+        s = hsum8(acc);
+    }
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += p * x over n floats */
+static inline void axpy(float *y, float p, const float *x, int64_t n) {
+    int64_t i = 0;
+    v8 pv = {p, p, p, p, p, p, p, p};
+    for (; i + 8 <= n; i += 8) *(v8 *)(y + i) += pv * *(const v8 *)(x + i);
+    for (; i < n; i++) y[i] += p * x[i];
+}
+
+int memserve_abi_version(void) { return 1; }
+
+/* Decode attention over paged KV, one query token per sequence, read in place.
+   q, out: [S, Hq, D]; tables: [S, max_blocks] block ids; ctx_lens: [S] keys per sequence
+   (the new token's K/V already written); window <= 0: none, else keys in
+   (ctx_len - 1 - window, ctx_len). Hq = G * Hkv: query head h reads kv head h / G. */
+void memserve_paged_decode(float *out, const float *q, const float *k_cache,
+                           const float *v_cache, const int64_t *tables,
+                           const int64_t *ctx_lens, int64_t num_seqs, int64_t max_blocks,
+                           int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                           int64_t block_size, int64_t block_stride, int64_t window,
+                           float scale) {
+    const int64_t group = num_heads / num_kv_heads;
+    const int64_t tasks = num_seqs * num_kv_heads;
+    /* A fork/join costs microseconds: small steps (one short sequence) run on one thread. */
+    const int64_t work = num_seqs * max_blocks * block_size * num_heads * head_dim;
+#pragma omp parallel if (tasks > 1 && work >= 65536)
+    {
+        int64_t cap = 0;
+        float *scores = NULL;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t s = task / num_kv_heads, kvh = task % num_kv_heads;
+            const int64_t len = ctx_lens[s];
+            int64_t start = 0;
+            if (window > 0 && len - window > 0) start = len - window;
+            const int64_t n = len - start;
+            if (n <= 0) continue;
+            if (n * group > cap) {
+                cap = n * group;
+                free(scores);
+                scores = (float *)malloc(sizeof(float) * (size_t)cap);
+            }
+            const int64_t *table = tables + s * max_blocks;
+            const float *qs = q + (s * num_heads + kvh * group) * head_dim;
+            for (int64_t t = start; t < len; t++) {
+                const float *k = k_cache + table[t / block_size] * block_stride +
+                                 ((t % block_size) * num_kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; g++)
+                    scores[g * n + (t - start)] = dot(qs + g * head_dim, k, head_dim) * scale;
+            }
+            for (int64_t g = 0; g < group; g++) {
+                float *sc = scores + g * n;
+                float m = sc[0];
+                for (int64_t i = 1; i < n; i++) m = sc[i] > m ? sc[i] : m;
+                float sum = 0.0f;
+                for (int64_t i = 0; i < n; i++) {
+                    sc[i] = expf(sc[i] - m);
+                    sum += sc[i];
+                }
+                const float inv = 1.0f / sum;
+                for (int64_t i = 0; i < n; i++) sc[i] *= inv;
+            }
+            float *o = out + (s * num_heads + kvh * group) * head_dim;
+            memset(o, 0, sizeof(float) * (size_t)(group * head_dim));
+            for (int64_t t = start; t < len; t++) {
+                const float *v = v_cache + table[t / block_size] * block_stride +
+                                 ((t % block_size) * num_kv_heads + kvh) * head_dim;
+                for (int64_t g = 0; g < group; g++)
+                    axpy(o + g * head_dim, scores[g * n + (t - start)], v, head_dim);
+            }
+        }
+        free(scores);
+    }
+}
+
+/* K/V of T new tokens into their slots: k, v rows of Hkv*D floats, `row` apart. */
+void memserve_write_kv(float *k_cache, float *v_cache, const float *k, const float *v,
+                       int64_t row, const int64_t *slot_blocks, const int64_t *slot_offsets,
+                       int64_t num_tokens, int64_t kv_cols, int64_t block_stride) {
+    for (int64_t t = 0; t < num_tokens; t++) {
+        const int64_t at = slot_blocks[t] * block_stride + slot_offsets[t] * kv_cols;
+        memcpy(k_cache + at, k + t * row, sizeof(float) * (size_t)kv_cols);
+        memcpy(v_cache + at, v + t * row, sizeof(float) * (size_t)kv_cols);
+    }
+}
+
+/* Rotary embedding in place on the q and k heads of qkv rows (transformers' rotate_half
+   form): x1, x2 = halves; x1' = x1*cos - x2*sin, x2' = x2*cos + x1*sin, where cos/sin
+   are rows `positions[t]` of [max_pos, D] tables whose two halves repeat. */
+void memserve_rotary(float *qkv, int64_t row, const float *cos_t, const float *sin_t,
+                     const int64_t *positions, int64_t num_tokens, int64_t num_heads,
+                     int64_t num_kv_heads, int64_t head_dim) {
+    const int64_t half = head_dim / 2, heads = num_heads + num_kv_heads;
+#pragma omp parallel for schedule(static) if (num_tokens * heads >= 256)
+    for (int64_t th = 0; th < num_tokens * heads; th++) {
+        const int64_t t = th / heads, h = th % heads;
+        float *x = qkv + t * row + h * head_dim;
+        const float *c = cos_t + positions[t] * head_dim;
+        const float *s = sin_t + positions[t] * head_dim;
+        for (int64_t i = 0; i < half; i++) {
+            const float x1 = x[i], x2 = x[i + half];
+            const float a = x1 * c[i], b = (-x2) * s[i];
+            const float d = x2 * c[i + half], e = x1 * s[i + half];
+            x[i] = a + b;
+            x[i + half] = d + e;
+        }
+    }
+}
+
+static inline void rms_row(float *out, const float *x, const float *w, int64_t n, float eps) {
+    float ss = dot(x, x, n);
+    const float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
+}
+
+/* out = w * (x * rsqrt(mean(x^2) + eps)) per row of n floats. */
+void memserve_rms_norm(float *out, const float *x, const float *w, int64_t rows, int64_t n,
+                       float eps) {
+#pragma omp parallel for schedule(static) if (rows >= 16)
+    for (int64_t r = 0; r < rows; r++) rms_row(out + r * n, x + r * n, w, n, eps);
+}
+
+/* residual += x (torch's add: same bits), then out = rms_norm(residual). */
+void memserve_add_rms_norm(float *out, const float *x, float *residual, const float *w,
+                           int64_t rows, int64_t n, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= 16)
+    for (int64_t r = 0; r < rows; r++) {
+        float *res = residual + r * n;
+        const float *xr = x + r * n;
+        for (int64_t i = 0; i < n; i++) res[i] = res[i] + xr[i];
+        rms_row(out + r * n, res, w, n, eps);
+    }
+}
+
+/* out[t, i] = silu(gu[t, i]) * gu[t, inter + i], silu(x) = x / (1 + exp(-x)). */
+void memserve_silu_and_mul(float *out, const float *gu, int64_t rows, int64_t inter) {
+#pragma omp parallel for schedule(static) if (rows >= 4)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * inter, *u = g + inter;
+        float *o = out + r * inter;
+        for (int64_t i = 0; i < inter; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+    }
+}

@@ -1,0 +1,349 @@
+"""The model's elementwise and attention work, as torch code or as this machine's kernels.
+
+`TorchOps` is the reference: plain torch, any device and dtype, what the model always
+computed. `CpuKernelOps` does the same work in cpu_ops.c for float32 on the CPU: one call
+where torch takes several ops and passes over memory (RMSNorm with its residual add,
+SiLU-and-mul, rotary in place, the K/V cache write), and decode attention that reads the
+paged KV blocks where they lie instead of gathering and masking a padded copy.
+
+Both give the same tokens; the elementwise kernels give torch's bits, the reductions may
+differ in the last bits (another summation order). `select_ops` picks the kernels when
+they apply and could be built (build.py), so a machine without a compiler, a GPU or a
+bfloat16 model runs the torch code.
+
+Invariant for callers: tensors handed to a kernel are float32, on the CPU and contiguous
+in the layouts cpu_ops.c documents; `CpuKernelOps` checks shapes it relies on and makes
+rows contiguous where a caller's view may not be.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from services.worker.kernels.build import load
+
+if TYPE_CHECKING:
+    from services.worker.attention import AttentionMetadata
+
+# What `rope_for_step` returns and `rotary` takes: per-step rotary inputs.
+RopeStep = tuple[torch.Tensor, ...]
+
+
+class TorchOps:
+    """The reference implementation (eager torch)."""
+
+    name = "torch"
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
+    def forget(self, weights: Iterable[torch.Tensor]) -> None:
+        """`weights` are being freed: drop anything derived from them (nothing here)."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # In float32 like transformers, cast back before the weight multiply.
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h.to(x.dtype)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        """residual += x in place (the decoder's residual stream), then its RMSNorm."""
+        residual.add_(x)
+        return self.rms_norm(residual, weight, eps)
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    def rope_for_step(
+        self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+    ) -> RopeStep:
+        """cos, sin of the step's positions, [T, 1, D]: looked up once, used by every layer."""
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, qkv: torch.Tensor, rope: RopeStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k [T, Hkv, D] (views of `qkv`) -> rotated q, k."""
+        cos, sin = rope
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        k_cache[meta.slot_blocks, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, meta.slot_offsets] = v
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """q [D, Hq, Dh] of the step's decodes -> [D, Hq, Dh]: keys gathered from the block
+        tables into a padded copy, masked to each context."""
+        assert meta.decode_block_tables is not None
+        block_size = k_cache.shape[1]
+        table = meta.decode_block_tables
+        kd = gather_blocks(k_cache, table).transpose(1, 2)  # [D, Hkv, L, Dh]
+        vd = gather_blocks(v_cache, table).transpose(1, 2)
+        mask = meta.decode_mask(block_size, window)
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return out.squeeze(2)
+
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# cpu_ops.c's functions: pointers, then sizes and strides, then float scalars.
+_SIGNATURES: dict[str, list[Any]] = {
+    "memserve_paged_decode": [_P] * 6 + [_I] * 8 + [_F],
+    "memserve_write_kv": [_P] * 4 + [_I, _P, _P] + [_I] * 3,
+    "memserve_rotary": [_P, _I, _P, _P, _P] + [_I] * 4,
+    "memserve_rms_norm": [_P] * 3 + [_I] * 2 + [_F],
+    "memserve_add_rms_norm": [_P] * 4 + [_I] * 2 + [_F],
+    "memserve_silu_and_mul": [_P] * 2 + [_I] * 2,
+}
+
+
+class CpuKernelOps(TorchOps):
+    """float32 CPU work in cpu_ops.c (see the module docstring)."""
+
+    name = "cpu-kernels"
+
+    def __init__(self, lib: ctypes.CDLL, packed_linear: bool = True):
+        self._lib = lib
+        for name, args in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype = None
+            fn.argtypes = args
+        self._pack = packed_linear and _packed_linear_available()
+        # id(weight) -> (weakref to it, its data_ptr and _version when packed, packed copy)
+        self._packed: dict[int, tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
+
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """oneDNN's matmul on a copy of `weight` packed for it (2-3x MKL's plain sgemm at
+        2-48 rows, on par at 1 and above 256). The plain weight stays the truth: a copy is
+        made on first use and again whenever the weight was rebound or written in place
+        (data_ptr or version changed: a load, a restore, an arena move)."""
+        if not self._pack:
+            return F.linear(x, weight, bias)
+        entry = self._packed.get(id(weight))
+        if (
+            entry is None
+            or entry[0]() is not weight
+            or entry[1] != weight.data_ptr()
+            or entry[2] != weight._version
+        ):
+            entry = self._pack_weight(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, entry[3], bias, "none", [], "")
+
+    def _pack_weight(
+        self, weight: torch.Tensor
+    ) -> tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]:
+        key = id(weight)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+
+        def gone(_: object, key: int = key) -> None:
+            self._packed.pop(key, None)
+
+        entry = (weakref.ref(weight, gone), weight.data_ptr(), weight._version, packed)
+        self._packed[key] = entry
+        return entry
+
+    def forget(self, weights: Iterable[torch.Tensor]) -> None:
+        """Free the packed copies of `weights` now (a parameter drop frees their memory)."""
+        for w in weights:
+            self._packed.pop(id(w), None)
+
+    @property
+    def packed_bytes(self) -> int:
+        """Memory held by packed weight copies (on top of the parameters themselves)."""
+        return sum(e[3].numel() * e[3].element_size() for e in self._packed.values())
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        self._lib.memserve_rms_norm(
+            out.data_ptr(), x.data_ptr(), weight.data_ptr(), x.numel() // n, n, eps
+        )
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> torch.Tensor:
+        assert residual.is_contiguous() and residual.shape == x.shape
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        n = x.shape[-1]
+        self._lib.memserve_add_rms_norm(
+            out.data_ptr(),
+            x.data_ptr(),
+            residual.data_ptr(),
+            weight.data_ptr(),
+            x.numel() // n,
+            n,
+            eps,
+        )
+        return out
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate_up = gate_up.contiguous()
+        inter = gate_up.shape[-1] // 2
+        out = gate_up.new_empty((*gate_up.shape[:-1], inter))
+        self._lib.memserve_silu_and_mul(
+            out.data_ptr(), gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter
+        )
+        return out
+
+    def rope_for_step(
+        self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
+    ) -> RopeStep:
+        return cos, sin, positions.contiguous()
+
+    def rotary(
+        self, q: torch.Tensor, k: torch.Tensor, qkv: torch.Tensor, rope: RopeStep
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates q and k in place inside `qkv` ([T, row] contiguous, q heads first, then
+        k heads) and returns the same views."""
+        cos, sin, positions = rope
+        assert qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+        assert q.data_ptr() == qkv.data_ptr() and k.shape[-1] == q.shape[-1]
+        self._lib.memserve_rotary(
+            qkv.data_ptr(),
+            qkv.shape[-1],
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            qkv.shape[0],
+            q.shape[1],
+            k.shape[1],
+            q.shape[2],
+        )
+        return q, k
+
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        _check_paged(k_cache, v_cache)
+        kv_cols = k.shape[1] * k.shape[2]
+        row = k.stride(0)
+        if k.stride(1) * k.shape[1] != kv_cols or v.stride(0) != row or k.stride(2) != 1:
+            raise ValueError("write_kv wants k, v as [T, H, D] rows of one buffer")
+        self._lib.memserve_write_kv(
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            k.data_ptr(),
+            v.data_ptr(),
+            row,
+            meta.slot_blocks.data_ptr(),
+            meta.slot_offsets.data_ptr(),
+            k.shape[0],
+            kv_cols,
+            k_cache.stride(0),
+        )
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        """Reads each sequence's blocks in place: no gather, no padding, no mask."""
+        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+        assert tables is not None and lens is not None
+        _check_paged(k_cache, v_cache)
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        self._lib.memserve_paged_decode(
+            out.data_ptr(),
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            tables.data_ptr(),
+            lens.data_ptr(),
+            q.shape[0],
+            tables.shape[1],
+            q.shape[1],
+            k_cache.shape[2],
+            q.shape[2],
+            k_cache.shape[1],
+            k_cache.stride(0),
+            0 if window is None else window,
+            scale,
+        )
+        return out
+
+
+# The row count oneDNN tunes a packed layout for; 64 measured best across 1..2048 rows here.
+_PACK_ROWS_HINT = 64
+
+
+def _packed_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """A layer's K or V view: [blocks, block_size, H, D], each block's rows contiguous."""
+    for c in (k_cache, v_cache):
+        h, d = c.shape[2], c.shape[3]
+        if c.stride(3) != 1 or c.stride(2) != d or c.stride(1) != h * d:
+            raise ValueError(f"KV view of strides {c.stride()} is not block-contiguous")
+    if k_cache.stride(0) != v_cache.stride(0):
+        raise ValueError("K and V views have different block strides")
+
+
+def gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """cache [num_blocks, block_size, H, D] (a strided per-layer view), table [B, W] ->
+    [B, W * block_size, H, D]. index_select copies whole blocks; advanced indexing on the
+    strided view would copy element by element (several times slower)."""
+    b, w = table.shape
+    rows = cache.index_select(0, table.reshape(-1))
+    return rows.view(b, w * cache.shape[1], cache.shape[2], cache.shape[3])
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def select_ops(device: torch.device, dtype: torch.dtype, kernels: bool = True) -> TorchOps:
+    """The kernels when they apply here (float32 on the CPU, built for this machine and
+    `kernels` asked for), else the torch code."""
+    if kernels and device.type == "cpu" and dtype == torch.float32:
+        lib = load()
+        if lib is not None:
+            return CpuKernelOps(lib)
+    return TorchOps()
+
+
+__all__ = ["CpuKernelOps", "RopeStep", "TorchOps", "gather_blocks", "select_ops"]

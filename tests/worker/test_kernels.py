@@ -1,0 +1,178 @@
+"""This machine's CPU kernels (services/worker/kernels) against the torch code they replace:
+the elementwise ones bit for bit, the reductions within float32 rounding, on the shapes the
+models use (GQA groups, a head size that is not a multiple of 8, sliding windows, paged
+blocks scattered through a layer-interleaved cache); and the build's fallbacks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.worker.attention import AttentionMetadata
+from services.worker.kernels import build as kbuild
+from services.worker.kernels.ops import CpuKernelOps, TorchOps, select_ops
+
+TORCH = TorchOps()
+
+
+@pytest.fixture(scope="module")
+def kern() -> CpuKernelOps:
+    ops = select_ops(torch.device("cpu"), torch.float32)
+    assert isinstance(ops, CpuKernelOps), "the kernels build on every machine the suite runs on"
+    return ops
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,n", [(1, 64), (7, 512), (33, 24)])
+def test_norms(kern: CpuKernelOps, rows: int, n: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x, w = torch.randn(rows, n, generator=g), torch.randn(n, generator=g)
+    _close(kern.rms_norm(x, w, 1e-5), TORCH.rms_norm(x, w, 1e-5))
+    r1 = torch.randn(rows, n, generator=g)
+    r2 = r1.clone()
+    out1, out2 = kern.add_rms_norm(x, r1, w, 1e-6), TORCH.add_rms_norm(x, r2, w, 1e-6)
+    assert torch.equal(r1, r2), "the residual add gives torch's bits"
+    _close(out1, out2)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1408), (9, 20)])
+def test_silu_and_mul(kern: CpuKernelOps, rows: int, inter: int) -> None:
+    gu = torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(inter)) * 4
+    _close(kern.silu_and_mul(gu), TORCH.silu_and_mul(gu))
+
+
+def _split(qkv: torch.Tensor, heads: int, kv_heads: int, d: int) -> list[torch.Tensor]:
+    t = qkv.shape[0]
+    q, k, v = qkv.split((heads * d, kv_heads * d, kv_heads * d), dim=-1)
+    return [q.view(t, heads, d), k.view(t, kv_heads, d), v.view(t, kv_heads, d)]
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 4, 24), (9, 3, 64)])
+def test_rotary_in_place_is_torch_bit_for_bit(
+    kern: CpuKernelOps, heads: int, kv_heads: int, d: int
+) -> None:
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(5, (heads + 2 * kv_heads) * d, generator=g)
+    cos, sin = torch.randn(64, d, generator=g), torch.randn(64, d, generator=g)
+    positions = torch.tensor([0, 3, 63, 7, 7])
+    mine = qkv.clone()
+    q, k, v = _split(mine, heads, kv_heads, d)
+    q, k = kern.rotary(q, k, mine, kern.rope_for_step(cos, sin, positions))
+    ref = qkv.clone()
+    rq, rk, rv = _split(ref, heads, kv_heads, d)
+    rq, rk = TORCH.rotary(rq, rk, ref, TORCH.rope_for_step(cos, sin, positions))
+    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(v, rv)
+
+
+def _paged_case(
+    heads: int, kv_heads: int, d: int, lens: list[int], block_size: int = 16
+) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:
+    """A 3-layer aggregated cache, layer 1's blocks scattered; decode metadata for `lens`."""
+    g = torch.Generator().manual_seed(sum(lens))
+    num_blocks = 64
+    cache = torch.randn(num_blocks, 3, 2, block_size, kv_heads, d, generator=g)
+    width = max(-(-n // block_size) for n in lens)
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:width] for _ in lens])
+    meta = AttentionMetadata(
+        slot_blocks=torch.zeros(len(lens), dtype=torch.long),
+        slot_offsets=torch.zeros(len(lens), dtype=torch.long),
+        positions=torch.tensor(lens) - 1,
+        num_decodes=len(lens),
+        decode_block_tables=tables,
+        decode_ctx_lens=torch.tensor(lens),
+    )
+    return cache, meta, torch.randn(len(lens), heads, d, generator=g)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,d,lens",
+    [
+        (8, 4, 64, [1]),
+        (8, 4, 64, [1, 17, 33, 70, 16, 200]),
+        (9, 3, 64, [5, 129]),
+        (4, 4, 24, [31, 2]),
+        (8, 2, 64, [300] * 24),  # enough work to run on every thread
+    ],
+)
+@pytest.mark.parametrize("window", [None, 10])
+def test_paged_decode_reads_blocks_in_place(
+    kern: CpuKernelOps, heads: int, kv_heads: int, d: int, lens: list[int], window: int | None
+) -> None:
+    cache, meta, q = _paged_case(heads, kv_heads, d, lens)
+    k_cache, v_cache = cache[:, 1, 0], cache[:, 1, 1]
+    ours = kern.decode_attention(q, k_cache, v_cache, meta, d**-0.5, window)
+    meta._decode_masks.clear()
+    _close(ours, TORCH.decode_attention(q, k_cache, v_cache, meta, d**-0.5, window))
+
+
+def test_write_kv_fills_the_same_slots(kern: CpuKernelOps) -> None:
+    cache, meta, _ = _paged_case(8, 4, 64, [40, 3, 9])
+    meta.slot_blocks = torch.tensor([5, 60, 5])
+    meta.slot_offsets = torch.tensor([0, 15, 7])
+    qkv = torch.randn(3, 16 * 64)
+    _, k, v = _split(qkv, 8, 4, 64)
+    mine, ref = cache.clone(), cache.clone()
+    kern.write_kv(mine[:, 2, 0], mine[:, 2, 1], k, v, meta)
+    TORCH.write_kv(ref[:, 2, 0], ref[:, 2, 1], k, v, meta)
+    assert torch.equal(mine, ref) and not torch.equal(mine, cache)
+
+
+def test_a_view_that_is_not_block_contiguous_is_refused(kern: CpuKernelOps) -> None:
+    cache, meta, q = _paged_case(8, 4, 64, [20])
+    transposed = cache[:, 0, 0].transpose(1, 2)  # [blocks, H, block_size, D]
+    with pytest.raises(ValueError, match="block-contiguous"):
+        kern.decode_attention(q, transposed, transposed, meta, 0.125, None)
+
+
+def test_torch_runs_where_kernels_do_not_apply() -> None:
+    assert isinstance(select_ops(torch.device("cpu"), torch.bfloat16), TorchOps)
+    assert not isinstance(select_ops(torch.device("cpu"), torch.bfloat16), CpuKernelOps)
+    assert not isinstance(select_ops(torch.device("cpu"), torch.float32, False), CpuKernelOps)
+    assert not isinstance(select_ops(torch.device("meta"), torch.float32), CpuKernelOps)
+
+
+def test_a_failed_build_names_the_compiler_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CC", "false")
+    with pytest.raises(kbuild.BuildError, match="false"):
+        kbuild.build(tmp_path)
+    assert not any((tmp_path / "kernels").iterdir())
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(kbuild.BuildError, match="no C compiler"):
+        kbuild.build(tmp_path)
+
+
+def test_a_build_is_reused_and_keyed_by_its_source(tmp_path: Path) -> None:
+    first = kbuild.build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert kbuild.build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert first.name.startswith("cpu_ops-") and first.parent == tmp_path / "kernels"
+
+
+def test_packed_linear_follows_its_weight(kern: CpuKernelOps) -> None:
+    """A packed copy is made on first use and remade after the weight is rebound or written
+    in place; `forget` and the weight's death free it."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.nn.Parameter(torch.randn(96, 40, generator=g), requires_grad=False)
+    b = torch.randn(96, generator=g)
+    x = torch.randn(5, 40, generator=g)
+    before = kern.packed_bytes
+    _close(kern.linear(x, w, b), TORCH.linear(x, w, b))
+    assert kern.packed_bytes == before + w.numel() * 4
+    with torch.no_grad():
+        w[3:9].mul_(-2.0)  # in place, as the loader writes rows
+    _close(kern.linear(x, w), TORCH.linear(x, w))
+    w.data = torch.randn(96, 40, generator=g)  # rebound, as the arena and a drop do
+    _close(kern.linear(x, w), TORCH.linear(x, w))
+    assert kern.packed_bytes == before + w.numel() * 4
+    kern.forget([w])
+    assert kern.packed_bytes == before
+    kern.linear(x, w)
+    del w
+    assert kern.packed_bytes == before
