@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,6 +93,7 @@ class Peer:
         self.stderr_path = Path(self._err_dir.name) / "stderr.log"
         self._stderr: IO[bytes] | None = None
         self.ready: dict[str, Any] = {}
+        self.keep_log: Path | None = None  # where close() copies the peer's stderr
         self.ready_s = float("nan")
 
     @property
@@ -219,6 +221,9 @@ class Peer:
         if self._stderr is not None:
             self._stderr.close()
             self._stderr = None
+        if self.keep_log is not None and self.stderr_path.exists():
+            self.keep_log.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.stderr_path, self.keep_log)
         self._err_dir.cleanup()
 
     def __enter__(self) -> Peer:

@@ -70,6 +70,8 @@ def render_versus(results: dict[str, Any]) -> str:
                 f"{_mib(pr['rss_after_load_bytes'])} MiB, after the run {_mib(pr.get('rss_end_bytes'))} "
                 f"MiB (peak {_mib(pr.get('peak_rss_bytes'))} MiB); torch threads {pr['torch_threads']}"
             )
+        if e.get("logs"):
+            lines.append(f"  stderr of the processes: {e['logs']['ours']}, {e['logs']['peer']}")
         env = e["env"]
         lines.append(
             f"  both: OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, tcmalloc "
@@ -90,6 +92,17 @@ def render_versus(results: dict[str, Any]) -> str:
                     f"between the engines per round (informational)"
                 )
         lines.append("")
+    over = [
+        f"{model} {f['figure']}"
+        for model, e in results["models"].items()
+        for f in e["figures"]
+        if max(f["ours_roofline_fraction"], f["peer_roofline_fraction"]) > 1
+    ]
+    if over:
+        lines.append(
+            f"WARNING: an engine beat the measured matmul roofline ({', '.join(over)}): every "
+            "measurement of it was disturbed, so those roof fractions mean nothing"
+        )
     busy = contended(results)
     if busy:
         lines.append(
