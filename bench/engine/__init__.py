@@ -150,7 +150,10 @@ def add_parser(sub: Any) -> None:
         help="the peer's python (default: .peers/vllm/bin/python for vllm, this one for memserve)",
     )
     g.add_argument(
-        "--rounds", type=int, default=None, help="interleaved rounds per figure (default 3)"
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds per figure, in place of --repeats (default 3)",
     )
     g.add_argument(
         "--engine-opt",
@@ -166,6 +169,11 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="for --peer memserve an EngineConfig field, for --peer vllm an LLM(...) "
         "keyword (repeatable)",
+    )
+    g.add_argument(
+        "--no-tcmalloc",
+        action="store_true",
+        help="do not preload tcmalloc into the engines (default: preloaded into both when installed)",
     )
     g.add_argument(
         "--ready-timeout",

@@ -45,6 +45,7 @@ class BenchParams:
     engine_opts: list[str] = field(default_factory=list)
     peer_engine_opts: list[str] = field(default_factory=list)
     ready_timeout_s: float = 900.0
+    tcmalloc: bool = True
     command_timeout_s: float = 1800.0
 
     @classmethod
@@ -78,6 +79,7 @@ class BenchParams:
             engine_opts=list(getattr(args, "engine_opt", None) or []),
             peer_engine_opts=list(getattr(args, "peer_engine_opt", None) or []),
             ready_timeout_s=getattr(args, "ready_timeout", None) or 900.0,
+            tcmalloc=not getattr(args, "no_tcmalloc", False),
         )
         if not peer:
             for flag, value in (
@@ -85,6 +87,7 @@ class BenchParams:
                 ("--peer-python", params.peer_python),
                 ("--peer-engine-opt", params.peer_engine_opts or None),
                 ("--ready-timeout", getattr(args, "ready_timeout", None)),
+                ("--no-tcmalloc", True if getattr(args, "no_tcmalloc", False) else None),
             ):
                 if value is not None:
                     raise ValueError(f"{flag} needs --peer (vllm or memserve)")

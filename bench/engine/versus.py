@@ -77,7 +77,7 @@ def _own_cpu_s() -> float:
 
 def _start_peers(params: BenchParams, model: str, folder: str) -> tuple[Peer, Peer, dict[str, Any]]:
     assert params.threads is not None and params.peer_python is not None
-    knobs, env_record = peers.peer_env(params.threads)
+    knobs, env_record = peers.peer_env(params.threads, params.tcmalloc)
     max_n = max(max(params.concurrency), params.prefill_batch)
     need = max(params.prompt_len + params.gen_len, params.prefill_len + 1)
     ours = Peer(

@@ -75,7 +75,7 @@ def render_versus(results: dict[str, Any]) -> str:
         env = e["env"]
         lines.append(
             f"  both: OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, tcmalloc "
-            f"{'preloaded' if env['tcmalloc'] else 'not found (plain malloc)'}"
+            f"{'preloaded' if env['tcmalloc'] else 'not preloaded (plain malloc)'}"
         )
         goal = results["goal_ours_over_peer"]
         met = [f["figure"] for f in e["figures"] if f["goal_met"]]

@@ -59,6 +59,7 @@ def test_memserve_peer_runs_the_whole_path(
             "max_num_batched_tokens=1024",
             "--rounds",
             "2",
+            "--no-tcmalloc",
             "--out",
             str(out),
             *SMALL_ARGS,
@@ -66,6 +67,7 @@ def test_memserve_peer_runs_the_whole_path(
     )
     printed = capsys.readouterr().out
     assert code == 0, printed
+    assert "tcmalloc not preloaded" in printed
 
     assert "ours tok/s per round" in printed and "memserve* tok/s per round" in printed
     assert "memserve* = our engine with max_num_batched_tokens=1024" in printed
@@ -76,7 +78,7 @@ def test_memserve_peer_runs_the_whole_path(
     data = json.loads(out.read_text())
     assert data["correct"] is True and data["params"]["peer"] == "memserve"
     tiny = data["models"]["tiny"]
-    assert tiny["env"]["OMP_NUM_THREADS"] == 1
+    assert tiny["env"] == {"OMP_NUM_THREADS": 1, "tcmalloc": None}
     procs = tiny["processes"]
     assert procs["ours"]["config"]["max_num_batched_tokens"] == 2048
     assert procs["peer"]["config"]["max_num_batched_tokens"] == 1024
@@ -167,6 +169,7 @@ def test_a_peer_dying_mid_command_fails_fast_with_its_stderr_tail() -> None:
     [
         (["--rounds", "2"], "--rounds needs --peer"),
         (["--peer-engine-opt", "a=1"], "--peer-engine-opt needs --peer"),
+        (["--no-tcmalloc"], "--no-tcmalloc needs --peer"),
         (["--peer", "memserve", "--rounds", "0"], "--rounds must be >= 1"),
         (["--peer", "memserve", "--engine-opt", "compile"], "--engine-opt takes key=value"),
         (["--peer", "vllm", "--peer-python", "/no/such/python"], "not an executable file"),
