@@ -12,7 +12,7 @@ import torch
 
 from services.worker.attention import AttentionMetadata
 from services.worker.kernels import build as kbuild
-from services.worker.kernels.ops import CpuKernelOps, TorchOps, select_ops
+from services.worker.kernels.ops import SMALL_ROWS, CpuKernelOps, TorchOps, select_ops
 
 TORCH = TorchOps()
 
@@ -24,8 +24,13 @@ def kern() -> CpuKernelOps:
     return ops
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+def _close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol)
+
+
+def _close_sums(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Matmuls of k ~ 500 unit-variance products: outputs ~ 20, rounding ~ 1e-6 of that."""
+    _close(a, b, atol=1e-4)
 
 
 @pytest.mark.parametrize("rows,n", [(1, 64), (7, 512), (33, 24)])
@@ -161,7 +166,7 @@ def test_packed_linear_follows_its_weight(kern: CpuKernelOps) -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.nn.Parameter(torch.randn(96, 40, generator=g), requires_grad=False)
     b = torch.randn(96, generator=g)
-    x = torch.randn(5, 40, generator=g)
+    x = torch.randn(SMALL_ROWS + 3, 40, generator=g)  # enough rows for oneDNN's path
     before = kern.packed_bytes
     _close(kern.linear(x, w, b), TORCH.linear(x, w, b))
     assert kern.packed_bytes == before + w.numel() * 4
@@ -175,4 +180,20 @@ def test_packed_linear_follows_its_weight(kern: CpuKernelOps) -> None:
     assert kern.packed_bytes == before
     kern.linear(x, w)
     del w
+    assert kern.packed_bytes == before
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, SMALL_ROWS])
+@pytest.mark.parametrize("n,k", [(1024, 512), (259, 512), (30, 24), (7, 40)])
+def test_linear_of_a_few_rows_streams_the_plain_weight(
+    kern: CpuKernelOps, rows: int, n: int, k: int
+) -> None:
+    """Decode-sized inputs run cpu_ops.c's kernel on the weight as it is (no packed copy),
+    also for shapes its 4-row / 8-wide blocks do not divide, with and without a bias."""
+    g = torch.Generator().manual_seed(rows * n + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    before = kern.packed_bytes
+    _close_sums(kern.linear(x, w, b), TORCH.linear(x, w, b))
+    _close_sums(kern.linear(x.unsqueeze(0), w), TORCH.linear(x.unsqueeze(0), w))
     assert kern.packed_bytes == before

@@ -121,6 +121,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "memserve_rms_norm": [_P] * 3 + [_I] * 2 + [_F],
     "memserve_add_rms_norm": [_P] * 4 + [_I] * 2 + [_F],
     "memserve_silu_and_mul": [_P] * 2 + [_I] * 2,
+    "memserve_linear_small": [_P] * 4 + [_I] * 3,
 }
 
 
@@ -146,6 +147,9 @@ class CpuKernelOps(TorchOps):
         2-48 rows, on par at 1 and above 256). The plain weight stays the truth: a copy is
         made on first use and again whenever the weight was rebound or written in place
         (data_ptr or version changed: a load, a restore, an arena move)."""
+        rows = x.numel() // x.shape[-1] if x.numel() else 0
+        if 0 < rows <= SMALL_ROWS:
+            return self._linear_small(x, weight, bias)
         if not self._pack:
             return F.linear(x, weight, bias)
         entry = self._packed.get(id(weight))
@@ -157,6 +161,25 @@ class CpuKernelOps(TorchOps):
         ):
             entry = self._pack_weight(weight)
         return torch.ops.mkldnn._linear_pointwise(x, entry[3], bias, "none", [], "")
+
+    def _linear_small(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """cpu_ops.c's linear for a few rows: reads the plain weight once, no packed copy."""
+        x = x.contiguous()
+        n, k = weight.shape
+        out = x.new_empty((*x.shape[:-1], n))
+        assert weight.is_contiguous() and (bias is None or bias.is_contiguous())
+        self._lib.memserve_linear_small(
+            out.data_ptr(),
+            x.data_ptr(),
+            weight.data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            x.numel() // k,
+            n,
+            k,
+        )
+        return out
 
     def _pack_weight(
         self, weight: torch.Tensor
@@ -303,6 +326,9 @@ class CpuKernelOps(TorchOps):
         )
         return out
 
+
+# Up to this many rows, `linear` runs cpu_ops.c's weight-streaming kernel (decode steps).
+SMALL_ROWS = 8
 
 # The row count oneDNN tunes a packed layout for; 64 measured best across 1..2048 rows here.
 _PACK_ROWS_HINT = 64
