@@ -26,6 +26,35 @@
 
 typedef float v8 __attribute__((vector_size(32), aligned(4), may_alias));
 
+typedef int32_t v8i __attribute__((vector_size(32), aligned(4), may_alias));
+
+static inline v8 splat(float f) { return (v8){f, f, f, f, f, f, f, f}; }
+
+/* exp of 8 floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; within 2
+   ulp of libm's expf over [-87, 88], inputs outside are clamped). */
+static inline v8 exp8(v8 x) {
+    const v8 hi = splat(88.3762626647949f), lo = splat(-87.3365447504f);
+    v8i m = x > hi; /* lanes of all ones where true */
+    x = (v8)(((v8i)hi & m) | ((v8i)x & ~m));
+    m = x < lo;
+    x = (v8)(((v8i)lo & m) | ((v8i)x & ~m));
+    v8 fx = x * splat(1.44269504088896341f) + splat(0.5f);
+    v8i n = __builtin_convertvector(fx, v8i); /* truncates toward 0: make it floor */
+    v8 fn = __builtin_convertvector(n, v8);
+    m = fn > fx;
+    fn = fn - (v8)((v8i)splat(1.0f) & m);
+    n = __builtin_convertvector(fn, v8i);
+    x = x - fn * splat(0.693359375f) - fn * splat(-2.12194440e-4f);
+    v8 y = splat(1.9875691500e-4f);
+    y = y * x + splat(1.3981999507e-3f);
+    y = y * x + splat(8.3334519073e-3f);
+    y = y * x + splat(4.1665795894e-2f);
+    y = y * x + splat(1.6666665459e-1f);
+    y = y * x + splat(5.0000001201e-1f);
+    y = y * (x * x) + x + splat(1.0f);
+    return y * (v8)((n + 127) << 23);
+}
+
 static inline float hsum8(v8 a) {
     return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
 }
@@ -127,7 +156,17 @@ void memserve_paged_decode(float *out, const float *q, const float *k_cache,
                 float m = sc[0];
                 for (int64_t i = 1; i < n; i++) m = sc[i] > m ? sc[i] : m;
                 float sum = 0.0f;
-                for (int64_t i = 0; i < n; i++) {
+                int64_t i = 0;
+                if (n >= 8) {
+                    v8 acc = splat(0.0f);
+                    for (; i + 8 <= n; i += 8) {
+                        const v8 e = exp8(*(const v8 *)(sc + i) - splat(m));
+                        *(v8 *)(sc + i) = e;
+                        acc += e;
+                    }
+                    sum = hsum8(acc);
+                }
+                for (; i < n; i++) {
                     sc[i] = expf(sc[i] - m);
                     sum += sc[i];
                 }
@@ -283,6 +322,11 @@ void memserve_silu_and_mul(float *out, const float *gu, int64_t rows, int64_t in
     for (int64_t r = 0; r < rows; r++) {
         const float *g = gu + r * 2 * inter, *u = g + inter;
         float *o = out + r * inter;
-        for (int64_t i = 0; i < inter; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
+        int64_t i = 0;
+        for (; i + 8 <= inter; i += 8) {
+            const v8 gv = *(const v8 *)(g + i);
+            *(v8 *)(o + i) = (gv / (splat(1.0f) + exp8(-gv))) * *(const v8 *)(u + i);
+        }
+        for (; i < inter; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
     }
 }
