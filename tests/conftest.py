@@ -30,25 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("MEMSERVE_CLUSTER__SECRET_KEY", None)
 
 
-# The longest files (each 1-2 minutes of clusters on 2 cores), run first: `make unit` hands
-# whole files to 2 xdist workers in collection order, so a long file collected last ran
-# alone for minutes while the other worker sat idle. Only these few move: the many short
-# files behind them fill both workers to the end.
-LONGEST_FIRST = (
-    "tests/worker/test_pd.py",
-    "tests/test_kunserve_cluster.py",
-    "tests/worker/test_pipeline.py",
-    "tests/test_kunserve_auto.py",
-    "tests/test_migration_cluster.py",
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        path = item.nodeid.split("::", 1)[0]
-        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order inside and among the other files is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device; runs on GPU machines (`make gpu-check`)")
