@@ -101,10 +101,16 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> StepResult:
         ordered, token_ids, meta = self.build_metadata(chunks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        hidden = self.model(self.model.embed(ids), meta, self.cache)
         rows, sampled = sampled_rows(ordered)
+        # Only the sampled rows leave the last layer (all of them in a decode step).
+        keep = (
+            None
+            if len(rows) == len(token_ids)
+            else torch.tensor(rows, dtype=torch.long, device=self.device)
+        )
+        hidden = self.model(self.model.embed(ids), meta, self.cache, rows=keep)
         logits = (
-            self.model.compute_logits(hidden[rows])
+            self.model.compute_logits(hidden)
             if rows
             else hidden.new_empty((0, self.model.cfg.vocab_size))
         )

@@ -75,6 +75,33 @@ def test_logits_match_transformers(reference: tuple[str, Path, torch.nn.Module])
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
+def test_forward_of_some_rows_matches_every_row(
+    reference: tuple[str, Path, torch.nn.Module], kernels: bool
+) -> None:
+    """`rows` (the sampled rows of a step): the same hidden states as the full forward's
+    rows, in the asked order, and the same K/V written for every row."""
+    name, folder, _ = reference
+    from services.worker.scheduler import ScheduledChunk
+
+    engine = _engine(folder, kernels=kernels)
+    req = engine.add_request("r", PROMPT, SamplingParams(max_tokens=1))
+    assert [c.num_tokens for c in engine.scheduler.schedule().chunks] == [len(PROMPT)]
+    _, token_ids, meta = engine.runner.build_metadata([ScheduledChunk(req, len(PROMPT))])
+    ids = torch.tensor(token_ids)
+    with torch.inference_mode():
+        full = engine.model(engine.model.embed(ids), meta, engine.cache)
+        kv_full = engine.cache.tensor.clone()
+        engine.cache.tensor.zero_()
+        rows = torch.tensor([len(PROMPT) - 1, 3, 0])
+        some = engine.model(engine.model.embed(ids), meta, engine.cache, rows=rows)
+        assert torch.equal(engine.cache.tensor, kv_full), f"{name}: K/V differ"
+        none = engine.model(engine.model.embed(ids), meta, engine.cache, rows=rows[:0])
+    assert some.shape == (3, full.shape[1]) and none.shape == (0, full.shape[1])
+    torch.testing.assert_close(some, full[rows], rtol=1e-5, atol=1e-5)
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 def test_greedy_continuation_matches_transformers(
     reference: tuple[str, Path, torch.nn.Module], kernels: bool
 ) -> None:

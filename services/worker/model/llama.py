@@ -88,9 +88,11 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
         cache_layer: int,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`cache_layer`: the KV cache layer this call reads and writes (chosen per call
-        by the model: the module itself holds no cache index)."""
+        by the model: the module itself holds no cache index). `rows`: project only these
+        rows' attention outputs (every row's K/V is still written)."""
         cfg = self.cfg
         t = x.shape[0]
         qkv = self.ops.linear(x, self.qkv_weight, self.qkv_bias)
@@ -100,7 +102,12 @@ class Attention(nn.Module):
         v = v.view(t, cfg.num_kv_heads, cfg.head_dim)
         q, k = self.ops.rotary(q, k, qkv, rope)
         out = paged_attention(q, k, v, cache, cache_layer, meta, self.scale, self.window, self.ops)
-        return self.ops.linear(out.reshape(t, cfg.q_size), self.o_weight, self.o_bias)
+        out = out.reshape(t, cfg.q_size)
+        if rows is not None:
+            out = out.index_select(0, rows)
+            if out.shape[0] == 0:
+                return out.new_empty((0, cfg.hidden_size))
+        return self.ops.linear(out, self.o_weight, self.o_bias)
 
 
 class MLP(nn.Module):
@@ -146,18 +153,27 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
         cache_layer: int,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """transformers' `h += attn(norm(h)); h += mlp(norm(h))`, with the residual stream
         kept apart (vLLM's form): takes the previous layer's MLP output `h` and the stream
         before it was added (None for the first layer: `h` is the stream), returns this
         layer's MLP output and the stream it has not been added to yet. The adds happen in
-        the norms, in place on `residual`, with the same bits as the plain form."""
+        the norms, in place on `residual`, with the same bits as the plain form.
+
+        `rows` (a model's last layer, when only some rows' outputs are wanted): every row's
+        K/V is computed and written, the rest of the layer runs for `rows` only, and both
+        returned tensors hold just those rows, in that order."""
         if residual is None:
             residual = h.clone()  # updated in place from here on; the caller's `h` is not
             x = self.input_layernorm(h)
         else:
             x = self.input_layernorm.add_forward(h, residual)
-        h = self.self_attn(x, rope, meta, cache, cache_layer)
+        h = self.self_attn(x, rope, meta, cache, cache_layer, rows)
+        if rows is not None:
+            residual = residual.index_select(0, rows)
+            if h.shape[0] == 0:
+                return h, residual
         x = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(x), residual
 
@@ -265,11 +281,17 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
         cache: KVCache,
         layers: range | None = None,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Runs the held layers in `layers` (default: every held layer):
         hidden [T, hidden_size] -> [T, hidden_size]. Layer i reads and writes KV cache
         layer `i - layers.start`, so `cache` holds exactly those layers (a full model can
         serve as the stage of a sub-range, on that stage's sub-block view).
+
+        `rows` (int64 indices into T): return only these rows, [len(rows), hidden_size];
+        the last layer then projects and runs its MLP for them alone (a prefill chunk
+        wants logits of its last token only: on an 8-layer model that skips ~10% of the
+        step's matmuls). Every row's K/V is written as without it.
 
         `layers` must be a non-empty step-1 range inside the held layers (ValueError)."""
         held = list(self.layers)  # one read: a concurrent restore swaps in a new list
@@ -291,7 +313,8 @@ class LlamaModel(nn.Module):
         h, residual = hidden, None
         for i in layers:
             layer = cast(DecoderLayer, held[i - first])
-            h, residual = layer(h, residual, rope, meta, cache, i - layers.start)
+            keep = rows if i == layers.stop - 1 else None
+            h, residual = layer(h, residual, rope, meta, cache, i - layers.start, keep)
         assert residual is not None
         return residual.add_(h)
 
