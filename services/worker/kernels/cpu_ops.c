@@ -35,7 +35,15 @@
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 typedef int32_t vfi __attribute__((vector_size(VW * 4), aligned(4), may_alias));
 
-static inline vf splat(float f) { return (vf){0} + f; }
+static inline vf splat(float f) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(f);
+#elif defined(__AVX__)
+    return (vf)_mm256_set1_ps(f);
+#else
+    return (vf){f, f, f, f, f, f, f, f};
+#endif
+}
 static inline vf vzero(void) { return (vf){0}; }
 
 /* exp of VW floats (Cephes' expf: range reduction by ln 2, degree-6 polynomial; within 2
