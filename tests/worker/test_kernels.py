@@ -12,7 +12,13 @@ import torch
 
 from services.worker.attention import AttentionMetadata
 from services.worker.kernels import build as kbuild
-from services.worker.kernels.ops import SMALL_ROWS, CpuKernelOps, TorchOps, select_ops
+from services.worker.kernels.ops import (
+    PACKED_ROWS,
+    SMALL_ROWS,
+    CpuKernelOps,
+    TorchOps,
+    select_ops,
+)
 
 TORCH = TorchOps()
 
@@ -166,7 +172,7 @@ def test_packed_linear_follows_its_weight(kern: CpuKernelOps) -> None:
     g = torch.Generator().manual_seed(7)
     w = torch.nn.Parameter(torch.randn(96, 40, generator=g), requires_grad=False)
     b = torch.randn(96, generator=g)
-    x = torch.randn(SMALL_ROWS + 3, 40, generator=g)  # enough rows for oneDNN's path
+    x = torch.randn(SMALL_ROWS + 3, 40, generator=g)  # rows for the packed kernel
     before = kern.packed_bytes
     _close(kern.linear(x, w, b), TORCH.linear(x, w, b))
     assert kern.packed_bytes == before + w.numel() * 4
@@ -180,6 +186,27 @@ def test_packed_linear_follows_its_weight(kern: CpuKernelOps) -> None:
     assert kern.packed_bytes == before
     kern.linear(x, w)
     del w
+    assert kern.packed_bytes == before
+
+
+@pytest.mark.parametrize("rows", [SMALL_ROWS + 1, 13, 32, 64, PACKED_ROWS])
+@pytest.mark.parametrize("n,k", [(1024, 512), (259, 512), (30, 24), (7, 40)])
+def test_linear_of_decode_batches_runs_on_a_packed_copy(
+    kern: CpuKernelOps, rows: int, n: int, k: int
+) -> None:
+    """9..PACKED_ROWS rows: cpu_ops.c's outer-product kernel on the packed copy (panels
+    padded past n, tiles of uneven row counts), with and without a bias; more rows go to
+    torch's GEMM on the plain weight."""
+    g = torch.Generator().manual_seed(rows * n + k)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(rows, k, generator=g)
+    before = kern.packed_bytes
+    _close_sums(kern.linear(x, w, b), TORCH.linear(x, w, b))
+    _close_sums(kern.linear(x.view(1, rows, k), w), TORCH.linear(x.view(1, rows, k), w))
+    assert kern.packed_bytes > before
+    kern.forget([w])
+    big = torch.randn(PACKED_ROWS + 1, k, generator=g)
+    _close_sums(kern.linear(big, w, b), TORCH.linear(big, w, b))
     assert kern.packed_bytes == before
 
 

@@ -3,8 +3,9 @@
 `TorchOps` is the reference: plain torch, any device and dtype, what the model always
 computed. `CpuKernelOps` does the same work in cpu_ops.c for float32 on the CPU: one call
 where torch takes several ops and passes over memory (RMSNorm with its residual add,
-SiLU-and-mul, rotary in place, the K/V cache write), and decode attention that reads the
-paged KV blocks where they lie instead of gathering and masking a padded copy.
+SiLU-and-mul, rotary in place, the K/V cache write), decode attention that reads the
+paged KV blocks where they lie instead of gathering and masking a padded copy, and the
+matmuls of decode batches (prefill-sized ones stay with torch's GEMM).
 
 Both give the same tokens; the elementwise kernels give torch's bits, the reductions may
 differ in the last bits (another summation order). `select_ops` picks the kernels when
@@ -122,6 +123,8 @@ _SIGNATURES: dict[str, list[Any]] = {
     "memserve_add_rms_norm": [_P] * 4 + [_I] * 2 + [_F],
     "memserve_silu_and_mul": [_P] * 2 + [_I] * 2,
     "memserve_linear_small": [_P] * 4 + [_I] * 3,
+    "memserve_pack_weight": [_P] * 2 + [_I] * 2,
+    "memserve_linear_packed": [_P] * 4 + [_I] * 3,
 }
 
 
@@ -130,27 +133,31 @@ class CpuKernelOps(TorchOps):
 
     name = "cpu-kernels"
 
-    def __init__(self, lib: ctypes.CDLL, packed_linear: bool = True):
+    def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
         for name, args in _SIGNATURES.items():
             fn = getattr(lib, name)
             fn.restype = None
             fn.argtypes = args
-        self._pack = packed_linear and _packed_linear_available()
+        lib.memserve_pack_columns.restype = ctypes.c_int64
+        lib.memserve_pack_columns.argtypes = []
+        self._pack_columns = int(lib.memserve_pack_columns())
         # id(weight) -> (weakref to it, its data_ptr and _version when packed, packed copy)
         self._packed: dict[int, tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]] = {}
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """oneDNN's matmul on a copy of `weight` packed for it (2-3x MKL's plain sgemm at
-        2-48 rows, on par at 1 and above 256). The plain weight stays the truth: a copy is
-        made on first use and again whenever the weight was rebound or written in place
-        (data_ptr or version changed: a load, a restore, an arena move)."""
+        """By row count: up to SMALL_ROWS cpu_ops.c's weight-streaming kernel on the plain
+        weight; up to PACKED_ROWS its outer-product kernel on a packed copy of the weight;
+        above, torch's GEMM (MKL; on par with oneDNN's packed matmul at 2048 rows). The
+        plain weight stays the truth: a packed copy is made on first use and again whenever
+        the weight was rebound or written in place (data_ptr or version changed: a load, a
+        restore, an arena move)."""
         rows = x.numel() // x.shape[-1] if x.numel() else 0
         if 0 < rows <= SMALL_ROWS:
             return self._linear_small(x, weight, bias)
-        if not self._pack:
+        if rows == 0 or rows > PACKED_ROWS:
             return F.linear(x, weight, bias)
         entry = self._packed.get(id(weight))
         if (
@@ -160,7 +167,20 @@ class CpuKernelOps(TorchOps):
             or entry[2] != weight._version
         ):
             entry = self._pack_weight(weight)
-        return torch.ops.mkldnn._linear_pointwise(x, entry[3], bias, "none", [], "")
+        x = x.contiguous()
+        n, k = weight.shape
+        out = x.new_empty((*x.shape[:-1], n))
+        assert bias is None or bias.is_contiguous()
+        self._lib.memserve_linear_packed(
+            out.data_ptr(),
+            x.data_ptr(),
+            entry[3].data_ptr(),
+            0 if bias is None else bias.data_ptr(),
+            rows,
+            n,
+            k,
+        )
+        return out
 
     def _linear_small(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -185,7 +205,11 @@ class CpuKernelOps(TorchOps):
         self, weight: torch.Tensor
     ) -> tuple[weakref.ref[torch.Tensor], int, int, torch.Tensor]:
         key = id(weight)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), _PACK_ROWS_HINT)
+        n, k = weight.shape
+        cols = self._pack_columns
+        w = weight.detach().contiguous()
+        packed = w.new_empty(-(-n // cols) * cols * k)
+        self._lib.memserve_pack_weight(packed.data_ptr(), w.data_ptr(), n, k)
 
         def gone(_: object, key: int = key) -> None:
             self._packed.pop(key, None)
@@ -330,12 +354,10 @@ class CpuKernelOps(TorchOps):
 # Up to this many rows, `linear` runs cpu_ops.c's weight-streaming kernel (decode steps).
 SMALL_ROWS = 8
 
-# The row count oneDNN tunes a packed layout for; 64 measured best across 1..2048 rows here.
-_PACK_ROWS_HINT = 64
-
-
-def _packed_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Up to this many rows, cpu_ops.c's packed-weight kernel (decode batches). Measured here,
+# weights cold, against oneDNN's packed matmul: 1.1-1.3x at 12-32 rows, 0.9-1.0x at 64-128;
+# against torch's GEMM (MKL): ahead up to 128 rows, behind from 256 on (prefill chunks).
+PACKED_ROWS = 128
 
 
 def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
