@@ -4,11 +4,12 @@ A step's tokens are laid out flat, decodes first, then one span per prefill chun
 
     tokens: [ d0 d1 ... d(D-1) | p0: q_len tokens | p1: q_len tokens | ... ]
 
-Decodes (one query token each) run through the step's ops (kernels/ops.py): this machine's
-kernel reads each sequence's KV blocks in place; the torch code runs one batched SDPA over
-keys gathered from the block tables and padded to the longest context. Each prefill chunk runs on its own with a causal
-mask offset by the tokens already in the cache (chunked prefill, cached prefixes). A chunk
-with nothing cached attends only to its own fresh K/V, so it skips the gather.
+Attention runs through the step's ops (kernels/ops.py). Decodes (one query token each):
+this machine's kernel reads each sequence's KV blocks in place; the torch code runs one
+batched SDPA over keys gathered from the block tables and padded to the longest context.
+Each prefill chunk runs on its own, causal with the offset of the tokens already in the
+cache (chunked prefill, cached prefixes): the kernel on GEMM tiles, the torch code SDPA. A
+chunk with nothing cached attends only to its own fresh K/V, so it skips the gather.
 
 On CUDA, xformers' memory_efficient_attention serves fresh prefill chunks when it imports;
 everything else uses torch's scaled_dot_product_attention, which also has CUDA kernels.
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from services.worker.kernels.ops import TorchOps, gather_blocks
 from services.worker.kv_cache import KVCache
@@ -92,7 +92,7 @@ def paged_attention(
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
         out[s:e] = _prefill_span(
-            q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, block_size, scale, window
+            q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, block_size, scale, window, ops
         )
     return out
 
@@ -107,6 +107,7 @@ def _prefill_span(
     block_size: int,
     scale: float,
     window: int | None,
+    ops: TorchOps,
 ) -> torch.Tensor:
     fresh = span.ctx_len == span.q_len
     if fresh:
@@ -114,34 +115,9 @@ def _prefill_span(
     else:
         keys = gather_blocks(k_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
         values = gather_blocks(v_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
-    if fresh and window is None:
-        if _xformers_fmha is not None and q.is_cuda:
-            return _xformers_causal(q, keys, values, scale)
-        return _sdpa(q, keys, values, None, scale)
-    offset = span.ctx_len - span.q_len
-    qpos = torch.arange(span.q_len, device=q.device).unsqueeze(1) + offset
-    kpos = torch.arange(span.ctx_len, device=q.device).unsqueeze(0)
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    return _sdpa(q, keys, values, mask, scale)
-
-
-def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
-) -> torch.Tensor:
-    """One sequence: q [T, Hq, D], k/v [S, Hkv, D] -> [T, Hq, D]. Causal when `mask` is None.
-    The leading batch dimension matters: torch's fused CPU kernel takes 4-D inputs only."""
-    out = F.scaled_dot_product_attention(
-        q.transpose(0, 1).unsqueeze(0),
-        k.transpose(0, 1).unsqueeze(0),
-        v.transpose(0, 1).unsqueeze(0),
-        attn_mask=mask,
-        is_causal=mask is None,
-        scale=scale,
-        enable_gqa=True,
-    )
-    return out[0].transpose(0, 1)
+    if fresh and window is None and _xformers_fmha is not None and q.is_cuda:
+        return _xformers_causal(q, keys, values, scale)
+    return ops.prefill_attention(q, keys, values, scale, window)
 
 
 def _xformers_causal(

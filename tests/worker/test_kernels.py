@@ -80,6 +80,41 @@ def test_rotary_in_place_is_torch_bit_for_bit(
     assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(v, rv)
 
 
+@pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 4, 24), (9, 3, 64), (2, 1, 40)])
+@pytest.mark.parametrize(
+    "t,s,window",
+    [(1, 1, None), (29, 29, None), (77, 77, None), (13, 50, None), (40, 40, 7), (25, 90, 16)],
+)
+def test_prefill_attention_is_torchs(
+    kern: CpuKernelOps,
+    heads: int,
+    kv_heads: int,
+    d: int,
+    t: int,
+    s: int,
+    window: int | None,
+) -> None:
+    """A chunk's causal attention on GEMM tiles equals SDPA's: fresh chunks (q, k, v views
+    of one qkv buffer, as the model hands them), chunks after cached keys (s > t), sliding
+    windows, GQA groups 1-3, head sizes that are not a multiple of the vector width."""
+    g = torch.Generator().manual_seed(t * 131 + s + d)
+    q_cols, kv_cols = heads * d, kv_heads * d
+    qkv = torch.randn(t, q_cols + 2 * kv_cols, generator=g)
+    q = qkv[:, :q_cols].view(t, heads, d)
+    if s == t:
+        k = qkv[:, q_cols : q_cols + kv_cols].view(t, kv_heads, d)
+        v = qkv[:, q_cols + kv_cols :].view(t, kv_heads, d)
+    else:
+        k = torch.randn(s, kv_heads, d, generator=g)
+        v = torch.randn(s, kv_heads, d, generator=g)
+    scale = d**-0.5
+    _close(
+        kern.prefill_attention(q, k, v, scale, window),
+        TORCH.prefill_attention(q, k, v, scale, window),
+        atol=2e-5,
+    )
+
+
 def _paged_case(
     heads: int, kv_heads: int, d: int, lens: list[int], block_size: int = 16
 ) -> tuple[torch.Tensor, AttentionMetadata, torch.Tensor]:

@@ -537,6 +537,28 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
         }
 }
 
+/* gemm_tile for a run-time row count 1..MR (one instance per count). */
+static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t K, const float *panel,
+                      int r, int64_t cols, const float *ahead) {
+    switch (r) {
+    case 1: gemm_tile(y, ldy, xp, K, panel, 1, cols, ahead); break;
+    case 2: gemm_tile(y, ldy, xp, K, panel, 2, cols, ahead); break;
+    case 3: gemm_tile(y, ldy, xp, K, panel, 3, cols, ahead); break;
+    case 4: gemm_tile(y, ldy, xp, K, panel, 4, cols, ahead); break;
+    case 5: gemm_tile(y, ldy, xp, K, panel, 5, cols, ahead); break;
+    case 6: gemm_tile(y, ldy, xp, K, panel, 6, cols, ahead); break;
+#if MR > 6
+    case 7: gemm_tile(y, ldy, xp, K, panel, 7, cols, ahead); break;
+    case 8: gemm_tile(y, ldy, xp, K, panel, 8, cols, ahead); break;
+    case 9: gemm_tile(y, ldy, xp, K, panel, 9, cols, ahead); break;
+    case 10: gemm_tile(y, ldy, xp, K, panel, 10, cols, ahead); break;
+    case 11: gemm_tile(y, ldy, xp, K, panel, 11, cols, ahead); break;
+    case 12: gemm_tile(y, ldy, xp, K, panel, 12, cols, ahead); break;
+#endif
+    default: break;
+    }
+}
+
 void memserve_linear_packed(float *y, const float *x, const float *packed, const float *bias,
                             int64_t M, int64_t N, int64_t K) {
     const int64_t panels = (N + NR - 1) / NR;
@@ -560,29 +582,129 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
             /* The next panel (this thread's next, schedule static) is asked for during the
                first tile: the memory wait overlaps the multiplies. */
             const float *pf = t == 0 && p + 1 < panels ? panel + K * NR : NULL;
-            switch (r) {
-            case 1: gemm_tile(yt, N, xt, K, panel, 1, cols, pf); break;
-            case 2: gemm_tile(yt, N, xt, K, panel, 2, cols, pf); break;
-            case 3: gemm_tile(yt, N, xt, K, panel, 3, cols, pf); break;
-            case 4: gemm_tile(yt, N, xt, K, panel, 4, cols, pf); break;
-            case 5: gemm_tile(yt, N, xt, K, panel, 5, cols, pf); break;
-            case 6: gemm_tile(yt, N, xt, K, panel, 6, cols, pf); break;
-#if MR > 6
-            case 7: gemm_tile(yt, N, xt, K, panel, 7, cols, pf); break;
-            case 8: gemm_tile(yt, N, xt, K, panel, 8, cols, pf); break;
-            case 9: gemm_tile(yt, N, xt, K, panel, 9, cols, pf); break;
-            case 10: gemm_tile(yt, N, xt, K, panel, 10, cols, pf); break;
-            case 11: gemm_tile(yt, N, xt, K, panel, 11, cols, pf); break;
-            case 12: gemm_tile(yt, N, xt, K, panel, 12, cols, pf); break;
-#endif
-            default: break;
-            }
+            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
                     for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
         }
     }
     free(xp);
+}
+
+/* exp(row[j] * scale - max) for the keys j in [first, last], 0 for the others of [k0, k1),
+   written to dst[(j - k0) * MR] (a column of an interleaved tile); *inv = 1 / their sum. */
+static void softmax_span(float *dst, const float *row, int64_t k0, int64_t k1, int64_t first,
+                         int64_t last, float scale, float *inv) {
+    float m = -INFINITY;
+    int64_t j = first;
+    if (last + 1 - first >= VW) { /* lane-wise maxima, then across lanes */
+        vf mv = loadv(row + j);
+        for (j += VW; j + VW <= last + 1; j += VW) {
+            const vf x = loadv(row + j);
+            mv = (vf)(((vfi)x & (x > mv)) | ((vfi)mv & ~(x > mv)));
+        }
+        for (int l = 0; l < VW; l++) m = fmaxf(m, mv[l]);
+    }
+    for (; j <= last; j++) m = fmaxf(m, row[j]);
+    m *= scale; /* scale > 0: the max of the scaled scores */
+    vf acc = vzero();
+    float sum = 0.0f;
+    for (j = k0; j < k1; j += VW) {
+        const int64_t n = k1 - j < VW ? k1 - j : VW;
+        float e[VW];
+        if (n == VW)
+            storev(e, expv(loadv(row + j) * splat(scale) - splat(m)));
+        else
+            for (int64_t l = 0; l < n; l++) e[l] = expf(row[j + l] * scale - m);
+        if (j < first || j + n - 1 > last) /* an edge chunk: zero the keys not seen */
+            for (int64_t l = 0; l < n; l++)
+                if (j + l < first || j + l > last) e[l] = 0.0f;
+        for (int64_t l = 0; l < n; l++) dst[(j + l - k0) * MR] = e[l];
+        if (n == VW)
+            acc += loadv(e);
+        else
+            for (int64_t l = 0; l < n; l++) sum += e[l];
+    }
+    *inv = 1.0f / (sum + hsum(acc));
+}
+
+/* Causal attention of one prefill chunk on the packed-panel GEMM tiles.
+
+   q, out: [T, Hq, D] rows `q_row` / `out_row` floats apart; k, v: [S, Hkv, D] rows `kv_row`
+   apart, S >= T keys of which the chunk's queries are the last T: query i sits at position
+   S - T + i and sees keys j <= S - T + i (and j > S - T + i - window when window > 0).
+
+   A task is one query head: its kv head's K is packed as panels of NR keys (scores = a
+   tile of MR queries times the key panels up to the tile's last visible key, so the
+   causal half above the diagonal is never computed), its V as panels of NR dims; per tile,
+   a softmax over each row's visible keys, the probabilities interleaved, one more tile
+   product gives the outputs. Memory per task: K, V packed and one tile of scores. */
+void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int64_t q_row,
+                                const float *k, const float *v, int64_t kv_row, int64_t T,
+                                int64_t S, int64_t num_heads, int64_t num_kv_heads,
+                                int64_t head_dim, int64_t window, float scale) {
+    const int64_t group = num_heads / num_kv_heads, D = head_dim, off = S - T;
+    const int64_t s_pad = (S + NR - 1) / NR * NR, d_panels = (D + NR - 1) / NR;
+#pragma omp parallel
+    {
+        float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
+        float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
+        float *sc = (float *)malloc(sizeof(float) * (size_t)(MR * s_pad));
+        float *qp = (float *)malloc(sizeof(float) * (size_t)(D * MR));
+        float *pp = (float *)malloc(sizeof(float) * (size_t)(s_pad * MR));
+        float *ot = (float *)malloc(sizeof(float) * (size_t)(MR * d_panels * NR));
+        int64_t packed_kv = -1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t h = 0; h < num_heads; h++) {
+            const int64_t g = h / group;
+            if (g != packed_kv) { /* K^T and V of kv head g as panels */
+                for (int64_t j = 0; j < s_pad; j++)
+                    for (int64_t d = 0; d < D; d++)
+                        kp[((j / NR) * D + d) * NR + j % NR] =
+                            j < S ? k[j * kv_row + g * D + d] : 0.0f;
+                for (int64_t pnl = 0; pnl < d_panels; pnl++)
+                    for (int64_t j = 0; j < S; j++)
+                        for (int64_t c = 0; c < NR; c++) {
+                            const int64_t d = pnl * NR + c;
+                            vp[(pnl * S + j) * NR + c] = d < D ? v[j * kv_row + g * D + d] : 0.0f;
+                        }
+                packed_kv = g;
+            }
+            for (int64_t i0 = 0; i0 < T; i0 += MR) {
+                const int64_t r = T - i0 < MR ? T - i0 : MR;
+                const int64_t hi = off + i0 + r; /* keys [0, hi) cover the tile */
+                int64_t lo = 0;
+                if (window > 0 && off + i0 - window + 1 > 0) lo = off + i0 - window + 1;
+                const int64_t p0 = lo / NR, p1 = (hi + NR - 1) / NR, k0 = p0 * NR;
+                for (int64_t d = 0; d < D; d++)
+                    for (int64_t i = 0; i < r; i++) qp[d * MR + i] = q[(i0 + i) * q_row + h * D + d];
+                for (int64_t pnl = p0; pnl < p1; pnl++)
+                    gemm_rows(sc + pnl * NR, s_pad, qp, D, kp + pnl * D * NR, (int)r, NR, NULL);
+                const int64_t k1 = p1 * NR < S ? p1 * NR : S, width = k1 - k0;
+                float inv[MR];
+                for (int64_t i = 0; i < r; i++) {
+                    float *row = sc + i * s_pad;
+                    const int64_t last = off + i0 + i; /* this query's last visible key */
+                    int64_t first = 0;
+                    if (window > 0 && last - window + 1 > 0) first = last - window + 1;
+                    softmax_span(pp + i, row, k0, k1, first, last, scale, &inv[i]);
+                }
+                for (int64_t pnl = 0; pnl < d_panels; pnl++)
+                    gemm_rows(ot + pnl * NR, d_panels * NR, pp, width,
+                              vp + (pnl * S + k0) * NR, (int)r, NR, NULL);
+                for (int64_t i = 0; i < r; i++) {
+                    float *o = out + (i0 + i) * out_row + h * D;
+                    for (int64_t d = 0; d < D; d++) o[d] = ot[i * d_panels * NR + d] * inv[i];
+                }
+            }
+        }
+        free(kp);
+        free(vp);
+        free(sc);
+        free(qp);
+        free(pp);
+        free(ot);
+    }
 }
 
 /* K/V of T new tokens into their slots: k, v rows of Hkv*D floats, `row` apart. */

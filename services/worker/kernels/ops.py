@@ -112,6 +112,31 @@ class TorchOps:
         )
         return out.squeeze(2)
 
+    def prefill_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
+        """One prefill chunk: q [T, Hq, Dh], k/v [S, Hkv, Dh] with S >= T, the queries
+        being the last T positions; causal (and within `window` keys) -> [T, Hq, Dh]."""
+        t, s = q.shape[0], k.shape[0]
+        mask = None
+        if s != t or window is not None:
+            qpos = torch.arange(t, device=q.device).unsqueeze(1) + (s - t)
+            kpos = torch.arange(s, device=q.device).unsqueeze(0)
+            mask = kpos <= qpos
+            if window is not None:
+                mask &= kpos > qpos - window
+        # The leading batch dimension matters: torch's fused CPU kernel takes 4-D inputs only.
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).unsqueeze(0),
+            k.transpose(0, 1).unsqueeze(0),
+            v.transpose(0, 1).unsqueeze(0),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out[0].transpose(0, 1)
+
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # cpu_ops.c's functions: pointers, then sizes and strides, then float scalars.
@@ -125,6 +150,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "memserve_linear_small": [_P] * 4 + [_I] * 3,
     "memserve_pack_weight": [_P] * 2 + [_I] * 2,
     "memserve_linear_packed": [_P] * 4 + [_I] * 3,
+    "memserve_prefill_attention": [_P, _I, _P, _I, _P, _P] + [_I] * 7 + [_F],
 }
 
 
@@ -345,6 +371,36 @@ class CpuKernelOps(TorchOps):
             q.shape[2],
             k_cache.shape[1],
             k_cache.stride(0),
+            0 if window is None else window,
+            scale,
+        )
+        return out
+
+    def prefill_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
+        """cpu_ops.c's causal attention on GEMM tiles (the part above the diagonal is never
+        computed); inputs may be rows of a wider buffer (q, k, v views of the qkv matmul's
+        output), each head's Dh floats contiguous."""
+        t, hq, d = q.shape
+        s, hkv = k.shape[0], k.shape[1]
+        views = (q, k, v)
+        if any(x.stride(2) != 1 or x.stride(1) != d for x in views) or k.stride(0) != v.stride(0):
+            return super().prefill_attention(q, k, v, scale, window)
+        out = q.new_empty((t, hq, d))
+        self._lib.memserve_prefill_attention(
+            out.data_ptr(),
+            hq * d,
+            q.data_ptr(),
+            q.stride(0),
+            k.data_ptr(),
+            v.data_ptr(),
+            k.stride(0),
+            t,
+            s,
+            hq,
+            hkv,
+            d,
             0 if window is None else window,
             scale,
         )
