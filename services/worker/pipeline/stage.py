@@ -89,9 +89,12 @@ class StageServer:
         if batch.copies:
             copy_sub_blocks(self.cache, local_copies(batch.copies, self.table))
         meta = local_metadata(batch, self.table, self.cache.layout.block_size, device)
-        hidden = self.model(batch.hidden.to(device), meta, self.cache, layers=self.layers)
+        # The last stage returns the sampled rows only: its last layer runs just those.
+        keep = batch.return_rows.to(device) if self.last else None
+        hidden = self.model(
+            batch.hidden.to(device), meta, self.cache, layers=self.layers, rows=keep
+        )
         self.batches += 1
         if self.last:
-            rows = hidden[batch.return_rows.to(device)].cpu()
-            return StageResult(batch.epoch, batch.step, batch.mb, rows)
+            return StageResult(batch.epoch, batch.step, batch.mb, hidden.cpu())
         return msgspec.structs.replace(batch, hidden=hidden.cpu())
