@@ -31,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bench import fuzz as bench_fuzz
     from bench import handoff as bench_handoff
     from bench import http as bench_http
+    from bench import kernels as bench_kernels
     from bench import mempool as bench_mempool
     from bench import security as bench_security
     from bench import serve as bench_serve
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_security.add_parser(bench_sub)
     bench_elastic.add_parser(bench_sub)
     bench_http.add_parser(bench_sub)
+    bench_kernels.add_parser(bench_sub)
     return parser
 
 
