@@ -132,23 +132,30 @@ struct attn_task {
     int64_t start, len, n, heads, group, head_dim, block_size, block_stride, row, kv0;
 };
 
+/* The largest of n >= 1 floats: lane-wise maxima first (a scalar max is one long
+   dependency chain), then across the lanes. */
+static inline float max_of(const float *x, int64_t n) {
+    float m = x[0];
+    int64_t i = 0;
+    if (n >= VW) {
+        vf mv = loadv(x);
+        for (i = VW; i + VW <= n; i += VW) {
+            const vf v = loadv(x + i);
+            mv = (vf)(((vfi)v & (v > mv)) | ((vfi)mv & ~(v > mv)));
+        }
+        for (int l = 0; l < VW; l++) m = mv[l] > m ? mv[l] : m;
+    }
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
 /* Each query head's scores -> softmax probabilities, in place (rows of n). */
 static void softmax_rows(float *scores, int64_t heads, int64_t n) {
     for (int64_t h = 0; h < heads; h++) {
         float *sc = scores + h * n;
-        float m = sc[0];
-        int64_t i = 0;
-        if (n >= VW) { /* lane-wise maxima first: a scalar max is one long dependency chain */
-            vf mv = loadv(sc);
-            for (i = VW; i + VW <= n; i += VW) {
-                const vf x = loadv(sc + i);
-                mv = (vf)(((vfi)x & (x > mv)) | ((vfi)mv & ~(x > mv)));
-            }
-            for (int l = 0; l < VW; l++) m = mv[l] > m ? mv[l] : m;
-        }
-        for (; i < n; i++) m = sc[i] > m ? sc[i] : m;
+        const float m = max_of(sc, n);
         float sum = 0.0f;
-        i = 0;
+        int64_t i = 0;
         if (n >= VW) {
             vf acc = vzero();
             for (; i + VW <= n; i += VW) {
@@ -595,18 +602,8 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
    written to dst[(j - k0) * MR] (a column of an interleaved tile); *inv = 1 / their sum. */
 static void softmax_span(float *dst, const float *row, int64_t k0, int64_t k1, int64_t first,
                          int64_t last, float scale, float *inv) {
-    float m = -INFINITY;
-    int64_t j = first;
-    if (last + 1 - first >= VW) { /* lane-wise maxima, then across lanes */
-        vf mv = loadv(row + j);
-        for (j += VW; j + VW <= last + 1; j += VW) {
-            const vf x = loadv(row + j);
-            mv = (vf)(((vfi)x & (x > mv)) | ((vfi)mv & ~(x > mv)));
-        }
-        for (int l = 0; l < VW; l++) m = fmaxf(m, mv[l]);
-    }
-    for (; j <= last; j++) m = fmaxf(m, row[j]);
-    m *= scale; /* scale > 0: the max of the scaled scores */
+    const float m = max_of(row + first, last + 1 - first) * scale; /* scale > 0 */
+    int64_t j;
     vf acc = vzero();
     float sum = 0.0f;
     for (j = k0; j < k1; j += VW) {
@@ -654,7 +651,9 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
         float *pp = (float *)malloc(sizeof(float) * (size_t)(s_pad * MR));
         float *ot = (float *)malloc(sizeof(float) * (size_t)(MR * d_panels * NR));
         int64_t packed_kv = -1;
-#pragma omp for schedule(dynamic, 1)
+        /* Static: a thread's heads are consecutive, so it packs each kv head's K and V
+           once, not once per query head of the group. */
+#pragma omp for schedule(static)
         for (int64_t h = 0; h < num_heads; h++) {
             const int64_t g = h / group;
             if (g != packed_kv) { /* K^T and V of kv head g as panels */

@@ -193,33 +193,33 @@ class CpuKernelOps(TorchOps):
             or entry[2] != weight._version
         ):
             entry = self._pack_weight(weight)
-        x = x.contiguous()
-        n, k = weight.shape
-        out = x.new_empty((*x.shape[:-1], n))
-        assert bias is None or bias.is_contiguous()
-        self._lib.memserve_linear_packed(
-            out.data_ptr(),
-            x.data_ptr(),
-            entry[3].data_ptr(),
-            0 if bias is None else bias.data_ptr(),
-            rows,
-            n,
-            k,
-        )
-        return out
+        return self._call_linear(self._lib.memserve_linear_packed, x, weight, entry[3], bias)
 
     def _linear_small(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         """cpu_ops.c's linear for a few rows: reads the plain weight once, no packed copy."""
+        assert weight.is_contiguous()
+        return self._call_linear(self._lib.memserve_linear_small, x, weight, weight, bias)
+
+    @staticmethod
+    def _call_linear(
+        fn: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        data: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """y = x weight^T (+ bias) by a cpu_ops.c linear reading `data` (the weight itself
+        or its packed copy); x may have leading dimensions."""
         x = x.contiguous()
         n, k = weight.shape
         out = x.new_empty((*x.shape[:-1], n))
-        assert weight.is_contiguous() and (bias is None or bias.is_contiguous())
-        self._lib.memserve_linear_small(
+        assert bias is None or bias.is_contiguous()
+        fn(
             out.data_ptr(),
             x.data_ptr(),
-            weight.data_ptr(),
+            data.data_ptr(),
             0 if bias is None else bias.data_ptr(),
             x.numel() // k,
             n,

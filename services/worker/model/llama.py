@@ -105,8 +105,6 @@ class Attention(nn.Module):
         out = out.reshape(t, cfg.q_size)
         if rows is not None:
             out = out.index_select(0, rows)
-            if out.shape[0] == 0:
-                return out.new_empty((0, cfg.hidden_size))
         return self.ops.linear(out, self.o_weight, self.o_bias)
 
 
@@ -172,8 +170,6 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(x, rope, meta, cache, cache_layer, rows)
         if rows is not None:
             residual = residual.index_select(0, rows)
-            if h.shape[0] == 0:
-                return h, residual
         x = self.post_attention_layernorm.add_forward(h, residual)
         return self.mlp(x), residual
 
