@@ -479,9 +479,11 @@ void memserve_linear_small(float *y, const float *x, const float *w, const float
    memserve_linear_small spends its time in loads and horizontal sums past ~12 rows).
    x is interleaved per tile first, so a tile's broadcasts read one stream. A thread takes
    whole panels (K*NR floats, L2-sized), each fetched from memory once and reused by every
-   tile; the next panel is asked for during the first tile. Without that the weights'
-   memory wait and the multiplies took turns: oneDNN's packed matmul ran at ~105 GFLOP/s at
-   32 rows here, ~half its speed at 2048 rows. */
+   tile; the next panel is asked into L2 a slice per tile, at an even pace under all of the
+   panel's multiplies. Without that the weights' memory wait and the multiplies took turns
+   (oneDNN's packed matmul ran at ~105 GFLOP/s at 32 rows here, ~half its speed at 2048
+   rows); asking for the whole next panel during the first tile made that tile wait on
+   more than one core's share of memory bandwidth (10-15% slower at 16-64 rows). */
 #define NR (2 * VW)
 #ifdef __AVX512F__
 #define MR 12
@@ -507,19 +509,19 @@ void memserve_pack_weight(float *packed, const float *w, int64_t N, int64_t K) {
 }
 
 /* y[0 : mr, 0 : cols] of one panel (mr constant where inlined), rows of y `ldy` apart;
-   xp: the tile's rows of x interleaved, xp[k*MR + i] = x[i, k]. */
+   xp: the tile's rows of x interleaved, xp[k*MR + i] = x[i, k]. Meanwhile the `lines`
+   cache lines from `ahead` on are asked into L2, spread over the K steps. */
 static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ldy,
                                                            const float *xp, int64_t K,
                                                            const float *panel, int mr,
-                                                           int64_t cols, const float *ahead) {
+                                                           int64_t cols, const char *ahead,
+                                                           int64_t lines) {
     vf acc[MR][2];
 #pragma GCC unroll 12
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vzero();
+    int64_t due = 0; /* `lines` prefetches spread evenly over the K steps */
     for (int64_t k = 0; k < K; k++) {
-        if (ahead != NULL) {
-            __builtin_prefetch(ahead + k * NR, 0, 3);
-            if (NR * 4 > 64) __builtin_prefetch(ahead + k * NR + 16, 0, 3);
-        }
+        for (due += lines; due >= K; due -= K, ahead += 64) __builtin_prefetch(ahead, 0, 2);
         const vf b0 = loadv(panel + k * NR), b1 = loadv(panel + k * NR + VW);
 #pragma GCC unroll 12
         for (int i = 0; i < MR; i++)
@@ -546,21 +548,21 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
 
 /* gemm_tile for a run-time row count 1..MR (one instance per count). */
 static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t K, const float *panel,
-                      int r, int64_t cols, const float *ahead) {
+                      int r, int64_t cols, const char *ahead, int64_t lines) {
     switch (r) {
-    case 1: gemm_tile(y, ldy, xp, K, panel, 1, cols, ahead); break;
-    case 2: gemm_tile(y, ldy, xp, K, panel, 2, cols, ahead); break;
-    case 3: gemm_tile(y, ldy, xp, K, panel, 3, cols, ahead); break;
-    case 4: gemm_tile(y, ldy, xp, K, panel, 4, cols, ahead); break;
-    case 5: gemm_tile(y, ldy, xp, K, panel, 5, cols, ahead); break;
-    case 6: gemm_tile(y, ldy, xp, K, panel, 6, cols, ahead); break;
+    case 1: gemm_tile(y, ldy, xp, K, panel, 1, cols, ahead, lines); break;
+    case 2: gemm_tile(y, ldy, xp, K, panel, 2, cols, ahead, lines); break;
+    case 3: gemm_tile(y, ldy, xp, K, panel, 3, cols, ahead, lines); break;
+    case 4: gemm_tile(y, ldy, xp, K, panel, 4, cols, ahead, lines); break;
+    case 5: gemm_tile(y, ldy, xp, K, panel, 5, cols, ahead, lines); break;
+    case 6: gemm_tile(y, ldy, xp, K, panel, 6, cols, ahead, lines); break;
 #if MR > 6
-    case 7: gemm_tile(y, ldy, xp, K, panel, 7, cols, ahead); break;
-    case 8: gemm_tile(y, ldy, xp, K, panel, 8, cols, ahead); break;
-    case 9: gemm_tile(y, ldy, xp, K, panel, 9, cols, ahead); break;
-    case 10: gemm_tile(y, ldy, xp, K, panel, 10, cols, ahead); break;
-    case 11: gemm_tile(y, ldy, xp, K, panel, 11, cols, ahead); break;
-    case 12: gemm_tile(y, ldy, xp, K, panel, 12, cols, ahead); break;
+    case 7: gemm_tile(y, ldy, xp, K, panel, 7, cols, ahead, lines); break;
+    case 8: gemm_tile(y, ldy, xp, K, panel, 8, cols, ahead, lines); break;
+    case 9: gemm_tile(y, ldy, xp, K, panel, 9, cols, ahead, lines); break;
+    case 10: gemm_tile(y, ldy, xp, K, panel, 10, cols, ahead, lines); break;
+    case 11: gemm_tile(y, ldy, xp, K, panel, 11, cols, ahead, lines); break;
+    case 12: gemm_tile(y, ldy, xp, K, panel, 12, cols, ahead, lines); break;
 #endif
     default: break;
     }
@@ -586,10 +588,12 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
             const int64_t r = rows[t + 1] - rows[t];
             float *yt = y + rows[t] * N + n0;
             const float *xt = xp + t * K * MR;
-            /* The next panel (this thread's next, schedule static) is asked for during the
-               first tile: the memory wait overlaps the multiplies. */
-            const float *pf = t == 0 && p + 1 < panels ? panel + K * NR : NULL;
-            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf);
+            /* The next panel (this thread's next, schedule static): tile t asks for
+               slice t of `passes`. */
+            const int64_t bytes = K * NR * (int64_t)sizeof(float);
+            const int64_t from = bytes * t / passes / 64, to = bytes * (t + 1) / passes / 64;
+            const char *pf = (const char *)(panel + K * NR) + from * 64;
+            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf, p + 1 < panels ? to - from : 0);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
                     for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
@@ -678,7 +682,7 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
                 for (int64_t d = 0; d < D; d++)
                     for (int64_t i = 0; i < r; i++) qp[d * MR + i] = q[(i0 + i) * q_row + h * D + d];
                 for (int64_t pnl = p0; pnl < p1; pnl++)
-                    gemm_rows(sc + pnl * NR, s_pad, qp, D, kp + pnl * D * NR, (int)r, NR, NULL);
+                    gemm_rows(sc + pnl * NR, s_pad, qp, D, kp + pnl * D * NR, (int)r, NR, NULL, 0);
                 const int64_t k1 = p1 * NR < S ? p1 * NR : S, width = k1 - k0;
                 float inv[MR];
                 for (int64_t i = 0; i < r; i++) {
@@ -690,7 +694,7 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
                 }
                 for (int64_t pnl = 0; pnl < d_panels; pnl++)
                     gemm_rows(ot + pnl * NR, d_panels * NR, pp, width,
-                              vp + (pnl * S + k0) * NR, (int)r, NR, NULL);
+                              vp + (pnl * S + k0) * NR, (int)r, NR, NULL, 0);
                 for (int64_t i = 0; i < r; i++) {
                     float *o = out + (i0 + i) * out_row + h * D;
                     for (int64_t d = 0; d < D; d++) o[d] = ot[i * d_panels * NR + d] * inv[i];
