@@ -593,8 +593,9 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
                slice t of `passes`. */
             const int64_t bytes = K * NR * (int64_t)sizeof(float);
             const int64_t from = bytes * t / passes / 64, to = bytes * (t + 1) / passes / 64;
-            const char *pf = (const char *)(panel + K * NR) + from * 64;
-            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf, p + 1 < panels ? to - from : 0);
+            const int more = p + 1 < panels; /* the last panel asks for nothing */
+            const char *pf = more ? (const char *)(panel + K * NR) + from * 64 : NULL;
+            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf, more ? to - from : 0);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
                     for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
