@@ -585,17 +585,17 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
     for (int64_t p = 0; p < panels; p++) {
         const float *panel = packed + p * K * NR;
         const int64_t n0 = p * NR, cols = N - n0 < NR ? N - n0 : NR;
+        /* The next panel (this thread's next, schedule static; none after the last):
+           tile t asks for slice t of `passes` of its cache lines. */
+        const char *next = p + 1 < panels ? (const char *)(panel + K * NR) : NULL;
+        const int64_t lines = next != NULL ? K * NR * (int64_t)sizeof(float) / 64 : 0;
         for (int64_t t = 0; t < passes; t++) {
             const int64_t r = rows[t + 1] - rows[t];
             float *yt = y + rows[t] * N + n0;
             const float *xt = xp + t * K * MR;
-            /* The next panel (this thread's next, schedule static): tile t asks for
-               slice t of `passes`. */
-            const int64_t bytes = K * NR * (int64_t)sizeof(float);
-            const int64_t from = bytes * t / passes / 64, to = bytes * (t + 1) / passes / 64;
-            const int more = p + 1 < panels; /* the last panel asks for nothing */
-            const char *pf = more ? (const char *)(panel + K * NR) + from * 64 : NULL;
-            gemm_rows(yt, N, xt, K, panel, (int)r, cols, pf, more ? to - from : 0);
+            const int64_t from = lines * t / passes, to = lines * (t + 1) / passes;
+            gemm_rows(yt, N, xt, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
+                      to - from);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
                     for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
