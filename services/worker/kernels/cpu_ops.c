@@ -20,6 +20,9 @@
 #include <immintrin.h>
 #endif
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -510,10 +513,12 @@ void memserve_pack_weight(float *packed, const float *w, int64_t N, int64_t K) {
 }
 
 /* y[0 : mr, 0 : cols] of one panel (mr constant where inlined), rows of y `ldy` apart;
-   xp: the tile's rows of x interleaved, xp[k*MR + i] = x[i, k]. Meanwhile the `lines`
-   cache lines from `ahead` on are asked into L2, spread over the K steps. */
+   xp: the tile's rows of x interleaved, xp[k*ldx + i] = x[i, k] (ldx = MR for a packed
+   tile). Meanwhile the `lines` cache lines from `ahead` on are asked into L2, spread over
+   the K steps. */
 static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ldy,
-                                                           const float *xp, int64_t K,
+                                                           const float *xp, int64_t ldx,
+                                                           int64_t K,
                                                            const float *panel, int mr,
                                                            int64_t cols, const char *ahead,
                                                            int64_t lines) {
@@ -527,7 +532,7 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
 #pragma GCC unroll 12
         for (int i = 0; i < MR; i++)
             if (i < mr) {
-                const vf a = splat(xp[k * MR + i]);
+                const vf a = splat(xp[k * ldx + i]);
                 acc[i][0] = fmav(a, b0, acc[i][0]);
                 acc[i][1] = fmav(a, b1, acc[i][1]);
             }
@@ -548,22 +553,23 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
 }
 
 /* gemm_tile for a run-time row count 1..MR (one instance per count). */
-static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t K, const float *panel,
-                      int r, int64_t cols, const char *ahead, int64_t lines) {
+static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t ldx, int64_t K,
+                      const float *panel, int r, int64_t cols, const char *ahead,
+                      int64_t lines) {
     switch (r) {
-    case 1: gemm_tile(y, ldy, xp, K, panel, 1, cols, ahead, lines); break;
-    case 2: gemm_tile(y, ldy, xp, K, panel, 2, cols, ahead, lines); break;
-    case 3: gemm_tile(y, ldy, xp, K, panel, 3, cols, ahead, lines); break;
-    case 4: gemm_tile(y, ldy, xp, K, panel, 4, cols, ahead, lines); break;
-    case 5: gemm_tile(y, ldy, xp, K, panel, 5, cols, ahead, lines); break;
-    case 6: gemm_tile(y, ldy, xp, K, panel, 6, cols, ahead, lines); break;
+    case 1: gemm_tile(y, ldy, xp, ldx, K, panel, 1, cols, ahead, lines); break;
+    case 2: gemm_tile(y, ldy, xp, ldx, K, panel, 2, cols, ahead, lines); break;
+    case 3: gemm_tile(y, ldy, xp, ldx, K, panel, 3, cols, ahead, lines); break;
+    case 4: gemm_tile(y, ldy, xp, ldx, K, panel, 4, cols, ahead, lines); break;
+    case 5: gemm_tile(y, ldy, xp, ldx, K, panel, 5, cols, ahead, lines); break;
+    case 6: gemm_tile(y, ldy, xp, ldx, K, panel, 6, cols, ahead, lines); break;
 #if MR > 6
-    case 7: gemm_tile(y, ldy, xp, K, panel, 7, cols, ahead, lines); break;
-    case 8: gemm_tile(y, ldy, xp, K, panel, 8, cols, ahead, lines); break;
-    case 9: gemm_tile(y, ldy, xp, K, panel, 9, cols, ahead, lines); break;
-    case 10: gemm_tile(y, ldy, xp, K, panel, 10, cols, ahead, lines); break;
-    case 11: gemm_tile(y, ldy, xp, K, panel, 11, cols, ahead, lines); break;
-    case 12: gemm_tile(y, ldy, xp, K, panel, 12, cols, ahead, lines); break;
+    case 7: gemm_tile(y, ldy, xp, ldx, K, panel, 7, cols, ahead, lines); break;
+    case 8: gemm_tile(y, ldy, xp, ldx, K, panel, 8, cols, ahead, lines); break;
+    case 9: gemm_tile(y, ldy, xp, ldx, K, panel, 9, cols, ahead, lines); break;
+    case 10: gemm_tile(y, ldy, xp, ldx, K, panel, 10, cols, ahead, lines); break;
+    case 11: gemm_tile(y, ldy, xp, ldx, K, panel, 11, cols, ahead, lines); break;
+    case 12: gemm_tile(y, ldy, xp, ldx, K, panel, 12, cols, ahead, lines); break;
 #endif
     default: break;
     }
@@ -594,7 +600,7 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
             float *yt = y + rows[t] * N + n0;
             const float *xt = xp + t * K * MR;
             const int64_t from = lines * t / passes, to = lines * (t + 1) / passes;
-            gemm_rows(yt, N, xt, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
+            gemm_rows(yt, N, xt, MR, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
                       to - from);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
@@ -604,31 +610,51 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
     free(xp);
 }
 
-/* exp(row[j] * scale - max) for the keys j in [first, last], 0 for the others of [k0, k1),
-   written to dst[(j - k0) * MR] (a column of an interleaved tile); *inv = 1 / their sum. */
-static void softmax_span(float *dst, const float *row, int64_t k0, int64_t k1, int64_t first,
-                         int64_t last, float scale, float *inv) {
-    const float m = max_of(row + first, last + 1 - first) * scale; /* scale > 0 */
-    int64_t j;
-    vf acc = vzero();
-    float sum = 0.0f;
-    for (j = k0; j < k1; j += VW) {
-        const int64_t n = k1 - j < VW ? k1 - j : VW;
-        float e[VW];
-        if (n == VW)
-            storev(e, expv(loadv(row + j) * splat(scale) - splat(m)));
-        else
-            for (int64_t l = 0; l < n; l++) e[l] = expf(row[j + l] * scale - m);
-        if (j < first || j + n - 1 > last) /* an edge chunk: zero the keys not seen */
-            for (int64_t l = 0; l < n; l++)
-                if (j + l < first || j + l > last) e[l] = 0.0f;
-        for (int64_t l = 0; l < n; l++) dst[(j + l - k0) * MR] = e[l];
-        if (n == VW)
-            acc += loadv(e);
-        else
-            for (int64_t l = 0; l < n; l++) sum += e[l];
+/* The keys [*k0, *hi) a block of queries [i0, i0 + qb) reads in a prefill chunk whose
+   first query sits at position `off`: up to the block's last query, from the first one's
+   window on; k0 rounded down to a whole key tile (MR keys), the extra keys masked. */
+static inline void block_keys(int64_t i0, int64_t qb, int64_t off, int64_t window, int64_t *k0,
+                              int64_t *hi) {
+    int64_t lo = 0;
+    if (window > 0 && off + i0 - window + 1 > 0) lo = off + i0 - window + 1;
+    *k0 = lo / MR * MR;
+    *hi = off + i0 + qb;
+}
+
+/* Softmax down the columns of a block's transposed scores st[(j - k0) * NR + c] (key j,
+   query c, the query at position pos0 + c), in place: exp(s * scale - max * scale) for the
+   keys the query sees (j <= its position, and within `window` when > 0), 0 for the others;
+   inv[c] = 1 / the column's sum. Every column sees at least its own position's key. */
+static void softmax_columns(float *st, int64_t k0, int64_t hi, int64_t pos0, int64_t window,
+                            float scale, float *inv) {
+    vfi lane;
+    for (int l = 0; l < VW; l++) lane[l] = l;
+    const vf neg = splat(-INFINITY);
+    vf mx[2] = {neg, neg}, sum[2] = {vzero(), vzero()};
+    /* Pass 1: masked column maxima; pass 2: exponentials and their sums. */
+    for (int pass = 0; pass < 2; pass++) {
+        const vf ms[2] = {mx[0] * splat(scale), mx[1] * splat(scale)};
+        for (int64_t j = k0; j < hi; j++) {
+            float *row = st + (j - k0) * NR;
+            const int32_t rel = (int32_t)(j - pos0); /* query c sees key j iff c >= rel */
+            for (int u = 0; u < 2; u++) {
+                const vfi c = lane + u * VW;
+                vfi ok = c >= rel;
+                if (window > 0) ok &= c < rel + (int32_t)window;
+                const vf v = loadv(row + u * VW);
+                if (pass == 0) {
+                    const vfi gt = (v > mx[u]) & ok;
+                    mx[u] = (vf)(((vfi)v & gt) | ((vfi)mx[u] & ~gt));
+                } else {
+                    const vf e = (vf)((vfi)expv(v * splat(scale) - ms[u]) & ok);
+                    storev(row + u * VW, e);
+                    sum[u] += e;
+                }
+            }
+        }
     }
-    *inv = 1.0f / (sum + hsum(acc));
+    for (int u = 0; u < 2; u++)
+        for (int l = 0; l < VW; l++) inv[u * VW + l] = 1.0f / sum[u][l];
 }
 
 /* Causal attention of one prefill chunk on the packed-panel GEMM tiles.
@@ -637,35 +663,57 @@ static void softmax_span(float *dst, const float *row, int64_t k0, int64_t k1, i
    apart, S >= T keys of which the chunk's queries are the last T: query i sits at position
    S - T + i and sees keys j <= S - T + i (and j > S - T + i - window when window > 0).
 
-   A task is one query head: its kv head's K is packed as panels of NR keys (scores = a
-   tile of MR queries times the key panels up to the tile's last visible key, so the
-   causal half above the diagonal is never computed), its V as panels of NR dims; per tile,
-   a softmax over each row's visible keys, the probabilities interleaved, one more tile
-   product gives the outputs. Memory per task: K, V packed and one tile of scores. */
+   A task is one query head's block of NR queries. Its scores are computed transposed,
+   S^T = K Q^T: the keys are a tile's rows (K packed as tiles of MR keys, interleaved) and
+   the block's queries lie across the vector lanes, so only key tiles up to the block's last
+   query are computed and the softmax over each query's keys runs down the columns a
+   vector at a time. Its probabilities P^T are then read as the interleaved rows of the
+   second product, O = P V (tiles of MR queries, V packed as panels of NR dims), whose
+   rows go straight to `out`. Tasks are split between the threads by their key counts
+   (later blocks see more keys), in head order, so a thread packs a kv head's K and V once
+   for the run of its tasks that read them. Memory per thread: K, V packed and one block's
+   scores (NR x S floats). */
 void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int64_t q_row,
                                 const float *k, const float *v, int64_t kv_row, int64_t T,
                                 int64_t S, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t window, float scale) {
     const int64_t group = num_heads / num_kv_heads, D = head_dim, off = S - T;
-    const int64_t s_pad = (S + NR - 1) / NR * NR, d_panels = (D + NR - 1) / NR;
+    const int64_t blocks = (T + NR - 1) / NR, tasks = num_heads * blocks;
+    const int64_t s_pad = (S + MR - 1) / MR * MR, d_panels = (D + NR - 1) / NR;
+    int64_t head_cost = 0; /* keys read by one head's blocks, plus a block's fixed work */
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t k0, hi;
+        block_keys(b * NR, T - b * NR < NR ? T - b * NR : NR, off, window, &k0, &hi);
+        head_cost += hi - k0 + NR;
+    }
 #pragma omp parallel
     {
+        int64_t tid = 0, threads = 1;
+#ifdef _OPENMP
+        tid = omp_get_thread_num();
+        threads = omp_get_num_threads();
+#endif
+        /* This thread's tasks: those whose cost starts in its share of the total. */
+        const int64_t total = head_cost * num_heads;
+        const int64_t from = total * tid / threads, to = total * (tid + 1) / threads;
         float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
         float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
-        float *sc = (float *)malloc(sizeof(float) * (size_t)(MR * s_pad));
-        float *qp = (float *)malloc(sizeof(float) * (size_t)(D * MR));
-        float *pp = (float *)malloc(sizeof(float) * (size_t)(s_pad * MR));
-        float *ot = (float *)malloc(sizeof(float) * (size_t)(MR * d_panels * NR));
-        int64_t packed_kv = -1;
-        /* Static: a thread's heads are consecutive, so it packs each kv head's K and V
-           once, not once per query head of the group. */
-#pragma omp for schedule(static)
-        for (int64_t h = 0; h < num_heads; h++) {
+        float *st = (float *)malloc(sizeof(float) * (size_t)(s_pad * NR));
+        float *qp = (float *)malloc(sizeof(float) * (size_t)(D * NR));
+        int64_t packed_kv = -1, start = 0;
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t h = task / blocks, i0 = (task % blocks) * NR;
+            const int64_t qb = T - i0 < NR ? T - i0 : NR;
+            int64_t k0, hi;
+            block_keys(i0, qb, off, window, &k0, &hi);
+            const int64_t begins = start;
+            start += hi - k0 + NR;
+            if (begins < from || begins >= to) continue;
             const int64_t g = h / group;
-            if (g != packed_kv) { /* K^T and V of kv head g as panels */
+            if (g != packed_kv) { /* K as tiles of MR keys, V as panels of NR dims */
                 for (int64_t j = 0; j < s_pad; j++)
                     for (int64_t d = 0; d < D; d++)
-                        kp[((j / NR) * D + d) * NR + j % NR] =
+                        kp[((j / MR) * D + d) * MR + j % MR] =
                             j < S ? k[j * kv_row + g * D + d] : 0.0f;
                 for (int64_t pnl = 0; pnl < d_panels; pnl++)
                     for (int64_t j = 0; j < S; j++)
@@ -675,40 +723,34 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
                         }
                 packed_kv = g;
             }
-            for (int64_t i0 = 0; i0 < T; i0 += MR) {
-                const int64_t r = T - i0 < MR ? T - i0 : MR;
-                const int64_t hi = off + i0 + r; /* keys [0, hi) cover the tile */
-                int64_t lo = 0;
-                if (window > 0 && off + i0 - window + 1 > 0) lo = off + i0 - window + 1;
-                const int64_t p0 = lo / NR, p1 = (hi + NR - 1) / NR, k0 = p0 * NR;
+            for (int64_t c = 0; c < NR; c++)
                 for (int64_t d = 0; d < D; d++)
-                    for (int64_t i = 0; i < r; i++) qp[d * MR + i] = q[(i0 + i) * q_row + h * D + d];
-                for (int64_t pnl = p0; pnl < p1; pnl++)
-                    gemm_rows(sc + pnl * NR, s_pad, qp, D, kp + pnl * D * NR, (int)r, NR, NULL, 0);
-                const int64_t k1 = p1 * NR < S ? p1 * NR : S, width = k1 - k0;
-                float inv[MR];
-                for (int64_t i = 0; i < r; i++) {
-                    float *row = sc + i * s_pad;
-                    const int64_t last = off + i0 + i; /* this query's last visible key */
-                    int64_t first = 0;
-                    if (window > 0 && last - window + 1 > 0) first = last - window + 1;
-                    softmax_span(pp + i, row, k0, k1, first, last, scale, &inv[i]);
-                }
+                    qp[d * NR + c] = c < qb ? q[(i0 + c) * q_row + h * D + d] : 0.0f;
+            /* The next block's queries (rows far apart: each a cache miss that the
+               packing above would otherwise wait on), asked for under this block's work. */
+            for (int64_t c = i0 + NR; c < i0 + 2 * NR && c < T; c++)
+                for (int64_t d = 0; d < D; d += 64 / (int64_t)sizeof(float))
+                    __builtin_prefetch(q + c * q_row + h * D + d, 0, 2);
+            for (int64_t j0 = k0; j0 < hi; j0 += MR)
+                gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qp,
+                          (int)(hi - j0 < MR ? hi - j0 : MR), NR, NULL, 0);
+            float inv[NR];
+            softmax_columns(st, k0, hi, off + i0, window, scale, inv);
+            for (int64_t c0 = 0; c0 < qb; c0 += MR) {
+                const int r = (int)(qb - c0 < MR ? qb - c0 : MR);
+                float *o = out + (i0 + c0) * out_row + h * D;
                 for (int64_t pnl = 0; pnl < d_panels; pnl++)
-                    gemm_rows(ot + pnl * NR, d_panels * NR, pp, width,
-                              vp + (pnl * S + k0) * NR, (int)r, NR, NULL, 0);
-                for (int64_t i = 0; i < r; i++) {
-                    float *o = out + (i0 + i) * out_row + h * D;
-                    for (int64_t d = 0; d < D; d++) o[d] = ot[i * d_panels * NR + d] * inv[i];
-                }
+                    gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
+                              vp + (pnl * S + k0) * NR, r, D - pnl * NR < NR ? D - pnl * NR : NR,
+                              NULL, 0);
+                for (int i = 0; i < r; i++)
+                    for (int64_t d = 0; d < D; d++) o[i * out_row + d] *= inv[c0 + i];
             }
         }
         free(kp);
         free(vp);
-        free(sc);
+        free(st);
         free(qp);
-        free(pp);
-        free(ot);
     }
 }
 
