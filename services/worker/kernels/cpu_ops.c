@@ -476,100 +476,129 @@ void memserve_linear_small(float *y, const float *x, const float *w, const float
 
 /* y = x w^T (+ bias) for decode batches (9 to 128 rows), on a packed copy of w.
 
-   Packed layout: w [N, K] as panels of NR columns; panel p holds w[p*NR + j, k] at
-   packed[(p*K + k)*NR + j], zero for columns past N. A tile is MR rows of x times one
-   panel, 2*MR vector accumulators for the whole K: per k, two panel vectors are loaded and
-   each x value is broadcast once (the outer-product kernel; the dot-product form of
-   memserve_linear_small spends its time in loads and horizontal sums past ~12 rows).
+   Packed layout: w [N, K] as panels of LNR columns; panel p holds w[p*LNR + j, k] at
+   packed[(p*K + k)*LNR + j], zero for columns past N. A tile is up to LMR rows of x times
+   one panel, LMR*LNV vector accumulators for the whole K: per k, LNV panel vectors are
+   loaded and each x value is broadcast once (the outer-product kernel; the dot-product
+   form of memserve_linear_small spends its time in loads and horizontal sums past ~12
+   rows). With AVX-512 a tile is 8 rows x 3 vectors (48 columns): decode batches of 16,
+   32 or 64 rows fill every tile (12 x 32 tiles left 11% of the multiplies idle at 64
+   rows), with 11 loads per 24 multiplies instead of 14.
    x is interleaved per tile first, so a tile's broadcasts read one stream. A thread takes
-   whole panels (K*NR floats, L2-sized), each fetched from memory once and reused by every
+   whole panels (K*LNR floats, L2-sized), each fetched from memory once and reused by every
    tile; the next panel is asked into L2 a slice per tile, at an even pace under all of the
    panel's multiplies. Without that the weights' memory wait and the multiplies took turns
    (oneDNN's packed matmul ran at ~105 GFLOP/s at 32 rows here, ~half its speed at 2048
    rows); asking for the whole next panel during the first tile made that tile wait on
-   more than one core's share of memory bandwidth (10-15% slower at 16-64 rows). */
+   more than one core's share of memory bandwidth (10-15% slower at 16-64 rows).
+
+   The prefill attention below uses the same tile on MR x NR (12 x 2 vectors with AVX-512). */
 #define NR (2 * VW)
 #ifdef __AVX512F__
 #define MR 12
+#define LMR 8
+#define LNV 3
 #else
 #define MR 6
+#define LMR 6
+#define LNV 2
 #endif
+#define LNR (LNV * VW)
 
-int64_t memserve_pack_columns(void) { return NR; }
+int64_t memserve_pack_columns(void) { return LNR; }
 
 void memserve_pack_weight(float *packed, const float *w, int64_t N, int64_t K) {
-    const int64_t panels = (N + NR - 1) / NR;
+    const int64_t panels = (N + LNR - 1) / LNR;
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < panels; p++) {
-        float *dst = packed + p * K * NR;
-        for (int64_t j = 0; j < NR; j++) {
-            const int64_t n = p * NR + j;
+        float *dst = packed + p * K * LNR;
+        for (int64_t j = 0; j < LNR; j++) {
+            const int64_t n = p * LNR + j;
             if (n < N)
-                for (int64_t k = 0; k < K; k++) dst[k * NR + j] = w[n * K + k];
+                for (int64_t k = 0; k < K; k++) dst[k * LNR + j] = w[n * K + k];
             else
-                for (int64_t k = 0; k < K; k++) dst[k * NR + j] = 0.0f;
+                for (int64_t k = 0; k < K; k++) dst[k * LNR + j] = 0.0f;
         }
     }
 }
 
-/* y[0 : mr, 0 : cols] of one panel (mr constant where inlined), rows of y `ldy` apart;
-   xp: the tile's rows of x interleaved, xp[k*ldx + i] = x[i, k] (ldx = MR for a packed
-   tile). Meanwhile the `lines` cache lines from `ahead` on are asked into L2, spread over
-   the K steps. */
+/* y[0 : mr, 0 : cols] of one panel of nv vectors (mr, nv constant where inlined; mr <= MR,
+   nv <= 3), rows of y `ldy` apart; xp: the tile's rows of x interleaved, xp[k*ldx + i] =
+   x[i, k] (ldx = the tile height for a packed tile). Meanwhile the `lines` cache lines from
+   `ahead` on are asked into L2, spread over the K steps. */
 static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ldy,
                                                            const float *xp, int64_t ldx,
-                                                           int64_t K,
-                                                           const float *panel, int mr,
-                                                           int64_t cols, const char *ahead,
-                                                           int64_t lines) {
-    vf acc[MR][2];
+                                                           int64_t K, const float *panel,
+                                                           int mr, int nv, int64_t cols,
+                                                           const char *ahead, int64_t lines) {
+    vf acc[MR][3];
 #pragma GCC unroll 12
-    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = vzero();
+    for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vzero();
     int64_t due = 0; /* `lines` prefetches spread evenly over the K steps */
     for (int64_t k = 0; k < K; k++) {
         for (due += lines; due >= K; due -= K, ahead += 64) __builtin_prefetch(ahead, 0, 2);
-        const vf b0 = loadv(panel + k * NR), b1 = loadv(panel + k * NR + VW);
+        vf b[3];
+#pragma GCC unroll 3
+        for (int v = 0; v < nv; v++) b[v] = loadv(panel + (k * nv + v) * VW);
 #pragma GCC unroll 12
         for (int i = 0; i < MR; i++)
             if (i < mr) {
                 const vf a = splat(xp[k * ldx + i]);
-                acc[i][0] = fmav(a, b0, acc[i][0]);
-                acc[i][1] = fmav(a, b1, acc[i][1]);
+#pragma GCC unroll 3
+                for (int v = 0; v < nv; v++) acc[i][v] = fmav(a, b[v], acc[i][v]);
             }
     }
 #pragma GCC unroll 12
     for (int i = 0; i < MR; i++)
         if (i < mr) {
-            if (cols == NR) {
-                storev(y + i * ldy, acc[i][0]);
-                storev(y + i * ldy + VW, acc[i][1]);
+            if (cols == nv * VW) {
+#pragma GCC unroll 3
+                for (int v = 0; v < nv; v++) storev(y + i * ldy + v * VW, acc[i][v]);
             } else {
-                float tmp[NR];
-                storev(tmp, acc[i][0]);
-                storev(tmp + VW, acc[i][1]);
+                float tmp[3 * VW];
+#pragma GCC unroll 3
+                for (int v = 0; v < nv; v++) storev(tmp + v * VW, acc[i][v]);
                 memcpy(y + i * ldy, tmp, sizeof(float) * (size_t)cols);
             }
         }
 }
 
-/* gemm_tile for a run-time row count 1..MR (one instance per count). */
+/* gemm_tile on MR x NR tiles for a run-time row count 1..MR (one instance per count). */
 static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t ldx, int64_t K,
-                      const float *panel, int r, int64_t cols, const char *ahead,
-                      int64_t lines) {
+                      const float *panel, int r, int64_t cols) {
     switch (r) {
-    case 1: gemm_tile(y, ldy, xp, ldx, K, panel, 1, cols, ahead, lines); break;
-    case 2: gemm_tile(y, ldy, xp, ldx, K, panel, 2, cols, ahead, lines); break;
-    case 3: gemm_tile(y, ldy, xp, ldx, K, panel, 3, cols, ahead, lines); break;
-    case 4: gemm_tile(y, ldy, xp, ldx, K, panel, 4, cols, ahead, lines); break;
-    case 5: gemm_tile(y, ldy, xp, ldx, K, panel, 5, cols, ahead, lines); break;
-    case 6: gemm_tile(y, ldy, xp, ldx, K, panel, 6, cols, ahead, lines); break;
+    case 1: gemm_tile(y, ldy, xp, ldx, K, panel, 1, 2, cols, NULL, 0); break;
+    case 2: gemm_tile(y, ldy, xp, ldx, K, panel, 2, 2, cols, NULL, 0); break;
+    case 3: gemm_tile(y, ldy, xp, ldx, K, panel, 3, 2, cols, NULL, 0); break;
+    case 4: gemm_tile(y, ldy, xp, ldx, K, panel, 4, 2, cols, NULL, 0); break;
+    case 5: gemm_tile(y, ldy, xp, ldx, K, panel, 5, 2, cols, NULL, 0); break;
+    case 6: gemm_tile(y, ldy, xp, ldx, K, panel, 6, 2, cols, NULL, 0); break;
 #if MR > 6
-    case 7: gemm_tile(y, ldy, xp, ldx, K, panel, 7, cols, ahead, lines); break;
-    case 8: gemm_tile(y, ldy, xp, ldx, K, panel, 8, cols, ahead, lines); break;
-    case 9: gemm_tile(y, ldy, xp, ldx, K, panel, 9, cols, ahead, lines); break;
-    case 10: gemm_tile(y, ldy, xp, ldx, K, panel, 10, cols, ahead, lines); break;
-    case 11: gemm_tile(y, ldy, xp, ldx, K, panel, 11, cols, ahead, lines); break;
-    case 12: gemm_tile(y, ldy, xp, ldx, K, panel, 12, cols, ahead, lines); break;
+    case 7: gemm_tile(y, ldy, xp, ldx, K, panel, 7, 2, cols, NULL, 0); break;
+    case 8: gemm_tile(y, ldy, xp, ldx, K, panel, 8, 2, cols, NULL, 0); break;
+    case 9: gemm_tile(y, ldy, xp, ldx, K, panel, 9, 2, cols, NULL, 0); break;
+    case 10: gemm_tile(y, ldy, xp, ldx, K, panel, 10, 2, cols, NULL, 0); break;
+    case 11: gemm_tile(y, ldy, xp, ldx, K, panel, 11, 2, cols, NULL, 0); break;
+    case 12: gemm_tile(y, ldy, xp, ldx, K, panel, 12, 2, cols, NULL, 0); break;
+#endif
+    default: break;
+    }
+}
+
+/* gemm_tile on LMR x LNR tiles of packed x (ldx = LMR) for a run-time row count 1..LMR. */
+static void linear_tile_rows(float *y, int64_t ldy, const float *xp, int64_t K,
+                             const float *panel, int r, int64_t cols, const char *ahead,
+                             int64_t lines) {
+    switch (r) {
+    case 1: gemm_tile(y, ldy, xp, LMR, K, panel, 1, LNV, cols, ahead, lines); break;
+    case 2: gemm_tile(y, ldy, xp, LMR, K, panel, 2, LNV, cols, ahead, lines); break;
+    case 3: gemm_tile(y, ldy, xp, LMR, K, panel, 3, LNV, cols, ahead, lines); break;
+    case 4: gemm_tile(y, ldy, xp, LMR, K, panel, 4, LNV, cols, ahead, lines); break;
+    case 5: gemm_tile(y, ldy, xp, LMR, K, panel, 5, LNV, cols, ahead, lines); break;
+    case 6: gemm_tile(y, ldy, xp, LMR, K, panel, 6, LNV, cols, ahead, lines); break;
+#if LMR > 6
+    case 7: gemm_tile(y, ldy, xp, LMR, K, panel, 7, LNV, cols, ahead, lines); break;
+    case 8: gemm_tile(y, ldy, xp, LMR, K, panel, 8, LNV, cols, ahead, lines); break;
 #endif
     default: break;
     }
@@ -577,31 +606,31 @@ static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t ldx, int64
 
 void memserve_linear_packed(float *y, const float *x, const float *packed, const float *bias,
                             int64_t M, int64_t N, int64_t K) {
-    const int64_t panels = (N + NR - 1) / NR;
-    const int64_t passes = (M + MR - 1) / MR; /* tiles of nearly equal row counts */
+    const int64_t panels = (N + LNR - 1) / LNR;
+    const int64_t passes = (M + LMR - 1) / LMR; /* tiles of nearly equal row counts */
     int64_t rows[passes + 1];
     rows[0] = 0;
     for (int64_t t = 0; t < passes; t++) rows[t + 1] = rows[t] + M / passes + (t < M % passes);
     /* x interleaved per tile (every thread reads all of it: packed once, here). */
-    float *xp = (float *)malloc(sizeof(float) * (size_t)(passes * K * MR));
+    float *xp = (float *)malloc(sizeof(float) * (size_t)(passes * K * LMR));
     for (int64_t t = 0; t < passes; t++)
         for (int64_t i = rows[t]; i < rows[t + 1]; i++)
-            for (int64_t k = 0; k < K; k++) xp[(t * K + k) * MR + (i - rows[t])] = x[i * K + k];
+            for (int64_t k = 0; k < K; k++) xp[(t * K + k) * LMR + (i - rows[t])] = x[i * K + k];
 #pragma omp parallel for schedule(static) if (M * N * K >= 262144)
     for (int64_t p = 0; p < panels; p++) {
-        const float *panel = packed + p * K * NR;
-        const int64_t n0 = p * NR, cols = N - n0 < NR ? N - n0 : NR;
+        const float *panel = packed + p * K * LNR;
+        const int64_t n0 = p * LNR, cols = N - n0 < LNR ? N - n0 : LNR;
         /* The next panel (this thread's next, schedule static; none after the last):
            tile t asks for slice t of `passes` of its cache lines. */
-        const char *next = p + 1 < panels ? (const char *)(panel + K * NR) : NULL;
-        const int64_t lines = next != NULL ? K * NR * (int64_t)sizeof(float) / 64 : 0;
+        const char *next = p + 1 < panels ? (const char *)(panel + K * LNR) : NULL;
+        const int64_t lines = next != NULL ? K * LNR * (int64_t)sizeof(float) / 64 : 0;
         for (int64_t t = 0; t < passes; t++) {
             const int64_t r = rows[t + 1] - rows[t];
             float *yt = y + rows[t] * N + n0;
-            const float *xt = xp + t * K * MR;
+            const float *xt = xp + t * K * LMR;
             const int64_t from = lines * t / passes, to = lines * (t + 1) / passes;
-            gemm_rows(yt, N, xt, MR, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
-                      to - from);
+            linear_tile_rows(yt, N, xt, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
+                             to - from);
             if (bias != NULL)
                 for (int64_t i = 0; i < r; i++)
                     for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
@@ -733,7 +762,7 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
                     __builtin_prefetch(q + c * q_row + h * D + d, 0, 2);
             for (int64_t j0 = k0; j0 < hi; j0 += MR)
                 gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qp,
-                          (int)(hi - j0 < MR ? hi - j0 : MR), NR, NULL, 0);
+                          (int)(hi - j0 < MR ? hi - j0 : MR), NR);
             float inv[NR];
             softmax_columns(st, k0, hi, off + i0, window, scale, inv);
             for (int64_t c0 = 0; c0 < qb; c0 += MR) {
@@ -741,8 +770,7 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
                 float *o = out + (i0 + c0) * out_row + h * D;
                 for (int64_t pnl = 0; pnl < d_panels; pnl++)
                     gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
-                              vp + (pnl * S + k0) * NR, r, D - pnl * NR < NR ? D - pnl * NR : NR,
-                              NULL, 0);
+                              vp + (pnl * S + k0) * NR, r, D - pnl * NR < NR ? D - pnl * NR : NR);
                 for (int i = 0; i < r; i++)
                     for (int64_t d = 0; d < D; d++) o[i * out_row + d] *= inv[c0 + i];
             }
