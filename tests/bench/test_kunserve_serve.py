@@ -1,4 +1,4 @@
-"""`memserve bench serve` with KunServe's modes as a user runs it (a subprocess, real
+"""`memserve bench serve` with KunServe's modes as a user runs it (in this process, real
 clusters of the tiny model, 2 colocated instances with a small budget each):
 
 - a small spike through dp-recompute and kunserve writes every format, the timeline and
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import build_parser
-from tests.bench.serve_cli import bench, finished
+from tests.bench.serve_cli import bench_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +35,7 @@ SPIKE = [
 def test_a_small_spike_writes_every_format(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # In process (the bad-input cases below run it as a subprocess): one interpreter start
+    # In process (test_serve.py runs the command as a subprocess): one interpreter start
     # less on CI's 2 cores.
     monkeypatch.chdir(tmp_path)
     out_dir = tmp_path / "results"
@@ -99,14 +99,21 @@ BAD = [
 
 
 @pytest.mark.parametrize(("args", "message"), BAD)
-async def test_bad_input_is_one_clear_error(tmp_path: Path, args: list[str], message: str) -> None:
-    proc = await bench(
+def test_bad_input_is_one_clear_error(
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, err = bench_in_process(
         *("--model", "tiny", "--workload", "reasoning"),
         *args,
         *("--out-dir", str(tmp_path / "r")),
         cwd=tmp_path,
+        monkeypatch=monkeypatch,
+        capsys=capsys,
     )
-    _, err = await finished(proc, 60)
-    assert proc.returncode == 1
+    assert code == 1
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "r").exists()

@@ -245,6 +245,28 @@ def test_linear_of_decode_batches_runs_on_a_packed_copy(
     assert kern.packed_bytes == before
 
 
+@pytest.mark.parametrize("rows,n", [(64, 512), (40, 259), (PACKED_ROWS, 1024)])
+def test_packed_linear_gives_the_same_bits_on_any_thread_count(
+    kern: CpuKernelOps, rows: int, n: int
+) -> None:
+    """Threads split the outputs by (panel, row tile), a panel between two threads at
+    their boundary: every output is still one tile's whole sum, so the bits never depend on
+    how many threads ran (a tensor-parallel or pipelined replica may run with others)."""
+    g = torch.Generator().manual_seed(rows + n)
+    w, x = torch.randn(n, 512, generator=g), torch.randn(rows, 512, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(kern.linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    _close_sums(outs[0], TORCH.linear(x, w))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    kern.forget([w])
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, SMALL_ROWS])
 @pytest.mark.parametrize("n,k", [(1024, 512), (259, 512), (30, 24), (7, 40)])
 def test_linear_of_a_few_rows_streams_the_plain_weight(

@@ -484,10 +484,12 @@ void memserve_linear_small(float *y, const float *x, const float *w, const float
    rows). With AVX-512 a tile is 8 rows x 3 vectors (48 columns): decode batches of 16,
    32 or 64 rows fill every tile (12 x 32 tiles left 11% of the multiplies idle at 64
    rows), with 11 loads per 24 multiplies instead of 14.
-   x is interleaved per tile first, so a tile's broadcasts read one stream. A thread takes
-   whole panels (K*LNR floats, L2-sized), each fetched from memory once and reused by every
-   tile; the next panel is asked into L2 a slice per tile, at an even pace under all of the
-   panel's multiplies. Without that the weights' memory wait and the multiplies took turns
+   x is interleaved per tile first (by all threads), so a tile's broadcasts read one
+   stream. A thread takes a run of (panel, tile) units, an equal share of the outputs: its
+   panels (K*LNR floats, L2-sized) are fetched from memory once and reused by all its tiles
+   of them (by threads' whole panels, N = 512 left 2 threads at 6 and 4.7 panels of work:
+   o and down projections 10-17% slower); the next panel is asked into L2 a slice per
+   tile, at an even pace under all of the panel's multiplies. Without that the weights' memory wait and the multiplies took turns
    (oneDNN's packed matmul ran at ~105 GFLOP/s at 32 rows here, ~half its speed at 2048
    rows); asking for the whole next panel during the first tile made that tile wait on
    more than one core's share of memory bandwidth (10-15% slower at 16-64 rows).
@@ -611,29 +613,62 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
     int64_t rows[passes + 1];
     rows[0] = 0;
     for (int64_t t = 0; t < passes; t++) rows[t + 1] = rows[t] + M / passes + (t < M % passes);
-    /* x interleaved per tile (every thread reads all of it: packed once, here). */
+    /* x interleaved per tile (every thread reads all of it). */
     float *xp = (float *)malloc(sizeof(float) * (size_t)(passes * K * LMR));
-    for (int64_t t = 0; t < passes; t++)
-        for (int64_t i = rows[t]; i < rows[t + 1]; i++)
-            for (int64_t k = 0; k < K; k++) xp[(t * K + k) * LMR + (i - rows[t])] = x[i * K + k];
-#pragma omp parallel for schedule(static) if (M * N * K >= 262144)
-    for (int64_t p = 0; p < panels; p++) {
-        const float *panel = packed + p * K * LNR;
-        const int64_t n0 = p * LNR, cols = N - n0 < LNR ? N - n0 : LNR;
-        /* The next panel (this thread's next, schedule static; none after the last):
-           tile t asks for slice t of `passes` of its cache lines. */
-        const char *next = p + 1 < panels ? (const char *)(panel + K * LNR) : NULL;
-        const int64_t lines = next != NULL ? K * LNR * (int64_t)sizeof(float) / 64 : 0;
-        for (int64_t t = 0; t < passes; t++) {
-            const int64_t r = rows[t + 1] - rows[t];
-            float *yt = y + rows[t] * N + n0;
-            const float *xt = xp + t * K * LMR;
-            const int64_t from = lines * t / passes, to = lines * (t + 1) / passes;
-            linear_tile_rows(yt, N, xt, K, panel, (int)r, cols, next != NULL ? next + from * 64 : NULL,
-                             to - from);
-            if (bias != NULL)
-                for (int64_t i = 0; i < r; i++)
-                    for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
+#pragma omp parallel if (M * N * K >= 262144)
+    {
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < passes; t++)
+            for (int64_t i = rows[t]; i < rows[t + 1]; i++)
+                for (int64_t k = 0; k < K; k++) xp[(t * K + k) * LMR + (i - rows[t])] = x[i * K + k];
+        /* (implicit barrier: every tile of x is packed before any is read) */
+        int threads = 1, tid = 0;
+#ifdef _OPENMP
+        threads = omp_get_num_threads();
+        tid = omp_get_thread_num();
+#endif
+        /* Units are (panel, tile) in panel-major order, weighed by their columns x rows
+           (the M x N outputs); a thread takes the units whose middle falls in its equal
+           share of that work. Whole panels would leave threads uneven where the panel
+           count is small or the last panel narrow (N = 512: 11 panels of 48, 6 against
+           4.7 panels' work on 2 threads); a panel split between two threads is read by
+           both (one panel, at most, per thread boundary). */
+        const int64_t lo = M * N * tid / threads, hi = M * N * (tid + 1) / threads;
+        int64_t u0 = -1, u1 = -1; /* this thread's units [u0, u1) */
+        for (int64_t p = 0, done = 0; p < panels; p++) {
+            const int64_t cols = N - p * LNR < LNR ? N - p * LNR : LNR;
+            for (int64_t t = 0; t < passes; t++) {
+                const int64_t w = cols * (rows[t + 1] - rows[t]), mid2 = 2 * done + w;
+                if (mid2 >= 2 * lo && mid2 < 2 * hi) {
+                    if (u0 < 0) u0 = p * passes + t;
+                    u1 = p * passes + t + 1;
+                }
+                done += w;
+            }
+        }
+        for (int64_t u = u0 < 0 ? 0 : u0; u < u1;) {
+            const int64_t p = u / passes;
+            const float *panel = packed + p * K * LNR;
+            const int64_t n0 = p * LNR, cols = N - n0 < LNR ? N - n0 : LNR;
+            /* This thread's tiles of panel p: [t0, t1). */
+            const int64_t t0 = u % passes, t1 = u1 - p * passes < passes ? u1 - p * passes : passes;
+            /* The next panel this thread takes (none past its last unit) is asked into L2 a
+               slice per tile. */
+            const char *next = u1 > (p + 1) * passes ? (const char *)(panel + K * LNR) : NULL;
+            const int64_t lines = next != NULL ? K * LNR * (int64_t)sizeof(float) / 64 : 0;
+            for (int64_t t = t0; t < t1; t++) {
+                const int64_t r = rows[t + 1] - rows[t];
+                float *yt = y + rows[t] * N + n0;
+                const float *xt = xp + t * K * LMR;
+                const int64_t from = lines * (t - t0) / (t1 - t0);
+                const int64_t to = lines * (t + 1 - t0) / (t1 - t0);
+                linear_tile_rows(yt, N, xt, K, panel, (int)r, cols,
+                                 next != NULL ? next + from * 64 : NULL, to - from);
+                if (bias != NULL)
+                    for (int64_t i = 0; i < r; i++)
+                        for (int64_t j = 0; j < cols; j++) yt[i * N + j] += bias[n0 + j];
+            }
+            u = p * passes + t1;
         }
     }
     free(xp);
@@ -786,6 +821,9 @@ void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int
 void memserve_write_kv(float *k_cache, float *v_cache, const float *k, const float *v,
                        int64_t row, const int64_t *slot_blocks, const int64_t *slot_offsets,
                        int64_t num_tokens, int64_t kv_cols, int64_t block_stride) {
+    /* Each row lands on a line of the cache not touched for a while (a read from memory
+       before the write): two threads keep twice the misses in flight. */
+#pragma omp parallel for schedule(static) if (num_tokens >= 32)
     for (int64_t t = 0; t < num_tokens; t++) {
         const int64_t at = slot_blocks[t] * block_stride + slot_offsets[t] * kv_cols;
         memcpy(k_cache + at, k + t * row, sizeof(float) * (size_t)kv_cols);
