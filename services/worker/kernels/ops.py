@@ -416,14 +416,27 @@ SMALL_ROWS = 8
 PACKED_ROWS = 128
 
 
+# K views already checked, with their V view (a KV cache hands out the same view objects
+# every step: the check runs once per view instead of twice a layer a step).
+# Keyed by id(K), holding weak references: an id reused by a later tensor fails the
+# identity test and is checked anew.
+_CHECKED: dict[int, tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]] = {}
+
+
 def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """A layer's K or V view: [blocks, block_size, H, D], each block's rows contiguous."""
+    seen = _CHECKED.get(id(k_cache))
+    if seen is not None and seen[0]() is k_cache and seen[1]() is v_cache:
+        return
     for c in (k_cache, v_cache):
         h, d = c.shape[2], c.shape[3]
         if c.stride(3) != 1 or c.stride(2) != d or c.stride(1) != h * d:
             raise ValueError(f"KV view of strides {c.stride()} is not block-contiguous")
     if k_cache.stride(0) != v_cache.stride(0):
         raise ValueError("K and V views have different block strides")
+    if len(_CHECKED) > 4096:  # views of dropped caches: forget them all, rarely
+        _CHECKED.clear()
+    _CHECKED[id(k_cache)] = (weakref.ref(k_cache), weakref.ref(v_cache))
 
 
 def gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
