@@ -37,6 +37,7 @@ from common.sampling import SamplingParams
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
 from services.worker.kv_cache import KVCache, KVLayout
+from services.worker.malloc import keep_step_buffers
 from services.worker.model.llama import LlamaModel
 from services.worker.model.loader import load_model
 from services.worker.model_runner import ModelRunner
@@ -118,6 +119,8 @@ class Engine:
         config.validate()
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
+        if torch.device(config.device).type == "cpu":
+            keep_step_buffers()  # no page faults on every prefill matmul (malloc.py)
         dtype = resolve_dtype(config.dtype, config.device)
         folder: Path = resolve_model(config.model)
         model, cfg = load_model(

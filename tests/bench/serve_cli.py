@@ -1,5 +1,5 @@
 """`memserve bench serve` run as a subprocess, for the tests that run it as a user does,
-or in this process (`bench_in_process`) for input that must fail before any cluster
+or in this process (`assert_one_clear_error`) for input that must fail before any cluster
 starts: the same command code, without an interpreter start per case on CI's 2 cores."""
 
 from __future__ import annotations
@@ -29,12 +29,20 @@ async def finished(proc: asyncio.subprocess.Process, timeout_s: float) -> tuple[
     return out.decode(), err.decode()
 
 
-def bench_in_process(
-    *args: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> tuple[int, str]:
-    """Exit code and stderr of `memserve bench serve ARGS` run from `cwd` in this process
-    (what `services.cli.main` would pass to sys.exit and print)."""
-    monkeypatch.chdir(cwd)
-    parsed = build_parser().parse_args(["bench", "serve", *args])
+def assert_one_clear_error(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`memserve bench serve ARGS --out-dir tmp_path/r`, run from tmp_path in this process,
+    fails as services.cli.main would report it: exit code 1, `message` on stderr, no
+    traceback, and nothing written."""
+    monkeypatch.chdir(tmp_path)
+    parsed = build_parser().parse_args(["bench", "serve", *args, "--out-dir", str(tmp_path / "r")])
     code = parsed.func(parsed)
-    return code, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from services.cli import build_parser
-from tests.bench.serve_cli import bench_in_process
+from tests.bench.serve_cli import assert_one_clear_error
 
 pytestmark = pytest.mark.integration
 
@@ -106,14 +106,5 @@ def test_bad_input_is_one_clear_error(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    code, err = bench_in_process(
-        *("--model", "tiny", "--workload", "reasoning"),
-        *args,
-        *("--out-dir", str(tmp_path / "r")),
-        cwd=tmp_path,
-        monkeypatch=monkeypatch,
-        capsys=capsys,
-    )
-    assert code == 1
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "r").exists()
+    tiny = ["--model", "tiny", "--workload", "reasoning"]
+    assert_one_clear_error([*tiny, *args], message, tmp_path, monkeypatch, capsys)

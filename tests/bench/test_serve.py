@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.serve_cli import bench, bench_in_process, finished
+from tests.bench.serve_cli import assert_one_clear_error, bench, finished
 from tests.procs import children_of, gone
 
 pytestmark = pytest.mark.integration
@@ -83,17 +83,7 @@ def test_bad_input_is_one_clear_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     # In process: the exit code through a real process is shown by the failed-start test.
-    code, err = bench_in_process(
-        *args,
-        "--out-dir",
-        str(tmp_path / "r"),
-        cwd=tmp_path,
-        monkeypatch=monkeypatch,
-        capsys=capsys,
-    )
-    assert code == 1
-    assert message in err and "Traceback" not in err
-    assert not (tmp_path / "r").exists()
+    assert_one_clear_error(args, message, tmp_path, monkeypatch, capsys)
 
 
 async def test_a_cluster_that_fails_to_start_is_reported(tmp_path: Path) -> None:
