@@ -36,6 +36,7 @@ async def run_service(
     start: Callable[[], Awaitable[tuple[Service, dict[str, str]]]],
     ready_address: str | None = None,
 ) -> None:
+    launcher = launcher_pid()  # first: the launcher may die while the service starts
     try:
         service, endpoints = await start()
     except Exception as exc:
@@ -52,7 +53,7 @@ async def run_service(
     orphaned = None
     if ready_address:
         await signal_ready(ready_address, Ready(kind, instance_id, os.getpid(), endpoints))
-        orphaned = asyncio.create_task(_stop_when_orphaned(stop))
+        orphaned = asyncio.create_task(stop_when_orphaned(stop, launcher))
     log.info(f"{kind} serving", instance=instance_id, **endpoints)
     try:
         await asyncio.wait(
@@ -100,11 +101,26 @@ def run_main(kind: str, log_level: str, main: Coroutine[Any, Any, None]) -> None
     asyncio.run(main)
 
 
-async def _stop_when_orphaned(stop: asyncio.Event, interval_s: float = 0.5) -> None:
-    """A launched service outlives no launcher: if the launcher dies without stopping us
-    (SIGKILL, a crash), we are re-parented, and we stop as if told to."""
-    parent = os.getppid()
-    while os.getppid() == parent:
+# Set by a launcher in its children's environment: its own pid.
+LAUNCHER_PID_ENV = "MEMSERVE_LAUNCHER_PID"
+
+
+def launcher_pid() -> int:
+    """The process that launched this one: the pid its launcher wrote into the environment
+    (known even if the launcher died before this process got this far), else the parent
+    now."""
+    try:
+        return int(os.environ[LAUNCHER_PID_ENV])
+    except (KeyError, ValueError):
+        return os.getppid()
+
+
+async def stop_when_orphaned(stop: asyncio.Event, launcher: int, interval_s: float = 0.5) -> None:
+    """A launched service outlives no launcher: once its parent is no longer `launcher`
+    (killed without stopping us, a crash: we were re-parented), we stop as if told to.
+    `launcher` is taken when the process starts, not when serving does: a launcher killed
+    in between was taken for the parent, and the service lived on."""
+    while os.getppid() == launcher:
         await asyncio.sleep(interval_s)
-    log.warning("launcher gone; stopping", launcher_pid=parent)
+    log.warning("launcher gone; stopping", launcher_pid=launcher)
     stop.set()

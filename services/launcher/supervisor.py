@@ -30,6 +30,7 @@ from common.admin_client import admin_call
 from common.logging import get_logger
 from common.protocol.admin import AdminReply
 from common.ready import ReadyWaiter, StartupError
+from common.service_main import LAUNCHER_PID_ENV
 from services.launcher import scrape
 from services.launcher.config import ClusterSettings
 from services.launcher.keys import prepare_key
@@ -157,6 +158,7 @@ class Cluster:
             **env_for(spec.kind, {"instance_id": spec.instance_id, **settings}),
         }
         env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child's watch on us (service_main)
         log_path = self.run_dir / f"{spec.instance_id}.log"
         with log_path.open("ab") as stderr:
             proc = subprocess.Popen(
