@@ -32,9 +32,8 @@ TRIM_THRESHOLD = 256 << 20  # free memory at the heap's top kept before it is gi
 def keep_step_buffers() -> bool:
     """Tune glibc's malloc as above; True if it was tuned (False: another allocator or C
     library, or glibc refused)."""
-    if "tcmalloc" in os.environ.get("LD_PRELOAD", "") or "jemalloc" in os.environ.get(
-        "LD_PRELOAD", ""
-    ):
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    if "tcmalloc" in preloaded or "jemalloc" in preloaded:
         return False
     if platform.libc_ver()[0] != "glibc":
         return False
