@@ -489,10 +489,11 @@ void memserve_linear_small(float *y, const float *x, const float *w, const float
    panels (K*LNR floats, L2-sized) are fetched from memory once and reused by all its tiles
    of them (by threads' whole panels, N = 512 left 2 threads at 6 and 4.7 panels of work:
    o and down projections 10-17% slower); the next panel is asked into L2 a slice per
-   tile, at an even pace under all of the panel's multiplies. Without that the weights' memory wait and the multiplies took turns
-   (oneDNN's packed matmul ran at ~105 GFLOP/s at 32 rows here, ~half its speed at 2048
-   rows); asking for the whole next panel during the first tile made that tile wait on
-   more than one core's share of memory bandwidth (10-15% slower at 16-64 rows).
+   tile, at an even pace under all of the panel's multiplies. Without that the weights'
+   memory wait and the multiplies took turns (oneDNN's packed matmul ran at ~105 GFLOP/s
+   at 32 rows here, ~half its speed at 2048 rows); asking for the whole next panel during
+   the first tile made that tile wait on more than one core's share of memory bandwidth
+   (10-15% slower at 16-64 rows).
 
    The prefill attention below uses the same tile on MR x NR (12 x 2 vectors with AVX-512). */
 #define NR (2 * VW)
@@ -620,7 +621,8 @@ void memserve_linear_packed(float *y, const float *x, const float *packed, const
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < passes; t++)
             for (int64_t i = rows[t]; i < rows[t + 1]; i++)
-                for (int64_t k = 0; k < K; k++) xp[(t * K + k) * LMR + (i - rows[t])] = x[i * K + k];
+                for (int64_t k = 0; k < K; k++)
+                    xp[(t * K + k) * LMR + (i - rows[t])] = x[i * K + k];
         /* (implicit barrier: every tile of x is packed before any is read) */
         int threads = 1, tid = 0;
 #ifdef _OPENMP
