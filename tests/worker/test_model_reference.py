@@ -12,6 +12,7 @@ import torch
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
+from services.worker.kernels.ops import SMALL_ROWS
 from services.worker.model.loader import checkpoint_files
 from tests.worker.helpers import run_to_end, save_reference
 
@@ -122,4 +123,47 @@ def test_greedy_continuation_matches_transformers(
     ref = out[0, len(PROMPT) :].tolist()
     assert ours == ref, f"{name}: greedy continuation differs"
     assert len(set(ours)) > 4, "a degenerate continuation would not test much"
+    engine.check_integrity()
+
+
+@pytest.mark.parametrize("sequences", [1, 3, SMALL_ROWS + 1, 40])
+def test_a_decode_step_in_one_call_gives_the_layer_loops_bits(
+    reference: tuple[str, Path, torch.nn.Module],
+    sequences: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decode step's layers in one kernel call (ops.decode_layers: cpu_ops.c runs the
+    kernels the layer loop calls, in its order) against the layer loop on the same
+    kernels: the same hidden states and the same K/V, bit for bit; on the small-rows and
+    the packed matmuls, with biases, sliding windows and odd head sizes."""
+    name, folder, _ = reference
+    engine = Engine.from_config(EngineConfig(model=str(folder), num_kv_blocks=256))
+    ops = engine.model.ops
+    assert 0 < sequences <= ops.fused_decode_rows, "this machine's kernels must be built"
+    for i in range(sequences):
+        # contexts of 5..22 tokens: sequences end in different blocks
+        engine.add_request(f"r{i}", PROMPT[: 5 + (7 * i) % 18], SamplingParams(max_tokens=4))
+    engine.step()  # every prompt's prefill
+    chunks = engine.scheduler.schedule().chunks
+    assert all(c.num_tokens == 1 for c in chunks) and len(chunks) == sequences
+    _, token_ids, meta = engine.runner.build_metadata(list(chunks))
+    calls: list[int] = []
+    one_call = ops.decode_layers
+    monkeypatch.setattr(
+        ops,
+        "decode_layers",
+        lambda *a: calls.append(1) or one_call(*a),  # type: ignore[func-returns-value]
+    )
+    before = engine.cache.tensor.clone()
+    with torch.inference_mode():
+        hidden = engine.model.embed(torch.tensor(token_ids))
+        fused = engine.model(hidden, meta, engine.cache)
+        kv_fused = engine.cache.tensor.clone()
+        engine.cache.tensor.copy_(before)
+        monkeypatch.setattr(ops, "fused_decode_rows", 0)
+        looped = engine.model(hidden, meta, engine.cache)
+    assert calls == [1], "the first forward must have taken the one call"
+    assert torch.equal(fused, looped), f"{name}: hidden states differ"
+    assert torch.equal(kv_fused, engine.cache.tensor), f"{name}: K/V differ"
+    assert not torch.equal(kv_fused, before), "the step wrote no K/V"
     engine.check_integrity()

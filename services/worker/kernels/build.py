@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_ops.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared")
-ABI_VERSION = 2  # memserve_abi_version() of a library this Python code can call
+ABI_VERSION = 3  # memserve_abi_version() of a library this Python code can call
 
 # MEMSERVE_KERNELS=off: never build or load (the torch code runs everywhere).
 ENV_SWITCH = "MEMSERVE_KERNELS"

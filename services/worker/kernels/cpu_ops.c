@@ -126,7 +126,7 @@ static inline void axpy(float *y, float p, const float *x, int64_t n) {
     for (; i < n; i++) y[i] += p * x[i];
 }
 
-int memserve_abi_version(void) { return 2; }
+int memserve_abi_version(void) { return 3; }
 
 /* One decode-attention task: a sequence's keys [start, len) (n of them), `heads` query
    heads reading kv heads from column kv0 of each token's row. */
@@ -894,4 +894,75 @@ void memserve_silu_and_mul(float *out, const float *gu, int64_t rows, int64_t in
         }
         for (; i < inter; i++) o[i] = (g[i] / (1.0f + expf(-g[i]))) * u[i];
     }
+}
+
+/* One decoder layer as memserve_decode_layers reads it: its weights (the matmuls' weights
+   plain, or packed by memserve_pack_weight when the step's rows go to the packed kernel;
+   a NULL bias is none) and its KV cache layer. Every field is 8 bytes, so Python fills an
+   array of these as int64s (ops.py). */
+struct memserve_layer {
+    const float *input_norm, *qkv, *qkv_bias, *o, *o_bias;
+    const float *post_norm, *gate_up, *gate_up_bias, *down, *down_bias;
+    float *k_cache, *v_cache;
+    int64_t block_stride, window; /* window 0: none */
+};
+_Static_assert(sizeof(struct memserve_layer) == 14 * 8, "ops.py fills 14 int64s a layer");
+
+static void linear_any(int packed, float *y, const float *x, const float *w, const float *b,
+                       int64_t M, int64_t N, int64_t K) {
+    if (packed)
+        memserve_linear_packed(y, x, w, b, M, N, K);
+    else
+        memserve_linear_small(y, x, w, b, M, N, K);
+}
+
+/* A decode step's decoder layers in one call: `tokens` rows of `hidden` (one token per
+   sequence, sequence s = row s) through `num_layers` layers -> out [tokens, dim] (the
+   residual stream after the last layer's MLP). The same kernel calls, in the same order
+   and on the same buffers' contents, as the model's layer loop (llama.py) makes one by
+   one, so the bits are the same; what goes is the Python between them (~100 us a layer).
+
+   Per layer: x = RMSNorm(residual += h) (the first layer: residual = hidden, x = its
+   norm); qkv = x Wqkv^T (+b); rotary on q, k; K/V written to their slots; decode
+   attention of q over each sequence's blocks; h = attn Wo^T (+b); x = RMSNorm(residual
+   += h); h = (silu(gate) * up)(x Wgu^T (+b)) Wd^T (+b). Then out = residual + h. */
+void memserve_decode_layers(float *out, const float *hidden,
+                            const struct memserve_layer *layers, int64_t num_layers,
+                            int64_t packed, int64_t tokens, int64_t dim, int64_t num_heads,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t inter,
+                            const float *cos_t, const float *sin_t, const int64_t *positions,
+                            const int64_t *slot_blocks, const int64_t *slot_offsets,
+                            const int64_t *tables, const int64_t *ctx_lens,
+                            int64_t max_blocks, int64_t block_size, float eps, float scale) {
+    const int64_t M = tokens, q_cols = num_heads * head_dim, kv_cols = num_kv_heads * head_dim;
+    const int64_t row = q_cols + 2 * kv_cols;
+    float *x = (float *)malloc(sizeof(float) * (size_t)(M * (2 * dim + row + 2 * q_cols + 3 * inter)));
+    float *h = x + M * dim, *qkv = h + M * dim, *q = qkv + M * row, *att = q + M * q_cols;
+    float *gu = att + M * q_cols, *act = gu + M * 2 * inter;
+    float *residual = out;
+    memcpy(residual, hidden, sizeof(float) * (size_t)(M * dim));
+    for (int64_t l = 0; l < num_layers; l++) {
+        const struct memserve_layer *L = layers + l;
+        if (l == 0)
+            memserve_rms_norm(x, hidden, L->input_norm, M, dim, eps);
+        else
+            memserve_add_rms_norm(x, h, residual, L->input_norm, M, dim, eps);
+        linear_any((int)packed, qkv, x, L->qkv, L->qkv_bias, M, row, dim);
+        memserve_rotary(qkv, row, cos_t, sin_t, positions, M, num_heads, num_kv_heads, head_dim);
+        memserve_write_kv(L->k_cache, L->v_cache, qkv + q_cols, qkv + q_cols + kv_cols, row,
+                          slot_blocks, slot_offsets, M, kv_cols, L->block_stride);
+        for (int64_t t = 0; t < M; t++)
+            memcpy(q + t * q_cols, qkv + t * row, sizeof(float) * (size_t)q_cols);
+        memserve_paged_decode(att, q, L->k_cache, L->v_cache, tables, ctx_lens, M, max_blocks,
+                              num_heads, num_kv_heads, head_dim, block_size, L->block_stride,
+                              L->window, scale);
+        linear_any((int)packed, h, att, L->o, L->o_bias, M, dim, q_cols);
+        memserve_add_rms_norm(x, h, residual, L->post_norm, M, dim, eps);
+        linear_any((int)packed, gu, x, L->gate_up, L->gate_up_bias, M, 2 * inter, dim);
+        memserve_silu_and_mul(act, gu, M, inter);
+        linear_any((int)packed, h, act, L->down, L->down_bias, M, dim, inter);
+    }
+    if (num_layers > 0)
+        for (int64_t i = 0; i < M * dim; i++) residual[i] = residual[i] + h[i];
+    free(x);
 }

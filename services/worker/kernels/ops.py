@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import ctypes
 import weakref
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from array import array
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +33,54 @@ from services.worker.kernels.build import load
 if TYPE_CHECKING:
     from services.worker.attention import AttentionMetadata
 
+# Up to this many rows, `linear` runs cpu_ops.c's weight-streaming kernel (decode steps).
+SMALL_ROWS = 8
+
+# Up to this many rows, cpu_ops.c's packed-weight kernel (decode batches). Measured here,
+# weights cold, against oneDNN's packed matmul: 1.1-1.3x at 12-32 rows, 0.9-1.0x at 64-128;
+# against torch's GEMM (MKL): ahead up to 128 rows, behind from 256 on (prefill chunks).
+PACKED_ROWS = 128
+
 # What `rope_for_step` returns and `rotary` takes: per-step rotary inputs.
 RopeStep = tuple[torch.Tensor, ...]
+
+
+class LayerWeights(NamedTuple):
+    """A decoder layer's parameters as `decode_layers` takes them (y = x W^T + b)."""
+
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+
+
+class DecodeLayer(NamedTuple):
+    """One layer of a `decode_layers` call: its weights, KV cache views and window."""
+
+    weights: LayerWeights
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    window: int | None
+
+
+class HeadShape(NamedTuple):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
 
 
 class TorchOps:
     """The reference implementation (eager torch)."""
 
     name = "torch"
+    # Decode steps of up to this many sequences may take `decode_layers`.
+    fused_decode_rows = 0
 
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
@@ -65,6 +106,21 @@ class TorchOps:
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+    def decode_layers(
+        self,
+        hidden: torch.Tensor,
+        layers: Sequence[DecodeLayer],
+        meta: AttentionMetadata,
+        rope: RopeStep,
+        heads: HeadShape,
+        eps: float,
+        scale: float,
+    ) -> torch.Tensor:
+        """A decode step's decoder layers in one call (hidden [D, dim] -> the residual
+        stream after the last layer), for steps of up to `fused_decode_rows` decodes and
+        nothing else; the torch code has no such call (its limit is 0)."""
+        raise NotImplementedError("the torch code runs the layers one by one")
 
     def rope_for_step(
         self, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor
@@ -151,6 +207,7 @@ _SIGNATURES: dict[str, list[Any]] = {
     "memserve_pack_weight": [_P] * 2 + [_I] * 2,
     "memserve_linear_packed": [_P] * 4 + [_I] * 3,
     "memserve_prefill_attention": [_P, _I, _P, _I, _P, _P] + [_I] * 7 + [_F],
+    "memserve_decode_layers": [_P, _P, _P] + [_I] * 8 + [_P] * 7 + [_I] * 2 + [_F] * 2,
 }
 
 
@@ -158,6 +215,7 @@ class CpuKernelOps(TorchOps):
     """float32 CPU work in cpu_ops.c (see the module docstring)."""
 
     name = "cpu-kernels"
+    fused_decode_rows = PACKED_ROWS  # every matmul of such a step is cpu_ops.c's
 
     def __init__(self, lib: ctypes.CDLL):
         self._lib = lib
@@ -185,6 +243,11 @@ class CpuKernelOps(TorchOps):
             return self._linear_small(x, weight, bias)
         if rows == 0 or rows > PACKED_ROWS:
             return F.linear(x, weight, bias)
+        packed = self._packed_copy(weight)
+        return self._call_linear(self._lib.memserve_linear_packed, x, weight, packed, bias)
+
+    def _packed_copy(self, weight: torch.Tensor) -> torch.Tensor:
+        """`weight`'s packed copy, made anew when the weight changed (see `linear`)."""
         entry = self._packed.get(id(weight))
         if (
             entry is None
@@ -193,7 +256,7 @@ class CpuKernelOps(TorchOps):
             or entry[2] != weight._version
         ):
             entry = self._pack_weight(weight)
-        return self._call_linear(self._lib.memserve_linear_packed, x, weight, entry[3], bias)
+        return entry[3]
 
     def _linear_small(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -287,6 +350,75 @@ class CpuKernelOps(TorchOps):
         out = gate_up.new_empty((*gate_up.shape[:-1], inter))
         self._lib.memserve_silu_and_mul(
             out.data_ptr(), gate_up.data_ptr(), gate_up.numel() // (2 * inter), inter
+        )
+        return out
+
+    def decode_layers(
+        self,
+        hidden: torch.Tensor,
+        layers: Sequence[DecodeLayer],
+        meta: AttentionMetadata,
+        rope: RopeStep,
+        heads: HeadShape,
+        eps: float,
+        scale: float,
+    ) -> torch.Tensor:
+        """cpu_ops.c's memserve_decode_layers: the kernels the layer loop would call, in
+        its order, from C (same bits; none of the ~100 us of Python a layer)."""
+        m, dim = hidden.shape
+        tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
+        if not 0 < m <= PACKED_ROWS or meta.prefills or meta.num_decodes != m or not layers:
+            raise ValueError(f"decode_layers takes 1-{PACKED_ROWS} decodes and no prefill")
+        assert tables is not None and lens is not None
+        packed = m > SMALL_ROWS
+        mat = self._packed_copy if packed else _plain
+        flat: list[int] = []
+        for w, k_cache, v_cache, window in layers:
+            _check_paged(k_cache, v_cache)
+            flat += (
+                w.input_norm.data_ptr(),
+                mat(w.qkv).data_ptr(),
+                _ptr(w.qkv_bias),
+                mat(w.o).data_ptr(),
+                _ptr(w.o_bias),
+                w.post_norm.data_ptr(),
+                mat(w.gate_up).data_ptr(),
+                _ptr(w.gate_up_bias),
+                mat(w.down).data_ptr(),
+                _ptr(w.down_bias),
+                k_cache.data_ptr(),
+                v_cache.data_ptr(),
+                k_cache.stride(0),
+                0 if window is None else window,
+            )
+        table = array("q", flat)
+        cos, sin, positions = rope
+        hidden = hidden.contiguous()
+        out = torch.empty_like(hidden)
+        k_cache = layers[0].k_cache
+        self._lib.memserve_decode_layers(
+            out.data_ptr(),
+            hidden.data_ptr(),
+            table.buffer_info()[0],
+            len(layers),
+            int(packed),
+            m,
+            dim,
+            heads.num_heads,
+            heads.num_kv_heads,
+            heads.head_dim,
+            layers[0].weights.down.shape[1],
+            cos.data_ptr(),
+            sin.data_ptr(),
+            positions.data_ptr(),
+            meta.slot_blocks.data_ptr(),
+            meta.slot_offsets.data_ptr(),
+            tables.data_ptr(),
+            lens.data_ptr(),
+            tables.shape[1],
+            k_cache.shape[1],
+            eps,
+            scale,
         )
         return out
 
@@ -407,15 +539,6 @@ class CpuKernelOps(TorchOps):
         return out
 
 
-# Up to this many rows, `linear` runs cpu_ops.c's weight-streaming kernel (decode steps).
-SMALL_ROWS = 8
-
-# Up to this many rows, cpu_ops.c's packed-weight kernel (decode batches). Measured here,
-# weights cold, against oneDNN's packed matmul: 1.1-1.3x at 12-32 rows, 0.9-1.0x at 64-128;
-# against torch's GEMM (MKL): ahead up to 128 rows, behind from 256 on (prefill chunks).
-PACKED_ROWS = 128
-
-
 # K views already checked, with their V view (a KV cache hands out the same view objects
 # every step: the check runs once per view instead of twice a layer a step).
 # Keyed by id(K), holding weak references: an id reused by a later tensor fails the
@@ -437,6 +560,17 @@ def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if len(_CHECKED) > 4096:  # views of dropped caches: forget them all, rarely
         _CHECKED.clear()
     _CHECKED[id(k_cache)] = (weakref.ref(k_cache), weakref.ref(v_cache))
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor:
+    """A weight the small-rows kernel reads as it is (row-major [N, K])."""
+    if not weight.is_contiguous():
+        raise ValueError("decode_layers wants contiguous weights")
+    return weight
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 def gather_blocks(cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -463,4 +597,13 @@ def select_ops(device: torch.device, dtype: torch.dtype, kernels: bool = True) -
     return TorchOps()
 
 
-__all__ = ["CpuKernelOps", "RopeStep", "TorchOps", "gather_blocks", "select_ops"]
+__all__ = [
+    "CpuKernelOps",
+    "DecodeLayer",
+    "HeadShape",
+    "LayerWeights",
+    "RopeStep",
+    "TorchOps",
+    "gather_blocks",
+    "select_ops",
+]

@@ -31,7 +31,14 @@ from torch import nn
 
 from common.model.config import ModelConfig
 from services.worker.attention import AttentionMetadata, paged_attention
-from services.worker.kernels.ops import RopeStep, TorchOps, select_ops
+from services.worker.kernels.ops import (
+    DecodeLayer,
+    HeadShape,
+    LayerWeights,
+    RopeStep,
+    TorchOps,
+    select_ops,
+)
 from services.worker.kv_cache import KVCache
 from services.worker.model.checkpoint import Target, checkpoint_names, copy_tensors
 from services.worker.model.rope import RotaryEmbedding
@@ -142,6 +149,21 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, window, dtype, device, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, ops)
         self.mlp = MLP(cfg, dtype, device, ops)
+        attn, mlp = self.self_attn, self.mlp
+        # The same Parameter objects (a load, restore or arena move rebinds their data,
+        # never the objects), in the order ops.decode_layers reads them.
+        self.weights = LayerWeights(
+            self.input_layernorm.weight,
+            attn.qkv_weight,
+            attn.qkv_bias,
+            attn.o_weight,
+            attn.o_bias,
+            self.post_attention_layernorm.weight,
+            mlp.gate_up_weight,
+            mlp.gate_up_bias,
+            mlp.down_weight,
+            mlp.down_bias,
+        )
 
     def forward(
         self,
@@ -306,6 +328,17 @@ class LlamaModel(nn.Module):
                 f"[{first}, {first + len(held)})"
             )
         rope = self.ops.rope_for_step(self.rope.cos, self.rope.sin, meta.positions)
+        if rows is None and not meta.prefills and 0 < hidden.shape[0] <= self.ops.fused_decode_rows:
+            # A decode step: the same layers, in one call to the ops (same bits).
+            cfg = self.cfg
+            step = []
+            for i in layers:
+                layer = cast(DecoderLayer, held[i - first])
+                k_cache, v_cache = cache.layer(i - layers.start)
+                step.append(DecodeLayer(layer.weights, k_cache, v_cache, layer.self_attn.window))
+            heads = HeadShape(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim)
+            scale = cast(DecoderLayer, held[0]).self_attn.scale
+            return self.ops.decode_layers(hidden, step, meta, rope, heads, cfg.rms_norm_eps, scale)
         h, residual = hidden, None
         for i in layers:
             layer = cast(DecoderLayer, held[i - first])
