@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.worker.attention import AttentionMetadata
+from services.worker.attention import AttentionMetadata, PrefillSpan
 from services.worker.kernels import build as kbuild
 from services.worker.kernels.ops import (
     PACKED_ROWS,
     SMALL_ROWS,
     CpuKernelOps,
+    DecodeLayer,
+    HeadShape,
+    LayerWeights,
     TorchOps,
     select_ops,
 )
@@ -173,6 +176,43 @@ def test_a_view_that_is_not_block_contiguous_is_refused(kern: CpuKernelOps) -> N
     transposed = cache[:, 0, 0].transpose(1, 2)  # [blocks, H, block_size, D]
     with pytest.raises(ValueError, match="block-contiguous"):
         kern.decode_attention(q, transposed, transposed, meta, 0.125, None)
+
+
+def test_decode_layers_takes_decode_steps_only(kern: CpuKernelOps) -> None:
+    """The one-call decode step refuses what it cannot run (the model never asks it to:
+    it checks `fused_decode_rows` and the prefills first), before touching anything."""
+    cache, meta, _ = _paged_case(8, 4, 64, [20, 7])
+    dim, inter = 64, 96
+    w = LayerWeights(
+        torch.ones(dim),
+        torch.randn(16 * 64, dim),
+        None,
+        torch.randn(dim, 8 * 64),
+        None,
+        torch.ones(dim),
+        torch.randn(2 * inter, dim),
+        None,
+        torch.randn(dim, inter),
+        None,
+    )
+    before = cache.clone()
+    layers = [DecodeLayer(w, cache[:, 1, 0], cache[:, 1, 1], None)]
+    rope = (torch.ones(64, 64), torch.zeros(64, 64), meta.positions)
+    heads = HeadShape(8, 4, 64)
+    meta.prefills = [PrefillSpan(2, 3, 3, torch.tensor([9]))]
+    with pytest.raises(ValueError, match="decodes and no prefill"):
+        kern.decode_layers(torch.randn(5, dim), layers, meta, rope, heads, 1e-6, 0.125)
+    meta.prefills = []
+    too_many = torch.randn(PACKED_ROWS + 1, dim)
+    with pytest.raises(ValueError, match="decodes and no prefill"):
+        kern.decode_layers(too_many, layers, meta, rope, heads, 1e-6, 0.125)
+    with pytest.raises(ValueError, match="decodes and no prefill"):
+        kern.decode_layers(torch.randn(2, dim), [], meta, rope, heads, 1e-6, 0.125)
+    wrong = [DecodeLayer(w._replace(o=torch.randn(dim, 4 * 64)), *layers[0][1:])]
+    with pytest.raises(ValueError, match="o is"):
+        kern.decode_layers(torch.randn(2, dim), wrong, meta, rope, heads, 1e-6, 0.125)
+    assert torch.equal(cache, before)
+    assert TORCH.fused_decode_rows == 0 and kern.fused_decode_rows == PACKED_ROWS
 
 
 def test_torch_runs_where_kernels_do_not_apply() -> None:

@@ -370,6 +370,7 @@ class CpuKernelOps(TorchOps):
         if not 0 < m <= PACKED_ROWS or meta.prefills or meta.num_decodes != m or not layers:
             raise ValueError(f"decode_layers takes 1-{PACKED_ROWS} decodes and no prefill")
         assert tables is not None and lens is not None
+        _check_geometry(layers[0].weights, dim, heads)  # every layer of a model has its shapes
         packed = m > SMALL_ROWS
         mat = self._packed_copy if packed else _plain
         flat: list[int] = []
@@ -560,6 +561,26 @@ def _check_paged(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     if len(_CHECKED) > 4096:  # views of dropped caches: forget them all, rarely
         _CHECKED.clear()
     _CHECKED[id(k_cache)] = (weakref.ref(k_cache), weakref.ref(v_cache))
+
+
+def _check_geometry(w: LayerWeights, dim: int, heads: HeadShape) -> None:
+    """The shapes memserve_decode_layers assumes (it reads raw memory)."""
+    q = heads.num_heads * heads.head_dim
+    row = q + 2 * heads.num_kv_heads * heads.head_dim
+    inter = w.down.shape[-1]
+    want = {
+        "qkv": (row, dim),
+        "o": (dim, q),
+        "gate_up": (2 * inter, dim),
+        "down": (dim, inter),
+        "input_norm": (dim,),
+        "post_norm": (dim,),
+    }
+    for name, shape in want.items():
+        if tuple(getattr(w, name).shape) != shape:
+            raise ValueError(
+                f"decode_layers: {name} is {tuple(getattr(w, name).shape)}, not {shape}"
+            )
 
 
 def _plain(weight: torch.Tensor) -> torch.Tensor:
