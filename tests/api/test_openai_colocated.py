@@ -297,11 +297,13 @@ async def test_disconnect_cancels_the_request(
 @MODULE_LOOP
 async def test_a_client_that_leaves_a_whole_answer_cancels_it(cluster: Cluster) -> None:
     """Not streamed: nothing is sent until the answer is whole, so the client's read
-    timeout makes it hang up first; the API notices and cancels at the gateway."""
+    timeout makes it hang up first; the API notices and cancels at the gateway. (4000
+    tokens take the engine ~4 s alone on this CPU: the half-second read timeout leaves a
+    wide margin for faster machines.)"""
     served = (await until_gateway_idle(cluster))["served"]
     body = {"model": "tiny", "prompt": "x", "max_tokens": 4000, "ignore_eos": True}
     async with httpx.AsyncClient(
-        base_url=str(cluster.http), timeout=httpx.Timeout(30, read=1)
+        base_url=str(cluster.http), timeout=httpx.Timeout(30, read=0.5)
     ) as http:
         with pytest.raises(httpx.ReadTimeout):
             await http.post(
