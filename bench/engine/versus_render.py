@@ -100,8 +100,10 @@ def render_versus(results: dict[str, Any]) -> str:
     ]
     if over:
         lines.append(
-            f"WARNING: an engine beat the measured matmul roofline ({', '.join(over)}): every "
-            "measurement of it was disturbed, so those roof fractions mean nothing"
+            f"note: above 100% of the measured matmul roofline ({', '.join(over)}): torch's "
+            "F.linear at that batch is not this machine's limit there (our kernels beat it on "
+            "small batches), or the roofline runs were disturbed; read those fractions as "
+            "relative only"
         )
     busy = contended(results)
     if busy:
