@@ -74,15 +74,16 @@ static inline vf expv(vf x) {
     return y * (vf)((n + 127) << 23);
 }
 
-/* exp of VW floats <= 0 for softmax weights (expv's polynomial on FMAs, rounding to
-   the nearest integer for the range reduction and scalef for 2^n: 14 vector operations to
-   expv's ~35, which kept half the prefill attention's softmax time; inputs below -87.3
-   give exp(-87.3) ~ 1e-38, as expv's clamp). Other machines take expv. */
+/* exp of VW floats for softmax weights (inputs <= 0 where it matters): expv's polynomial
+   on FMAs, round-to-nearest for the range reduction and scalef for 2^n, 14 vector
+   operations to expv's ~35 (expv was half of prefill attention's time outside its
+   matmuls, by perf). Inputs below -87.3 give exp(-87.3) ~ 1e-38, as expv's clamp does.
+   Machines without AVX-512 take expv. */
 static inline vf exp_weights(vf x) {
 #if defined(__AVX512F__)
     const __m512 v = _mm512_max_ps((__m512)x, _mm512_set1_ps(-87.3365447504f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 t = _mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
     r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
     __m512 y = _mm512_set1_ps(1.9875691500e-4f);
@@ -960,7 +961,8 @@ void memserve_decode_layers(float *out, const float *hidden,
                             int64_t max_blocks, int64_t block_size, float eps, float scale) {
     const int64_t M = tokens, q_cols = num_heads * head_dim, kv_cols = num_kv_heads * head_dim;
     const int64_t row = q_cols + 2 * kv_cols;
-    float *x = (float *)malloc(sizeof(float) * (size_t)(M * (2 * dim + row + 2 * q_cols + 3 * inter)));
+    const int64_t scratch = M * (2 * dim + row + 2 * q_cols + 3 * inter);
+    float *x = (float *)malloc(sizeof(float) * (size_t)scratch);
     float *h = x + M * dim, *qkv = h + M * dim, *q = qkv + M * row, *att = q + M * q_cols;
     float *gu = att + M * q_cols, *act = gu + M * 2 * inter;
     float *residual = out;
