@@ -57,12 +57,12 @@ async def test_worker_serves_streams_with_the_reference_tokens(
         await sock.send_multipart([b"\xc1 not msgpack"])
         sock.close(0)
         # Abort mid-stream frees the request's blocks.
-        await gw.generate("long", prompt(30, 5), SamplingParams(max_tokens=500, ignore_eos=True))
+        await gw.generate("long", prompt(30, 5), SamplingParams(max_tokens=3000, ignore_eos=True))
         first = await asyncio.wait_for(gw.replies.recv(), 30)
         assert first.request_id == "long" and not first.finished
         await gw.requests.send(wp.Abort("long"))
         rest = await gw.collect({"long"})
-        assert rest["long"][-1].finish_reason == "abort" and len(tokens(rest["long"])) < 500
+        assert rest["long"][-1].finish_reason == "abort" and len(tokens(rest["long"])) < 3000
     finally:
         gw.close()
     # Idle: every block is free or in the index; SIGTERM gives the worker's lease back.
