@@ -12,7 +12,7 @@ import torch
 from common.sampling import SamplingParams
 from services.worker.config import EngineConfig
 from services.worker.engine import Engine
-from services.worker.kernels.ops import SMALL_ROWS
+from services.worker.kernels.ops import SMALL_ROWS, TorchOps
 from services.worker.model.loader import checkpoint_files
 from tests.worker.helpers import run_to_end, save_reference
 
@@ -167,3 +167,45 @@ def test_a_decode_step_in_one_call_gives_the_layer_loops_bits(
     assert torch.equal(kv_fused, engine.cache.tensor), f"{name}: K/V differ"
     assert not torch.equal(kv_fused, before), "the step wrote no K/V"
     engine.check_integrity()
+
+
+def test_a_layers_weights_follow_a_conversion_that_makes_new_parameters() -> None:
+    """`DecoderLayer.weights` (what the one-call decode step reads) names the Parameter
+    objects the module holds, also after a `.to()` that replaces them."""
+    from common.model.config import ModelConfig
+    from services.worker.model.llama import DecoderLayer
+
+    cfg = ModelConfig.from_dict(
+        dict(
+            architectures=["LlamaForCausalLM"],
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    layer = DecoderLayer(cfg, 0, torch.float32, torch.device("cpu"), TorchOps())
+    old = layer.weights
+    replacing = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        layer.to(torch.float64)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(replacing)
+    assert layer.self_attn.qkv_weight is not old.qkv, "the conversion made new Parameters"
+    held = dict(layer.named_parameters())
+    want = (
+        held["input_layernorm.weight"],
+        held["self_attn.qkv_weight"],
+        None,
+        held["self_attn.o_weight"],
+        None,
+        held["post_attention_layernorm.weight"],
+        held["mlp.gate_up_weight"],
+        None,
+        held["mlp.down_weight"],
+        None,
+    )
+    assert all(a is b for a, b in zip(layer.weights, want, strict=True))

@@ -149,10 +149,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, window, dtype, device, ops)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, dtype, device, ops)
         self.mlp = MLP(cfg, dtype, device, ops)
+        self.weights = self._collect_weights()
+
+    def _collect_weights(self) -> LayerWeights:
+        """This layer's Parameter objects in the order ops.decode_layers reads them. A
+        load, restore or arena move rebinds their data, never the objects; `_apply` (a
+        `.to()`, which may make new ones) collects them again. Looking them up per step
+        instead cost ~10 us a layer."""
         attn, mlp = self.self_attn, self.mlp
-        # The same Parameter objects (a load, restore or arena move rebinds their data,
-        # never the objects), in the order ops.decode_layers reads them.
-        self.weights = LayerWeights(
+        return LayerWeights(
             self.input_layernorm.weight,
             attn.qkv_weight,
             attn.qkv_bias,
@@ -164,6 +169,11 @@ class DecoderLayer(nn.Module):
             mlp.down_weight,
             mlp.down_bias,
         )
+
+    def _apply(self, fn: Callable[..., torch.Tensor], recurse: bool = True) -> DecoderLayer:
+        super()._apply(fn, recurse)
+        self.weights = self._collect_weights()
+        return self
 
     def forward(
         self,
@@ -310,6 +320,10 @@ class LlamaModel(nn.Module):
         the last layer then projects and runs its MLP for them alone (a prefill chunk
         wants logits of its last token only: on an 8-layer model that skips ~10% of the
         step's matmuls). Every row's K/V is written as without it.
+
+        A step of decodes only (no `rows`, at most `ops.fused_decode_rows` of them) runs
+        its layers in one `ops.decode_layers` call: the kernels this loop would call, in
+        its order (same bits), without the Python between them.
 
         `layers` must be a non-empty step-1 range inside the held layers (ValueError)."""
         held = list(self.layers)  # one read: a concurrent restore swaps in a new list
