@@ -283,7 +283,7 @@ class CpuKernelOps(TorchOps):
             out.data_ptr(),
             x.data_ptr(),
             data.data_ptr(),
-            0 if bias is None else bias.data_ptr(),
+            _ptr(bias),
             x.numel() // k,
             n,
             k,
@@ -367,8 +367,9 @@ class CpuKernelOps(TorchOps):
         its order, from C (same bits; none of the ~100 us of Python a layer)."""
         m, dim = hidden.shape
         tables, lens = meta.decode_block_tables, meta.decode_ctx_lens
-        if not 0 < m <= PACKED_ROWS or meta.prefills or meta.num_decodes != m or not layers:
-            raise ValueError(f"decode_layers takes 1-{PACKED_ROWS} decodes and no prefill")
+        limit = self.fused_decode_rows
+        if not 0 < m <= limit or meta.prefills or meta.num_decodes != m or not layers:
+            raise ValueError(f"decode_layers takes 1-{limit} decodes and no prefill")
         assert tables is not None and lens is not None
         _check_geometry(layers[0].weights, dim, heads)  # every layer of a model has its shapes
         packed = m > SMALL_ROWS
