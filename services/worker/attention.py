@@ -91,8 +91,8 @@ def paged_attention(
         out[:nd] = ops.decode_attention(q[:nd], k_cache, v_cache, meta, scale, window)
     for span in meta.prefills:
         s, e = span.q_start, span.q_start + span.q_len
-        out[s:e] = _prefill_span(
-            q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, block_size, scale, window, ops
+        _prefill_span(
+            q[s:e], k[s:e], v[s:e], k_cache, v_cache, span, block_size, scale, window, ops, out[s:e]
         )
     return out
 
@@ -108,7 +108,9 @@ def _prefill_span(
     scale: float,
     window: int | None,
     ops: TorchOps,
-) -> torch.Tensor:
+    out: torch.Tensor,
+) -> None:
+    """The span's attention into `out` (its rows of the step's output)."""
     fresh = span.ctx_len == span.q_len
     if fresh:
         keys, values = k, v
@@ -116,8 +118,9 @@ def _prefill_span(
         keys = gather_blocks(k_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
         values = gather_blocks(v_cache, span.block_ids.unsqueeze(0))[0, : span.ctx_len]
     if fresh and window is None and _xformers_fmha is not None and q.is_cuda:
-        return _xformers_causal(q, keys, values, scale)
-    return ops.prefill_attention(q, keys, values, scale, window)
+        out.copy_(_xformers_causal(q, keys, values, scale))
+    else:
+        ops.prefill_attention(q, keys, values, scale, window, out)
 
 
 def _xformers_causal(

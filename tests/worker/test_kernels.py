@@ -86,7 +86,16 @@ def test_rotary_in_place_is_torch_bit_for_bit(
 @pytest.mark.parametrize("heads,kv_heads,d", [(8, 4, 64), (4, 4, 24), (9, 3, 64), (2, 1, 40)])
 @pytest.mark.parametrize(
     "t,s,window",
-    [(1, 1, None), (29, 29, None), (77, 77, None), (13, 50, None), (40, 40, 7), (25, 90, 16)],
+    [
+        (1, 1, None),
+        (29, 29, None),
+        (77, 77, None),
+        (13, 50, None),
+        (40, 40, 7),
+        (25, 90, 16),
+        (300, 300, None),  # enough blocks for every thread, in each kv head's turn
+        (130, 700, 200),
+    ],
 )
 def test_prefill_attention_is_torchs(
     kern: CpuKernelOps,
@@ -116,6 +125,28 @@ def test_prefill_attention_is_torchs(
         TORCH.prefill_attention(q, k, v, scale, window),
         atol=2e-5,
     )
+
+
+@pytest.mark.parametrize("ops", ["kern", "torch"])
+def test_prefill_attention_writes_into_rows_of_a_wider_buffer(kern: CpuKernelOps, ops: str) -> None:
+    """`out` given (a span's rows of a step's output): the result lands there, returned as
+    it; rows around it are untouched; an `out` of another shape is refused."""
+    o = kern if ops == "kern" else TORCH
+    g = torch.Generator().manual_seed(5)
+    t, heads, kv_heads, d = 45, 8, 2, 64
+    q = torch.randn(t, heads, d, generator=g)
+    k, v = torch.randn(t, kv_heads, d, generator=g), torch.randn(t, kv_heads, d, generator=g)
+    step = torch.full((t + 20, heads, d), 7.0)
+    into = step[10 : 10 + t]
+    got = o.prefill_attention(q, k, v, d**-0.5, None, into)
+    assert got.data_ptr() == into.data_ptr()
+    _close(into, TORCH.prefill_attention(q, k, v, d**-0.5, None), atol=2e-5)
+    assert bool((step[:10] == 7.0).all()) and bool((step[10 + t :] == 7.0).all())
+    with pytest.raises(ValueError, match="is not q's"):
+        o.prefill_attention(q, k, v, d**-0.5, None, torch.empty(t, heads, d + 1))
+    strided = torch.zeros(t, heads, d + 3)[:, :, :d]  # rows the kernel cannot take: torch's
+    o.prefill_attention(q, k, v, d**-0.5, None, strided)
+    _close(strided, into, atol=2e-5)
 
 
 def _paged_case(

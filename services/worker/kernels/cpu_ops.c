@@ -553,12 +553,14 @@ void memserve_pack_weight(float *packed, const float *w, int64_t N, int64_t K) {
 /* y[0 : mr, 0 : cols] of one panel of nv vectors (mr, nv constant where inlined; mr <= MR,
    nv <= 3), rows of y `ldy` apart; xp: the tile's rows of x interleaved, xp[k*ldx + i] =
    x[i, k] (ldx = the tile height for a packed tile). Meanwhile the `lines` cache lines from
-   `ahead` on are asked into L2, spread over the K steps. */
+   `ahead` on are asked into L2, spread over the K steps. rs (NULL: none): row i of y is
+   scaled by rs[i] as it is stored. */
 static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ldy,
                                                            const float *xp, int64_t ldx,
                                                            int64_t K, const float *panel,
                                                            int mr, int nv, int64_t cols,
-                                                           const char *ahead, int64_t lines) {
+                                                           const char *ahead, int64_t lines,
+                                                           const float *rs) {
     vf acc[MR][3];
 #pragma GCC unroll 12
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = acc[i][2] = vzero();
@@ -579,6 +581,9 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
 #pragma GCC unroll 12
     for (int i = 0; i < MR; i++)
         if (i < mr) {
+            if (rs != NULL)
+#pragma GCC unroll 3
+                for (int v = 0; v < nv; v++) acc[i][v] *= splat(rs[i]);
             if (cols == nv * VW) {
 #pragma GCC unroll 3
                 for (int v = 0; v < nv; v++) storev(y + i * ldy + v * VW, acc[i][v]);
@@ -593,21 +598,21 @@ static inline __attribute__((always_inline)) void gemm_tile(float *y, int64_t ld
 
 /* gemm_tile on MR x NR tiles for a run-time row count 1..MR (one instance per count). */
 static void gemm_rows(float *y, int64_t ldy, const float *xp, int64_t ldx, int64_t K,
-                      const float *panel, int r, int64_t cols) {
+                      const float *panel, int r, int64_t cols, const float *rs) {
     switch (r) {
-    case 1: gemm_tile(y, ldy, xp, ldx, K, panel, 1, 2, cols, NULL, 0); break;
-    case 2: gemm_tile(y, ldy, xp, ldx, K, panel, 2, 2, cols, NULL, 0); break;
-    case 3: gemm_tile(y, ldy, xp, ldx, K, panel, 3, 2, cols, NULL, 0); break;
-    case 4: gemm_tile(y, ldy, xp, ldx, K, panel, 4, 2, cols, NULL, 0); break;
-    case 5: gemm_tile(y, ldy, xp, ldx, K, panel, 5, 2, cols, NULL, 0); break;
-    case 6: gemm_tile(y, ldy, xp, ldx, K, panel, 6, 2, cols, NULL, 0); break;
+    case 1: gemm_tile(y, ldy, xp, ldx, K, panel, 1, 2, cols, NULL, 0, rs); break;
+    case 2: gemm_tile(y, ldy, xp, ldx, K, panel, 2, 2, cols, NULL, 0, rs); break;
+    case 3: gemm_tile(y, ldy, xp, ldx, K, panel, 3, 2, cols, NULL, 0, rs); break;
+    case 4: gemm_tile(y, ldy, xp, ldx, K, panel, 4, 2, cols, NULL, 0, rs); break;
+    case 5: gemm_tile(y, ldy, xp, ldx, K, panel, 5, 2, cols, NULL, 0, rs); break;
+    case 6: gemm_tile(y, ldy, xp, ldx, K, panel, 6, 2, cols, NULL, 0, rs); break;
 #if MR > 6
-    case 7: gemm_tile(y, ldy, xp, ldx, K, panel, 7, 2, cols, NULL, 0); break;
-    case 8: gemm_tile(y, ldy, xp, ldx, K, panel, 8, 2, cols, NULL, 0); break;
-    case 9: gemm_tile(y, ldy, xp, ldx, K, panel, 9, 2, cols, NULL, 0); break;
-    case 10: gemm_tile(y, ldy, xp, ldx, K, panel, 10, 2, cols, NULL, 0); break;
-    case 11: gemm_tile(y, ldy, xp, ldx, K, panel, 11, 2, cols, NULL, 0); break;
-    case 12: gemm_tile(y, ldy, xp, ldx, K, panel, 12, 2, cols, NULL, 0); break;
+    case 7: gemm_tile(y, ldy, xp, ldx, K, panel, 7, 2, cols, NULL, 0, rs); break;
+    case 8: gemm_tile(y, ldy, xp, ldx, K, panel, 8, 2, cols, NULL, 0, rs); break;
+    case 9: gemm_tile(y, ldy, xp, ldx, K, panel, 9, 2, cols, NULL, 0, rs); break;
+    case 10: gemm_tile(y, ldy, xp, ldx, K, panel, 10, 2, cols, NULL, 0, rs); break;
+    case 11: gemm_tile(y, ldy, xp, ldx, K, panel, 11, 2, cols, NULL, 0, rs); break;
+    case 12: gemm_tile(y, ldy, xp, ldx, K, panel, 12, 2, cols, NULL, 0, rs); break;
 #endif
     default: break;
     }
@@ -618,15 +623,15 @@ static void linear_tile_rows(float *y, int64_t ldy, const float *xp, int64_t K,
                              const float *panel, int r, int64_t cols, const char *ahead,
                              int64_t lines) {
     switch (r) {
-    case 1: gemm_tile(y, ldy, xp, LMR, K, panel, 1, LNV, cols, ahead, lines); break;
-    case 2: gemm_tile(y, ldy, xp, LMR, K, panel, 2, LNV, cols, ahead, lines); break;
-    case 3: gemm_tile(y, ldy, xp, LMR, K, panel, 3, LNV, cols, ahead, lines); break;
-    case 4: gemm_tile(y, ldy, xp, LMR, K, panel, 4, LNV, cols, ahead, lines); break;
-    case 5: gemm_tile(y, ldy, xp, LMR, K, panel, 5, LNV, cols, ahead, lines); break;
-    case 6: gemm_tile(y, ldy, xp, LMR, K, panel, 6, LNV, cols, ahead, lines); break;
+    case 1: gemm_tile(y, ldy, xp, LMR, K, panel, 1, LNV, cols, ahead, lines, NULL); break;
+    case 2: gemm_tile(y, ldy, xp, LMR, K, panel, 2, LNV, cols, ahead, lines, NULL); break;
+    case 3: gemm_tile(y, ldy, xp, LMR, K, panel, 3, LNV, cols, ahead, lines, NULL); break;
+    case 4: gemm_tile(y, ldy, xp, LMR, K, panel, 4, LNV, cols, ahead, lines, NULL); break;
+    case 5: gemm_tile(y, ldy, xp, LMR, K, panel, 5, LNV, cols, ahead, lines, NULL); break;
+    case 6: gemm_tile(y, ldy, xp, LMR, K, panel, 6, LNV, cols, ahead, lines, NULL); break;
 #if LMR > 6
-    case 7: gemm_tile(y, ldy, xp, LMR, K, panel, 7, LNV, cols, ahead, lines); break;
-    case 8: gemm_tile(y, ldy, xp, LMR, K, panel, 8, LNV, cols, ahead, lines); break;
+    case 7: gemm_tile(y, ldy, xp, LMR, K, panel, 7, LNV, cols, ahead, lines, NULL); break;
+    case 8: gemm_tile(y, ldy, xp, LMR, K, panel, 8, LNV, cols, ahead, lines, NULL); break;
 #endif
     default: break;
     }
@@ -715,37 +720,105 @@ static inline void block_keys(int64_t i0, int64_t qb, int64_t off, int64_t windo
 /* Softmax down the columns of a block's transposed scores st[(j - k0) * NR + c] (key j,
    query c, the query at position pos0 + c), in place: exp(s * scale - max * scale) for the
    keys the query sees (j <= its position, and within `window` when > 0), 0 for the others;
-   inv[c] = 1 / the column's sum. Every column sees at least its own position's key. */
+   inv[c] = 1 / the column's sum. Every column sees at least its own position's key.
+   Without a window every query sees the keys before pos0, so those rows go unmasked. */
 static void softmax_columns(float *st, int64_t k0, int64_t hi, int64_t pos0, int64_t window,
                             float scale, float *inv) {
     vfi lane;
     for (int l = 0; l < VW; l++) lane[l] = l;
-    const vf neg = splat(-INFINITY);
+    const vf neg = splat(-INFINITY), sc = splat(scale);
+    const int64_t open = window > 0 ? k0 : (pos0 < hi ? pos0 : hi); /* [k0, open) unmasked */
     vf mx[2] = {neg, neg}, sum[2] = {vzero(), vzero()};
-    /* Pass 1: masked column maxima; pass 2: exponentials and their sums. */
-    for (int pass = 0; pass < 2; pass++) {
-        const vf ms[2] = {mx[0] * splat(scale), mx[1] * splat(scale)};
-        for (int64_t j = k0; j < hi; j++) {
-            float *row = st + (j - k0) * NR;
-            const int32_t rel = (int32_t)(j - pos0); /* query c sees key j iff c >= rel */
-            for (int u = 0; u < 2; u++) {
-                const vfi c = lane + u * VW;
-                vfi ok = c >= rel;
-                if (window > 0) ok &= c < rel + (int32_t)window;
-                const vf v = loadv(row + u * VW);
-                if (pass == 0) {
-                    const vfi gt = (v > mx[u]) & ok;
-                    mx[u] = (vf)(((vfi)v & gt) | ((vfi)mx[u] & ~gt));
-                } else {
-                    const vf e = (vf)((vfi)exp_weights(v * splat(scale) - ms[u]) & ok);
-                    storev(row + u * VW, e);
-                    sum[u] += e;
-                }
-            }
+    for (int64_t j = k0; j < open; j++) {
+        const float *row = st + (j - k0) * NR;
+        for (int u = 0; u < 2; u++) {
+            const vf v = loadv(row + u * VW);
+            mx[u] = (vf)(((vfi)v & (v > mx[u])) | ((vfi)mx[u] & ~(v > mx[u])));
+        }
+    }
+    for (int64_t j = open; j < hi; j++) {
+        const float *row = st + (j - k0) * NR;
+        const int32_t rel = (int32_t)(j - pos0); /* query c sees key j iff c >= rel */
+        for (int u = 0; u < 2; u++) {
+            const vfi c = lane + u * VW;
+            vfi ok = c >= rel;
+            if (window > 0) ok &= c < rel + (int32_t)window;
+            const vf v = loadv(row + u * VW);
+            const vfi gt = (v > mx[u]) & ok;
+            mx[u] = (vf)(((vfi)v & gt) | ((vfi)mx[u] & ~gt));
+        }
+    }
+    const vf ms[2] = {mx[0] * sc, mx[1] * sc};
+    for (int64_t j = k0; j < open; j++) {
+        float *row = st + (j - k0) * NR;
+        for (int u = 0; u < 2; u++) {
+            const vf e = exp_weights(loadv(row + u * VW) * sc - ms[u]);
+            storev(row + u * VW, e);
+            sum[u] += e;
+        }
+    }
+    for (int64_t j = open; j < hi; j++) {
+        float *row = st + (j - k0) * NR;
+        const int32_t rel = (int32_t)(j - pos0);
+        for (int u = 0; u < 2; u++) {
+            const vfi c = lane + u * VW;
+            vfi ok = c >= rel;
+            if (window > 0) ok &= c < rel + (int32_t)window;
+            const vf e = (vf)((vfi)exp_weights(loadv(row + u * VW) * sc - ms[u]) & ok);
+            storev(row + u * VW, e);
+            sum[u] += e;
         }
     }
     for (int u = 0; u < 2; u++)
         for (int l = 0; l < VW; l++) inv[u * VW + l] = 1.0f / sum[u][l];
+}
+
+/* One kv head's K, V and query blocks packed for the tiles (rows `tile`.. of MR keys, of
+   the keys' and queries' rows), shared by the threads: kp[(j / MR) * D + d) * MR + j % MR]
+   = K[j, d] (0 past S), vp[(pnl * S + j) * NR + c] = V[j, pnl * NR + c] (0 past D),
+   qp[((hg * blocks + b) * D + d) * NR + c] = Q[b * NR + c, query head hg of the group, d]
+   (0 past T). Rows are read in order, a few ahead asked for (rows far apart: each a cache
+   miss the copy would otherwise wait on). Each loop is split between the threads; the
+   last one's barrier ends the packing. */
+static void pack_kv_head(float *kp, float *vp, float *qp, const float *q, int64_t q_row,
+                         const float *k, const float *v, int64_t kv_row, int64_t g, int64_t T,
+                         int64_t S, int64_t group, int64_t D, int64_t blocks) {
+    const int64_t s_pad = (S + MR - 1) / MR * MR, d_panels = (D + NR - 1) / NR;
+#pragma omp for schedule(static) nowait
+    for (int64_t jt = 0; jt < s_pad / MR; jt++)
+        for (int64_t i = 0; i < MR; i++) {
+            const int64_t j = jt * MR + i;
+            float *kt = kp + jt * D * MR + i;
+            if (j >= S) {
+                for (int64_t d = 0; d < D; d++) kt[d * MR] = 0.0f;
+                continue;
+            }
+            const float *kr = k + j * kv_row + g * D, *vr = v + j * kv_row + g * D;
+            if (j + MR < S)
+                for (int64_t d = 0; d < D; d += 64 / (int64_t)sizeof(float)) {
+                    __builtin_prefetch(kr + MR * kv_row + d, 0, 0);
+                    __builtin_prefetch(vr + MR * kv_row + d, 0, 0);
+                }
+            for (int64_t d = 0; d < D; d++) kt[d * MR] = kr[d];
+            for (int64_t pnl = 0; pnl < d_panels; pnl++)
+                for (int64_t c = 0; c < NR; c++) {
+                    const int64_t d = pnl * NR + c;
+                    vp[(pnl * S + j) * NR + c] = d < D ? vr[d] : 0.0f;
+                }
+        }
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        /* A block's rows (group * D floats each) fit L1: read across them, write whole
+           lines of qp. */
+        const int64_t qb = T - b * NR < NR ? T - b * NR : NR;
+        const float *qr = q + b * NR * q_row + g * group * D;
+        for (int64_t hg = 0; hg < group; hg++)
+            for (int64_t d = 0; d < D; d++) {
+                float *qt = qp + ((hg * blocks + b) * D + d) * NR;
+                for (int64_t c = 0; c < qb; c++) qt[c] = qr[c * q_row + hg * D + d];
+                for (int64_t c = qb; c < NR; c++) qt[c] = 0.0f;
+            }
+    }
 }
 
 /* Causal attention of one prefill chunk on the packed-panel GEMM tiles.
@@ -754,94 +827,76 @@ static void softmax_columns(float *st, int64_t k0, int64_t hi, int64_t pos0, int
    apart, S >= T keys of which the chunk's queries are the last T: query i sits at position
    S - T + i and sees keys j <= S - T + i (and j > S - T + i - window when window > 0).
 
-   A task is one query head's block of NR queries. Its scores are computed transposed,
-   S^T = K Q^T: the keys are a tile's rows (K packed as tiles of MR keys, interleaved) and
-   the block's queries lie across the vector lanes, so only key tiles up to the block's last
-   query are computed and the softmax over each query's keys runs down the columns a
-   vector at a time. Its probabilities P^T are then read as the interleaved rows of the
-   second product, O = P V (tiles of MR queries, V packed as panels of NR dims), whose
-   rows go straight to `out`. Tasks are split between the threads by their key counts
-   (later blocks see more keys), in head order, so a thread packs a kv head's K and V once
-   for the run of its tasks that read them. Memory per thread: K, V packed and one block's
-   scores (NR x S floats). */
+   One kv head at a time: the threads pack its K, V and its query heads' queries together
+   (pack_kv_head), then split its tasks. A task is one query head's block of NR queries.
+   Its scores are computed transposed, S^T = K Q^T: the keys are a tile's rows (K packed as
+   tiles of MR keys, interleaved) and the block's queries lie across the vector lanes, so
+   only key tiles up to the block's last query are computed and the softmax over each
+   query's keys runs down the columns a vector at a time. Its probabilities P^T are then
+   read as the interleaved rows of the second product, O = P V (tiles of MR queries, V
+   packed as panels of NR dims), whose rows go straight to `out`. A thread takes the tasks
+   whose cost (keys read, plus a block's fixed work) starts in its share of the kv head's
+   total: later blocks see more keys. Memory: one kv head's K, V and queries packed, and
+   one block's scores (NR x S floats) per thread. */
 void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int64_t q_row,
                                 const float *k, const float *v, int64_t kv_row, int64_t T,
                                 int64_t S, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t window, float scale) {
     const int64_t group = num_heads / num_kv_heads, D = head_dim, off = S - T;
-    const int64_t blocks = (T + NR - 1) / NR, tasks = num_heads * blocks;
+    const int64_t blocks = (T + NR - 1) / NR, tasks = group * blocks;
     const int64_t s_pad = (S + MR - 1) / MR * MR, d_panels = (D + NR - 1) / NR;
-    int64_t head_cost = 0; /* keys read by one head's blocks, plus a block's fixed work */
+    int64_t head_cost = 0; /* keys read by one query head's blocks, plus a block's fixed work */
     for (int64_t b = 0; b < blocks; b++) {
         int64_t k0, hi;
         block_keys(b * NR, T - b * NR < NR ? T - b * NR : NR, off, window, &k0, &hi);
         head_cost += hi - k0 + NR;
     }
-#pragma omp parallel
+    float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
+    float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
+    float *qp = (float *)malloc(sizeof(float) * (size_t)(tasks * D * NR));
+#pragma omp parallel if (T * S * num_heads >= 4096)
     {
         int64_t tid = 0, threads = 1;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
         threads = omp_get_num_threads();
 #endif
-        /* This thread's tasks: those whose cost starts in its share of the total. */
-        const int64_t total = head_cost * num_heads;
+        const int64_t total = head_cost * group;
         const int64_t from = total * tid / threads, to = total * (tid + 1) / threads;
-        float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
-        float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
         float *st = (float *)malloc(sizeof(float) * (size_t)(s_pad * NR));
-        float *qp = (float *)malloc(sizeof(float) * (size_t)(D * NR));
-        int64_t packed_kv = -1, start = 0;
-        for (int64_t task = 0; task < tasks; task++) {
-            const int64_t h = task / blocks, i0 = (task % blocks) * NR;
-            const int64_t qb = T - i0 < NR ? T - i0 : NR;
-            int64_t k0, hi;
-            block_keys(i0, qb, off, window, &k0, &hi);
-            const int64_t begins = start;
-            start += hi - k0 + NR;
-            if (begins < from || begins >= to) continue;
-            const int64_t g = h / group;
-            if (g != packed_kv) { /* K as tiles of MR keys, V as panels of NR dims */
-                for (int64_t j = 0; j < s_pad; j++)
-                    for (int64_t d = 0; d < D; d++)
-                        kp[((j / MR) * D + d) * MR + j % MR] =
-                            j < S ? k[j * kv_row + g * D + d] : 0.0f;
-                for (int64_t pnl = 0; pnl < d_panels; pnl++)
-                    for (int64_t j = 0; j < S; j++)
-                        for (int64_t c = 0; c < NR; c++) {
-                            const int64_t d = pnl * NR + c;
-                            vp[(pnl * S + j) * NR + c] = d < D ? v[j * kv_row + g * D + d] : 0.0f;
-                        }
-                packed_kv = g;
+        for (int64_t g = 0; g < num_kv_heads; g++) {
+            pack_kv_head(kp, vp, qp, q, q_row, k, v, kv_row, g, T, S, group, D, blocks);
+            for (int64_t task = 0, start = 0; task < tasks; task++) {
+                const int64_t hg = task / blocks, i0 = (task % blocks) * NR, h = g * group + hg;
+                const int64_t qb = T - i0 < NR ? T - i0 : NR;
+                int64_t k0, hi;
+                block_keys(i0, qb, off, window, &k0, &hi);
+                const int64_t begins = start;
+                start += hi - k0 + NR;
+                if (begins < from || begins >= to) continue;
+                const float *qt = qp + task * D * NR;
+                for (int64_t j0 = k0; j0 < hi; j0 += MR)
+                    gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qt,
+                              (int)(hi - j0 < MR ? hi - j0 : MR), NR, NULL);
+                float inv[NR];
+                softmax_columns(st, k0, hi, off + i0, window, scale, inv);
+                for (int64_t c0 = 0; c0 < qb; c0 += MR) {
+                    const int r = (int)(qb - c0 < MR ? qb - c0 : MR);
+                    float *o = out + (i0 + c0) * out_row + h * D;
+                    for (int64_t pnl = 0; pnl < d_panels; pnl++)
+                        gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
+                                  vp + (pnl * S + k0) * NR, r,
+                                  D - pnl * NR < NR ? D - pnl * NR : NR, inv + c0);
+                }
             }
-            for (int64_t c = 0; c < NR; c++)
-                for (int64_t d = 0; d < D; d++)
-                    qp[d * NR + c] = c < qb ? q[(i0 + c) * q_row + h * D + d] : 0.0f;
-            /* The next block's queries (rows far apart: each a cache miss that the
-               packing above would otherwise wait on), asked for under this block's work. */
-            for (int64_t c = i0 + NR; c < i0 + 2 * NR && c < T; c++)
-                for (int64_t d = 0; d < D; d += 64 / (int64_t)sizeof(float))
-                    __builtin_prefetch(q + c * q_row + h * D + d, 0, 2);
-            for (int64_t j0 = k0; j0 < hi; j0 += MR)
-                gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qp,
-                          (int)(hi - j0 < MR ? hi - j0 : MR), NR);
-            float inv[NR];
-            softmax_columns(st, k0, hi, off + i0, window, scale, inv);
-            for (int64_t c0 = 0; c0 < qb; c0 += MR) {
-                const int r = (int)(qb - c0 < MR ? qb - c0 : MR);
-                float *o = out + (i0 + c0) * out_row + h * D;
-                for (int64_t pnl = 0; pnl < d_panels; pnl++)
-                    gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
-                              vp + (pnl * S + k0) * NR, r, D - pnl * NR < NR ? D - pnl * NR : NR);
-                for (int i = 0; i < r; i++)
-                    for (int64_t d = 0; d < D; d++) o[i * out_row + d] *= inv[c0 + i];
-            }
+            /* every task has read this kv head's packing before the next one overwrites it */
+#pragma omp barrier
         }
-        free(kp);
-        free(vp);
         free(st);
-        free(qp);
     }
+    free(kp);
+    free(vp);
+    free(qp);
 }
 
 /* K/V of T new tokens into their slots: k, v rows of Hkv*D floats, `row` apart. */

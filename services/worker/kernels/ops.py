@@ -169,10 +169,25 @@ class TorchOps:
         return out.squeeze(2)
 
     def prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One prefill chunk: q [T, Hq, Dh], k/v [S, Hkv, Dh] with S >= T, the queries
-        being the last T positions; causal (and within `window` keys) -> [T, Hq, Dh]."""
+        being the last T positions; causal (and within `window` keys) -> [T, Hq, Dh],
+        written into `out` when given (rows of a step's output) and returned."""
+        _check_out(q, out)
+        result = self._sdpa_prefill(q, k, v, scale, window)
+        return result if out is None else out.copy_(result)
+
+    @staticmethod
+    def _sdpa_prefill(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+    ) -> torch.Tensor:
         t, s = q.shape[0], k.shape[0]
         mask = None
         if s != t or window is not None:
@@ -192,6 +207,12 @@ class TorchOps:
             enable_gqa=True,
         )
         return out[0].transpose(0, 1)
+
+
+def _check_out(q: torch.Tensor, out: torch.Tensor | None) -> None:
+    """An attention's `out` holds q's shape and dtype (ValueError)."""
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise ValueError(f"out {tuple(out.shape)} {out.dtype} is not q's {tuple(q.shape)}")
 
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -511,20 +532,28 @@ class CpuKernelOps(TorchOps):
         return out
 
     def prefill_attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        window: int | None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """cpu_ops.c's causal attention on GEMM tiles (the part above the diagonal is never
-        computed); inputs may be rows of a wider buffer (q, k, v views of the qkv matmul's
-        output), each head's Dh floats contiguous."""
+        computed); inputs, and `out`, may be rows of a wider buffer (q, k, v views of the
+        qkv matmul's output), each head's Dh floats contiguous."""
         t, hq, d = q.shape
         s, hkv = k.shape[0], k.shape[1]
-        views = (q, k, v)
+        _check_out(q, out)
+        views = (q, k, v) if out is None else (q, k, v, out)
         if any(x.stride(2) != 1 or x.stride(1) != d for x in views) or k.stride(0) != v.stride(0):
-            return super().prefill_attention(q, k, v, scale, window)
-        out = q.new_empty((t, hq, d))
+            return super().prefill_attention(q, k, v, scale, window, out)
+        if out is None:
+            out = q.new_empty((t, hq, d))
         self._lib.memserve_prefill_attention(
             out.data_ptr(),
-            hq * d,
+            out.stride(0),
             q.data_ptr(),
             q.stride(0),
             k.data_ptr(),
