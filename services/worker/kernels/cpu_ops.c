@@ -773,130 +773,110 @@ static void softmax_columns(float *st, int64_t k0, int64_t hi, int64_t pos0, int
         for (int l = 0; l < VW; l++) inv[u * VW + l] = 1.0f / sum[u][l];
 }
 
-/* One kv head's K, V and query blocks packed for the tiles (rows `tile`.. of MR keys, of
-   the keys' and queries' rows), shared by the threads: kp[(j / MR) * D + d) * MR + j % MR]
-   = K[j, d] (0 past S), vp[(pnl * S + j) * NR + c] = V[j, pnl * NR + c] (0 past D),
-   qp[((hg * blocks + b) * D + d) * NR + c] = Q[b * NR + c, query head hg of the group, d]
-   (0 past T). Rows are read in order, a few ahead asked for (rows far apart: each a cache
-   miss the copy would otherwise wait on). Each loop is split between the threads; the
-   last one's barrier ends the packing. */
-static void pack_kv_head(float *kp, float *vp, float *qp, const float *q, int64_t q_row,
-                         const float *k, const float *v, int64_t kv_row, int64_t g, int64_t T,
-                         int64_t S, int64_t group, int64_t D, int64_t blocks) {
-    const int64_t s_pad = (S + MR - 1) / MR * MR, d_panels = (D + NR - 1) / NR;
-#pragma omp for schedule(static) nowait
-    for (int64_t jt = 0; jt < s_pad / MR; jt++)
-        for (int64_t i = 0; i < MR; i++) {
-            const int64_t j = jt * MR + i;
-            float *kt = kp + jt * D * MR + i;
-            if (j >= S) {
-                for (int64_t d = 0; d < D; d++) kt[d * MR] = 0.0f;
-                continue;
-            }
-            const float *kr = k + j * kv_row + g * D, *vr = v + j * kv_row + g * D;
-            if (j + MR < S)
-                for (int64_t d = 0; d < D; d += 64 / (int64_t)sizeof(float)) {
-                    __builtin_prefetch(kr + MR * kv_row + d, 0, 0);
-                    __builtin_prefetch(vr + MR * kv_row + d, 0, 0);
-                }
-            for (int64_t d = 0; d < D; d++) kt[d * MR] = kr[d];
-            for (int64_t pnl = 0; pnl < d_panels; pnl++)
-                for (int64_t c = 0; c < NR; c++) {
-                    const int64_t d = pnl * NR + c;
-                    vp[(pnl * S + j) * NR + c] = d < D ? vr[d] : 0.0f;
-                }
-        }
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        /* A block's rows (group * D floats each) fit L1: read across them, write whole
-           lines of qp. */
-        const int64_t qb = T - b * NR < NR ? T - b * NR : NR;
-        const float *qr = q + b * NR * q_row + g * group * D;
-        for (int64_t hg = 0; hg < group; hg++)
-            for (int64_t d = 0; d < D; d++) {
-                float *qt = qp + ((hg * blocks + b) * D + d) * NR;
-                for (int64_t c = 0; c < qb; c++) qt[c] = qr[c * q_row + hg * D + d];
-                for (int64_t c = qb; c < NR; c++) qt[c] = 0.0f;
-            }
-    }
-}
-
 /* Causal attention of one prefill chunk on the packed-panel GEMM tiles.
 
    q, out: [T, Hq, D] rows `q_row` / `out_row` floats apart; k, v: [S, Hkv, D] rows `kv_row`
    apart, S >= T keys of which the chunk's queries are the last T: query i sits at position
    S - T + i and sees keys j <= S - T + i (and j > S - T + i - window when window > 0).
 
-   One kv head at a time: the threads pack its K, V and its query heads' queries together
-   (pack_kv_head), then split its tasks. A task is one query head's block of NR queries.
-   Its scores are computed transposed, S^T = K Q^T: the keys are a tile's rows (K packed as
-   tiles of MR keys, interleaved) and the block's queries lie across the vector lanes, so
-   only key tiles up to the block's last query are computed and the softmax over each
-   query's keys runs down the columns a vector at a time. Its probabilities P^T are then
-   read as the interleaved rows of the second product, O = P V (tiles of MR queries, V
-   packed as panels of NR dims), whose rows go straight to `out`. A thread takes the tasks
-   whose cost (keys read, plus a block's fixed work) starts in its share of the kv head's
-   total: later blocks see more keys. Memory: one kv head's K, V and queries packed, and
-   one block's scores (NR x S floats) per thread. */
+   A task is one query head's block of NR queries. Its scores are computed transposed,
+   S^T = K Q^T: the keys are a tile's rows (K packed as tiles of MR keys, interleaved) and
+   the block's queries lie across the vector lanes, so only key tiles up to the block's last
+   query are computed and the softmax over each query's keys runs down the columns a
+   vector at a time. Its probabilities P^T are then read as the interleaved rows of the
+   second product, O = P V (tiles of MR queries, V packed as panels of NR dims), whose
+   rows go straight to `out`, scaled by 1 / their sums as they are stored. Tasks are split
+   between the threads by their key counts (later blocks see more keys), in head order, so
+   a thread packs a kv head's K and V once for the run of its tasks that read them (a kv
+   head whose query heads straddle two threads' runs is packed by both: cheaper than
+   making every thread wait for a shared packing). Memory per thread: K, V packed and one
+   block's scores (NR x S floats). */
 void memserve_prefill_attention(float *out, int64_t out_row, const float *q, int64_t q_row,
                                 const float *k, const float *v, int64_t kv_row, int64_t T,
                                 int64_t S, int64_t num_heads, int64_t num_kv_heads,
                                 int64_t head_dim, int64_t window, float scale) {
     const int64_t group = num_heads / num_kv_heads, D = head_dim, off = S - T;
-    const int64_t blocks = (T + NR - 1) / NR, tasks = group * blocks;
+    const int64_t blocks = (T + NR - 1) / NR, tasks = num_heads * blocks;
     const int64_t s_pad = (S + MR - 1) / MR * MR, d_panels = (D + NR - 1) / NR;
-    int64_t head_cost = 0; /* keys read by one query head's blocks, plus a block's fixed work */
+    int64_t head_cost = 0; /* keys read by one head's blocks, plus a block's fixed work */
     for (int64_t b = 0; b < blocks; b++) {
         int64_t k0, hi;
         block_keys(b * NR, T - b * NR < NR ? T - b * NR : NR, off, window, &k0, &hi);
         head_cost += hi - k0 + NR;
     }
-    float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
-    float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
-    float *qp = (float *)malloc(sizeof(float) * (size_t)(tasks * D * NR));
-#pragma omp parallel if (T * S * num_heads >= 4096)
+#pragma omp parallel
     {
         int64_t tid = 0, threads = 1;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
         threads = omp_get_num_threads();
 #endif
-        const int64_t total = head_cost * group;
+        /* This thread's tasks: those whose cost starts in its share of the total. */
+        const int64_t total = head_cost * num_heads;
         const int64_t from = total * tid / threads, to = total * (tid + 1) / threads;
+        float *kp = (float *)malloc(sizeof(float) * (size_t)(s_pad * D));
+        float *vp = (float *)malloc(sizeof(float) * (size_t)(d_panels * NR * S));
         float *st = (float *)malloc(sizeof(float) * (size_t)(s_pad * NR));
-        for (int64_t g = 0; g < num_kv_heads; g++) {
-            pack_kv_head(kp, vp, qp, q, q_row, k, v, kv_row, g, T, S, group, D, blocks);
-            for (int64_t task = 0, start = 0; task < tasks; task++) {
-                const int64_t hg = task / blocks, i0 = (task % blocks) * NR, h = g * group + hg;
-                const int64_t qb = T - i0 < NR ? T - i0 : NR;
-                int64_t k0, hi;
-                block_keys(i0, qb, off, window, &k0, &hi);
-                const int64_t begins = start;
-                start += hi - k0 + NR;
-                if (begins < from || begins >= to) continue;
-                const float *qt = qp + task * D * NR;
-                for (int64_t j0 = k0; j0 < hi; j0 += MR)
-                    gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qt,
-                              (int)(hi - j0 < MR ? hi - j0 : MR), NR, NULL);
-                float inv[NR];
-                softmax_columns(st, k0, hi, off + i0, window, scale, inv);
-                for (int64_t c0 = 0; c0 < qb; c0 += MR) {
-                    const int r = (int)(qb - c0 < MR ? qb - c0 : MR);
-                    float *o = out + (i0 + c0) * out_row + h * D;
+        float *qp = (float *)malloc(sizeof(float) * (size_t)(D * NR));
+        int64_t packed_kv = -1, start = 0;
+        for (int64_t task = 0; task < tasks; task++) {
+            const int64_t h = task / blocks, i0 = (task % blocks) * NR;
+            const int64_t qb = T - i0 < NR ? T - i0 : NR;
+            int64_t k0, hi;
+            block_keys(i0, qb, off, window, &k0, &hi);
+            const int64_t begins = start;
+            start += hi - k0 + NR;
+            if (begins < from || begins >= to) continue;
+            const int64_t g = h / group;
+            if (g != packed_kv) { /* K as tiles of MR keys, V as panels of NR dims */
+                for (int64_t j = 0; j < s_pad; j++) {
+                    float *kt = kp + (j / MR) * D * MR + j % MR;
+                    if (j >= S) {
+                        for (int64_t d = 0; d < D; d++) kt[d * MR] = 0.0f;
+                        continue;
+                    }
+                    const float *kr = k + j * kv_row + g * D, *vr = v + j * kv_row + g * D;
+                    /* rows far apart: each a cache miss the copy would otherwise wait on */
+                    if (j + MR < S)
+                        for (int64_t d = 0; d < D; d += 64 / (int64_t)sizeof(float)) {
+                            __builtin_prefetch(kr + MR * kv_row + d, 0, 0);
+                            __builtin_prefetch(vr + MR * kv_row + d, 0, 0);
+                        }
+                    for (int64_t d = 0; d < D; d++) kt[d * MR] = kr[d];
                     for (int64_t pnl = 0; pnl < d_panels; pnl++)
-                        gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
-                                  vp + (pnl * S + k0) * NR, r,
-                                  D - pnl * NR < NR ? D - pnl * NR : NR, inv + c0);
+                        for (int64_t c = 0; c < NR; c++) {
+                            const int64_t d = pnl * NR + c;
+                            vp[(pnl * S + j) * NR + c] = d < D ? vr[d] : 0.0f;
+                        }
                 }
+                packed_kv = g;
             }
-            /* every task has read this kv head's packing before the next one overwrites it */
-#pragma omp barrier
+            /* The block's queries: its rows (D floats each) fit L1, so read across them
+               and write whole lines. */
+            const float *qr = q + i0 * q_row + h * D;
+            for (int64_t d = 0; d < D; d++) {
+                for (int64_t c = 0; c < qb; c++) qp[d * NR + c] = qr[c * q_row + d];
+                for (int64_t c = qb; c < NR; c++) qp[d * NR + c] = 0.0f;
+            }
+            for (int64_t j0 = k0; j0 < hi; j0 += MR)
+                gemm_rows(st + (j0 - k0) * NR, NR, kp + (j0 / MR) * D * MR, MR, D, qp,
+                          (int)(hi - j0 < MR ? hi - j0 : MR), NR, NULL);
+            float inv[NR];
+            softmax_columns(st, k0, hi, off + i0, window, scale, inv);
+            for (int64_t c0 = 0; c0 < qb; c0 += MR) {
+                const int r = (int)(qb - c0 < MR ? qb - c0 : MR);
+                float *o = out + (i0 + c0) * out_row + h * D;
+                for (int64_t pnl = 0; pnl < d_panels; pnl++)
+                    gemm_rows(o + pnl * NR, out_row, st + c0, NR, hi - k0,
+                              vp + (pnl * S + k0) * NR, r, D - pnl * NR < NR ? D - pnl * NR : NR,
+                              inv + c0);
+            }
         }
+        free(kp);
+        free(vp);
         free(st);
+        free(qp);
     }
-    free(kp);
-    free(vp);
-    free(qp);
 }
 
 /* K/V of T new tokens into their slots: k, v rows of Hkv*D floats, `row` apart. */
