@@ -733,7 +733,8 @@ static void softmax_columns(float *st, int64_t k0, int64_t hi, int64_t pos0, int
         const float *row = st + (j - k0) * NR;
         for (int u = 0; u < 2; u++) {
             const vf v = loadv(row + u * VW);
-            mx[u] = (vf)(((vfi)v & (v > mx[u])) | ((vfi)mx[u] & ~(v > mx[u])));
+            const vfi gt = v > mx[u];
+            mx[u] = (vf)(((vfi)v & gt) | ((vfi)mx[u] & ~gt));
         }
     }
     for (int64_t j = open; j < hi; j++) {
