@@ -49,12 +49,19 @@ unit: install
 test: lint typecheck unit
 
 # On a machine with an NVIDIA GPU: every CUDA path (the gpu-marked tests: CUDA regions and
-# cuda-ipc/nccl transfers, the engine on CUDA, the parameter arena of a KunServe drop), one
-# run. Installs the `cuda` extra (cupy, xformers) first.
+# cuda-ipc/nccl transfers, the engine on CUDA with and without CUDA graphs, the parameter
+# arena of a KunServe drop), then the engine's GPU figures (float32, decode steps replayed
+# from CUDA graphs, then eager), one run. Installs the `cuda` extra (cupy, xformers) first.
+# Fails if a test failed, after the figures are printed.
+GPU_BENCH := $(BIN)/memserve bench engine --models tiny,small --no-hf \
+	--engine-opt device=cuda --engine-opt dtype=float32
 gpu-check: install
 	$(BIN)/pip install -q -e ".[$(EXTRAS),cuda]"
 	$(BIN)/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-	$(BIN)/pytest -q -m gpu -rs -p no:cacheprovider tests
+	$(BIN)/pytest -q -m gpu -rs -p no:cacheprovider tests; status=$$?; \
+	$(GPU_BENCH) --out results/bench_engine_cuda_graphs.json; \
+	$(GPU_BENCH) --engine-opt cuda_graphs=false --out results/bench_engine_cuda_eager.json; \
+	exit $$status
 
 bench: install
 	$(BIN)/memserve bench engine

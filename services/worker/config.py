@@ -20,6 +20,10 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     `kernels`: run float32 CPU models on this machine's compiled kernels (fused norms,
     rotary, SiLU-and-mul, paged decode attention: services/worker/kernels/); false, or a
     machine where they cannot be built, runs the same model in plain torch.
+
+    `cuda_graphs`: on CUDA, decode-only steps of up to `max_num_seqs` sequences replay
+    CUDA graphs captured per batch and block-table size (services/worker/decode_graphs.py);
+    false runs every step eagerly (vLLM's `enforce_eager`). No effect on other devices.
     """
 
     model: str = "tiny"
@@ -39,6 +43,7 @@ class EngineConfig(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=Tru
     num_swap_blocks: int | None = None
     swap_space_bytes: int = 1024 * 1024 * 1024
     kernels: bool = True
+    cuda_graphs: bool = True
 
     def validate(self) -> EngineConfig:
         for name in (

@@ -36,6 +36,7 @@ from common.protocol.elastic import RequestState
 from common.sampling import SamplingParams
 from services.worker.block_pool import BlockPool
 from services.worker.config import EngineConfig
+from services.worker.decode_graphs import CudaGraphCapture, DecodeGraphs, holds_whole_model
 from services.worker.kv_cache import KVCache, KVLayout
 from services.worker.malloc import keep_step_buffers
 from services.worker.model.llama import LlamaModel
@@ -101,6 +102,13 @@ class Engine:
         self.runner = ModelRunner(model, cache)
         limit = model.cfg.max_position_embeddings
         self.max_model_len = min(config.max_model_len or limit, limit)
+        if config.cuda_graphs and model.device.type == "cuda" and holds_whole_model(model):
+            self.runner.graphs = DecodeGraphs(
+                model,
+                max_batch=config.max_num_seqs,
+                max_blocks=-(-self.max_model_len // self.block_size),
+                capture=CudaGraphCapture(model.device),
+            )
         self.eos_token_ids = frozenset(model.cfg.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.handed_out: set[int] = set()  # owned blocks of finished keep_blocks requests

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from services.worker.attention import AttentionMetadata, PrefillSpan
+from services.worker.decode_graphs import DecodeGraphs
 from services.worker.kv_cache import KVCache
 from services.worker.model.llama import LlamaModel
 from services.worker.request import Request
@@ -34,6 +35,8 @@ class ModelRunner:
         self.cache = cache
         self.block_size = cache.layout.block_size
         self.device = model.device
+        # Decode-only steps replayed from captured graphs (CUDA; set by the engine).
+        self.graphs: DecodeGraphs | None = None
 
     def build_metadata(
         self, chunks: list[ScheduledChunk]
@@ -108,7 +111,11 @@ class ModelRunner:
             if len(rows) == len(token_ids)
             else torch.tensor(rows, dtype=torch.long, device=self.device)
         )
-        hidden = self.model(self.model.embed(ids), meta, self.cache, rows=keep)
+        hidden = None
+        if self.graphs is not None and keep is None and not meta.prefills:
+            hidden = self.graphs.run(self.model, self.cache, ids, meta)
+        if hidden is None:
+            hidden = self.model(self.model.embed(ids), meta, self.cache, rows=keep)
         logits = (
             self.model.compute_logits(hidden)
             if rows

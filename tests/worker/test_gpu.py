@@ -1,11 +1,13 @@
-"""CUDA paths of the engine: the same greedy tokens on the GPU as on the CPU (float32), the
-xformers prefill kernel where it imports, and a bfloat16 engine that runs end to end.
-Skipped on machines without CUDA (see tests/conftest.py)."""
+"""CUDA paths of the engine: the same greedy tokens on the GPU as on the CPU (float32), with
+decode steps replayed from CUDA graphs (the default) and without, the xformers prefill
+kernel where it imports, and a bfloat16 engine that runs end to end. Skipped on machines
+without CUDA (see tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from common.sampling import SamplingParams
@@ -17,12 +19,22 @@ pytestmark = pytest.mark.gpu
 PARAMS = SamplingParams(max_tokens=24, ignore_eos=True)
 
 
+def _engine(folder: Path, **kw: object) -> Engine:
+    return Engine.from_config(EngineConfig(model=str(folder), num_kv_blocks=128, **kw))  # type: ignore[arg-type]
+
+
 def _tokens(folder: Path, **kw: object) -> dict[str, list[int]]:
-    engine = Engine.from_config(EngineConfig(model=str(folder), num_kv_blocks=128, **kw))  # type: ignore[arg-type]
+    engine = _engine(folder, **kw)
     for i in range(4):
-        engine.add_request(f"r{i}", prompt(20 + 9 * i, i), PARAMS)
+        # staggered lengths: the batch shrinks through several graph buckets
+        own = msgspec.structs.replace(PARAMS, max_tokens=PARAMS.max_tokens + 5 * i)
+        engine.add_request(f"r{i}", prompt(20 + 9 * i, i), own)
     out = run_to_end(engine)
     engine.check_integrity()
+    graphs = engine.runner.graphs
+    assert (graphs is not None and graphs.replays > 0) == (
+        kw.get("device") == "cuda" and kw.get("cuda_graphs", True)
+    )
     return out
 
 
@@ -30,6 +42,34 @@ def test_cuda_float32_matches_cpu(tiny_folder: Path) -> None:
     assert _tokens(tiny_folder, device="cuda", dtype="float32") == _tokens(
         tiny_folder, dtype="float32"
     )
+
+
+def test_cuda_graphs_match_eager_steps(tiny_folder: Path) -> None:
+    graphed = _tokens(tiny_folder, device="cuda", dtype="float32")
+    assert graphed == _tokens(tiny_folder, device="cuda", dtype="float32", cuda_graphs=False)
+
+
+def test_cuda_graphs_recapture_after_weights_move(tiny_folder: Path) -> None:
+    """A weight rebound to new memory mid-generation (a restore, an arena move): the
+    captured graphs are dropped and recaptured, and the tokens stay the eager ones."""
+    expected = _tokens(tiny_folder, device="cuda", dtype="float32", cuda_graphs=False)
+    engine = _engine(tiny_folder, device="cuda", dtype="float32")
+    for i in range(4):
+        own = msgspec.structs.replace(PARAMS, max_tokens=PARAMS.max_tokens + 5 * i)
+        engine.add_request(f"r{i}", prompt(20 + 9 * i, i), own)
+    out: dict[str, list[int]] = {}
+    for _ in range(6):
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+    graphs = engine.runner.graphs
+    assert graphs is not None
+    before = graphs.captures
+    weight = engine.model.layers[0].mlp.down_weight
+    weight.data = weight.data.clone()
+    for rid, toks in run_to_end(engine).items():
+        out.setdefault(rid, []).extend(toks)
+    assert graphs.captures > before
+    assert out == expected
 
 
 def test_cuda_bfloat16_runs(tiny_folder: Path) -> None:
