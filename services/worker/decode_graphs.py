@@ -22,6 +22,8 @@ Invariants:
   `run` (the runner turns them into logits at once).
 - Graphs are captured on first use of a bucket; the capture itself runs the step once
   (its warm-up), which the replay then repeats with the same inputs and the same writes.
+  A capture that raises leaves that bucket to eager steps (logged once; tried again
+  after the next fingerprint change).
 
 The bucketing, padding and recapture logic is the same whatever records the step:
 `CudaGraphCapture` on CUDA, `eager_capture` (the step run as is, over the static buffers)
@@ -32,6 +34,7 @@ plain step.
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -40,6 +43,8 @@ import torch
 from services.worker.attention import AttentionMetadata
 from services.worker.kv_cache import KVCache
 from services.worker.model.llama import LlamaModel
+
+log = logging.getLogger(__name__)
 
 Step = Callable[[], torch.Tensor]
 
@@ -72,7 +77,9 @@ class CudaGraphCapture:
             step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: CUDA work of other threads (a KV transfer, a parameter restore)
+        # does not break this capture; only this thread's unsafe calls would.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = step()
 
         def replay() -> torch.Tensor:
@@ -135,6 +142,7 @@ class DecodeGraphs:
         self.ctx_lens = torch.ones(b, dtype=torch.long, device=dev)
         self.tables = {w: torch.zeros(b, w, dtype=torch.long, device=dev) for w in self.widths}
         self._graphs: dict[tuple[int, int], Step] = {}
+        self._failed: set[tuple[int, int]] = set()  # buckets whose capture raised: eager
         self._fingerprint: tuple[int, ...] = ()
         self.captures = 0  # graphs recorded so far (recaptures included)
         self.replays = 0  # steps served by a graph
@@ -164,12 +172,25 @@ class DecodeGraphs:
         fingerprint = _addresses(model, cache)
         if fingerprint != self._fingerprint:
             self._graphs.clear()
+            self._failed.clear()
             self._fingerprint = fingerprint
+        if key in self._failed:
+            self.misses += 1
+            return None
         b, w = key
         self._fill(b, w, ids, meta)
         replay = self._graphs.get(key)
         if replay is None:
-            replay = self._graphs[key] = self.capture(self._step(model, cache, b, w))
+            try:
+                replay = self.capture(self._step(model, cache, b, w))
+            except RuntimeError as exc:
+                # The step itself is sound (it runs eagerly next): a failed capture costs
+                # this bucket its graph, never a request.
+                log.warning("decode graph (batch %d, width %d) not captured: %s", b, w, exc)
+                self._failed.add(key)
+                self.misses += 1
+                return None
+            self._graphs[key] = replay
             self.captures += 1
         self.replays += 1
         return replay()[:d]

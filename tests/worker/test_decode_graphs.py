@@ -12,6 +12,7 @@ import torch
 from common.sampling import SamplingParams
 from services.worker.decode_graphs import (
     DecodeGraphs,
+    Step,
     batch_buckets,
     eager_capture,
     width_buckets,
@@ -114,6 +115,25 @@ def test_moved_weights_drop_the_captured_steps(make_engine: MakeEngine) -> None:
     assert graphs.captures == before + 1 and len(graphs._graphs) == 1
     assert all(replay not in held.values() for replay in graphs._graphs.values())
     run_to_end(engine)
+
+
+def test_a_failed_capture_leaves_its_bucket_to_eager_steps(make_engine: MakeEngine) -> None:
+    """A capture that raises (as CUDA's may) costs the bucket its graph, never a request:
+    the step and every later one of that bucket run eagerly, with the plain tokens."""
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    expected = _serve(make_engine(num_kv_blocks=96), 3, params)
+    engine = make_engine(num_kv_blocks=96)
+    tried: list[int] = []
+
+    def failing(step: Step) -> Step:
+        tried.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = DecodeGraphs(engine.model, 8, 32, failing)
+    engine.runner.graphs = graphs
+    assert _serve(engine, 3, params) == expected
+    assert graphs.replays == 0 and graphs.captures == 0 and graphs.misses > len(tried)
+    assert len(tried) == len(graphs._failed) > 0  # one try per bucket
 
 
 def test_graphs_refuse_a_model_without_every_layer(make_engine: MakeEngine) -> None:
