@@ -9,8 +9,12 @@ A step of D decodes whose longest block table is n blocks wide runs in the small
 bucket with B >= D and W >= n (none: the step runs eagerly). Its inputs are copied into
 the static buffers; table columns past n hold block 0, masked by the context lengths as
 in an eager step. Rows D..B-1 repeat row 0 (token, position, slot, table, context
-length), so they compute and write exactly row 0's K/V into row 0's slot: the cache ends
-as the unpadded step leaves it, with no scratch block reserved. Their outputs are dropped.
+length), so they compute and write row 0's K/V into row 0's slot: the cache ends as the
+unpadded step leaves it, with no scratch block reserved (bit for bit where the kernels
+give identical rows identical results, as the CPU's do; a GPU GEMM that splits K
+differently per tile may differ in the last bits, and which duplicate write lands is
+unspecified). Their outputs are dropped. The graphs' memory pool keeps the largest
+bucket's intermediates (the padded gather of B x W blocks) for the engine's life.
 
 Invariants:
 - A graph reads the parameters, the KV cache and the static buffers at the addresses they
@@ -66,6 +70,12 @@ class CudaGraphCapture:
 
     def __init__(self, device: torch.device):
         self.device = device
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def reset(self) -> None:
+        """A fresh pool for the next captures, once every graph is dropped: torch keeps a
+        pool whose graphs are all gone but whose blocks are not (the cuBLAS workspace of
+        the capture stream) at a use count of 0, and asserts on capturing into it again."""
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, step: Step) -> Step:
@@ -144,6 +154,11 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], Step] = {}
         self._failed: set[tuple[int, int]] = set()  # buckets whose capture raised: eager
         self._fingerprint: tuple[int, ...] = ()
+        # The modules and parameters the fingerprint reads, held (not just their ids) so
+        # that a replaced module's id cannot come back as another's. Walking
+        # model.parameters() anew every step cost ~0.75 ms on a 30-layer model.
+        self._holders: tuple[object, ...] = ()
+        self._params: list[torch.Tensor] = []
         self.captures = 0  # graphs recorded so far (recaptures included)
         self.replays = 0  # steps served by a graph
         self.misses = 0  # decode-only steps no bucket fits (run eagerly)
@@ -169,10 +184,13 @@ class DecodeGraphs:
         if key is None:
             self.misses += 1
             return None
-        fingerprint = _addresses(model, cache)
+        fingerprint = self._addresses(model, cache)
         if fingerprint != self._fingerprint:
             self._graphs.clear()
             self._failed.clear()
+            reset = getattr(self.capture, "reset", None)
+            if reset is not None:
+                reset()
             self._fingerprint = fingerprint
         if key in self._failed:
             self.misses += 1
@@ -194,6 +212,18 @@ class DecodeGraphs:
             self.captures += 1
         self.replays += 1
         return replay()[:d]
+
+    def _addresses(self, model: LlamaModel, cache: KVCache) -> tuple[int, ...]:
+        """Where a captured graph reads its parameters and KV cache. Parameter objects
+        are kept for a module's life (a load, restore or arena move rebinds their data);
+        new modules (a restore of dropped layers) make the list be gathered again."""
+        holders = (model, model.embed_tokens, model.norm, model.lm_head, *model.layers)
+        if len(holders) != len(self._holders) or any(
+            a is not b for a, b in zip(holders, self._holders, strict=True)
+        ):
+            self._holders = holders
+            self._params = list(model.parameters())
+        return (cache.tensor.data_ptr(), *(p.data_ptr() for p in self._params))
 
     def _fill(self, b: int, w: int, ids: torch.Tensor, meta: AttentionMetadata) -> None:
         """The step's inputs into rows [0, b) of the static buffers, rows past D repeating
@@ -233,8 +263,3 @@ class DecodeGraphs:
 def holds_whole_model(model: LlamaModel) -> bool:
     """Embedding through the last layer: what a captured step runs."""
     return model.has_embed and model.is_first and model.is_last
-
-
-def _addresses(model: LlamaModel, cache: KVCache) -> tuple[int, ...]:
-    """Where a captured graph reads its parameters and KV cache."""
-    return (cache.tensor.data_ptr(), *(p.data_ptr() for p in model.parameters()))

@@ -54,6 +54,7 @@ def _serve(engine: Engine, n: int, params: SamplingParams) -> dict[str, list[int
     return run_to_end(engine)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("n", [3, 5, 11])
 @pytest.mark.parametrize(
     "params",
@@ -64,17 +65,22 @@ def _serve(engine: Engine, n: int, params: SamplingParams) -> dict[str, list[int
     ids=["greedy", "seeded"],
 )
 def test_padded_steps_give_the_plain_steps_tokens_and_cache(
-    make_engine: MakeEngine, n: int, params: SamplingParams
+    make_engine: MakeEngine, n: int, params: SamplingParams, kernels: bool
 ) -> None:
     """Batches of 3, 5 and 11 run in buckets of 4, 8 and 16 (rows repeating row 0), tables
-    widened to powers of two: same tokens, same KV cache bits, no block leaked."""
-    plain = make_engine(num_kv_blocks=96)
-    graphed = make_engine(num_kv_blocks=96)
+    widened to powers of two: same tokens, same KV cache (bit for bit on this machine's
+    kernels), no block leaked. Also on the torch ops CUDA runs (duplicate index_put
+    writes, the gather of the padded tables, SDPA)."""
+    plain = make_engine(num_kv_blocks=96, kernels=kernels)
+    graphed = make_engine(num_kv_blocks=96, kernels=kernels)
     graphs = _with_graphs(graphed, max_batch=16, max_blocks=32)
     expected = _serve(plain, n, params)
     assert _serve(graphed, n, params) == expected
     assert graphs.captures >= 2  # several buckets were used
-    assert torch.equal(graphed.cache.tensor, plain.cache.tensor)
+    if kernels:  # row-wise kernels: a row's results do not depend on the batch
+        assert torch.equal(graphed.cache.tensor, plain.cache.tensor)
+    else:  # torch's GEMM and SDPA pick other blockings for other shapes: last bits differ
+        torch.testing.assert_close(graphed.cache.tensor, plain.cache.tensor)
 
 
 def test_steps_no_bucket_fits_run_eagerly(make_engine: MakeEngine) -> None:
