@@ -112,7 +112,7 @@ class ModelRunner:
             else torch.tensor(rows, dtype=torch.long, device=self.device)
         )
         hidden = None
-        if self.graphs is not None and keep is None and not meta.prefills:
+        if self.graphs is not None and keep is None:  # run() declines non-decode steps
             hidden = self.graphs.run(self.model, self.cache, ids, meta)
         if hidden is None:
             hidden = self.model(self.model.embed(ids), meta, self.cache, rows=keep)
